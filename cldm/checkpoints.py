@@ -1,0 +1,444 @@
+"""Reading and writing weights: the only module that opens weight files.
+
+Formats are told apart by their content, never by the file name:
+  * safetensors (8-byte header length + JSON), torch zip archives and legacy torch pickles (the pickles only
+    through `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers);
+  * SD1.5 single files (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`), ControlNet 1.0 full
+    files (the same + `control_model.*`), ControlNet 1.1 files (`control_model.*`), bare extracts (no prefix);
+  * diffusers folders: a pipeline (model_index.json + unet/ vae/ text_encoder/ tokenizer/) or one model
+    (config.json + diffusion_pytorch_model.*), renamed through the tables in `keymaps.py`.
+Loading is strict: every key must be used (deliberate skips are listed below) and every weight must be finite.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import keymaps
+from . import model_configs as mc
+from .config import SDConfig, TextConfig, UNetConfig, VAEConfig
+from .controlnet import ControlNet
+from .errors import CheckpointError, MissingWeightsError
+from .sd import StableDiffusion
+from .text import TextEncoder, check_tokenizer, sd15_tokenizer
+from .unet import UNet
+from .vae import AutoencoderKL
+
+log = logging.getLogger(__name__)
+
+UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, CONTROL_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "control_model."
+# Keys of original files that we do not use, on purpose: the training schedule buffers (samplers.py recomputes
+# them), EMA copies, the VAE training loss and CLIP's position ids (a constant we rebuild).
+SKIP_PREFIXES = ("model_ema.", "first_stage_model.loss.", "lora_")
+SKIP_NAMES = {
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "logvar",
+}  # fmt: skip
+POSITION_IDS = "transformer.text_model.embeddings.position_ids"
+CONFIG_METADATA_KEY = "cldm.config"  # our safetensors files carry their config in the header metadata
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+WEIGHT_EXTS = (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin", ".ckpt", ".pth", ".pt")
+
+StateDict = dict[str, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------- reading files
+def _sniff(path: Path) -> str:
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not finish. Fetch it again.")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size:
+        return "safetensors"
+    if head[:1] == b"\x80":
+        return "pickle"
+    raise CheckpointError(
+        f"{path} is not a weight file this program reads (not safetensors, not a PyTorch checkpoint). "
+        "Check that you picked the right file and that it is not an HTML error page."
+    )
+
+
+def _unwrap(obj, path: Path) -> StateDict:
+    # Lightning checkpoints nest the weights under "state_dict"; some tools use "model" or "module".
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no tensors: it is not a model checkpoint.")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The safetensors header metadata ({} for other formats)."""
+    if _sniff(path) != "safetensors":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise CheckpointError(f"{path} is a damaged safetensors file ({e}). Download it again.") from e
+
+
+def read_file(path: str | os.PathLike) -> StateDict:
+    """Tensors of one weight file, whatever its format. Pickles never run code: anything but tensors is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingWeightsError(f"Weight file not found: {path}")
+    kind = _sniff(path)
+    try:
+        if kind == "safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return _unwrap(torch.load(str(path), map_location="cpu", weights_only=True), path)
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"Refused to load {path}: it contains Python objects other than weights, which could run code "
+            f"({str(e).splitlines()[0]}). Only load it if you trust it, and convert it to .safetensors first."
+        ) from e
+    except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError, Exception) as e:
+        raise CheckpointError(f"{path} is damaged or truncated ({type(e).__name__}: {e}). Download it again.") from e
+
+
+def _folder_weights(folder: Path) -> Path:
+    for stem in WEIGHT_STEMS:
+        for ext in WEIGHT_EXTS:
+            if (folder / f"{stem}{ext}").is_file():
+                return folder / f"{stem}{ext}"
+    raise MissingWeightsError(f"No weights in {folder} (expected e.g. diffusion_pytorch_model.safetensors).")
+
+
+def read_folder(folder: Path) -> StateDict:
+    """Weights of one diffusers model folder, sharded or not."""
+    for stem in WEIGHT_STEMS:
+        index = folder / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            out: StateDict = {}
+            for shard in shards:
+                out.update(read_file(folder / shard))
+            return out
+    return read_file(_folder_weights(folder))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise MissingWeightsError(f"{path} is missing.") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}).") from e
+
+
+# ------------------------------------------------------------------------------------------------- building
+def check_finite(state: StateDict, what: str) -> None:
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"The {what} weights contain NaN or infinite values ({len(bad)} tensors, e.g. {', '.join(bad[:3])}): "
+            "the file is corrupt or came from a diverged training run. Use another file."
+        )
+
+
+def build(cls, cfg, state: StateDict, what: str, dtype: torch.dtype, *args) -> nn.Module:
+    """Make `cls(cfg)` on the meta device (no wasted random init), then take the weights strictly."""
+    check_finite(state, what)
+    with torch.device("meta"):
+        module = cls(cfg, *args)
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"These weights do not fit the {what}: {len(missing)} missing keys (e.g. {missing[:5]}) and "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:5]}). The file is probably another kind of model "
+            "(SDXL, SD2, a LoRA...) or another ControlNet family; this app takes SD1.5 and its ControlNets."
+        )
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:  # shape mismatches
+        msg = str(e).split("\n", 2)
+        raise CheckpointError(f"These weights do not fit the {what}: {' '.join(msg[1:])[:600]}") from e
+    module.to(dtype)
+    return module.requires_grad_(False).eval()
+
+
+def _strip(state: StateDict, prefix: str) -> StateDict:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _config_from_metadata(meta: dict[str, str], cls, section: str):
+    if CONFIG_METADATA_KEY not in meta:
+        return None
+    data = json.loads(meta[CONFIG_METADATA_KEY]).get(section)
+    if data is None:
+        return None
+    return cls(**{f.name: tuple(data[f.name]) if isinstance(data[f.name], list) else data[f.name] for f in fields(cls) if f.name in data})
+
+
+# ------------------------------------------------------------------------------------------ diffusers <-> ours
+def _our_keys(cls, cfg, *args) -> list[str]:
+    with torch.device("meta"):
+        return list(cls(cfg, *args).state_dict())
+
+
+def from_diffusers(state: StateDict, modules: dict, our_keys: list[str]) -> StateDict:
+    """Rename diffusers keys to ours; unknown keys keep their names (and then fail the strict load)."""
+    inverse = {theirs: ours for ours, theirs in keymaps.key_table(our_keys, modules).items()}
+    out: StateDict = {}
+    for key, value in state.items():
+        for old, new in keymaps.VAE_ATTN_LEGACY.items():
+            key = key.replace(f".attentions.0.{old}.", f".attentions.0.{new}.")
+        if keymaps.is_vae_attn_linear(key) and value.ndim == 2:
+            value = value[:, :, None, None]  # Linear (c, c) -> 1x1 conv (c, c, 1, 1)
+        out[inverse.get(key, key)] = value
+    return out
+
+
+def to_diffusers(state: StateDict, modules: dict) -> StateDict:
+    out: StateDict = {}
+    for key, value in state.items():
+        theirs = keymaps.rename(key, modules)
+        if keymaps.is_vae_attn_linear(theirs) and value.ndim == 4:
+            value = value[:, :, 0, 0]
+        out[theirs] = value
+    return out
+
+
+def _text_from_diffusers(state: StateDict) -> StateDict:
+    # transformers 4 wrote `text_model.*`; transformers 5 may write the inner names directly.
+    out = {}
+    for k, v in state.items():
+        out["transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    out.pop(POSITION_IDS, None)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- loaders
+def _tokenizer_for(text_cfg: TextConfig, folder: Path | None):
+    from transformers import CLIPTokenizer
+
+    if folder is not None and folder.is_dir():
+        tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        check_tokenizer(tok, text_cfg.vocab_size)
+        return tok
+    if text_cfg.vocab_size == TextConfig.vocab_size:
+        return sd15_tokenizer()
+    raise MissingWeightsError(
+        f"This model's text encoder has a {text_cfg.vocab_size}-token vocabulary but no tokenizer came with it. "
+        "Use the model's diffusers folder (with tokenizer/) instead."
+    )
+
+
+def _build_text(cfg: TextConfig, state: StateDict, dtype: torch.dtype, tokenizer) -> TextEncoder:
+    text = build(TextEncoder, cfg, state, "text encoder", dtype, tokenizer)
+    text.reset_buffers()
+    return text
+
+
+def load_sd(path: str | os.PathLike, dtype: torch.dtype = torch.float32, tokenizer=None) -> StableDiffusion:
+    """Load an SD1.5 base model: a single file (.safetensors/.ckpt) or a diffusers pipeline folder.
+
+    Raises CheckpointError for unusable files and MissingWeightsError for missing ones.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _load_sd_diffusers(path, dtype, tokenizer)
+    state = read_file(path)
+    meta = read_metadata(path)
+    if not any(k.startswith(UNET_PREFIX) for k in state):
+        raise CheckpointError(f"{path} holds no SD UNet (`{UNET_PREFIX}*`): it is {describe(state)}, not a base model.")
+    known = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, CONTROL_PREFIX, *SKIP_PREFIXES)
+    ignored = [k for k in state if not k.startswith(known) and k not in SKIP_NAMES]
+    if ignored:
+        log.warning("%s: ignoring %d keys outside the model, e.g. %s", path, len(ignored), ignored[:3])
+    unet_sd, vae_sd = _strip(state, UNET_PREFIX), _strip(state, VAE_PREFIX)
+    text_sd = _strip(state, TEXT_PREFIX)
+    text_sd.pop(POSITION_IDS, None)
+    if not vae_sd or not text_sd:
+        raise CheckpointError(f"{path} has a UNet but no {'VAE' if not vae_sd else 'text encoder'}: use a full SD1.5 file.")
+    unet_cfg = _config_from_metadata(meta, UNetConfig, "unet") or mc.infer_unet_config(unet_sd)
+    vae_cfg = _config_from_metadata(meta, VAEConfig, "vae") or mc.infer_vae_config(vae_sd)
+    text_cfg = _config_from_metadata(meta, TextConfig, "text") or mc.infer_text_config(text_sd)
+    tokenizer = tokenizer or _tokenizer_for(text_cfg, None)
+    cfg = SDConfig(unet_cfg, vae_cfg, text_cfg)
+    return StableDiffusion(
+        build(UNet, unet_cfg, unet_sd, "UNet", dtype),
+        build(AutoencoderKL, vae_cfg, vae_sd, "VAE", dtype),
+        _build_text(text_cfg, text_sd, dtype, tokenizer),
+        cfg,
+        source=str(path),
+    )
+
+
+def _load_sd_diffusers(folder: Path, dtype: torch.dtype, tokenizer) -> StableDiffusion:
+    if not (folder / "model_index.json").is_file():
+        raise CheckpointError(f"{folder} is a folder but not a diffusers pipeline (no model_index.json).")
+    sched = folder / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        sc = _read_json(sched)
+        if sc.get("prediction_type", "epsilon") != "epsilon" or sc.get("beta_schedule", "scaled_linear") != "scaled_linear":
+            raise CheckpointError(f"{folder}: only epsilon-prediction SD1.x models with the scaled-linear schedule work here.")
+    unet_cfg = mc.unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"))
+    vae_cfg = mc.vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"))
+    text_cfg = mc.text_config_from_diffusers(_read_json(folder / "text_encoder" / "config.json"))
+    unet_sd = from_diffusers(read_folder(folder / "unet"), keymaps.unet_modules(unet_cfg), _our_keys(UNet, unet_cfg))
+    vae_sd = from_diffusers(read_folder(folder / "vae"), keymaps.vae_modules(vae_cfg), _our_keys(AutoencoderKL, vae_cfg))
+    text_sd = _text_from_diffusers(read_folder(folder / "text_encoder"))
+    tokenizer = tokenizer or _tokenizer_for(text_cfg, folder / "tokenizer")
+    return StableDiffusion(
+        build(UNet, unet_cfg, unet_sd, "UNet", dtype),
+        build(AutoencoderKL, vae_cfg, vae_sd, "VAE", dtype),
+        _build_text(text_cfg, text_sd, dtype, tokenizer),
+        SDConfig(unet_cfg, vae_cfg, text_cfg),
+        source=str(folder),
+    )
+
+
+def describe(state: StateDict) -> str:
+    """A few words on what a state dict holds, for error messages."""
+    keys = list(state)
+    if any(k.startswith(("image_proj.", "ip_adapter.")) for k in keys):
+        return "an IP-Adapter"
+    if any(k.startswith(CONTROL_PREFIX) for k in keys) or "input_hint_block.0.weight" in state:
+        return "a ControlNet"
+    if "controlnet_cond_embedding.conv_in.weight" in state:
+        return "a diffusers ControlNet"
+    if any(k.startswith(UNET_PREFIX) for k in keys):
+        return "an SD base model"
+    if any("lora" in k for k in keys[:50]):
+        return "a LoRA"
+    if "conv_in.weight" in state and any(k.startswith("down_blocks.") for k in keys):
+        return "a diffusers UNet"
+    return f"an unknown model (keys like {keys[:3]})"
+
+
+def load_controlnet(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    base: UNetConfig | None = None,
+    global_average_pooling: bool | None = None,
+) -> ControlNet:
+    """Load a ControlNet: 1.0 full file, 1.1 control-only file, bare extract, or diffusers folder / file.
+
+    `base` (the UNet config of the SD model it will drive) supplies what shapes cannot tell (head count, groups);
+    `global_average_pooling` overrides the file (the original shuffle model needs it and its .pth cannot say so).
+    """
+    path = Path(path)
+    if path.is_dir():
+        cfg = mc.unet_config_from_diffusers(_read_json(path / "config.json"))
+        state = from_diffusers(read_folder(path), keymaps.controlnet_modules(cfg), _our_keys(ControlNet, cfg))
+    else:
+        state = read_file(path)
+        meta = read_metadata(path)
+        kind = describe(state)
+        if any(k.startswith(CONTROL_PREFIX) for k in state):
+            state = _strip(state, CONTROL_PREFIX)
+        elif kind == "a diffusers ControlNet":
+            cfg = _config_from_metadata(meta, UNetConfig, "controlnet") or base or UNetConfig()
+            state = from_diffusers(state, keymaps.controlnet_modules(cfg), _our_keys(ControlNet, cfg))
+        elif kind != "a ControlNet":
+            raise CheckpointError(f"{path} is {kind}, not a ControlNet. Pick a ControlNet file (e.g. control_v11p_sd15_canny).")
+        cfg = _config_from_metadata(meta, UNetConfig, "controlnet") or mc.infer_unet_config(state, base)
+    if global_average_pooling is not None:
+        cfg = replace(cfg, global_average_pooling=global_average_pooling)
+    return build(ControlNet, cfg, state, "ControlNet", dtype)
+
+
+# -------------------------------------------------------------------------------------------------- writers
+def save_file(state: StateDict, path: str | os.PathLike, configs: dict | None = None) -> None:
+    """Write safetensors (contiguous CPU tensors) with our configs in the header metadata."""
+    from safetensors.torch import save_file as st_save
+
+    meta = {"format": "pt"}
+    if configs:
+        meta[CONFIG_METADATA_KEY] = json.dumps({k: asdict(v) for k, v in configs.items()})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    st_save({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata=meta)
+
+
+def _prefixed(module: nn.Module, prefix: str) -> StateDict:
+    return {prefix + k: v for k, v in module.state_dict().items()}
+
+
+def save_sd(model: StableDiffusion, path: str | os.PathLike, fmt: str = "original") -> None:
+    """Save a base model as one original-format .safetensors file, or as a diffusers pipeline folder."""
+    if fmt == "original":
+        state = {**_prefixed(model.unet, UNET_PREFIX), **_prefixed(model.vae, VAE_PREFIX), **_prefixed(model.text, TEXT_PREFIX)}
+        save_file(state, path, {"unet": model.config.unet, "vae": model.config.vae, "text": model.config.text})
+        return
+    if fmt != "diffusers":
+        raise ValueError(f"unknown format {fmt!r}")
+    folder = Path(path)
+    cfg = model.config
+    _write_json(folder / "unet" / "config.json", mc.unet_config_to_diffusers(cfg.unet, controlnet=False))
+    save_file(to_diffusers(model.unet.state_dict(), keymaps.unet_modules(cfg.unet)), folder / "unet" / "diffusion_pytorch_model.safetensors")
+    _write_json(folder / "vae" / "config.json", mc.vae_config_to_diffusers(cfg.vae))
+    save_file(to_diffusers(model.vae.state_dict(), keymaps.vae_modules(cfg.vae)), folder / "vae" / "diffusion_pytorch_model.safetensors")
+    model.text.clip.config.save_pretrained(str(folder / "text_encoder"))
+    text_sd = {k[len("transformer.") :]: v for k, v in model.text.state_dict().items()}
+    save_file(text_sd, folder / "text_encoder" / "model.safetensors")
+    if model.text.tokenizer is not None:
+        model.text.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    _write_json(folder / "scheduler" / "scheduler_config.json", SD15_SCHEDULER)
+    _write_json(folder / "model_index.json", MODEL_INDEX)
+
+
+def save_controlnet(cn: ControlNet, path: str | os.PathLike, fmt: str = "original") -> None:
+    """Save a ControlNet as a 1.1-style file (`control_model.*`), a bare extract, or a diffusers folder."""
+    if fmt in ("original", "bare"):
+        prefix = CONTROL_PREFIX if fmt == "original" else ""
+        save_file(_prefixed(cn, prefix), path, {"controlnet": cn.cfg})
+    elif fmt == "diffusers":
+        folder = Path(path)
+        _write_json(folder / "config.json", mc.unet_config_to_diffusers(cn.cfg, controlnet=True))
+        save_file(to_diffusers(cn.state_dict(), keymaps.controlnet_modules(cn.cfg)), folder / "diffusion_pytorch_model.safetensors")
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
+SD15_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "safety_checker": [None, None],
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+}

@@ -1,0 +1,132 @@
+"""Frozen configs with the SD1.5 defaults, plus tiny ones for tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# SD1.5 latents are multiplied by this before diffusion (it brings their std near 1).
+LATENT_SCALE = 0.18215
+# The VAE downsamples by 2 at each level but the last: 512 px -> 64 latent pixels.
+VAE_FACTOR = 8
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The LDM UNetModel hyper-parameters; the ControlNet shares them (plus its hint fields)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    # Levels (0-based) that carry a SpatialTransformer after each ResBlock. SD1.5: all but the deepest.
+    attention_levels: tuple[int, ...] = (0, 1, 2)
+    num_heads: int = 8  # SD1.5 fixes the head count; the head width follows the channels
+    transformer_depth: int = 1
+    context_dim: int = 768
+    norm_groups: int = 32
+    use_linear_in_transformer: bool = False  # SD2 style 1x1 projections as Linear
+    # ControlNet-only fields (ignored by the UNet).
+    hint_channels: int = 3
+    hint_block_channels: tuple[int, ...] = (16, 32, 96, 256)
+    global_average_pooling: bool = False
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.model_channels * 4
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The LDM AutoencoderKL hyper-parameters."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    z_channels: int = 4
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    norm_groups: int = 32
+    scale_factor: float = LATENT_SCALE
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """CLIP ViT-L/14 text tower, as used by SD1.5."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    max_length: int = 77
+    hidden_act: str = "quick_gelu"
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+    pad_token_id: int = 49407
+
+    def to_transformers(self):
+        from transformers import CLIPTextConfig
+
+        return CLIPTextConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            max_position_embeddings=self.max_length,
+            hidden_act=self.hidden_act,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+        )
+
+
+@dataclass(frozen=True)
+class SDConfig:
+    """A whole Stable Diffusion model: UNet, VAE and text encoder."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+
+def tiny_unet_config(**overrides) -> UNetConfig:
+    """A UNet small enough for CPU tests that still has every kind of block."""
+    base = dict(
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(0, 1),
+        num_heads=2,
+        context_dim=32,
+        norm_groups=8,
+        hint_block_channels=(16, 32),  # one stride-2 step: matches the tiny VAE's factor 2
+    )
+    base.update(overrides)
+    return UNetConfig(**base)
+
+
+def tiny_vae_config(**overrides) -> VAEConfig:
+    base = dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
+    base.update(overrides)
+    return VAEConfig(**base)
+
+
+def tiny_text_config(**overrides) -> TextConfig:
+    base = dict(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=37,
+        num_layers=2,
+        num_heads=4,
+        bos_token_id=998,
+        eos_token_id=999,
+        pad_token_id=999,
+    )
+    base.update(overrides)
+    return TextConfig(**base)

@@ -1,0 +1,83 @@
+"""ControlNet: a trainable copy of the UNet encoder that reads a hint and emits 13 residuals."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import UNetConfig
+from .unet import build_encoder, build_time_embed, timestep_embedding
+
+# Guess mode ("no prompt") in the original ControlNet: deeper residuals count more, shallow ones fade,
+# scale_i = strength * 0.825 ** (12 - i) for the 13 outputs (i = 12 is the middle block).
+GUESS_MODE_DECAY = 0.825
+
+
+def build_hint_block(cfg: UNetConfig) -> nn.Sequential:
+    """Hint image -> latent-sized features: 3x3 convs with SiLU, stride 2 on every widening step.
+
+    With the SD1.5 channels (16, 32, 96, 256) the indices match the original (`input_hint_block.14` is the last conv)
+    and a 512 px hint lands at 64x64.
+    """
+    chans = cfg.hint_block_channels
+    layers: list[nn.Module] = [nn.Conv2d(cfg.hint_channels, chans[0], 3, padding=1), nn.SiLU()]
+    for c_in, c_out in zip(chans[:-1], chans[1:]):
+        layers += [nn.Conv2d(c_in, c_in, 3, padding=1), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1, stride=2), nn.SiLU()]
+    layers.append(nn.Conv2d(chans[-1], cfg.model_channels, 3, padding=1))
+    return nn.Sequential(*layers)
+
+
+def zero_conv(channels: int) -> nn.Sequential:
+    """1x1 conv initialised to zero, wrapped like the original (keys `zero_convs.N.0.*`)."""
+    conv = nn.Conv2d(channels, channels, 1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return nn.Sequential(conv)
+
+
+def guess_mode_scales(strength: float, n: int = 13, decay: float = GUESS_MODE_DECAY) -> list[float]:
+    """Per-residual scales of the original guess mode (shallow -> deep, middle last)."""
+    return [strength * decay ** (n - 1 - i) for i in range(n)]
+
+
+class ControlNet(nn.Module):
+    """Encoder copy + input_hint_block + zero convs + middle_block_out (LDM/ControlNet names)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.time_embed = build_time_embed(cfg)
+        self.input_hint_block = build_hint_block(cfg)
+        self.input_blocks, self.middle_block, widths = build_encoder(cfg)
+        self.zero_convs = nn.ModuleList(zero_conv(w) for w in widths)
+        self.middle_block_out = zero_conv(widths[-1])
+        nn.init.zeros_(self.input_hint_block[-1].weight)
+        nn.init.zeros_(self.input_hint_block[-1].bias)
+
+    @property
+    def hint_factor(self) -> int:
+        """How much the hint block downsamples (8 for SD1.5)."""
+        return 2 ** (len(self.cfg.hint_block_channels) - 1)
+
+    def embed_hint(self, hint: torch.Tensor) -> torch.Tensor:
+        """Hint image (b, 3, H, W) in [0, 1] -> features at latent size. Independent of the timestep: call once."""
+        return self.input_hint_block(hint.to(self.input_hint_block[0].weight.dtype))
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, hint_emb: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Noisy latent + hint embedding -> 13 residuals (12 skips, then the middle)."""
+        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype))
+        outs = []
+        h = x
+        for i, (block, zc) in enumerate(zip(self.input_blocks, self.zero_convs)):
+            h = block(h, emb, context)
+            if i == 0:
+                h = h + hint_emb
+            outs.append(zc(h))
+        h = self.middle_block(h, emb, context)
+        outs.append(self.middle_block_out(h))
+        if self.cfg.global_average_pooling:
+            outs = [o.mean(dim=(2, 3), keepdim=True) for o in outs]
+        return outs

@@ -1,0 +1,145 @@
+"""CLIP text encoder (via `transformers`), A1111-style long prompts in 75-token chunks, clip skip."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import TextConfig
+from .errors import MissingWeightsError
+
+log = logging.getLogger(__name__)
+
+# A CLIP context is 77 tokens: BOS + 75 prompt tokens + EOS. Longer prompts are cut into 75-token chunks,
+# each encoded on its own and concatenated along the sequence (what A1111 and ComfyUI do).
+CHUNK_TOKENS = 75
+# The real SD1.5 tokenizer: 256 byte symbols, the same with "</w>", 48894 merges, 2 specials.
+CLIP_VOCAB_SIZE = 49408
+CLIP_MERGES = CLIP_VOCAB_SIZE - 2 * 256 - 2
+
+
+class TextEncoder(nn.Module):
+    """Tokenizer + CLIPTextModel; `encode()` turns prompts into the UNet's cross-attention context."""
+
+    def __init__(self, cfg: TextConfig, tokenizer=None):
+        super().__init__()
+        from transformers import CLIPTextModel
+
+        self.cfg = cfg
+        # transformers 5 dropped the inner `text_model.`; this holder puts it back so our keys are the original
+        # file's keys after stripping `cond_stage_model.` (one prefix, as for every other component).
+        self.transformer = nn.Module()
+        self.transformer.text_model = CLIPTextModel(cfg.to_transformers())
+        self.tokenizer = tokenizer
+
+    @property
+    def clip(self):
+        return self.transformer.text_model
+
+    def reset_buffers(self) -> None:
+        """Rebuild the non-persistent position ids (left empty when the module was built on the meta device)."""
+        emb = self.clip.embeddings
+        n = emb.position_embedding.weight.shape[0]
+        emb.register_buffer("position_ids", torch.arange(n, device=emb.position_embedding.weight.device)[None], persistent=False)
+
+    def token_chunks(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> ids (batch, chunks, 77); every prompt gets as many chunks as the longest one."""
+        if self.tokenizer is None:
+            raise MissingWeightsError("This text encoder has no tokenizer; load the model with its tokenizer.")
+        ids = [self.tokenizer(p, add_special_tokens=False, truncation=False)["input_ids"] for p in prompts]
+        n_chunks = max(1, max((len(i) + CHUNK_TOKENS - 1) // CHUNK_TOKENS for i in ids))
+        tok = self.tokenizer
+        bos, eos = tok.bos_token_id, tok.eos_token_id
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+        out = torch.full((len(prompts), n_chunks, self.cfg.max_length), pad, dtype=torch.long)
+        for b, toks in enumerate(ids):
+            for c in range(n_chunks):
+                part = toks[c * CHUNK_TOKENS : (c + 1) * CHUNK_TOKENS]
+                row = [bos, *part, eos]
+                out[b, c, : len(row)] = torch.tensor(row)
+        return out
+
+    def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """ids (batch, 77) -> hidden states (batch, 77, width). clip_skip=2 takes the penultimate layer (A1111)."""
+        ids = ids.to(self.clip.embeddings.token_embedding.weight.device)
+        if clip_skip <= 1:
+            return self.clip(input_ids=ids).last_hidden_state
+        out = self.clip(input_ids=ids, output_hidden_states=True)
+        return self.clip.final_layer_norm(out.hidden_states[-clip_skip])
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], clip_skip: int = 1, n_chunks: int | None = None) -> torch.Tensor:
+        """Prompts -> context (batch, 77 * chunks, width)."""
+        ids = self.token_chunks(prompts)
+        if n_chunks is not None and n_chunks > ids.shape[1]:
+            extra = self.token_chunks([""] * len(prompts)).expand(-1, n_chunks - ids.shape[1], -1)
+            ids = torch.cat([ids, extra], dim=1)
+        if ids.shape[1] > 1:
+            log.info("prompt longer than %d tokens: encoded in %d chunks", CHUNK_TOKENS, ids.shape[1])
+        b, c, n = ids.shape
+        hidden = self(ids.reshape(b * c, n), clip_skip)  # (b*c, 77, w)
+        return hidden.reshape(b, c * n, -1)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to code points from 256 on."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return [chr(c) for c in chars]
+
+
+def _default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cldm" / "clip-vit-large-patch14-tokenizer"
+
+
+def sd15_tokenizer(cache_dir: str | os.PathLike | None = None):
+    """The SD1.5 CLIP tokenizer, built offline from the BPE vocabulary that the open-clip-torch wheel ships."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(cache_dir) if cache_dir else _default_cache()
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    if not (vocab_file.exists() and merges_file.exists()):
+        try:
+            import open_clip
+        except ImportError as e:  # pragma: no cover - it is in requirements.txt
+            raise MissingWeightsError("The CLIP tokenizer needs the open-clip-torch package: pip install open-clip-torch") from e
+        bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+        lines = gzip.open(bpe, "rt", encoding="utf-8").read().split("\n")
+        merges = lines[1 : CLIP_MERGES + 1]
+        alphabet = _bytes_to_unicode()
+        tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m.split()) for m in merges]
+        tokens += ["<|startoftext|>", "<|endoftext|>"]
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".tmp-{os.getpid()}"
+        tmp.mkdir(exist_ok=True)
+        (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+        (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        os.replace(tmp / "vocab.json", vocab_file)
+        os.replace(tmp / "merges.txt", merges_file)
+        tmp.rmdir()
+    tok = CLIPTokenizer(str(vocab_file), str(merges_file), pad_token="<|endoftext|>")
+    check_tokenizer(tok, CLIP_VOCAB_SIZE)
+    return tok
+
+
+def check_tokenizer(tok, expected_size: int | None = None) -> None:
+    """Refuse the degenerate tokenizer that transformers returns when nothing is cached (it maps every word to one id)."""
+    size = len(tok)
+    if size < 10 or (expected_size is not None and size != expected_size):
+        raise MissingWeightsError(
+            f"The CLIP tokenizer has {size} entries (expected {expected_size or 'a real vocabulary'}): "
+            "its files are missing or broken. Point --base at a folder with tokenizer/vocab.json and merges.txt."
+        )
