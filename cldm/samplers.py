@@ -185,6 +185,8 @@ class DPMPP2MKarras(_SigmaSampler):
 
 
 SAMPLERS = {cls.name: cls for cls in (DDIM, EulerAncestral, DPMPP2MKarras)}
+# The names A1111 writes in its "parameters" text.
+SAMPLER_LABELS = {"ddim": "DDIM", "euler_a": "Euler a", "dpmpp_2m_karras": "DPM++ 2M Karras"}
 
 
 def make_sampler(name: str, steps: int, eta: float = 0.0) -> Sampler:

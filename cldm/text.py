@@ -130,7 +130,7 @@ def sd15_tokenizer(cache_dir: str | os.PathLike | None = None):
         os.replace(tmp / "vocab.json", vocab_file)
         os.replace(tmp / "merges.txt", merges_file)
         tmp.rmdir()
-    tok = CLIPTokenizer(str(vocab_file), str(merges_file), pad_token="<|endoftext|>")
+    tok = CLIPTokenizer(str(vocab_file), str(merges_file), pad_token="<|endoftext|>", model_max_length=77)
     check_tokenizer(tok, CLIP_VOCAB_SIZE)
     return tok
 

@@ -74,7 +74,7 @@ def tiny_tokenizer(folder: Path):
     from transformers import CLIPTokenizer
 
     write_tiny_tokenizer(folder)
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77)
 
 
 def text_config(tok):

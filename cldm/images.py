@@ -1,0 +1,113 @@
+"""Pictures in and out: reading any image a user may bring, resizing, tensors, PNG text chunks."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, PngImagePlugin
+
+from .errors import InputError
+
+MAX_PIXELS = 40_000_000  # larger images are refused before they are decoded (decompression bombs)
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """Any PIL image (16-bit, CMYK, RGBA, palette, animated, EXIF-rotated) -> HxWx3 uint8 RGB."""
+    try:
+        img.seek(0)  # animated: the first frame
+    except (EOFError, AttributeError):
+        pass
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray((arr / top * 255).round().clip(0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = (arr - arr.min()) / max(arr.max() - arr.min(), 1e-12)
+        img = Image.fromarray((arr * 255).round().astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent areas become white
+        img = Image.alpha_composite(background, rgba)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def load_rgb(source: str | os.PathLike | bytes | Image.Image | np.ndarray) -> np.ndarray:
+    """Read an image from a path, bytes, PIL image or array; bad input raises InputError with what to do."""
+    if isinstance(source, np.ndarray):
+        return array_to_rgb(source)
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    try:
+        data = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
+        with Image.open(data) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise InputError(f"The image is {img.width}x{img.height}: too large. Use one under {MAX_PIXELS // 1_000_000} MP.")
+            img.load()
+            return to_rgb(img)
+    except InputError:
+        raise
+    except FileNotFoundError as e:
+        raise InputError(f"Image not found: {source}") from e
+    except (Image.DecompressionBombError, Image.UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"Cannot read the image ({type(e).__name__}: {e}). Use a PNG, JPEG or WebP file.") from e
+
+
+def array_to_rgb(arr: np.ndarray) -> np.ndarray:
+    """HxW, HxWx1, HxWx3 or HxWx4 array of any numeric type -> HxWx3 uint8."""
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise InputError(f"Expected an image array HxW(x1/3/4), got shape {arr.shape}.")
+    if arr.dtype != np.uint8:
+        a = arr.astype(np.float64)
+        if not np.isfinite(a).all():
+            raise InputError("The image contains NaN or infinite values.")
+        top = 65535.0 if a.max() > 255 else (255.0 if a.max() > 1 else 1.0)
+        arr = (a / top * 255).round().clip(0, 255).astype(np.uint8)
+    if arr.shape[2] == 4:
+        alpha = arr[..., 3:4].astype(np.float32) / 255
+        arr = (arr[..., :3] * alpha + 255 * (1 - alpha)).round().astype(np.uint8)
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr)
+
+
+def resize_rgb(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Lanczos resize (what diffusers' image processor does); no-op at the right size."""
+    if img.shape[1] == width and img.shape[0] == height:
+        return img
+    return np.asarray(Image.fromarray(img).resize((width, height), Image.LANCZOS))
+
+
+def image_to_tensor(img: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> (1, 3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255.0
+
+
+def mask_to_tensor(mask: np.ndarray, width: int, height: int) -> torch.Tensor:
+    """HxW (or HxWxC) mask, white/1 = repaint -> (1, 1, H, W) float {0, 1} at the picture size."""
+    m = np.asarray(mask)
+    if m.ndim == 3:
+        m = m.max(axis=2)
+    m = m.astype(np.float32)
+    if m.max() > 1:
+        m = m / 255.0
+    if m.shape != (height, width):
+        m = np.asarray(Image.fromarray((m * 255).astype(np.uint8)).resize((width, height), Image.NEAREST)) / 255.0
+    return torch.from_numpy((m > 0.5).astype(np.float32))[None, None]
+
+
+def save_png(img: np.ndarray, path: str | os.PathLike, parameters: str | None = None) -> None:
+    """PNG with the generation parameters in a `parameters` text chunk (A1111's convention)."""
+    info = PngImagePlugin.PngInfo()
+    if parameters:
+        info.add_text("parameters", parameters)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path, pnginfo=info)
