@@ -52,7 +52,7 @@ class TextEncoder(nn.Module):
         """Prompts -> ids (batch, chunks, 77); every prompt gets as many chunks as the longest one."""
         if self.tokenizer is None:
             raise MissingWeightsError("This text encoder has no tokenizer; load the model with its tokenizer.")
-        ids = [self.tokenizer(p, add_special_tokens=False, truncation=False)["input_ids"] for p in prompts]
+        ids = [self.tokenizer(p, add_special_tokens=False, truncation=False, verbose=False)["input_ids"] for p in prompts]
         n_chunks = max(1, max((len(i) + CHUNK_TOKENS - 1) // CHUNK_TOKENS for i in ids))
         tok = self.tokenizer
         bos, eos = tok.bos_token_id, tok.eos_token_id
