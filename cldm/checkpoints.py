@@ -139,6 +139,14 @@ def read_folder(folder: Path) -> StateDict:
     return read_file(_folder_weights(folder))
 
 
+def _config(parse, path: Path):
+    """A diffusers config.json through one of the `model_configs` parsers; missing fields are a CheckpointError."""
+    try:
+        return parse(_read_json(path))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{path} is not a usable diffusers config ({type(e).__name__}: {e}).") from e
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -253,10 +261,13 @@ def _build_text(cfg: TextConfig, state: StateDict, dtype: torch.dtype, tokenizer
     return text
 
 
-def load_sd(path: str | os.PathLike, dtype: torch.dtype = torch.float32, tokenizer=None) -> StableDiffusion:
+def load_sd(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, tokenizer=None, config: SDConfig | None = None
+) -> StableDiffusion:
     """Load an SD1.5 base model: a single file (.safetensors/.ckpt) or a diffusers pipeline folder.
 
-    Raises CheckpointError for unusable files and MissingWeightsError for missing ones.
+    A single file's config comes from `config`, else from our safetensors metadata, else from its shapes with the
+    SD1.5 head counts (shapes cannot tell heads apart). Raises CheckpointError for unusable files and MissingWeightsError for missing ones.
     """
     path = Path(path)
     if path.is_dir():
@@ -274,9 +285,12 @@ def load_sd(path: str | os.PathLike, dtype: torch.dtype = torch.float32, tokeniz
     text_sd.pop(POSITION_IDS, None)
     if not vae_sd or not text_sd:
         raise CheckpointError(f"{path} has a UNet but no {'VAE' if not vae_sd else 'text encoder'}: use a full SD1.5 file.")
-    unet_cfg = _config_from_metadata(meta, UNetConfig, "unet") or mc.infer_unet_config(unet_sd)
-    vae_cfg = _config_from_metadata(meta, VAEConfig, "vae") or mc.infer_vae_config(vae_sd)
-    text_cfg = _config_from_metadata(meta, TextConfig, "text") or mc.infer_text_config(text_sd)
+    if config is not None:
+        unet_cfg, vae_cfg, text_cfg = config.unet, config.vae, config.text
+    else:
+        unet_cfg = _config_from_metadata(meta, UNetConfig, "unet") or mc.infer_unet_config(unet_sd)
+        vae_cfg = _config_from_metadata(meta, VAEConfig, "vae") or mc.infer_vae_config(vae_sd)
+        text_cfg = _config_from_metadata(meta, TextConfig, "text") or mc.infer_text_config(text_sd)
     tokenizer = tokenizer or _tokenizer_for(text_cfg, None)
     cfg = SDConfig(unet_cfg, vae_cfg, text_cfg)
     return StableDiffusion(
@@ -296,9 +310,9 @@ def _load_sd_diffusers(folder: Path, dtype: torch.dtype, tokenizer) -> StableDif
         sc = _read_json(sched)
         if sc.get("prediction_type", "epsilon") != "epsilon" or sc.get("beta_schedule", "scaled_linear") != "scaled_linear":
             raise CheckpointError(f"{folder}: only epsilon-prediction SD1.x models with the scaled-linear schedule work here.")
-    unet_cfg = mc.unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"))
-    vae_cfg = mc.vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"))
-    text_cfg = mc.text_config_from_diffusers(_read_json(folder / "text_encoder" / "config.json"))
+    unet_cfg = _config(mc.unet_config_from_diffusers, folder / "unet" / "config.json")
+    vae_cfg = _config(mc.vae_config_from_diffusers, folder / "vae" / "config.json")
+    text_cfg = _config(mc.text_config_from_diffusers, folder / "text_encoder" / "config.json")
     unet_sd = from_diffusers(read_folder(folder / "unet"), keymaps.unet_modules(unet_cfg), _our_keys(UNet, unet_cfg))
     vae_sd = from_diffusers(read_folder(folder / "vae"), keymaps.vae_modules(vae_cfg), _our_keys(AutoencoderKL, vae_cfg))
     text_sd = _text_from_diffusers(read_folder(folder / "text_encoder"))
@@ -343,7 +357,7 @@ def load_controlnet(
     """
     path = Path(path)
     if path.is_dir():
-        cfg = mc.unet_config_from_diffusers(_read_json(path / "config.json"))
+        cfg = _config(mc.unet_config_from_diffusers, path / "config.json")
         state = from_diffusers(read_folder(path), keymaps.controlnet_modules(cfg), _our_keys(ControlNet, cfg))
     else:
         state = read_file(path)
