@@ -58,7 +58,9 @@ def cmd_generate(a: argparse.Namespace) -> None:
     scales = _per_control(a.control_scale, n, 1.0, "--control-scale")
     starts = _per_control(a.control_start, n, 0.0, "--control-start")
     ends = _per_control(a.control_end, n, 1.0, "--control-end")
-    specs = [ControlSpec(p, load_rgb(h), s, st, e) for p, h, s, st, e in zip(a.controlnet, a.hint, scales, starts, ends)]
+    specs = [
+        ControlSpec(p, load_rgb(h), s, st, e) for p, h, s, st, e in zip(a.controlnet, a.hint, scales, starts, ends)
+    ]
     manager = ModelManager(a.base, device=a.device, dtype=a.dtype)
     result = manager.run(
         a.prompt,

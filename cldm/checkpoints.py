@@ -36,7 +36,12 @@ from .vae import AutoencoderKL
 
 log = logging.getLogger(__name__)
 
-UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, CONTROL_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "control_model."
+UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, CONTROL_PREFIX = (
+    "model.diffusion_model.",
+    "first_stage_model.",
+    "cond_stage_model.",
+    "control_model.",
+)
 # Keys of original files that we do not use, on purpose: the training schedule buffers (samplers.py recomputes
 # them), EMA copies, the VAE training loss and CLIP's position ids (a constant we rebuild).
 SKIP_PREFIXES = ("model_ema.", "first_stage_model.loss.", "lora_")
@@ -198,7 +203,13 @@ def _config_from_metadata(meta: dict[str, str], cls, section: str):
     data = json.loads(meta[CONFIG_METADATA_KEY]).get(section)
     if data is None:
         return None
-    return cls(**{f.name: tuple(data[f.name]) if isinstance(data[f.name], list) else data[f.name] for f in fields(cls) if f.name in data})
+    return cls(
+        **{
+            f.name: tuple(data[f.name]) if isinstance(data[f.name], list) else data[f.name]
+            for f in fields(cls)
+            if f.name in data
+        }
+    )
 
 
 # ------------------------------------------------------------------------------------------ diffusers <-> ours
@@ -284,7 +295,9 @@ def load_sd(
     text_sd = _strip(state, TEXT_PREFIX)
     text_sd.pop(POSITION_IDS, None)
     if not vae_sd or not text_sd:
-        raise CheckpointError(f"{path} has a UNet but no {'VAE' if not vae_sd else 'text encoder'}: use a full SD1.5 file.")
+        raise CheckpointError(
+            f"{path} has a UNet but no {'VAE' if not vae_sd else 'text encoder'}: use a full SD1.5 file."
+        )
     if config is not None:
         unet_cfg, vae_cfg, text_cfg = config.unet, config.vae, config.text
     else:
@@ -308,13 +321,20 @@ def _load_sd_diffusers(folder: Path, dtype: torch.dtype, tokenizer) -> StableDif
     sched = folder / "scheduler" / "scheduler_config.json"
     if sched.is_file():
         sc = _read_json(sched)
-        if sc.get("prediction_type", "epsilon") != "epsilon" or sc.get("beta_schedule", "scaled_linear") != "scaled_linear":
-            raise CheckpointError(f"{folder}: only epsilon-prediction SD1.x models with the scaled-linear schedule work here.")
+        if (
+            sc.get("prediction_type", "epsilon") != "epsilon"
+            or sc.get("beta_schedule", "scaled_linear") != "scaled_linear"
+        ):
+            raise CheckpointError(
+                f"{folder}: only epsilon-prediction SD1.x models with the scaled-linear schedule work here."
+            )
     unet_cfg = _config(mc.unet_config_from_diffusers, folder / "unet" / "config.json")
     vae_cfg = _config(mc.vae_config_from_diffusers, folder / "vae" / "config.json")
     text_cfg = _config(mc.text_config_from_diffusers, folder / "text_encoder" / "config.json")
     unet_sd = from_diffusers(read_folder(folder / "unet"), keymaps.unet_modules(unet_cfg), _our_keys(UNet, unet_cfg))
-    vae_sd = from_diffusers(read_folder(folder / "vae"), keymaps.vae_modules(vae_cfg), _our_keys(AutoencoderKL, vae_cfg))
+    vae_sd = from_diffusers(
+        read_folder(folder / "vae"), keymaps.vae_modules(vae_cfg), _our_keys(AutoencoderKL, vae_cfg)
+    )
     text_sd = _text_from_diffusers(read_folder(folder / "text_encoder"))
     tokenizer = tokenizer or _tokenizer_for(text_cfg, folder / "tokenizer")
     return StableDiffusion(
@@ -369,7 +389,9 @@ def load_controlnet(
             cfg = _config_from_metadata(meta, UNetConfig, "controlnet") or base or UNetConfig()
             state = from_diffusers(state, keymaps.controlnet_modules(cfg), _our_keys(ControlNet, cfg))
         elif kind != "a ControlNet":
-            raise CheckpointError(f"{path} is {kind}, not a ControlNet. Pick a ControlNet file (e.g. control_v11p_sd15_canny).")
+            raise CheckpointError(
+                f"{path} is {kind}, not a ControlNet. Pick a ControlNet file (e.g. control_v11p_sd15_canny)."
+            )
         cfg = _config_from_metadata(meta, UNetConfig, "controlnet") or mc.infer_unet_config(state, base)
     if global_average_pooling is not None:
         cfg = replace(cfg, global_average_pooling=global_average_pooling)
@@ -395,7 +417,11 @@ def _prefixed(module: nn.Module, prefix: str) -> StateDict:
 def save_sd(model: StableDiffusion, path: str | os.PathLike, fmt: str = "original") -> None:
     """Save a base model as one original-format .safetensors file, or as a diffusers pipeline folder."""
     if fmt == "original":
-        state = {**_prefixed(model.unet, UNET_PREFIX), **_prefixed(model.vae, VAE_PREFIX), **_prefixed(model.text, TEXT_PREFIX)}
+        state = {
+            **_prefixed(model.unet, UNET_PREFIX),
+            **_prefixed(model.vae, VAE_PREFIX),
+            **_prefixed(model.text, TEXT_PREFIX),
+        }
         save_file(state, path, {"unet": model.config.unet, "vae": model.config.vae, "text": model.config.text})
         return
     if fmt != "diffusers":
@@ -403,9 +429,15 @@ def save_sd(model: StableDiffusion, path: str | os.PathLike, fmt: str = "origina
     folder = Path(path)
     cfg = model.config
     _write_json(folder / "unet" / "config.json", mc.unet_config_to_diffusers(cfg.unet, controlnet=False))
-    save_file(to_diffusers(model.unet.state_dict(), keymaps.unet_modules(cfg.unet)), folder / "unet" / "diffusion_pytorch_model.safetensors")
+    save_file(
+        to_diffusers(model.unet.state_dict(), keymaps.unet_modules(cfg.unet)),
+        folder / "unet" / "diffusion_pytorch_model.safetensors",
+    )
     _write_json(folder / "vae" / "config.json", mc.vae_config_to_diffusers(cfg.vae))
-    save_file(to_diffusers(model.vae.state_dict(), keymaps.vae_modules(cfg.vae)), folder / "vae" / "diffusion_pytorch_model.safetensors")
+    save_file(
+        to_diffusers(model.vae.state_dict(), keymaps.vae_modules(cfg.vae)),
+        folder / "vae" / "diffusion_pytorch_model.safetensors",
+    )
     model.text.clip.config.save_pretrained(str(folder / "text_encoder"))
     text_sd = {k[len("transformer.") :]: v for k, v in model.text.state_dict().items()}
     save_file(text_sd, folder / "text_encoder" / "model.safetensors")
@@ -423,7 +455,10 @@ def save_controlnet(cn: ControlNet, path: str | os.PathLike, fmt: str = "origina
     elif fmt == "diffusers":
         folder = Path(path)
         _write_json(folder / "config.json", mc.unet_config_to_diffusers(cn.cfg, controlnet=True))
-        save_file(to_diffusers(cn.state_dict(), keymaps.controlnet_modules(cn.cfg)), folder / "diffusion_pytorch_model.safetensors")
+        save_file(
+            to_diffusers(cn.state_dict(), keymaps.controlnet_modules(cn.cfg)),
+            folder / "diffusion_pytorch_model.safetensors",
+        )
     else:
         raise ValueError(f"unknown format {fmt!r}")
 

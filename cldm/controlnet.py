@@ -22,7 +22,12 @@ def build_hint_block(cfg: UNetConfig) -> nn.Sequential:
     chans = cfg.hint_block_channels
     layers: list[nn.Module] = [nn.Conv2d(cfg.hint_channels, chans[0], 3, padding=1), nn.SiLU()]
     for c_in, c_out in zip(chans[:-1], chans[1:]):
-        layers += [nn.Conv2d(c_in, c_in, 3, padding=1), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1, stride=2), nn.SiLU()]
+        layers += [
+            nn.Conv2d(c_in, c_in, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(c_in, c_out, 3, padding=1, stride=2),
+            nn.SiLU(),
+        ]
     layers.append(nn.Conv2d(chans[-1], cfg.model_channels, 3, padding=1))
     return nn.Sequential(*layers)
 
@@ -59,6 +64,18 @@ class ControlNet(nn.Module):
         self.middle_block_out = zero_conv(widths[-1])
         nn.init.zeros_(self.input_hint_block[-1].weight)
         nn.init.zeros_(self.input_hint_block[-1].bias)
+
+    @classmethod
+    def from_unet(cls, unet: nn.Module, cfg: UNetConfig) -> ControlNet:
+        """A fresh ControlNet for training: the UNet's encoder copied in, zero convs and last hint conv at zero.
+
+        This is the original `tool_add_control`: every key the two share by name is copied.
+        """
+        cn = cls(cfg)
+        own = cn.state_dict()
+        shared = {k: v for k, v in unet.state_dict().items() if k in own and own[k].shape == v.shape}
+        cn.load_state_dict(shared, strict=False)
+        return cn
 
     @property
     def hint_factor(self) -> int:

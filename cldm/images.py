@@ -47,7 +47,9 @@ def load_rgb(source: str | os.PathLike | bytes | Image.Image | np.ndarray) -> np
         data = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
         with Image.open(data) as img:
             if img.width * img.height > MAX_PIXELS:
-                raise InputError(f"The image is {img.width}x{img.height}: too large. Use one under {MAX_PIXELS // 1_000_000} MP.")
+                raise InputError(
+                    f"The image is {img.width}x{img.height}: too large. Use one under {MAX_PIXELS // 1_000_000} MP."
+                )
             img.load()
             return to_rgb(img)
     except InputError:

@@ -122,4 +122,8 @@ def key_table(our_keys, modules: dict[str, tuple[str, dict[str, str]]]) -> dict[
 
 def is_vae_attn_linear(diffusers_key: str) -> bool:
     """VAE attention projections are 1x1 convs in the original and Linear layers in diffusers."""
-    return ".mid_block.attentions." in diffusers_key and diffusers_key.endswith(".weight") and "group_norm" not in diffusers_key
+    return (
+        ".mid_block.attentions." in diffusers_key
+        and diffusers_key.endswith(".weight")
+        and "group_norm" not in diffusers_key
+    )

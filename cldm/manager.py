@@ -104,7 +104,9 @@ class ModelManager:
                 sd = checkpoints.load_sd(self.base_path, dtype=self.dtype, tokenizer=self.tokenizer)
                 self._sd = sd.to(self.device).freeze()
                 self.base_loads += 1
-                log.info("loaded base %s on %s/%s in %.1fs", self.base_path, self.device, self.dtype, time.perf_counter() - t)
+                log.info(
+                    "loaded base %s on %s/%s in %.1fs", self.base_path, self.device, self.dtype, time.perf_counter() - t
+                )
             return self._sd
 
     def controlnet(self, path: str, global_average_pooling: bool | None = None) -> ControlNet:

@@ -7,6 +7,7 @@ from .errors import CheckpointError
 
 StateDict = dict
 
+
 def infer_unet_config(state: StateDict, base: UNetConfig | None = None) -> UNetConfig:
     """Channels, levels, blocks, attention and context width of an original-format UNet/ControlNet from its shapes.
 
@@ -31,7 +32,9 @@ def infer_unet_config(state: StateDict, base: UNetConfig | None = None) -> UNetC
             if f"input_blocks.{k}.1.proj_in.weight" in state:
                 if level not in attn_levels:
                     attn_levels.append(level)
-                depth = len({key.split(".")[4] for key in state if key.startswith(f"input_blocks.{k}.1.transformer_blocks.")})
+                depth = len(
+                    {key.split(".")[4] for key in state if key.startswith(f"input_blocks.{k}.1.transformer_blocks.")}
+                )
                 context = state[f"input_blocks.{k}.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
                 linear = state[f"input_blocks.{k}.1.proj_in.weight"].ndim == 2
         k += 1

@@ -160,9 +160,14 @@ def generate(
         if start >= steps:
             raise InputError("denoising strength too low: no step would run. Raise it or add steps.")
     noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
-    x = s.init_noise(noise) if x0 is None or (strength >= 1 and mask is None) else s.add_noise(x0, noise, start)
+    # img2img noises the init latent even at strength 1 (diffusers, A1111); inpainting at strength 1 starts from
+    # pure noise (diffusers' inpaint pipeline), the mask blend brings the known area back.
+    from_noise = x0 is None or (mask is not None and strength >= 1)
+    x = s.init_noise(noise) if from_noise else s.add_noise(x0, noise, start)
     if mask is not None:
-        latent_mask = F.interpolate(mask_to_tensor(mask, width, height), size=shape[-2:], mode="nearest").to(device, dtype)
+        latent_mask = F.interpolate(mask_to_tensor(mask, width, height), size=shape[-2:], mode="nearest").to(
+            device, dtype
+        )
 
     n = steps - start
     t1 = time.perf_counter()
@@ -216,5 +221,7 @@ def generate(
         extra["Clip skip"] = clip_skip
     if guess_mode:
         extra["Guess mode"] = "True"
-    params = _parameters(prompt, negative_prompt, steps, sampler, cfg_scale, seed, width, height, model, controls, extra)
+    params = _parameters(
+        prompt, negative_prompt, steps, sampler, cfg_scale, seed, width, height, model, controls, extra
+    )
     return Result(out, params, timings)

@@ -46,13 +46,17 @@ class TextEncoder(nn.Module):
         """Rebuild the non-persistent position ids (left empty when the module was built on the meta device)."""
         emb = self.clip.embeddings
         n = emb.position_embedding.weight.shape[0]
-        emb.register_buffer("position_ids", torch.arange(n, device=emb.position_embedding.weight.device)[None], persistent=False)
+        emb.register_buffer(
+            "position_ids", torch.arange(n, device=emb.position_embedding.weight.device)[None], persistent=False
+        )
 
     def token_chunks(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> ids (batch, chunks, 77); every prompt gets as many chunks as the longest one."""
         if self.tokenizer is None:
             raise MissingWeightsError("This text encoder has no tokenizer; load the model with its tokenizer.")
-        ids = [self.tokenizer(p, add_special_tokens=False, truncation=False, verbose=False)["input_ids"] for p in prompts]
+        ids = [
+            self.tokenizer(p, add_special_tokens=False, truncation=False, verbose=False)["input_ids"] for p in prompts
+        ]
         n_chunks = max(1, max((len(i) + CHUNK_TOKENS - 1) // CHUNK_TOKENS for i in ids))
         tok = self.tokenizer
         bos, eos = tok.bos_token_id, tok.eos_token_id
@@ -89,7 +93,9 @@ class TextEncoder(nn.Module):
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to code points from 256 on."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     n = 0
     for b in range(256):
@@ -115,7 +121,9 @@ def sd15_tokenizer(cache_dir: str | os.PathLike | None = None):
         try:
             import open_clip
         except ImportError as e:  # pragma: no cover - it is in requirements.txt
-            raise MissingWeightsError("The CLIP tokenizer needs the open-clip-torch package: pip install open-clip-torch") from e
+            raise MissingWeightsError(
+                "The CLIP tokenizer needs the open-clip-torch package: pip install open-clip-torch"
+            ) from e
         bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
         lines = gzip.open(bpe, "rt", encoding="utf-8").read().split("\n")
         merges = lines[1 : CLIP_MERGES + 1]

@@ -27,7 +27,9 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, emb_dim: int, out_channels: int, groups: int):
         super().__init__()
-        self.in_layers = nn.Sequential(nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
         self.out_layers = nn.Sequential(
             nn.GroupNorm(groups, out_channels),

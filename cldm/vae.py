@@ -101,7 +101,9 @@ class Encoder(nn.Module):
         for level, mult in enumerate(cfg.channel_mult):
             stage = nn.Module()
             out = cfg.base_channels * mult
-            stage.block = nn.ModuleList(VAEResnetBlock(cfg, ch if i == 0 else out, out) for i in range(cfg.num_res_blocks))
+            stage.block = nn.ModuleList(
+                VAEResnetBlock(cfg, ch if i == 0 else out, out) for i in range(cfg.num_res_blocks)
+            )
             stage.attn = nn.ModuleList()  # SD uses no attention at these resolutions
             ch = out
             if level != len(cfg.channel_mult) - 1:
@@ -172,7 +174,9 @@ class AutoencoderKL(nn.Module):
         mean, logvar = self.quant_conv(self.encoder(image)).chunk(2, dim=1)
         return mean, torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
 
-    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
+    def encode(
+        self, image: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
+    ) -> torch.Tensor:
         """Image in [-1, 1] -> scaled latent (a posterior sample, or its mode when sample=False)."""
         image = image.to(self.quant_conv.weight.dtype)
         mean, std = self.moments(image)

@@ -93,7 +93,9 @@ def test_config_is_inferred_from_shapes_without_metadata(ours, tmp_path):
     from safetensors.torch import save_file
 
     sd, cn = ours
-    save_file({CONTROL_PREFIX + k: v.contiguous() for k, v in cn.state_dict().items()}, str(tmp_path / "plain.safetensors"))
+    save_file(
+        {CONTROL_PREFIX + k: v.contiguous() for k, v in cn.state_dict().items()}, str(tmp_path / "plain.safetensors")
+    )
     cn2 = checkpoints.load_controlnet(tmp_path / "plain.safetensors", base=sd.config.unet)
     assert cn2.cfg == cn.cfg
 
@@ -158,7 +160,10 @@ def test_wrong_models(ours, tmp_path):
         checkpoints.load_controlnet(tmp_path / "sd.safetensors")
     with pytest.raises(CheckpointError, match="is a ControlNet, not a base model"):
         checkpoints.load_sd(tmp_path / "cn.safetensors")
-    torch.save({"image_proj.proj.weight": torch.zeros(4, 4), "ip_adapter.1.to_k_ip.weight": torch.zeros(4, 4)}, tmp_path / "ip.bin")
+    torch.save(
+        {"image_proj.proj.weight": torch.zeros(4, 4), "ip_adapter.1.to_k_ip.weight": torch.zeros(4, 4)},
+        tmp_path / "ip.bin",
+    )
     with pytest.raises(CheckpointError, match="IP-Adapter"):
         checkpoints.load_controlnet(tmp_path / "ip.bin")
     # a ControlNet for another base (SD2-sized context): shapes do not fit
@@ -169,7 +174,9 @@ def test_wrong_models(ours, tmp_path):
     with pytest.raises(CheckpointError, match="do not fit"):
         checkpoints.load_controlnet(tmp_path / "sd2.safetensors", base=sd.config.unet)
     # a key too many (another ControlNet family)
-    state = {CONTROL_PREFIX + k: v for k, v in cn.state_dict().items()} | {CONTROL_PREFIX + "extra.weight": torch.zeros(1)}
+    state = {CONTROL_PREFIX + k: v for k, v in cn.state_dict().items()} | {
+        CONTROL_PREFIX + "extra.weight": torch.zeros(1)
+    }
     checkpoints.save_file(state, tmp_path / "extra.safetensors", {"controlnet": cn.cfg})
     with pytest.raises(CheckpointError, match=r"1 unexpected keys.*extra\.weight"):
         checkpoints.load_controlnet(tmp_path / "extra.safetensors")

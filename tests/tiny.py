@@ -74,7 +74,9 @@ def tiny_tokenizer(folder: Path):
     from transformers import CLIPTokenizer
 
     write_tiny_tokenizer(folder)
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77)
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
+    )
 
 
 def text_config(tok):
@@ -99,7 +101,9 @@ def wake_zero_convs(controlnet, seed: int = 1, std: float = 0.1) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in controlnet.named_parameters():
-            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+            if name.startswith(
+                ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+            ):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 

@@ -1,0 +1,219 @@
+"""generate() and the CLI against diffusers' ControlNet pipelines with the same weights and seed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cldm import checkpoints
+from cldm.__main__ import main
+from cldm.pipeline import Control, generate
+
+SIZE = 64
+PIXEL_TOL = 2  # out of 255, per pixel
+
+
+def _hint(seed=0):
+    rng = np.random.RandomState(seed)
+    img = np.zeros((SIZE, SIZE, 3), np.uint8)
+    img[16:48, 16:48] = 255  # a square, plus texture so the ControlNet has something to read
+    return np.clip(img.astype(int) + rng.randint(0, 60, img.shape), 0, 255).astype(np.uint8)
+
+
+def _ref(pipe, scheduler_name, **kw):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+
+    classes = {
+        "ddim": (DDIMScheduler, {}),
+        "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+        "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    }
+    cls, extra = classes[scheduler_name]
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+    seed = kw.pop("seed")
+    out = pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="np", width=SIZE, height=SIZE, **kw)
+    return (out.images * 255).round().astype(np.uint8)
+
+
+def _diff(a, b) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m_karras"])
+def test_cli_matches_diffusers(tiny_dirs, ref_pipe, tmp_path, sampler):
+    sd_dir, cn_dir = tiny_dirs
+    Image.fromarray(_hint()).save(tmp_path / "hint.png")
+    args = [
+        "generate", "--base", str(sd_dir), "--controlnet", str(cn_dir), "--hint", str(tmp_path / "hint.png"),
+        "--prompt", "a red square", "--negative-prompt", "blurry", "--steps", "10", "--cfg", "7.5", "--seed", "42",
+        "--sampler", sampler, "--control-scale", "0.8", "--width", str(SIZE), "--height", str(SIZE),
+        "--batch", "2", "--out", str(tmp_path / "out.png"), "--device", "cpu",
+    ]  # fmt: skip
+    assert main(args) == 0
+    ref = _ref(
+        ref_pipe, sampler, prompt="a red square", negative_prompt="blurry", image=Image.fromarray(_hint()),
+        num_inference_steps=10, guidance_scale=7.5, seed=42, controlnet_conditioning_scale=0.8, num_images_per_prompt=2,
+    )  # fmt: skip
+    for i in range(2):
+        png = Image.open(tmp_path / f"out-{i}.png")
+        assert _diff(np.asarray(png), ref[i]) <= PIXEL_TOL
+        assert png.text["parameters"].startswith("a red square\nNegative prompt: blurry\nSteps: 10")
+        assert "Seed: 42" in png.text["parameters"] and "ControlNet 0:" in png.text["parameters"]
+    assert ref.std() > 10  # a real picture, not a flat one
+
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_guess_mode_and_start_end_match_diffusers(ours, ref_pipe, guess_mode):
+    sd, cn = ours
+    kw = dict(prompt="a red square", negative_prompt="", num_inference_steps=8, guidance_scale=6.0, seed=1)
+    ref = _ref(ref_pipe, "euler_a", image=Image.fromarray(_hint()), guess_mode=guess_mode,
+               control_guidance_start=0.2, control_guidance_end=0.7, **kw)  # fmt: skip
+    ours_ = generate(sd, "a red square", "", [Control(cn, _hint(), 1.0, 0.2, 0.7)], steps=8, cfg_scale=6.0,
+                     sampler="euler_a", seed=1, width=SIZE, height=SIZE, guess_mode=guess_mode, guess_style="diffusers")  # fmt: skip
+    assert _diff(ours_.images[0], ref[0]) <= PIXEL_TOL
+    # and start/end really matter: always-on control gives another picture
+    always = generate(sd, "a red square", "", [Control(cn, _hint(), 1.0)], steps=8, cfg_scale=6.0, sampler="euler_a",
+                      seed=1, width=SIZE, height=SIZE, guess_mode=guess_mode, guess_style="diffusers")  # fmt: skip
+    assert _diff(always.images[0], ours_.images[0]) > 5
+
+
+def test_multi_controlnet_matches_diffusers(ours, tiny_dirs, ref_pipe):
+    import tiny
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    sd, cn = ours
+    sd_dir, cn_dir = tiny_dirs
+    cn_b_ref = ControlNetModel.from_pretrained(cn_dir)
+    tiny.wake_zero_convs(cn_b_ref, seed=7)  # a second, different ControlNet
+    cn_b_ref.save_pretrained(str(cn_dir.parent / "cn_b"))
+    cn_b = checkpoints.load_controlnet(cn_dir.parent / "cn_b")
+    pipe = StableDiffusionControlNetPipeline(**{**ref_pipe.components, "controlnet": [ref_pipe.controlnet, cn_b_ref]})
+    pipe.set_progress_bar_config(disable=True)
+    ref = _ref(pipe, "ddim", prompt="a cat", image=[Image.fromarray(_hint(0)), Image.fromarray(_hint(1))],
+               num_inference_steps=6, guidance_scale=5.0, seed=3, controlnet_conditioning_scale=[1.0, 0.5],
+               control_guidance_start=[0.0, 0.3], control_guidance_end=[0.8, 1.0])  # fmt: skip
+    controls = [Control(cn, _hint(0), 1.0, 0.0, 0.8), Control(cn_b, _hint(1), 0.5, 0.3, 1.0)]
+    out = generate(sd, "a cat", "", controls, steps=6, cfg_scale=5.0, seed=3, width=SIZE, height=SIZE)
+    assert _diff(out.images[0], ref[0]) <= PIXEL_TOL
+    one = generate(sd, "a cat", "", controls[:1], steps=6, cfg_scale=5.0, seed=3, width=SIZE, height=SIZE)
+    assert _diff(one.images[0], out.images[0]) > 5
+
+
+def test_global_average_pooling_runs_on_the_conditional_half(ours, tiny_dirs, ref_pipe):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    sd, _ = ours
+    _, cn_dir = tiny_dirs
+    shuffle = checkpoints.load_controlnet(cn_dir, global_average_pooling=True)
+    cn_ref = ControlNetModel.from_pretrained(cn_dir, global_pool_conditions=True)
+    pipe = StableDiffusionControlNetPipeline(**{**ref_pipe.components, "controlnet": cn_ref})
+    pipe.set_progress_bar_config(disable=True)
+    ref = _ref(
+        pipe, "ddim", prompt="a cat", image=Image.fromarray(_hint()), num_inference_steps=6, guidance_scale=5.0, seed=4
+    )
+    out = generate(
+        sd, "a cat", "", [Control(shuffle, _hint())], steps=6, cfg_scale=5.0, seed=4, width=SIZE, height=SIZE
+    )
+    assert _diff(out.images[0], ref[0]) <= PIXEL_TOL
+
+
+def test_img2img_matches_diffusers(ours, tiny_dirs, ref_pipe):
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    sd, cn = ours
+    init = np.asarray(Image.fromarray(_hint(3)).convert("L").convert("RGB"))
+    pipe = StableDiffusionControlNetImg2ImgPipeline(**ref_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    ref = _ref(
+        pipe,
+        "ddim",
+        prompt="a cat",
+        image=Image.fromarray(init),
+        control_image=Image.fromarray(_hint()),
+        strength=0.6,
+        num_inference_steps=10,
+        guidance_scale=5.0,
+        seed=5,
+        controlnet_conditioning_scale=1.0,
+    )  # fmt: skip (the img2img pipeline's default is 0.8)
+    out = generate(sd, "a cat", "", [Control(cn, _hint())], steps=10, cfg_scale=5.0, seed=5, width=SIZE, height=SIZE,
+                   init_image=init, strength=0.6)  # fmt: skip
+    assert _diff(out.images[0], ref[0]) <= PIXEL_TOL
+    assert "Denoising strength: 0.6" in out.parameters
+
+
+def test_inpaint_keeps_the_unmasked_pixels(ours):
+    sd, cn = ours
+    init = _hint(4)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[8:40, 8:40] = 255
+    hint = init.astype(np.float32) / 255
+    hint[mask > 127] = -1.0  # the inpaint ControlNet's convention: holes are -1
+    hint_t = torch.from_numpy(hint).permute(2, 0, 1)[None]
+    out = generate(sd, "a cat", "", [Control(cn, hint_t)], steps=6, cfg_scale=5.0, seed=6, width=SIZE, height=SIZE,
+                   init_image=init, strength=1.0, mask=mask).images[0]  # fmt: skip
+    assert np.array_equal(out[mask == 0], init[mask == 0])
+    assert _diff(out[mask > 0], init[mask > 0]) > 20
+
+
+def test_zero_controlnet_changes_nothing_until_trained(ours):
+    """The paper's argument: zero convs start at zero so the UNet is untouched, yet their gradient is not zero."""
+    from cldm.controlnet import ControlNet
+
+    sd, _ = ours
+    torch.manual_seed(0)
+    cn = ControlNet.from_unet(sd.unet, dataclasses.replace(sd.config.unet, hint_block_channels=(16, 32)))
+    assert torch.equal(cn.input_blocks[1][0].in_layers[2].weight, sd.unet.input_blocks[1][0].in_layers[2].weight)
+    assert cn.zero_convs[0][0].weight.abs().max() == 0 and cn.input_hint_block[-1].weight.abs().max() == 0
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([100, 700]), torch.randn(2, 77, 32, generator=g)
+    hint = torch.rand(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        base = sd.unet(x, t, ctx)
+        assert torch.equal(sd.unet(x, t, ctx, control=cn(x, t, ctx, cn.embed_hint(hint))), base)
+    opt = torch.optim.SGD(cn.parameters(), lr=0.1)
+    target = torch.randn(base.shape, generator=g)
+    loss = (sd.unet(x, t, ctx, control=cn(x, t, ctx, cn.embed_hint(hint))) - target).pow(2).mean()
+    loss.backward()
+    opt.step()
+    assert cn.zero_convs[0][0].weight.abs().max() > 0
+    assert cn.middle_block_out[0].weight.abs().max() > 0
+    with torch.no_grad():
+        assert not torch.equal(sd.unet(x, t, ctx, control=cn(x, t, ctx, cn.embed_hint(hint))), base)
+
+
+def test_bf16_on_cpu(ours):
+    import copy
+
+    sd, cn = ours
+    sd16 = copy.deepcopy(sd).to(dtype=torch.bfloat16)
+    cn16 = copy.deepcopy(cn).to(dtype=torch.bfloat16)
+    kw = dict(steps=6, cfg_scale=5.0, seed=2, width=SIZE, height=SIZE)
+    a = generate(sd16, "a cat", "", [Control(cn16, _hint())], **kw).images[0]
+    b = generate(sd, "a cat", "", [Control(cn, _hint())], **kw).images[0]
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 8  # bf16 keeps 8 bits of mantissa
+
+
+def test_bad_arguments_are_clear(ours):
+    from cldm.errors import InputError
+
+    sd, cn = ours
+    with pytest.raises(InputError, match="steps"):
+        generate(sd, "x", steps=0, width=SIZE, height=SIZE)
+    with pytest.raises(InputError, match="start < end"):
+        generate(sd, "x", controls=[Control(cn, _hint(), start=0.9, end=0.1)], width=SIZE, height=SIZE)
+    with pytest.raises(InputError, match="multiples"):
+        generate(sd, "x", width=SIZE + 1, height=SIZE)
+    with pytest.raises(InputError, match="init image"):
+        generate(sd, "x", width=SIZE, height=SIZE, mask=np.ones((SIZE, SIZE)))
+
+
+def test_cli_reports_errors_without_traceback(tmp_path, capsys):
+    (tmp_path / "bad.safetensors").write_bytes(b"junk" * 10)
+    code = main(["generate", "--base", str(tmp_path / "bad.safetensors"), "--prompt", "x", "--device", "cpu"])
+    assert code == 2
+    assert "not a weight file" in capsys.readouterr().err

@@ -1,0 +1,114 @@
+"""Schedules against diffusers, the offline SD1.5 tokenizer, reading awkward images, the model manager."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cldm.errors import InputError
+from cldm.images import load_rgb
+from cldm.samplers import DDIM, DPMPP2MKarras, EulerAncestral, make_sampler
+
+SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 20, 50])
+def test_schedules_match_diffusers(steps):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+
+    ddim = DDIMScheduler(**SD15, clip_sample=False, set_alpha_to_one=False)
+    ddim.set_timesteps(steps)
+    assert torch.equal(DDIM(steps).timesteps, ddim.timesteps)
+    dpm = DPMSolverMultistepScheduler(**SD15, use_karras_sigmas=True)
+    dpm.set_timesteps(steps)
+    ours = DPMPP2MKarras(steps)
+    assert torch.equal(ours.timesteps, dpm.timesteps)
+    assert torch.allclose(ours.sigmas, dpm.sigmas, rtol=1e-5)
+    ea = EulerAncestralDiscreteScheduler(**SD15, timestep_spacing="leading")  # SD1.5's config spacing
+    ea.set_timesteps(steps)
+    assert torch.allclose(EulerAncestral(steps).sigmas, ea.sigmas, rtol=1e-5)
+    assert abs(float(EulerAncestral(steps).init_noise(torch.ones(1))) - float(ea.init_noise_sigma)) < 1e-4
+
+
+def test_unknown_sampler():
+    with pytest.raises(ValueError, match="unknown sampler"):
+        make_sampler("plms", 10)
+
+
+def test_offline_sd15_tokenizer(tmp_path):
+    from cldm.text import sd15_tokenizer
+
+    tok = sd15_tokenizer(tmp_path / "tok")
+    assert len(tok) == 49408
+    assert tok("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    # built once, then read from the cache folder
+    assert (tmp_path / "tok" / "vocab.json").exists()
+    assert sd15_tokenizer(tmp_path / "tok")("a dog")["input_ids"] == tok("a dog")["input_ids"]
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_awkward_images_become_rgb():
+    rgb = Image.new("RGB", (8, 6), (10, 200, 30))
+    cases = {
+        "16-bit": Image.fromarray((np.ones((6, 8)) * 40000).astype(np.uint16)),
+        "cmyk": rgb.convert("CMYK"),
+        "rgba": Image.new("RGBA", (8, 6), (255, 0, 0, 0)),
+        "palette": rgb.convert("P"),
+        "gray": rgb.convert("L"),
+    }
+    for name, img in cases.items():
+        fmt = "TIFF" if name in ("16-bit", "cmyk") else "PNG"
+        out = load_rgb(_encode(img, fmt))
+        assert out.shape == (6, 8, 3) and out.dtype == np.uint8, name
+    assert (load_rgb(_encode(cases["rgba"], "PNG")) == 255).all()  # transparent -> white
+    frames = [Image.new("RGB", (8, 6), c) for c in ((255, 0, 0), (0, 0, 255))]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+    assert load_rgb(gif.getvalue())[0, 0, 0] > 200  # the first frame
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", None])
+def test_broken_images(data):
+    if data is None:  # a real PNG cut in half
+        data = _encode(Image.new("RGB", (64, 64)), "PNG")[:40]
+    with pytest.raises(InputError, match="Cannot read the image"):
+        load_rgb(data)
+
+
+def test_huge_image_refused_before_decoding():
+    big = Image.new("L", (8000, 6000))
+    with pytest.raises(InputError, match="too large"):
+        load_rgb(_encode(big, "PNG", optimize=False, compress_level=1))
+
+
+def test_manager_loads_base_once_and_swaps(tiny_dirs, ours, tmp_path):
+    from cldm import checkpoints
+    from cldm.manager import ControlSpec, ModelManager
+
+    sd_dir, cn_dir = tiny_dirs
+    _, cn = ours
+    checkpoints.save_controlnet(cn, tmp_path / "a.safetensors")
+    checkpoints.save_controlnet(cn, tmp_path / "b.safetensors", fmt="bare")
+    m = ModelManager(str(sd_dir), device="cpu", dtype="fp32", cache_bytes=1)  # room for one cached ControlNet
+    hint = np.zeros((64, 64, 3), np.uint8)
+    kw = dict(steps=2, width=64, height=64, seed=1)
+    first = m.run("x", [ControlSpec(str(tmp_path / "a.safetensors"), hint)], **kw)
+    m.run("x", [ControlSpec(str(tmp_path / "b.safetensors"), hint)], **kw)
+    again = m.run("x", [ControlSpec(str(tmp_path / "a.safetensors"), hint)], **kw)
+    assert m.base_loads == 1
+    assert np.array_equal(first.images, again.images)
+    assert {"swap", "sampling", "decode"} <= set(first.timings)
+    with pytest.raises(InputError, match="no CUDA"):
+        if not torch.cuda.is_available():
+            ModelManager(str(sd_dir), device="cuda")
+        else:
+            raise InputError("no CUDA (skipped: this machine has one)")
