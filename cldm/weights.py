@@ -1,0 +1,68 @@
+"""Finding weights: a local models folder first, then the Hugging Face hub (its standard cache), never silently.
+
+Only locates files; reading them is `checkpoints.py`'s job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .errors import MissingWeightsError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+BASE_PATTERNS = [
+    "model_index.json",
+    "scheduler/*.json",
+    "tokenizer/*",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+]
+CONTROLNET_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
+LOCAL_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".bin")
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _download(repo: str, patterns: list[str], what: str, where_to_put: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=offline()))
+    except Exception as e:  # offline, no such repo, network error: all mean "not here"
+        raise MissingWeightsError(
+            f"The {what} weights are not on this machine and could not be downloaded from the Hugging Face hub "
+            f"({repo}: {type(e).__name__}). Put them in {where_to_put}, or connect to the internet and retry."
+        ) from e
+
+
+def locate_controlnet(stem: str, diffusers_repo: str, models_dir: str | os.PathLike | None) -> Path:
+    """`models_dir/<stem>.{safetensors,pth,...}` or `models_dir/<stem>/` (diffusers), else the hub's diffusers repo."""
+    if models_dir:
+        base = Path(models_dir)
+        for suffix in LOCAL_SUFFIXES:
+            if (base / f"{stem}{suffix}").is_file():
+                return base / f"{stem}{suffix}"
+        if (base / stem / "config.json").is_file():
+            return base / stem
+    where = f"{Path(models_dir or 'models') / (stem + '.safetensors')} (or .pth from lllyasviel/ControlNet-v1-1)"
+    return _download(diffusers_repo, CONTROLNET_PATTERNS, f"ControlNet {stem}", where)
+
+
+def locate_base(base: str) -> Path:
+    """A local file or folder as given, else a hub repo id (downloaded once into the hub cache)."""
+    path = Path(base)
+    if path.exists():
+        return path
+    if base.count("/") == 1 and not base.startswith((".", "/")):
+        return _download(base, BASE_PATTERNS, "base model", "a local folder or .safetensors file passed with --base")
+    raise MissingWeightsError(f"Base model not found: {base}. Pass a .safetensors file, a diffusers folder or a hub id.")
