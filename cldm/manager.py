@@ -101,7 +101,9 @@ class ModelManager:
         with self.lock:
             if self._sd is None:
                 t = time.perf_counter()
-                sd = checkpoints.load_sd(weights.locate_base(self.base_path), dtype=self.dtype, tokenizer=self.tokenizer)
+                sd = checkpoints.load_sd(
+                    weights.locate_base(self.base_path), dtype=self.dtype, tokenizer=self.tokenizer
+                )
                 self._sd = sd.to(self.device).freeze()
                 self.base_loads += 1
                 log.info(

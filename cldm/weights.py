@@ -65,4 +65,6 @@ def locate_base(base: str) -> Path:
         return path
     if base.count("/") == 1 and not base.startswith((".", "/")):
         return _download(base, BASE_PATTERNS, "base model", "a local folder or .safetensors file passed with --base")
-    raise MissingWeightsError(f"Base model not found: {base}. Pass a .safetensors file, a diffusers folder or a hub id.")
+    raise MissingWeightsError(
+        f"Base model not found: {base}. Pass a .safetensors file, a diffusers folder or a hub id."
+    )

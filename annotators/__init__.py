@@ -1,0 +1,8 @@
+"""Hint extractors ("preprocessors") for ControlNet 1.1: one registry name -> image in, hint out.
+
+Wraps controlnet-aux (and transformers for segmentation). Never imports cldm or gradio.
+"""
+
+from annotators.registry import ANNOTATORS, Annotator, AnnotatorError, MissingAnnotatorWeights, Param, run
+
+__all__ = ["ANNOTATORS", "Annotator", "AnnotatorError", "MissingAnnotatorWeights", "Param", "run"]

@@ -1,0 +1,141 @@
+"""The registry: one name -> one hint extractor, with its sliders, and `run()` that checks inputs and sizes."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from annotators import detectors, segmentation, sketch
+from annotators.errors import AnnotatorError, MissingAnnotatorWeights
+from annotators.images import as_rgb, check_resolution, to_size
+
+__all__ = ["ANNOTATORS", "Annotator", "AnnotatorError", "MissingAnnotatorWeights", "Param", "run"]
+
+log = logging.getLogger(__name__)
+
+# (image RGB uint8, resolution, models_dir, params with defaults filled in) -> hint at any size
+DetectFn = detectors.DetectFn
+
+
+@dataclass(frozen=True)
+class Param:
+    """One extra slider the UI shows for an annotator."""
+
+    name: str
+    label: str
+    minimum: float
+    maximum: float
+    default: float
+    step: float
+
+
+@dataclass(frozen=True)
+class Annotator:
+    """A registry entry: name, UI label, sliders, whether it downloads weights, and the function that runs it."""
+
+    name: str
+    label: str
+    params: tuple[Param, ...] = ()
+    needs_weights: bool = False
+    _fn: DetectFn | None = field(default=None, repr=False, compare=False)
+    # Label maps (segmentation) must keep their exact palette colours when resized back to the input size.
+    _nearest: bool = field(default=False, repr=False, compare=False)
+
+
+_CANNY_PARAMS = (
+    Param("low_threshold", "Canny low threshold", 1, 255, 100, 1),
+    Param("high_threshold", "Canny high threshold", 1, 255, 200, 1),
+)
+_MLSD_PARAMS = (
+    Param("value_threshold", "MLSD value threshold", 0.01, 2.0, 0.1, 0.01),
+    Param("distance_threshold", "MLSD distance threshold", 0.01, 20.0, 0.1, 0.01),
+)
+_LERES_PARAMS = (
+    Param("remove_near", "Remove near %", 0, 100, 0, 1),
+    Param("remove_background", "Remove background %", 0, 100, 0, 1),
+)
+
+
+def _entries() -> tuple[Annotator, ...]:
+    d = detectors
+    return (
+        Annotator("none", "None (use the image as the hint)", _fn=sketch.identity),
+        Annotator("invert", "Invert (black-on-white drawing)", _fn=sketch.invert),
+        Annotator("scribble_sketch", "Sketch (your drawing)", _fn=sketch.scribble_sketch, _nearest=True),
+        Annotator("canny", "Canny edges", _CANNY_PARAMS, _fn=d.canny),
+        Annotator("shuffle", "Content shuffle", _fn=d.shuffle),
+        Annotator("mlsd", "M-LSD straight lines", _MLSD_PARAMS, True, _fn=d.mlsd),
+        Annotator("depth_midas", "Depth (MiDaS)", (), True, _fn=d.depth_midas),
+        Annotator("depth_zoe", "Depth (ZoeDepth)", (), True, _fn=d.depth_zoe),
+        Annotator("depth_leres", "Depth (LeReS)", _LERES_PARAMS, True, _fn=d.depth_leres),
+        Annotator("normal_bae", "Normal map (BAE)", (), True, _fn=d.normal_bae),
+        Annotator("seg_ade20k", "Segmentation (ADE20K, UperNet)", (), True, _fn=segmentation.seg_ade20k, _nearest=True),
+        Annotator("openpose", "OpenPose (body)", (), True, _fn=d.openpose),
+        Annotator("openpose_hand", "OpenPose (body + hands)", (), True, _fn=d.openpose_hand),
+        Annotator("openpose_face", "OpenPose (body + face)", (), True, _fn=d.openpose_face),
+        Annotator("openpose_full", "OpenPose (body + hands + face)", (), True, _fn=d.openpose_full),
+        Annotator("scribble_hed", "Scribble from HED", (), True, _fn=d.scribble_hed),
+        Annotator("scribble_pidinet", "Scribble from PiDiNet", (), True, _fn=d.scribble_pidinet),
+        Annotator("softedge_hed", "Soft edges (HED)", (), True, _fn=d.softedge_hed),
+        Annotator("softedge_hedsafe", "Soft edges (HED, safe)", (), True, _fn=d.softedge_hedsafe),
+        Annotator("softedge_pidinet", "Soft edges (PiDiNet)", (), True, _fn=d.softedge_pidinet),
+        Annotator("softedge_pidisafe", "Soft edges (PiDiNet, safe)", (), True, _fn=d.softedge_pidisafe),
+        Annotator("lineart", "Line art (fine)", (), True, _fn=d.lineart),
+        Annotator("lineart_coarse", "Line art (coarse)", (), True, _fn=d.lineart_coarse),
+        Annotator("lineart_anime", "Line art (anime)", (), True, _fn=d.lineart_anime),
+    )
+
+
+ANNOTATORS: dict[str, Annotator] = {a.name: a for a in _entries()}
+
+
+def _check_params(annotator: Annotator, given: Mapping[str, object]) -> dict[str, float]:
+    """Fill defaults and refuse unknown names, non-numbers and values outside a slider's range."""
+    known = {p.name: p for p in annotator.params}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        allowed = ", ".join(known) or "none"
+        raise AnnotatorError(f"Unknown parameter(s) for '{annotator.name}': {', '.join(unknown)} (allowed: {allowed}).")
+    values: dict[str, float] = {}
+    for name, param in known.items():
+        value = given.get(name, param.default)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise AnnotatorError(f"'{name}' of '{annotator.name}' must be a number, got {value!r}.")
+        value = float(value)
+        if not math.isfinite(value) or not (param.minimum <= value <= param.maximum):
+            raise AnnotatorError(
+                f"'{name}' of '{annotator.name}' must be between {param.minimum:g} and {param.maximum:g}, got {value:g}."
+            )
+        values[name] = value
+    return values
+
+
+def run(
+    name: str,
+    image: np.ndarray,
+    resolution: int = 512,
+    models_dir: str | os.PathLike[str] | None = None,
+    **params: float,
+) -> np.ndarray:
+    """Extract the hint `name` from `image` (HxWx3 uint8 RGB) and return it as HxWx3 uint8 RGB of the same size.
+
+    Detection runs at `resolution` pixels on the short side (as the ControlNet 1.1 apps do), then the hint is
+    resized back to the input size. Weights are taken from `<models_dir>/annotators/` first, then from the Hugging
+    Face cache/hub. Raises AnnotatorError for an unknown name, a bad image or parameter, and
+    MissingAnnotatorWeights (a subclass) naming the file to download and where to put it.
+    """
+    annotator = ANNOTATORS.get(name)
+    if annotator is None or annotator._fn is None:
+        raise AnnotatorError(f"Unknown annotator '{name}'. Known: {', '.join(sorted(ANNOTATORS))}.")
+    values = _check_params(annotator, params)
+    rgb = as_rgb(image)
+    size = check_resolution(resolution)
+    height, width = rgb.shape[:2]
+    log.debug("annotator %s on %dx%d at %d px %s", name, width, height, size, values)
+    hint = annotator._fn(rgb, size, models_dir, values)
+    return to_size(hint, height, width, nearest=annotator._nearest)

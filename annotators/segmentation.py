@@ -1,0 +1,254 @@
+"""Semantic segmentation (ADE20K, 150 classes) with a transformers UperNet, coloured like ControlNet's seg hints.
+
+ControlNet 1.1's seg model was trained on maps coloured with the ADE20K palette of mmsegmentation (class 0 "wall"
+= (120, 120, 120), class 1 "building" = (180, 120, 120), ...). Any ADE20K model with the standard 150-class order
+gives usable hints once its labels are painted with that palette; the default is UperNet + ConvNeXt-small, the
+model the diffusers ControlNet seg example uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from annotators.cache import cached_load
+from annotators.errors import MissingAnnotatorWeights
+from annotators.weights import hub_is_offline, local_folder, where_to_put
+
+log = logging.getLogger(__name__)
+
+SEG_REPO = "openmmlab/upernet-convnext-small"
+SEG_LOCAL_NAME = "upernet-convnext-small"  # <models_dir>/annotators/upernet-convnext-small/config.json, weights
+# Normalisation of the mmsegmentation ADE20K configs (ImageNet statistics on 0..255 pixels).
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+# ADE20K palette, index = class id (mmsegmentation order, also used by the ControlNet seg annotator).
+ADE20K_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (120, 120, 120),
+    (180, 120, 120),
+    (6, 230, 230),
+    (80, 50, 50),
+    (4, 200, 3),
+    (120, 120, 80),
+    (140, 140, 140),
+    (204, 5, 255),
+    (230, 230, 230),
+    (4, 250, 7),
+    (224, 5, 255),
+    (235, 255, 7),
+    (150, 5, 61),
+    (120, 120, 70),
+    (8, 255, 51),
+    (255, 6, 82),
+    (143, 255, 140),
+    (204, 255, 4),
+    (255, 51, 7),
+    (204, 70, 3),
+    (0, 102, 200),
+    (61, 230, 250),
+    (255, 6, 51),
+    (11, 102, 255),
+    (255, 7, 71),
+    (255, 9, 224),
+    (9, 7, 230),
+    (220, 220, 220),
+    (255, 9, 92),
+    (112, 9, 255),
+    (8, 255, 214),
+    (7, 255, 224),
+    (255, 184, 6),
+    (10, 255, 71),
+    (255, 41, 10),
+    (7, 255, 255),
+    (224, 255, 8),
+    (102, 8, 255),
+    (255, 61, 6),
+    (255, 194, 7),
+    (255, 122, 8),
+    (0, 255, 20),
+    (255, 8, 41),
+    (255, 5, 153),
+    (6, 51, 255),
+    (235, 12, 255),
+    (160, 150, 20),
+    (0, 163, 255),
+    (140, 140, 140),
+    (250, 10, 15),
+    (20, 255, 0),
+    (31, 255, 0),
+    (255, 31, 0),
+    (255, 224, 0),
+    (153, 255, 0),
+    (0, 0, 255),
+    (255, 71, 0),
+    (0, 235, 255),
+    (0, 173, 255),
+    (31, 0, 255),
+    (11, 200, 200),
+    (255, 82, 0),
+    (0, 255, 245),
+    (0, 61, 255),
+    (0, 255, 112),
+    (0, 255, 133),
+    (255, 0, 0),
+    (255, 163, 0),
+    (255, 102, 0),
+    (194, 255, 0),
+    (0, 143, 255),
+    (51, 255, 0),
+    (0, 82, 255),
+    (0, 255, 41),
+    (0, 255, 173),
+    (10, 0, 255),
+    (173, 255, 0),
+    (0, 255, 153),
+    (255, 92, 0),
+    (255, 0, 255),
+    (255, 0, 245),
+    (255, 0, 102),
+    (255, 173, 0),
+    (255, 0, 20),
+    (255, 184, 184),
+    (0, 31, 255),
+    (0, 255, 61),
+    (0, 71, 255),
+    (255, 0, 204),
+    (0, 255, 194),
+    (0, 255, 82),
+    (0, 10, 255),
+    (0, 112, 255),
+    (51, 0, 255),
+    (0, 194, 255),
+    (0, 122, 255),
+    (0, 255, 163),
+    (255, 153, 0),
+    (0, 255, 10),
+    (255, 112, 0),
+    (143, 255, 0),
+    (82, 0, 255),
+    (163, 255, 0),
+    (255, 235, 0),
+    (8, 184, 170),
+    (133, 0, 255),
+    (0, 255, 92),
+    (184, 0, 255),
+    (255, 0, 31),
+    (0, 184, 255),
+    (0, 214, 255),
+    (255, 0, 112),
+    (92, 255, 0),
+    (0, 224, 255),
+    (112, 224, 255),
+    (70, 184, 160),
+    (163, 0, 255),
+    (153, 0, 255),
+    (71, 255, 0),
+    (255, 0, 163),
+    (255, 204, 0),
+    (255, 0, 143),
+    (0, 255, 235),
+    (133, 255, 0),
+    (255, 0, 235),
+    (245, 0, 255),
+    (255, 0, 122),
+    (255, 245, 0),
+    (10, 190, 212),
+    (214, 255, 0),
+    (0, 204, 255),
+    (20, 0, 255),
+    (255, 255, 0),
+    (0, 153, 255),
+    (0, 41, 255),
+    (0, 255, 204),
+    (41, 0, 255),
+    (41, 255, 0),
+    (173, 0, 255),
+    (0, 245, 255),
+    (71, 0, 255),
+    (122, 0, 255),
+    (0, 255, 184),
+    (0, 92, 255),
+    (184, 255, 0),
+    (0, 133, 255),
+    (255, 214, 0),
+    (25, 194, 194),
+    (102, 255, 0),
+    (92, 0, 255),
+)
+
+
+def palette_array() -> np.ndarray:
+    """The palette as a (150, 3) uint8 array, index = class id."""
+    return np.asarray(ADE20K_PALETTE, dtype=np.uint8)
+
+
+def colorize(labels: np.ndarray) -> np.ndarray:
+    """HxW class ids -> HxWx3 uint8 RGB with the ADE20K palette (ids beyond 149 wrap, for non-ADE models)."""
+    palette = palette_array()
+    return palette[np.asarray(labels, dtype=np.int64) % len(palette)]
+
+
+def _build_model(source: str) -> Any:
+    from transformers import AutoModelForSemanticSegmentation
+
+    model = AutoModelForSemanticSegmentation.from_pretrained(source)
+    return model.eval()
+
+
+def _missing_model_message(models_dir: str | os.PathLike[str] | None, exc: Exception) -> str:
+    hub = "HF_HUB_OFFLINE is set, so nothing is downloaded automatically. " if hub_is_offline() else ""
+    return (
+        f"The 'seg_ade20k' annotator needs the transformers model '{SEG_REPO}' "
+        f"(https://huggingface.co/{SEG_REPO}: config.json and model.safetensors or pytorch_model.bin). "
+        f"Put those files in {where_to_put(models_dir, SEG_LOCAL_NAME)}/ or into the Hugging Face cache "
+        f"(huggingface-cli download {SEG_REPO}). {hub}(transformers: {str(exc).splitlines()[0]})"
+    )
+
+
+def _load(models_dir: str | os.PathLike[str] | None) -> Any:
+    """UperNet from <models_dir>/annotators/upernet-convnext-small/ if present, else from the HF cache / hub."""
+    folder = local_folder(models_dir)
+    local = folder / SEG_LOCAL_NAME if folder is not None else None
+    if local is not None and (local / "config.json").is_file():
+        source = str(local)
+    else:
+        source = SEG_REPO
+
+    def build(_: list[Path]) -> Any:
+        try:
+            return _build_model(source)
+        except OSError as exc:
+            # transformers reports "not cached and offline" / "no such repo" / "no weights file" as OSError.
+            raise MissingAnnotatorWeights(_missing_model_message(models_dir, exc)) from exc
+
+    # No per-file resolution here: transformers finds its own files, so the file list for the cache is empty.
+    return cached_load(f"seg:{source}", (), build, models_dir, "seg_ade20k")
+
+
+def _prepare(image: np.ndarray, resolution: int) -> torch.Tensor:
+    """RGB uint8 -> normalised 1x3xhxw float tensor at `resolution` on the short side (multiples of 64)."""
+    from controlnet_aux.util import resize_image
+
+    resized = resize_image(image, resolution)
+    x = torch.from_numpy(resized).float()
+    x = (x - torch.tensor(PIXEL_MEAN)) / torch.tensor(PIXEL_STD)
+    return x.permute(2, 0, 1).unsqueeze(0)  # h w c -> 1 c h w
+
+
+def seg_ade20k(image: np.ndarray, resolution: int, models_dir: str | None, params: Mapping[str, float]) -> np.ndarray:
+    """Registry callable: ADE20K labels painted with the ControlNet seg palette, at the detection size."""
+    model = _load(models_dir)
+    pixels = _prepare(image, resolution)
+    dtype = next(model.parameters()).dtype
+    with torch.inference_mode():
+        logits = model(pixel_values=pixels.to(dtype)).logits  # 1 x classes x h' x w'
+        logits = torch.nn.functional.interpolate(logits.float(), size=pixels.shape[-2:], mode="bilinear")
+        labels = logits.argmax(dim=1)[0].numpy()  # h x w class ids
+    return colorize(labels)

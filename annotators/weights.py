@@ -1,0 +1,104 @@
+"""Where annotator weights come from: a local folder first, then the Hugging Face cache (or hub).
+
+Local layout: `<models_dir>/annotators/` mirrors the hub repo `lllyasviel/Annotators` file for file
+(`<models_dir>/annotators/ControlNetHED.pth`, ...). Transformers models (segmentation) live in a sub-folder named
+after the repo (`<models_dir>/annotators/upernet-convnext-small/config.json`, `model.safetensors`).
+Anything not found locally is looked up with `huggingface_hub.hf_hub_download`, which answers from the cache and
+only goes to the network when `HF_HUB_OFFLINE` is not set. Every failure there becomes MissingAnnotatorWeights
+naming the repo, the file and the folder to put it in, so the user knows exactly what to download.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from annotators.errors import MissingAnnotatorWeights
+
+log = logging.getLogger(__name__)
+
+ANNOTATORS_REPO = "lllyasviel/Annotators"
+LOCAL_SUBDIR = "annotators"
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One file of a hub repo that a detector needs."""
+
+    repo: str
+    filename: str
+
+
+def local_folder(models_dir: str | os.PathLike[str] | None) -> Path | None:
+    """The folder that mirrors lllyasviel/Annotators, or None when no models_dir was given."""
+    return None if models_dir is None else Path(models_dir) / LOCAL_SUBDIR
+
+
+def hub_is_offline() -> bool:
+    """True when huggingface_hub will not go to the network (HF_HUB_OFFLINE was set when it was imported)."""
+    from huggingface_hub import constants
+
+    return bool(constants.is_offline_mode())
+
+
+def where_to_put(models_dir: str | os.PathLike[str] | None, name: str) -> str:
+    """Human-readable destination for a missing file or folder."""
+    folder = local_folder(models_dir)
+    if folder is None:
+        return f"<models_dir>/{LOCAL_SUBDIR}/{name} (start the app with a models folder)"
+    return str(folder / name)
+
+
+def _from_hub(item: WeightFile) -> tuple[Path | None, str]:
+    """Look `item` up in the Hugging Face cache / hub; (path, "") on success, (None, reason) on failure."""
+    # Imported here so that the light annotators (canny, sketch...) never pay for huggingface_hub.
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id=item.repo, filename=item.filename)), ""
+    except Exception as exc:  # offline, 404, auth, network: all mean "not available here"
+        log.info("hub lookup of %s/%s failed: %s", item.repo, item.filename, exc)
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def resolve(files: Sequence[WeightFile], models_dir: str | os.PathLike[str] | None, annotator: str) -> list[Path]:
+    """Paths of `files`, local folder first, then the HF cache/hub; MissingAnnotatorWeights lists every file missing."""
+    folder = local_folder(models_dir)
+    found: list[Path] = []
+    missing: list[tuple[WeightFile, str]] = []
+    for item in files:
+        local = folder / item.filename if folder is not None else None
+        if local is not None and local.is_file():
+            found.append(local)
+            continue
+        path, reason = _from_hub(item)
+        if path is None:
+            missing.append((item, reason))
+        else:
+            found.append(path)
+    if missing:
+        raise MissingAnnotatorWeights(missing_message(annotator, missing, models_dir))
+    log.debug("weights for %s: %s", annotator, found)
+    return found
+
+
+def missing_message(
+    annotator: str, missing: Sequence[tuple[WeightFile, str]], models_dir: str | os.PathLike[str] | None
+) -> str:
+    """The message that tells the user which file of which repo to download and where to put it."""
+    lines = [f"The '{annotator}' annotator needs weights that are not available here:"]
+    for item, reason in missing:
+        lines.append(
+            f"- '{item.filename}' from the Hugging Face repo '{item.repo}' "
+            f"(https://huggingface.co/{item.repo}/blob/main/{item.filename}): "
+            f"put it at {where_to_put(models_dir, item.filename)}"
+            f" or into the Hugging Face cache (huggingface-cli download {item.repo} {item.filename})."
+        )
+        if reason:
+            lines.append(f"  (hub lookup: {reason})")
+    if hub_is_offline():
+        lines.append("HF_HUB_OFFLINE is set, so nothing is downloaded automatically.")
+    return "\n".join(lines)

@@ -1,0 +1,371 @@
+"""ControlNet studio: a Gradio app with one tab per condition (built from `conditions.CONDITIONS`) and a Multi tab."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import random
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import torch
+
+import annotators
+from cldm.errors import CldmError, InputError
+from cldm.images import array_to_rgb, load_rgb, resize_rgb, save_png
+from cldm.manager import ControlSpec, ModelManager
+from cldm.samplers import SAMPLERS
+from cldm.weights import DEFAULT_BASE_REPO, locate_controlnet
+from conditions import ADDED_PROMPT, BY_KEY, CONDITIONS, NEGATIVE_PROMPT, Condition
+
+log = logging.getLogger("app")
+MAX_SEED = 2**31 - 1
+MAX_UNITS = 3  # ControlNets in the Multi tab
+MAX_FILE_SIZE = "20mb"
+
+
+class Studio:
+    """What the handlers share: the model manager, the models folder and where results are written."""
+
+    def __init__(self, manager: ModelManager, models_dir: str | None, out_dir: str | None = None):
+        self.manager = manager
+        self.models_dir = models_dir
+        self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="cldm-out-"))
+
+    # ------------------------------------------------------------------------------------------------ hints
+    def hint(self, cond: Condition, image, annotator: str, resolution: int, params: dict) -> np.ndarray:
+        img = editor_image(image)
+        if img is None:
+            raise InputError("Upload an image (or draw on the canvas) first.")
+        if annotator not in cond.annotators:
+            raise InputError(f"{annotator!r} is not a preprocessor for {cond.label}.")
+        return annotators.run(annotator, img, resolution=int(resolution), models_dir=self.models_dir, **params)
+
+    # --------------------------------------------------------------------------------------------- generate
+    def generate(self, units: list[tuple[Condition, object, str, int, dict, float, float, float]], s: dict, progress):
+        """units: (condition, image, annotator, resolution, params, scale, start, end); s: shared settings."""
+        seed = random.randint(0, MAX_SEED) if s["randomize"] else int(s["seed"])
+        w, h = int(s["width"]), int(s["height"])
+        specs, hints, init, mask, strength, clip_skip = [], [], None, None, 1.0, 1
+        for cond, image, annotator, res, params, scale, start, end in units:
+            img = editor_image(image)
+            if img is None:
+                raise InputError(f"{cond.label}: upload an image (or draw on the canvas) first.")
+            progress(0, desc=f"{cond.label}: preparing the hint")
+            if cond.inpaint:
+                init, mask, hint = inpaint_hint(image, w, h)
+                strength = float(s["denoise"])
+            else:
+                hint = self.hint(cond, image, annotator, res, params)
+                if cond.img2img:
+                    init, strength = img, float(s["denoise"])
+            hints.append(
+                hint if isinstance(hint, np.ndarray) else ((hint[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy())
+            )
+            clip_skip = max(clip_skip, cond.clip_skip)
+            path = locate_controlnet(cond.stem, cond.diffusers_repo, self.models_dir)
+            specs.append(ControlSpec(str(path), hint, scale, start, end, cond.global_average_pooling or None))
+        prompt = ", ".join(p for p in (s["prompt"].strip(), s["added_prompt"].strip()) if p)
+        t0 = time.perf_counter()
+        result = self.manager.run(
+            prompt,
+            specs,
+            negative_prompt=s["negative_prompt"],
+            steps=int(s["steps"]),
+            cfg_scale=float(s["cfg"]),
+            sampler=s["sampler"],
+            seed=seed,
+            width=w,
+            height=h,
+            batch=int(s["batch"]),
+            guess_mode=bool(s["guess_mode"]),
+            clip_skip=clip_skip,
+            init_image=init,
+            strength=strength,
+            mask=mask,
+            callback=lambda i, n: progress(i / n, desc=f"sampling {i}/{n}"),
+        )
+        files = []
+        for img in result.images:
+            path = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{seed}-{uuid.uuid4().hex[:6]}.png"
+            save_png(img, path, result.parameters)
+            files.append(str(path))
+        t = result.timings
+        names = ", ".join(s.path.rstrip("/").split("/")[-1] for s in specs)
+        status = (
+            f"Base: {self.manager.sd.source.rstrip('/').split('/')[-1]} | ControlNet: {names} | seed {seed} | "
+            f"swap {t['swap']:.2f}s, sampling {t['sampling']:.2f}s, decode {t['decode']:.2f}s, "
+            f"total {time.perf_counter() - t0:.1f}s on {self.manager.device}"
+        )
+        return [(hh, "hint") for hh in hints] + [(f, f"seed {seed}") for f in files], status, files
+
+
+def editor_image(value) -> np.ndarray | None:
+    """Image or ImageEditor value -> HxWx3 uint8 (None when nothing was given). Drawn strokes are composited."""
+    if value is None:
+        return None
+    if isinstance(value, (str, Path)):
+        return load_rgb(value)
+    if isinstance(value, dict):
+        value = value.get("composite") if value.get("composite") is not None else value.get("background")
+        if value is None:
+            return None
+    return array_to_rgb(np.asarray(value))
+
+
+def inpaint_hint(value, width: int, height: int):
+    """ImageEditor (background + painted layers) -> init picture, mask (255 = repaint) and the inpaint hint."""
+    if not isinstance(value, dict) or value.get("background") is None:
+        raise InputError("Inpaint: upload a picture, then paint over the area to change.")
+    init = resize_rgb(array_to_rgb(np.asarray(value["background"])), width, height)
+    mask = np.zeros(init.shape[:2], bool)
+    for layer in value.get("layers") or []:
+        layer = np.asarray(layer)
+        alpha = (
+            layer[..., 3]
+            if layer.ndim == 3 and layer.shape[2] == 4
+            else layer.max(axis=-1)
+            if layer.ndim == 3
+            else layer
+        )
+        mask |= resize_rgb(array_to_rgb(alpha), width, height)[..., 0] > 127
+    if not mask.any():
+        raise InputError("Inpaint: paint over the area to change (the mask is empty).")
+    hint = init.astype(np.float32) / 255.0
+    hint[mask] = -1.0  # the inpaint ControlNet reads -1 as "to be filled"
+    return init, mask.astype(np.uint8) * 255, torch.from_numpy(hint).permute(2, 0, 1)[None]
+
+
+def friendly(fn):
+    """Handler wrapper: our errors become a message in the UI; anything else is logged, never shown raw."""
+
+    @functools.wraps(fn)  # Gradio reads the signature (the progress parameter) through __wrapped__
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (CldmError, annotators.AnnotatorError) as e:
+            raise gr.Error(str(e)) from e
+        except torch.cuda.OutOfMemoryError as e:
+            raise gr.Error("Out of GPU memory: lower the resolution or the number of images.") from e
+        except Exception as e:
+            log.exception("unexpected error")
+            raise gr.Error(f"Internal error ({type(e).__name__}); the server log has the details.") from e
+
+    return wrapped
+
+
+# ------------------------------------------------------------------------------------------------------ UI
+def settings_panel(cond: Condition | None) -> dict:
+    """The generation settings every tab has."""
+    c: dict = {}
+    c["prompt"] = gr.Textbox(label="Prompt", placeholder=cond.prompt_hint if cond else "")
+    with gr.Accordion("Settings", open=False):
+        c["added_prompt"] = gr.Textbox(label="Added prompt", value=ADDED_PROMPT)
+        c["negative_prompt"] = gr.Textbox(label="Negative prompt", value=NEGATIVE_PROMPT)
+        with gr.Row():
+            c["batch"] = gr.Slider(1, 4, value=1, step=1, label="Images")
+            c["width"] = gr.Slider(64, 1024, value=512, step=64, label="Width")
+            c["height"] = gr.Slider(64, 1024, value=512, step=64, label="Height")
+        with gr.Row():
+            c["steps"] = gr.Slider(1, 100, value=20, step=1, label="Steps")
+            c["cfg"] = gr.Slider(0.1, 30.0, value=7.5, step=0.1, label="Guidance scale")
+            c["sampler"] = gr.Dropdown(sorted(SAMPLERS), value="dpmpp_2m_karras", label="Sampler")
+        with gr.Row():
+            c["seed"] = gr.Number(value=12345, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+            c["randomize"] = gr.Checkbox(value=True, label="Randomize seed")
+            c["guess_mode"] = gr.Checkbox(value=False, label="Guess mode (no prompt needed)")
+        c["denoise"] = gr.Slider(0.05, 1.0, value=0.75 if cond and cond.img2img else 1.0, step=0.05,
+                                 label="Denoising strength", visible=bool(cond and (cond.img2img or cond.inpaint)))  # fmt: skip
+    return c
+
+
+def _blank_canvas() -> dict:
+    white = np.full((512, 512, 3), 255, np.uint8)
+    return {"background": white, "layers": [], "composite": white}
+
+
+def unit_panel(cond: Condition, label: str = "") -> dict:
+    """Image, preprocessor and control sliders of one ControlNet."""
+    c: dict = {}
+    if cond.sketch or cond.inpaint:
+        canvas = gr.ImageEditor(
+            label=label or ("Draw, or upload a picture" if cond.sketch else "Picture: paint the area to change"),
+            type="numpy", image_mode="RGBA", canvas_size=(512, 512),
+            brush=gr.Brush(colors=["#000000" if cond.sketch else "#ffffff"], default_size=6 if cond.sketch else 24),
+            value=_blank_canvas() if cond.sketch else None,
+        )  # fmt: skip
+        c["image"] = canvas
+    else:
+        # a file path, so that our reader (16-bit, CMYK, palette, animated, corrupt files) handles every upload
+        c["image"] = gr.Image(
+            label=label or "Input picture", type="filepath", sources=["upload", "clipboard", "webcam"]
+        )
+    c["annotator"] = gr.Dropdown(list(cond.annotators), value=cond.annotators[0], label="Preprocessor")
+    c["resolution"] = gr.Slider(64, 1024, value=512, step=64, label="Preprocessor resolution")
+    c["params"] = {}
+    for name in cond.annotators:
+        for p in annotators.ANNOTATORS[name].params:
+            key = (name, p.name)
+            c["params"][key] = gr.Slider(p.minimum, p.maximum, value=p.default, step=p.step, label=p.label,
+                                         visible=name == cond.annotators[0])  # fmt: skip
+    with gr.Row():
+        c["scale"] = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Control strength")
+        c["start"] = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Control start")
+        c["end"] = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="Control end")
+    keys = list(c["params"])
+    c["annotator"].change(
+        lambda a: [gr.update(visible=k[0] == a) for k in keys], c["annotator"], [c["params"][k] for k in keys]
+    )
+    return c
+
+
+SETTING_KEYS = ("prompt", "added_prompt", "negative_prompt", "batch", "width", "height", "steps", "cfg", "sampler",
+                "seed", "randomize", "guess_mode", "denoise")  # fmt: skip
+UNIT_KEYS = ("image", "annotator", "resolution", "scale", "start", "end")
+
+
+def _unit_values(cond: Condition, unit: dict, values: list):
+    """Split a flat list of values (UNIT_KEYS + params) back into one unit's arguments."""
+    fixed = dict(zip(UNIT_KEYS, values[: len(UNIT_KEYS)]))
+    params = dict(zip(unit["params"], values[len(UNIT_KEYS) :]))
+    chosen = {k[1]: v for k, v in params.items() if k[0] == fixed["annotator"]}
+    return (
+        cond,
+        fixed["image"],
+        fixed["annotator"],
+        fixed["resolution"],
+        chosen,
+        fixed["scale"],
+        fixed["start"],
+        fixed["end"],
+    )
+
+
+def _unit_inputs(unit: dict) -> list:
+    return [unit[k] for k in UNIT_KEYS] + list(unit["params"].values())
+
+
+def condition_tab(studio: Studio, cond: Condition) -> None:
+    """One tab, for any row of the condition table."""
+    with gr.Row():
+        with gr.Column():
+            unit = unit_panel(cond)
+            settings = settings_panel(cond)
+            with gr.Row():
+                preview = gr.Button("Preview hint")
+                run = gr.Button("Generate", variant="primary")
+        with gr.Column():
+            hint_view = gr.Image(label="Hint", type="numpy", interactive=False, format="png")
+            gallery = gr.Gallery(label="Results", columns=2, format="png")
+            status = gr.Markdown()
+            files = gr.Files(label="Download PNGs (with parameters)")
+    n_unit = len(_unit_inputs(unit))
+
+    @friendly
+    def do_preview(*values):
+        u = _unit_values(cond, unit, list(values))
+        return studio.hint(cond, u[1], u[2], u[3], u[4])
+
+    @friendly
+    def do_run(*values, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for a progress bar)
+        u = _unit_values(cond, unit, list(values[:n_unit]))
+        s = dict(zip(SETTING_KEYS, values[n_unit:]))
+        return studio.generate([u], s, progress)
+
+    inputs = _unit_inputs(unit)
+    preview.click(do_preview, inputs, hint_view, api_name=f"{cond.key}_preview")
+    run.click(
+        do_run, inputs + [settings[k] for k in SETTING_KEYS], [gallery, status, files], api_name=f"{cond.key}_run"
+    )
+
+
+def multi_tab(studio: Studio) -> None:
+    """Two or three ControlNets at once, each with its own image, preprocessor, strength and start/end."""
+    units, conds = [], []
+    with gr.Row():
+        with gr.Column():
+            for i in range(MAX_UNITS):
+                with gr.Group():
+                    enabled = gr.Checkbox(value=i < 2, label=f"ControlNet {i + 1}")
+                    cond = gr.Dropdown([c.key for c in CONDITIONS if not c.inpaint], value=["canny", "depth", "openpose"][i],
+                                       label="Condition")  # fmt: skip
+                    image = gr.Image(label="Picture", type="filepath")
+                    # choices follow the condition in the browser; API callers may name any of its preprocessors
+                    annotator = gr.Dropdown(list(BY_KEY[cond.value].annotators), value=BY_KEY[cond.value].annotators[0],
+                                            label="Preprocessor", allow_custom_value=True)  # fmt: skip
+                    cond.change(lambda k: gr.update(choices=list(BY_KEY[k].annotators), value=BY_KEY[k].annotators[0]),
+                                cond, annotator)  # fmt: skip
+                    with gr.Row():
+                        scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength")
+                        start = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Start")
+                        end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="End")
+                units.append([enabled, cond, image, annotator, scale, start, end])
+                conds.append(cond)
+            settings = settings_panel(None)
+            run = gr.Button("Generate", variant="primary")
+        with gr.Column():
+            gallery = gr.Gallery(label="Hints and results", columns=2, format="png")
+            status = gr.Markdown()
+            files = gr.Files(label="Download PNGs (with parameters)")
+
+    @friendly
+    def do_run(*values, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for a progress bar)
+        per = 7
+        chosen = []
+        for i in range(MAX_UNITS):
+            enabled, key, image, annotator, scale, start, end = values[i * per : (i + 1) * per]
+            if enabled:
+                if key not in BY_KEY or annotator not in annotators.ANNOTATORS:
+                    raise InputError(f"ControlNet {i + 1}: unknown condition {key!r} or preprocessor {annotator!r}.")
+                cond = BY_KEY[key]
+                defaults = {p.name: p.default for p in annotators.ANNOTATORS[annotator].params}
+                chosen.append((cond, image, annotator, 512, defaults, scale, start, end))
+        if not chosen:
+            raise InputError("Enable at least one ControlNet.")
+        s = dict(zip(SETTING_KEYS, values[MAX_UNITS * per :]))
+        return studio.generate(chosen, s, progress)
+
+    inputs = [c for u in units for c in u] + [settings[k] for k in SETTING_KEYS]
+    run.click(do_run, inputs, [gallery, status, files], api_name="multi_run")
+
+
+def build_app(studio: Studio, banner: str = "") -> gr.Blocks:
+    with gr.Blocks(title="ControlNet studio") as demo:
+        gr.Markdown("# ControlNet studio\nStable Diffusion 1.5 + ControlNet 1.1. " + banner)
+        with gr.Tabs():
+            for cond in CONDITIONS:
+                with gr.Tab(cond.label, id=cond.key):
+                    condition_tab(studio, cond)
+            with gr.Tab("Multi", id="multi"):
+                multi_tab(studio)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="ControlNet studio web app")
+    p.add_argument("--base", default=DEFAULT_BASE_REPO, help="hub id, .safetensors/.ckpt file or diffusers folder")
+    p.add_argument("--models-dir", default="models", help="local ControlNet (and annotator) weights")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--cache-gb", type=float, default=4.0, help="CPU memory for cached ControlNets")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="make a public gradio.live link")
+    p.add_argument("--queue-size", type=int, default=16)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    manager = ModelManager(a.base, device=a.device, dtype=a.dtype, cache_bytes=int(a.cache_gb * 1024**3))
+    studio = Studio(manager, a.models_dir)
+    demo = build_app(studio, banner=f"Base model: `{a.base}` on {manager.device}.")
+    demo.queue(max_size=a.queue_size, default_concurrency_limit=1)
+    demo.launch(server_name=a.host, server_port=a.port, share=a.share, max_file_size=MAX_FILE_SIZE,
+                allowed_paths=[str(studio.out_dir)], show_error=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
