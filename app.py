@@ -21,12 +21,24 @@ from cldm.images import array_to_rgb, load_rgb, resize_rgb, save_png
 from cldm.manager import ControlSpec, ModelManager
 from cldm.samplers import SAMPLERS
 from cldm.weights import DEFAULT_BASE_REPO, locate_controlnet
-from conditions import ADDED_PROMPT, BY_KEY, CONDITIONS, NEGATIVE_PROMPT, Condition
+from conditions import ADDED_PROMPT, BY_KEY, CONDITIONS, EXAMPLES_DIR, NEGATIVE_PROMPT, Condition
 
 log = logging.getLogger("app")
 MAX_SEED = 2**31 - 1
 MAX_UNITS = 3  # ControlNets in the Multi tab
 MAX_FILE_SIZE = "20mb"
+
+
+def upload_image(**kwargs) -> gr.Image:
+    """A gr.Image whose handler gets the uploaded file's path untouched, for `cldm.images.load_rgb` to read.
+
+    Gradio's own preprocessing squashes 16-bit pictures to white and answers corrupt files with its own error;
+    our reader handles those (and CMYK, palette, animated, huge) with messages that say what to do. (A subclass
+    would do the same, but Gradio writes a .pyi stub next to any module that subclasses a component.)
+    """
+    component = gr.Image(type="filepath", **kwargs)
+    component.preprocess = lambda payload: None if payload is None else payload.path
+    return component
 
 
 class Studio:
@@ -38,13 +50,16 @@ class Studio:
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="cldm-out-"))
 
     # ------------------------------------------------------------------------------------------------ hints
-    def hint(self, cond: Condition, image, annotator: str, resolution: int, params: dict) -> np.ndarray:
+    def hint(self, cond: Condition, image, annotator: str, resolution: int, params: dict, size: tuple[int, int]):
+        """The hint for one ControlNet, at the size of the pictures to generate (height, width)."""
         img = editor_image(image)
         if img is None:
             raise InputError("Upload an image (or draw on the canvas) first.")
         if annotator not in cond.annotators:
             raise InputError(f"{annotator!r} is not a preprocessor for {cond.label}.")
-        return annotators.run(annotator, img, resolution=int(resolution), models_dir=self.models_dir, **params)
+        return annotators.run(
+            annotator, img, resolution=int(resolution), models_dir=self.models_dir, size=size, **params
+        )
 
     # --------------------------------------------------------------------------------------------- generate
     def generate(self, units: list[tuple[Condition, object, str, int, dict, float, float, float]], s: dict, progress):
@@ -61,7 +76,7 @@ class Studio:
                 init, mask, hint = inpaint_hint(image, w, h)
                 strength = float(s["denoise"])
             else:
-                hint = self.hint(cond, image, annotator, res, params)
+                hint = self.hint(cond, image, annotator, res, params, (h, w))
                 if cond.img2img:
                     init, strength = img, float(s["denoise"])
             hints.append(
@@ -163,16 +178,17 @@ def friendly(fn):
 def settings_panel(cond: Condition | None) -> dict:
     """The generation settings every tab has."""
     c: dict = {}
-    c["prompt"] = gr.Textbox(label="Prompt", placeholder=cond.prompt_hint if cond else "")
-    with gr.Accordion("Settings", open=False):
+    key = cond.key if cond else "multi"
+    c["prompt"] = gr.Textbox(label="Prompt", placeholder=cond.prompt_hint if cond else "", elem_id=f"{key}-prompt")
+    with gr.Accordion("Settings", open=False, elem_id=f"{key}-settings"):
         c["added_prompt"] = gr.Textbox(label="Added prompt", value=ADDED_PROMPT)
         c["negative_prompt"] = gr.Textbox(label="Negative prompt", value=NEGATIVE_PROMPT)
         with gr.Row():
             c["batch"] = gr.Slider(1, 4, value=1, step=1, label="Images")
-            c["width"] = gr.Slider(64, 1024, value=512, step=64, label="Width")
-            c["height"] = gr.Slider(64, 1024, value=512, step=64, label="Height")
+            c["width"] = gr.Slider(64, 1024, value=512, step=64, label="Width", elem_id=f"{key}-width")
+            c["height"] = gr.Slider(64, 1024, value=512, step=64, label="Height", elem_id=f"{key}-height")
         with gr.Row():
-            c["steps"] = gr.Slider(1, 100, value=20, step=1, label="Steps")
+            c["steps"] = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id=f"{key}-steps")
             c["cfg"] = gr.Slider(0.1, 30.0, value=7.5, step=0.1, label="Guidance scale")
             c["sampler"] = gr.Dropdown(sorted(SAMPLERS), value="dpmpp_2m_karras", label="Sampler")
         with gr.Row():
@@ -195,15 +211,17 @@ def unit_panel(cond: Condition, label: str = "") -> dict:
     if cond.sketch or cond.inpaint:
         canvas = gr.ImageEditor(
             label=label or ("Draw, or upload a picture" if cond.sketch else "Picture: paint the area to change"),
-            type="numpy", image_mode="RGBA", canvas_size=(512, 512),
+            type="numpy", image_mode="RGBA", canvas_size=(512, 512), elem_id=f"{cond.key}-image",
             brush=gr.Brush(colors=["#000000" if cond.sketch else "#ffffff"], default_size=6 if cond.sketch else 24),
             value=_blank_canvas() if cond.sketch else None,
         )  # fmt: skip
         c["image"] = canvas
     else:
         # a file path, so that our reader (16-bit, CMYK, palette, animated, corrupt files) handles every upload
-        c["image"] = gr.Image(
-            label=label or "Input picture", type="filepath", sources=["upload", "clipboard", "webcam"]
+        c["image"] = upload_image(
+            label=label or "Input picture",
+            sources=["upload", "clipboard", "webcam"],
+            elem_id=f"{cond.key}-image",
         )
     c["annotator"] = gr.Dropdown(list(cond.annotators), value=cond.annotators[0], label="Preprocessor")
     c["resolution"] = gr.Slider(64, 1024, value=512, step=64, label="Preprocessor resolution")
@@ -257,19 +275,25 @@ def condition_tab(studio: Studio, cond: Condition) -> None:
             unit = unit_panel(cond)
             settings = settings_panel(cond)
             with gr.Row():
-                preview = gr.Button("Preview hint")
-                run = gr.Button("Generate", variant="primary")
+                preview = gr.Button("Preview hint", elem_id=f"{cond.key}-preview")
+                run = gr.Button("Generate", variant="primary", elem_id=f"{cond.key}-run")
         with gr.Column():
-            hint_view = gr.Image(label="Hint", type="numpy", interactive=False, format="png")
-            gallery = gr.Gallery(label="Results", columns=2, format="png")
-            status = gr.Markdown()
+            hint_view = gr.Image(
+                label="Hint", type="numpy", interactive=False, format="png", elem_id=f"{cond.key}-hint"
+            )
+            gallery = gr.Gallery(label="Results", columns=2, format="png", elem_id=f"{cond.key}-gallery")
+            status = gr.Markdown(elem_id=f"{cond.key}-status")
             files = gr.Files(label="Download PNGs (with parameters)")
     n_unit = len(_unit_inputs(unit))
+    picture, annotator, prompt = cond.example
+    gr.Examples([[str(EXAMPLES_DIR / picture), annotator, prompt]], [unit["image"], unit["annotator"], settings["prompt"]],
+                label="Example")  # fmt: skip
 
     @friendly
     def do_preview(*values):
-        u = _unit_values(cond, unit, list(values))
-        return studio.hint(cond, u[1], u[2], u[3], u[4])
+        u = _unit_values(cond, unit, list(values[:n_unit]))
+        height, width = int(values[n_unit + 1]), int(values[n_unit])
+        return studio.hint(cond, u[1], u[2], u[3], u[4], (height, width))
 
     @friendly
     def do_run(*values, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for a progress bar)
@@ -278,7 +302,9 @@ def condition_tab(studio: Studio, cond: Condition) -> None:
         return studio.generate([u], s, progress)
 
     inputs = _unit_inputs(unit)
-    preview.click(do_preview, inputs, hint_view, api_name=f"{cond.key}_preview")
+    preview.click(
+        do_preview, inputs + [settings["width"], settings["height"]], hint_view, api_name=f"{cond.key}_preview"
+    )
     run.click(
         do_run, inputs + [settings[k] for k in SETTING_KEYS], [gallery, status, files], api_name=f"{cond.key}_run"
     )
@@ -294,7 +320,7 @@ def multi_tab(studio: Studio) -> None:
                     enabled = gr.Checkbox(value=i < 2, label=f"ControlNet {i + 1}")
                     cond = gr.Dropdown([c.key for c in CONDITIONS if not c.inpaint], value=["canny", "depth", "openpose"][i],
                                        label="Condition")  # fmt: skip
-                    image = gr.Image(label="Picture", type="filepath")
+                    image = upload_image(label="Picture")
                     # choices follow the condition in the browser; API callers may name any of its preprocessors
                     annotator = gr.Dropdown(list(BY_KEY[cond.value].annotators), value=BY_KEY[cond.value].annotators[0],
                                             label="Preprocessor", allow_custom_value=True)  # fmt: skip

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -120,10 +121,31 @@ def canny(image: np.ndarray, resolution: int, models_dir: ModelsDir, params: Map
     return CannyDetector()(image, low_threshold=low, high_threshold=high, **_sizes(resolution))
 
 
-def shuffle(image: np.ndarray, resolution: int, models_dir: ModelsDir, params: Mapping[str, float]) -> np.ndarray:
-    from controlnet_aux import ContentShuffleDetector
+# Content shuffle warps the picture along a smooth random flow field whose features are this many pixels apart
+# (ControlNet 1.1's default). Ours takes a seed, so that the same request gives the same hint (controlnet-aux's
+# detector draws from numpy's global random state).
+SHUFFLE_FEATURE = 256
 
-    return ContentShuffleDetector()(image, **_sizes(resolution))
+
+def _noise_disk(rng: np.random.Generator, height: int, width: int, feature: int) -> np.ndarray:
+    """Smooth noise in [0, 1]: coarse uniform noise, bicubic upsampled, cropped to the picture."""
+    coarse = rng.uniform(0.0, 1.0, size=(height // feature + 2, width // feature + 2))
+    fine = cv2.resize(coarse, (width + 2 * feature, height + 2 * feature), interpolation=cv2.INTER_CUBIC)
+    fine = fine[feature : feature + height, feature : feature + width]
+    fine = fine - fine.min()
+    return fine / max(float(fine.max()), 1e-12)
+
+
+def shuffle(image: np.ndarray, resolution: int, models_dir: ModelsDir, params: Mapping[str, float]) -> np.ndarray:
+    h0, w0 = image.shape[:2]
+    k = resolution / min(h0, w0)
+    height, width = max(1, round(h0 * k)), max(1, round(w0 * k))
+    img = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC)
+    rng = np.random.default_rng(int(params["seed"]))
+    x = _noise_disk(rng, height, width, SHUFFLE_FEATURE) * (width - 1)
+    y = _noise_disk(rng, height, width, SHUFFLE_FEATURE) * (height - 1)
+    flow = np.stack([x, y], axis=2).astype(np.float32)  # (h, w, 2): where each output pixel reads from
+    return cv2.remap(img, flow, None, cv2.INTER_LINEAR)
 
 
 def mlsd(image: np.ndarray, resolution: int, models_dir: ModelsDir, params: Mapping[str, float]) -> np.ndarray:

@@ -68,7 +68,7 @@ def _entries() -> tuple[Annotator, ...]:
         Annotator("invert", "Invert (black-on-white drawing)", _fn=sketch.invert),
         Annotator("scribble_sketch", "Sketch (your drawing)", _fn=sketch.scribble_sketch, _nearest=True),
         Annotator("canny", "Canny edges", _CANNY_PARAMS, _fn=d.canny),
-        Annotator("shuffle", "Content shuffle", _fn=d.shuffle),
+        Annotator("shuffle", "Content shuffle", (Param("seed", "Shuffle seed", 0, 2**31 - 1, 0, 1),), _fn=d.shuffle),
         Annotator("mlsd", "M-LSD straight lines", _MLSD_PARAMS, True, _fn=d.mlsd),
         Annotator("depth_midas", "Depth (MiDaS)", (), True, _fn=d.depth_midas),
         Annotator("depth_zoe", "Depth (ZoeDepth)", (), True, _fn=d.depth_zoe),
@@ -120,13 +120,14 @@ def run(
     image: np.ndarray,
     resolution: int = 512,
     models_dir: str | os.PathLike[str] | None = None,
+    size: tuple[int, int] | None = None,
     **params: float,
 ) -> np.ndarray:
-    """Extract the hint `name` from `image` (HxWx3 uint8 RGB) and return it as HxWx3 uint8 RGB of the same size.
+    """Extract the hint `name` from `image` (HxWx3 uint8 RGB) and return it as HxWx3 uint8 RGB.
 
     Detection runs at `resolution` pixels on the short side (as the ControlNet 1.1 apps do), then the hint is
-    resized back to the input size. Weights are taken from `<models_dir>/annotators/` first, then from the Hugging
-    Face cache/hub. Raises AnnotatorError for an unknown name, a bad image or parameter, and
+    resized to `size` (height, width) when given (the picture to generate), else back to the input's size.
+    Weights are taken from `<models_dir>/annotators/` first, then from the Hugging Face cache/hub. Raises AnnotatorError for an unknown name, a bad image or parameter, and
     MissingAnnotatorWeights (a subclass) naming the file to download and where to put it.
     """
     annotator = ANNOTATORS.get(name)
@@ -134,8 +135,12 @@ def run(
         raise AnnotatorError(f"Unknown annotator '{name}'. Known: {', '.join(sorted(ANNOTATORS))}.")
     values = _check_params(annotator, params)
     rgb = as_rgb(image)
-    size = check_resolution(resolution)
+    detect = check_resolution(resolution)
     height, width = rgb.shape[:2]
-    log.debug("annotator %s on %dx%d at %d px %s", name, width, height, size, values)
-    hint = annotator._fn(rgb, size, models_dir, values)
+    log.debug("annotator %s on %dx%d at %d px %s", name, width, height, detect, values)
+    hint = annotator._fn(rgb, detect, models_dir, values)
+    if size is not None:  # straight from the detection size to the picture size: one resize, as the 1.1 apps do
+        height, width = int(size[0]), int(size[1])
+        if height < 1 or width < 1:
+            raise AnnotatorError(f"size must be positive, got {size}.")
     return to_size(hint, height, width, nearest=annotator._nearest)

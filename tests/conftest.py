@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -41,3 +42,33 @@ def ref_pipe(tiny_dirs):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def running_app(tiny_dirs, ours, tmp_path_factory):
+    """The real app on 127.0.0.1 with tiny weights: (url, manager)."""
+    import app
+    from cldm import checkpoints
+    from cldm.manager import ModelManager
+
+    sd_dir, cn_dir = tiny_dirs
+    _, cn = ours
+    models = tmp_path_factory.mktemp("models")
+    checkpoints.save_controlnet(cn, models / "control_v11p_sd15_canny.safetensors")  # 1.1 layout
+    checkpoints.save_controlnet(cn, models / "control_v11p_sd15_scribble.safetensors", fmt="bare")
+    checkpoints.save_controlnet(cn, models / "control_v11e_sd15_shuffle", fmt="diffusers")
+    manager = ModelManager(str(sd_dir), device="cpu", dtype="fp32")
+    studio = app.Studio(manager, str(models), str(tmp_path_factory.mktemp("out")))
+    demo = app.build_app(studio)
+    demo.queue(max_size=8, default_concurrency_limit=4)  # requests really overlap: the manager's lock must hold
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=True,
+                allowed_paths=[str(studio.out_dir)])  # fmt: skip
+    yield f"http://127.0.0.1:{port}/", manager
+    demo.close()

@@ -349,3 +349,20 @@ def test_detectors_are_loaded_once_even_from_many_threads():
     for t in threads:
         t.join()
     assert len(builds) == 1 and len({id(r) for r in results}) == 1
+
+
+def test_shuffle_is_repeatable_with_its_seed():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)
+    a = run("shuffle", img, resolution=64, seed=1)
+    assert np.array_equal(a, run("shuffle", img, resolution=64, seed=1))
+    assert not np.array_equal(a, run("shuffle", img, resolution=64, seed=2))
+
+
+def test_hint_goes_straight_to_the_requested_size():
+    img = np.zeros((90, 120, 3), np.uint8)
+    img[30:60, 40:80] = 255
+    hint = run("canny", img, resolution=64, size=(96, 128))
+    assert hint.shape == (96, 128, 3) and hint.max() > 0
+    with pytest.raises(AnnotatorError):
+        run("canny", img, resolution=64, size=(0, 10))

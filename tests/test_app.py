@@ -2,52 +2,20 @@
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 from PIL import Image
-
-from cldm import checkpoints
 
 SIZE = 64
 SETTINGS = dict(prompt="a red square", added_prompt="best quality", negative_prompt="lowres", batch=1, width=SIZE,
                 height=SIZE, steps=2, cfg=5.0, sampler="ddim", seed=7, randomize=False, guess_mode=False, denoise=0.75)  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def app_url(tiny_dirs, ours, tmp_path_factory):
-    import app
-    from cldm.manager import ModelManager
-
-    sd_dir, cn_dir = tiny_dirs
-    _, cn = ours
-    models = tmp_path_factory.mktemp("models")
-    checkpoints.save_controlnet(cn, models / "control_v11p_sd15_canny.safetensors")  # 1.1 layout
-    checkpoints.save_controlnet(cn, models / "control_v11p_sd15_scribble.safetensors", fmt="bare")
-    checkpoints.save_controlnet(cn, models / "control_v11e_sd15_shuffle", fmt="diffusers")
-    manager = ModelManager(str(sd_dir), device="cpu", dtype="fp32")
-    studio = app.Studio(manager, str(models), str(tmp_path_factory.mktemp("out")))
-    demo = app.build_app(studio)
-    demo.queue(max_size=8)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=True,
-                allowed_paths=[str(studio.out_dir)])  # fmt: skip
-    yield f"http://127.0.0.1:{port}/", manager
-    demo.close()
-
-
-@pytest.fixture(scope="module")
-def client(app_url):
+def client(running_app):
     from gradio_client import Client
 
-    return Client(app_url[0], verbose=False)
+    return Client(running_app[0], verbose=False)
 
 
 @pytest.fixture()
@@ -64,10 +32,10 @@ def _unit(image, annotator, params=()):
     return [image, annotator, SIZE, 1.0, 0.0, 1.0, *params]
 
 
-def test_canny_preview_and_generate(client, square, app_url):
+def test_canny_preview_and_generate(client, square, running_app):
     from gradio_client import handle_file
 
-    hint = client.predict(*_unit(handle_file(square), "canny", (100, 200)), api_name="/canny_preview")
+    hint = client.predict(*_unit(handle_file(square), "canny", (100, 200)), SIZE, SIZE, api_name="/canny_preview")
     edges = np.asarray(Image.open(hint))
     assert edges.shape[:2] == (SIZE, SIZE) and edges.max() == 255 and edges.mean() < 60  # edges only
     gallery, status, files = client.predict(
@@ -77,10 +45,10 @@ def test_canny_preview_and_generate(client, square, app_url):
     png = Image.open(files[0])
     assert png.size == (SIZE, SIZE) and "a red square, best quality" in png.text["parameters"]
     assert "control_v11p_sd15_canny" in status and "seed 7" in status
-    assert app_url[1].base_loads == 1
+    assert running_app[1].base_loads == 1
 
 
-def test_scribble_canvas_shuffle_and_multi(client, square, tmp_path, app_url):
+def test_scribble_canvas_shuffle_and_multi(client, square, tmp_path, running_app):
     from gradio_client import handle_file
 
     sketch = np.full((SIZE, SIZE, 3), 255, np.uint8)
@@ -91,27 +59,34 @@ def test_scribble_canvas_shuffle_and_multi(client, square, tmp_path, app_url):
         "layers": [],
         "composite": handle_file(str(tmp_path / "sketch.png")),
     }
-    hint = np.asarray(Image.open(client.predict(*_unit(canvas, "scribble_sketch"), api_name="/scribble_preview")))
+    hint = np.asarray(
+        Image.open(client.predict(*_unit(canvas, "scribble_sketch"), SIZE, SIZE, api_name="/scribble_preview"))
+    )
     assert hint[30, 31].max() == 255 and hint[5, 5].max() == 0  # white stroke on black
     _, status, _ = client.predict(*_unit(canvas, "scribble_sketch"), *SETTINGS.values(), api_name="/scribble_run")
     assert "scribble" in status
-    _, status, _ = client.predict(*_unit(handle_file(square), "shuffle"), *SETTINGS.values(), api_name="/shuffle_run")
+    _, status, _ = client.predict(
+        *_unit(handle_file(square), "shuffle", (3,)), *SETTINGS.values(), api_name="/shuffle_run"
+    )
     assert "shuffle" in status
     units = [True, "canny", handle_file(square), "canny", 1.0, 0.0, 1.0,
              True, "scribble", handle_file(str(tmp_path / "sketch.png")), "none", 0.5, 0.2, 0.8,
              False, "depth", None, "depth_midas", 1.0, 0.0, 1.0]  # fmt: skip
     gallery, status, files = client.predict(*units, *SETTINGS.values(), api_name="/multi_run")
     assert len(gallery) == 3 and "canny" in status and "scribble" in status
-    assert app_url[1].base_loads == 1
+    assert running_app[1].base_loads == 1
 
 
 def test_bad_inputs_get_clear_messages_and_the_server_keeps_going(client, square, tmp_path):
     from gradio_client import handle_file
 
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    with pytest.raises(Exception, match="(?i)image|read"):
+    with pytest.raises(Exception, match="Cannot read the image"):
         client.predict(
-            *_unit(handle_file(str(tmp_path / "broken.png")), "canny", (100, 200)), api_name="/canny_preview"
+            *_unit(handle_file(str(tmp_path / "broken.png")), "canny", (100, 200)),
+            SIZE,
+            SIZE,
+            api_name="/canny_preview",
         )
     with pytest.raises(Exception, match="(?i)draw something|empty"):
         blank = np.full((SIZE, SIZE, 3), 255, np.uint8)
@@ -121,7 +96,7 @@ def test_bad_inputs_get_clear_messages_and_the_server_keeps_going(client, square
             "layers": [],
             "composite": handle_file(str(tmp_path / "blank.png")),
         }
-        client.predict(*_unit(canvas, "scribble_sketch"), api_name="/scribble_preview")
+        client.predict(*_unit(canvas, "scribble_sketch"), SIZE, SIZE, api_name="/scribble_preview")
     with pytest.raises(Exception, match="(?i)not on this machine|put them in"):
         client.predict(*_unit(handle_file(square), "none", (0.1, 0.1)), *SETTINGS.values(), api_name="/mlsd_run")
     bad = dict(SETTINGS, steps=0)
@@ -132,3 +107,83 @@ def test_bad_inputs_get_clear_messages_and_the_server_keeps_going(client, square
         *_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values(), api_name="/canny_run"
     )
     assert "seed 7" in status
+
+
+def test_concurrent_requests_give_the_sequential_images(client, square, tmp_path, running_app):
+    """Three conditions at once through the queue give exactly what each gives alone; the base loads once."""
+    from gradio_client import handle_file
+
+    sketch = np.full((SIZE, SIZE, 3), 255, np.uint8)
+    sketch[10:50, 20:26] = 0
+    Image.fromarray(sketch).save(tmp_path / "sk.png")
+    canvas = {
+        "background": handle_file(str(tmp_path / "sk.png")),
+        "layers": [],
+        "composite": handle_file(str(tmp_path / "sk.png")),
+    }
+    requests = [
+        ("/canny_run", _unit(handle_file(square), "canny", (50, 150)), 11),
+        ("/scribble_run", _unit(canvas, "scribble_sketch"), 12),
+        ("/shuffle_run", _unit(handle_file(square), "shuffle", (5,)), 13),
+    ]
+
+    def args(unit, seed):
+        return [*unit, *dict(SETTINGS, seed=seed, batch=2).values()]
+
+    alone = [client.predict(*args(u, seed), api_name=api)[2] for api, u, seed in requests]
+    jobs = [client.submit(*args(u, seed), api_name=api) for api, u, seed in requests]
+    together = [job.result(timeout=300)[2] for job in jobs]
+    for a, b in zip(alone, together):
+        assert len(a) == len(b) == 2
+        for fa, fb in zip(a, b):
+            assert np.array_equal(np.asarray(Image.open(fa)), np.asarray(Image.open(fb)))
+    pictures = [np.asarray(Image.open(f[0])) for f in alone]
+    assert not np.array_equal(pictures[0], pictures[1])  # different conditions, different pictures
+    assert running_app[1].base_loads == 1
+
+
+def test_awkward_and_huge_uploads(client, tmp_path):
+    from gradio_client import handle_file
+
+    rgb = Image.new("RGB", (SIZE, SIZE), (20, 40, 200))
+    rgb.paste((250, 250, 250), (16, 16, 48, 48))
+    files = {
+        "16bit.png": Image.fromarray(np.asarray(rgb.convert("L"), np.uint16) * 257),
+        "cmyk.jpg": rgb.convert("CMYK"),
+        "rgba.png": rgb.convert("RGBA"),
+        "palette.gif": rgb.convert("P"),
+    }
+    for name, img in files.items():
+        img.save(tmp_path / name)
+    frames = [rgb, Image.new("RGB", (SIZE, SIZE), "black")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    for name in [*files, "anim.gif"]:
+        hint = np.asarray(
+            Image.open(
+                client.predict(
+                    *_unit(handle_file(str(tmp_path / name)), "canny", (100, 200)),
+                    SIZE,
+                    SIZE,
+                    api_name="/canny_preview",
+                )
+            )
+        )
+        assert hint.shape[:2] == (SIZE, SIZE) and hint.max() == 255, name  # the square's edges were found
+    Image.new("L", (9000, 5000)).save(tmp_path / "huge.png", compress_level=1)
+    with pytest.raises(Exception, match="(?i)too large"):
+        client.predict(
+            *_unit(handle_file(str(tmp_path / "huge.png")), "canny", (100, 200)), SIZE, SIZE, api_name="/canny_preview"
+        )
+    with pytest.raises(Exception, match="(?i)strength|maximum|control scale"):
+        client.predict(
+            handle_file(str(tmp_path / "rgba.png")),
+            "canny",
+            SIZE,
+            5.0,
+            0.0,
+            1.0,
+            100,
+            200,
+            *SETTINGS.values(),
+            api_name="/canny_run",
+        )
