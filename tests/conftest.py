@@ -63,6 +63,8 @@ def running_app(tiny_dirs, ours, tmp_path_factory):
     checkpoints.save_controlnet(cn, models / "control_v11p_sd15_canny.safetensors")  # 1.1 layout
     checkpoints.save_controlnet(cn, models / "control_v11p_sd15_scribble.safetensors", fmt="bare")
     checkpoints.save_controlnet(cn, models / "control_v11e_sd15_shuffle", fmt="diffusers")
+    for name in ("control_v11p_sd15_inpaint", "control_v11f1e_sd15_tile"):
+        checkpoints.save_controlnet(cn, models / f"{name}.safetensors")
     manager = ModelManager(str(sd_dir), device="cpu", dtype="fp32")
     studio = app.Studio(manager, str(models), str(tmp_path_factory.mktemp("out")))
     demo = app.build_app(studio)

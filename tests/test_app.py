@@ -187,3 +187,30 @@ def test_awkward_and_huge_uploads(client, tmp_path):
             *SETTINGS.values(),
             api_name="/canny_run",
         )
+
+
+def test_inpaint_keeps_the_unpainted_area_and_tile_is_img2img(client, tmp_path):
+    from gradio_client import handle_file
+
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+    Image.fromarray(picture).save(tmp_path / "pic.png")
+    layer = np.zeros((SIZE, SIZE, 4), np.uint8)
+    layer[8:32, 8:32] = (255, 255, 255, 255)  # the painted area
+    Image.fromarray(layer).save(tmp_path / "layer.png")
+    editor = {"background": handle_file(str(tmp_path / "pic.png")), "layers": [handle_file(str(tmp_path / "layer.png"))],
+              "composite": handle_file(str(tmp_path / "pic.png"))}  # fmt: skip
+    settings = dict(SETTINGS, denoise=1.0)
+    _, status, files = client.predict(editor, "none", SIZE, 1.0, 0.0, 1.0, *settings.values(), api_name="/inpaint_run")
+    out = np.asarray(Image.open(files[0]))
+    painted = layer[..., 3] > 0
+    assert np.array_equal(out[~painted], picture[~painted])
+    assert np.abs(out[painted].astype(int) - picture[painted].astype(int)).mean() > 10
+    empty = dict(editor, layers=[])
+    with pytest.raises(Exception, match="mask is empty"):
+        client.predict(empty, "none", SIZE, 1.0, 0.0, 1.0, *settings.values(), api_name="/inpaint_run")
+    _, status, files = client.predict(handle_file(str(tmp_path / "pic.png")), "none", SIZE, 1.0, 0.0, 1.0,
+                                      *dict(SETTINGS, denoise=0.5).values(), api_name="/tile_run")  # fmt: skip
+    tile = np.asarray(Image.open(files[0]))
+    assert "Denoising strength: 0.5" in Image.open(files[0]).text["parameters"]
+    assert tile.shape == (SIZE, SIZE, 3) and "tile" in status
