@@ -146,6 +146,8 @@ class ModelManager:
         """Generate under the lock; kwargs go to `pipeline.generate` (steps, cfg_scale, sampler, seed, ...)."""
         with self.lock:
             t0 = time.perf_counter()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)  # the peak reported is this request's
             sd = self.sd
             keys = [(str(c.path), c.global_average_pooling) for c in controls]
             for c in controls:
