@@ -1,4 +1,4 @@
-"""Command line: `python -m cldm generate ...` and `python -m cldm convert ...`."""
+"""Command line: `python -m cldm generate ...`, `python -m cldm convert ...` and `python -m cldm train ...`."""
 
 from __future__ import annotations
 
@@ -110,6 +110,67 @@ def cmd_convert(a: argparse.Namespace) -> None:
     print(f"wrote {a.dst} ({kind}, {a.to} format)")
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from .shapes import HINTS
+    from .train import DEMO_SCHEDULE
+
+    p.add_argument("stage", choices=["vae", "base", "controlnet", "all", "export"])
+    p.add_argument("--run", default="runs/shapes", help="run folder: one subfolder per stage, resumed when present")
+    p.add_argument("--preset", choices=["demo", "tiny"], default="demo", help="model family (tiny: 32 px, for tests)")
+    p.add_argument("--hint", action="append", choices=HINTS, help="ControlNet(s) to train/export (default: all)")
+    p.add_argument("--steps", type=int, help="steps of this stage (vae/base/controlnet)")
+    for stage, steps in DEMO_SCHEDULE.items():
+        p.add_argument(f"--{stage}-steps", type=int, default=steps, help=f"steps of the {stage} stage with 'all'")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, help="peak learning rate (default per stage: 4e-4 VAE, 3e-4 base, 1e-4 CN)")
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pool", type=int, default=8192, help="distinct training pictures for base and ControlNets")
+    p.add_argument("--vae-crop", type=int, default=32, help="VAE trained on random crops of this size (0: whole)")
+    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-samples", type=int, default=8)
+    p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the sample grids")
+    p.add_argument("--cfg", type=float, default=5.0, help="guidance scale of the sample grids")
+    p.add_argument("--fresh", action="store_true", help="start the stage over instead of resuming")
+    p.add_argument("--export", help="folder for the shipped fp16 files (with 'all' or 'export')")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    import torch
+
+    from . import train
+    from .shapes import HINTS
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    hints = tuple(a.hint or HINTS)
+    o = train.TrainOptions(
+        run=Path(a.run), preset=a.preset, steps=a.steps or 0, batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed,
+        pool=a.pool, vae_crop=a.vae_crop or None, ckpt_every=a.ckpt_every, eval_every=a.eval_every,
+        eval_samples=a.eval_samples, sample_steps=a.sample_steps, cfg_scale=a.cfg, fresh=a.fresh,
+    )  # fmt: skip
+    if a.stage in ("vae", "base", "controlnet") and not a.steps:
+        raise InputError(f"give --steps for the {a.stage} stage")
+    if a.stage == "vae":
+        print(train.train_vae(o))
+    elif a.stage == "base":
+        print(train.train_base(o))
+    elif a.stage == "controlnet":
+        for hint in hints:
+            print(train.train_controlnet(o, hint))
+    elif a.stage == "all":
+        schedule = {"vae": a.vae_steps, "base": a.base_steps, "controlnet": a.controlnet_steps}
+        train.train_all(o, schedule, hints)
+    if a.stage == "export" or (a.stage == "all" and a.export):
+        if not a.export:
+            raise InputError("give --export FOLDER")
+        for path in train.export(a.run, a.export, hints):
+            size = sum(f.stat().st_size for f in path.rglob("*")) if path.is_dir() else path.stat().st_size
+            print(f"{path} ({size / 1e6:.1f} MB)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cldm", description="Stable Diffusion 1.5 + ControlNet")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -121,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("dst")
     c.add_argument("--to", choices=["original", "diffusers", "bare"], default="original")
     c.add_argument("--kind", choices=["auto", "sd", "controlnet"], default="auto")
+    t = sub.add_parser("train", help="train the small shapes model family (VAE, base, ControlNets) from scratch")
+    _train_args(t)
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        {"generate": cmd_generate, "convert": cmd_convert}[a.command](a)
+        {"generate": cmd_generate, "convert": cmd_convert, "train": cmd_train}[a.command](a)
     except CldmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -304,7 +304,10 @@ def load_sd(
         unet_cfg = _config_from_metadata(meta, UNetConfig, "unet") or mc.infer_unet_config(unet_sd)
         vae_cfg = _config_from_metadata(meta, VAEConfig, "vae") or mc.infer_vae_config(vae_sd)
         text_cfg = _config_from_metadata(meta, TextConfig, "text") or mc.infer_text_config(text_sd)
-    tokenizer = tokenizer or _tokenizer_for(text_cfg, None)
+    # A model with its own vocabulary (like the shipped demo model) keeps its tokenizer in a folder beside the file.
+    beside = path.parent / "tokenizer"
+    own = beside if beside.is_dir() and text_cfg.vocab_size != TextConfig.vocab_size else None
+    tokenizer = tokenizer or _tokenizer_for(text_cfg, own)
     cfg = SDConfig(unet_cfg, vae_cfg, text_cfg)
     return StableDiffusion(
         build(UNet, unet_cfg, unet_sd, "UNet", dtype),

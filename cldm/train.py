@@ -1,0 +1,353 @@
+"""Training the small shapes model family from scratch: VAE, then text encoder + UNet, then one ControlNet per hint.
+
+    run/vae/vae.safetensors                 AutoencoderKL (config, with its fitted latent scale, in the metadata)
+    run/base/sd.safetensors                 original-format SD single file (checkpoints.save_sd)
+    run/controlnet_<hint>/controlnet.safetensors   ControlNet 1.1-style file (checkpoints.save_controlnet)
+Every stage folder also has log.jsonl, optimizer.pt, samples/ and curves.png (see trainer.py); a stage that finds
+its checkpoint resumes from it. `export()` writes the fp16 files the app ships (loading casts them back).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoints
+from .config import SDConfig, TextConfig, UNetConfig, VAEConfig
+from .controlnet import ControlNet
+from .latent_pool import LatentPool, images_to_tensor
+from .samplers import TRAIN_STEPS, alphas_cumprod
+from .sd import StableDiffusion, random_sd
+from .shapes import HINTS, make_batch
+from .shapes_vocab import shapes_tokenizer, vocab_size
+from .trainer import GRAD_CLIP, Run, lr_at, make_optimizer, run_loop, step_generator
+from .training_eval import ControlEval, sample_base, vae_eval
+from .vae import AutoencoderKL
+
+log = logging.getLogger(__name__)
+
+VAE_FILE, SD_FILE, CONTROLNET_FILE = "vae.safetensors", "sd.safetensors", "controlnet.safetensors"
+# Exported names: the ControlNets take the ControlNet 1.1 file names, so the app's --models-dir lookup finds them.
+EXPORT_BASE, EXPORT_TOKENIZER, EXPORT_CONTROLNET = (
+    "shapes_sd.safetensors",
+    "tokenizer",
+    "control_v11p_sd15_{}.safetensors",
+)
+EVAL_OFFSET = 1_000_000_000  # evaluation pictures come from far past any training index
+SCALE_SAMPLES = 64  # pictures used to fit the latent scale (1 / std of the latents, what 0.18215 is for SD)
+KL_WEIGHT = 1e-5  # per latent element; just enough to keep the posterior from collapsing to a point
+EMPTY_CAPTION_P = {"base": 0.1, "controlnet": 0.5}  # CFG needs "" seen; ControlNet paper: half the prompts dropped
+DEFAULT_LR = {"vae": 4e-4, "base": 3e-4, "controlnet": 1e-4}
+
+
+@dataclass(frozen=True)
+class Family:
+    """Picture size and the three configs of one model family."""
+
+    size: int
+    vae: VAEConfig
+    text: TextConfig
+    unet: UNetConfig
+
+
+def _text_config(hidden: int, layers: int, heads: int) -> TextConfig:
+    tok = shapes_tokenizer()
+    return TextConfig(
+        vocab_size=vocab_size(),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_layers=layers,
+        num_heads=heads,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def family(preset: str) -> Family:
+    """'demo': the shipped 64 px family; 'tiny': 32 px, for tests. The hint block downsamples as much as the VAE."""
+    if preset == "demo":
+        return Family(
+            size=64,
+            vae=VAEConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8),
+            text=_text_config(hidden=128, layers=4, heads=4),
+            unet=UNetConfig(
+                model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2), num_heads=4,
+                context_dim=128, norm_groups=16, hint_block_channels=(16, 32, 64),
+            ),
+        )  # fmt: skip
+    if preset == "tiny":
+        return Family(
+            size=32,
+            vae=VAEConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8),
+            text=_text_config(hidden=32, layers=2, heads=2),
+            unet=UNetConfig(
+                model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
+                context_dim=32, norm_groups=8, hint_block_channels=(16, 32),
+            ),
+        )  # fmt: skip
+    raise ValueError(f"unknown preset {preset!r}; choose demo or tiny")
+
+
+@dataclass
+class TrainOptions:
+    """What one stage needs; the CLI fills it."""
+
+    run: Path
+    preset: str = "demo"
+    steps: int = 1000
+    batch: int = 16
+    lr: float | None = None  # None: the stage's DEFAULT_LR
+    warmup: int = 100
+    seed: int = 0
+    pool: int = 8192  # distinct training pictures for the latent stages
+    vae_crop: int | None = None  # train the VAE on random crops this large (it is convolutional): faster steps
+    ckpt_every: int = 200
+    eval_every: int = 200
+    eval_samples: int = 8
+    sample_steps: int = 20
+    cfg_scale: float = 5.0
+    fresh: bool = False  # ignore an existing checkpoint and start over
+
+
+def _optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+    opt.step()
+
+
+def _resuming(o: TrainOptions, run: Run, weights: Path) -> bool:
+    if o.fresh:
+        for name in ("log.jsonl", "optimizer.pt"):
+            (run.folder / name).unlink(missing_ok=True)
+        return False
+    return run.has_checkpoint() and weights.is_file()
+
+
+def _start(run: Run, opt: torch.optim.Optimizer, resume: bool) -> int:
+    start = run.load_optimizer(opt) if resume else 0
+    run.truncate_log(start)
+    if start:
+        log.info("%s: resuming at step %d", run.folder, start)
+    return start
+
+
+# ------------------------------------------------------------------------------------------------------ VAE
+def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """A VAE written by the VAE stage (its config, latent scale included, is in the file's metadata)."""
+    data = json.loads(checkpoints.read_metadata(Path(path))[checkpoints.CONFIG_METADATA_KEY])["vae"]
+    cfg = VAEConfig(**{f.name: tuple(v) if isinstance(v := data[f.name], list) else v for f in fields(VAEConfig)})
+    return checkpoints.build(AutoencoderKL, cfg, checkpoints.read_file(path), "VAE", dtype)
+
+
+@torch.no_grad()
+def fit_latent_scale(vae: AutoencoderKL, size: int) -> float:
+    """1 / std of the latent means over fixed pictures, so diffusion sees latents of unit variance."""
+    x = images_to_tensor([s.image for s in make_batch(range(EVAL_OFFSET, EVAL_OFFSET + SCALE_SAMPLES), size)])
+    mean, _ = vae.moments(x * 2 - 1)
+    return float(1.0 / mean.std())
+
+
+def _vae_loss(vae: AutoencoderKL, x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    mean, std = vae.moments(x)
+    z = mean + std * torch.randn(mean.shape, generator=g)
+    rec = vae.decoder(vae.post_quant_conv(z))
+    # L1 keeps flat colours and sharp edges; L2 adds weight to the few large errors along the edges.
+    l1, l2 = (rec - x).abs().mean(), (rec - x).pow(2).mean()
+    kl = 0.5 * (mean.pow(2) + std.pow(2) - 1 - 2 * std.clamp_min(1e-12).log()).mean()
+    return l1 + l2 + KL_WEIGHT * kl, {"l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
+
+
+def train_vae(o: TrainOptions) -> Path:
+    """Stage 1: the autoencoder on an endless stream of pictures; returns the weights file."""
+    fam, run = family(o.preset), Run(o.run / "vae")
+    path = run.folder / VAE_FILE
+    resume = _resuming(o, run, path)
+    torch.manual_seed(o.seed)
+    vae = load_vae(path) if resume else AutoencoderKL(fam.vae)
+    vae.requires_grad_(True).train()
+    lr = o.lr or DEFAULT_LR["vae"]
+    opt = make_optimizer(vae.parameters(), lr)
+    start = _start(run, opt, resume)
+    crop = o.vae_crop or fam.size
+
+    def train_step(step: int) -> dict[str, float]:
+        g = step_generator(o.seed, step)
+        x = images_to_tensor([s.image for s in make_batch(range(step * o.batch, (step + 1) * o.batch), fam.size)])
+        if crop < fam.size:
+            top, left = (int(v) for v in torch.randint(0, fam.size - crop + 1, (2,), generator=g))
+            x = x[:, :, top : top + crop, left : left + crop]
+        loss, parts = _vae_loss(vae, x * 2 - 1, g)
+        cur = lr_at(step, lr, o.warmup, o.steps)
+        _optimizer_step(opt, loss, vae.parameters(), cur)
+        return {"loss": loss.item(), **parts, "lr": cur}
+
+    def save(step: int) -> None:
+        vae.cfg = replace(vae.cfg, scale_factor=fit_latent_scale(vae.eval(), fam.size))
+        vae.train()
+        checkpoints.save_file(vae.state_dict(), path, {"vae": vae.cfg})
+        run.save_optimizer(opt, step)
+
+    def evaluate(step: int) -> dict[str, float]:
+        return vae_eval(vae, fam.size, range(EVAL_OFFSET, EVAL_OFFSET + o.eval_samples), run.samples, step)
+
+    run_loop(run, start, o.steps, train_step, save, evaluate, o.ckpt_every, o.eval_every, "vae", ("psnr",))
+    return path
+
+
+# ------------------------------------------------------------------------------------- latent diffusion
+def _noisy(
+    mean: torch.Tensor, std: torch.Tensor, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, eps): a posterior sample of the latent, noised at uniform timesteps with the SD1.5 schedule."""
+    z0 = mean + std * torch.randn(mean.shape, generator=g)
+    t = torch.randint(0, TRAIN_STEPS, (mean.shape[0],), generator=g)
+    eps = torch.randn(mean.shape, generator=g)
+    a = alphas_cumprod()[t][:, None, None, None]
+    return a.sqrt() * z0 + (1 - a).sqrt() * eps, t, eps
+
+
+def _drop_captions(captions: list[str], p: float, g: torch.Generator) -> list[str]:
+    keep = torch.rand(len(captions), generator=g) >= p
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+def _batch_indices(batch: int, pool: LatentPool, g: torch.Generator) -> list[int]:
+    return torch.randint(0, len(pool), (batch,), generator=g).tolist()
+
+
+def train_base(o: TrainOptions) -> Path:
+    """Stage 2: text encoder + UNet on eps-prediction in the frozen VAE's latent space."""
+    fam, run = family(o.preset), Run(o.run / "base")
+    path = run.folder / SD_FILE
+    resume = _resuming(o, run, path)
+    tok = shapes_tokenizer()
+    if resume:
+        model = checkpoints.load_sd(path, tokenizer=tok)
+    else:
+        vae = load_vae(o.run / "vae" / VAE_FILE)
+        model = random_sd(SDConfig(fam.unet, vae.cfg, fam.text), tok, seed=o.seed)
+        model.vae = vae
+    model.vae.requires_grad_(False).eval()
+    for m in (model.unet, model.text):
+        m.requires_grad_(True).train()
+    params = [*model.unet.parameters(), *model.text.parameters()]
+    lr = o.lr or DEFAULT_LR["base"]
+    opt = make_optimizer(params, lr)
+    start = _start(run, opt, resume)
+    pool = LatentPool(model.vae, fam.size, o.pool)
+
+    def train_step(step: int) -> dict[str, float]:
+        g = step_generator(o.seed, step)
+        mean, std, captions, _ = pool.get(_batch_indices(o.batch, pool, g))
+        x_t, t, eps = _noisy(mean, std, g)
+        ids = model.text.token_chunks(_drop_captions(captions, EMPTY_CAPTION_P["base"], g))[:, 0]
+        loss = F.mse_loss(model.unet(x_t, t, model.text(ids)), eps)
+        cur = lr_at(step, lr, o.warmup, o.steps)
+        _optimizer_step(opt, loss, params, cur)
+        return {"loss": loss.item(), "lr": cur}
+
+    def save(step: int) -> None:
+        checkpoints.save_sd(model, path)
+        run.save_optimizer(opt, step)
+
+    def evaluate(step: int) -> dict[str, float]:
+        seeds = range(EVAL_OFFSET, EVAL_OFFSET + o.eval_samples)
+        return sample_base(model, fam.size, seeds, run.samples, step, o.sample_steps, o.cfg_scale)
+
+    run_loop(run, start, o.steps, train_step, save, evaluate, o.ckpt_every, o.eval_every, "base")
+    return path
+
+
+def train_controlnet(o: TrainOptions, hint: str) -> Path:
+    """Stage 3: one ControlNet copied from the frozen base UNet (zero convs at zero), as the ControlNet paper."""
+    if hint not in HINTS:
+        raise ValueError(f"unknown hint {hint!r}; choose one of {', '.join(HINTS)}")
+    fam, run = family(o.preset), Run(o.run / f"controlnet_{hint}")
+    path = run.folder / CONTROLNET_FILE
+    resume = _resuming(o, run, path)
+    base: StableDiffusion = checkpoints.load_sd(o.run / "base" / SD_FILE, tokenizer=shapes_tokenizer()).freeze()
+    torch.manual_seed(o.seed)
+    cn = checkpoints.load_controlnet(path) if resume else ControlNet.from_unet(base.unet, base.config.unet)
+    cn.requires_grad_(True).train()
+    lr = o.lr or DEFAULT_LR["controlnet"]
+    opt = make_optimizer(cn.parameters(), lr)
+    start = _start(run, opt, resume)
+    pool = LatentPool(base.vae, fam.size, o.pool, hint=hint)
+    control_eval = ControlEval(
+        base, hint, fam.size, range(EVAL_OFFSET, EVAL_OFFSET + o.eval_samples), o.sample_steps, o.cfg_scale
+    )
+
+    def train_step(step: int) -> dict[str, float]:
+        g = step_generator(o.seed, step)
+        mean, std, captions, hints = pool.get(_batch_indices(o.batch, pool, g))
+        x_t, t, eps = _noisy(mean, std, g)
+        with torch.no_grad():
+            ctx = base.text(base.text.token_chunks(_drop_captions(captions, EMPTY_CAPTION_P["controlnet"], g))[:, 0])
+        control = cn(x_t, t, ctx, cn.embed_hint(hints))
+        loss = F.mse_loss(base.unet(x_t, t, ctx, control=control), eps)
+        cur = lr_at(step, lr, o.warmup, o.steps)
+        _optimizer_step(opt, loss, cn.parameters(), cur)
+        return {"loss": loss.item(), "lr": cur}
+
+    def save(step: int) -> None:
+        checkpoints.save_controlnet(cn, path)
+        run.save_optimizer(opt, step)
+
+    def evaluate(step: int) -> dict[str, float]:
+        return control_eval(cn, run.samples, step)
+
+    metrics = ("f1_on", "f1_off")
+    run_loop(run, start, o.steps, train_step, save, evaluate, o.ckpt_every, o.eval_every, f"cn-{hint}", metrics)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- export
+def export(run: str | os.PathLike, dest: str | os.PathLike, hints=HINTS, dtype=torch.float16) -> list[Path]:
+    """Write the shipped files: base single file, its tokenizer folder, one ControlNet per hint (fp16 by default)."""
+    run, dest = Path(run), Path(dest)
+    tok = shapes_tokenizer()
+    model = checkpoints.load_sd(run / "base" / SD_FILE, tokenizer=tok).to(dtype=dtype)
+    out = [dest / EXPORT_BASE]
+    checkpoints.save_sd(model, out[0])
+    tok.save_pretrained(str(dest / EXPORT_TOKENIZER))
+    for hint in hints:
+        src = run / f"controlnet_{hint}" / CONTROLNET_FILE
+        if not src.is_file():
+            log.warning("no %s ControlNet in %s: not exported", hint, run)
+            continue
+        out.append(dest / EXPORT_CONTROLNET.format(hint))
+        checkpoints.save_controlnet(checkpoints.load_controlnet(src).to(dtype), out[-1])
+    return out
+
+
+def parameter_counts(preset: str) -> dict[str, int]:
+    """Parameters of each model of a family (for reports)."""
+    fam = family(preset)
+    with torch.device("meta"):
+        sd = random_sd(SDConfig(fam.unet, fam.vae, fam.text))
+        cn = ControlNet(fam.unet)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {"vae": count(sd.vae), "text": count(sd.text), "unet": count(sd.unet), "controlnet": count(cn)}
+
+
+# Steps per stage of `train all` for the demo family: about an hour on a 2-core CPU (measured figures in the
+# issue note): VAE on 32 px crops, then the base, then three ControlNets.
+DEMO_SCHEDULE = {"vae": 600, "base": 1800, "controlnet": 400}
+
+
+def train_all(o: TrainOptions, schedule: dict[str, int], hints=HINTS) -> None:
+    """Every stage in order with its step count from `schedule`; each resumes if it was interrupted."""
+    train_vae(replace(o, steps=schedule["vae"]))
+    train_base(replace(o, steps=schedule["base"]))
+    for hint in hints:
+        train_controlnet(replace(o, steps=schedule["controlnet"]), hint)

@@ -1,0 +1,180 @@
+"""The shapes data generator, its tokenizer, and a few steps of every training stage on the tiny family."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cldm import checkpoints
+from cldm.charts import line_chart
+from cldm.metrics import canny_edges, edge_f1
+from cldm.pipeline import Control, generate
+from cldm.shapes import CAPTION_WORDS, CLASS_NAMES, COLORS, SEG_PALETTE, SHAPES, make_sample
+from cldm.shapes_vocab import shapes_tokenizer
+from cldm.train import (
+    CONTROLNET_FILE,
+    SD_FILE,
+    VAE_FILE,
+    TrainOptions,
+    export,
+    load_vae,
+    train_base,
+    train_controlnet,
+    train_vae,
+)
+
+SEEDS = range(40)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_generator_is_deterministic_at_every_size():
+    for size in (32, 64, 256):
+        a, b = make_sample(7, size), make_sample(7, size)
+        assert a.caption == b.caption
+        for name in ("image", "canny", "scribble", "seg", "labels"):
+            assert np.array_equal(getattr(a, name), getattr(b, name))
+    assert make_sample(1).caption != make_sample(2).caption or not np.array_equal(
+        make_sample(1).image, make_sample(2).image
+    )
+    with pytest.raises(ValueError):
+        make_sample(0, 16)
+
+
+def test_captions_name_what_is_drawn():
+    for seed in SEEDS:
+        s = make_sample(seed)
+        assert 1 <= len(s.shapes) <= 3
+        for shape in s.shapes:
+            assert f"{shape.color} {shape.kind}" in s.caption
+            assert shape.color not in s.background  # visible against the background
+        assert s.caption.endswith(f"{' and '.join(s.background)} background")
+        # the drawn colours are really in the picture: the shape's centre pixel has its colour
+        for shape in s.shapes:
+            x, y = (int(c) for c in shape.center)
+            if shape.kind != "ring" and s.labels[y, x] == CLASS_NAMES.index(shape.kind):
+                assert np.abs(s.image[y, x].astype(int) - COLORS[shape.color]).max() <= 2
+
+
+def test_hints_shapes_ranges_and_seg_palette():
+    for seed in SEEDS[:10]:
+        s = make_sample(seed, 64)
+        for name in ("canny", "scribble", "seg"):
+            hint = s.hint(name)
+            assert hint.shape == (64, 64, 3) and hint.dtype == np.uint8
+        for name in ("canny", "scribble"):  # white strokes on black
+            assert set(np.unique(s.hint(name))) <= {0, 255}
+            assert (s.hint(name) > 0).any()
+        assert np.array_equal(s.seg, SEG_PALETTE[s.labels])
+        present = {CLASS_NAMES[c] for c in np.unique(s.labels)}
+        assert present - {"background"} <= {sh.kind for sh in s.shapes}
+        # every shape but a thin one shows its class colour somewhere in the seg map
+        for shape in s.shapes:
+            color = SEG_PALETTE[CLASS_NAMES.index(shape.kind)]
+            assert (s.seg == color).all(axis=-1).any()
+    assert len({tuple(c) for c in SEG_PALETTE}) == len(SEG_PALETTE) == 1 + len(SHAPES)
+
+
+def test_tokenizer_has_one_token_per_caption_word(tmp_path):
+    tok = shapes_tokenizer()
+    unk = tok.unk_token_id
+    for word in CAPTION_WORDS:
+        ids = tok(word, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and ids[0] != unk, word
+    for seed in SEEDS:
+        cap = make_sample(seed).caption
+        ids = tok(cap, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        assert unk not in ids and len(ids) == len(cap.replace(",", " ,").split())
+    assert unk not in tok("Something else entirely!", add_special_tokens=False)["input_ids"]
+    tok.save_pretrained(str(tmp_path))  # what a diffusers folder ships
+    from transformers import CLIPTokenizer
+
+    again = CLIPTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    assert again("a red star")["input_ids"] == tok("a red star")["input_ids"]
+
+
+def test_edge_f1_and_chart(tmp_path):
+    s = make_sample(3)
+    ref = canny_edges(s.image)
+    assert edge_f1(ref, ref) == 1.0
+    shifted = np.roll(ref, 2, axis=1)
+    assert edge_f1(shifted, ref) > 0.9 > edge_f1(np.roll(ref, 6, axis=1), ref)
+    assert edge_f1(np.zeros_like(ref), ref) == 0.0
+    line_chart({"loss": {"loss": [(1, 2.0), (2, 1.0), (3, 0.5)]}, "empty": {}}, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """VAE, base and a canny ControlNet trained for a few steps on the tiny family (32 px)."""
+    run = tmp_path_factory.mktemp("run")
+    o = TrainOptions(
+        run=run, preset="tiny", steps=4, batch=4, warmup=1, pool=8, ckpt_every=2, eval_every=4, eval_samples=1,
+        sample_steps=2,
+    )  # fmt: skip
+    train_vae(o)
+    train_base(o)
+    train_controlnet(o, "canny")
+    return o
+
+
+def _log(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def test_stages_write_logs_samples_and_loadable_weights(trained, tmp_path):
+    run = trained.run
+    for stage in ("vae", "base", "controlnet_canny"):
+        entries = _log(run / stage)
+        assert [e["step"] for e in entries] == [1, 2, 3, 4]
+        assert all(np.isfinite(e["loss"]) for e in entries)
+        assert (run / stage / "curves.png").is_file() and list((run / stage / "samples").glob("*.png"))
+    assert "psnr" in _log(run / "vae")[-1] and "f1_on" in _log(run / "controlnet_canny")[-1]
+    vae = load_vae(run / "vae" / VAE_FILE)
+    assert vae.cfg.scale_factor > 0
+    sd = checkpoints.load_sd(run / "base" / SD_FILE, tokenizer=shapes_tokenizer())
+    assert sd.config.vae.scale_factor == pytest.approx(vae.cfg.scale_factor)
+    cn = checkpoints.load_controlnet(run / "controlnet_canny" / CONTROLNET_FILE)
+    assert cn.hint_factor == sd.latent_factor
+    hint = make_sample(5, 64).canny
+    out = generate(sd, "a red circle on a blue background", controls=[Control(cn, hint)], steps=2, width=64, height=64)
+    assert out.images.shape == (1, 64, 64, 3)
+    files = export(run, tmp_path / "demo", hints=("canny",))
+    assert [f.name for f in files] == ["shapes_sd.safetensors", "control_v11p_sd15_canny.safetensors"]
+    half = checkpoints.read_file(files[0])
+    assert all(v.dtype == torch.float16 for v in half.values() if v.is_floating_point())
+    sd16 = checkpoints.load_sd(files[0], tokenizer=shapes_tokenizer())  # fp16 on disk, cast back on load
+    assert sd16.dtype == torch.float32
+    assert (tmp_path / "demo" / "tokenizer").is_dir()
+
+
+def test_resume_continues_from_the_saved_step(trained):
+    from dataclasses import replace
+
+    before = checkpoints.read_file(trained.run / "controlnet_canny" / CONTROLNET_FILE)
+    train_controlnet(replace(trained, steps=6), "canny")
+    entries = _log(trained.run / "controlnet_canny")
+    assert [e["step"] for e in entries] == [1, 2, 3, 4, 5, 6]
+    after = checkpoints.read_file(trained.run / "controlnet_canny" / CONTROLNET_FILE)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    state = torch.load(trained.run / "controlnet_canny" / "optimizer.pt", weights_only=True)
+    assert state["step"] == 6
+
+
+def test_base_loss_goes_down(tmp_path):
+    """Thirty steps on one repeated small pool: the eps loss must fall well below its start."""
+    torch.manual_seed(0)
+    o = TrainOptions(
+        run=tmp_path, preset="tiny", steps=6, batch=8, warmup=1, pool=8, ckpt_every=100, eval_every=100,
+        eval_samples=1, sample_steps=1,
+    )  # fmt: skip
+    train_vae(o)
+    from dataclasses import replace
+
+    train_base(replace(o, steps=30, lr=1e-3, eval_every=1000))
+    losses = [e["loss"] for e in _log(tmp_path / "base")]
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:4])
