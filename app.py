@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import annotators
+from cldm import weights
 from cldm.errors import CldmError, InputError
 from cldm.images import array_to_rgb, load_rgb, resize_rgb, save_png
 from cldm.manager import ControlSpec, ModelManager
@@ -27,6 +28,10 @@ log = logging.getLogger("app")
 MAX_SEED = 2**31 - 1
 MAX_UNITS = 3  # ControlNets in the Multi tab
 MAX_FILE_SIZE = "20mb"
+DEMO_DIR = Path(__file__).parent / "assets" / "demo"
+DEMO_BASE = "shapes_sd.safetensors"
+DEMO_CONDITIONS = ("canny", "scribble", "seg")  # the ControlNets trained for the demo model
+DEMO_SIZE = 64  # the demo model's training size
 
 
 def upload_image(**kwargs) -> gr.Image:
@@ -44,9 +49,11 @@ def upload_image(**kwargs) -> gr.Image:
 class Studio:
     """What the handlers share: the model manager, the models folder and where results are written."""
 
-    def __init__(self, manager: ModelManager, models_dir: str | None, out_dir: str | None = None):
+    def __init__(self, manager: ModelManager, models_dir: str | None, out_dir: str | None = None, demo: bool = False):
         self.manager = manager
         self.models_dir = models_dir
+        self.demo = demo  # the small shapes model: only its conditions work, at its size
+        self.size = DEMO_SIZE if demo else 512
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="cldm-out-"))
 
     # ------------------------------------------------------------------------------------------------ hints
@@ -68,6 +75,12 @@ class Studio:
         w, h = int(s["width"]), int(s["height"])
         specs, hints, init, mask, strength, clip_skip = [], [], None, None, 1.0, 1
         for cond, image, annotator, res, params, scale, start, end in units:
+            if self.demo and cond.key not in DEMO_CONDITIONS:
+                raise InputError(
+                    f"The demo model only has ControlNets for {', '.join(DEMO_CONDITIONS)}. For {cond.label}, start "
+                    f"the app with SD1.5 weights (python app.py --base <file or folder>) and put {cond.model_file} "
+                    f"in the models folder (it is downloaded from {cond.diffusers_repo} when the hub can be reached)."
+                )
             img = editor_image(image)
             if img is None:
                 raise InputError(f"{cond.label}: upload an image (or draw on the canvas) first.")
@@ -175,7 +188,7 @@ def friendly(fn):
 
 
 # ------------------------------------------------------------------------------------------------------ UI
-def settings_panel(cond: Condition | None) -> dict:
+def settings_panel(cond: Condition | None, size: int = 512) -> dict:
     """The generation settings every tab has."""
     c: dict = {}
     key = cond.key if cond else "multi"
@@ -185,8 +198,8 @@ def settings_panel(cond: Condition | None) -> dict:
         c["negative_prompt"] = gr.Textbox(label="Negative prompt", value=NEGATIVE_PROMPT)
         with gr.Row():
             c["batch"] = gr.Slider(1, 4, value=1, step=1, label="Images")
-            c["width"] = gr.Slider(64, 1024, value=512, step=64, label="Width", elem_id=f"{key}-width")
-            c["height"] = gr.Slider(64, 1024, value=512, step=64, label="Height", elem_id=f"{key}-height")
+            c["width"] = gr.Slider(64, 1024, value=size, step=64, label="Width", elem_id=f"{key}-width")
+            c["height"] = gr.Slider(64, 1024, value=size, step=64, label="Height", elem_id=f"{key}-height")
         with gr.Row():
             c["steps"] = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id=f"{key}-steps")
             c["cfg"] = gr.Slider(0.1, 30.0, value=7.5, step=0.1, label="Guidance scale")
@@ -273,7 +286,7 @@ def condition_tab(studio: Studio, cond: Condition) -> None:
     with gr.Row():
         with gr.Column():
             unit = unit_panel(cond)
-            settings = settings_panel(cond)
+            settings = settings_panel(cond, studio.size)
             with gr.Row():
                 preview = gr.Button("Preview hint", elem_id=f"{cond.key}-preview")
                 run = gr.Button("Generate", variant="primary", elem_id=f"{cond.key}-run")
@@ -332,7 +345,7 @@ def multi_tab(studio: Studio) -> None:
                         end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="End")
                 units.append([enabled, cond, image, annotator, scale, start, end])
                 conds.append(cond)
-            settings = settings_panel(None)
+            settings = settings_panel(None, studio.size)
             run = gr.Button("Generate", variant="primary")
         with gr.Column():
             gallery = gr.Gallery(label="Hints and results", columns=2, format="png")
@@ -372,6 +385,21 @@ def build_app(studio: Studio, banner: str = "") -> gr.Blocks:
     return demo
 
 
+def choose_base(base: str, demo: bool) -> tuple[str, bool, str]:
+    """(base, demo?, banner): the demo model when asked for, or when the SD1.5 weights cannot be had."""
+    if not demo and weights.base_available(base):
+        return base, False, f"Base model: `{base}`."
+    if not (DEMO_DIR / DEMO_BASE).is_file():
+        return base, False, f"Base model: `{base}` (not available here, and the demo model is missing too)."
+    why = "as asked (--demo)" if demo else f"because `{base}` is not on this machine and the hub cannot be reached"
+    banner = (
+        f"**Demo model** ({why}): a small model trained by this project on pictures of coloured shapes, "
+        f"{DEMO_SIZE} px. The {', '.join(DEMO_CONDITIONS)} tabs work: sketch a triangle in Scribble and ask for "
+        '"a green triangle on a white background". The other tabs need SD1.5 weights: `python app.py --base FILE`.'
+    )
+    return str(DEMO_DIR / DEMO_BASE), True, banner
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="ControlNet studio web app")
     p.add_argument("--base", default=DEFAULT_BASE_REPO, help="hub id, .safetensors/.ckpt file or diffusers folder")
@@ -383,11 +411,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="make a public gradio.live link")
     p.add_argument("--queue-size", type=int, default=16)
+    p.add_argument("--demo", action="store_true", help="use the small shapes model shipped in assets/demo")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    manager = ModelManager(a.base, device=a.device, dtype=a.dtype, cache_bytes=int(a.cache_gb * 1024**3))
-    studio = Studio(manager, a.models_dir)
-    demo = build_app(studio, banner=f"Base model: `{a.base}` on {manager.device}.")
+    base, demo_mode, banner = choose_base(a.base, a.demo)
+    manager = ModelManager(base, device=a.device, dtype=a.dtype, cache_bytes=int(a.cache_gb * 1024**3))
+    studio = Studio(manager, str(DEMO_DIR) if demo_mode else a.models_dir, demo=demo_mode)
+    demo = build_app(studio, banner=f"{banner} Device: {manager.device}.")
     demo.queue(max_size=a.queue_size, default_concurrency_limit=1)
     demo.launch(server_name=a.host, server_port=a.port, share=a.share, max_file_size=MAX_FILE_SIZE,
                 allowed_paths=[str(studio.out_dir)], show_error=True)  # fmt: skip

@@ -171,6 +171,17 @@ def cmd_train(a: argparse.Namespace) -> None:
             print(f"{path} ({size / 1e6:.1f} MB)")
 
 
+def cmd_demo_eval(a: argparse.Namespace) -> None:
+    from . import demo_eval
+
+    model, cns = demo_eval.load_demo(a.demo)
+    report = demo_eval.evaluate(model, cns, n=a.n, steps=a.steps, cfg=a.cfg, grid=a.grid)
+    demo_eval.write(report, a.out)
+    for hint, f in report.control.items():
+        print(f"{hint:9s} edge F1 with ControlNet {f['f1_on']:.3f}, without {f['f1_off']:.3f}")
+    print(f"prompt colour {report.colour_rate:.0%}, hinted shape {report.shape_rate:.0%}, both {report.both_rate:.0%}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cldm", description="Stable Diffusion 1.5 + ControlNet")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -184,10 +195,18 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--kind", choices=["auto", "sd", "controlnet"], default="auto")
     t = sub.add_parser("train", help="train the small shapes model family (VAE, base, ControlNets) from scratch")
     _train_args(t)
+    e = sub.add_parser("demo-eval", help="measure how well the demo model follows hints and prompts")
+    e.add_argument("--demo", default="assets/demo", help="folder with the exported demo model")
+    e.add_argument("--n", type=int, default=24, help="unseen pictures per measurement")
+    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--cfg", type=float, default=5.0)
+    e.add_argument("--out", default="assets/demo/report.json")
+    e.add_argument("--grid", default="assets/demo/samples.png")
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        {"generate": cmd_generate, "convert": cmd_convert, "train": cmd_train}[a.command](a)
+        commands = {"generate": cmd_generate, "convert": cmd_convert, "train": cmd_train, "demo-eval": cmd_demo_eval}
+        commands[a.command](a)
     except CldmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -68,3 +68,27 @@ def locate_base(base: str) -> Path:
     raise MissingWeightsError(
         f"Base model not found: {base}. Pass a .safetensors file, a diffusers folder or a hub id."
     )
+
+
+def base_available(base: str, timeout: float = 5.0) -> bool:
+    """Whether `base` is a local path, a hub repo already in the cache, or a hub repo that can be reached now."""
+    if Path(base).exists():
+        return True
+    if base.count("/") != 1 or base.startswith((".", "/")):
+        return False
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(base, allow_patterns=["model_index.json"], local_files_only=True)
+        return True
+    except Exception:
+        if offline():
+            return False
+    try:  # one quick look, so that an unreachable hub does not cost each request a long time-out
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(base, timeout=timeout)
+        return True
+    except Exception as e:
+        log.warning("the hub cannot be reached for %s (%s)", base, type(e).__name__)
+        return False

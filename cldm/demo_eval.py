@@ -1,0 +1,104 @@
+"""How well the shipped demo model follows hints and prompts, measured on shapes pictures it never saw.
+
+- Control adherence: F1 (2 px tolerance) between the canny edges of a generated picture and those of the picture
+  the hint was made from, with the ControlNet on and off, for every demo condition.
+- Prompt adherence: one-shape pictures, prompt "a <colour> <shape> on a <colour> background", the canny
+  ControlNet drawing the shape: does the hinted region come out in the named colour (nearest named colour of its
+  median pixel), and does the shape follow the hint (edge F1 >= SHAPE_F1)?
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from . import checkpoints
+from .charts import image_grid
+from .controlnet import ControlNet
+from .metrics import canny_edges, edge_f1
+from .pipeline import Control, generate
+from .sd import StableDiffusion
+from .shapes import COLORS, HINTS, SHAPES, make_sample
+
+# Training draws seeds from 0 up and the periodic evaluations from 1e9 up: these were never seen.
+UNSEEN_SEED = 2_000_000_000
+SHAPE_F1 = 0.5  # edge F1 above which the generated shape counts as the hinted one
+DEMO_BASE, DEMO_CONTROLNET = "shapes_sd.safetensors", "control_v11p_sd15_{}.safetensors"
+
+
+@dataclass
+class Report:
+    """The figures of one evaluation run (what the README reports)."""
+
+    n: int
+    steps: int
+    cfg: float
+    control: dict[str, dict[str, float]] = field(default_factory=dict)  # hint -> f1_on, f1_off
+    colour_rate: float = 0.0
+    shape_rate: float = 0.0
+    both_rate: float = 0.0
+
+
+def load_demo(folder: str | Path) -> tuple[StableDiffusion, dict[str, ControlNet]]:
+    folder = Path(folder)
+    model = checkpoints.load_sd(folder / DEMO_BASE).freeze()
+    cns = {h: checkpoints.load_controlnet(folder / DEMO_CONTROLNET.format(h)) for h in HINTS}
+    return model, cns
+
+
+def nearest_colour(rgb: np.ndarray) -> str:
+    names = list(COLORS)
+    dist = [float(np.sum((np.asarray(COLORS[n], float) - rgb) ** 2)) for n in names]
+    return names[int(np.argmin(dist))]
+
+
+def _one_shape_samples(n: int, size: int) -> list:
+    out, seed = [], UNSEEN_SEED
+    while len(out) < n:
+        s = make_sample(seed, size)
+        seed += 1
+        if len(s.shapes) == 1 and s.shapes[0].color not in s.background:
+            out.append(s)
+    return out
+
+
+def evaluate(model: StableDiffusion, cns: dict[str, ControlNet], n: int = 24, steps: int = 20, cfg: float = 5.0,
+             size: int = 64, grid: str | Path | None = None) -> Report:  # fmt: skip
+    """Run both measurements on `n` unseen pictures per condition; optionally write a sample grid."""
+    report = Report(n=n, steps=steps, cfg=cfg)
+    kw = dict(steps=steps, cfg_scale=cfg, width=size, height=size, sampler="ddim")
+    rows: list[list[np.ndarray]] = []
+    samples = [make_sample(UNSEEN_SEED + 10_000 + i, size) for i in range(n)]
+    off = [generate(model, s.caption, seed=i, **kw).images[0] for i, s in enumerate(samples)]
+    f1_off = float(np.mean([edge_f1(canny_edges(o), canny_edges(s.image)) for o, s in zip(off, samples)]))
+    for hint in HINTS:
+        on = [
+            generate(model, s.caption, controls=[Control(cns[hint], s.hint(hint), name=hint)], seed=i, **kw).images[0]
+            for i, s in enumerate(samples)
+        ]
+        f1_on = float(np.mean([edge_f1(canny_edges(o), canny_edges(s.image)) for o, s in zip(on, samples)]))
+        report.control[hint] = {"f1_on": f1_on, "f1_off": f1_off}
+        rows += [[s.hint(hint) for s in samples[:8]], on[:8]]
+    if grid is not None:
+        image_grid([[s.image for s in samples[:8]], off[:8], *rows], Path(grid))
+
+    colour = shape = both = 0
+    for i, s in enumerate(_one_shape_samples(n, size)):
+        pic = generate(model, s.caption, controls=[Control(cns["canny"], s.canny, name="canny")], seed=i, **kw).images[
+            0
+        ]
+        region = s.labels == 1 + SHAPES.index(s.shapes[0].kind)
+        inner = cv2.erode(region.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0  # away from the blurry border
+        ok_colour = nearest_colour(np.median(pic[inner if inner.any() else region], axis=0)) == s.shapes[0].color
+        ok_shape = edge_f1(canny_edges(pic), canny_edges(s.image)) >= SHAPE_F1
+        colour, shape, both = colour + ok_colour, shape + ok_shape, both + (ok_colour and ok_shape)
+    report.colour_rate, report.shape_rate, report.both_rate = colour / n, shape / n, both / n
+    return report
+
+
+def write(report: Report, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report.__dict__, indent=2) + "\n", encoding="utf-8")
