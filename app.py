@@ -218,14 +218,16 @@ def _blank_canvas() -> dict:
     return {"background": white, "layers": [], "composite": white}
 
 
-def unit_panel(cond: Condition, label: str = "") -> dict:
+def unit_panel(cond: Condition, label: str = "", size: int = 512) -> dict:
     """Image, preprocessor and control sliders of one ControlNet."""
     c: dict = {}
     if cond.sketch or cond.inpaint:
         canvas = gr.ImageEditor(
             label=label or ("Draw, or upload a picture" if cond.sketch else "Picture: paint the area to change"),
             type="numpy", image_mode="RGBA", canvas_size=(512, 512), elem_id=f"{cond.key}-image",
-            brush=gr.Brush(colors=["#000000" if cond.sketch else "#ffffff"], default_size=6 if cond.sketch else 24),
+            # strokes about 1/80 of the canvas: still a line after the drawing is scaled down to the picture size
+            brush=gr.Brush(colors=["#000000" if cond.sketch else "#ffffff"],
+                           default_size=max(6, 512 // size * 2) if cond.sketch else 24),
             value=_blank_canvas() if cond.sketch else None,
         )  # fmt: skip
         c["image"] = canvas
@@ -285,7 +287,7 @@ def condition_tab(studio: Studio, cond: Condition) -> None:
     """One tab, for any row of the condition table."""
     with gr.Row():
         with gr.Column():
-            unit = unit_panel(cond)
+            unit = unit_panel(cond, size=studio.size)
             settings = settings_panel(cond, studio.size)
             with gr.Row():
                 preview = gr.Button("Preview hint", elem_id=f"{cond.key}-preview")

@@ -74,3 +74,22 @@ def running_app(tiny_dirs, ours, tmp_path_factory):
                 allowed_paths=[str(studio.out_dir)])  # fmt: skip
     yield f"http://127.0.0.1:{port}/", manager
     demo.close()
+
+
+DEMO_DIR = Path(__file__).parents[1] / "assets" / "demo"
+
+
+@pytest.fixture(scope="session")
+def demo_app(tmp_path_factory):
+    """The real app in demo mode on the shipped demo model: (url, manager)."""
+    import app
+    from cldm.manager import ModelManager
+
+    manager = ModelManager(str(DEMO_DIR / "shapes_sd.safetensors"), device="cpu", dtype="fp32")
+    studio = app.Studio(manager, str(DEMO_DIR), str(tmp_path_factory.mktemp("out")), demo=True)
+    blocks = app.build_app(studio, banner="demo")
+    blocks.queue(max_size=8)
+    port = _free_port()
+    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=True)
+    yield f"http://127.0.0.1:{port}/", manager
+    blocks.close()

@@ -1,0 +1,83 @@
+"""The shipped demo model (assets/demo): it follows hints and prompts, and the app runs on it offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+DEMO = Path(__file__).parents[1] / "assets" / "demo"
+N, STEPS = 12, 20  # a quick version of `python -m cldm demo-eval` (the README reports the full one)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from cldm import demo_eval
+
+    assert (DEMO / demo_eval.DEMO_BASE).is_file(), "assets/demo is part of the project: it must be there"
+    return demo_eval.load_demo(DEMO)
+
+
+def test_demo_model_follows_hints_better_with_the_controlnet(demo):
+    """The first demo model is weak (README, "The demo model"); what it must keep: edges follow the hint more with
+    the canny and scribble ControlNets on than off. Prompt adherence is reported, not yet required (issue 4)."""
+    from cldm import demo_eval
+
+    report = demo_eval.evaluate(*demo, n=N, steps=STEPS)
+    for hint in ("canny", "scribble"):
+        f = report.control[hint]
+        assert f["f1_on"] > f["f1_off"] + 0.03, (hint, f)
+
+
+def test_demo_files_are_small():
+    total = sum(p.stat().st_size for p in DEMO.rglob("*") if p.is_file())
+    assert total < 60 * 1024**2
+
+
+def test_offline_app_falls_back_to_the_demo_model(monkeypatch):
+    import app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base, is_demo, banner = app.choose_base("stable-diffusion-v1-5/stable-diffusion-v1-5", demo=False)
+    assert is_demo and base.endswith("shapes_sd.safetensors") and "hub cannot be reached" in banner
+    base, is_demo, _ = app.choose_base(str(DEMO / "shapes_sd.safetensors"), demo=False)
+    assert not is_demo  # a local file is used as given
+
+
+def test_swapping_controlnets_in_the_running_demo_app(demo_app, tmp_path):
+    from gradio_client import Client, handle_file
+
+    from cldm.metrics import canny_edges, edge_f1
+    from cldm.shapes import make_sample
+
+    url, manager = demo_app
+    client = Client(url, verbose=False)
+    sample = make_sample(2_000_123_456, 64)
+    for name in ("canny", "scribble", "seg"):
+        Image.fromarray(sample.hint(name)).save(tmp_path / f"{name}.png")
+    settings = [sample.caption, "", "", 1, 64, 64, 20, 5.0, "ddim", 3, False, False, 1.0]
+
+    def run(cond: str, params=()) -> np.ndarray:
+        picture = handle_file(str(tmp_path / f"{cond}.png"))
+        if cond == "scribble":  # the sketch canvas
+            picture = {"background": picture, "layers": [], "composite": picture}
+        unit = [picture, "none", 64, 1.0, 0.0, 1.0, *params]
+        _, status, files = client.predict(*unit, *settings, api_name=f"/{cond}_run")
+        assert f"control_v11p_sd15_{cond}" in status
+        return np.asarray(Image.open(files[0]))
+
+    first = run("canny", (100, 200))
+    pictures = {"canny": first, "scribble": run("scribble"), "seg": run("seg", ())}
+    again = run("canny", (100, 200))
+    assert np.array_equal(first, again)  # back to canny: the same ControlNet, the same picture
+    ref = canny_edges(sample.image)
+    scores = {name: edge_f1(canny_edges(pic), ref) for name, pic in pictures.items()}
+    assert not np.array_equal(pictures["canny"], pictures["scribble"])  # another ControlNet really ran
+    assert not np.array_equal(pictures["scribble"], pictures["seg"])
+    assert all(0.0 < v <= 1.0 for v in scores.values()), scores
+    assert manager.base_loads == 1
+    with pytest.raises(Exception, match="demo model only has ControlNets"):
+        client.predict(handle_file(str(tmp_path / "canny.png")), "none", 64, 1.0, 0.0, 1.0, 0.1, 0.1, *settings,
+                       api_name="/mlsd_run")  # fmt: skip
