@@ -396,7 +396,7 @@ def choose_base(base: str, demo: bool) -> tuple[str, bool, str]:
     why = "as asked (--demo)" if demo else f"because `{base}` is not on this machine and the hub cannot be reached"
     banner = (
         f"**Demo model** ({why}): a small model trained by this project on pictures of coloured shapes, "
-        f"{DEMO_SIZE} px. The {', '.join(DEMO_CONDITIONS)} tabs work: sketch a triangle in Scribble and ask for "
+        f"{DEMO_SIZE} px. The {', '.join(DEMO_CONDITIONS)} tabs run on it (an early model: shapes follow the hint loosely), e.g. a sketched triangle with "
         '"a green triangle on a white background". The other tabs need SD1.5 weights: `python app.py --base FILE`.'
     )
     return str(DEMO_DIR / DEMO_BASE), True, banner
