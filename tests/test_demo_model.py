@@ -49,7 +49,6 @@ def test_offline_app_falls_back_to_the_demo_model(monkeypatch):
 def test_swapping_controlnets_in_the_running_demo_app(demo_app, tmp_path):
     from gradio_client import Client, handle_file
 
-    from cldm.metrics import canny_edges, edge_f1
     from cldm.shapes import make_sample
 
     url, manager = demo_app
@@ -72,11 +71,8 @@ def test_swapping_controlnets_in_the_running_demo_app(demo_app, tmp_path):
     pictures = {"canny": first, "scribble": run("scribble"), "seg": run("seg", ())}
     again = run("canny", (100, 200))
     assert np.array_equal(first, again)  # back to canny: the same ControlNet, the same picture
-    ref = canny_edges(sample.image)
-    scores = {name: edge_f1(canny_edges(pic), ref) for name, pic in pictures.items()}
     assert not np.array_equal(pictures["canny"], pictures["scribble"])  # another ControlNet really ran
     assert not np.array_equal(pictures["scribble"], pictures["seg"])
-    assert all(0.0 < v <= 1.0 for v in scores.values()), scores
     assert manager.base_loads == 1
     with pytest.raises(Exception, match="demo model only has ControlNets"):
         client.predict(handle_file(str(tmp_path / "canny.png")), "none", 64, 1.0, 0.0, 1.0, 0.1, 0.1, *settings,
