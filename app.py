@@ -21,6 +21,7 @@ from cldm.errors import CldmError, InputError
 from cldm.images import array_to_rgb, load_rgb, resize_rgb, save_png
 from cldm.manager import ControlSpec, ModelManager
 from cldm.samplers import SAMPLERS
+from cldm.shapes_vocab import split_known
 from cldm.weights import DEFAULT_BASE_REPO, locate_controlnet
 from conditions import ADDED_PROMPT, BY_KEY, CONDITIONS, EXAMPLES_DIR, NEGATIVE_PROMPT, Condition
 
@@ -32,6 +33,12 @@ DEMO_DIR = Path(__file__).parent / "assets" / "demo"
 DEMO_BASE = "shapes_sd.safetensors"
 DEMO_CONDITIONS = ("canny", "scribble", "seg")  # the ControlNets trained for the demo model
 DEMO_SIZE = 64  # the demo model's training size
+DEMO_CAPTION = "a blue circle and a yellow star on a pink background"  # what assets/examples/shapes.png shows
+DEMO_EXAMPLES = {  # what the demo tabs offer instead of the SD1.5 examples (drawn by assets/make_examples.py)
+    "canny": ("shapes.png", "canny", DEMO_CAPTION),
+    "scribble": ("triangle_sketch.png", "scribble_sketch", "a green triangle on a white background"),
+    "seg": ("shapes_seg.png", "none", DEMO_CAPTION),  # a map painted with the shapes palette (cldm/shapes.py)
+}
 
 
 def upload_image(**kwargs) -> gr.Image:
@@ -99,11 +106,16 @@ class Studio:
             path = locate_controlnet(cond.stem, cond.diffusers_repo, self.models_dir)
             specs.append(ControlSpec(str(path), hint, scale, start, end, cond.global_average_pooling or None))
         prompt = ", ".join(p for p in (s["prompt"].strip(), s["added_prompt"].strip()) if p)
+        negative, note = s["negative_prompt"], ""
+        if self.demo:  # words outside the demo vocabulary would reach the model as letters it never saw
+            (prompt, unknown), (negative, unknown_neg) = split_known(prompt), split_known(negative)
+            if unknown or unknown_neg:
+                note = f" | left out (not in the demo model's vocabulary): {', '.join(unknown + unknown_neg)}"
         t0 = time.perf_counter()
         result = self.manager.run(
             prompt,
             specs,
-            negative_prompt=s["negative_prompt"],
+            negative_prompt=negative,
             steps=int(s["steps"]),
             cfg_scale=float(s["cfg"]),
             sampler=s["sampler"],
@@ -128,7 +140,7 @@ class Studio:
         status = (
             f"Base: {self.manager.sd.source.rstrip('/').split('/')[-1]} | ControlNet: {names} | seed {seed} | "
             f"swap {t['swap']:.2f}s, sampling {t['sampling']:.2f}s, decode {t['decode']:.2f}s, "
-            f"total {time.perf_counter() - t0:.1f}s on {self.manager.device}"
+            f"total {time.perf_counter() - t0:.1f}s on {self.manager.device}{note}"
         )
         return [(hh, "hint") for hh in hints] + [(f, f"seed {seed}") for f in files], status, files
 
@@ -188,14 +200,14 @@ def friendly(fn):
 
 
 # ------------------------------------------------------------------------------------------------------ UI
-def settings_panel(cond: Condition | None, size: int = 512) -> dict:
-    """The generation settings every tab has."""
+def settings_panel(cond: Condition | None, size: int = 512, demo: bool = False) -> dict:
+    """The generation settings every tab has (the demo model knows no quality words: no added/negative prompt)."""
     c: dict = {}
     key = cond.key if cond else "multi"
     c["prompt"] = gr.Textbox(label="Prompt", placeholder=cond.prompt_hint if cond else "", elem_id=f"{key}-prompt")
     with gr.Accordion("Settings", open=False, elem_id=f"{key}-settings"):
-        c["added_prompt"] = gr.Textbox(label="Added prompt", value=ADDED_PROMPT)
-        c["negative_prompt"] = gr.Textbox(label="Negative prompt", value=NEGATIVE_PROMPT)
+        c["added_prompt"] = gr.Textbox(label="Added prompt", value="" if demo else ADDED_PROMPT)
+        c["negative_prompt"] = gr.Textbox(label="Negative prompt", value="" if demo else NEGATIVE_PROMPT)
         with gr.Row():
             c["batch"] = gr.Slider(1, 4, value=1, step=1, label="Images")
             c["width"] = gr.Slider(64, 1024, value=size, step=64, label="Width", elem_id=f"{key}-width")
@@ -239,7 +251,8 @@ def unit_panel(cond: Condition, label: str = "", size: int = 512) -> dict:
             elem_id=f"{cond.key}-image",
         )
     c["annotator"] = gr.Dropdown(list(cond.annotators), value=cond.annotators[0], label="Preprocessor")
-    c["resolution"] = gr.Slider(64, 1024, value=512, step=64, label="Preprocessor resolution")
+    # detection at the picture size by default (512 for SD1.5; the demo model's canny edges were found at 64 px)
+    c["resolution"] = gr.Slider(64, 1024, value=size, step=64, label="Preprocessor resolution")
     c["params"] = {}
     for name in cond.annotators:
         for p in annotators.ANNOTATORS[name].params:
@@ -288,7 +301,7 @@ def condition_tab(studio: Studio, cond: Condition) -> None:
     with gr.Row():
         with gr.Column():
             unit = unit_panel(cond, size=studio.size)
-            settings = settings_panel(cond, studio.size)
+            settings = settings_panel(cond, studio.size, studio.demo)
             with gr.Row():
                 preview = gr.Button("Preview hint", elem_id=f"{cond.key}-preview")
                 run = gr.Button("Generate", variant="primary", elem_id=f"{cond.key}-run")
@@ -300,7 +313,7 @@ def condition_tab(studio: Studio, cond: Condition) -> None:
             status = gr.Markdown(elem_id=f"{cond.key}-status")
             files = gr.Files(label="Download PNGs (with parameters)")
     n_unit = len(_unit_inputs(unit))
-    picture, annotator, prompt = cond.example
+    picture, annotator, prompt = DEMO_EXAMPLES.get(cond.key, cond.example) if studio.demo else cond.example
     gr.Examples([[str(EXAMPLES_DIR / picture), annotator, prompt]], [unit["image"], unit["annotator"], settings["prompt"]],
                 label="Example")  # fmt: skip
 
@@ -328,12 +341,13 @@ def condition_tab(studio: Studio, cond: Condition) -> None:
 def multi_tab(studio: Studio) -> None:
     """Two or three ControlNets at once, each with its own image, preprocessor, strength and start/end."""
     units, conds = [], []
+    defaults = DEMO_CONDITIONS if studio.demo else ("canny", "depth", "openpose")
     with gr.Row():
         with gr.Column():
             for i in range(MAX_UNITS):
                 with gr.Group():
                     enabled = gr.Checkbox(value=i < 2, label=f"ControlNet {i + 1}")
-                    cond = gr.Dropdown([c.key for c in CONDITIONS if not c.inpaint], value=["canny", "depth", "openpose"][i],
+                    cond = gr.Dropdown([c.key for c in CONDITIONS if not c.inpaint], value=defaults[i],
                                        label="Condition")  # fmt: skip
                     image = upload_image(label="Picture")
                     # choices follow the condition in the browser; API callers may name any of its preprocessors
@@ -347,7 +361,7 @@ def multi_tab(studio: Studio) -> None:
                         end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="End")
                 units.append([enabled, cond, image, annotator, scale, start, end])
                 conds.append(cond)
-            settings = settings_panel(None, studio.size)
+            settings = settings_panel(None, studio.size, studio.demo)
             run = gr.Button("Generate", variant="primary")
         with gr.Column():
             gallery = gr.Gallery(label="Hints and results", columns=2, format="png")
@@ -365,7 +379,7 @@ def multi_tab(studio: Studio) -> None:
                     raise InputError(f"ControlNet {i + 1}: unknown condition {key!r} or preprocessor {annotator!r}.")
                 cond = BY_KEY[key]
                 defaults = {p.name: p.default for p in annotators.ANNOTATORS[annotator].params}
-                chosen.append((cond, image, annotator, 512, defaults, scale, start, end))
+                chosen.append((cond, image, annotator, studio.size, defaults, scale, start, end))
         if not chosen:
             raise InputError("Enable at least one ControlNet.")
         s = dict(zip(SETTING_KEYS, values[MAX_UNITS * per :]))

@@ -71,11 +71,39 @@ def pose() -> Image.Image:
     return img
 
 
+# The demo model's examples (app.py --demo): a shapes picture and its segmentation map, drawn by the same generator
+# the model was trained on (at 256 px: the app brings them down to 64), and a triangle sketched as in the browser.
+SHAPES_SEED = 14  # "a blue circle and a yellow star on a pink background"
+SHAPES_SIZE = 256
+
+
+def shapes() -> tuple[Image.Image, Image.Image]:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from cldm.shapes import make_sample
+
+    s = make_sample(SHAPES_SEED, SHAPES_SIZE)
+    return Image.fromarray(s.image), Image.fromarray(s.seg)
+
+
+def triangle_sketch() -> Image.Image:
+    """An outline triangle drawn with the demo canvas's brush (16 px on 512: 2 px at the demo's 64 px)."""
+    img = Image.new("RGB", (SIZE, SIZE), "white")
+    d = ImageDraw.Draw(img)
+    d.line([(256, 110), (410, 390), (102, 390), (256, 110)], fill="black", width=16, joint="curve")
+    return img
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     house().save(OUT / "house.png", optimize=True)
     sketch().save(OUT / "house_sketch.png", optimize=True)
     pose().save(OUT / "pose.png", optimize=True)
+    picture, seg = shapes()
+    picture.save(OUT / "shapes.png", optimize=True)
+    seg.save(OUT / "shapes_seg.png", optimize=True)
+    triangle_sketch().save(OUT / "triangle_sketch.png", optimize=True)
     np.asarray(house())  # the examples must stay plain RGB
     print("wrote", sorted(p.name for p in OUT.iterdir()))
 

@@ -112,7 +112,7 @@ def cmd_convert(a: argparse.Namespace) -> None:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     from .shapes import HINTS
-    from .train import DEMO_SCHEDULE
+    from .train import DEFAULT_BATCH, DEFAULT_LR, DEMO_SCHEDULE
 
     p.add_argument("stage", choices=["vae", "base", "controlnet", "all", "export"])
     p.add_argument("--run", default="runs/shapes", help="run folder: one subfolder per stage, resumed when present")
@@ -121,8 +121,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="steps of this stage (vae/base/controlnet)")
     for stage, steps in DEMO_SCHEDULE.items():
         p.add_argument(f"--{stage}-steps", type=int, default=steps, help=f"steps of the {stage} stage with 'all'")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, help="peak learning rate (default per stage: 4e-4 VAE, 3e-4 base, 1e-4 CN)")
+    per_stage = lambda table: ", ".join(f"{v:g} {k}" for k, v in table.items())  # noqa: E731
+    p.add_argument("--batch", type=int, help=f"pictures per step (default per stage: {per_stage(DEFAULT_BATCH)})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default per stage: {per_stage(DEFAULT_LR)})")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pool", type=int, default=8192, help="distinct training pictures for base and ControlNets")
@@ -145,6 +146,9 @@ def cmd_train(a: argparse.Namespace) -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    # Zero-initialised layers (zero convs, output convs) make tiny gradients; denormal floats slow CPU maths down
+    # many times over and matter nothing to training.
+    torch.set_flush_denormal(True)
     hints = tuple(a.hint or HINTS)
     o = train.TrainOptions(
         run=Path(a.run), preset=a.preset, steps=a.steps or 0, batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed,

@@ -144,7 +144,7 @@ def generate(
     generator = torch.Generator("cpu").manual_seed(int(seed))
     use_cfg = cfg_scale > 1.0
 
-    ctx = model.text.encode([negative_prompt, prompt], clip_skip=clip_skip).to(dtype)  # (2, 77*k, w)
+    ctx = model.text.encode([negative_prompt, prompt], clip_skip=clip_skip).to(dtype)  # (2, 77 * chunks, w) for SD1.5
     uncond, cond = (c.expand(batch, -1, -1) for c in ctx.chunk(2))
     full_ctx = torch.cat([uncond, cond]) if use_cfg else cond
     hints = [c.model.embed_hint(_hint_tensor(c.hint, width, height, device, dtype)) for c in controls]

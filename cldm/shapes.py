@@ -3,9 +3,9 @@
 Everything is a pure function of (seed, size): `make_sample(seed)` always draws the same picture, so a training run
 can address its data by index and resume without storing any of it.
 
-A picture has a plain or two-tone background and 1-3 shapes that barely overlap, each a named colour that differs
-from the background. It is drawn at SUPERSAMPLE times the size as a map of region ids and then shrunk with area
-averaging, so edges are anti-aliased while the class map (and the seg hint) stays exact.
+A picture has a plain or two-tone background and 1-3 shapes (one in half the pictures) that barely overlap, each
+a named colour that differs from the background. It is drawn at SUPERSAMPLE times the size as a map of region ids
+and then shrunk with area averaging, so edges are anti-aliased while the class map (and the seg hint) stays exact.
 
 Seg palette (class -> RGB), fixed so a trained seg ControlNet reads any map painted with it:
     background (80, 80, 80)    circle (230, 25, 75)     square (60, 180, 75)    triangle (0, 130, 200)
@@ -46,6 +46,7 @@ CAPTION_WORDS = ("a", "an", "and", "on", "background", ",", *COLORS, *SHAPES)
 SUPERSAMPLE = 4  # drawn 4x larger, then area-averaged: smooth edges, exact regions
 MIN_SIZE, MAX_SIZE = 32, 256
 MAX_SHAPES = 3
+SHAPE_COUNT_P = (0.5, 0.3, 0.2)  # 1, 2 or 3 shapes: one-shape pictures, the clearest captions, most often
 TWO_TONE_P = 0.35  # share of pictures with a background split in two colours
 RADIUS_RANGE = {1: (0.22, 0.38), 2: (0.16, 0.28), 3: (0.13, 0.22)}  # shape radius / picture size, by shape count
 MAX_OVERLAP = 0.08  # a new shape may cover at most this share of the shapes already drawn (and vice versa)
@@ -137,7 +138,7 @@ def shape_mask(shape: Shape, canvas: int) -> np.ndarray:
 
 
 def _place_shapes(rng: np.random.Generator, size: int, background: tuple[str, ...]) -> tuple[list[Shape], list]:
-    n = int(rng.integers(1, MAX_SHAPES + 1))
+    n = 1 + int(rng.choice(MAX_SHAPES, p=SHAPE_COUNT_P))
     lo, hi = RADIUS_RANGE[n]
     palette = [c for c in COLORS if c not in background]
     colors = rng.choice(len(palette), size=n, replace=False)

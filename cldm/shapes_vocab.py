@@ -11,6 +11,7 @@ data; `save_pretrained()` writes it into a folder (tokenizer.json) that `CLIPTok
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from functools import lru_cache
 
@@ -19,7 +20,7 @@ from .text import _bytes_to_unicode
 
 END_OF_WORD = "</w>"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-MAX_LENGTH = 77  # CLIP's context; TextEncoder cuts prompts into 75-token chunks + BOS/EOS
+MAX_LENGTH = 32  # the demo text encoder's context: the longest caption is 21 tokens with BOS/EOS (CLIP: 77)
 
 
 def _symbols(word: str) -> tuple[str, ...]:
@@ -85,3 +86,15 @@ def shapes_tokenizer():
 
 def vocab_size() -> int:
     return len(_cached()[0])
+
+
+def split_known(prompt: str) -> tuple[str, list[str]]:
+    """(prompt with only caption words, the other words): the demo model never saw anything else.
+
+    "A green triangle on a white background, best quality" -> ("a green triangle on a white background", [best,
+    quality]). Unknown words would reach the model as single letters it was never trained on.
+    """
+    words = re.findall(r"[a-z]+|,", prompt.lower())
+    known = [w for w in words if w in CAPTION_WORDS]
+    text = " ".join(known).replace(" ,", ",").strip(", ")
+    return text, [w for w in words if w not in CAPTION_WORDS]

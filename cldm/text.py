@@ -17,8 +17,8 @@ from .errors import MissingWeightsError
 log = logging.getLogger(__name__)
 
 # A CLIP context is 77 tokens: BOS + 75 prompt tokens + EOS. Longer prompts are cut into 75-token chunks,
-# each encoded on its own and concatenated along the sequence (what A1111 and ComfyUI do).
-CHUNK_TOKENS = 75
+# each encoded on its own and concatenated along the sequence (what A1111 and ComfyUI do). A text encoder with a
+# shorter context (max_length, e.g. the shapes demo's 32) gets chunks of max_length - 2 prompt tokens.
 # The real SD1.5 tokenizer: 256 byte symbols, the same with "</w>", 48894 merges, 2 specials.
 CLIP_VOCAB_SIZE = 49408
 CLIP_MERGES = CLIP_VOCAB_SIZE - 2 * 256 - 2
@@ -50,21 +50,27 @@ class TextEncoder(nn.Module):
             "position_ids", torch.arange(n, device=emb.position_embedding.weight.device)[None], persistent=False
         )
 
+    @property
+    def chunk_tokens(self) -> int:
+        """Prompt tokens per chunk: 75 for SD1.5's 77-token context (BOS and EOS take the other two)."""
+        return self.cfg.max_length - 2
+
     def token_chunks(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> ids (batch, chunks, 77); every prompt gets as many chunks as the longest one."""
+        """Prompts -> ids (batch, chunks, max_length); every prompt gets as many chunks as the longest one."""
         if self.tokenizer is None:
             raise MissingWeightsError("This text encoder has no tokenizer; load the model with its tokenizer.")
         ids = [
             self.tokenizer(p, add_special_tokens=False, truncation=False, verbose=False)["input_ids"] for p in prompts
         ]
-        n_chunks = max(1, max((len(i) + CHUNK_TOKENS - 1) // CHUNK_TOKENS for i in ids))
+        per = self.chunk_tokens
+        n_chunks = max(1, max((len(i) + per - 1) // per for i in ids))
         tok = self.tokenizer
         bos, eos = tok.bos_token_id, tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
         out = torch.full((len(prompts), n_chunks, self.cfg.max_length), pad, dtype=torch.long)
         for b, toks in enumerate(ids):
             for c in range(n_chunks):
-                part = toks[c * CHUNK_TOKENS : (c + 1) * CHUNK_TOKENS]
+                part = toks[c * per : (c + 1) * per]
                 row = [bos, *part, eos]
                 out[b, c, : len(row)] = torch.tensor(row)
         return out
@@ -85,7 +91,7 @@ class TextEncoder(nn.Module):
             extra = self.token_chunks([""] * len(prompts)).expand(-1, n_chunks - ids.shape[1], -1)
             ids = torch.cat([ids, extra], dim=1)
         if ids.shape[1] > 1:
-            log.info("prompt longer than %d tokens: encoded in %d chunks", CHUNK_TOKENS, ids.shape[1])
+            log.info("prompt longer than %d tokens: encoded in %d chunks", self.chunk_tokens, ids.shape[1])
         b, c, n = ids.shape
         hidden = self(ids.reshape(b * c, n), clip_skip)  # (b*c, 77, w)
         return hidden.reshape(b, c * n, -1)

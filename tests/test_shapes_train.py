@@ -11,16 +11,22 @@ import torch
 
 from cldm import checkpoints
 from cldm.charts import line_chart
+from cldm.config import SDConfig
 from cldm.metrics import canny_edges, edge_f1
 from cldm.pipeline import Control, generate
+from cldm.samplers import TRAIN_STEPS, alphas_cumprod
 from cldm.shapes import CAPTION_WORDS, CLASS_NAMES, COLORS, SEG_PALETTE, SHAPES, make_sample
 from cldm.shapes_vocab import shapes_tokenizer
 from cldm.train import (
     CONTROLNET_FILE,
+    MIN_SNR_GAMMA,
     SD_FILE,
     VAE_FILE,
     TrainOptions,
+    _noisy,
+    eps_loss,
     export,
+    family,
     load_vae,
     train_base,
     train_controlnet,
@@ -107,7 +113,41 @@ def test_edge_f1_and_chart(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
+def test_half_the_pictures_hold_one_shape():
+    counts = np.bincount([len(make_sample(seed, 32).shapes) for seed in range(400)], minlength=4)
+    assert counts[0] == 0 and counts[3] > 0
+    assert 0.4 < counts[1] / 400 < 0.6 and counts[2] > counts[3]
+
+
+def test_demo_text_context_is_32_tokens_with_30_token_chunks():
+    from cldm.sd import random_sd
+
+    fam = family("tiny")
+    assert fam.text.max_length == 32
+    sd = random_sd(SDConfig(fam.unet, fam.vae, fam.text), shapes_tokenizer())
+    longest = "a purple diamond, an orange triangle and a yellow square on a white and black background"
+    ids = sd.text.token_chunks([longest])
+    assert ids.shape == (1, 1, 32) and ids[0, 0, 20] == shapes_tokenizer().eos_token_id  # 19 words + BOS + EOS
+    assert sd.text.token_chunks(["a red circle " * 12]).shape == (1, 2, 32)  # 36 tokens: two chunks of 30
+    assert sd.text.encode(["a red circle " * 12]).shape == (1, 64, fam.text.hidden_size)
+
+
 # --------------------------------------------------------------------------------------------- training
+def test_cubic_timesteps_favour_high_noise_and_min_snr_weights():
+    g = torch.Generator().manual_seed(0)
+    mean = torch.zeros(4000, 1, 1, 1)
+    _, t_uniform, _ = _noisy(mean, mean, g)
+    _, t_cubic, _ = _noisy(mean, mean, g, cubic=True)
+    assert 0 <= t_cubic.min() and t_cubic.max() <= TRAIN_STEPS - 1
+    assert abs(t_uniform.float().mean() - 500) < 25 and t_cubic.float().mean() > 700  # E[1 - u^3] = 0.75
+    eps, pred = torch.zeros(2, 4, 2, 2), torch.ones(2, 4, 2, 2)  # squared error 1 everywhere
+    a = alphas_cumprod()
+    t = torch.tensor([999, 10])  # SNR far below 5, and far above it
+    snr_low_noise = float(a[10] / (1 - a[10]))
+    assert eps_loss(pred, eps, t, gamma=None) == pytest.approx(1.0)
+    assert eps_loss(pred, eps, t) == pytest.approx((1.0 + MIN_SNR_GAMMA / snr_low_noise) / 2)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """VAE, base and a canny ControlNet trained for a few steps on the tiny family (32 px)."""
