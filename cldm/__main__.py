@@ -112,7 +112,7 @@ def cmd_convert(a: argparse.Namespace) -> None:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     from .shapes import HINTS
-    from .train import DEFAULT_BATCH, DEFAULT_LR, DEMO_SCHEDULE
+    from .train import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_WARMUP, DEMO_SCHEDULE
 
     p.add_argument("stage", choices=["vae", "base", "controlnet", "all", "export"])
     p.add_argument("--run", default="runs/shapes", help="run folder: one subfolder per stage, resumed when present")
@@ -124,7 +124,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     per_stage = lambda table: ", ".join(f"{v:g} {k}" for k, v in table.items())  # noqa: E731
     p.add_argument("--batch", type=int, help=f"pictures per step (default per stage: {per_stage(DEFAULT_BATCH)})")
     p.add_argument("--lr", type=float, help=f"peak learning rate (default per stage: {per_stage(DEFAULT_LR)})")
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--warmup", type=int, help=f"warm-up steps (default per stage: {per_stage(DEFAULT_WARMUP)})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pool", type=int, default=8192, help="distinct training pictures for base and ControlNets")
     p.add_argument("--vae-crop", type=int, default=32, help="VAE trained on random crops of this size (0: whole)")

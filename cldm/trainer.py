@@ -39,10 +39,13 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * STEP_SEED_STRIDE + step)
 
 
-def lr_at(step: int, lr: float, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth: a pure function of the step, so resuming needs no scheduler."""
+def lr_at(step: int, lr: float, warmup: int, total: int, decay: bool = True) -> float:
+    """Linear warm-up, then cosine decay to a tenth (or constant): a pure function of the step, so resuming needs
+    no scheduler."""
     if step < warmup:
         return lr * (step + 1) / warmup
+    if not decay:
+        return lr
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 

@@ -68,6 +68,12 @@ def test_swapping_controlnets_in_the_running_demo_app(demo_app, tmp_path):
         return np.asarray(Image.open(files[0]))
 
     first = run("canny", (100, 200))
+    settings[0] = sample.caption + ", masterpiece"  # not a word the demo model knows: left out, and said so
+    _, status, files = client.predict(handle_file(str(tmp_path / "canny.png")), "none", 64, 1.0, 0.0, 1.0, 100, 200,
+                                      *settings, api_name="/canny_run")  # fmt: skip
+    assert "left out (not in the demo model's vocabulary): masterpiece" in status
+    assert np.array_equal(np.asarray(Image.open(files[0])), first)  # the same prompt once the word is gone
+    settings[0] = sample.caption
     pictures = {"canny": first, "scribble": run("scribble"), "seg": run("seg", ())}
     again = run("canny", (100, 200))
     assert np.array_equal(first, again)  # back to canny: the same ControlNet, the same picture

@@ -16,7 +16,7 @@ from cldm.metrics import canny_edges, edge_f1
 from cldm.pipeline import Control, generate
 from cldm.samplers import TRAIN_STEPS, alphas_cumprod
 from cldm.shapes import CAPTION_WORDS, CLASS_NAMES, COLORS, SEG_PALETTE, SHAPES, make_sample
-from cldm.shapes_vocab import shapes_tokenizer
+from cldm.shapes_vocab import shapes_tokenizer, split_known
 from cldm.train import (
     CONTROLNET_FILE,
     MIN_SNR_GAMMA,
@@ -100,6 +100,16 @@ def test_tokenizer_has_one_token_per_caption_word(tmp_path):
 
     again = CLIPTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
     assert again("a red star")["input_ids"] == tok("a red star")["input_ids"]
+
+
+def test_demo_prompts_keep_only_caption_words():
+    assert split_known("A green triangle on a white background, best quality") == (
+        "a green triangle on a white background",
+        ["best", "quality"],
+    )
+    caption = make_sample(11).caption
+    assert split_known(caption) == (caption, [])
+    assert split_known("masterpiece!") == ("", ["masterpiece"])
 
 
 def test_edge_f1_and_chart(tmp_path):
