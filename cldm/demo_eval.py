@@ -5,6 +5,8 @@
 - Prompt adherence: one-shape pictures, prompt "a <colour> <shape> on a <colour> background", the canny
   ControlNet drawing the shape: does the hinted region come out in the named colour (nearest named colour of its
   median pixel), and does the shape follow the hint (edge F1 >= SHAPE_F1)?
+- The app's promise: a triangle outline sketched as in the browser, the scribble ControlNet, "a <colour> triangle on
+  a <colour> background" for random colour pairs: are the inside and the outside of the outline the named colours?
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .controlnet import ControlNet
 from .metrics import canny_edges, edge_f1
 from .pipeline import Control, generate
 from .sd import StableDiffusion
-from .shapes import COLORS, HINTS, SHAPES, make_sample
+from .shapes import COLORS, HINTS, SHAPES, Shape, caption, make_sample
 
 # Training draws seeds from 0 up and the periodic evaluations from 1e9 up: these were never seen.
 UNSEEN_SEED = 2_000_000_000
@@ -41,6 +43,7 @@ class Report:
     colour_rate: float = 0.0
     shape_rate: float = 0.0
     both_rate: float = 0.0
+    sketch_rate: float = 0.0  # sketched triangle: shape and background both the named colours
 
 
 def load_demo(folder: str | Path) -> tuple[StableDiffusion, dict[str, ControlNet]]:
@@ -54,6 +57,23 @@ def nearest_colour(rgb: np.ndarray) -> str:
     names = list(COLORS)
     dist = [float(np.sum((np.asarray(COLORS[n], float) - rgb) ** 2)) for n in names]
     return names[int(np.argmin(dist))]
+
+
+def sketched_triangle(size: int = 64) -> np.ndarray:
+    """A triangle outline as the app's scribble canvas gives it at `size` px: white 2 px strokes on black."""
+    hint = np.zeros((size, size, 3), np.uint8)
+    corners = np.array([(0.5, 0.2), (0.8, 0.75), (0.2, 0.75)]) * size
+    cv2.polylines(hint, [np.round(corners).astype(np.int32)], True, (255, 255, 255), max(1, size // 32))
+    return hint
+
+
+def closed_outline_regions(hint: np.ndarray, margin: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(inside, outside) of the closed outline(s) in a scribble hint, both kept `margin` px away from the strokes."""
+    strokes = (hint.max(axis=2) > 127).astype(np.uint8)
+    flood = strokes.copy()
+    cv2.floodFill(flood, None, (0, 0), 2)  # everything the corner reaches without crossing a stroke
+    near = cv2.dilate(strokes, np.ones((2 * margin + 1, 2 * margin + 1), np.uint8)) > 0
+    return (flood == 0) & ~near, (flood == 2) & ~near
 
 
 def _one_shape_samples(n: int, size: int) -> list:
@@ -97,6 +117,18 @@ def evaluate(model: StableDiffusion, cns: dict[str, ControlNet], n: int = 24, st
         ok_shape = edge_f1(canny_edges(pic), canny_edges(s.image)) >= SHAPE_F1
         colour, shape, both = colour + ok_colour, shape + ok_shape, both + (ok_colour and ok_shape)
     report.colour_rate, report.shape_rate, report.both_rate = colour / n, shape / n, both / n
+
+    hint = sketched_triangle(size)
+    inside, outside = closed_outline_regions(hint)
+    rng = np.random.default_rng(UNSEEN_SEED)
+    hits = 0
+    for i in range(n):
+        fill, ground = (list(COLORS)[int(k)] for k in rng.choice(len(COLORS), size=2, replace=False))
+        prompt = caption([Shape("triangle", fill, (0, 0), 0, 0)], (ground,))  # "a green triangle on a white ..."
+        pic = generate(model, prompt, controls=[Control(cns["scribble"], hint, name="scribble")], seed=i, **kw)
+        got = [nearest_colour(np.median(pic.images[0][m], axis=0)) for m in (inside, outside)]
+        hits += got == [fill, ground]
+    report.sketch_rate = hits / n
     return report
 
 

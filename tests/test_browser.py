@@ -8,7 +8,6 @@ import os
 import shutil
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -93,18 +92,9 @@ def demo_page(demo_app):
         yield pg
 
 
-def _regions_of_closed_sketch(hint: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(inside, outside) of the closed outline in a scribble hint, each kept 2-3 px away from the strokes."""
-    strokes = (hint.max(axis=2) > 127).astype(np.uint8)
-    flood = strokes.copy()
-    cv2.floodFill(flood, None, (0, 0), 2)  # everything the corner reaches without crossing a stroke
-    near = cv2.dilate(strokes, np.ones((5, 5), np.uint8)) > 0
-    return (flood == 0) & ~near, (flood == 2) & ~near
-
-
 def test_browser_sketch_a_triangle_get_a_green_triangle(demo_page):
     """The issue's promise: on a fresh machine, draw a triangle, ask for a green one on white, get it."""
-    from cldm.demo_eval import nearest_colour
+    from cldm.demo_eval import closed_outline_regions, nearest_colour
 
     page = demo_page
     page.get_by_role("tab", name="Scribble").click()
@@ -132,7 +122,7 @@ def test_browser_sketch_a_triangle_get_a_green_triangle(demo_page):
 
     hint, picture = fetch(0), fetch(1)
     assert hint.shape == picture.shape == (64, 64, 3)
-    inside, outside = _regions_of_closed_sketch(hint)
+    inside, outside = closed_outline_regions(hint)
     assert inside.sum() > 100 and outside.sum() > 300, "the drawn triangle must come through as a closed outline"
     assert nearest_colour(np.median(picture[inside], axis=0)) == "green"
     assert nearest_colour(np.median(picture[outside], axis=0)) == "white"
