@@ -120,7 +120,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hint", action="append", choices=HINTS, help="ControlNet(s) to train/export (default: all)")
     p.add_argument("--steps", type=int, help="steps of this stage (vae/base/controlnet)")
     for stage, steps in DEMO_SCHEDULE.items():
-        p.add_argument(f"--{stage}-steps", type=int, default=steps, help=f"steps of the {stage} stage with 'all'")
+        what = f"the {stage.split('_')[1]} ControlNet" if "_" in stage else f"the {stage} stage (each ControlNet)"
+        p.add_argument(
+            f"--{stage.replace('_', '-')}-steps", type=int, default=steps, help=f"steps of {what} with 'all'"
+        )
     per_stage = lambda table: ", ".join(f"{v:g} {k}" for k, v in table.items())  # noqa: E731
     p.add_argument("--batch", type=int, help=f"pictures per step (default per stage: {per_stage(DEFAULT_BATCH)})")
     p.add_argument("--lr", type=float, help=f"peak learning rate (default per stage: {per_stage(DEFAULT_LR)})")
@@ -165,7 +168,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         for hint in hints:
             print(train.train_controlnet(o, hint))
     elif a.stage == "all":
-        schedule = {"vae": a.vae_steps, "base": a.base_steps, "controlnet": a.controlnet_steps}
+        schedule = {stage: getattr(a, f"{stage}_steps") for stage in train.DEMO_SCHEDULE}
         train.train_all(o, schedule, hints)
     if a.stage == "export" or (a.stage == "all" and a.export):
         if not a.export:

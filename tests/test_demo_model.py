@@ -20,15 +20,18 @@ def demo():
     return demo_eval.load_demo(DEMO)
 
 
-def test_demo_model_follows_hints_better_with_the_controlnet(demo):
-    """The first demo model is weak (README, "The demo model"); what it must keep: edges follow the hint more with
-    the canny and scribble ControlNets on than off. Prompt adherence is reported, not yet required (issue 4)."""
+def test_demo_model_follows_hints_and_prompts(demo):
+    """What the shipped model measured at N=12 (canny F1 0.68 vs 0.35 off, scribble 0.59, seg 0.72, prompt colour 7/12,
+    shape 11/12, sketched triangle in the named colours 9/12), held with a margin of about one picture."""
     from cldm import demo_eval
 
     report = demo_eval.evaluate(*demo, n=N, steps=STEPS)
-    for hint in ("canny", "scribble"):
+    for hint in ("canny", "scribble", "seg"):
         f = report.control[hint]
-        assert f["f1_on"] > f["f1_off"] + 0.03, (hint, f)
+        assert f["f1_on"] > f["f1_off"] + 0.15, (hint, f)
+    assert report.colour_rate >= 0.5, report
+    assert report.shape_rate >= 0.75, report
+    assert report.sketch_rate >= 7 / 12, report
 
 
 def test_demo_files_are_small():
