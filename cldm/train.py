@@ -52,6 +52,7 @@ LR_DECAY = {"vae": True, "base": True, "controlnet": False}
 # eps-prediction each timestep's loss is weighted min(SNR, gamma) / SNR, so the nearly noise-free steps, which teach
 # little about layout and colour, stop dominating; the paper reports ~3x faster convergence with gamma = 5.
 MIN_SNR_GAMMA = 5.0
+ALPHAS_CUMPROD = alphas_cumprod()  # the SD1.5 schedule, once (every training step indexes it)
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,14 @@ class TrainOptions:
     fresh: bool = False  # ignore an existing checkpoint and start over
 
 
-def _warmup(o: TrainOptions, stage: str) -> int:
-    return DEFAULT_WARMUP[stage] if o.warmup is None else o.warmup
+def _lr_batch(o: TrainOptions, stage: str) -> tuple[float, int]:
+    """The stage's peak learning rate and batch: the options' own, else the stage's defaults."""
+    return o.lr or DEFAULT_LR[stage], o.batch or DEFAULT_BATCH[stage]
+
+
+def _lr(o: TrainOptions, stage: str, step: int, peak: float) -> float:
+    warmup = DEFAULT_WARMUP[stage] if o.warmup is None else o.warmup
+    return lr_at(step, peak, warmup, o.steps, decay=LR_DECAY[stage])
 
 
 def _optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, lr: float) -> None:
@@ -188,7 +195,7 @@ def train_vae(o: TrainOptions) -> Path:
     torch.manual_seed(o.seed)
     vae = load_vae(path) if resume else AutoencoderKL(fam.vae)
     vae.requires_grad_(True).train()
-    lr, batch = o.lr or DEFAULT_LR["vae"], o.batch or DEFAULT_BATCH["vae"]
+    lr, batch = _lr_batch(o, "vae")
     opt = make_optimizer(vae.parameters(), lr)
     start = _start(run, opt, resume)
     crop = o.vae_crop or fam.size
@@ -200,7 +207,7 @@ def train_vae(o: TrainOptions) -> Path:
             top, left = (int(v) for v in torch.randint(0, fam.size - crop + 1, (2,), generator=g))
             x = x[:, :, top : top + crop, left : left + crop]
         loss, parts = _vae_loss(vae, x * 2 - 1, g)
-        cur = lr_at(step, lr, _warmup(o, "vae"), o.steps, decay=LR_DECAY["vae"])
+        cur = _lr(o, "vae", step, lr)
         _optimizer_step(opt, loss, vae.parameters(), cur)
         return {"loss": loss.item(), **parts, "lr": cur}
 
@@ -230,7 +237,7 @@ def _noisy(
     u = torch.rand(mean.shape[0], generator=g)
     t = ((1 - u**3) if cubic else u).mul(TRAIN_STEPS).long().clamp_(0, TRAIN_STEPS - 1)
     eps = torch.randn(mean.shape, generator=g)
-    a = alphas_cumprod()[t][:, None, None, None]
+    a = ALPHAS_CUMPROD[t][:, None, None, None]
     return a.sqrt() * z0 + (1 - a).sqrt() * eps, t, eps
 
 
@@ -239,7 +246,7 @@ def eps_loss(pred: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, gamma: floa
     per_picture = (pred.float() - eps).pow(2).mean(dim=(1, 2, 3))
     if gamma is None:
         return per_picture.mean()
-    a = alphas_cumprod()[t]
+    a = ALPHAS_CUMPROD[t]
     snr = a / (1 - a)
     return (per_picture * snr.clamp(max=gamma) / snr).mean()
 
@@ -269,7 +276,7 @@ def train_base(o: TrainOptions) -> Path:
     for m in (model.unet, model.text):
         m.requires_grad_(True).train()
     params = [*model.unet.parameters(), *model.text.parameters()]
-    lr, batch = o.lr or DEFAULT_LR["base"], o.batch or DEFAULT_BATCH["base"]
+    lr, batch = _lr_batch(o, "base")
     opt = make_optimizer(params, lr)
     start = _start(run, opt, resume)
     pool = LatentPool(model.vae, fam.size, o.pool)
@@ -280,7 +287,7 @@ def train_base(o: TrainOptions) -> Path:
         x_t, t, eps = _noisy(mean, std, g)
         ids = model.text.token_chunks(_drop_captions(captions, EMPTY_CAPTION_P["base"], g))[:, 0]
         loss = eps_loss(model.unet(x_t, t, model.text(ids)), eps, t)
-        cur = lr_at(step, lr, _warmup(o, "base"), o.steps, decay=LR_DECAY["base"])
+        cur = _lr(o, "base", step, lr)
         _optimizer_step(opt, loss, params, cur)
         return {"loss": loss.item(), "lr": cur}
 
@@ -307,7 +314,7 @@ def train_controlnet(o: TrainOptions, hint: str) -> Path:
     torch.manual_seed(o.seed)
     cn = checkpoints.load_controlnet(path) if resume else ControlNet.from_unet(base.unet, base.config.unet)
     cn.requires_grad_(True).train()
-    lr, batch = o.lr or DEFAULT_LR["controlnet"], o.batch or DEFAULT_BATCH["controlnet"]
+    lr, batch = _lr_batch(o, "controlnet")
     opt = make_optimizer(cn.parameters(), lr)
     start = _start(run, opt, resume)
     pool = LatentPool(base.vae, fam.size, o.pool, hint=hint)
@@ -323,7 +330,7 @@ def train_controlnet(o: TrainOptions, hint: str) -> Path:
             ctx = base.text(base.text.token_chunks(_drop_captions(captions, EMPTY_CAPTION_P["controlnet"], g))[:, 0])
         control = cn(x_t, t, ctx, cn.embed_hint(hints))
         loss = eps_loss(base.unet(x_t, t, ctx, control=control), eps, t)
-        cur = lr_at(step, lr, _warmup(o, "controlnet"), o.steps, decay=LR_DECAY["controlnet"])
+        cur = _lr(o, "controlnet", step, lr)
         _optimizer_step(opt, loss, cn.parameters(), cur)
         return {"loss": loss.item(), "lr": cur}
 
@@ -368,7 +375,7 @@ def parameter_counts(preset: str) -> dict[str, int]:
     return {"vae": count(sd.vae), "text": count(sd.text), "unet": count(sd.unet), "controlnet": count(cn)}
 
 
-# Steps per stage of `train all` for the demo family (about 1.5 hours on this 2-core CPU; figures in the README):
+# Steps per stage of `train all` for the demo family (about 1 h 45 min on this 2-core CPU; figures in the README):
 # VAE on 32 px crops, then the base, then one ControlNet per hint. The seg ControlNet gets twice the steps: its
 # F1 stayed at the no-ControlNet level for 1000 steps before it took off (canny and scribble did by step 600).
 DEMO_SCHEDULE = {"vae": 1200, "base": 1250, "controlnet": 800, "controlnet_seg": 1600}
