@@ -237,9 +237,11 @@ def unit_panel(cond: Condition, label: str = "", size: int = 512) -> dict:
         canvas = gr.ImageEditor(
             label=label or ("Draw, or upload a picture" if cond.sketch else "Picture: paint the area to change"),
             type="numpy", image_mode="RGBA", canvas_size=(512, 512), elem_id=f"{cond.key}-image",
-            # strokes about 1/80 of the canvas: still a line after the drawing is scaled down to the picture size
+            # Gradio's brush size is a radius in canvas pixels (a size-8 brush leaves 16 px strokes on the 512 canvas,
+            # measured): 2 px strokes once scaled down to a 64 px demo picture (what the demo scribbles were trained
+            # on), 12 px (1/43 of the picture) for SD1.5
             brush=gr.Brush(colors=["#000000" if cond.sketch else "#ffffff"],
-                           default_size=max(6, 512 // size * 2) if cond.sketch else 24),
+                           default_size=max(6, 512 // size) if cond.sketch else 24),
             value=_blank_canvas() if cond.sketch else None,
         )  # fmt: skip
         c["image"] = canvas

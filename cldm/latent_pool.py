@@ -23,17 +23,18 @@ def images_to_tensor(pictures: Sequence[np.ndarray]) -> torch.Tensor:
 
 
 class LatentPool:
-    """Pictures `offset .. offset + n - 1` of the generator: captions, one hint, and the posterior of their latent.
+    """Pictures `offset .. offset + n - 1` of the generator: captions, some hints, and the posterior of their latent.
 
-    Each is made and encoded the first time it is asked for, then kept (a few KB per picture in memory).
+    Each is made and encoded the first time it is asked for, then kept (a few KB per picture in memory, plus 12 KB
+    per hint). One pool can serve several ControlNet stages: they train on the same pictures, encoded once.
     """
 
-    def __init__(self, vae: AutoencoderKL, size: int, n: int, hint: str | None = None, offset: int = 0):
-        self.vae, self.size, self.n, self.hint, self.offset = vae, size, n, hint, offset
+    def __init__(self, vae: AutoencoderKL, size: int, n: int, hints: Sequence[str] = (), offset: int = 0):
+        self.vae, self.size, self.n, self.hints, self.offset = vae, size, n, tuple(hints), offset
         self._mean: dict[int, torch.Tensor] = {}
         self._std: dict[int, torch.Tensor] = {}
         self._caption: dict[int, str] = {}
-        self._hint: dict[int, torch.Tensor] = {}
+        self._hint: dict[str, dict[int, torch.Tensor]] = {h: {} for h in self.hints}
 
     def __len__(self) -> int:
         return self.n
@@ -42,18 +43,23 @@ class LatentPool:
     def _fill(self, missing: list[int]) -> None:
         for i in range(0, len(missing), ENCODE_BATCH):
             chunk = missing[i : i + ENCODE_BATCH]
-            samples: list[Sample] = make_batch([self.offset + k for k in chunk], self.size)
+            samples: list[Sample] = make_batch([self.offset + k for k in chunk], self.size, hints=bool(self.hints))
             x = images_to_tensor([s.image for s in samples]) * 2 - 1
             mean, std = self.vae.moments(x.to(self.vae.quant_conv.weight.dtype))
             scale = self.vae.cfg.scale_factor
             for j, (k, s) in enumerate(zip(chunk, samples)):
                 self._mean[k], self._std[k] = mean[j].float() * scale, std[j].float() * scale
                 self._caption[k] = s.caption
-                if self.hint is not None:
-                    self._hint[k] = torch.from_numpy(s.hint(self.hint)).permute(2, 0, 1).contiguous()  # uint8 (3,H,W)
+                for h in self.hints:
+                    self._hint[h][k] = torch.from_numpy(s.hint(h)).permute(2, 0, 1).contiguous()  # uint8 (3, H, W)
 
-    def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]:
-        """(latent mean, latent std) (b, 4, h, w) already scaled, captions, hints (b, 3, H, W) in [0, 1] or None."""
+    def get(
+        self, indices: Sequence[int], hint: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]:
+        """(latent mean, latent std) (b, 4, h, w) already scaled, captions, and the `hint` pictures (b, 3, H, W) in
+        [0, 1] (None when no hint is asked for)."""
+        if hint is not None and hint not in self.hints:
+            raise ValueError(f"this pool keeps the hints {self.hints}, not {hint!r}")
         indices = [int(i) for i in indices]
         missing = sorted({i for i in indices if i not in self._mean})
         if missing:
@@ -61,5 +67,5 @@ class LatentPool:
         mean = torch.stack([self._mean[i] for i in indices])
         std = torch.stack([self._std[i] for i in indices])
         captions = [self._caption[i] for i in indices]
-        hints = torch.stack([self._hint[i] for i in indices]).float() / 255.0 if self.hint is not None else None
+        hints = torch.stack([self._hint[hint][i] for i in indices]).float() / 255.0 if hint is not None else None
         return mean, std, captions, hints

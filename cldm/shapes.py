@@ -83,14 +83,17 @@ class Sample:
     shapes: list[Shape]
     background: tuple[str, ...]  # one or two colour names
     labels: np.ndarray  # (H, W) uint8 class ids, see CLASS_NAMES
-    canny: np.ndarray
-    scribble: np.ndarray
-    seg: np.ndarray
+    canny: np.ndarray | None = None  # the hints are None in a sample drawn with hints=False
+    scribble: np.ndarray | None = None
+    seg: np.ndarray | None = None
 
     def hint(self, name: str) -> np.ndarray:
         if name not in HINTS:
             raise ValueError(f"unknown hint {name!r}; choose one of {', '.join(HINTS)}")
-        return getattr(self, name)
+        out = getattr(self, name)
+        if out is None:
+            raise ValueError("this sample was drawn without its hints (make_sample(..., hints=False))")
+        return out
 
 
 def caption(shapes: list[Shape], background: tuple[str, ...]) -> str:
@@ -200,8 +203,9 @@ def _gray3(channel: np.ndarray) -> np.ndarray:
     return np.repeat(channel[..., None], 3, axis=2)
 
 
-def make_sample(seed: int, size: int = 64) -> Sample:
-    """The picture number `seed` at `size` px (32..256), with caption, class map and hints. Deterministic."""
+def make_sample(seed: int, size: int = 64, hints: bool = True) -> Sample:
+    """The picture number `seed` at `size` px (32..256), with caption, class map and hints. Deterministic: the
+    picture and caption do not depend on `hints` (False skips drawing them: a third of the time, for the VAE)."""
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise ValueError(f"size must be {MIN_SIZE}..{MAX_SIZE} px (got {size})")
     rng = np.random.default_rng(seed)
@@ -222,17 +226,13 @@ def make_sample(seed: int, size: int = 64) -> Sample:
     image = cv2.resize(big, (size, size), interpolation=cv2.INTER_AREA)
     mid = SUPERSAMPLE // 2
     labels = classes[mid::SUPERSAMPLE, mid::SUPERSAMPLE].copy()  # the class at each output pixel's centre
-    return Sample(
-        image=image,
-        caption=caption(shapes, background),
-        shapes=shapes,
-        background=background,
-        labels=labels,
-        canny=_gray3(cv2.Canny(image, CANNY_LOW, CANNY_HIGH)),
-        scribble=_gray3(_scribble(rng, shapes, masks, size)),
-        seg=SEG_PALETTE[labels],
-    )
+    sample = Sample(image=image, caption=caption(shapes, background), shapes=shapes, background=background, labels=labels)
+    if hints:  # the scribble draws from `rng` last, so skipping it changes nothing above
+        sample.canny = _gray3(cv2.Canny(image, CANNY_LOW, CANNY_HIGH))
+        sample.scribble = _gray3(_scribble(rng, shapes, masks, size))
+        sample.seg = SEG_PALETTE[labels]
+    return sample
 
 
-def make_batch(seeds: list[int] | range, size: int = 64) -> list[Sample]:
-    return [make_sample(int(s), size) for s in seeds]
+def make_batch(seeds: list[int] | range, size: int = 64, hints: bool = True) -> list[Sample]:
+    return [make_sample(int(s), size, hints) for s in seeds]

@@ -50,6 +50,15 @@ def test_generator_is_deterministic_at_every_size():
         make_sample(0, 16)
 
 
+def test_pictures_without_hints_are_the_same_pictures():
+    for seed in range(6):
+        full, bare = make_sample(seed), make_sample(seed, hints=False)
+        assert bare.caption == full.caption and np.array_equal(bare.image, full.image)
+        assert np.array_equal(bare.labels, full.labels) and bare.canny is None
+        with pytest.raises(ValueError, match="without its hints"):
+            bare.hint("scribble")
+
+
 def test_captions_name_what_is_drawn():
     for seed in SEEDS:
         s = make_sample(seed)
@@ -200,6 +209,22 @@ def test_stages_write_logs_samples_and_loadable_weights(trained, tmp_path):
     sd16 = checkpoints.load_sd(files[0], tokenizer=shapes_tokenizer())  # fp16 on disk, cast back on load
     assert sd16.dtype == torch.float32
     assert (tmp_path / "demo" / "tokenizer").is_dir()
+
+
+def test_controlnets_share_one_encoded_pool(trained):
+    from dataclasses import replace
+
+    from cldm.train import controlnet_pool
+
+    pool = controlnet_pool(trained, ("canny", "scribble"))
+    mean, std, captions, hints = pool.get([3, 1], "scribble")
+    assert mean.shape == std.shape and mean.shape[0] == 2 and captions == [make_sample(i, 32).caption for i in (3, 1)]
+    assert torch.equal(hints[0], torch.from_numpy(make_sample(3, 32).scribble).permute(2, 0, 1).float() / 255)
+    assert torch.equal(pool.get([3], "canny")[0], mean[:1])  # the same latent, not encoded again
+    with pytest.raises(ValueError, match="not 'seg'"):
+        pool.get([0], "seg")
+    path = train_controlnet(replace(trained, steps=2), "scribble", pool)
+    assert [e["step"] for e in _log(path.parent)] == [1, 2]
 
 
 def test_resume_continues_from_the_saved_step(trained):
