@@ -226,7 +226,9 @@ def make_sample(seed: int, size: int = 64, hints: bool = True) -> Sample:
     image = cv2.resize(big, (size, size), interpolation=cv2.INTER_AREA)
     mid = SUPERSAMPLE // 2
     labels = classes[mid::SUPERSAMPLE, mid::SUPERSAMPLE].copy()  # the class at each output pixel's centre
-    sample = Sample(image=image, caption=caption(shapes, background), shapes=shapes, background=background, labels=labels)
+    sample = Sample(
+        image=image, caption=caption(shapes, background), shapes=shapes, background=background, labels=labels
+    )
     if hints:  # the scribble draws from `rng` last, so skipping it changes nothing above
         sample.canny = _gray3(cv2.Canny(image, CANNY_LOW, CANNY_HIGH))
         sample.scribble = _gray3(_scribble(rng, shapes, masks, size))
