@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import annotators
-from cldm import weights
+from cldm import demo_eval, weights
 from cldm.errors import CldmError, InputError
 from cldm.images import array_to_rgb, load_rgb, resize_rgb, save_png
 from cldm.manager import ControlSpec, ModelManager
@@ -213,9 +213,12 @@ def settings_panel(cond: Condition | None, size: int = 512, demo: bool = False) 
             c["width"] = gr.Slider(64, 1024, value=size, step=64, label="Width", elem_id=f"{key}-width")
             c["height"] = gr.Slider(64, 1024, value=size, step=64, label="Height", elem_id=f"{key}-height")
         with gr.Row():
+            # the demo model starts with the settings its report measures (demo_eval), SD1.5 with A1111-like ones
             c["steps"] = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id=f"{key}-steps")
-            c["cfg"] = gr.Slider(0.1, 30.0, value=7.5, step=0.1, label="Guidance scale")
-            c["sampler"] = gr.Dropdown(sorted(SAMPLERS), value="dpmpp_2m_karras", label="Sampler")
+            c["cfg"] = gr.Slider(0.1, 30.0, value=demo_eval.CFG if demo else 7.5, step=0.1, label="Guidance scale")
+            c["sampler"] = gr.Dropdown(
+                sorted(SAMPLERS), value=demo_eval.SAMPLER if demo else "dpmpp_2m_karras", label="Sampler"
+            )
         with gr.Row():
             c["seed"] = gr.Number(value=12345, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
             c["randomize"] = gr.Checkbox(value=True, label="Randomize seed")

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--demo", default="assets/demo", help="folder with the exported demo model")
     e.add_argument("--n", type=int, default=24, help="unseen pictures per measurement")
     e.add_argument("--steps", type=int, default=20)
-    e.add_argument("--cfg", type=float, default=5.0)
+    e.add_argument("--cfg", type=float, default=5.0, help="guidance scale (default: what the app's demo mode uses)")
     e.add_argument("--out", default="assets/demo/report.json")
     e.add_argument("--grid", default="assets/demo/samples.png")
     a = parser.parse_args(argv)

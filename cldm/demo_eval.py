@@ -30,6 +30,8 @@ from .shapes import COLORS, HINTS, SHAPES, Shape, caption, make_sample
 UNSEEN_SEED = 2_000_000_000
 SHAPE_F1 = 0.5  # edge F1 above which the generated shape counts as the hinted one
 DEMO_BASE, DEMO_CONTROLNET = "shapes_sd.safetensors", "control_v11p_sd15_{}.safetensors"
+# The sampling settings measured here, which the app's demo mode also starts with.
+STEPS, CFG, SAMPLER = 20, 5.0, "ddim"
 
 
 @dataclass
@@ -86,11 +88,11 @@ def _one_shape_samples(n: int, size: int) -> list:
     return out
 
 
-def evaluate(model: StableDiffusion, cns: dict[str, ControlNet], n: int = 24, steps: int = 20, cfg: float = 5.0,
+def evaluate(model: StableDiffusion, cns: dict[str, ControlNet], n: int = 24, steps: int = STEPS, cfg: float = CFG,
              size: int = 64, grid: str | Path | None = None) -> Report:  # fmt: skip
     """Run both measurements on `n` unseen pictures per condition; optionally write a sample grid."""
     report = Report(n=n, steps=steps, cfg=cfg)
-    kw = dict(steps=steps, cfg_scale=cfg, width=size, height=size, sampler="ddim")
+    kw = dict(steps=steps, cfg_scale=cfg, width=size, height=size, sampler=SAMPLER)
     rows: list[list[np.ndarray]] = []
     samples = [make_sample(UNSEEN_SEED + 10_000 + i, size) for i in range(n)]
     off = [generate(model, s.caption, seed=i, **kw).images[0] for i, s in enumerate(samples)]

@@ -133,9 +133,11 @@ def test_browser_sketch_a_triangle_get_a_green_triangle(demo_page):
     assert hint.shape == picture.shape == (64, 64, 3)
     inside, outside = closed_outline_regions(hint)
     assert inside.sum() > 100 and outside.sum() > 300, "the drawn triangle must come through as a closed outline"
-    # Browser strokes come out ~4 px at 64 px (the model was trained on 2 px scribbles): the triangle is a muted green
-    # (median about (100, 150, 100)), so this asks for green to dominate rather than for the named-colour match that
-    # `demo-eval` uses (issue 4 note).
-    r, g, b = np.median(picture[inside], axis=0)
-    assert g > max(r, b) + 25, (r, g, b)
-    assert nearest_colour(np.median(picture[outside], axis=0)) == "white"
+    # the strokes reach the model as wide as the demo scribbles it was trained on (2 px at 64 px)
+    strokes = hint.max(axis=2) > 127
+    base_width = strokes[36:, 24:40].sum(axis=0)  # the middle columns cross the triangle's base once below the centre
+    assert base_width.max() <= 3, base_width
+    # the same named-colour test as `demo-eval`'s sketched triangle
+    inside_colour = nearest_colour(np.median(picture[inside], axis=0))
+    outside_colour = nearest_colour(np.median(picture[outside], axis=0))
+    assert (inside_colour, outside_colour) == ("green", "white"), np.median(picture[inside], axis=0)
