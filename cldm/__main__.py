@@ -207,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--n", type=int, default=24, help="unseen pictures per measurement")
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--cfg", type=float, default=5.0, help="guidance scale (default: what the app's demo mode uses)")
-    e.add_argument("--out", default="assets/demo/report.json")
-    e.add_argument("--grid", default="assets/demo/samples.png")
+    e.add_argument("--out", default="assets/demo/report/report.json")
+    e.add_argument("--grid", default="assets/demo/report/samples.png")
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -362,7 +363,8 @@ def train_controlnet(o: TrainOptions, hint: str, pool: LatentPool | None = None)
 
 # ------------------------------------------------------------------------------------------------- export
 def export(run: str | os.PathLike, dest: str | os.PathLike, hints=HINTS, dtype=torch.float16) -> list[Path]:
-    """Write the shipped files: base single file, its tokenizer folder, one ControlNet per hint (fp16 by default)."""
+    """Write the shipped files: base single file, its tokenizer folder, one ControlNet per hint (fp16 by default),
+    and each stage's training curves as report/curves_<stage>.png."""
     run, dest = Path(run), Path(dest)
     tok = shapes_tokenizer()
     model = checkpoints.load_sd(run / "base" / SD_FILE, tokenizer=tok).to(dtype=dtype)
@@ -376,6 +378,11 @@ def export(run: str | os.PathLike, dest: str | os.PathLike, hints=HINTS, dtype=t
             continue
         out.append(dest / EXPORT_CONTROLNET.format(hint))
         checkpoints.save_controlnet(checkpoints.load_controlnet(src).to(dtype), out[-1])
+    # the README's training curves come with the weights they describe
+    for stage in ("vae", "base", *(f"controlnet_{h}" for h in hints)):
+        if (run / stage / "curves.png").is_file():
+            (dest / "report").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run / stage / "curves.png", dest / "report" / f"curves_{stage}.png")
     return out
 
 

@@ -21,17 +21,19 @@ def demo():
 
 
 def test_demo_model_follows_hints_and_prompts(demo):
-    """What the shipped model measured at N=12 (canny F1 0.68 vs 0.35 off, scribble 0.59, seg 0.72, prompt colour 7/12,
-    shape 11/12, sketched triangle in the named colours 9/12), held with a margin of about one picture."""
+    """What the shipped model measured at N=12 (canny F1 0.73 vs 0.36 off, scribble 0.64, seg 0.83; prompt colour,
+    hinted shape and both 11/12; sketched triangle in the named colours 10/12), held with a margin of about two
+    pictures (other CPUs round differently, which can flip a picture)."""
     from cldm import demo_eval
 
     report = demo_eval.evaluate(*demo, n=N, steps=STEPS)
     for hint in ("canny", "scribble", "seg"):
         f = report.control[hint]
-        assert f["f1_on"] > f["f1_off"] + 0.15, (hint, f)
-    assert report.colour_rate >= 0.5, report
-    assert report.shape_rate >= 0.75, report
-    assert report.sketch_rate >= 7 / 12, report
+        assert f["f1_on"] > f["f1_off"] + 0.2, (hint, f)
+    assert report.colour_rate >= 9 / 12, report
+    assert report.shape_rate >= 9 / 12, report
+    assert report.both_rate >= 8 / 12, report  # "in most cases": colour and shape together
+    assert report.sketch_rate >= 8 / 12, report
 
 
 def test_demo_files_are_small():

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cldm import checkpoints
 from cldm.charts import line_chart
@@ -209,6 +210,12 @@ def test_stages_write_logs_samples_and_loadable_weights(trained, tmp_path):
     sd16 = checkpoints.load_sd(files[0], tokenizer=shapes_tokenizer())  # fp16 on disk, cast back on load
     assert sd16.dtype == torch.float32
     assert (tmp_path / "demo" / "tokenizer").is_dir()
+    curves = sorted(f.name for f in (tmp_path / "demo" / "report").iterdir())
+    assert curves == ["curves_base.png", "curves_controlnet_canny.png", "curves_vae.png"]
+    assert (
+        Image.open(tmp_path / "demo" / "report" / "curves_base.png").size
+        == Image.open(run / "base" / "curves.png").size
+    )
 
 
 def test_controlnets_share_one_encoded_pool(trained):
