@@ -396,9 +396,10 @@ def parameter_counts(preset: str) -> dict[str, int]:
     return {"vae": count(sd.vae), "text": count(sd.text), "unet": count(sd.unet), "controlnet": count(cn)}
 
 
-# Steps per stage of `train all` for the demo family (about 1 h 45 min on this 2-core CPU; figures in the README):
-# VAE on 32 px crops, then the base, then one ControlNet per hint. The seg ControlNet gets twice the steps: its
-# F1 stayed at the no-ControlNet level for 1000 steps before it took off (canny and scribble did by step 600).
+# Steps per stage of `train all` for the demo family (31 min on this project's 2-core AMD EPYC, about 75 min on an
+# older 2-core machine; figures in the README): VAE on 32 px crops, then the base, then one ControlNet per hint. The
+# seg ControlNet gets twice the steps: its F1 sits at the no-ControlNet level for 300-1000 steps before it takes off
+# (canny and scribble within 300), and it keeps climbing to step 1600.
 DEMO_SCHEDULE = {"vae": 1000, "base": 1500, "controlnet": 800, "controlnet_seg": 1600}
 
 
