@@ -184,6 +184,11 @@ def build(cls, cfg, state: StateDict, what: str, dtype: torch.dtype, *args) -> n
             f"{len(unexpected)} unexpected keys (e.g. {unexpected[:5]}). The file is probably another kind of model "
             "(SDXL, SD2, a LoRA...) or another ControlNet family; this app takes SD1.5 and its ControlNets."
         )
+    # Every tensor gets its own storage from torch's allocator (64-byte aligned), in the asked dtype. Readers hand out
+    # tensors at whatever offset their buffer had (safetensors: 16 bytes past a 64-byte boundary), and on AVX-512 CPUs
+    # oneDNN's results depend on that alignment, so the same weights from two file formats gave pictures differing in
+    # the last bits. The copy also lets the reader's buffers go.
+    state = {k: v.to(dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()}
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:  # shape mismatches

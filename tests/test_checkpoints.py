@@ -201,3 +201,18 @@ def test_missing_files_and_folders(tmp_path):
     (tmp_path / "pipe").mkdir()
     with pytest.raises(CheckpointError, match="model_index.json"):
         checkpoints.load_sd(tmp_path / "pipe")
+
+
+def test_loaded_weights_own_aligned_storage(ours, tmp_path):
+    """The file reader's buffers sit at arbitrary offsets; on AVX-512 CPUs oneDNN's results depend on alignment, so
+    the same weights from two formats gave different last bits until every tensor was copied to its own storage."""
+    _, cn = ours
+    checkpoints.save_controlnet(cn, tmp_path / "bare.safetensors", fmt="bare")
+    raw = checkpoints.read_file(tmp_path / "bare.safetensors")
+    assert any(v.data_ptr() % 64 for v in raw.values())  # what the reader gives (why the copy is needed)
+    loaded = checkpoints.load_controlnet(tmp_path / "bare.safetensors")
+    tensors = list(loaded.state_dict().values())
+    assert all(v.data_ptr() % 64 == 0 for v in tensors if v.numel())
+    assert not {v.untyped_storage().data_ptr() for v in raw.values()} & {
+        v.untyped_storage().data_ptr() for v in tensors
+    }
