@@ -214,7 +214,8 @@ def settings_panel(cond: Condition | None, size: int = 512, demo: bool = False) 
             c["height"] = gr.Slider(64, 1024, value=size, step=64, label="Height", elem_id=f"{key}-height")
         with gr.Row():
             # the demo model starts with the settings its report measures (demo_eval), SD1.5 with A1111-like ones
-            c["steps"] = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id=f"{key}-steps")
+            steps = demo_eval.STEPS if demo else 20
+            c["steps"] = gr.Slider(1, 100, value=steps, step=1, label="Steps", elem_id=f"{key}-steps")
             c["cfg"] = gr.Slider(0.1, 30.0, value=demo_eval.CFG if demo else 7.5, step=0.1, label="Guidance scale")
             c["sampler"] = gr.Dropdown(
                 sorted(SAMPLERS), value=demo_eval.SAMPLER if demo else "dpmpp_2m_karras", label="Sampler"

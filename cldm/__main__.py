@@ -182,7 +182,8 @@ def cmd_demo_eval(a: argparse.Namespace) -> None:
     from . import demo_eval
 
     model, cns = demo_eval.load_demo(a.demo)
-    report = demo_eval.evaluate(model, cns, n=a.n, steps=a.steps, cfg=a.cfg, grid=a.grid)
+    settings = {k: v for k, v in (("steps", a.steps), ("cfg", a.cfg)) if v is not None}  # else demo_eval's own
+    report = demo_eval.evaluate(model, cns, n=a.n, grid=a.grid, **settings)
     demo_eval.write(report, a.out)
     for hint, f in report.control.items():
         print(f"{hint:9s} edge F1 with ControlNet {f['f1_on']:.3f}, without {f['f1_off']:.3f}")
@@ -205,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("demo-eval", help="measure how well the demo model follows hints and prompts")
     e.add_argument("--demo", default="assets/demo", help="folder with the exported demo model")
     e.add_argument("--n", type=int, default=24, help="unseen pictures per measurement")
-    e.add_argument("--steps", type=int, default=20)
-    e.add_argument("--cfg", type=float, default=5.0, help="guidance scale (default: what the app's demo mode uses)")
+    e.add_argument("--steps", type=int, help="sampling steps (default: what the app's demo mode uses, 20)")
+    e.add_argument("--cfg", type=float, help="guidance scale (default: what the app's demo mode uses, 5)")
     e.add_argument("--out", default="assets/demo/report/report.json")
     e.add_argument("--grid", default="assets/demo/report/samples.png")
     a = parser.parse_args(argv)

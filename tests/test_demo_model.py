@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 DEMO = Path(__file__).parents[1] / "assets" / "demo"
-N, STEPS = 12, 20  # a quick version of `python -m cldm demo-eval` (the README reports the full one)
+N = 12  # a quick version of `python -m cldm demo-eval` (the README reports the full one)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def test_demo_model_follows_hints_and_prompts(demo):
     pictures (other CPUs round differently, which can flip a picture)."""
     from cldm import demo_eval
 
-    report = demo_eval.evaluate(*demo, n=N, steps=STEPS)
+    report = demo_eval.evaluate(*demo, n=N)  # the demo settings (demo_eval.STEPS, CFG)
     for hint in ("canny", "scribble", "seg"):
         f = report.control[hint]
         assert f["f1_on"] > f["f1_off"] + 0.2, (hint, f)
