@@ -1,44 +1,34 @@
-"""ControlNet studio: a Gradio app with one tab per condition (built from `conditions.CONDITIONS`) and a Multi tab."""
+"""ControlNet studio: a Gradio app with one tab per condition (built from `conditions.CONDITIONS`) and a Multi tab.
+
+Only the layout lives here: every panel is a record of named widgets whose values come back to the handlers as
+records (`studio.UnitSettings`, `studio.Settings`); what a click does is in `studio.py`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import logging
-import random
-import tempfile
-import time
-import uuid
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 
 import gradio as gr
 import numpy as np
 import torch
 
 import annotators
-from cldm import demo_eval, weights
 from cldm.errors import CldmError, InputError
-from cldm.images import array_to_rgb, load_rgb, resize_rgb, save_png
-from cldm.manager import ControlSpec, ModelManager
+from cldm.manager import ModelManager
 from cldm.samplers import SAMPLERS
-from cldm.shapes_vocab import split_known
-from cldm.weights import DEFAULT_BASE_REPO, locate_controlnet
-from conditions import ADDED_PROMPT, BY_KEY, CONDITIONS, EXAMPLES_DIR, NEGATIVE_PROMPT, Condition
+from cldm.weights import DEFAULT_BASE_REPO
+from conditions import ADDED_PROMPT, CONDITIONS, EXAMPLES_DIR, NEGATIVE_PROMPT, Condition
+from studio import MAX_SEED, Settings, Studio, UnitSettings, choose_base, condition
 
 log = logging.getLogger("app")
-MAX_SEED = 2**31 - 1
 MAX_UNITS = 3  # ControlNets in the Multi tab
 MAX_FILE_SIZE = "20mb"
-DEMO_DIR = Path(__file__).parent / "assets" / "demo"
-DEMO_BASE = "shapes_sd.safetensors"
-DEMO_CONDITIONS = ("canny", "scribble", "seg")  # the ControlNets trained for the demo model
-DEMO_SIZE = 64  # the demo model's training size
-DEMO_CAPTION = "a blue circle and a yellow star on a pink background"  # what assets/examples/shapes.png shows
-DEMO_EXAMPLES = {  # what the demo tabs offer instead of the SD1.5 examples (drawn by assets/make_examples.py)
-    "canny": ("shapes.png", "canny", DEMO_CAPTION),
-    "scribble": ("triangle_sketch.png", "scribble_sketch", "a green triangle on a white background"),
-    "seg": ("shapes_seg.png", "none", DEMO_CAPTION),  # a map painted with the shapes palette (cldm/shapes.py)
-}
+MULTI_DEFAULTS = ("canny", "depth", "openpose")  # the Multi tab's first conditions (a model card names its own)
 
 
 def upload_image(**kwargs) -> gr.Image:
@@ -51,134 +41,6 @@ def upload_image(**kwargs) -> gr.Image:
     component = gr.Image(type="filepath", **kwargs)
     component.preprocess = lambda payload: None if payload is None else payload.path
     return component
-
-
-class Studio:
-    """What the handlers share: the model manager, the models folder and where results are written."""
-
-    def __init__(self, manager: ModelManager, models_dir: str | None, out_dir: str | None = None, demo: bool = False):
-        self.manager = manager
-        self.models_dir = models_dir
-        self.demo = demo  # the small shapes model: only its conditions work, at its size
-        self.size = DEMO_SIZE if demo else 512
-        self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="cldm-out-"))
-
-    # ------------------------------------------------------------------------------------------------ hints
-    def hint(self, cond: Condition, image, annotator: str, resolution: int, params: dict, size: tuple[int, int]):
-        """The hint for one ControlNet, at the size of the pictures to generate (height, width)."""
-        img = editor_image(image)
-        if img is None:
-            raise InputError("Upload an image (or draw on the canvas) first.")
-        if annotator not in cond.annotators:
-            raise InputError(f"{annotator!r} is not a preprocessor for {cond.label}.")
-        return annotators.run(
-            annotator, img, resolution=int(resolution), models_dir=self.models_dir, size=size, **params
-        )
-
-    # --------------------------------------------------------------------------------------------- generate
-    def generate(self, units: list[tuple[Condition, object, str, int, dict, float, float, float]], s: dict, progress):
-        """units: (condition, image, annotator, resolution, params, scale, start, end); s: shared settings."""
-        seed = random.randint(0, MAX_SEED) if s["randomize"] else int(s["seed"])
-        w, h = int(s["width"]), int(s["height"])
-        specs, hints, init, mask, strength, clip_skip = [], [], None, None, 1.0, 1
-        for cond, image, annotator, res, params, scale, start, end in units:
-            if self.demo and cond.key not in DEMO_CONDITIONS:
-                raise InputError(
-                    f"The demo model only has ControlNets for {', '.join(DEMO_CONDITIONS)}. For {cond.label}, start "
-                    f"the app with SD1.5 weights (python app.py --base <file or folder>) and put {cond.model_file} "
-                    f"in the models folder (it is downloaded from {cond.diffusers_repo} when the hub can be reached)."
-                )
-            img = editor_image(image)
-            if img is None:
-                raise InputError(f"{cond.label}: upload an image (or draw on the canvas) first.")
-            progress(0, desc=f"{cond.label}: preparing the hint")
-            if cond.inpaint:
-                init, mask, hint = inpaint_hint(image, w, h)
-                strength = float(s["denoise"])
-            else:
-                hint = self.hint(cond, image, annotator, res, params, (h, w))
-                if cond.img2img:
-                    init, strength = img, float(s["denoise"])
-            hints.append(
-                hint if isinstance(hint, np.ndarray) else ((hint[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy())
-            )
-            clip_skip = max(clip_skip, cond.clip_skip)
-            path = locate_controlnet(cond.stem, cond.diffusers_repo, self.models_dir)
-            specs.append(ControlSpec(str(path), hint, scale, start, end, cond.global_average_pooling or None))
-        prompt = ", ".join(p for p in (s["prompt"].strip(), s["added_prompt"].strip()) if p)
-        negative, note = s["negative_prompt"], ""
-        if self.demo:  # words outside the demo vocabulary would reach the model as letters it never saw
-            (prompt, unknown), (negative, unknown_neg) = split_known(prompt), split_known(negative)
-            if unknown or unknown_neg:
-                note = f" | left out (not in the demo model's vocabulary): {', '.join(unknown + unknown_neg)}"
-        t0 = time.perf_counter()
-        result = self.manager.run(
-            prompt,
-            specs,
-            negative_prompt=negative,
-            steps=int(s["steps"]),
-            cfg_scale=float(s["cfg"]),
-            sampler=s["sampler"],
-            seed=seed,
-            width=w,
-            height=h,
-            batch=int(s["batch"]),
-            guess_mode=bool(s["guess_mode"]),
-            clip_skip=clip_skip,
-            init_image=init,
-            strength=strength,
-            mask=mask,
-            callback=lambda i, n: progress(i / n, desc=f"sampling {i}/{n}"),
-        )
-        files = []
-        for img in result.images:
-            path = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{seed}-{uuid.uuid4().hex[:6]}.png"
-            save_png(img, path, result.parameters)
-            files.append(str(path))
-        t = result.timings
-        names = ", ".join(s.path.rstrip("/").split("/")[-1] for s in specs)
-        status = (
-            f"Base: {self.manager.sd.source.rstrip('/').split('/')[-1]} | ControlNet: {names} | seed {seed} | "
-            f"swap {t['swap']:.2f}s, sampling {t['sampling']:.2f}s, decode {t['decode']:.2f}s, "
-            f"total {time.perf_counter() - t0:.1f}s on {self.manager.device}{note}"
-        )
-        return [(hh, "hint") for hh in hints] + [(f, f"seed {seed}") for f in files], status, files
-
-
-def editor_image(value) -> np.ndarray | None:
-    """Image or ImageEditor value -> HxWx3 uint8 (None when nothing was given). Drawn strokes are composited."""
-    if value is None:
-        return None
-    if isinstance(value, (str, Path)):
-        return load_rgb(value)
-    if isinstance(value, dict):
-        value = value.get("composite") if value.get("composite") is not None else value.get("background")
-        if value is None:
-            return None
-    return array_to_rgb(np.asarray(value))
-
-
-def inpaint_hint(value, width: int, height: int):
-    """ImageEditor (background + painted layers) -> init picture, mask (255 = repaint) and the inpaint hint."""
-    if not isinstance(value, dict) or value.get("background") is None:
-        raise InputError("Inpaint: upload a picture, then paint over the area to change.")
-    init = resize_rgb(array_to_rgb(np.asarray(value["background"])), width, height)
-    mask = np.zeros(init.shape[:2], bool)
-    for layer in value.get("layers") or []:
-        layer = np.asarray(layer)
-        alpha = (
-            layer[..., 3]
-            if layer.ndim == 3 and layer.shape[2] == 4
-            else layer.max(axis=-1)
-            if layer.ndim == 3
-            else layer
-        )
-        mask |= resize_rgb(array_to_rgb(alpha), width, height)[..., 0] > 127
-    if not mask.any():
-        raise InputError("Inpaint: paint over the area to change (the mask is empty).")
-    hint = init.astype(np.float32) / 255.0
-    hint[mask] = -1.0  # the inpaint ControlNet reads -1 as "to be filled"
-    return init, mask.astype(np.uint8) * 255, torch.from_numpy(hint).permute(2, 0, 1)[None]
 
 
 def friendly(fn):
@@ -199,34 +61,125 @@ def friendly(fn):
     return wrapped
 
 
+# ----------------------------------------------------------------------------------------------- records
+class Form:
+    """Panels whose widgets a handler takes as inputs: Gradio passes their values by position, `read` gives them
+    back as one record per panel."""
+
+    def __init__(self, *panels):
+        self.panels = panels
+
+    @property
+    def inputs(self) -> list:
+        return [w for p in self.panels for w in p.inputs]
+
+    def read(self, values) -> tuple:
+        it = iter(values)
+        records = tuple(p.read(it) for p in self.panels)
+        if next(it, None) is not None:
+            raise InputError("Too many values for this endpoint: check the API's parameter list.")
+        return records
+
+
+def _take(it: Iterator, names: list[str]) -> dict:
+    got = list(itertools.islice(it, len(names)))
+    if len(got) != len(names):
+        raise InputError(f"Missing values for this endpoint: expected {', '.join(names)}.")
+    return dict(zip(names, got))
+
+
+@dataclass
+class SettingsPanel:
+    """The shared generation settings: one widget per field of `studio.Settings`."""
+
+    widgets: dict[str, gr.components.Component]
+
+    @property
+    def inputs(self) -> list:
+        return [self.widgets[f.name] for f in fields(Settings)]
+
+    def read(self, it: Iterator) -> Settings:
+        return Settings(**_take(it, [f.name for f in fields(Settings)]))
+
+
+@dataclass
+class SizePanel:
+    """Width and height only (what the hint preview needs of the settings)."""
+
+    width: gr.Slider
+    height: gr.Slider
+
+    @property
+    def inputs(self) -> list:
+        return [self.width, self.height]
+
+    def read(self, it: Iterator) -> tuple[int, int]:
+        v = _take(it, ["width", "height"])
+        return int(v["height"]), int(v["width"])
+
+
+UNIT_FIELDS = ("image", "annotator", "resolution", "scale", "start", "end")
+
+
+@dataclass
+class UnitPanel:
+    """One ControlNet's widgets: picture, preprocessor with its sliders, resolution, strength, start and end.
+
+    A condition tab's panel has one condition; the Multi tab's panels add an on/off box and a condition choice.
+    """
+
+    image: gr.components.Component
+    annotator: gr.Dropdown
+    resolution: gr.Slider
+    scale: gr.Slider
+    start: gr.Slider
+    end: gr.Slider
+    params: dict[tuple[str, str], gr.Slider] = field(default_factory=dict)  # (preprocessor, parameter) -> slider
+    cond: Condition | None = None  # fixed condition (a condition tab)
+    enabled: gr.Checkbox | None = None  # Multi
+    choice: gr.Dropdown | None = None  # Multi: the condition
+
+    @property
+    def inputs(self) -> list:
+        head = [] if self.choice is None else [self.enabled, self.choice]
+        return head + [getattr(self, k) for k in UNIT_FIELDS] + list(self.params.values())
+
+    def read(self, it: Iterator) -> UnitSettings | None:
+        """The unit's settings, or None for a Multi unit that is switched off."""
+        head = {} if self.choice is None else _take(it, ["enabled", "condition"])
+        v = _take(it, list(UNIT_FIELDS))
+        params = dict(zip(self.params, _take(it, [f"{a}:{p}" for a, p in self.params]).values()))
+        if head and not head["enabled"]:
+            return None
+        cond = self.cond or condition(head["condition"])
+        chosen = {p: value for (a, p), value in params.items() if a == v["annotator"]}
+        return UnitSettings(cond, v["image"], v["annotator"], v["resolution"], chosen, v["scale"], v["start"], v["end"])
+
+
 # ------------------------------------------------------------------------------------------------------ UI
-def settings_panel(cond: Condition | None, size: int = 512, demo: bool = False) -> dict:
-    """The generation settings every tab has (the demo model knows no quality words: no added/negative prompt)."""
-    c: dict = {}
+def settings_panel(studio: Studio, cond: Condition | None) -> SettingsPanel:
+    """The generation settings every tab has (a model with its own small vocabulary gets no quality words)."""
+    d, c = studio.defaults, {}
     key = cond.key if cond else "multi"
     c["prompt"] = gr.Textbox(label="Prompt", placeholder=cond.prompt_hint if cond else "", elem_id=f"{key}-prompt")
     with gr.Accordion("Settings", open=False, elem_id=f"{key}-settings"):
-        c["added_prompt"] = gr.Textbox(label="Added prompt", value="" if demo else ADDED_PROMPT)
-        c["negative_prompt"] = gr.Textbox(label="Negative prompt", value="" if demo else NEGATIVE_PROMPT)
+        c["added_prompt"] = gr.Textbox(label="Added prompt", value=ADDED_PROMPT if d.quality_words else "")
+        c["negative_prompt"] = gr.Textbox(label="Negative prompt", value=NEGATIVE_PROMPT if d.quality_words else "")
         with gr.Row():
             c["batch"] = gr.Slider(1, 4, value=1, step=1, label="Images")
-            c["width"] = gr.Slider(64, 1024, value=size, step=64, label="Width", elem_id=f"{key}-width")
-            c["height"] = gr.Slider(64, 1024, value=size, step=64, label="Height", elem_id=f"{key}-height")
+            c["width"] = gr.Slider(64, 1024, value=d.size, step=64, label="Width", elem_id=f"{key}-width")
+            c["height"] = gr.Slider(64, 1024, value=d.size, step=64, label="Height", elem_id=f"{key}-height")
         with gr.Row():
-            # the demo model starts with the settings its report measures (demo_eval), SD1.5 with A1111-like ones
-            steps = demo_eval.STEPS if demo else 20
-            c["steps"] = gr.Slider(1, 100, value=steps, step=1, label="Steps", elem_id=f"{key}-steps")
-            c["cfg"] = gr.Slider(0.1, 30.0, value=demo_eval.CFG if demo else 7.5, step=0.1, label="Guidance scale")
-            c["sampler"] = gr.Dropdown(
-                sorted(SAMPLERS), value=demo_eval.SAMPLER if demo else "dpmpp_2m_karras", label="Sampler"
-            )
+            c["steps"] = gr.Slider(1, 100, value=d.steps, step=1, label="Steps", elem_id=f"{key}-steps")
+            c["cfg"] = gr.Slider(0.1, 30.0, value=d.cfg, step=0.1, label="Guidance scale")
+            c["sampler"] = gr.Dropdown(sorted(SAMPLERS), value=d.sampler, label="Sampler")
         with gr.Row():
             c["seed"] = gr.Number(value=12345, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
             c["randomize"] = gr.Checkbox(value=True, label="Randomize seed")
             c["guess_mode"] = gr.Checkbox(value=False, label="Guess mode (no prompt needed)")
         c["denoise"] = gr.Slider(0.05, 1.0, value=0.75 if cond and cond.img2img else 1.0, step=0.05,
                                  label="Denoising strength", visible=bool(cond and (cond.img2img or cond.inpaint)))  # fmt: skip
-    return c
+    return SettingsPanel(c)
 
 
 def _blank_canvas() -> dict:
@@ -234,13 +187,12 @@ def _blank_canvas() -> dict:
     return {"background": white, "layers": [], "composite": white}
 
 
-def unit_panel(cond: Condition, label: str = "", size: int = 512) -> dict:
-    """Image, preprocessor and control sliders of one ControlNet."""
-    c: dict = {}
-    if cond.sketch or cond.inpaint:
-        canvas = gr.ImageEditor(
+def _picture(cond: Condition | None, size: int, label: str, elem_id: str | None):
+    """The picture widget: a drawing canvas for sketches and inpainting masks, else an upload box."""
+    if cond is not None and (cond.sketch or cond.inpaint):
+        return gr.ImageEditor(
             label=label or ("Draw, or upload a picture" if cond.sketch else "Picture: paint the area to change"),
-            type="numpy", image_mode="RGBA", canvas_size=(512, 512), elem_id=f"{cond.key}-image",
+            type="numpy", image_mode="RGBA", canvas_size=(512, 512), elem_id=elem_id,
             # Gradio's brush size is a radius in canvas pixels (a size-8 brush leaves 16 px strokes on the 512 canvas,
             # measured): 2 px strokes once scaled down to a 64 px demo picture (what the demo scribbles were trained
             # on), 12 px (1/43 of the picture) for SD1.5
@@ -248,66 +200,51 @@ def unit_panel(cond: Condition, label: str = "", size: int = 512) -> dict:
                            default_size=max(6, 512 // size) if cond.sketch else 24),
             value=_blank_canvas() if cond.sketch else None,
         )  # fmt: skip
-        c["image"] = canvas
-    else:
-        # a file path, so that our reader (16-bit, CMYK, palette, animated, corrupt files) handles every upload
-        c["image"] = upload_image(
-            label=label or "Input picture",
-            sources=["upload", "clipboard", "webcam"],
-            elem_id=f"{cond.key}-image",
-        )
-    c["annotator"] = gr.Dropdown(list(cond.annotators), value=cond.annotators[0], label="Preprocessor")
+    # a file path, so that our reader (16-bit, CMYK, palette, animated, corrupt files) handles every upload
+    return upload_image(label=label or "Input picture", sources=["upload", "clipboard", "webcam"], elem_id=elem_id)
+
+
+def unit_panel(
+    studio: Studio, conds: list[Condition], first: Condition | None = None, label: str = "", elem_id: str | None = None
+) -> UnitPanel:
+    """Picture, preprocessor, its sliders and the control sliders of one ControlNet of any of `conds` (`first` is
+    the one shown first). The sliders of every preprocessor of `conds` are there, in table order (the API's order),
+    and only the chosen preprocessor's are visible."""
+    first = first or conds[0]
+    image = _picture(first if len(conds) == 1 else None, studio.size, label, elem_id)
+    # a Multi panel's choices follow its condition in the browser; API callers may name any preprocessor of it
+    annotator = gr.Dropdown(list(first.annotators), value=first.annotators[0], label="Preprocessor",
+                            allow_custom_value=len(conds) > 1)  # fmt: skip
     # detection at the picture size by default (512 for SD1.5; the demo model's canny edges were found at 64 px)
-    c["resolution"] = gr.Slider(64, 1024, value=size, step=64, label="Preprocessor resolution")
-    c["params"] = {}
-    for name in cond.annotators:
-        for p in annotators.ANNOTATORS[name].params:
-            key = (name, p.name)
-            c["params"][key] = gr.Slider(p.minimum, p.maximum, value=p.default, step=p.step, label=p.label,
-                                         visible=name == cond.annotators[0])  # fmt: skip
+    resolution = gr.Slider(64, 1024, value=studio.size, step=64, label="Preprocessor resolution")
+    names = list(dict.fromkeys(a for c in conds for a in c.annotators))  # every preprocessor the panel may show
+    params = {
+        (name, p.name): gr.Slider(p.minimum, p.maximum, value=p.default, step=p.step, label=p.label,
+                                  visible=name == first.annotators[0])
+        for name in names for p in annotators.ANNOTATORS[name].params
+    }  # fmt: skip
     with gr.Row():
-        c["scale"] = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Control strength")
-        c["start"] = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Control start")
-        c["end"] = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="Control end")
-    keys = list(c["params"])
-    c["annotator"].change(
-        lambda a: [gr.update(visible=k[0] == a) for k in keys], c["annotator"], [c["params"][k] for k in keys]
-    )
-    return c
+        scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Control strength")
+        start = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Control start")
+        end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="Control end")
+    keys = list(params)
+    annotator.change(lambda a: [gr.update(visible=k[0] == a) for k in keys], annotator, [params[k] for k in keys])
+    return UnitPanel(image, annotator, resolution, scale, start, end, params, cond=first if len(conds) == 1 else None)
 
 
-SETTING_KEYS = ("prompt", "added_prompt", "negative_prompt", "batch", "width", "height", "steps", "cfg", "sampler",
-                "seed", "randomize", "guess_mode", "denoise")  # fmt: skip
-UNIT_KEYS = ("image", "annotator", "resolution", "scale", "start", "end")
-
-
-def _unit_values(cond: Condition, unit: dict, values: list):
-    """Split a flat list of values (UNIT_KEYS + params) back into one unit's arguments."""
-    fixed = dict(zip(UNIT_KEYS, values[: len(UNIT_KEYS)]))
-    params = dict(zip(unit["params"], values[len(UNIT_KEYS) :]))
-    chosen = {k[1]: v for k, v in params.items() if k[0] == fixed["annotator"]}
-    return (
-        cond,
-        fixed["image"],
-        fixed["annotator"],
-        fixed["resolution"],
-        chosen,
-        fixed["scale"],
-        fixed["start"],
-        fixed["end"],
-    )
-
-
-def _unit_inputs(unit: dict) -> list:
-    return [unit[k] for k in UNIT_KEYS] + list(unit["params"].values())
+def _example(studio: Studio, cond: Condition) -> tuple[str, str, str]:
+    if studio.card is not None and cond.key in studio.card.examples:
+        e = studio.card.examples[cond.key]
+        return e["image"], e["preprocessor"], e["prompt"]
+    return cond.example
 
 
 def condition_tab(studio: Studio, cond: Condition) -> None:
     """One tab, for any row of the condition table."""
     with gr.Row():
         with gr.Column():
-            unit = unit_panel(cond, size=studio.size)
-            settings = settings_panel(cond, studio.size, studio.demo)
+            unit = unit_panel(studio, [cond], elem_id=f"{cond.key}-image")
+            settings = settings_panel(studio, cond)
             with gr.Row():
                 preview = gr.Button("Preview hint", elem_id=f"{cond.key}-preview")
                 run = gr.Button("Generate", variant="primary", elem_id=f"{cond.key}-run")
@@ -318,81 +255,61 @@ def condition_tab(studio: Studio, cond: Condition) -> None:
             gallery = gr.Gallery(label="Results", columns=2, format="png", elem_id=f"{cond.key}-gallery")
             status = gr.Markdown(elem_id=f"{cond.key}-status")
             files = gr.Files(label="Download PNGs (with parameters)")
-    n_unit = len(_unit_inputs(unit))
-    picture, annotator, prompt = DEMO_EXAMPLES.get(cond.key, cond.example) if studio.demo else cond.example
-    gr.Examples([[str(EXAMPLES_DIR / picture), annotator, prompt]], [unit["image"], unit["annotator"], settings["prompt"]],
+    picture, annotator, prompt = _example(studio, cond)
+    gr.Examples([[str(EXAMPLES_DIR / picture), annotator, prompt]], [unit.image, unit.annotator, settings.widgets["prompt"]],
                 label="Example")  # fmt: skip
+    preview_form = Form(unit, SizePanel(settings.widgets["width"], settings.widgets["height"]))
+    run_form = Form(unit, settings)
 
     @friendly
     def do_preview(*values):
-        u = _unit_values(cond, unit, list(values[:n_unit]))
-        height, width = int(values[n_unit + 1]), int(values[n_unit])
-        return studio.hint(cond, u[1], u[2], u[3], u[4], (height, width))
+        u, size = preview_form.read(values)
+        return studio.hint(u, size)
 
     @friendly
     def do_run(*values, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for a progress bar)
-        u = _unit_values(cond, unit, list(values[:n_unit]))
-        s = dict(zip(SETTING_KEYS, values[n_unit:]))
+        u, s = run_form.read(values)
         return studio.generate([u], s, progress)
 
-    inputs = _unit_inputs(unit)
-    preview.click(
-        do_preview, inputs + [settings["width"], settings["height"]], hint_view, api_name=f"{cond.key}_preview"
-    )
-    run.click(
-        do_run, inputs + [settings[k] for k in SETTING_KEYS], [gallery, status, files], api_name=f"{cond.key}_run"
-    )
+    preview.click(do_preview, preview_form.inputs, hint_view, api_name=f"{cond.key}_preview")
+    run.click(do_run, run_form.inputs, [gallery, status, files], api_name=f"{cond.key}_run")
 
 
 def multi_tab(studio: Studio) -> None:
-    """Two or three ControlNets at once, each with its own image, preprocessor, strength and start/end."""
-    units, conds = [], []
-    defaults = DEMO_CONDITIONS if studio.demo else ("canny", "depth", "openpose")
+    """Up to three ControlNets at once, each with the same panel as a condition tab (preprocessor sliders included)."""
+    choices = [c for c in CONDITIONS if not c.inpaint]
+    defaults = studio.card.conditions if studio.card else MULTI_DEFAULTS
+    units = []
     with gr.Row():
         with gr.Column():
             for i in range(MAX_UNITS):
+                first = condition(defaults[i % len(defaults)])
                 with gr.Group():
                     enabled = gr.Checkbox(value=i < 2, label=f"ControlNet {i + 1}")
-                    cond = gr.Dropdown([c.key for c in CONDITIONS if not c.inpaint], value=defaults[i],
-                                       label="Condition")  # fmt: skip
-                    image = upload_image(label="Picture")
-                    # choices follow the condition in the browser; API callers may name any of its preprocessors
-                    annotator = gr.Dropdown(list(BY_KEY[cond.value].annotators), value=BY_KEY[cond.value].annotators[0],
-                                            label="Preprocessor", allow_custom_value=True)  # fmt: skip
-                    cond.change(lambda k: gr.update(choices=list(BY_KEY[k].annotators), value=BY_KEY[k].annotators[0]),
-                                cond, annotator)  # fmt: skip
-                    with gr.Row():
-                        scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength")
-                        start = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Start")
-                        end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="End")
-                units.append([enabled, cond, image, annotator, scale, start, end])
-                conds.append(cond)
-            settings = settings_panel(None, studio.size, studio.demo)
+                    choice = gr.Dropdown([c.key for c in choices], value=first.key, label="Condition")
+                    panel = unit_panel(studio, choices, first, label="Picture")
+                    # the preprocessors follow the condition in the browser; the panel holds every one's sliders
+                    choice.change(lambda k: gr.update(choices=list(condition(k).annotators),
+                                                      value=condition(k).annotators[0]), choice, panel.annotator)  # fmt: skip
+                panel.enabled, panel.choice = enabled, choice
+                units.append(panel)
+            settings = settings_panel(studio, None)
             run = gr.Button("Generate", variant="primary")
         with gr.Column():
             gallery = gr.Gallery(label="Hints and results", columns=2, format="png")
             status = gr.Markdown()
             files = gr.Files(label="Download PNGs (with parameters)")
+    form = Form(*units, settings)
 
     @friendly
     def do_run(*values, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for a progress bar)
-        per = 7
-        chosen = []
-        for i in range(MAX_UNITS):
-            enabled, key, image, annotator, scale, start, end = values[i * per : (i + 1) * per]
-            if enabled:
-                if key not in BY_KEY or annotator not in annotators.ANNOTATORS:
-                    raise InputError(f"ControlNet {i + 1}: unknown condition {key!r} or preprocessor {annotator!r}.")
-                cond = BY_KEY[key]
-                defaults = {p.name: p.default for p in annotators.ANNOTATORS[annotator].params}
-                chosen.append((cond, image, annotator, studio.size, defaults, scale, start, end))
+        *chosen, s = form.read(values)
+        chosen = [u for u in chosen if u is not None]
         if not chosen:
             raise InputError("Enable at least one ControlNet.")
-        s = dict(zip(SETTING_KEYS, values[MAX_UNITS * per :]))
         return studio.generate(chosen, s, progress)
 
-    inputs = [c for u in units for c in u] + [settings[k] for k in SETTING_KEYS]
-    run.click(do_run, inputs, [gallery, status, files], api_name="multi_run")
+    run.click(do_run, form.inputs, [gallery, status, files], api_name="multi_run")
 
 
 def build_app(studio: Studio, banner: str = "") -> gr.Blocks:
@@ -405,21 +322,6 @@ def build_app(studio: Studio, banner: str = "") -> gr.Blocks:
             with gr.Tab("Multi", id="multi"):
                 multi_tab(studio)
     return demo
-
-
-def choose_base(base: str, demo: bool) -> tuple[str, bool, str]:
-    """(base, demo?, banner): the demo model when asked for, or when the SD1.5 weights cannot be had."""
-    if not demo and weights.base_available(base):
-        return base, False, f"Base model: `{base}`."
-    if not (DEMO_DIR / DEMO_BASE).is_file():
-        return base, False, f"Base model: `{base}` (not available here, and the demo model is missing too)."
-    why = "as asked (--demo)" if demo else f"because `{base}` is not on this machine and the hub cannot be reached"
-    banner = (
-        f"**Demo model** ({why}): a small model trained by this project on pictures of coloured shapes, "
-        f"{DEMO_SIZE} px. The {', '.join(DEMO_CONDITIONS)} tabs run on it (an early model: shapes follow the hint loosely), e.g. a sketched triangle with "
-        '"a green triangle on a white background". The other tabs need SD1.5 weights: `python app.py --base FILE`.'
-    )
-    return str(DEMO_DIR / DEMO_BASE), True, banner
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -436,9 +338,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--demo", action="store_true", help="use the small shapes model shipped in assets/demo")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    base, demo_mode, banner = choose_base(a.base, a.demo)
+    base, card, banner = choose_base(a.base, a.demo)
     manager = ModelManager(base, device=a.device, dtype=a.dtype, cache_bytes=int(a.cache_gb * 1024**3))
-    studio = Studio(manager, str(DEMO_DIR) if demo_mode else a.models_dir, demo=demo_mode)
+    # a model with a card (the demo model) ships its ControlNets beside it
+    studio = Studio(manager, str(card.folder) if card else a.models_dir, card=card)
     demo = build_app(studio, banner=f"{banner} Device: {manager.device}.")
     demo.queue(max_size=a.queue_size, default_concurrency_limit=1)
     demo.launch(server_name=a.host, server_port=a.port, share=a.share, max_file_size=MAX_FILE_SIZE,

@@ -81,7 +81,7 @@ def shapes() -> tuple[Image.Image, Image.Image]:
     import sys
 
     sys.path.insert(0, str(Path(__file__).parents[1]))
-    from cldm.shapes import make_sample
+    from cldm.training.shapes import make_sample
 
     s = make_sample(SHAPES_SEED, SHAPES_SIZE)
     return Image.fromarray(s.image), Image.fromarray(s.seg)

@@ -18,10 +18,11 @@ import os
 import pickle
 import struct
 import zipfile
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from . import keymaps
@@ -96,7 +97,7 @@ def read_metadata(path: Path) -> dict[str, str]:
     try:
         with safe_open(str(path), "pt") as f:
             return dict(f.metadata() or {})
-    except Exception as e:
+    except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is a damaged safetensors file ({e}). Download it again.") from e
 
 
@@ -119,7 +120,8 @@ def read_file(path: str | os.PathLike) -> StateDict:
             f"Refused to load {path}: it contains Python objects other than weights, which could run code "
             f"({str(e).splitlines()[0]}). Only load it if you trust it, and convert it to .safetensors first."
         ) from e
-    except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError, Exception) as e:
+    # What the readers raise for cut-off or scrambled files; anything else is a bug and is not hidden as one of these.
+    except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError, struct.error, SafetensorError) as e:
         raise CheckpointError(f"{path} is damaged or truncated ({type(e).__name__}: {e}). Download it again.") from e
 
 
@@ -223,29 +225,6 @@ def _our_keys(cls, cfg, *args) -> list[str]:
         return list(cls(cfg, *args).state_dict())
 
 
-def from_diffusers(state: StateDict, modules: dict, our_keys: list[str]) -> StateDict:
-    """Rename diffusers keys to ours; unknown keys keep their names (and then fail the strict load)."""
-    inverse = {theirs: ours for ours, theirs in keymaps.key_table(our_keys, modules).items()}
-    out: StateDict = {}
-    for key, value in state.items():
-        for old, new in keymaps.VAE_ATTN_LEGACY.items():
-            key = key.replace(f".attentions.0.{old}.", f".attentions.0.{new}.")
-        if keymaps.is_vae_attn_linear(key) and value.ndim == 2:
-            value = value[:, :, None, None]  # Linear (c, c) -> 1x1 conv (c, c, 1, 1)
-        out[inverse.get(key, key)] = value
-    return out
-
-
-def to_diffusers(state: StateDict, modules: dict) -> StateDict:
-    out: StateDict = {}
-    for key, value in state.items():
-        theirs = keymaps.rename(key, modules)
-        if keymaps.is_vae_attn_linear(theirs) and value.ndim == 4:
-            value = value[:, :, 0, 0]
-        out[theirs] = value
-    return out
-
-
 def _text_from_diffusers(state: StateDict) -> StateDict:
     # transformers 4 wrote `text_model.*`; transformers 5 may write the inner names directly.
     out = {}
@@ -339,8 +318,10 @@ def _load_sd_diffusers(folder: Path, dtype: torch.dtype, tokenizer) -> StableDif
     unet_cfg = _config(mc.unet_config_from_diffusers, folder / "unet" / "config.json")
     vae_cfg = _config(mc.vae_config_from_diffusers, folder / "vae" / "config.json")
     text_cfg = _config(mc.text_config_from_diffusers, folder / "text_encoder" / "config.json")
-    unet_sd = from_diffusers(read_folder(folder / "unet"), keymaps.unet_modules(unet_cfg), _our_keys(UNet, unet_cfg))
-    vae_sd = from_diffusers(
+    unet_sd = keymaps.from_diffusers(
+        read_folder(folder / "unet"), keymaps.unet_modules(unet_cfg), _our_keys(UNet, unet_cfg)
+    )
+    vae_sd = keymaps.from_diffusers(
         read_folder(folder / "vae"), keymaps.vae_modules(vae_cfg), _our_keys(AutoencoderKL, vae_cfg)
     )
     text_sd = _text_from_diffusers(read_folder(folder / "text_encoder"))
@@ -386,7 +367,7 @@ def load_controlnet(
     path = Path(path)
     if path.is_dir():
         cfg = _config(mc.unet_config_from_diffusers, path / "config.json")
-        state = from_diffusers(read_folder(path), keymaps.controlnet_modules(cfg), _our_keys(ControlNet, cfg))
+        state = keymaps.from_diffusers(read_folder(path), keymaps.controlnet_modules(cfg), _our_keys(ControlNet, cfg))
     else:
         state = read_file(path)
         meta = read_metadata(path)
@@ -395,7 +376,7 @@ def load_controlnet(
             state = _strip(state, CONTROL_PREFIX)
         elif kind == "a diffusers ControlNet":
             cfg = _config_from_metadata(meta, UNetConfig, "controlnet") or base or UNetConfig()
-            state = from_diffusers(state, keymaps.controlnet_modules(cfg), _our_keys(ControlNet, cfg))
+            state = keymaps.from_diffusers(state, keymaps.controlnet_modules(cfg), _our_keys(ControlNet, cfg))
         elif kind != "a ControlNet":
             raise CheckpointError(
                 f"{path} is {kind}, not a ControlNet. Pick a ControlNet file (e.g. control_v11p_sd15_canny)."
@@ -404,98 +385,3 @@ def load_controlnet(
     if global_average_pooling is not None:
         cfg = replace(cfg, global_average_pooling=global_average_pooling)
     return build(ControlNet, cfg, state, "ControlNet", dtype)
-
-
-# -------------------------------------------------------------------------------------------------- writers
-def save_file(state: StateDict, path: str | os.PathLike, configs: dict | None = None) -> None:
-    """Write safetensors (contiguous CPU tensors) with our configs in the header metadata."""
-    from safetensors.torch import save_file as st_save
-
-    meta = {"format": "pt"}
-    if configs:
-        meta[CONFIG_METADATA_KEY] = json.dumps({k: asdict(v) for k, v in configs.items()})
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    st_save({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata=meta)
-
-
-def _prefixed(module: nn.Module, prefix: str) -> StateDict:
-    return {prefix + k: v for k, v in module.state_dict().items()}
-
-
-def save_sd(model: StableDiffusion, path: str | os.PathLike, fmt: str = "original") -> None:
-    """Save a base model as one original-format .safetensors file, or as a diffusers pipeline folder."""
-    if fmt == "original":
-        state = {
-            **_prefixed(model.unet, UNET_PREFIX),
-            **_prefixed(model.vae, VAE_PREFIX),
-            **_prefixed(model.text, TEXT_PREFIX),
-        }
-        save_file(state, path, {"unet": model.config.unet, "vae": model.config.vae, "text": model.config.text})
-        return
-    if fmt != "diffusers":
-        raise ValueError(f"unknown format {fmt!r}")
-    folder = Path(path)
-    cfg = model.config
-    _write_json(folder / "unet" / "config.json", mc.unet_config_to_diffusers(cfg.unet, controlnet=False))
-    save_file(
-        to_diffusers(model.unet.state_dict(), keymaps.unet_modules(cfg.unet)),
-        folder / "unet" / "diffusion_pytorch_model.safetensors",
-    )
-    _write_json(folder / "vae" / "config.json", mc.vae_config_to_diffusers(cfg.vae))
-    save_file(
-        to_diffusers(model.vae.state_dict(), keymaps.vae_modules(cfg.vae)),
-        folder / "vae" / "diffusion_pytorch_model.safetensors",
-    )
-    model.text.clip.config.save_pretrained(str(folder / "text_encoder"))
-    text_sd = {k[len("transformer.") :]: v for k, v in model.text.state_dict().items()}
-    save_file(text_sd, folder / "text_encoder" / "model.safetensors")
-    if model.text.tokenizer is not None:
-        model.text.tokenizer.save_pretrained(str(folder / "tokenizer"))
-    _write_json(folder / "scheduler" / "scheduler_config.json", SD15_SCHEDULER)
-    _write_json(folder / "model_index.json", MODEL_INDEX)
-
-
-def save_controlnet(cn: ControlNet, path: str | os.PathLike, fmt: str = "original") -> None:
-    """Save a ControlNet as a 1.1-style file (`control_model.*`), a bare extract, or a diffusers folder."""
-    if fmt in ("original", "bare"):
-        prefix = CONTROL_PREFIX if fmt == "original" else ""
-        save_file(_prefixed(cn, prefix), path, {"controlnet": cn.cfg})
-    elif fmt == "diffusers":
-        folder = Path(path)
-        _write_json(folder / "config.json", mc.unet_config_to_diffusers(cn.cfg, controlnet=True))
-        save_file(
-            to_diffusers(cn.state_dict(), keymaps.controlnet_modules(cn.cfg)),
-            folder / "diffusion_pytorch_model.safetensors",
-        )
-    else:
-        raise ValueError(f"unknown format {fmt!r}")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
-
-
-SD15_SCHEDULER = {
-    "_class_name": "DDIMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-}
-MODEL_INDEX = {
-    "_class_name": "StableDiffusionPipeline",
-    "scheduler": ["diffusers", "DDIMScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-    "safety_checker": [None, None],
-    "feature_extractor": [None, None],
-    "requires_safety_checker": False,
-}

@@ -104,3 +104,36 @@ class ControlNet(nn.Module):
         if self.cfg.global_average_pooling:
             outs = [o.mean(dim=(2, 3), keepdim=True) for o in outs]
         return outs
+
+
+# Text-context widths of the families a ControlNet may have been trained for, to name them in messages.
+FAMILY_BY_CONTEXT = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+
+
+def _shape(cfg: UNetConfig, hint_factor: int) -> str:
+    widths = [cfg.model_channels * m for m in cfg.channel_mult]
+    family = FAMILY_BY_CONTEXT.get(cfg.context_dim, "an unknown family")
+    return (
+        f"{cfg.in_channels} latent channels, block widths {widths} with {cfg.num_res_blocks} blocks each, "
+        f"{cfg.context_dim}-wide text context ({family}), hint downsampled {hint_factor}x"
+    )
+
+
+def fit_problem(cn: ControlNet, base: UNetConfig, latent_factor: int) -> str | None:
+    """Why this ControlNet cannot drive a UNet of config `base` whose VAE downsamples by `latent_factor`, or None.
+
+    Its 13 residuals are added to the UNet's skips, so channel widths, block counts and levels must agree; it reads
+    the same text context and latent; and its hint block must bring a picture down to the latent size.
+    """
+    c = cn.cfg
+    same = (
+        c.in_channels == base.in_channels
+        and c.model_channels == base.model_channels
+        and tuple(c.channel_mult) == tuple(base.channel_mult)
+        and c.num_res_blocks == base.num_res_blocks
+        and c.context_dim == base.context_dim
+        and cn.hint_factor == latent_factor
+    )
+    if same:
+        return None
+    return f"the ControlNet has {_shape(c, cn.hint_factor)}; the base model has {_shape(base, latent_factor)}"

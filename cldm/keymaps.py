@@ -1,12 +1,16 @@
 """Key mapping between our (original LDM/ControlNet) names and the diffusers names, built from a config.
 
-Pure tables, no file access: `checkpoints.py` uses them to read and write diffusers folders. Original-format files
-need no table at all, only one prefix stripped.
+Pure tables and renames, no file access: `checkpoints.py` reads and `writers.py` writes diffusers folders through
+them. Original-format files need no table at all, only one prefix stripped.
 """
 
 from __future__ import annotations
 
+import torch
+
 from .config import UNetConfig, VAEConfig
+
+StateDict = dict[str, torch.Tensor]
 
 # ResBlock internals: ours (LDM) -> diffusers.
 _UNET_RESNET = {
@@ -127,3 +131,27 @@ def is_vae_attn_linear(diffusers_key: str) -> bool:
         and diffusers_key.endswith(".weight")
         and "group_norm" not in diffusers_key
     )
+
+
+def from_diffusers(state: StateDict, modules: dict, our_keys: list[str]) -> StateDict:
+    """Rename diffusers keys to ours; unknown keys keep their names (and then fail the strict load)."""
+    inverse = {theirs: ours for ours, theirs in key_table(our_keys, modules).items()}
+    out: StateDict = {}
+    for key, value in state.items():
+        for old, new in VAE_ATTN_LEGACY.items():
+            key = key.replace(f".attentions.0.{old}.", f".attentions.0.{new}.")
+        if is_vae_attn_linear(key) and value.ndim == 2:
+            value = value[:, :, None, None]  # Linear (c, c) -> 1x1 conv (c, c, 1, 1)
+        out[inverse.get(key, key)] = value
+    return out
+
+
+def to_diffusers(state: StateDict, modules: dict) -> StateDict:
+    """Rename our keys to diffusers'; the VAE attention's 1x1 convs become Linear weights."""
+    out: StateDict = {}
+    for key, value in state.items():
+        theirs = rename(key, modules)
+        if is_vae_attn_linear(theirs) and value.ndim == 4:
+            value = value[:, :, 0, 0]
+        out[theirs] = value
+    return out

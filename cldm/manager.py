@@ -9,16 +9,15 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 
-import numpy as np
 import torch
 
 from . import checkpoints, weights
-from .controlnet import ControlNet
-from .errors import InputError
-from .pipeline import Control, Result, generate
+from .controlnet import ControlNet, fit_problem
+from .errors import CheckpointError, InputError
+from .pipeline import Result, StepCallback, generate
+from .request import ControlUnit, GenerationRequest
 from .sd import StableDiffusion
 
 log = logging.getLogger(__name__)
@@ -57,18 +56,6 @@ def module_bytes(m: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in m.parameters())
 
 
-@dataclass
-class ControlSpec:
-    """What a request asks of one ControlNet: which weights, which hint, how strongly and when."""
-
-    path: str
-    hint: np.ndarray | torch.Tensor
-    scale: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
-    global_average_pooling: bool | None = None
-
-
 class ModelManager:
     """Holds one frozen base model on the device and an LRU of ControlNets in CPU memory.
 
@@ -82,13 +69,11 @@ class ModelManager:
         device: str = "auto",
         dtype: str = "auto",
         cache_bytes: int = DEFAULT_CACHE_BYTES,
-        tokenizer=None,
     ):
         self.base_path = base
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.cache_bytes = cache_bytes
-        self.tokenizer = tokenizer
         self.lock = threading.RLock()
         self._sd: StableDiffusion | None = None
         self._cache: OrderedDict[tuple, ControlNet] = OrderedDict()  # on the CPU, most recent last
@@ -101,9 +86,7 @@ class ModelManager:
         with self.lock:
             if self._sd is None:
                 t = time.perf_counter()
-                sd = checkpoints.load_sd(
-                    weights.locate_base(self.base_path), dtype=self.dtype, tokenizer=self.tokenizer
-                )
+                sd = checkpoints.load_sd(weights.locate_base(self.base_path), dtype=self.dtype)
                 self._sd = sd.to(self.device).freeze()
                 self.base_loads += 1
                 log.info(
@@ -112,7 +95,8 @@ class ModelManager:
             return self._sd
 
     def controlnet(self, path: str, global_average_pooling: bool | None = None) -> ControlNet:
-        """A ControlNet from the cache, loading it (on the CPU) on first use."""
+        """A ControlNet from the cache, loading it (on the CPU) on first use; one that does not fit the base is
+        refused here, before any request runs with it, and is not cached."""
         key = (str(path), global_average_pooling)
         with self.lock:
             if key in self._on_device:
@@ -120,9 +104,16 @@ class ModelManager:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
+            sd = self.sd
             cn = checkpoints.load_controlnet(
-                path, dtype=self.dtype, base=self.sd.config.unet, global_average_pooling=global_average_pooling
+                path, dtype=self.dtype, base=sd.config.unet, global_average_pooling=global_average_pooling
             )
+            why = fit_problem(cn, sd.config.unet, sd.latent_factor)
+            if why is not None:
+                raise CheckpointError(
+                    f"{_name(path)} does not fit the base model {_name(sd.source)}: {why}. "
+                    "Use a ControlNet made for this base (SD1.5 ControlNets for SD1.5 models)."
+                )
             self.controlnet_loads += 1
             self._cache[key] = cn
             self._evict()
@@ -134,37 +125,49 @@ class ModelManager:
             log.info("dropped ControlNet %s from the cache", key[0])
 
     def _swap_in(self, keys: list[tuple]) -> None:
-        """Move the request's ControlNets onto the device and the others back to the CPU cache."""
-        for key in keys:
-            if key not in self._on_device:
-                self._on_device[key] = self._cache.pop(key).to(self.device)
+        """Put the request's ControlNets on the device (loading them if needed) and the others back in the CPU cache.
+
+        The others leave the device first, so device memory never holds both sets; each ControlNet leaves the cache
+        as soon as it is loaded, so loading the next one cannot evict it.
+        """
         for key in [k for k in self._on_device if k not in keys]:
             self._cache[key] = self._on_device.pop(key).to("cpu")
+        for key in keys:
+            if key not in self._on_device:
+                self.controlnet(*key)
+                self._on_device[key] = self._cache.pop(key).to(self.device)
         self._evict()
 
-    def run(self, prompt: str, controls: Sequence[ControlSpec] = (), **kwargs) -> Result:
-        """Generate under the lock; kwargs go to `pipeline.generate` (steps, cfg_scale, sampler, seed, ...)."""
+    def run(self, request: GenerationRequest, callback: StepCallback | None = None) -> Result:
+        """Generate under the lock: check the request, load and swap in its ControlNets, sample, decode.
+
+        Units name their ControlNet by file or folder (a unit holding a loaded ControlNet is used as it is). The
+        result's timings include `swap` (loading + moving ControlNets) and, on CUDA, `peak_gib`.
+        """
+        request.validate()  # field values first: nothing is loaded for a request that cannot run
         with self.lock:
             t0 = time.perf_counter()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)  # the peak reported is this request's
             sd = self.sd
-            keys = [(str(c.path), c.global_average_pooling) for c in controls]
-            for c in controls:
-                self.controlnet(c.path, c.global_average_pooling)
-            self._swap_in(keys)
+            keys = [_key(u) for u in request.units]
+            self._swap_in([k for k in keys if k is not None])
             swap = time.perf_counter() - t0
-            units = [
-                Control(self._on_device[k], c.hint, c.scale, c.start, c.end, name=_stem(c.path))
-                for k, c in zip(keys, controls)
-            ]
-            result = generate(sd, prompt, controls=units, **kwargs)
+            units = tuple(
+                u if k is None else replace(u, model=self._on_device[k], name=u.label)
+                for u, k in zip(request.units, keys)
+            )
+            result = generate(sd, replace(request, units=units), callback)
             result.timings["swap"] = swap
             if self.device.type == "cuda":
                 result.timings["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 1024**3
             return result
 
 
-def _stem(path: str) -> str:
-    name = str(path).rstrip("/").split("/")[-1]
-    return name.rsplit(".", 1)[0] if "." in name else name
+def _key(u: ControlUnit) -> tuple | None:
+    """The cache key of a unit's ControlNet file (None for a unit that brings a loaded ControlNet)."""
+    return None if isinstance(u.model, ControlNet) else (str(u.model), u.global_average_pooling)
+
+
+def _name(path: str) -> str:
+    return str(path).rstrip("/").split("/")[-1]

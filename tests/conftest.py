@@ -33,6 +33,20 @@ def ours(tiny_dirs):
 
 
 @pytest.fixture(scope="session")
+def other_controlnet(ours):
+    """The tiny ControlNet with other zero-conv weights, so that a request that ran the wrong one shows it."""
+    import copy
+
+    cn = copy.deepcopy(ours[1])
+    g = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            if name.startswith(("zero_convs", "middle_block_out")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return cn
+
+
+@pytest.fixture(scope="session")
 def ref_pipe(tiny_dirs):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
@@ -51,20 +65,34 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def running_app(tiny_dirs, ours, tmp_path_factory):
+def misfit_controlnet(ours):
+    """A ControlNet of another family than the tiny base: twice the channel widths and an SD2-like text context."""
+    from dataclasses import replace
+
+    from cldm.controlnet import ControlNet
+
+    cfg = ours[1].cfg
+    torch.manual_seed(5)
+    return ControlNet(replace(cfg, model_channels=2 * cfg.model_channels, context_dim=2 * cfg.context_dim))
+
+
+@pytest.fixture(scope="session")
+def running_app(tiny_dirs, ours, other_controlnet, misfit_controlnet, tmp_path_factory):
     """The real app on 127.0.0.1 with tiny weights: (url, manager)."""
     import app
-    from cldm import checkpoints
+    from cldm import writers
     from cldm.manager import ModelManager
 
     sd_dir, cn_dir = tiny_dirs
     _, cn = ours
     models = tmp_path_factory.mktemp("models")
-    checkpoints.save_controlnet(cn, models / "control_v11p_sd15_canny.safetensors")  # 1.1 layout
-    checkpoints.save_controlnet(cn, models / "control_v11p_sd15_scribble.safetensors", fmt="bare")
-    checkpoints.save_controlnet(cn, models / "control_v11e_sd15_shuffle", fmt="diffusers")
+    writers.save_controlnet(cn, models / "control_v11p_sd15_canny.safetensors")  # 1.1 layout
+    # other weights than canny's: a request that ran the wrong ControlNet gives another picture
+    writers.save_controlnet(other_controlnet, models / "control_v11p_sd15_scribble.safetensors", fmt="bare")
+    writers.save_controlnet(misfit_controlnet, models / "control_v11p_sd15_lineart.safetensors")  # another family
+    writers.save_controlnet(cn, models / "control_v11e_sd15_shuffle", fmt="diffusers")
     for name in ("control_v11p_sd15_inpaint", "control_v11f1e_sd15_tile"):
-        checkpoints.save_controlnet(cn, models / f"{name}.safetensors")
+        writers.save_controlnet(cn, models / f"{name}.safetensors")
     manager = ModelManager(str(sd_dir), device="cpu", dtype="fp32")
     studio = app.Studio(manager, str(models), str(tmp_path_factory.mktemp("out")))
     demo = app.build_app(studio)
@@ -84,9 +112,12 @@ def demo_app(tmp_path_factory):
     """The real app in demo mode on the shipped demo model: (url, manager)."""
     import app
     from cldm.manager import ModelManager
+    from cldm.model_card import card_for
 
     manager = ModelManager(str(DEMO_DIR / "shapes_sd.safetensors"), device="cpu", dtype="fp32")
-    studio = app.Studio(manager, str(DEMO_DIR), str(tmp_path_factory.mktemp("out")), demo=True)
+    studio = app.Studio(
+        manager, str(DEMO_DIR), str(tmp_path_factory.mktemp("out")), card=card_for(DEMO_DIR / "shapes_sd.safetensors")
+    )
     blocks = app.build_app(studio, banner="demo")
     blocks.queue(max_size=8)
     port = _free_port()

@@ -32,6 +32,17 @@ def _unit(image, annotator, params=()):
     return [image, annotator, SIZE, 1.0, 0.0, 1.0, *params]
 
 
+def _multi(enabled, key, image, annotator, scale=1.0, start=0.0, end=1.0, resolution=SIZE, **params):
+    """One Multi unit: on/off, condition, then the same panel as a tab (every preprocessor's sliders, table order)."""
+    import annotators
+    from conditions import CONDITIONS
+
+    names = dict.fromkeys(a for c in CONDITIONS if not c.inpaint for a in c.annotators)
+    sliders = [params.get(p.name, p.default) if n == annotator else p.default
+               for n in names for p in annotators.ANNOTATORS[n].params]  # fmt: skip
+    return [enabled, key, image, annotator, resolution, scale, start, end, *sliders]
+
+
 def test_canny_preview_and_generate(client, square, running_app):
     from gradio_client import handle_file
 
@@ -69,12 +80,33 @@ def test_scribble_canvas_shuffle_and_multi(client, square, tmp_path, running_app
         *_unit(handle_file(square), "shuffle", (3,)), *SETTINGS.values(), api_name="/shuffle_run"
     )
     assert "shuffle" in status
-    units = [True, "canny", handle_file(square), "canny", 1.0, 0.0, 1.0,
-             True, "scribble", handle_file(str(tmp_path / "sketch.png")), "none", 0.5, 0.2, 0.8,
-             False, "depth", None, "depth_midas", 1.0, 0.0, 1.0]  # fmt: skip
+    units = [*_multi(True, "canny", handle_file(square), "canny"),
+             *_multi(True, "scribble", handle_file(str(tmp_path / "sketch.png")), "none", 0.5, 0.2, 0.8),
+             *_multi(False, "depth", None, "depth_midas")]  # fmt: skip
     gallery, status, files = client.predict(*units, *SETTINGS.values(), api_name="/multi_run")
     assert len(gallery) == 3 and "canny" in status and "scribble" in status
     assert running_app[1].base_loads == 1
+
+
+def test_multi_units_have_their_own_preprocessor_sliders_and_resolution(client, square):
+    """Each Multi unit's preprocessor sliders and resolution reach its preprocessor (they were fixed defaults)."""
+    from gradio_client import handle_file
+
+    off = _multi(False, "depth", None, "depth_midas")
+
+    def hints(**canny):
+        units = [*_multi(True, "canny", handle_file(square), "canny", **canny), *off, *off]
+        gallery, _, _ = client.predict(*units, *SETTINGS.values(), api_name="/multi_run")
+        return np.asarray(Image.open(gallery[0]["image"]))  # the first gallery item is the unit's hint
+
+    default = hints()
+    assert default.shape[:2] == (SIZE, SIZE) and default.max() == 255  # the square's outline
+    assert hints(low_threshold=255, high_threshold=255).max() == 0  # thresholds above every gradient: no edges
+    coarse = hints(resolution=128)  # detection at 128 px, then resized: other edges than at 64 px
+    assert not np.array_equal(coarse, default)
+    with pytest.raises(Exception, match="high_threshold"):
+        client.predict(*_multi(True, "canny", handle_file(square), "canny", high_threshold=999), *off, *off,
+                       *SETTINGS.values(), api_name="/multi_run")  # fmt: skip
 
 
 def test_bad_inputs_get_clear_messages_and_the_server_keeps_going(client, square, tmp_path):
@@ -125,6 +157,9 @@ def test_concurrent_requests_give_the_sequential_images(client, square, tmp_path
         ("/canny_run", _unit(handle_file(square), "canny", (50, 150)), 11),
         ("/scribble_run", _unit(canvas, "scribble_sketch"), 12),
         ("/shuffle_run", _unit(handle_file(square), "shuffle", (5,)), 13),
+        # the same hint and seed through two ControlNets with different weights
+        ("/canny_run", _unit(handle_file(square), "none", (100, 200)), 14),
+        ("/scribble_run", _unit(handle_file(square), "none"), 14),
     ]
 
     def args(unit, seed):
@@ -139,6 +174,7 @@ def test_concurrent_requests_give_the_sequential_images(client, square, tmp_path
             assert np.array_equal(np.asarray(Image.open(fa)), np.asarray(Image.open(fb)))
     pictures = [np.asarray(Image.open(f[0])) for f in alone]
     assert not np.array_equal(pictures[0], pictures[1])  # different conditions, different pictures
+    assert not np.array_equal(pictures[3], pictures[4])  # different ControlNet weights, different pictures
     assert running_app[1].base_loads == 1
 
 
@@ -214,3 +250,21 @@ def test_inpaint_keeps_the_unpainted_area_and_tile_is_img2img(client, tmp_path):
     tile = np.asarray(Image.open(files[0]))
     assert "Denoising strength: 0.5" in Image.open(files[0]).text["parameters"]
     assert tile.shape == (SIZE, SIZE, 3) and "tile" in status
+
+
+def test_a_controlnet_of_another_family_is_refused_with_both_shapes(client, square, running_app):
+    """models/control_v11p_sd15_lineart.safetensors is another family's ControlNet: refused at load, named, not
+    cached; the next request runs."""
+    from gradio_client import handle_file
+
+    import annotators
+    from conditions import BY_KEY
+
+    params = [p.default for a in BY_KEY["lineart"].annotators for p in annotators.ANNOTATORS[a].params]
+    loads = running_app[1].controlnet_loads
+    with pytest.raises(Exception, match=r"does not fit the base model.*block widths.*text context.*block widths"):
+        client.predict(*_unit(handle_file(square), "invert", params), *SETTINGS.values(), api_name="/lineart_run")
+    assert running_app[1].controlnet_loads == loads  # refused, not cached
+    _, status, _ = client.predict(*_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values(),
+                                  api_name="/canny_run")  # fmt: skip
+    assert "seed 7" in status

@@ -100,7 +100,7 @@ def demo_page(browser, demo_app):
 
 def test_browser_sketch_a_triangle_get_a_green_triangle(demo_page):
     """The issue's promise: on a fresh machine, draw a triangle, ask for a green one on white, get it."""
-    from cldm.demo_eval import closed_outline_regions, nearest_colour
+    from cldm.training.demo_eval import closed_outline_regions, nearest_colour
 
     page = demo_page
     page.get_by_role("tab", name="Scribble").click()

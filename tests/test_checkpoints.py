@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 
-from cldm import checkpoints
+from cldm import checkpoints, writers
 from cldm.checkpoints import CONTROL_PREFIX
 from cldm.errors import CheckpointError, MissingWeightsError
 
@@ -36,9 +36,9 @@ def _same(a, b, tol=0.0):
 
 def test_original_single_files_load_identically(ours, reference, tmp_path):
     sd, cn = ours
-    checkpoints.save_sd(sd, tmp_path / "sd.safetensors")
-    checkpoints.save_controlnet(cn, tmp_path / "cn11.safetensors")  # 1.1 style: control_model.*
-    checkpoints.save_controlnet(cn, tmp_path / "bare.safetensors", fmt="bare")
+    writers.save_sd(sd, tmp_path / "sd.safetensors")
+    writers.save_controlnet(cn, tmp_path / "cn11.safetensors")  # 1.1 style: control_model.*
+    writers.save_controlnet(cn, tmp_path / "bare.safetensors", fmt="bare")
     sd2 = checkpoints.load_sd(tmp_path / "sd.safetensors", tokenizer=sd.text.tokenizer)
     assert _same(_probe(sd2, checkpoints.load_controlnet(tmp_path / "cn11.safetensors")), reference)
     assert _same(_probe(sd2, checkpoints.load_controlnet(tmp_path / "bare.safetensors")), reference)
@@ -72,8 +72,8 @@ def test_diffusers_round_trip_is_readable_by_diffusers(ours, reference, tmp_path
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     sd, cn = ours
-    checkpoints.save_sd(sd, tmp_path / "pipe", fmt="diffusers")
-    checkpoints.save_controlnet(cn, tmp_path / "cn", fmt="diffusers")
+    writers.save_sd(sd, tmp_path / "pipe", fmt="diffusers")
+    writers.save_controlnet(cn, tmp_path / "cn", fmt="diffusers")
     sd2 = checkpoints.load_sd(tmp_path / "pipe")
     assert _same(_probe(sd2, checkpoints.load_controlnet(tmp_path / "cn")), reference)
     # and diffusers itself reads what we wrote
@@ -136,7 +136,7 @@ def test_garbage_files(tmp_path, content, message):
 
 def test_truncated_files(ours, tmp_path):
     _, cn = ours
-    checkpoints.save_controlnet(cn, tmp_path / "cn.safetensors")
+    writers.save_controlnet(cn, tmp_path / "cn.safetensors")
     torch.save(cn.state_dict(), tmp_path / "cn.pth")
     for name in ("cn.safetensors", "cn.pth"):
         data = (tmp_path / name).read_bytes()
@@ -154,8 +154,8 @@ def test_safetensors_header_lies(tmp_path):
 
 def test_wrong_models(ours, tmp_path):
     sd, cn = ours
-    checkpoints.save_sd(sd, tmp_path / "sd.safetensors")
-    checkpoints.save_controlnet(cn, tmp_path / "cn.safetensors")
+    writers.save_sd(sd, tmp_path / "sd.safetensors")
+    writers.save_controlnet(cn, tmp_path / "cn.safetensors")
     with pytest.raises(CheckpointError, match="SD base model, not a ControlNet"):
         checkpoints.load_controlnet(tmp_path / "sd.safetensors")
     with pytest.raises(CheckpointError, match="is a ControlNet, not a base model"):
@@ -170,14 +170,14 @@ def test_wrong_models(ours, tmp_path):
     state = {CONTROL_PREFIX + k: v for k, v in cn.state_dict().items()}
     key = next(k for k in state if k.endswith("attn2.to_k.weight"))
     state[key] = torch.zeros(state[key].shape[0], 1024)
-    checkpoints.save_file(state, tmp_path / "sd2.safetensors")
+    writers.save_file(state, tmp_path / "sd2.safetensors")
     with pytest.raises(CheckpointError, match="do not fit"):
         checkpoints.load_controlnet(tmp_path / "sd2.safetensors", base=sd.config.unet)
     # a key too many (another ControlNet family)
     state = {CONTROL_PREFIX + k: v for k, v in cn.state_dict().items()} | {
         CONTROL_PREFIX + "extra.weight": torch.zeros(1)
     }
-    checkpoints.save_file(state, tmp_path / "extra.safetensors", {"controlnet": cn.cfg})
+    writers.save_file(state, tmp_path / "extra.safetensors", {"controlnet": cn.cfg})
     with pytest.raises(CheckpointError, match=r"1 unexpected keys.*extra\.weight"):
         checkpoints.load_controlnet(tmp_path / "extra.safetensors")
 
@@ -186,7 +186,7 @@ def test_nan_weights_refused(ours, tmp_path):
     _, cn = ours
     state = {CONTROL_PREFIX + k: v.clone() for k, v in cn.state_dict().items()}
     state[CONTROL_PREFIX + "zero_convs.3.0.weight"][0, 0] = float("nan")
-    checkpoints.save_file(state, tmp_path / "nan.safetensors", {"controlnet": cn.cfg})
+    writers.save_file(state, tmp_path / "nan.safetensors", {"controlnet": cn.cfg})
     with pytest.raises(CheckpointError, match="NaN or infinite.*zero_convs.3.0.weight"):
         checkpoints.load_controlnet(tmp_path / "nan.safetensors")
 
@@ -207,7 +207,7 @@ def test_loaded_weights_own_aligned_storage(ours, tmp_path):
     """The file reader's buffers sit at arbitrary offsets; on AVX-512 CPUs oneDNN's results depend on alignment, so
     the same weights from two formats gave different last bits until every tensor was copied to its own storage."""
     _, cn = ours
-    checkpoints.save_controlnet(cn, tmp_path / "bare.safetensors", fmt="bare")
+    writers.save_controlnet(cn, tmp_path / "bare.safetensors", fmt="bare")
     raw = checkpoints.read_file(tmp_path / "bare.safetensors")
     assert any(v.data_ptr() % 64 for v in raw.values())  # what the reader gives (why the copy is needed)
     loaded = checkpoints.load_controlnet(tmp_path / "bare.safetensors")

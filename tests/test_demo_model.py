@@ -14,7 +14,7 @@ N = 12  # a quick version of `python -m cldm demo-eval` (the README reports the 
 
 @pytest.fixture(scope="module")
 def demo():
-    from cldm import demo_eval
+    from cldm.training import demo_eval
 
     assert (DEMO / demo_eval.DEMO_BASE).is_file(), "assets/demo is part of the project: it must be there"
     return demo_eval.load_demo(DEMO)
@@ -24,7 +24,7 @@ def test_demo_model_follows_hints_and_prompts(demo):
     """What the shipped model measured at N=12 (canny F1 0.73 vs 0.36 off, scribble 0.64, seg 0.83; prompt colour,
     hinted shape and both 11/12; sketched triangle in the named colours 10/12), held with a margin of about two
     pictures (other CPUs round differently, which can flip a picture)."""
-    from cldm import demo_eval
+    from cldm.training import demo_eval
 
     report = demo_eval.evaluate(*demo, n=N)  # the demo settings (demo_eval.STEPS, CFG)
     for hint in ("canny", "scribble", "seg"):
@@ -42,19 +42,22 @@ def test_demo_files_are_small():
 
 
 def test_offline_app_falls_back_to_the_demo_model(monkeypatch):
-    import app
+    import studio
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    base, is_demo, banner = app.choose_base("stable-diffusion-v1-5/stable-diffusion-v1-5", demo=False)
-    assert is_demo and base.endswith("shapes_sd.safetensors") and "hub cannot be reached" in banner
-    base, is_demo, _ = app.choose_base(str(DEMO / "shapes_sd.safetensors"), demo=False)
-    assert not is_demo  # a local file is used as given
+    base, card, banner = studio.choose_base("stable-diffusion-v1-5/stable-diffusion-v1-5", demo=False)
+    assert card is not None and base.endswith("shapes_sd.safetensors") and "hub cannot be reached" in banner
+    assert card.size == 64 and card.conditions == ("canny", "scribble", "seg")
+    local = str(DEMO / "shapes_sd.safetensors")
+    base, card, banner = studio.choose_base(local, demo=False)
+    assert base == local and card.name == "demo"  # a local file is used as given, with the card beside it
+    assert studio.choose_base(str(DEMO / "control_v11p_sd15_canny.safetensors"), demo=False)[1] is None
 
 
 def test_swapping_controlnets_in_the_running_demo_app(demo_app, tmp_path):
     from gradio_client import Client, handle_file
 
-    from cldm.shapes import make_sample
+    from cldm.training.shapes import make_sample
 
     url, manager = demo_app
     client = Client(url, verbose=False)

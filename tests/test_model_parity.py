@@ -110,9 +110,10 @@ def test_real_sd15_unet_and_controlnet_match_at_small_latent():
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     from cldm import keymaps
-    from cldm.checkpoints import _our_keys, build, from_diffusers
+    from cldm.checkpoints import _our_keys, build
     from cldm.config import UNetConfig
     from cldm.controlnet import ControlNet
+    from cldm.keymaps import from_diffusers
     from cldm.unet import UNet
 
     torch.manual_seed(0)

@@ -11,7 +11,8 @@ from PIL import Image
 
 from cldm import checkpoints
 from cldm.__main__ import main
-from cldm.pipeline import Control, generate
+from cldm.pipeline import generate
+from cldm.request import ControlUnit, GenerationRequest
 
 SIZE = 64
 PIXEL_TOL = 2  # out of 255, per pixel
@@ -37,6 +38,10 @@ def _ref(pipe, scheduler_name, **kw):
     seed = kw.pop("seed")
     out = pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="np", width=SIZE, height=SIZE, **kw)
     return (out.images * 255).round().astype(np.uint8)
+
+
+def _gen(sd, prompt, negative="", units=(), **kw):
+    return generate(sd, GenerationRequest(prompt, negative, tuple(units), **kw))
 
 
 def _diff(a, b) -> int:
@@ -72,11 +77,11 @@ def test_guess_mode_and_start_end_match_diffusers(ours, ref_pipe, guess_mode):
     kw = dict(prompt="a red square", negative_prompt="", num_inference_steps=8, guidance_scale=6.0, seed=1)
     ref = _ref(ref_pipe, "euler_a", image=Image.fromarray(_hint()), guess_mode=guess_mode,
                control_guidance_start=0.2, control_guidance_end=0.7, **kw)  # fmt: skip
-    ours_ = generate(sd, "a red square", "", [Control(cn, _hint(), 1.0, 0.2, 0.7)], steps=8, cfg_scale=6.0,
+    ours_ = _gen(sd, "a red square", "", [ControlUnit(cn, _hint(), 1.0, 0.2, 0.7)], steps=8, cfg_scale=6.0,
                      sampler="euler_a", seed=1, width=SIZE, height=SIZE, guess_mode=guess_mode, guess_style="diffusers")  # fmt: skip
     assert _diff(ours_.images[0], ref[0]) <= PIXEL_TOL
     # and start/end really matter: always-on control gives another picture
-    always = generate(sd, "a red square", "", [Control(cn, _hint(), 1.0)], steps=8, cfg_scale=6.0, sampler="euler_a",
+    always = _gen(sd, "a red square", "", [ControlUnit(cn, _hint(), 1.0)], steps=8, cfg_scale=6.0, sampler="euler_a",
                       seed=1, width=SIZE, height=SIZE, guess_mode=guess_mode, guess_style="diffusers")  # fmt: skip
     assert _diff(always.images[0], ours_.images[0]) > 5
 
@@ -96,10 +101,10 @@ def test_multi_controlnet_matches_diffusers(ours, tiny_dirs, ref_pipe):
     ref = _ref(pipe, "ddim", prompt="a cat", image=[Image.fromarray(_hint(0)), Image.fromarray(_hint(1))],
                num_inference_steps=6, guidance_scale=5.0, seed=3, controlnet_conditioning_scale=[1.0, 0.5],
                control_guidance_start=[0.0, 0.3], control_guidance_end=[0.8, 1.0])  # fmt: skip
-    controls = [Control(cn, _hint(0), 1.0, 0.0, 0.8), Control(cn_b, _hint(1), 0.5, 0.3, 1.0)]
-    out = generate(sd, "a cat", "", controls, steps=6, cfg_scale=5.0, seed=3, width=SIZE, height=SIZE)
+    controls = [ControlUnit(cn, _hint(0), 1.0, 0.0, 0.8), ControlUnit(cn_b, _hint(1), 0.5, 0.3, 1.0)]
+    out = _gen(sd, "a cat", "", controls, steps=6, cfg_scale=5.0, seed=3, width=SIZE, height=SIZE)
     assert _diff(out.images[0], ref[0]) <= PIXEL_TOL
-    one = generate(sd, "a cat", "", controls[:1], steps=6, cfg_scale=5.0, seed=3, width=SIZE, height=SIZE)
+    one = _gen(sd, "a cat", "", controls[:1], steps=6, cfg_scale=5.0, seed=3, width=SIZE, height=SIZE)
     assert _diff(one.images[0], out.images[0]) > 5
 
 
@@ -115,8 +120,8 @@ def test_global_average_pooling_runs_on_the_conditional_half(ours, tiny_dirs, re
     ref = _ref(
         pipe, "ddim", prompt="a cat", image=Image.fromarray(_hint()), num_inference_steps=6, guidance_scale=5.0, seed=4
     )
-    out = generate(
-        sd, "a cat", "", [Control(shuffle, _hint())], steps=6, cfg_scale=5.0, seed=4, width=SIZE, height=SIZE
+    out = _gen(
+        sd, "a cat", "", [ControlUnit(shuffle, _hint())], steps=6, cfg_scale=5.0, seed=4, width=SIZE, height=SIZE
     )
     assert _diff(out.images[0], ref[0]) <= PIXEL_TOL
 
@@ -140,7 +145,7 @@ def test_img2img_matches_diffusers(ours, tiny_dirs, ref_pipe):
         seed=5,
         controlnet_conditioning_scale=1.0,
     )  # fmt: skip (the img2img pipeline's default is 0.8)
-    out = generate(sd, "a cat", "", [Control(cn, _hint())], steps=10, cfg_scale=5.0, seed=5, width=SIZE, height=SIZE,
+    out = _gen(sd, "a cat", "", [ControlUnit(cn, _hint())], steps=10, cfg_scale=5.0, seed=5, width=SIZE, height=SIZE,
                    init_image=init, strength=0.6)  # fmt: skip
     assert _diff(out.images[0], ref[0]) <= PIXEL_TOL
     assert "Denoising strength: 0.6" in out.parameters
@@ -154,7 +159,7 @@ def test_inpaint_keeps_the_unmasked_pixels(ours):
     hint = init.astype(np.float32) / 255
     hint[mask > 127] = -1.0  # the inpaint ControlNet's convention: holes are -1
     hint_t = torch.from_numpy(hint).permute(2, 0, 1)[None]
-    out = generate(sd, "a cat", "", [Control(cn, hint_t)], steps=6, cfg_scale=5.0, seed=6, width=SIZE, height=SIZE,
+    out = _gen(sd, "a cat", "", [ControlUnit(cn, hint_t)], steps=6, cfg_scale=5.0, seed=6, width=SIZE, height=SIZE,
                    init_image=init, strength=1.0, mask=mask).images[0]  # fmt: skip
     assert np.array_equal(out[mask == 0], init[mask == 0])
     assert _diff(out[mask > 0], init[mask > 0]) > 20
@@ -193,8 +198,8 @@ def test_bf16_on_cpu(ours):
     sd16 = copy.deepcopy(sd).to(dtype=torch.bfloat16)
     cn16 = copy.deepcopy(cn).to(dtype=torch.bfloat16)
     kw = dict(steps=6, cfg_scale=5.0, seed=2, width=SIZE, height=SIZE)
-    a = generate(sd16, "a cat", "", [Control(cn16, _hint())], **kw).images[0]
-    b = generate(sd, "a cat", "", [Control(cn, _hint())], **kw).images[0]
+    a = _gen(sd16, "a cat", "", [ControlUnit(cn16, _hint())], **kw).images[0]
+    b = _gen(sd, "a cat", "", [ControlUnit(cn, _hint())], **kw).images[0]
     assert np.abs(a.astype(int) - b.astype(int)).mean() < 8  # bf16 keeps 8 bits of mantissa
 
 
@@ -203,13 +208,13 @@ def test_bad_arguments_are_clear(ours):
 
     sd, cn = ours
     with pytest.raises(InputError, match="steps"):
-        generate(sd, "x", steps=0, width=SIZE, height=SIZE)
+        _gen(sd, "x", steps=0, width=SIZE, height=SIZE)
     with pytest.raises(InputError, match="start < end"):
-        generate(sd, "x", controls=[Control(cn, _hint(), start=0.9, end=0.1)], width=SIZE, height=SIZE)
+        _gen(sd, "x", units=[ControlUnit(cn, _hint(), start=0.9, end=0.1)], width=SIZE, height=SIZE)
     with pytest.raises(InputError, match="multiples"):
-        generate(sd, "x", width=SIZE + 1, height=SIZE)
-    with pytest.raises(InputError, match="init image"):
-        generate(sd, "x", width=SIZE, height=SIZE, mask=np.ones((SIZE, SIZE)))
+        _gen(sd, "x", width=SIZE + 1, height=SIZE)
+    with pytest.raises(InputError, match="init_image"):
+        _gen(sd, "x", width=SIZE, height=SIZE, mask=np.ones((SIZE, SIZE)))
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):

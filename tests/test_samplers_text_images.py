@@ -90,22 +90,29 @@ def test_huge_image_refused_before_decoding():
         load_rgb(_encode(big, "PNG", optimize=False, compress_level=1))
 
 
-def test_manager_loads_base_once_and_swaps(tiny_dirs, ours, tmp_path):
-    from cldm import checkpoints
-    from cldm.manager import ControlSpec, ModelManager
+def test_manager_loads_base_once_and_swaps(tiny_dirs, ours, other_controlnet, tmp_path):
+    from cldm import writers
+    from cldm.manager import ModelManager
+    from cldm.request import ControlUnit, GenerationRequest
 
     sd_dir, cn_dir = tiny_dirs
     _, cn = ours
-    checkpoints.save_controlnet(cn, tmp_path / "a.safetensors")
-    checkpoints.save_controlnet(cn, tmp_path / "b.safetensors", fmt="bare")
+    writers.save_controlnet(cn, tmp_path / "a.safetensors")
+    writers.save_controlnet(other_controlnet, tmp_path / "b.safetensors", fmt="bare")  # other weights
     m = ModelManager(str(sd_dir), device="cpu", dtype="fp32", cache_bytes=1)  # room for one cached ControlNet
-    hint = np.zeros((64, 64, 3), np.uint8)
-    kw = dict(steps=2, width=64, height=64, seed=1)
-    first = m.run("x", [ControlSpec(str(tmp_path / "a.safetensors"), hint)], **kw)
-    m.run("x", [ControlSpec(str(tmp_path / "b.safetensors"), hint)], **kw)
-    again = m.run("x", [ControlSpec(str(tmp_path / "a.safetensors"), hint)], **kw)
+    hint = np.full((64, 64, 3), 40, np.uint8)
+    hint[16:48, 16:48] = 255
+
+    def run(name):
+        return m.run(GenerationRequest("x", units=(ControlUnit(str(tmp_path / name), hint),), steps=2, width=64,
+                                       height=64, seed=1))  # fmt: skip
+
+    first, other, again = run("a.safetensors"), run("b.safetensors"), run("a.safetensors")
     assert m.base_loads == 1
+    assert m.controlnet_loads == 3  # the cache holds one: "a" was dropped for "b" and loaded again
     assert np.array_equal(first.images, again.images)
+    assert not np.array_equal(first.images, other.images)  # a mix-up of the two would show
+    assert 'ControlNet 0: "Model: b,' in other.parameters
     assert {"swap", "sampling", "decode"} <= set(first.timings)
     with pytest.raises(InputError, match="no CUDA"):
         if not torch.cuda.is_available():

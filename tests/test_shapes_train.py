@@ -10,14 +10,16 @@ import pytest
 import torch
 
 from cldm import checkpoints
-from cldm.charts import line_chart
 from cldm.config import SDConfig
-from cldm.metrics import canny_edges, edge_f1
-from cldm.pipeline import Control, generate
+from cldm.model_card import card_for
+from cldm.pipeline import generate
+from cldm.request import ControlUnit, GenerationRequest
 from cldm.samplers import TRAIN_STEPS, alphas_cumprod
-from cldm.shapes import CAPTION_WORDS, CLASS_NAMES, COLORS, SEG_PALETTE, SHAPES, make_sample
-from cldm.shapes_vocab import shapes_tokenizer, split_known
-from cldm.train import (
+from cldm.training.charts import line_chart
+from cldm.training.export import demo_card, export
+from cldm.training.metrics import canny_edges, edge_f1
+from cldm.training.shapes import CAPTION_WORDS, CLASS_NAMES, COLORS, SEG_PALETTE, SHAPES, make_sample
+from cldm.training.train import (
     CONTROLNET_FILE,
     MIN_SNR_GAMMA,
     SD_FILE,
@@ -25,13 +27,13 @@ from cldm.train import (
     TrainOptions,
     _noisy,
     eps_loss,
-    export,
     family,
     load_vae,
     train_base,
     train_controlnet,
     train_vae,
 )
+from cldm.training.vocab import shapes_tokenizer
 
 SEEDS = range(40)
 
@@ -112,6 +114,7 @@ def test_tokenizer_has_one_token_per_caption_word(tmp_path):
 
 
 def test_demo_prompts_keep_only_caption_words():
+    split_known = demo_card().split_known
     assert split_known("A green triangle on a white background, best quality") == (
         "a green triangle on a white background",
         ["best", "quality"],
@@ -200,10 +203,15 @@ def test_stages_write_logs_samples_and_loadable_weights(trained, tmp_path):
     cn = checkpoints.load_controlnet(run / "controlnet_canny" / CONTROLNET_FILE)
     assert cn.hint_factor == sd.latent_factor
     hint = make_sample(5, 64).canny
-    out = generate(sd, "a red circle on a blue background", controls=[Control(cn, hint)], steps=2, width=64, height=64)
-    assert out.images.shape == (1, 64, 64, 3)
+    request = GenerationRequest("a red circle on a blue background", units=[ControlUnit(cn, hint)], steps=2, width=64,
+                                height=64)  # fmt: skip
+    assert generate(sd, request).images.shape == (1, 64, 64, 3)
     files = export(run, tmp_path / "demo", hints=("canny",))
-    assert [f.name for f in files] == ["shapes_sd.safetensors", "control_v11p_sd15_canny.safetensors"]
+    names = ["shapes_sd.safetensors", "control_v11p_sd15_canny.safetensors", "model_card.json"]
+    assert [f.name for f in files] == names
+    card = card_for(files[0])  # the card names the ControlNets that were exported, and the demo settings
+    assert card == demo_card(("canny",)) and card.conditions == ("canny",) and card.folder == tmp_path / "demo"
+    assert card_for(tmp_path / "demo" / "control_v11p_sd15_canny.safetensors") is None  # a card is for its base only
     half = checkpoints.read_file(files[0])
     assert all(v.dtype == torch.float16 for v in half.values() if v.is_floating_point())
     sd16 = checkpoints.load_sd(files[0], tokenizer=shapes_tokenizer())  # fp16 on disk, cast back on load
@@ -217,7 +225,7 @@ def test_stages_write_logs_samples_and_loadable_weights(trained, tmp_path):
 def test_controlnets_share_one_encoded_pool(trained):
     from dataclasses import replace
 
-    from cldm.train import controlnet_pool
+    from cldm.training.train import controlnet_pool
 
     pool = controlnet_pool(trained, ("canny", "scribble"))
     mean, std, captions, hints = pool.get([3, 1], "scribble")

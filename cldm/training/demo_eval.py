@@ -18,12 +18,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from . import checkpoints
+from .. import checkpoints
+from ..controlnet import ControlNet
+from ..pipeline import generate
+from ..request import ControlUnit, GenerationRequest
+from ..sd import StableDiffusion
 from .charts import image_grid
-from .controlnet import ControlNet
 from .metrics import canny_edges, edge_f1
-from .pipeline import Control, generate
-from .sd import StableDiffusion
 from .shapes import COLORS, HINTS, SHAPES, Shape, caption, make_sample
 
 # Training draws seeds from 0 up and the periodic evaluations from 1e9 up: these were never seen.
@@ -95,11 +96,14 @@ def evaluate(model: StableDiffusion, cns: dict[str, ControlNet], n: int = 24, st
     kw = dict(steps=steps, cfg_scale=cfg, width=size, height=size, sampler=SAMPLER)
     rows: list[list[np.ndarray]] = []
     samples = [make_sample(UNSEEN_SEED + 10_000 + i, size) for i in range(n)]
-    off = [generate(model, s.caption, seed=i, **kw).images[0] for i, s in enumerate(samples)]
+    off = [generate(model, GenerationRequest(s.caption, seed=i, **kw)).images[0] for i, s in enumerate(samples)]
     f1_off = float(np.mean([edge_f1(canny_edges(o), canny_edges(s.image)) for o, s in zip(off, samples)]))
     for hint in HINTS:
         on = [
-            generate(model, s.caption, controls=[Control(cns[hint], s.hint(hint), name=hint)], seed=i, **kw).images[0]
+            generate(
+                model,
+                GenerationRequest(s.caption, units=[ControlUnit(cns[hint], s.hint(hint), name=hint)], seed=i, **kw),
+            ).images[0]
             for i, s in enumerate(samples)
         ]
         f1_on = float(np.mean([edge_f1(canny_edges(o), canny_edges(s.image)) for o, s in zip(on, samples)]))
@@ -110,9 +114,8 @@ def evaluate(model: StableDiffusion, cns: dict[str, ControlNet], n: int = 24, st
 
     colour = shape = both = 0
     for i, s in enumerate(_one_shape_samples(n, size)):
-        pic = generate(model, s.caption, controls=[Control(cns["canny"], s.canny, name="canny")], seed=i, **kw).images[
-            0
-        ]
+        unit = ControlUnit(cns["canny"], s.canny, name="canny")
+        pic = generate(model, GenerationRequest(s.caption, units=[unit], seed=i, **kw)).images[0]
         region = s.labels == 1 + SHAPES.index(s.shapes[0].kind)
         inner = cv2.erode(region.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0  # away from the blurry border
         ok_colour = nearest_colour(np.median(pic[inner if inner.any() else region], axis=0)) == s.shapes[0].color
@@ -127,7 +130,8 @@ def evaluate(model: StableDiffusion, cns: dict[str, ControlNet], n: int = 24, st
     for i in range(n):
         fill, ground = (list(COLORS)[int(k)] for k in rng.choice(len(COLORS), size=2, replace=False))
         prompt = caption([Shape("triangle", fill, (0, 0), 0, 0)], (ground,))  # "a green triangle on a white ..."
-        pic = generate(model, prompt, controls=[Control(cns["scribble"], hint, name="scribble")], seed=i, **kw)
+        unit = ControlUnit(cns["scribble"], hint, name="scribble")
+        pic = generate(model, GenerationRequest(prompt, units=[unit], seed=i, **kw))
         got = [nearest_colour(np.median(pic.images[0][m], axis=0)) for m in (inside, outside)]
         hits += got == [fill, ground]
     report.sketch_rate = hits / n

@@ -40,7 +40,7 @@ SEG_PALETTE = np.array(
     dtype=np.uint8,
 )
 HINTS = ("canny", "scribble", "seg")
-# Every word a caption can hold (the tokenizer in shapes_vocab.py is built from this).
+# Every word a caption can hold (the tokenizer in vocab.py is built from this).
 CAPTION_WORDS = ("a", "an", "and", "on", "background", ",", *COLORS, *SHAPES)
 
 SUPERSAMPLE = 4  # drawn 4x larger, then area-averaged: smooth edges, exact regions

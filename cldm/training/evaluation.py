@@ -8,14 +8,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..controlnet import ControlNet
+from ..pipeline import generate
+from ..request import ControlUnit, GenerationRequest
+from ..sd import StableDiffusion
+from ..vae import AutoencoderKL
 from .charts import image_grid
-from .controlnet import ControlNet
 from .latent_pool import images_to_tensor
 from .metrics import canny_edges, edge_f1
-from .pipeline import Control, generate
-from .sd import StableDiffusion
 from .shapes import make_batch
-from .vae import AutoencoderKL
 
 MIN_GENERATE_SIZE = 64  # pipeline.generate's smallest size; the models are convolutional, so smaller ones sample at 64
 
@@ -60,7 +61,9 @@ def sample_base(
     gen = max(size, MIN_GENERATE_SIZE)
     samples = make_batch(seeds, gen)
     made = [
-        generate(model, s.caption, steps=sample_steps, cfg_scale=cfg_scale, seed=i, width=gen, height=gen).images[0]
+        generate(
+            model, GenerationRequest(s.caption, steps=sample_steps, cfg_scale=cfg_scale, seed=i, width=gen, height=gen)
+        ).images[0]
         for i, s in enumerate(samples)
     ]
     image_grid([[s.image for s in samples], made], _grid_path(folder, step))
@@ -79,18 +82,17 @@ class ControlEval:
         self.refs = [canny_edges(s.image) for s in self.samples]
         self._off: list[np.ndarray] | None = None
 
-    def _generate(self, caption: str, seed: int, controls: list[Control]) -> np.ndarray:
-        return generate(
-            self.base, caption, controls=controls, steps=self.steps, cfg_scale=self.cfg, seed=seed,
-            width=self.size, height=self.size,
-        ).images[0]  # fmt: skip
+    def _generate(self, caption: str, seed: int, units: list[ControlUnit]) -> np.ndarray:
+        request = GenerationRequest(caption, units=units, steps=self.steps, cfg_scale=self.cfg, seed=seed,
+                                    width=self.size, height=self.size)  # fmt: skip
+        return generate(self.base, request).images[0]
 
     @torch.no_grad()
     def __call__(self, cn: ControlNet, folder: Path, step: int) -> dict[str, float]:
         was_training = cn.training
         cn.eval()
         on = [
-            self._generate(s.caption, i, [Control(cn, s.hint(self.hint), name=self.hint)])
+            self._generate(s.caption, i, [ControlUnit(cn, s.hint(self.hint), name=self.hint)])
             for i, s in enumerate(self.samples)
         ]
         cn.train(was_training)

@@ -11,12 +11,11 @@ data; `save_pretrained()` writes it into a folder (tokenizer.json) that `CLIPTok
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from functools import lru_cache
 
+from ..text import _bytes_to_unicode
 from .shapes import CAPTION_WORDS
-from .text import _bytes_to_unicode
 
 END_OF_WORD = "</w>"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -86,15 +85,3 @@ def shapes_tokenizer():
 
 def vocab_size() -> int:
     return len(_cached()[0])
-
-
-def split_known(prompt: str) -> tuple[str, list[str]]:
-    """(prompt with only caption words, the other words): the demo model never saw anything else.
-
-    "A green triangle on a white background, best quality" -> ("a green triangle on a white background", [best,
-    quality]). Unknown words would reach the model as single letters it was never trained on.
-    """
-    words = re.findall(r"[a-z]+|,", prompt.lower())
-    known = [w for w in words if w in CAPTION_WORDS]
-    text = " ".join(known).replace(" ,", ",").strip(", ")
-    return text, [w for w in words if w not in CAPTION_WORDS]

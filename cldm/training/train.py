@@ -1,8 +1,8 @@
 """Training the small shapes model family from scratch: VAE, then text encoder + UNet, then one ControlNet per hint.
 
     run/vae/vae.safetensors                 AutoencoderKL (config, with its fitted latent scale, in the metadata)
-    run/base/sd.safetensors                 original-format SD single file (checkpoints.save_sd)
-    run/controlnet_<hint>/controlnet.safetensors   ControlNet 1.1-style file (checkpoints.save_controlnet)
+    run/base/sd.safetensors                 original-format SD single file (writers.save_sd)
+    run/controlnet_<hint>/controlnet.safetensors   ControlNet 1.1-style file (writers.save_controlnet)
 Every stage folder also has log.jsonl, optimizer.pt, samples/ and curves.png (see trainer.py); a stage that finds
 its checkpoint resumes from it. `export()` writes the fp16 files the app ships (loading casts them back).
 """
@@ -12,33 +12,26 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
-from . import checkpoints
-from .config import SDConfig, TextConfig, UNetConfig, VAEConfig
-from .controlnet import ControlNet
+from .. import checkpoints, writers
+from ..config import SDConfig, TextConfig, UNetConfig, VAEConfig
+from ..controlnet import ControlNet
+from ..samplers import TRAIN_STEPS, alphas_cumprod
+from ..sd import StableDiffusion, random_sd
+from ..vae import AutoencoderKL
+from .evaluation import ControlEval, sample_base, vae_eval
 from .latent_pool import LatentPool, images_to_tensor
-from .samplers import TRAIN_STEPS, alphas_cumprod
-from .sd import StableDiffusion, random_sd
 from .shapes import HINTS, make_batch
-from .shapes_vocab import MAX_LENGTH, shapes_tokenizer, vocab_size
 from .trainer import GRAD_CLIP, Run, lr_at, make_optimizer, run_loop, step_generator
-from .training_eval import ControlEval, sample_base, vae_eval
-from .vae import AutoencoderKL
+from .vocab import MAX_LENGTH, shapes_tokenizer, vocab_size
 
 log = logging.getLogger(__name__)
 
 VAE_FILE, SD_FILE, CONTROLNET_FILE = "vae.safetensors", "sd.safetensors", "controlnet.safetensors"
-# Exported names: the ControlNets take the ControlNet 1.1 file names, so the app's --models-dir lookup finds them.
-EXPORT_BASE, EXPORT_TOKENIZER, EXPORT_CONTROLNET = (
-    "shapes_sd.safetensors",
-    "tokenizer",
-    "control_v11p_sd15_{}.safetensors",
-)
 EVAL_OFFSET = 1_000_000_000  # evaluation pictures come from far past any training index
 SCALE_SAMPLES = 64  # pictures used to fit the latent scale (1 / std of the latents, what 0.18215 is for SD)
 KL_WEIGHT = 1e-5  # per latent element; just enough to keep the posterior from collapsing to a point
@@ -218,7 +211,7 @@ def train_vae(o: TrainOptions) -> Path:
     def save(step: int) -> None:
         vae.cfg = replace(vae.cfg, scale_factor=fit_latent_scale(vae.eval(), fam.size))
         vae.train()
-        checkpoints.save_file(vae.state_dict(), path, {"vae": vae.cfg})
+        writers.save_file(vae.state_dict(), path, {"vae": vae.cfg})
         run.save_optimizer(opt, step)
 
     def evaluate(step: int) -> dict[str, float]:
@@ -297,7 +290,7 @@ def train_base(o: TrainOptions) -> Path:
         return {"loss": loss.item(), "lr": cur}
 
     def save(step: int) -> None:
-        checkpoints.save_sd(model, path)
+        writers.save_sd(model, path)
         run.save_optimizer(opt, step)
 
     def evaluate(step: int) -> dict[str, float]:
@@ -350,7 +343,7 @@ def train_controlnet(o: TrainOptions, hint: str, pool: LatentPool | None = None)
         return {"loss": loss.item(), "lr": cur}
 
     def save(step: int) -> None:
-        checkpoints.save_controlnet(cn, path)
+        writers.save_controlnet(cn, path)
         run.save_optimizer(opt, step)
 
     def evaluate(step: int) -> dict[str, float]:
@@ -359,41 +352,6 @@ def train_controlnet(o: TrainOptions, hint: str, pool: LatentPool | None = None)
     metrics = ("f1_on", "f1_off")
     run_loop(run, start, o.steps, train_step, save, evaluate, o.ckpt_every, o.eval_every, f"cn-{hint}", metrics)
     return path
-
-
-# ------------------------------------------------------------------------------------------------- export
-def export(run: str | os.PathLike, dest: str | os.PathLike, hints=HINTS, dtype=torch.float16) -> list[Path]:
-    """Write the shipped files: base single file, its tokenizer folder, one ControlNet per hint (fp16 by default),
-    and each stage's training curves as report/curves_<stage>.png."""
-    run, dest = Path(run), Path(dest)
-    tok = shapes_tokenizer()
-    model = checkpoints.load_sd(run / "base" / SD_FILE, tokenizer=tok).to(dtype=dtype)
-    out = [dest / EXPORT_BASE]
-    checkpoints.save_sd(model, out[0])
-    tok.save_pretrained(str(dest / EXPORT_TOKENIZER))
-    for hint in hints:
-        src = run / f"controlnet_{hint}" / CONTROLNET_FILE
-        if not src.is_file():
-            log.warning("no %s ControlNet in %s: not exported", hint, run)
-            continue
-        out.append(dest / EXPORT_CONTROLNET.format(hint))
-        checkpoints.save_controlnet(checkpoints.load_controlnet(src).to(dtype), out[-1])
-    # the README's training curves come with the weights they describe
-    for stage in ("vae", "base", *(f"controlnet_{h}" for h in hints)):
-        if (run / stage / "curves.png").is_file():
-            (dest / "report").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(run / stage / "curves.png", dest / "report" / f"curves_{stage}.png")
-    return out
-
-
-def parameter_counts(preset: str) -> dict[str, int]:
-    """Parameters of each model of a family (for reports)."""
-    fam = family(preset)
-    with torch.device("meta"):
-        sd = random_sd(SDConfig(fam.unet, fam.vae, fam.text))
-        cn = ControlNet(fam.unet)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return {"vae": count(sd.vae), "text": count(sd.text), "unet": count(sd.unet), "controlnet": count(cn)}
 
 
 # Steps per stage of `train all` for the demo family (31 min on this project's 2-core AMD EPYC, about 75 min on an

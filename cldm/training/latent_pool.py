@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..vae import AutoencoderKL
 from .shapes import Sample, make_batch
-from .vae import AutoencoderKL
 
 ENCODE_BATCH = 64
 

@@ -1,0 +1,120 @@
+"""The inference commands of `python -m cldm`: generate and convert."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import checkpoints, writers
+from .errors import InputError
+from .images import load_rgb, save_png
+from .manager import ModelManager
+from .model_card import card_for
+from .request import ControlUnit, GenerationRequest
+from .samplers import SAMPLERS
+
+log = logging.getLogger(__name__)
+DEFAULT_SIZE = 512  # SD1.5's native size, for a base without a model card
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="SD1.5 single file (.safetensors/.ckpt) or diffusers pipeline folder")
+    p.add_argument("--controlnet", action="append", default=[], help="ControlNet file or folder (repeatable)")
+    p.add_argument("--hint", action="append", default=[], help="hint image for each --controlnet, used as is")
+    p.add_argument("--control-scale", action="append", type=float, default=[], help="strength per ControlNet (1.0)")
+    p.add_argument("--control-start", action="append", type=float, default=[], help="start fraction per ControlNet (0)")
+    p.add_argument("--control-end", action="append", type=float, default=[], help="end fraction per ControlNet (1)")
+    p.add_argument("--guess-mode", action="store_true", help="ControlNet on the conditional half only, decaying scales")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--clip-skip", type=int, default=1, help="1 = last CLIP layer; 2 = penultimate (anime models)")
+    size_help = f"picture {{}} in px (default: the model card's size, else {DEFAULT_SIZE})"
+    p.add_argument("--width", type=int, help=size_help.format("width"))
+    p.add_argument("--height", type=int, help=size_help.format("height"))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--init-image", help="img2img / inpaint source picture")
+    p.add_argument("--strength", type=float, default=1.0, help="denoising strength with --init-image")
+    p.add_argument("--mask", help="inpaint mask: white = repaint")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16")
+    p.add_argument("--out", default="out.png", help="output PNG (a batch writes out-0.png, out-1.png, ...)")
+
+
+def _per_control(values: list[float], n: int, default: float, name: str) -> list[float]:
+    if not values:
+        return [default] * n
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise InputError(f"give {name} once, or once per --controlnet ({n}); got {len(values)}")
+    return values
+
+
+def request_from_args(a: argparse.Namespace) -> GenerationRequest:
+    """The command line as a GenerationRequest (pictures read, sizes from the model card when not given)."""
+    n = len(a.controlnet)
+    if len(a.hint) != n:
+        raise InputError(f"give one --hint per --controlnet (got {n} ControlNets and {len(a.hint)} hints)")
+    scales = _per_control(a.control_scale, n, 1.0, "--control-scale")
+    starts = _per_control(a.control_start, n, 0.0, "--control-start")
+    ends = _per_control(a.control_end, n, 1.0, "--control-end")
+    units = [
+        ControlUnit(p, load_rgb(h), s, st, e) for p, h, s, st, e in zip(a.controlnet, a.hint, scales, starts, ends)
+    ]
+    card = card_for(a.base)
+    native = card.size if card else DEFAULT_SIZE
+    if card and (a.width is None or a.height is None):
+        log.warning("%s: the model card says its native size is %d px", card.name, native)
+    return GenerationRequest(
+        a.prompt, a.negative_prompt, tuple(units), steps=a.steps, cfg_scale=a.cfg, sampler=a.sampler, eta=a.eta,
+        seed=a.seed, width=native if a.width is None else a.width, height=native if a.height is None else a.height, batch=a.batch, guess_mode=a.guess_mode,
+        clip_skip=a.clip_skip, init_image=load_rgb(a.init_image) if a.init_image else None, strength=a.strength,
+        mask=load_rgb(a.mask)[..., 0] if a.mask else None,
+    )  # fmt: skip
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    request = request_from_args(a).validate()  # before the base model is loaded
+    manager = ModelManager(a.base, device=a.device, dtype=a.dtype)
+    result = manager.run(
+        request, callback=lambda i, total: print(f"\rstep {i}/{total}", end="", file=sys.stderr, flush=True)
+    )
+    print(file=sys.stderr)
+    out = Path(a.out)
+    paths = [out] if a.batch == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(a.batch)]
+    for img, path in zip(result.images, paths):
+        save_png(img, path, result.parameters)
+        print(path)
+    t = result.timings
+    print(f"swap {t['swap']:.2f}s, sampling {t['sampling']:.2f}s, decode {t['decode']:.2f}s", file=sys.stderr)
+
+
+def add_convert_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--to", choices=["original", "diffusers", "bare"], default="original")
+    c.add_argument("--kind", choices=["auto", "sd", "controlnet"], default="auto")
+
+
+def cmd_convert(a: argparse.Namespace) -> None:
+    src = Path(a.src)
+    kind = a.kind
+    if kind == "auto":
+        if src.is_dir():
+            kind = "sd" if (src / "model_index.json").is_file() else "controlnet"
+        else:
+            kind = "sd" if checkpoints.describe(checkpoints.read_file(src)) == "an SD base model" else "controlnet"
+    if kind == "sd":
+        if a.to == "bare":
+            raise InputError("--to bare is for ControlNets; a base model converts to original or diffusers")
+        writers.save_sd(checkpoints.load_sd(src), a.dst, fmt=a.to)
+    else:
+        writers.save_controlnet(checkpoints.load_controlnet(src), a.dst, fmt=a.to)
+    print(f"wrote {a.dst} ({kind}, {a.to} format)")

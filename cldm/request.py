@@ -1,0 +1,211 @@
+"""What one generation asks for: a GenerationRequest with its ControlUnits, validated in one place.
+
+The CLI, the app, the model manager and `pipeline.generate` all speak these two types; nothing else describes a
+request or a ControlNet in it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+from numbers import Real
+
+import numpy as np
+import torch
+
+from .controlnet import ControlNet
+from .errors import InputError
+from .samplers import SAMPLERS
+
+# diffusers' guess mode spaces the 13 scales logarithmically from 0.1 to 1 instead of the original 0.825 decay.
+GUESS_STYLES = ("original", "diffusers")
+MAX_STEPS = 1000  # the training schedule's length: no sampler can take more distinct steps
+MAX_CFG = 100.0
+MIN_SIZE, MAX_SIZE = 64, 4096
+MAX_BATCH = 64
+MAX_CONTROL_SCALE = 10.0
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet in a request: which weights, which hint, how strongly and when.
+
+    `model` is a weight file or folder (the model manager loads it) or an already loaded ControlNet.
+    """
+
+    model: str | os.PathLike | ControlNet
+    hint: np.ndarray | torch.Tensor  # HxWx3 uint8, or (1, 3, H, W) float in [0, 1] (-1 marks inpaint holes)
+    scale: float = 1.0
+    start: float = 0.0  # fraction of the steps before which this ControlNet is off
+    end: float = 1.0  # fraction of the steps after which it is off
+    global_average_pooling: bool | None = None  # None: as the weights say (the original shuffle .pth cannot say)
+    name: str = ""  # shown in the parameters; by default the weight file's stem
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return "controlnet" if isinstance(self.model, ControlNet) else stem(self.model)
+
+    def problems(self, i: int) -> list[str]:
+        """What is wrong with this unit (`i` numbers it in messages); empty when it is fine."""
+        who = f"ControlNet {i + 1} ({self.label})"
+        out = [f"{who}: {p}" for p in _number_problems(self, ("scale", "start", "end"))]
+        if out:
+            return out
+        if not 0 <= self.scale <= MAX_CONTROL_SCALE:
+            out.append(f"{who}: scale must be 0..{MAX_CONTROL_SCALE:g} (got {self.scale})")
+        if not 0 <= self.start < self.end <= 1:
+            out.append(f"{who}: need 0 <= start < end <= 1 (got start {self.start}, end {self.end})")
+        if not isinstance(self.model, (ControlNet, str, os.PathLike)):
+            out.append(
+                f"{who}: model must be a weight file, a folder or a ControlNet (got {type(self.model).__name__})"
+            )
+        hint = self.hint
+        if isinstance(hint, np.ndarray):
+            if hint.ndim != 3 or hint.shape[2] != 3 or hint.dtype != np.uint8 or 0 in hint.shape:
+                out.append(f"{who}: hint must be an HxWx3 uint8 picture (got {hint.dtype} {hint.shape})")
+        elif isinstance(hint, torch.Tensor):
+            if hint.ndim != 4 or hint.shape[:2] != (1, 3) or 0 in hint.shape:
+                out.append(f"{who}: hint tensor must be (1, 3, H, W) (got {tuple(hint.shape)})")
+        else:
+            out.append(f"{who}: hint is missing: give a picture (got {type(hint).__name__})")
+        return out
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything one call of `pipeline.generate` takes, besides the model.
+
+    Classifier-free guidance runs the negative and positive prompt in one batch (off when cfg_scale <= 1). Guess
+    mode runs ControlNets on the conditional half only, with the residual scales of `guess_style`. `init_image`
+    (HxWx3 uint8) with `strength` < 1 is img2img; adding `mask` (HxW, 1 or 255 = repaint) inpaints and keeps the
+    unmasked pixels.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    units: tuple[ControlUnit, ...] = ()
+    steps: int = 20
+    cfg_scale: float = 7.5
+    sampler: str = "ddim"
+    eta: float = 0.0
+    seed: int = 0
+    width: int = 512
+    height: int = 512
+    batch: int = 1
+    guess_mode: bool = False
+    guess_style: str = "original"
+    clip_skip: int = 1
+    init_image: np.ndarray | None = None
+    strength: float = 1.0
+    mask: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "units", tuple(self.units))  # a list given by a caller stays immutable here
+
+    @property
+    def use_cfg(self) -> bool:
+        return self.cfg_scale > 1.0
+
+    def validate(self, latent_factor: int = 8) -> GenerationRequest:
+        """Raise InputError naming every field that is wrong (and what is allowed); return self when all is well."""
+        problems = _text_problems(self) + _number_problems(
+            self, ("steps", "cfg_scale", "eta", "seed", "width", "height", "batch", "clip_skip", "strength")
+        )
+        if not problems:
+            problems += self._range_problems(latent_factor)
+        for i, unit in enumerate(self.units):
+            if not isinstance(unit, ControlUnit):
+                problems.append(f"units[{i}] must be a ControlUnit (got {type(unit).__name__})")
+            else:
+                problems += unit.problems(i)
+        if problems:
+            raise InputError("; ".join(problems))
+        return self
+
+    def _range_problems(self, f: int) -> list[str]:
+        out = []
+        for name in ("steps", "seed", "width", "height", "batch", "clip_skip"):
+            if getattr(self, name) != int(getattr(self, name)):
+                out.append(f"{name} must be a whole number (got {getattr(self, name)})")
+        if not 1 <= self.steps <= MAX_STEPS:
+            out.append(f"steps must be 1..{MAX_STEPS} (got {self.steps})")
+        if not 0 <= self.cfg_scale <= MAX_CFG:
+            out.append(f"cfg_scale (guidance scale) must be 0..{MAX_CFG:g} (got {self.cfg_scale})")
+        if not (MIN_SIZE <= self.width <= MAX_SIZE and MIN_SIZE <= self.height <= MAX_SIZE):
+            out.append(f"width and height must be {MIN_SIZE}..{MAX_SIZE} px (got {self.width}x{self.height})")
+        elif self.width % f or self.height % f:
+            out.append(f"width and height must be multiples of {f} (got {self.width}x{self.height})")
+        if not 1 <= self.batch <= MAX_BATCH:
+            out.append(f"batch must be 1..{MAX_BATCH} (got {self.batch})")
+        if not 0 < self.strength <= 1:
+            out.append(f"strength (denoising strength) must be in (0, 1] (got {self.strength})")
+        if not -(2**63) <= self.seed < 2**64:
+            out.append(f"seed must fit in 64 bits (got {self.seed})")
+        if self.eta < 0:
+            out.append(f"eta must be 0 or more (got {self.eta})")
+        if self.clip_skip < 1:
+            out.append(f"clip_skip must be 1 or more (1 = the last CLIP layer; got {self.clip_skip})")
+        if self.sampler not in SAMPLERS:
+            out.append(f"sampler must be one of {', '.join(sorted(SAMPLERS))} (got {self.sampler!r})")
+        if self.guess_style not in GUESS_STYLES:
+            out.append(f"guess_style must be one of {', '.join(GUESS_STYLES)} (got {self.guess_style!r})")
+        for name in ("init_image", "mask"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, np.ndarray) or value.ndim not in (2, 3) or 0 in value.shape
+            ):
+                out.append(f"{name} must be a picture array (got {type(value).__name__})")
+        if self.init_image is not None and isinstance(self.init_image, np.ndarray) and self.init_image.ndim == 3:
+            if self.init_image.shape[2] != 3 or self.init_image.dtype != np.uint8:
+                out.append(f"init_image must be HxWx3 uint8 (got {self.init_image.dtype} {self.init_image.shape})")
+        if self.mask is not None and self.init_image is None:
+            out.append("mask: inpainting needs an init_image as well as the mask")
+        return out
+
+    def summary(self) -> dict:
+        """The fields as plain values (pictures by their shape), for logs and job manifests."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, np.ndarray):
+                v = f"array{v.shape}"
+            elif f.name == "units":
+                v = [{"model": u.label, "scale": u.scale, "start": u.start, "end": u.end} for u in v]
+            out[f.name] = v
+        return out
+
+
+def _text_problems(r: GenerationRequest) -> list[str]:
+    out = []
+    for name in ("prompt", "negative_prompt"):
+        if not isinstance(getattr(r, name), str):
+            out.append(f"{name} must be text (got {type(getattr(r, name)).__name__})")
+    for name in ("sampler", "guess_style"):
+        if not isinstance(getattr(r, name), str):
+            out.append(f"{name} must be a name (got {type(getattr(r, name)).__name__})")
+    if not isinstance(r.guess_mode, bool | np.bool_):
+        out.append(f"guess_mode must be true or false (got {r.guess_mode!r})")
+    return out
+
+
+def _number_problems(obj, names: tuple[str, ...]) -> list[str]:
+    """Fields that are missing, not numbers (booleans are not numbers here) or not finite."""
+    out = []
+    for name in names:
+        v = getattr(obj, name)
+        if v is None:
+            out.append(f"{name} is missing: give a number")
+        elif isinstance(v, bool) or not isinstance(v, Real):
+            out.append(f"{name} must be a number (got {type(v).__name__})")
+        elif not math.isfinite(v):
+            out.append(f"{name} must be a finite number (got {v})")
+    return out
+
+
+def stem(path: str | os.PathLike) -> str:
+    """A weight file's or folder's name without its extension (what users call the model)."""
+    name = str(path).rstrip("/").split("/")[-1]
+    return name.rsplit(".", 1)[0] if "." in name else name

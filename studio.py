@@ -1,0 +1,246 @@
+"""What the app does, without Gradio: the user's settings as records, hints, requests for the model manager.
+
+`app.py` lays out the widgets and turns their values into the records here; everything a click does is here.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import annotators
+from cldm import weights
+from cldm.errors import InputError
+from cldm.images import array_to_rgb, load_rgb, resize_rgb, save_png
+from cldm.manager import ModelManager
+from cldm.model_card import ModelCard, card_for
+from cldm.request import ControlUnit, GenerationRequest
+from conditions import BY_KEY, Condition
+
+log = logging.getLogger("studio")
+MAX_SEED = 2**31 - 1
+SD15_SIZE = 512
+DEMO_DIR = Path(__file__).parent / "assets" / "demo"
+DEMO_BASE = "shapes_sd.safetensors"
+Progress = Callable[..., None]  # progress(fraction, desc=...), as gr.Progress takes it
+
+
+@dataclass(frozen=True)
+class UnitSettings:
+    """What the user set for one ControlNet: its condition, picture, preprocessor and control sliders."""
+
+    cond: Condition
+    image: object  # a file path, an array, or an ImageEditor dict (background, layers, composite)
+    annotator: str
+    resolution: int
+    params: dict[str, float] = field(default_factory=dict)  # the chosen preprocessor's sliders
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The generation settings every tab shares."""
+
+    prompt: str = ""
+    added_prompt: str = ""
+    negative_prompt: str = ""
+    batch: int = 1
+    width: int = SD15_SIZE
+    height: int = SD15_SIZE
+    steps: int = 20
+    cfg: float = 7.5
+    sampler: str = "dpmpp_2m_karras"
+    seed: int = 12345
+    randomize: bool = True
+    guess_mode: bool = False
+    denoise: float = 1.0
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Where the widgets start: the model card's settings for a model that has one, A1111-like ones for SD1.5."""
+
+    size: int = SD15_SIZE
+    steps: int = 20
+    cfg: float = 7.5
+    sampler: str = "dpmpp_2m_karras"
+    quality_words: bool = True  # the ControlNet 1.1 apps' added / negative prompt
+
+    @classmethod
+    def for_card(cls, card: ModelCard | None) -> Defaults:
+        if card is None:
+            return cls()
+        return cls(card.size, card.steps, card.cfg, card.sampler, quality_words=not card.words)
+
+
+class Studio:
+    """What the handlers share: the model manager, the models folder, the base's model card and the output folder."""
+
+    def __init__(
+        self, manager: ModelManager, models_dir: str | None, out_dir: str | None = None, card: ModelCard | None = None
+    ):
+        self.manager = manager
+        self.models_dir = models_dir
+        self.card = card  # a small model (the demo model): only its conditions work, at its size
+        self.defaults = Defaults.for_card(card)
+        self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="cldm-out-"))
+
+    @property
+    def size(self) -> int:
+        return self.defaults.size
+
+    def available(self, cond: Condition) -> bool:
+        return self.card is None or cond.key in self.card.conditions
+
+    # ------------------------------------------------------------------------------------------------ hints
+    def hint(self, unit: UnitSettings, size: tuple[int, int]) -> np.ndarray:
+        """The hint for one ControlNet, at the size of the pictures to generate (height, width)."""
+        img = editor_image(unit.image)
+        if img is None:
+            raise InputError("Upload an image (or draw on the canvas) first.")
+        if unit.annotator not in unit.cond.annotators:
+            raise InputError(f"{unit.annotator!r} is not a preprocessor for {unit.cond.label}.")
+        return annotators.run(
+            unit.annotator, img, resolution=int(unit.resolution), models_dir=self.models_dir, size=size, **unit.params
+        )
+
+    def _control(self, unit: UnitSettings, s: Settings, progress: Progress):
+        """(ControlUnit, the hint to show, init picture, mask, strength) for one unit."""
+        cond = unit.cond
+        if not self.available(cond):
+            raise InputError(
+                f"The {self.card.name} model only has ControlNets for {', '.join(self.card.conditions)}. For "
+                f"{cond.label}, start the app with SD1.5 weights (python app.py --base <file or folder>) and put "
+                f"{cond.model_file} in the models folder (it is downloaded from {cond.diffusers_repo} when the hub "
+                "can be reached)."
+            )
+        img = editor_image(unit.image)
+        if img is None:
+            raise InputError(f"{cond.label}: upload an image (or draw on the canvas) first.")
+        progress(0, desc=f"{cond.label}: preparing the hint")
+        init, mask, strength = None, None, None
+        w, h = int(s.width), int(s.height)
+        if cond.inpaint:
+            init, mask, hint = inpaint_hint(unit.image, w, h)
+            strength = float(s.denoise)
+        else:
+            hint = self.hint(unit, (h, w))
+            if cond.img2img:
+                init, strength = img, float(s.denoise)
+        shown = hint if isinstance(hint, np.ndarray) else (hint[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy()
+        path = weights.locate_controlnet(cond.stem, cond.diffusers_repo, self.models_dir)
+        control = ControlUnit(str(path), hint, unit.scale, unit.start, unit.end, cond.global_average_pooling or None)
+        return control, shown, init, mask, strength
+
+    # --------------------------------------------------------------------------------------------- generate
+    def request(self, units: list[UnitSettings], s: Settings, seed: int, progress: Progress):
+        """(GenerationRequest, hints to show, a note for the status line) for these units and settings."""
+        controls, shown, init, mask, strength = [], [], None, None, 1.0
+        for unit in units:
+            control, hint, u_init, u_mask, u_strength = self._control(unit, s, progress)
+            controls.append(control)
+            shown.append(hint)
+            if u_strength is not None:  # the last img2img / inpaint unit gives the init picture
+                init, mask, strength = u_init, u_mask, u_strength
+        prompt = ", ".join(p for p in (s.prompt.strip(), s.added_prompt.strip()) if p)
+        negative, note = s.negative_prompt, ""
+        if self.card is not None and self.card.words:  # unknown words would reach the model as letters it never saw
+            (prompt, unknown), (negative, unknown_neg) = self.card.split_known(prompt), self.card.split_known(negative)
+            if unknown or unknown_neg:
+                note = (
+                    f" | left out (not in the {self.card.name} model's vocabulary): {', '.join(unknown + unknown_neg)}"
+                )
+        request = GenerationRequest(
+            prompt, negative, tuple(controls), steps=int(s.steps), cfg_scale=float(s.cfg), sampler=s.sampler,
+            seed=seed, width=int(s.width), height=int(s.height), batch=int(s.batch), guess_mode=bool(s.guess_mode),
+            clip_skip=max([1, *(u.cond.clip_skip for u in units)]), init_image=init, strength=strength, mask=mask,
+        )  # fmt: skip
+        return request, shown, note
+
+    def generate(self, units: list[UnitSettings], s: Settings, progress: Progress):
+        """Run one request: (gallery items: hints then pictures, status line, PNG files with their parameters)."""
+        seed = random.randint(0, MAX_SEED) if s.randomize else int(s.seed)
+        request, shown, note = self.request(units, s, seed, progress)
+        t0 = time.perf_counter()
+        result = self.manager.run(request, callback=lambda i, n: progress(i / n, desc=f"sampling {i}/{n}"))
+        files = []
+        for img in result.images:
+            path = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{seed}-{uuid.uuid4().hex[:6]}.png"
+            save_png(img, path, result.parameters)
+            files.append(str(path))
+        t = result.timings
+        names = ", ".join(str(u.model).rstrip("/").split("/")[-1] for u in request.units)
+        status = (
+            f"Base: {self.manager.sd.source.rstrip('/').split('/')[-1]} | ControlNet: {names} | seed {seed} | "
+            f"swap {t['swap']:.2f}s, sampling {t['sampling']:.2f}s, decode {t['decode']:.2f}s, "
+            f"total {time.perf_counter() - t0:.1f}s on {self.manager.device}{note}"
+        )
+        return [(hh, "hint") for hh in shown] + [(f, f"seed {seed}") for f in files], status, files
+
+
+def editor_image(value) -> np.ndarray | None:
+    """Image or ImageEditor value -> HxWx3 uint8 (None when nothing was given). Drawn strokes are composited."""
+    if value is None:
+        return None
+    if isinstance(value, (str, Path)):
+        return load_rgb(value)
+    if isinstance(value, dict):
+        value = value.get("composite") if value.get("composite") is not None else value.get("background")
+        if value is None:
+            return None
+    return array_to_rgb(np.asarray(value))
+
+
+def inpaint_hint(value, width: int, height: int):
+    """ImageEditor (background + painted layers) -> init picture, mask (255 = repaint) and the inpaint hint."""
+    if not isinstance(value, dict) or value.get("background") is None:
+        raise InputError("Inpaint: upload a picture, then paint over the area to change.")
+    init = resize_rgb(array_to_rgb(np.asarray(value["background"])), width, height)
+    mask = np.zeros(init.shape[:2], bool)
+    for layer in value.get("layers") or []:
+        layer = np.asarray(layer)
+        if layer.ndim == 3:
+            alpha = layer[..., 3] if layer.shape[2] == 4 else layer.max(axis=-1)
+        else:
+            alpha = layer
+        mask |= resize_rgb(array_to_rgb(alpha), width, height)[..., 0] > 127
+    if not mask.any():
+        raise InputError("Inpaint: paint over the area to change (the mask is empty).")
+    hint = init.astype(np.float32) / 255.0
+    hint[mask] = -1.0  # the inpaint ControlNet reads -1 as "to be filled"
+    return init, mask.astype(np.uint8) * 255, torch.from_numpy(hint).permute(2, 0, 1)[None]
+
+
+def choose_base(base: str, demo: bool) -> tuple[str, ModelCard | None, str]:
+    """(base, its model card, banner): the demo model when asked for, or when the SD1.5 weights cannot be had."""
+    if not demo and weights.base_available(base):
+        card = card_for(base)
+        return base, card, f"Base model: `{base}`." + (f" {card.description}" if card else "")
+    if not (DEMO_DIR / DEMO_BASE).is_file():
+        return base, None, f"Base model: `{base}` (not available here, and the demo model is missing too)."
+    card = card_for(DEMO_DIR / DEMO_BASE)
+    why = "as asked (--demo)" if demo else f"because `{base}` is not on this machine and the hub cannot be reached"
+    banner = (
+        f"**Demo model** ({why}): {card.description} The {', '.join(card.conditions)} tabs run on it, e.g. "
+        '"a green triangle on a white background" with a sketched triangle. The other tabs need SD1.5 weights: '
+        "`python app.py --base FILE`."
+    )
+    return str(DEMO_DIR / DEMO_BASE), card, banner
+
+
+def condition(key: str) -> Condition:
+    """The condition table's row for `key`, or a clear error (API callers may send anything)."""
+    if key not in BY_KEY:
+        raise InputError(f"Unknown condition {key!r}; choose one of {', '.join(BY_KEY)}.")
+    return BY_KEY[key]
