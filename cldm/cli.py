@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from .model_card import card_for
 from .request import ControlUnit, GenerationRequest
 from .samplers import SAMPLERS
 
-log = logging.getLogger(__name__)
 DEFAULT_SIZE = 512  # SD1.5's native size, for a base without a model card
 
 
@@ -70,11 +68,10 @@ def request_from_args(a: argparse.Namespace) -> GenerationRequest:
     ]
     card = card_for(a.base)
     native = card.size if card else DEFAULT_SIZE
-    if card and (a.width is None or a.height is None):
-        log.warning("%s: the model card says its native size is %d px", card.name, native)
+    width, height = (native if v is None else v for v in (a.width, a.height))
     return GenerationRequest(
         a.prompt, a.negative_prompt, tuple(units), steps=a.steps, cfg_scale=a.cfg, sampler=a.sampler, eta=a.eta,
-        seed=a.seed, width=native if a.width is None else a.width, height=native if a.height is None else a.height, batch=a.batch, guess_mode=a.guess_mode,
+        seed=a.seed, width=width, height=height, batch=a.batch, guess_mode=a.guess_mode,
         clip_skip=a.clip_skip, init_image=load_rgb(a.init_image) if a.init_image else None, strength=a.strength,
         mask=load_rgb(a.mask)[..., 0] if a.mask else None,
     )  # fmt: skip
@@ -82,6 +79,10 @@ def request_from_args(a: argparse.Namespace) -> GenerationRequest:
 
 def cmd_generate(a: argparse.Namespace) -> None:
     request = request_from_args(a).validate()  # before the base model is loaded
+    card = card_for(a.base)
+    if card and (a.width is None or a.height is None):
+        print(f"{card.name} model: its native size is {card.size} px (model card); "
+              f"making {request.width}x{request.height}", file=sys.stderr)  # fmt: skip
     manager = ModelManager(a.base, device=a.device, dtype=a.dtype)
     result = manager.run(
         request, callback=lambda i, total: print(f"\rstep {i}/{total}", end="", file=sys.stderr, flush=True)

@@ -88,25 +88,28 @@ def test_scribble_canvas_shuffle_and_multi(client, square, tmp_path, running_app
     assert running_app[1].base_loads == 1
 
 
-def test_multi_units_have_their_own_preprocessor_sliders_and_resolution(client, square):
+def test_multi_units_have_their_own_preprocessor_sliders_and_resolution(client, tmp_path):
     """Each Multi unit's preprocessor sliders and resolution reach its preprocessor (they were fixed defaults)."""
     from gradio_client import handle_file
 
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.normal(128, 6, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)  # faint noise...
+    img[16:48, 16:48] = (200, 30, 30)  # ...around a strong square
+    Image.fromarray(img).save(tmp_path / "noisy.png")
     off = _multi(False, "depth", None, "depth_midas")
 
-    def hints(**canny):
-        units = [*_multi(True, "canny", handle_file(square), "canny", **canny), *off, *off]
+    def hint(**canny):
+        units = [*_multi(True, "canny", handle_file(str(tmp_path / "noisy.png")), "canny", **canny), *off, *off]
         gallery, _, _ = client.predict(*units, *SETTINGS.values(), api_name="/multi_run")
-        return np.asarray(Image.open(gallery[0]["image"]))  # the first gallery item is the unit's hint
+        return np.asarray(Image.open(gallery[0]["image"]))[..., 0] > 127  # the first gallery item is the hint
 
-    default = hints()
-    assert default.shape[:2] == (SIZE, SIZE) and default.max() == 255  # the square's outline
-    assert hints(low_threshold=255, high_threshold=255).max() == 0  # thresholds above every gradient: no edges
-    coarse = hints(resolution=128)  # detection at 128 px, then resized: other edges than at 64 px
-    assert not np.array_equal(coarse, default)
-    with pytest.raises(Exception, match="high_threshold"):
-        client.predict(*_multi(True, "canny", handle_file(square), "canny", high_threshold=999), *off, *off,
-                       *SETTINGS.values(), api_name="/multi_run")  # fmt: skip
+    default = hint()
+    assert default.shape == (SIZE, SIZE) and 0 < default.mean() < 0.2  # the square's outline only
+    assert hint(low_threshold=5, high_threshold=10).mean() > 2 * default.mean()  # the noise's edges too
+    assert not np.array_equal(hint(resolution=256), default)  # detected at 256 px, then resized: other edges
+    with pytest.raises(Exception, match="greater than maximum value 255"):  # each unit's sliders keep their range
+        client.predict(*_multi(True, "canny", handle_file(str(tmp_path / "noisy.png")), "canny", high_threshold=999),
+                       *off, *off, *SETTINGS.values(), api_name="/multi_run")  # fmt: skip
 
 
 def test_bad_inputs_get_clear_messages_and_the_server_keeps_going(client, square, tmp_path):
@@ -159,7 +162,11 @@ def test_concurrent_requests_give_the_sequential_images(client, square, tmp_path
         ("/shuffle_run", _unit(handle_file(square), "shuffle", (5,)), 13),
         # the same hint and seed through two ControlNets with different weights
         ("/canny_run", _unit(handle_file(square), "none", (100, 200)), 14),
-        ("/scribble_run", _unit(handle_file(square), "none"), 14),
+        (
+            "/scribble_run",
+            _unit({"background": handle_file(square), "layers": [], "composite": handle_file(square)}, "none"),
+            14,
+        ),
     ]
 
     def args(unit, seed):

@@ -147,7 +147,9 @@ def test_request_fields_are_named_in_one_message():
     assert GenerationRequest("a", units=[ControlUnit("x", hint)]).validate().units[0].label == "x"
 
 
-def test_a_controlnet_of_another_family_is_refused_before_sampling(ours, misfit_controlnet, tmp_path, capsys):
+def test_a_controlnet_of_another_family_is_refused_before_sampling(
+    tiny_dirs, ours, misfit_controlnet, tmp_path, capsys
+):
     from cldm import writers
     from cldm.__main__ import main
     from cldm.errors import InputError
@@ -158,15 +160,16 @@ def test_a_controlnet_of_another_family_is_refused_before_sampling(ours, misfit_
     steps = []
     request = GenerationRequest("a", units=[ControlUnit(misfit_controlnet, np.zeros((64, 64, 3), np.uint8))],
                                 steps=2, width=64, height=64)  # fmt: skip
-    with pytest.raises(InputError, match=r"does not fit this base model.*block widths \[64, 128\].*block widths"):
+    with pytest.raises(
+        InputError, match=r"does not fit this base model.*block widths \[64, 128, 128\].*block widths \[32, 64, 64\]"
+    ):
         generate(sd, request, callback=lambda i, n: steps.append(i))
     assert steps == []  # not one step ran
-    writers.save_sd(sd, tmp_path / "base.safetensors")
     writers.save_controlnet(misfit_controlnet, tmp_path / "misfit.safetensors")
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "hint.png")
-    code = main(["generate", "--base", str(tmp_path / "base.safetensors"), "--controlnet",
+    code = main(["generate", "--base", str(tiny_dirs[0]), "--controlnet",
                  str(tmp_path / "misfit.safetensors"), "--hint", str(tmp_path / "hint.png"), "--prompt", "a",
                  "--width", "64", "--height", "64", "--out", str(tmp_path / "out.png")])  # fmt: skip
     err = capsys.readouterr().err
-    assert code == 2 and "misfit does not fit the base model" in err and "text context" in err
+    assert code == 2 and "misfit.safetensors does not fit the base model" in err and "text context" in err
     assert "step" not in err.replace("steps", "") and not (tmp_path / "out.png").exists()
