@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+import warnings
+from dataclasses import replace
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -23,7 +23,8 @@ from cldm.manager import ModelManager
 from cldm.samplers import SAMPLERS
 from cldm.weights import DEFAULT_BASE_REPO
 from conditions import ADDED_PROMPT, CONDITIONS, EXAMPLES_DIR, NEGATIVE_PROMPT, Condition
-from studio import MAX_SEED, Settings, Studio, UnitSettings, choose_base, condition
+from forms import Form, SettingsPanel, SizePanel, UnitPanel
+from studio import MAX_SEED, Limits, Studio, choose_base, condition
 
 log = logging.getLogger("app")
 MAX_UNITS = 3  # ControlNets in the Multi tab
@@ -43,117 +44,31 @@ def upload_image(**kwargs) -> gr.Image:
     return component
 
 
-def friendly(fn):
-    """Handler wrapper: our errors become a message in the UI; anything else is logged, never shown raw."""
+def friendly(studio: Studio):
+    """Handler wrapper: our errors become a message in the UI (no server paths, HTML-escaped) and one log line;
+    anything else is logged with its traceback, once, and shown only by its type."""
 
-    @functools.wraps(fn)  # Gradio reads the signature (the progress parameter) through __wrapped__
-    def wrapped(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (CldmError, annotators.AnnotatorError) as e:
-            raise gr.Error(str(e)) from e
-        except torch.cuda.OutOfMemoryError as e:
-            raise gr.Error("Out of GPU memory: lower the resolution or the number of images.") from e
-        except Exception as e:
-            log.exception("unexpected error")
-            raise gr.Error(f"Internal error ({type(e).__name__}); the server log has the details.") from e
+    def wrap(fn):
+        @functools.wraps(fn)  # Gradio reads the signature (the progress parameter) through __wrapped__
+        def wrapped(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (CldmError, annotators.AnnotatorError) as e:
+                message = studio.public(str(e))
+                log.info("refused %s: %s", fn.__name__, message)
+                raise gr.Error(message, print_exception=False) from e
+            except torch.cuda.OutOfMemoryError as e:
+                log.warning("out of GPU memory in %s", fn.__name__)
+                message = "Out of GPU memory: lower the resolution or the number of images."
+                raise gr.Error(message, print_exception=False) from e
+            except Exception as e:
+                log.exception("unexpected error in %s", fn.__name__)
+                message = f"Internal error ({type(e).__name__}); the server log has the details."
+                raise gr.Error(message, print_exception=False) from e
 
-    return wrapped
+        return wrapped
 
-
-# ----------------------------------------------------------------------------------------------- records
-class Form:
-    """Panels whose widgets a handler takes as inputs: Gradio passes their values by position, `read` gives them
-    back as one record per panel."""
-
-    def __init__(self, *panels):
-        self.panels = panels
-
-    @property
-    def inputs(self) -> list:
-        return [w for p in self.panels for w in p.inputs]
-
-    def read(self, values) -> tuple:
-        it = iter(values)
-        records = tuple(p.read(it) for p in self.panels)
-        if next(it, None) is not None:
-            raise InputError("Too many values for this endpoint: check the API's parameter list.")
-        return records
-
-
-def _take(it: Iterator, names: list[str]) -> dict:
-    got = list(itertools.islice(it, len(names)))
-    if len(got) != len(names):
-        raise InputError(f"Missing values for this endpoint: expected {', '.join(names)}.")
-    return dict(zip(names, got))
-
-
-@dataclass
-class SettingsPanel:
-    """The shared generation settings: one widget per field of `studio.Settings`."""
-
-    widgets: dict[str, gr.components.Component]
-
-    @property
-    def inputs(self) -> list:
-        return [self.widgets[f.name] for f in fields(Settings)]
-
-    def read(self, it: Iterator) -> Settings:
-        return Settings(**_take(it, [f.name for f in fields(Settings)]))
-
-
-@dataclass
-class SizePanel:
-    """Width and height only (what the hint preview needs of the settings)."""
-
-    width: gr.Slider
-    height: gr.Slider
-
-    @property
-    def inputs(self) -> list:
-        return [self.width, self.height]
-
-    def read(self, it: Iterator) -> tuple[int, int]:
-        v = _take(it, ["width", "height"])
-        return int(v["height"]), int(v["width"])
-
-
-UNIT_FIELDS = ("image", "annotator", "resolution", "scale", "start", "end")
-
-
-@dataclass
-class UnitPanel:
-    """One ControlNet's widgets: picture, preprocessor with its sliders, resolution, strength, start and end.
-
-    A condition tab's panel has one condition; the Multi tab's panels add an on/off box and a condition choice.
-    """
-
-    image: gr.components.Component
-    annotator: gr.Dropdown
-    resolution: gr.Slider
-    scale: gr.Slider
-    start: gr.Slider
-    end: gr.Slider
-    params: dict[tuple[str, str], gr.Slider] = field(default_factory=dict)  # (preprocessor, parameter) -> slider
-    cond: Condition | None = None  # fixed condition (a condition tab)
-    enabled: gr.Checkbox | None = None  # Multi
-    choice: gr.Dropdown | None = None  # Multi: the condition
-
-    @property
-    def inputs(self) -> list:
-        head = [] if self.choice is None else [self.enabled, self.choice]
-        return head + [getattr(self, k) for k in UNIT_FIELDS] + list(self.params.values())
-
-    def read(self, it: Iterator) -> UnitSettings | None:
-        """The unit's settings, or None for a Multi unit that is switched off."""
-        head = {} if self.choice is None else _take(it, ["enabled", "condition"])
-        v = _take(it, list(UNIT_FIELDS))
-        params = dict(zip(self.params, _take(it, [f"{a}:{p}" for a, p in self.params]).values()))
-        if head and not head["enabled"]:
-            return None
-        cond = self.cond or condition(head["condition"])
-        chosen = {p: value for (a, p), value in params.items() if a == v["annotator"]}
-        return UnitSettings(cond, v["image"], v["annotator"], v["resolution"], chosen, v["scale"], v["start"], v["end"])
+    return wrap
 
 
 # ------------------------------------------------------------------------------------------------------ UI
@@ -261,12 +176,12 @@ def condition_tab(studio: Studio, cond: Condition) -> None:
     preview_form = Form(unit, SizePanel(settings.widgets["width"], settings.widgets["height"]))
     run_form = Form(unit, settings)
 
-    @friendly
+    @friendly(studio)
     def do_preview(*values):
         u, size = preview_form.read(values)
         return studio.hint(u, size)
 
-    @friendly
+    @friendly(studio)
     def do_run(*values, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for a progress bar)
         u, s = run_form.read(values)
         return studio.generate([u], s, progress)
@@ -301,7 +216,7 @@ def multi_tab(studio: Studio) -> None:
             files = gr.Files(label="Download PNGs (with parameters)")
     form = Form(*units, settings)
 
-    @friendly
+    @friendly(studio)
     def do_run(*values, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for a progress bar)
         *chosen, s = form.read(values)
         chosen = [u for u in chosen if u is not None]
@@ -312,8 +227,9 @@ def multi_tab(studio: Studio) -> None:
     run.click(do_run, form.inputs, [gallery, status, files], api_name="multi_run")
 
 
-def build_app(studio: Studio, banner: str = "") -> gr.Blocks:
-    with gr.Blocks(title="ControlNet studio") as demo:
+def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | None = (3600, 86400)) -> gr.Blocks:
+    """The whole UI. Gradio's copies of uploads and results are deleted once a day old (checked hourly)."""
+    with gr.Blocks(title="ControlNet studio", delete_cache=delete_cache) as demo:
         gr.Markdown("# ControlNet studio\nStable Diffusion 1.5 + ControlNet 1.1. " + banner)
         with gr.Tabs():
             for cond in CONDITIONS:
@@ -322,6 +238,34 @@ def build_app(studio: Studio, banner: str = "") -> gr.Blocks:
             with gr.Tab("Multi", id="multi"):
                 multi_tab(studio)
     return demo
+
+
+def read_auth(pairs: list[str], auth_file: str | None) -> list[tuple[str, str]]:
+    """`user:password` pairs from --auth and from an auth file (one pair per line; blank lines and # comments
+    skipped)."""
+    lines = list(pairs)
+    if auth_file:
+        try:
+            text = Path(auth_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise SystemExit(f"error: cannot read the auth file {auth_file}: {e.strerror}") from e
+        lines += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    out = []
+    for line in lines:
+        user, sep, password = line.partition(":")
+        if not sep or not user or not password:
+            raise SystemExit("error: --auth and auth file lines take the form user:password (both non-empty)")
+        out.append((user, password))
+    return out
+
+
+def quiet_dependencies() -> None:
+    """The dependencies' import-time notices (controlnet-aux without mediapipe, timm's model registry, deprecations)
+    say nothing a user of this app can act on."""
+    for pattern in (r".*mediapipe.*", r"Overwriting .* in registry", r".*deprecated.*", r".*will be removed.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -333,19 +277,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache-gb", type=float, default=4.0, help="CPU memory for cached ControlNets")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--share", action="store_true", help="make a public gradio.live link")
+    p.add_argument("--share", action="store_true", help="make a public gradio.live link (use it with --auth)")
+    p.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD", help="require a login (repeatable)")
+    p.add_argument("--auth-file", help="a file of USER:PASSWORD lines (keeps passwords out of the process list)")
     p.add_argument("--queue-size", type=int, default=16)
+    p.add_argument("--max-work", type=float, help="megapixel-steps one request may take (default: 32 on the CPU, "
+                   "400 on CUDA; 512x512 x 20 steps x 1 picture is 5.2)")  # fmt: skip
+    p.add_argument("--keep-outputs", type=int, default=500, help="result PNGs kept on the server (oldest go first)")
     p.add_argument("--demo", action="store_true", help="use the small shapes model shipped in assets/demo")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_dependencies()
+    auth = read_auth(a.auth, a.auth_file)
+    if a.share and not auth:
+        log.warning("--share without --auth: anyone with the link can use every endpoint of this server")
     base, card, banner = choose_base(a.base, a.demo)
     manager = ModelManager(base, device=a.device, dtype=a.dtype, cache_bytes=int(a.cache_gb * 1024**3))
+    limits = Limits.for_device(manager.device.type)
+    limits = replace(limits, keep_outputs=a.keep_outputs, **({} if a.max_work is None else {"max_work": a.max_work}))
     # a model with a card (the demo model) ships its ControlNets beside it
-    studio = Studio(manager, str(card.folder) if card else a.models_dir, card=card)
+    studio = Studio(manager, str(card.folder) if card else a.models_dir, card=card, limits=limits)
     demo = build_app(studio, banner=f"{banner} Device: {manager.device}.")
     demo.queue(max_size=a.queue_size, default_concurrency_limit=1)
     demo.launch(server_name=a.host, server_port=a.port, share=a.share, max_file_size=MAX_FILE_SIZE,
-                allowed_paths=[str(studio.out_dir)], show_error=True)  # fmt: skip
+                allowed_paths=[str(studio.out_dir)], show_error=True, auth=auth or None)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import html
 import logging
 import random
+import re
 import tempfile
 import time
 import uuid
@@ -84,17 +86,69 @@ class Defaults:
         return cls(card.size, card.steps, card.cfg, card.sampler, quality_words=not card.words)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of a shared server, and how much output it keeps.
+
+    `max_work` is in megapixel-steps: width x height x steps actually run x pictures / 1e6. 512x512, 20 steps, one
+    picture is 5.2; the default (32) allows 512 px x 20 steps x 4 pictures or one 1024 px picture with 30 steps,
+    minutes each on a 2-core CPU. A GPU server can allow far more (`python app.py --max-work`).
+    """
+
+    max_work: float = 32.0
+    keep_outputs: int = 500  # result PNGs kept in the output folder (the oldest go first)
+    keep_hours: float = 24.0  # and none older than this
+
+    @classmethod
+    def for_device(cls, device_type: str) -> Limits:
+        return cls(max_work=400.0) if device_type == "cuda" else cls()
+
+
 class Studio:
-    """What the handlers share: the model manager, the models folder, the base's model card and the output folder."""
+    """What the handlers share: the model manager, the models folder, the base's model card, the output folder and
+    the per-request limits."""
 
     def __init__(
-        self, manager: ModelManager, models_dir: str | None, out_dir: str | None = None, card: ModelCard | None = None
-    ):
+        self, manager: ModelManager, models_dir: str | None, out_dir: str | None = None, card: ModelCard | None = None,
+        limits: Limits | None = None,
+    ):  # fmt: skip
         self.manager = manager
         self.models_dir = models_dir
         self.card = card  # a small model (the demo model): only its conditions work, at its size
         self.defaults = Defaults.for_card(card)
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="cldm-out-"))
+        self.limits = limits or Limits.for_device(manager.device.type)
+
+    # ------------------------------------------------------------------------------------------------ messages
+    def public(self, message: str) -> str:
+        """An error message as a user may see it: no server paths (the models folder, upload folders, this
+        program's folders), and HTML-escaped, since it may repeat what the user sent."""
+        folders = [f for f in (self.models_dir, self.out_dir) if f]
+        for folder in sorted(
+            {str(Path(f).resolve()) for f in folders} | {str(f) for f in folders}, key=len, reverse=True
+        ):
+            message = message.replace(folder.rstrip("/") + "/", "")
+        message = _ABSOLUTE_PATH.sub(lambda m: m.group(1) + Path(m.group(2)).name, message)
+        return html.escape(message, quote=False)
+
+    def check_work(self, s: Settings) -> None:
+        """Refuse a request over the work budget before any preprocessor or model runs."""
+        steps = int(s.steps) if s.denoise >= 1 else max(1, int(int(s.steps) * float(s.denoise)))
+        work = int(s.width) * int(s.height) * steps * int(s.batch) / 1e6
+        if work > self.limits.max_work:
+            raise InputError(
+                f"This request is {work:.0f} megapixel-steps ({int(s.width)}x{int(s.height)} px x {steps} steps x "
+                f"{int(s.batch)} pictures); this server allows {self.limits.max_work:g} per request. Lower the size, "
+                "the steps or the number of pictures."
+            )
+
+    def _prune_outputs(self) -> None:
+        """Keep the output folder bounded: at most `keep_outputs` PNGs, none older than `keep_hours`."""
+        pngs = sorted(self.out_dir.glob("*.png"), key=lambda p: p.stat().st_mtime, reverse=True)
+        cutoff = time.time() - self.limits.keep_hours * 3600
+        for i, path in enumerate(pngs):
+            if i >= self.limits.keep_outputs or path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
 
     @property
     def size(self) -> int:
@@ -170,6 +224,7 @@ class Studio:
 
     def generate(self, units: list[UnitSettings], s: Settings, progress: Progress):
         """Run one request: (gallery items: hints then pictures, status line, PNG files with their parameters)."""
+        self.check_work(s)
         seed = random.randint(0, MAX_SEED) if s.randomize else int(s.seed)
         request, shown, note = self.request(units, s, seed, progress)
         t0 = time.perf_counter()
@@ -179,6 +234,7 @@ class Studio:
             path = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{seed}-{uuid.uuid4().hex[:6]}.png"
             save_png(img, path, result.parameters)
             files.append(str(path))
+        self._prune_outputs()
         t = result.timings
         names = ", ".join(str(u.model).rstrip("/").split("/")[-1] for u in request.units)
         status = (
@@ -187,6 +243,10 @@ class Studio:
             f"total {time.perf_counter() - t0:.1f}s on {self.manager.device}{note}"
         )
         return [(hh, "hint") for hh in shown] + [(f, f"seed {seed}") for f in files], status, files
+
+
+# an absolute path (after a space, quote, bracket or the start): shown as its file name only
+_ABSOLUTE_PATH = re.compile(r"""(^|[\s'"(\[=])(/(?:[^\s'"():,;\]]+/)+[^\s'"():,;\]]*)""")
 
 
 def editor_image(value) -> np.ndarray | None:

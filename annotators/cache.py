@@ -1,10 +1,12 @@
-"""Load each detector once per (kind, models_dir) and keep it: loading is slow, running is not."""
+"""Load each detector once per (kind, models_dir) and keep the most recently used ones: loading is slow, running
+is not. The cache is bounded (`MAX_LOADED`, env CLDM_MAX_DETECTORS) and every access holds its lock."""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,9 @@ log = logging.getLogger(__name__)
 # One lock for all loads: two requests for the same detector must not both spend seconds loading it, and loads are
 # rare enough that serialising different detectors costs nothing noticeable. Inference runs outside the lock.
 _lock = threading.Lock()
-_loaded: dict[tuple[str, str], Any] = {}
+_loaded: OrderedDict[tuple[str, str], Any] = OrderedDict()  # least recently used first
+# Detectors weigh 5 MB (MLSD) to 2.5 GB (SAM); four cover a user moving between a few tabs.
+MAX_LOADED = max(1, int(os.environ.get("CLDM_MAX_DETECTORS", "4")))
 
 
 def _key(kind: str, models_dir: str | os.PathLike[str] | None) -> tuple[str, str]:
@@ -26,7 +30,8 @@ def _key(kind: str, models_dir: str | os.PathLike[str] | None) -> tuple[str, str
 
 def is_loaded(kind: str, models_dir: str | os.PathLike[str] | None) -> bool:
     """Whether `kind` is already in memory for this models_dir."""
-    return _key(kind, models_dir) in _loaded
+    with _lock:
+        return _key(kind, models_dir) in _loaded
 
 
 def cached_load(
@@ -42,12 +47,10 @@ def cached_load(
     exists (truncated download, wrong file) become AnnotatorError naming the file.
     """
     key = _key(kind, models_dir)
-    detector = _loaded.get(key)
-    if detector is not None:
-        return detector
     with _lock:
         detector = _loaded.get(key)
         if detector is not None:
+            _loaded.move_to_end(key)
             return detector
         paths = resolve(files, models_dir, annotator)
         log.info("loading annotator %s from %s", kind, ", ".join(str(p) for p in paths))
@@ -62,7 +65,16 @@ def cached_load(
                 "The file may be truncated or not the right one; download it again."
             ) from exc
         _loaded[key] = detector
+        while len(_loaded) > MAX_LOADED:
+            dropped, _ = _loaded.popitem(last=False)
+            log.info("dropped annotator %s from memory (more than %d loaded)", dropped[0], MAX_LOADED)
         return detector
+
+
+def loaded() -> list[tuple[str, str]]:
+    """The (kind, models_dir) keys in memory, least recently used first."""
+    with _lock:
+        return list(_loaded)
 
 
 def clear() -> None:

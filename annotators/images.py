@@ -9,6 +9,9 @@ from annotators.errors import AnnotatorError
 
 MIN_RESOLUTION = 64
 MAX_RESOLUTION = 2048
+# Detectors scale the short side up to the resolution: a 60000x8 strip would become gigapixels. The same bounds as
+# cldm.images (kept apart: the annotators never import cldm).
+MIN_SIDE, MAX_SIDE, MAX_ASPECT = 1, 16384, 8.0
 
 
 def as_rgb(image: object) -> np.ndarray:
@@ -27,6 +30,12 @@ def as_rgb(image: object) -> np.ndarray:
         raise AnnotatorError(f"The image must be HxWx3 RGB, got shape {tuple(image.shape)}.")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise AnnotatorError(f"The image is empty (shape {tuple(image.shape)}).")
+    h, w = image.shape[:2]
+    if min(h, w) < MIN_SIDE or max(h, w) > MAX_SIDE or max(h, w) / min(h, w) > MAX_ASPECT:
+        raise AnnotatorError(
+            f"The image is {w}x{h} px: each side must be {MIN_SIDE}..{MAX_SIDE} px and at most {MAX_ASPECT:g}:1 "
+            "between them. Crop or resize it first."
+        )
     channels = image.shape[2]
     if channels == 1:
         return np.ascontiguousarray(np.repeat(image, 3, axis=2))

@@ -1,4 +1,4 @@
-"""Reading and writing weights: the only module that opens weight files.
+"""Reading weights: the only module that opens weight files (`writers.py` writes them).
 
 Formats are told apart by their content, never by the file name:
   * safetensors (8-byte header length + JSON), torch zip archives and legacy torch pickles (the pickles only
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from torch import nn
 
 from . import keymaps
 from . import model_configs as mc
+from .assemble import build, our_keys
 from .config import SDConfig, TextConfig, UNetConfig, VAEConfig
 from .controlnet import ControlNet
 from .errors import CheckpointError, MissingWeightsError
@@ -117,12 +117,37 @@ def read_file(path: str | os.PathLike) -> StateDict:
         raise
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"Refused to load {path}: it contains Python objects other than weights, which could run code "
-            f"({str(e).splitlines()[0]}). Only load it if you trust it, and convert it to .safetensors first."
+            f"Refused to load {path}{_misnamed(path, kind)}: it contains Python objects other than weights, which "
+            f"could run code ({str(e).splitlines()[0]}). Only load it if you trust it, and convert it to .safetensors "
+            "first."
         ) from e
     # What the readers raise for cut-off or scrambled files; anything else is a bug and is not hidden as one of these.
     except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError, struct.error, SafetensorError) as e:
-        raise CheckpointError(f"{path} is damaged or truncated ({type(e).__name__}: {e}). Download it again.") from e
+        if kind == "pickle" and "magic number" in str(e):  # pickle.dump output, not torch.save's format
+            raise CheckpointError(
+                f"{path}{_misnamed(path, kind)} is a plain Python pickle, not a PyTorch checkpoint or safetensors "
+                "file: refused. Use the model's .safetensors (or .ckpt/.pth saved by PyTorch)."
+            ) from e
+        raise CheckpointError(
+            f"{path}{_misnamed(path, kind)} is damaged or truncated ({type(e).__name__}: {e}). Download it again."
+        ) from e
+
+
+_KINDS = {"zip": "a PyTorch checkpoint (zip)", "pickle": "a pickle", "safetensors": "safetensors"}
+
+
+def _misnamed(path: Path, kind: str) -> str:
+    """' (named .safetensors but it is a pickle)' when the name and the content disagree, else ''."""
+    says = (
+        "safetensors"
+        if path.suffix == ".safetensors"
+        else "pickle"
+        if path.suffix in (".ckpt", ".pth", ".pt", ".bin")
+        else ""
+    )
+    if not says or (says == "safetensors") == (kind == "safetensors"):
+        return ""
+    return f" (named {path.suffix}, but it is {_KINDS[kind]})"
 
 
 def _folder_weights(folder: Path) -> Path:
@@ -138,10 +163,18 @@ def read_folder(folder: Path) -> StateDict:
     for stem in WEIGHT_STEMS:
         index = folder / f"{stem}.safetensors.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                shards = sorted(set(_read_json(index)["weight_map"].values()))
+            except (KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index.name} in {folder.name}/ has no usable weight_map ({e}).") from e
             out: StateDict = {}
             for shard in shards:
-                out.update(read_file(folder / shard))
+                path = (folder / str(shard)).resolve()
+                if path.parent != folder.resolve():  # "../x", "/etc/x", "sub/x": only files beside the index
+                    raise CheckpointError(
+                        f"{index.name} in {folder.name}/ names {shard!r}, which is not a file in that folder: refused."
+                    )
+                out.update(read_file(path))
             return out
     return read_file(_folder_weights(folder))
 
@@ -161,43 +194,6 @@ def _read_json(path: Path) -> dict:
         raise MissingWeightsError(f"{path} is missing.") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}).") from e
-
-
-# ------------------------------------------------------------------------------------------------- building
-def check_finite(state: StateDict, what: str) -> None:
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(
-            f"The {what} weights contain NaN or infinite values ({len(bad)} tensors, e.g. {', '.join(bad[:3])}): "
-            "the file is corrupt or came from a diverged training run. Use another file."
-        )
-
-
-def build(cls, cfg, state: StateDict, what: str, dtype: torch.dtype, *args) -> nn.Module:
-    """Make `cls(cfg)` on the meta device (no wasted random init), then take the weights strictly."""
-    check_finite(state, what)
-    with torch.device("meta"):
-        module = cls(cfg, *args)
-    expected = set(module.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"These weights do not fit the {what}: {len(missing)} missing keys (e.g. {missing[:5]}) and "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:5]}). The file is probably another kind of model "
-            "(SDXL, SD2, a LoRA...) or another ControlNet family; this app takes SD1.5 and its ControlNets."
-        )
-    # Every tensor gets its own storage from torch's allocator (64-byte aligned), in the asked dtype. Readers hand out
-    # tensors at whatever offset their buffer had (safetensors: 16 bytes past a 64-byte boundary), and on AVX-512 CPUs
-    # oneDNN's results depend on that alignment, so the same weights from two file formats gave pictures differing in
-    # the last bits. The copy also lets the reader's buffers go.
-    state = {k: v.to(dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()}
-    try:
-        module.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:  # shape mismatches
-        msg = str(e).split("\n", 2)
-        raise CheckpointError(f"These weights do not fit the {what}: {' '.join(msg[1:])[:600]}") from e
-    module.to(dtype)
-    return module.requires_grad_(False).eval()
 
 
 def _strip(state: StateDict, prefix: str) -> StateDict:
@@ -220,11 +216,6 @@ def _config_from_metadata(meta: dict[str, str], cls, section: str):
 
 
 # ------------------------------------------------------------------------------------------ diffusers <-> ours
-def _our_keys(cls, cfg, *args) -> list[str]:
-    with torch.device("meta"):
-        return list(cls(cfg, *args).state_dict())
-
-
 def _text_from_diffusers(state: StateDict) -> StateDict:
     # transformers 4 wrote `text_model.*`; transformers 5 may write the inner names directly.
     out = {}
@@ -319,10 +310,10 @@ def _load_sd_diffusers(folder: Path, dtype: torch.dtype, tokenizer) -> StableDif
     vae_cfg = _config(mc.vae_config_from_diffusers, folder / "vae" / "config.json")
     text_cfg = _config(mc.text_config_from_diffusers, folder / "text_encoder" / "config.json")
     unet_sd = keymaps.from_diffusers(
-        read_folder(folder / "unet"), keymaps.unet_modules(unet_cfg), _our_keys(UNet, unet_cfg)
+        read_folder(folder / "unet"), keymaps.unet_modules(unet_cfg), our_keys(UNet, unet_cfg)
     )
     vae_sd = keymaps.from_diffusers(
-        read_folder(folder / "vae"), keymaps.vae_modules(vae_cfg), _our_keys(AutoencoderKL, vae_cfg)
+        read_folder(folder / "vae"), keymaps.vae_modules(vae_cfg), our_keys(AutoencoderKL, vae_cfg)
     )
     text_sd = _text_from_diffusers(read_folder(folder / "text_encoder"))
     tokenizer = tokenizer or _tokenizer_for(text_cfg, folder / "tokenizer")
@@ -367,7 +358,7 @@ def load_controlnet(
     path = Path(path)
     if path.is_dir():
         cfg = _config(mc.unet_config_from_diffusers, path / "config.json")
-        state = keymaps.from_diffusers(read_folder(path), keymaps.controlnet_modules(cfg), _our_keys(ControlNet, cfg))
+        state = keymaps.from_diffusers(read_folder(path), keymaps.controlnet_modules(cfg), our_keys(ControlNet, cfg))
     else:
         state = read_file(path)
         meta = read_metadata(path)
@@ -376,7 +367,7 @@ def load_controlnet(
             state = _strip(state, CONTROL_PREFIX)
         elif kind == "a diffusers ControlNet":
             cfg = _config_from_metadata(meta, UNetConfig, "controlnet") or base or UNetConfig()
-            state = keymaps.from_diffusers(state, keymaps.controlnet_modules(cfg), _our_keys(ControlNet, cfg))
+            state = keymaps.from_diffusers(state, keymaps.controlnet_modules(cfg), our_keys(ControlNet, cfg))
         elif kind != "a ControlNet":
             raise CheckpointError(
                 f"{path} is {kind}, not a ControlNet. Pick a ControlNet file (e.g. control_v11p_sd15_canny)."

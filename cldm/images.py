@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,22 @@ from PIL import Image, ImageOps, PngImagePlugin
 from .errors import InputError
 
 MAX_PIXELS = 40_000_000  # larger images are refused before they are decoded (decompression bombs)
+# Every picture (hint, init, mask, canvas) is refused before any preprocessor or resize works on it when a side is
+# outside these bounds or it is too elongated: preprocessors scale the short side up to their resolution, so a
+# 60000x8 strip would become a 3.8-gigapixel working picture.
+MIN_SIDE, MAX_SIDE, MAX_ASPECT = 1, 16384, 8.0
+
+
+def check_shape(width: int, height: int, what: str = "The image") -> None:
+    """Refuse degenerate picture shapes (tiny, huge or very elongated) with a message saying what is allowed."""
+    if min(width, height) < MIN_SIDE or max(width, height) > MAX_SIDE:
+        raise InputError(
+            f"{what} is {width}x{height} px: each side must be {MIN_SIDE}..{MAX_SIDE} px. Crop or resize it first."
+        )
+    if max(width, height) / min(width, height) > MAX_ASPECT:
+        raise InputError(
+            f"{what} is {width}x{height} px: at most {MAX_ASPECT:g}:1 between its sides is accepted. Crop it first."
+        )
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:
@@ -22,14 +39,13 @@ def to_rgb(img: Image.Image) -> np.ndarray:
     except (EOFError, AttributeError):
         pass
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    # Values mean brightness, never stretched: 16-bit (and 32-bit integer) 0..65535, float 0..1 (clipped).
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
+        if not np.isfinite(arr).all():
+            raise InputError("The image contains NaN or infinite values.")
+        top = 1.0 if img.mode == "F" else 65535.0
         img = Image.fromarray((arr / top * 255).round().clip(0, 255).astype(np.uint8), "L")
-    elif img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        arr = (arr - arr.min()) / max(arr.max() - arr.min(), 1e-12)
-        img = Image.fromarray((arr * 255).round().astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent areas become white
@@ -50,14 +66,23 @@ def load_rgb(source: str | os.PathLike | bytes | Image.Image | np.ndarray) -> np
                 raise InputError(
                     f"The image is {img.width}x{img.height}: too large. Use one under {MAX_PIXELS // 1_000_000} MP."
                 )
+            check_shape(img.width, img.height)  # from the header, before the pixels are decoded
             img.load()
             return to_rgb(img)
     except InputError:
         raise
     except FileNotFoundError as e:
-        raise InputError(f"Image not found: {source}") from e
-    except (Image.DecompressionBombError, Image.UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"Cannot read the image ({type(e).__name__}: {e}). Use a PNG, JPEG or WebP file.") from e
+        raise InputError(f"Image not found: {_name(source)}") from e
+    except Image.DecompressionBombError as e:
+        raise InputError(f"The image is too large to decode safely (over {MAX_PIXELS // 1_000_000} MP).") from e
+    except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        why = str(e).replace(str(source), _name(source)) if not isinstance(source, bytes) else str(e)
+        raise InputError(f"Cannot read the image ({type(e).__name__}: {why}). Use a PNG, JPEG or WebP file.") from e
+
+
+def _name(source) -> str:
+    """A file's name only: error messages never show server paths (upload folders, models folders)."""
+    return "the uploaded bytes" if isinstance(source, bytes) else Path(str(source)).name
 
 
 def array_to_rgb(arr: np.ndarray) -> np.ndarray:
@@ -67,12 +92,19 @@ def array_to_rgb(arr: np.ndarray) -> np.ndarray:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise InputError(f"Expected an image array HxW(x1/3/4), got shape {arr.shape}.")
+    check_shape(arr.shape[1], arr.shape[0])
     if arr.dtype != np.uint8:
-        a = arr.astype(np.float64)
-        if not np.isfinite(a).all():
-            raise InputError("The image contains NaN or infinite values.")
-        top = 65535.0 if a.max() > 255 else (255.0 if a.max() > 1 else 1.0)
-        arr = (a / top * 255).round().clip(0, 255).astype(np.uint8)
+        # the type says what the values mean (never their range): float 0..1, 16-bit 0..65535, other integers 0..255
+        if arr.dtype == bool:
+            arr = arr.astype(np.uint8) * 255
+        elif not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise InputError(f"Expected a numeric image array, got {arr.dtype}.")
+        else:
+            a = arr.astype(np.float64)
+            if not np.isfinite(a).all():
+                raise InputError("The image contains NaN or infinite values.")
+            top = 1.0 if np.issubdtype(arr.dtype, np.floating) else 65535.0 if arr.dtype == np.uint16 else 255.0
+            arr = (a / top * 255).round().clip(0, 255).astype(np.uint8)
     if arr.shape[2] == 4:
         alpha = arr[..., 3:4].astype(np.float32) / 255
         arr = (arr[..., :3] * alpha + 255 * (1 - alpha)).round().astype(np.uint8)
@@ -107,9 +139,19 @@ def mask_to_tensor(mask: np.ndarray, width: int, height: int) -> torch.Tensor:
 
 
 def save_png(img: np.ndarray, path: str | os.PathLike, parameters: str | None = None) -> None:
-    """PNG with the generation parameters in a `parameters` text chunk (A1111's convention)."""
+    """PNG with the generation parameters in a `parameters` text chunk (A1111's convention).
+
+    Written to a temporary file beside the target and renamed into place, so that a crash never leaves a
+    half-written PNG under the final name.
+    """
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(path, pnginfo=info)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
+    try:
+        Image.fromarray(img).save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -107,7 +107,8 @@ def prepare_latents(model: StableDiffusion, r: GenerationRequest, s: Sampler, ge
     start, x0 = 0, None
     if r.init_image is not None:
         image = image_to_tensor(resize_rgb(r.init_image, r.width, r.height)).to(device, dtype) * 2 - 1
-        x0 = model.vae.encode(image.expand(r.batch, -1, -1, -1), generator)
+        # encoded once and repeated for the batch, as diffusers does (one posterior sample, not one per picture)
+        x0 = model.vae.encode(image, generator).expand(r.batch, -1, -1, -1)
         start = r.steps - min(int(r.steps * r.strength), r.steps)
         if start >= r.steps:
             raise InputError("strength (denoising strength) too low: no step would run. Raise it or add steps.")

@@ -20,7 +20,8 @@ from .samplers import SAMPLERS
 
 # diffusers' guess mode spaces the 13 scales logarithmically from 0.1 to 1 instead of the original 0.825 decay.
 GUESS_STYLES = ("original", "diffusers")
-MAX_STEPS = 1000  # the training schedule's length: no sampler can take more distinct steps
+# SD's schedule has 1000 noise levels; with its "leading" spacing and offset 1, 1000 steps would ask for level 1000.
+MAX_STEPS = 999
 MAX_CFG = 100.0
 MIN_SIZE, MAX_SIZE = 64, 4096
 MAX_BATCH = 64

@@ -91,3 +91,18 @@ def test_swapping_controlnets_in_the_running_demo_app(demo_app, tmp_path):
     with pytest.raises(Exception, match="demo model only has ControlNets"):
         client.predict(handle_file(str(tmp_path / "canny.png")), "none", 64, 1.0, 0.0, 1.0, 0.1, 0.1, *settings,
                        api_name="/mlsd_run")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_full_demo_eval_gives_the_readme_figures(demo):
+    """`python -m cldm demo-eval --n 24`, the README's table: within about one picture of each figure (slow: ~2 min)."""
+    from cldm.training import demo_eval
+
+    report = demo_eval.evaluate(*demo, n=24)
+    readme = {"canny": 0.69, "scribble": 0.62, "seg": 0.79}
+    for hint, f1 in readme.items():
+        assert abs(report.control[hint]["f1_on"] - f1) < 0.04, (hint, report.control[hint])
+        assert abs(report.control[hint]["f1_off"] - 0.32) < 0.04, (hint, report.control[hint])
+    for got, want in ((report.colour_rate, 0.83), (report.shape_rate, 0.92), (report.both_rate, 0.79),
+                      (report.sketch_rate, 0.88)):  # fmt: skip
+        assert abs(got - want) <= 1.5 / 24, report

@@ -110,7 +110,7 @@ def test_real_sd15_unet_and_controlnet_match_at_small_latent():
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     from cldm import keymaps
-    from cldm.checkpoints import _our_keys, build
+    from cldm.assemble import build, our_keys
     from cldm.config import UNetConfig
     from cldm.controlnet import ControlNet
     from cldm.keymaps import from_diffusers
@@ -128,11 +128,11 @@ def test_real_sd15_unet_and_controlnet_match_at_small_latent():
     unet = build(
         UNet,
         cfg,
-        from_diffusers(unet_ref.state_dict(), keymaps.unet_modules(cfg), _our_keys(UNet, cfg)),
+        from_diffusers(unet_ref.state_dict(), keymaps.unet_modules(cfg), our_keys(UNet, cfg)),
         "UNet",
         torch.float32,
     )
-    cn_sd = from_diffusers(cn_ref.state_dict(), keymaps.controlnet_modules(cfg), _our_keys(ControlNet, cfg))
+    cn_sd = from_diffusers(cn_ref.state_dict(), keymaps.controlnet_modules(cfg), our_keys(ControlNet, cfg))
     cn = build(ControlNet, cfg, cn_sd, "ControlNet", torch.float32)
     x, t, ctx, hint = _inputs(ctx_dim=768, size=8, batch=1, hint_factor=8)
     down, mid = cn_ref(x, t, ctx, hint, return_dict=False)

@@ -126,7 +126,7 @@ def test_global_average_pooling_runs_on_the_conditional_half(ours, tiny_dirs, re
     assert _diff(out.images[0], ref[0]) <= PIXEL_TOL
 
 
-def test_img2img_matches_diffusers(ours, tiny_dirs, ref_pipe):
+def test_img2img_batch_matches_diffusers(ours, tiny_dirs, ref_pipe):
     from diffusers import StableDiffusionControlNetImg2ImgPipeline
 
     sd, cn = ours
@@ -144,10 +144,12 @@ def test_img2img_matches_diffusers(ours, tiny_dirs, ref_pipe):
         guidance_scale=5.0,
         seed=5,
         controlnet_conditioning_scale=1.0,
+        num_images_per_prompt=2,
     )  # fmt: skip (the img2img pipeline's default is 0.8)
     out = _gen(sd, "a cat", "", [ControlUnit(cn, _hint())], steps=10, cfg_scale=5.0, seed=5, width=SIZE, height=SIZE,
-                   init_image=init, strength=0.6)  # fmt: skip
-    assert _diff(out.images[0], ref[0]) <= PIXEL_TOL
+                   init_image=init, strength=0.6, batch=2)  # fmt: skip
+    # a batch encodes the init picture once (one posterior sample), as diffusers does
+    assert _diff(out.images[0], ref[0]) <= PIXEL_TOL and _diff(out.images[1], ref[1]) <= PIXEL_TOL
     assert "Denoising strength: 0.6" in out.parameters
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = sorted(p for p in (ROOT / "cldm").glob("*.py"))  # cldm/ itself; cldm/training/ is apart
-APP = [ROOT / "app.py", ROOT / "studio.py", ROOT / "conditions.py"]
+APP = [ROOT / "app.py", ROOT / "forms.py", ROOT / "studio.py", ROOT / "conditions.py"]
 
 
 def _imports(path: Path) -> set[str]:
@@ -136,7 +136,7 @@ def test_request_fields_are_named_in_one_message():
         bad.validate()
     msg = str(e.value)
     assert "cfg_scale must be a finite number" in msg and "ControlNet 1 (x): need 0 <= start < end" in msg
-    with pytest.raises(InputError, match="steps must be 1..1000.*width and height must be multiples of 8"):
+    with pytest.raises(InputError, match="steps must be 1..999.*width and height must be multiples of 8"):
         GenerationRequest("a", steps=0, width=100).validate()
     with pytest.raises(InputError, match="seed is missing"):
         GenerationRequest("a", seed=None).validate()

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoints, writers
+from ..assemble import build
 from ..config import SDConfig, TextConfig, UNetConfig, VAEConfig
 from ..controlnet import ControlNet
 from ..samplers import TRAIN_STEPS, alphas_cumprod
@@ -162,7 +163,7 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Aut
     """A VAE written by the VAE stage (its config, latent scale included, is in the file's metadata)."""
     data = json.loads(checkpoints.read_metadata(Path(path))[checkpoints.CONFIG_METADATA_KEY])["vae"]
     cfg = VAEConfig(**{f.name: tuple(v) if isinstance(v := data[f.name], list) else v for f in fields(VAEConfig)})
-    return checkpoints.build(AutoencoderKL, cfg, checkpoints.read_file(path), "VAE", dtype)
+    return build(AutoencoderKL, cfg, checkpoints.read_file(path), "VAE", dtype)
 
 
 @torch.no_grad()

@@ -1,0 +1,55 @@
+"""State dicts into modules: built on the meta device, taken strictly, refused when not finite.
+
+`checkpoints.py` reads the files; this module only turns tensors into a UNet, VAE, text encoder or ControlNet.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+StateDict = dict[str, torch.Tensor]
+
+
+def check_finite(state: StateDict, what: str) -> None:
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"The {what} weights contain NaN or infinite values ({len(bad)} tensors, e.g. {', '.join(bad[:3])}): "
+            "the file is corrupt or came from a diverged training run. Use another file."
+        )
+
+
+def build(cls, cfg, state: StateDict, what: str, dtype: torch.dtype, *args) -> nn.Module:
+    """Make `cls(cfg)` on the meta device (no wasted random init), then take the weights strictly."""
+    check_finite(state, what)
+    with torch.device("meta"):
+        module = cls(cfg, *args)
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"These weights do not fit the {what}: {len(missing)} missing keys (e.g. {missing[:5]}) and "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:5]}). The file is probably another kind of model "
+            "(SDXL, SD2, a LoRA...) or another ControlNet family; this app takes SD1.5 and its ControlNets."
+        )
+    # Every tensor gets its own storage from torch's allocator (64-byte aligned), in the asked dtype. Readers hand out
+    # tensors at whatever offset their buffer had (safetensors: 16 bytes past a 64-byte boundary), and on AVX-512 CPUs
+    # oneDNN's results depend on that alignment, so the same weights from two file formats gave pictures differing in
+    # the last bits. The copy also lets the reader's buffers go.
+    state = {k: v.to(dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()}
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:  # shape mismatches
+        msg = str(e).split("\n", 2)
+        raise CheckpointError(f"These weights do not fit the {what}: {' '.join(msg[1:])[:600]}") from e
+    module.to(dtype)
+    return module.requires_grad_(False).eval()
+
+
+def our_keys(cls, cfg, *args) -> list[str]:
+    """The state-dict keys of `cls(cfg)`, without allocating its weights."""
+    with torch.device("meta"):
+        return list(cls(cfg, *args).state_dict())

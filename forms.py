@@ -1,0 +1,120 @@
+"""The app's panels as records: each panel names its widgets, and `read` turns the values Gradio passes by
+position back into one record (`studio.UnitSettings`, `studio.Settings`), naming any value that is missing."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+
+import gradio as gr
+
+from cldm.errors import InputError
+from conditions import Condition
+from studio import Settings, UnitSettings, condition
+
+
+class Form:
+    """Panels whose widgets a handler takes as inputs: Gradio passes their values by position, `read` gives them
+    back as one record per panel."""
+
+    def __init__(self, *panels):
+        self.panels = panels
+
+    @property
+    def inputs(self) -> list:
+        return [w for p in self.panels for w in p.inputs]
+
+    def read(self, values) -> tuple:
+        it = iter(values)
+        records = tuple(p.read(it) for p in self.panels)
+        if next(it, None) is not None:
+            raise InputError("Too many values for this endpoint: check the API's parameter list.")
+        return records
+
+
+def _take(it: Iterator, names: list[str], optional: tuple[str, ...] = ()) -> dict:
+    """The next len(names) values by name; a missing one (None through the API) is named in the error."""
+    got = list(itertools.islice(it, len(names)))
+    if len(got) != len(names):
+        raise InputError(f"Missing values for this endpoint: expected {', '.join(names)}.")
+    missing = [n for n, v in zip(names, got) if v is None and n not in optional]
+    if missing:
+        raise InputError(f"Missing value for {', '.join(missing)}: give a value (null is not one).")
+    return dict(zip(names, got))
+
+
+@dataclass
+class SettingsPanel:
+    """The shared generation settings: one widget per field of `studio.Settings`."""
+
+    widgets: dict[str, gr.components.Component]
+
+    @property
+    def inputs(self) -> list:
+        return [self.widgets[f.name] for f in fields(Settings)]
+
+    def read(self, it: Iterator) -> Settings:
+        return Settings(**_take(it, [f.name for f in fields(Settings)]))
+
+
+@dataclass
+class SizePanel:
+    """Width and height only (what the hint preview needs of the settings)."""
+
+    width: gr.Slider
+    height: gr.Slider
+
+    @property
+    def inputs(self) -> list:
+        return [self.width, self.height]
+
+    def read(self, it: Iterator) -> tuple[int, int]:
+        v = _take(it, ["width", "height"])
+        return int(v["height"]), int(v["width"])
+
+
+UNIT_FIELDS = ("image", "annotator", "resolution", "scale", "start", "end")
+
+
+@dataclass
+class UnitPanel:
+    """One ControlNet's widgets: picture, preprocessor with its sliders, resolution, strength, start and end.
+
+    A condition tab's panel has one condition; the Multi tab's panels add an on/off box and a condition choice.
+    """
+
+    image: gr.components.Component
+    annotator: gr.Dropdown
+    resolution: gr.Slider
+    scale: gr.Slider
+    start: gr.Slider
+    end: gr.Slider
+    params: dict[tuple[str, str], gr.Slider] = field(default_factory=dict)  # (preprocessor, parameter) -> slider
+    cond: Condition | None = None  # fixed condition (a condition tab)
+    enabled: gr.Checkbox | None = None  # Multi
+    choice: gr.Dropdown | None = None  # Multi: the condition
+
+    @property
+    def inputs(self) -> list:
+        head = [] if self.choice is None else [self.enabled, self.choice]
+        return head + [getattr(self, k) for k in UNIT_FIELDS] + list(self.params.values())
+
+    def read(self, it: Iterator) -> UnitSettings | None:
+        """The unit's settings, or None for a Multi unit that is switched off (its other values may be anything)."""
+        head = {} if self.choice is None else _take(it, ["enabled", "condition"], optional=("condition",))
+        off = bool(head) and not head["enabled"]
+        names = [*UNIT_FIELDS, *(f"{a}:{p}" for a, p in self.params)]
+        # no picture is not an error here: the handler says to upload one; of the sliders, only the chosen
+        # preprocessor's are needed
+        v = _take(it, names, optional=tuple(names) if off else ("image", *names[len(UNIT_FIELDS) :]))
+        if off:
+            return None
+        if head and head["condition"] is None:
+            raise InputError("Missing value for condition: give a value (null is not one).")
+        cond = self.cond or condition(head["condition"])
+        chosen = {p: v[f"{a}:{p}"] for a, p in self.params if a == v["annotator"]}
+        missing = [f"{v['annotator']}:{p}" for p, value in chosen.items() if value is None]
+        if missing:
+            raise InputError(f"Missing value for {', '.join(missing)}: give a value (null is not one).")
+        return UnitSettings(cond, v["image"], v["annotator"], v["resolution"], chosen, v["scale"], v["start"], v["end"])
