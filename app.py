@@ -87,7 +87,7 @@ def settings_panel(studio: Studio, cond: Condition | None) -> SettingsPanel:
         with gr.Row():
             c["steps"] = gr.Slider(1, 100, value=d.steps, step=1, label="Steps", elem_id=f"{key}-steps")
             c["cfg"] = gr.Slider(0.1, 30.0, value=d.cfg, step=0.1, label="Guidance scale")
-            c["sampler"] = gr.Dropdown(sorted(SAMPLERS), value=d.sampler, label="Sampler")
+            c["sampler"] = gr.Dropdown(sorted(SAMPLERS), value=d.sampler, label="Sampler", allow_custom_value=True)
         with gr.Row():
             c["seed"] = gr.Number(value=12345, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
             c["randomize"] = gr.Checkbox(value=True, label="Randomize seed")
@@ -128,8 +128,9 @@ def unit_panel(
     first = first or conds[0]
     image = _picture(first if len(conds) == 1 else None, studio.size, label, elem_id)
     # a Multi panel's choices follow its condition in the browser; API callers may name any preprocessor of it
+    # the handler checks the name (and says so, escaped) rather than Gradio's unescaped "not in the list of choices"
     annotator = gr.Dropdown(list(first.annotators), value=first.annotators[0], label="Preprocessor",
-                            allow_custom_value=len(conds) > 1)  # fmt: skip
+                            allow_custom_value=True)  # fmt: skip
     # detection at the picture size by default (512 for SD1.5; the demo model's canny edges were found at 64 px)
     resolution = gr.Slider(64, 1024, value=studio.size, step=64, label="Preprocessor resolution")
     names = list(dict.fromkeys(a for c in conds for a in c.annotators))  # every preprocessor the panel may show
@@ -201,7 +202,9 @@ def multi_tab(studio: Studio) -> None:
                 first = condition(defaults[i % len(defaults)])
                 with gr.Group():
                     enabled = gr.Checkbox(value=i < 2, label=f"ControlNet {i + 1}")
-                    choice = gr.Dropdown([c.key for c in choices], value=first.key, label="Condition")
+                    choice = gr.Dropdown(
+                        [c.key for c in choices], value=first.key, label="Condition", allow_custom_value=True
+                    )
                     panel = unit_panel(studio, choices, first, label="Picture")
                     # the preprocessors follow the condition in the browser; the panel holds every one's sliders
                     choice.change(lambda k: gr.update(choices=list(condition(k).annotators),
@@ -284,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-work", type=float, help="megapixel-steps one request may take (default: 32 on the CPU, "
                    "400 on CUDA; 512x512 x 20 steps x 1 picture is 5.2)")  # fmt: skip
     p.add_argument("--keep-outputs", type=int, default=500, help="result PNGs kept on the server (oldest go first)")
+    p.add_argument("--out-dir", help="folder for result PNGs (default: a new temporary folder)")
     p.add_argument("--demo", action="store_true", help="use the small shapes model shipped in assets/demo")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -296,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     limits = Limits.for_device(manager.device.type)
     limits = replace(limits, keep_outputs=a.keep_outputs, **({} if a.max_work is None else {"max_work": a.max_work}))
     # a model with a card (the demo model) ships its ControlNets beside it
-    studio = Studio(manager, str(card.folder) if card else a.models_dir, card=card, limits=limits)
+    studio = Studio(manager, str(card.folder) if card else a.models_dir, a.out_dir, card=card, limits=limits)
     demo = build_app(studio, banner=f"{banner} Device: {manager.device}.")
     demo.queue(max_size=a.queue_size, default_concurrency_limit=1)
     demo.launch(server_name=a.host, server_port=a.port, share=a.share, max_file_size=MAX_FILE_SIZE,

@@ -20,6 +20,8 @@ class Form:
 
     def __init__(self, *panels):
         self.panels = panels
+        for widget in self.inputs:
+            _pass_none(widget)
 
     @property
     def inputs(self) -> list:
@@ -31,6 +33,16 @@ class Form:
         if next(it, None) is not None:
             raise InputError("Too many values for this endpoint: check the API's parameter list.")
         return records
+
+
+def _pass_none(widget) -> None:
+    """Let a missing value (null through the API) reach `read`, which names the field, instead of Gradio's
+    preprocessing error ("Could not preprocess input component at index 14")."""
+    if getattr(widget, "_passes_none", False):
+        return
+    original = widget.preprocess
+    widget.preprocess = lambda payload: None if payload is None else original(payload)
+    widget._passes_none = True
 
 
 def _take(it: Iterator, names: list[str], optional: tuple[str, ...] = ()) -> dict:

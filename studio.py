@@ -117,6 +117,9 @@ class Studio:
         self.card = card  # a small model (the demo model): only its conditions work, at its size
         self.defaults = Defaults.for_card(card)
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="cldm-out-"))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.out_dir.glob(".*.part"):  # a PNG being written when the server was killed
+            stale.unlink(missing_ok=True)
         self.limits = limits or Limits.for_device(manager.device.type)
 
     # ------------------------------------------------------------------------------------------------ messages
@@ -131,9 +134,10 @@ class Studio:
         message = _ABSOLUTE_PATH.sub(lambda m: m.group(1) + Path(m.group(2)).name, message)
         return html.escape(message, quote=False)
 
-    def check_work(self, s: Settings) -> None:
+    def check_work(self, units: list[UnitSettings], s: Settings) -> None:
         """Refuse a request over the work budget before any preprocessor or model runs."""
-        steps = int(s.steps) if s.denoise >= 1 else max(1, int(int(s.steps) * float(s.denoise)))
+        partial = any(u.cond.img2img or u.cond.inpaint for u in units) and float(s.denoise) < 1
+        steps = max(1, int(int(s.steps) * float(s.denoise))) if partial else int(s.steps)
         work = int(s.width) * int(s.height) * steps * int(s.batch) / 1e6
         if work > self.limits.max_work:
             raise InputError(
@@ -224,7 +228,7 @@ class Studio:
 
     def generate(self, units: list[UnitSettings], s: Settings, progress: Progress):
         """Run one request: (gallery items: hints then pictures, status line, PNG files with their parameters)."""
-        self.check_work(s)
+        self.check_work(units, s)
         seed = random.randint(0, MAX_SEED) if s.randomize else int(s.seed)
         request, shown, note = self.request(units, s, seed, progress)
         t0 = time.perf_counter()

@@ -112,7 +112,9 @@ def read_file(path: str | os.PathLike) -> StateDict:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        return _unwrap(torch.load(str(path), map_location="cpu", weights_only=True), path)
+        # a file object, not the name: torch.load goes by the name's extension for some formats (.safetensors)
+        with open(path, "rb") as f:
+            return _unwrap(torch.load(f, map_location="cpu", weights_only=True), path)
     except CheckpointError:
         raise
     except pickle.UnpicklingError as e:

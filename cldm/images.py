@@ -22,13 +22,13 @@ MIN_SIDE, MAX_SIDE, MAX_ASPECT = 1, 16384, 8.0
 
 def check_shape(width: int, height: int, what: str = "The image") -> None:
     """Refuse degenerate picture shapes (tiny, huge or very elongated) with a message saying what is allowed."""
+    if min(width, height) >= MIN_SIDE and max(width, height) / min(width, height) > MAX_ASPECT:
+        raise InputError(
+            f"{what} is {width}x{height} px: at most {MAX_ASPECT:g}:1 between its sides is accepted. Crop it first."
+        )
     if min(width, height) < MIN_SIDE or max(width, height) > MAX_SIDE:
         raise InputError(
             f"{what} is {width}x{height} px: each side must be {MIN_SIDE}..{MAX_SIDE} px. Crop or resize it first."
-        )
-    if max(width, height) / min(width, height) > MAX_ASPECT:
-        raise InputError(
-            f"{what} is {width}x{height} px: at most {MAX_ASPECT:g}:1 between its sides is accepted. Crop it first."
         )
 
 
