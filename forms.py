@@ -3,6 +3,7 @@ position back into one record (`studio.UnitSettings`, `studio.Settings`), naming
 
 from __future__ import annotations
 
+import html
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -37,11 +38,22 @@ class Form:
 
 def _pass_none(widget) -> None:
     """Let a missing value (null through the API) reach `read`, which names the field, instead of Gradio's
-    preprocessing error ("Could not preprocess input component at index 14")."""
+    preprocessing error ("Could not preprocess input component at index 14"); Gradio's own range and choice errors
+    name the widget, are escaped, and print no traceback (they are the user's errors, not the server's)."""
     if getattr(widget, "_passes_none", False):
         return
     original = widget.preprocess
-    widget.preprocess = lambda payload: None if payload is None else original(payload)
+
+    def preprocess(payload):
+        if payload is None:
+            return None
+        try:
+            return original(payload)
+        except gr.Error as e:
+            name = getattr(widget, "label", None) or type(widget).__name__
+            raise gr.Error(html.escape(f"{name}: {e.message}", quote=False), print_exception=False) from e
+
+    widget.preprocess = preprocess
     widget._passes_none = True
 
 

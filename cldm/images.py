@@ -122,7 +122,7 @@ def resize_rgb(img: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def image_to_tensor(img: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 -> (1, 3, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255.0
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255.0  # a writable copy
 
 
 def mask_to_tensor(mask: np.ndarray, width: int, height: int) -> torch.Tensor:

@@ -107,7 +107,7 @@ def test_multi_units_have_their_own_preprocessor_sliders_and_resolution(client, 
     assert default.shape == (SIZE, SIZE) and 0 < default.mean() < 0.2  # the square's outline only
     assert hint(low_threshold=5, high_threshold=10).mean() > 2 * default.mean()  # the noise's edges too
     assert not np.array_equal(hint(resolution=256), default)  # detected at 256 px, then resized: other edges
-    with pytest.raises(Exception, match="greater than maximum value 255"):  # each unit's sliders keep their range
+    with pytest.raises(Exception, match="Canny high threshold: Value 999 is greater than maximum value 255"):
         client.predict(*_multi(True, "canny", handle_file(str(tmp_path / "noisy.png")), "canny", high_threshold=999),
                        *off, *off, *SETTINGS.values(), api_name="/multi_run")  # fmt: skip
 
