@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+@dataclass
+class PromptContext:
+    """What the UNet's cross-attention layers read: the text tokens and, with an IP-Adapter, the image-prompt
+    tokens, the adapter's key/value projections (one pair per cross-attention layer, in diffusers' order) and a
+    scale per layer. The UNet passes it down untouched; only `CrossAttention` looks inside. A plain tensor means
+    text only."""
+
+    text: torch.Tensor
+    image: torch.Tensor | None = None  # (batch, tokens, context width), the guidance batch like `text`
+    ip_layers: Sequence[nn.Module] = ()  # each with to_k_ip, to_v_ip
+    scales: Sequence[float] = ()
+
+
 class CrossAttention(nn.Module):
-    """Multi-head attention; self-attention when no context is given."""
+    """Multi-head attention; self-attention when no context is given.
+
+    A cross-attention layer of the UNet has an `ip_index` (its place in diffusers' attention-processor order among
+    the cross-attention layers): with a PromptContext that carries image tokens it adds the decoupled attention over
+    them, `scale * softmax(q k_ip^T) v_ip`, to the text attention before the output projection (IP-Adapter).
+    """
+
+    ip_index: int | None = None
 
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
         super().__init__()
@@ -19,13 +42,21 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())  # .1 was dropout
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
+    def _heads(self, t: torch.Tensor, b: int) -> torch.Tensor:
+        return t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)  # (b, n, h*d) -> (b, h, n, d)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | PromptContext | None = None) -> torch.Tensor:
+        prompt = context if isinstance(context, PromptContext) else None
+        context = x if context is None else prompt.text if prompt is not None else context
         b, n, _ = x.shape
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        # (b, n, h*d) -> (b, h, n, d)
-        q, k, v = (t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        q = self._heads(self.to_q(x), b)
+        out = F.scaled_dot_product_attention(q, self._heads(self.to_k(context), b), self._heads(self.to_v(context), b))
+        if prompt is not None and prompt.image is not None and self.ip_index is not None:
+            scale = prompt.scales[self.ip_index]
+            if scale != 0:
+                layer = prompt.ip_layers[self.ip_index]
+                k, v = (self._heads(f(prompt.image), b) for f in (layer.to_k_ip, layer.to_v_ip))
+                out = out + scale * F.scaled_dot_product_attention(q, k, v).to(q.dtype)
         out = out.transpose(1, 2).reshape(b, n, -1)  # (b, h, n, d) -> (b, n, h*d)
         return self.to_out(out)
 

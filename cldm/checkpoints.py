@@ -83,6 +83,9 @@ def _unwrap(obj, path: Path) -> StateDict:
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
+    # IP-Adapter .bin files hold {"image_proj": {...}, "ip_adapter": {...}}: flattened to "image_proj.proj.weight"
+    if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()):
+        obj = {f"{k}.{sub}": t for k, part in obj.items() for sub, t in part.items()}
     if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} holds no tensors: it is not a model checkpoint.")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}

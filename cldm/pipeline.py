@@ -14,9 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .attention import PromptContext
 from .controlnet import ControlNet, fit_problem, guess_mode_scales
 from .errors import InputError
 from .images import image_to_tensor, mask_to_tensor, resize_rgb
+from .ip_adapter import image_prompt_problem, layer_scales, prompt_tokens
 from .request import ControlUnit, GenerationRequest
 from .samplers import SAMPLER_LABELS, Sampler, make_sampler
 from .sd import StableDiffusion
@@ -39,7 +41,8 @@ class Conditioning:
 
     uncond: torch.Tensor
     cond: torch.Tensor
-    full: torch.Tensor  # [uncond, cond] with guidance, cond alone without
+    full: torch.Tensor  # [uncond, cond] with guidance, cond alone without (what the ControlNets read)
+    unet: torch.Tensor | PromptContext | None = None  # `full`, plus the image-prompt tokens with an IP-Adapter
 
 
 @dataclass
@@ -71,14 +74,23 @@ def check(model: StableDiffusion, request: GenerationRequest) -> None:
         elif (why := fit_problem(u.model, model.config.unet, model.latent_factor)) is not None:
             problems.append(f"ControlNet {i + 1} ({u.label}) does not fit this base model: {why}. "
                             "Use a ControlNet made for this base (SD1.5 ControlNets for SD1.5 models).")  # fmt: skip
+    if request.image_prompt is not None and (why := image_prompt_problem(request.image_prompt, model.unet)):
+        problems.append(why)
     if problems:
         raise InputError("; ".join(problems))
 
 
 def encode_prompts(model: StableDiffusion, r: GenerationRequest) -> Conditioning:
+    """The text context, and with an image prompt the IP-Adapter's tokens beside it (for the UNet only)."""
     ctx = model.text.encode([r.negative_prompt, r.prompt], clip_skip=r.clip_skip).to(model.dtype)  # (2, 77*k, w)
     uncond, cond = (c.expand(r.batch, -1, -1) for c in ctx.chunk(2))
-    return Conditioning(uncond, cond, torch.cat([uncond, cond]) if r.use_cfg else cond)
+    full = torch.cat([uncond, cond]) if r.use_cfg else cond
+    unet: torch.Tensor | PromptContext = full
+    if r.image_prompt is not None:
+        ip = r.image_prompt
+        tokens = prompt_tokens(ip, r.batch, r.use_cfg)
+        unet = ip.adapter.context(full, tokens, layer_scales(ip.scale, len(model.unet.cross_attentions())))
+    return Conditioning(uncond, cond, full, unet)
 
 
 def _hint_tensor(hint, width: int, height: int, device, dtype) -> torch.Tensor:
@@ -168,7 +180,7 @@ def denoise(
         x_in = s.scale_input(x, i)
         x_full = torch.cat([x_in, x_in]) if r.use_cfg else x_in  # the guidance batch: [uncond, cond]
         control = control_residuals(r, hints, x_in, x_full, t, ctx, k, n)
-        eps = model.unet(x_full, t, ctx.full, control=control)
+        eps = model.unet(x_full, t, ctx.unet, control=control)
         if r.use_cfg:
             e_u, e_c = eps.chunk(2)
             eps = e_u + r.cfg_scale * (e_c - e_u)
@@ -210,6 +222,11 @@ def parameters(model: StableDiffusion, r: GenerationRequest) -> str:
         fields_.append(f"Clip skip: {r.clip_skip}")
     if r.guess_mode:
         fields_.append("Guess mode: True")
+    if r.image_prompt is not None:
+        scale = r.image_prompt.scale if not isinstance(r.image_prompt.scale, dict) else "per block"
+        fields_.append(
+            f'IP-Adapter: "Model: {r.image_prompt.label}, Weight: {scale}, Images: {len(r.image_prompt.images)}"'
+        )
     for i, u in enumerate(r.units):
         fields_.append(
             f'ControlNet {i}: "Model: {u.label}, Weight: {u.scale}, Guidance Start: {u.start}, Guidance End: {u.end}"'

@@ -26,6 +26,7 @@ MAX_CFG = 100.0
 MIN_SIZE, MAX_SIZE = 64, 4096
 MAX_BATCH = 64
 MAX_CONTROL_SCALE = 10.0
+MAX_IP_SCALE = 5.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,49 @@ class ControlUnit:
 
 
 @dataclass(frozen=True)
+class ImagePrompt:
+    """An IP-Adapter image prompt: the adapter, its CLIP image encoder, one or more pictures (their embeddings are
+    averaged) and a scale: a number, or diffusers' per-block dictionary ({"down": {"block_2": [0.0, 1.0]}, ...}).
+
+    `adapter` and `encoder` are files/folders (the model manager loads them) or loaded modules."""
+
+    adapter: object  # str | os.PathLike | ip_adapter.IPAdapter
+    images: tuple[np.ndarray, ...]
+    encoder: object = None  # str | os.PathLike | image_encoder.ImageEncoder
+    scale: float | dict = 1.0
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        images = self.images if isinstance(self.images, (list, tuple)) else (self.images,)
+        object.__setattr__(self, "images", tuple(images))
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return stem(self.adapter) if isinstance(self.adapter, (str, os.PathLike)) else "ip-adapter"
+
+    def problems(self) -> list[str]:
+        from .ip_adapter import layer_scales
+
+        out = []
+        if not self.images:
+            out.append("image_prompt: give at least one picture")
+        for i, img in enumerate(self.images):
+            if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+                out.append(f"image_prompt.images[{i}] must be an HxWx3 uint8 picture")
+        if self.encoder is None:
+            out.append("image_prompt.encoder is missing: give the image-encoder folder (models/image_encoder)")
+        try:
+            scales = layer_scales(self.scale)
+            if any(not 0 <= x <= MAX_IP_SCALE for x in scales):
+                out.append(f"image_prompt.scale must be 0..{MAX_IP_SCALE:g} (got {self.scale})")
+        except (InputError, TypeError, ValueError) as e:
+            out.append(f"image_prompt.scale: {e}")
+        return out
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """Everything one call of `pipeline.generate` takes, besides the model.
 
@@ -102,6 +146,7 @@ class GenerationRequest:
     init_image: np.ndarray | None = None
     strength: float = 1.0
     mask: np.ndarray | None = None
+    image_prompt: ImagePrompt | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "units", tuple(self.units))  # a list given by a caller stays immutable here
@@ -122,6 +167,11 @@ class GenerationRequest:
                 problems.append(f"units[{i}] must be a ControlUnit (got {type(unit).__name__})")
             else:
                 problems += unit.problems(i)
+        if self.image_prompt is not None:
+            if isinstance(self.image_prompt, ImagePrompt):
+                problems += self.image_prompt.problems()
+            else:
+                problems.append(f"image_prompt must be an ImagePrompt (got {type(self.image_prompt).__name__})")
         if problems:
             raise InputError("; ".join(problems))
         return self
@@ -175,6 +225,8 @@ class GenerationRequest:
                 v = f"array{v.shape}"
             elif f.name == "units":
                 v = [{"model": u.label, "scale": u.scale, "start": u.start, "end": u.end} for u in v]
+            elif f.name == "image_prompt" and v is not None:
+                v = {"adapter": v.label, "images": len(v.images), "scale": v.scale}
             out[f.name] = v
         return out
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import SpatialTransformer
+from .attention import BasicTransformerBlock, SpatialTransformer
 from .config import UNetConfig
 
 MAX_PERIOD = 10000  # sinusoidal timestep embedding, as in "Attention is all you need"
@@ -155,6 +155,14 @@ class UNet(nn.Module):
             nn.SiLU(),
             nn.Conv2d(cfg.model_channels, cfg.out_channels, 3, padding=1),
         )
+        for i, attn in enumerate(self.cross_attentions()):
+            attn.ip_index = i
+
+    def cross_attentions(self) -> list[nn.Module]:
+        """The text cross-attention layers in diffusers' attention-processor order (down, up, then mid blocks), the
+        order IP-Adapter files number their `ip_adapter.N` keys in."""
+        blocks = [*self.input_blocks, *self.output_blocks, self.middle_block]
+        return [m.attn2 for b in blocks for m in b.modules() if isinstance(m, BasicTransformerBlock)]
 
     def time_emb(self, t: torch.Tensor, batch: int) -> torch.Tensor:
         t = t.reshape(-1).expand(batch) if t.numel() == 1 else t

@@ -336,6 +336,7 @@ def test_a_server_with_auth_refuses_anonymous_clients(ours, tmp_path):
     manager = ModelManager.__new__(ModelManager)  # no model is needed to check the door
     manager.device = torch.device("cpu")
     blocks = app.build_app(Studio(manager, None, str(tmp_path)))
+    assert blocks.delete_cache == (3600, 86400)  # Gradio's upload copies go once a day old
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]

@@ -1,0 +1,207 @@
+"""IP-Adapter (plain and plus) against diffusers' IP-Adapter path, on tiny random weights in the published layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cldm.errors import CheckpointError, InputError
+from cldm.pipeline import generate
+from cldm.request import ControlUnit, GenerationRequest, ImagePrompt
+
+SIZE = 64
+PIXEL_TOL = 2  # out of 255, per pixel, as the other whole-picture comparisons
+ENC = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+           patch_size=8, projection_dim=24)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(3)
+    folder = tmp_path_factory.mktemp("image_encoder")
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**ENC)).save_pretrained(str(folder))
+    return folder
+
+
+def adapter_state(unet, kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights with the published files' key names and shapes, for this UNet."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    layers = unet.cross_attentions()
+    ctx = layers[0].to_k.in_features
+    state = {}
+    for i, attn in enumerate(layers):
+        state[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"] = rnd(attn.to_q.out_features, ctx)
+        state[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"] = rnd(attn.to_q.out_features, ctx)
+    if kind == "plain":
+        state |= {"image_proj.proj.weight": rnd(4 * ctx, ENC["projection_dim"]), "image_proj.proj.bias": rnd(4 * ctx),
+                  "image_proj.norm.weight": 1 + rnd(ctx), "image_proj.norm.bias": rnd(ctx)}  # fmt: skip
+        return state
+    hidden, tokens, inner = 64, 16, 256  # one 64-wide head (the files' heads = rows / 64), 4x feed-forward
+    state |= {"image_proj.latents": rnd(1, tokens, hidden), "image_proj.proj_in.weight": rnd(hidden, ENC["hidden_size"]),
+              "image_proj.proj_in.bias": rnd(hidden), "image_proj.proj_out.weight": rnd(ctx, hidden),
+              "image_proj.proj_out.bias": rnd(ctx), "image_proj.norm_out.weight": 1 + rnd(ctx),
+              "image_proj.norm_out.bias": rnd(ctx)}  # fmt: skip
+    for layer in range(4):  # the published depth (diffusers assumes it)
+        p = f"image_proj.layers.{layer}"
+        state |= {f"{p}.0.norm1.weight": 1 + rnd(hidden), f"{p}.0.norm1.bias": rnd(hidden),
+                  f"{p}.0.norm2.weight": 1 + rnd(hidden), f"{p}.0.norm2.bias": rnd(hidden),
+                  f"{p}.0.to_q.weight": rnd(hidden, hidden), f"{p}.0.to_kv.weight": rnd(2 * hidden, hidden),
+                  f"{p}.0.to_out.weight": rnd(hidden, hidden), f"{p}.1.0.weight": 1 + rnd(hidden),
+                  f"{p}.1.0.bias": rnd(hidden), f"{p}.1.1.weight": rnd(inner, hidden),
+                  f"{p}.1.3.weight": rnd(hidden, inner)}  # fmt: skip
+    return state
+
+
+def _nested(state):
+    """The .bin layout: {"image_proj": {...}, "ip_adapter": {...}}."""
+    out = {"image_proj": {}, "ip_adapter": {}}
+    for k, v in state.items():
+        part, rest = k.split(".", 1)
+        out[part][rest] = v
+    return out
+
+
+@pytest.fixture(scope="module", params=["plain", "plus"])
+def adapter_file(request, ours, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"ip_{request.param}")
+    path = folder / f"ip-adapter-{request.param}_sd15.bin"
+    torch.save(_nested(adapter_state(ours[0].unet, request.param)), path)
+    return request.param, path
+
+
+def _picture(seed=0):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    img[10:30, 8:30] = (220, 40, 40)
+    return img
+
+
+def _diffusers(ref_pipe, adapter_path, encoder_dir, controlnet=None):
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    parts = {
+        k: v for k, v in ref_pipe.components.items() if k not in ("controlnet", "image_encoder", "feature_extractor")
+    }
+    size = {"shortest_edge": ENC["image_size"]}
+    extractor = CLIPImageProcessor(size=size, crop_size={"height": ENC["image_size"], "width": ENC["image_size"]})
+    encoder = CLIPVisionModelWithProjection.from_pretrained(str(encoder_dir))
+    if controlnet is None:
+        pipe = StableDiffusionPipeline(**parts, image_encoder=encoder, feature_extractor=extractor)
+    else:
+        pipe = StableDiffusionControlNetPipeline(**parts, controlnet=controlnet, image_encoder=encoder,
+                                                 feature_extractor=extractor)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(
+        str(adapter_path.parent), subfolder="", weight_name=adapter_path.name, image_encoder_folder=None
+    )
+    return pipe
+
+
+def _ours(adapter_path, encoder_dir, images, scale):
+    from cldm.image_encoder import load_image_encoder
+    from cldm.ip_adapter import load_ip_adapter
+
+    return ImagePrompt(load_ip_adapter(adapter_path), tuple(images), load_image_encoder(encoder_dir), scale)
+
+
+def _diff(a, b) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def test_projection_and_pictures_match_diffusers(adapter_file, ours, ref_pipe, encoder_dir):
+    kind, path = adapter_file
+    sd, cn = ours
+    pipe = _diffusers(ref_pipe, path, encoder_dir)
+    pipe.set_ip_adapter_scale(0.8)
+    prompt = _ours(path, encoder_dir, [_picture()], 0.8)
+    # the projection: our tokens against diffusers' image projection of the same features
+    feats = prompt.encoder.hidden(prompt.encoder.pixels([_picture()])) if kind == "plus" else \
+        prompt.encoder.embeds(prompt.encoder.pixels([_picture()]))  # fmt: skip
+    ref_tokens = pipe.unet.encoder_hid_proj.image_projection_layers[0](feats)
+    assert torch.allclose(prompt.adapter.tokens(feats), ref_tokens, atol=1e-5)
+    out = pipe("a cat", ip_adapter_image=Image.fromarray(_picture()), num_inference_steps=4, guidance_scale=5.0,
+               generator=torch.Generator("cpu").manual_seed(7), output_type="np", width=SIZE, height=SIZE)  # fmt: skip
+    ref = (out.images * 255).round().astype(np.uint8)
+    ours_ = generate(sd, GenerationRequest("a cat", steps=4, cfg_scale=5.0, seed=7, width=SIZE, height=SIZE,
+                                           image_prompt=prompt))  # fmt: skip
+    assert _diff(ours_.images[0], ref[0]) <= PIXEL_TOL
+    plain = generate(sd, GenerationRequest("a cat", steps=4, cfg_scale=5.0, seed=7, width=SIZE, height=SIZE))
+    assert _diff(plain.images[0], ours_.images[0]) > 10  # the image prompt does something
+    assert "IP-Adapter:" in ours_.parameters
+
+
+def test_with_a_controlnet_matches_diffusers(adapter_file, ours, ref_pipe, encoder_dir, tiny_dirs):
+    from diffusers import ControlNetModel
+
+    kind, path = adapter_file
+    sd, cn = ours
+    pipe = _diffusers(ref_pipe, path, encoder_dir, controlnet=ControlNetModel.from_pretrained(str(tiny_dirs[1])))
+    pipe.set_ip_adapter_scale(0.6)
+    hint = np.zeros((SIZE, SIZE, 3), np.uint8)
+    hint[16:48, 16:48] = 255
+    out = pipe("a dog", image=Image.fromarray(hint), ip_adapter_image=Image.fromarray(_picture(1)),
+               num_inference_steps=3, guidance_scale=6.0, generator=torch.Generator("cpu").manual_seed(2),
+               output_type="np", width=SIZE, height=SIZE)  # fmt: skip
+    ref = (out.images * 255).round().astype(np.uint8)
+    request = GenerationRequest("a dog", units=[ControlUnit(cn, hint)], steps=3, cfg_scale=6.0, seed=2, width=SIZE,
+                                height=SIZE, image_prompt=_ours(path, encoder_dir, [_picture(1)], 0.6))  # fmt: skip
+    assert _diff(generate(sd, request).images[0], ref[0]) <= PIXEL_TOL
+
+
+def test_scale_zero_is_the_plain_picture_and_the_base_is_untouched(adapter_file, ours, encoder_dir):
+    _, path = adapter_file
+    sd, _ = ours
+    before = {k: v.clone() for k, v in sd.unet.state_dict().items()}
+    kw = dict(steps=2, cfg_scale=5.0, seed=3, width=SIZE, height=SIZE)
+    plain = generate(sd, GenerationRequest("a cat", **kw)).images
+    zero = generate(sd, GenerationRequest("a cat", image_prompt=_ours(path, encoder_dir, [_picture()], 0.0), **kw))
+    assert np.array_equal(plain, zero.images)
+    after = sd.unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_per_block_scales_follow_diffusers_layout():
+    from cldm.ip_adapter import layer_scales
+
+    s = layer_scales({"down": {"block_2": [0.0, 1.0]}, "up": {"block_1": [0.0, 1.0, 0.0]}})
+    assert s == [0, 0, 0, 0, 0, 1.0] + [0, 1.0, 0] + [0] * 6 + [0]
+    assert layer_scales(0.5) == [0.5] * 16
+    assert layer_scales({"mid": 2.0, "down": 1.0}) == [1.0] * 6 + [0.0] * 9 + [2.0]
+    with pytest.raises(InputError, match="block_0"):
+        layer_scales({"up": {"block_0": 1.0}})  # SD1.5's first up block has no attention
+
+
+def test_several_pictures_average_their_embeddings(adapter_file, ours, encoder_dir):
+    from cldm.ip_adapter import prompt_tokens
+
+    _, path = adapter_file
+    a, b = _picture(0), _picture(5)
+    both = prompt_tokens(_ours(path, encoder_dir, [a, b], 1.0), batch=1, guidance=False)
+    one = prompt_tokens(_ours(path, encoder_dir, [a], 1.0), batch=1, guidance=False)
+    assert both.shape == one.shape and not torch.allclose(both, one)
+
+
+def test_published_layouts_load_and_wrong_files_are_named(ours, tmp_path, tiny_dirs):
+    from safetensors.torch import save_file
+
+    from cldm.ip_adapter import load_ip_adapter
+
+    state = adapter_state(ours[0].unet, "plain")
+    save_file(state, tmp_path / "ip-adapter_sd15.safetensors")  # flat keys
+    torch.save(_nested(state), tmp_path / "ip-adapter_sd15.bin")  # nested, as published
+    a, b = load_ip_adapter(tmp_path / "ip-adapter_sd15.safetensors"), load_ip_adapter(tmp_path / "ip-adapter_sd15.bin")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert a.cfg.tokens == 4 and a.cfg.kind == "plain"
+    with pytest.raises(CheckpointError, match="not an IP-Adapter"):
+        load_ip_adapter(tiny_dirs[1] / "diffusion_pytorch_model.safetensors")
+    broken = dict(state)
+    broken.pop("image_proj.norm.bias")
+    save_file(broken, tmp_path / "broken.safetensors")
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_ip_adapter(tmp_path / "broken.safetensors")
