@@ -11,7 +11,7 @@ from .errors import InputError
 from .images import load_rgb, save_png
 from .manager import ModelManager
 from .model_card import card_for
-from .request import ControlUnit, GenerationRequest
+from .request import ControlUnit, GenerationRequest, ImagePrompt
 from .samplers import SAMPLERS
 
 DEFAULT_SIZE = 512  # SD1.5's native size, for a base without a model card
@@ -40,6 +40,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-image", help="img2img / inpaint source picture")
     p.add_argument("--strength", type=float, default=1.0, help="denoising strength with --init-image")
     p.add_argument("--mask", help="inpaint mask: white = repaint")
+    p.add_argument("--ip-adapter", help="IP-Adapter file (ip-adapter_sd15.bin/.safetensors, ip-adapter-plus_sd15, ...)")
+    p.add_argument("--image-encoder", help="its CLIP image-encoder folder (models/image_encoder of h94/IP-Adapter)")
+    p.add_argument("--ip-image", action="append", default=[], help="image prompt (repeatable: embeddings averaged)")
+    p.add_argument("--ip-scale", type=float, default=1.0, help="image-prompt strength (A1111's weight; 0 = off)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16")
     p.add_argument("--out", default="out.png", help="output PNG (a batch writes out-0.png, out-1.png, ...)")
@@ -66,6 +70,12 @@ def request_from_args(a: argparse.Namespace) -> GenerationRequest:
     units = [
         ControlUnit(p, load_rgb(h), s, st, e) for p, h, s, st, e in zip(a.controlnet, a.hint, scales, starts, ends)
     ]
+    image_prompt = None
+    if a.ip_adapter or a.ip_image:
+        if not (a.ip_adapter and a.ip_image and a.image_encoder):
+            raise InputError("an image prompt needs --ip-adapter FILE, --image-encoder FOLDER and --ip-image FILE")
+        images = tuple(load_rgb(f) for f in a.ip_image)
+        image_prompt = ImagePrompt(a.ip_adapter, images, a.image_encoder, a.ip_scale)
     card = card_for(a.base)
     native = card.size if card else DEFAULT_SIZE
     width, height = (native if v is None else v for v in (a.width, a.height))
@@ -73,7 +83,7 @@ def request_from_args(a: argparse.Namespace) -> GenerationRequest:
         a.prompt, a.negative_prompt, tuple(units), steps=a.steps, cfg_scale=a.cfg, sampler=a.sampler, eta=a.eta,
         seed=a.seed, width=width, height=height, batch=a.batch, guess_mode=a.guess_mode,
         clip_skip=a.clip_skip, init_image=load_rgb(a.init_image) if a.init_image else None, strength=a.strength,
-        mask=load_rgb(a.mask)[..., 0] if a.mask else None,
+        mask=load_rgb(a.mask)[..., 0] if a.mask else None, image_prompt=image_prompt,
     )  # fmt: skip
 
 

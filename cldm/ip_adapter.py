@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import checkpoints
+from .assemble import build
 from .attention import PromptContext
-from .errors import InputError
+from .errors import CheckpointError, InputError
+from .image_encoder import ImageEncoder
 
 
 @dataclass(frozen=True)
@@ -212,8 +216,6 @@ def config_from_state(state: dict[str, torch.Tensor], what: str) -> IPAdapterCon
             depth=depth, heads=state["image_proj.layers.0.0.to_q.weight"].shape[0] // 64, ff_mult=inner // hidden,
         )  # fmt: skip
     except (KeyError, IndexError, ValueError) as e:
-        from .errors import CheckpointError
-
         raise CheckpointError(
             f"{what} is not an IP-Adapter this program reads (missing or odd {e}): use ip-adapter_sd15, "
             "ip-adapter-plus_sd15 or ip-adapter-plus-face_sd15 (.bin or .safetensors)."
@@ -223,16 +225,9 @@ def config_from_state(state: dict[str, torch.Tensor], what: str) -> IPAdapterCon
 def load_ip_adapter(path, dtype: torch.dtype = torch.float32) -> IPAdapter:
     """An IP-Adapter file (`ip-adapter_sd15.bin`, `ip-adapter-plus_sd15.safetensors`, ...), read through
     `checkpoints` (pickles never run code), built strictly."""
-    from pathlib import Path
-
-    from . import checkpoints
-    from .assemble import build
-
     name = Path(path).name
     state = checkpoints.read_file(path)
     if not any(k.startswith(("image_proj.", "ip_adapter.")) for k in state):
-        from .errors import CheckpointError
-
         raise CheckpointError(f"{name} is {checkpoints.describe(state)}, not an IP-Adapter.")
     return build(IPAdapter, config_from_state(state, name), state, "IP-Adapter", dtype)
 
@@ -254,8 +249,6 @@ def fit_problem(adapter: IPAdapter, unet) -> str | None:
 # ------------------------------------------------------------------------------------------- in a request
 def image_prompt_problem(prompt, unet) -> str | None:
     """Why a request's ImagePrompt cannot run on this UNet (not loaded, or another family), or None."""
-    from .image_encoder import ImageEncoder
-
     if not isinstance(prompt.adapter, IPAdapter) or not isinstance(prompt.encoder, ImageEncoder):
         return f"the image prompt's adapter and encoder ({prompt.label}) are not loaded (the model manager loads files)"
     why = fit_problem(prompt.adapter, unet)

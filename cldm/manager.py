@@ -16,8 +16,11 @@ import torch
 from . import checkpoints, weights
 from .controlnet import ControlNet, fit_problem
 from .errors import CheckpointError, InputError
+from .image_encoder import ImageEncoder, load_image_encoder
+from .ip_adapter import IPAdapter, load_ip_adapter
+from .ip_adapter import fit_problem as ip_fit_problem
 from .pipeline import Result, StepCallback, generate
-from .request import ControlUnit, GenerationRequest
+from .request import ControlUnit, GenerationRequest, ImagePrompt
 from .sd import StableDiffusion
 
 log = logging.getLogger(__name__)
@@ -78,8 +81,12 @@ class ModelManager:
         self._sd: StableDiffusion | None = None
         self._cache: OrderedDict[tuple, ControlNet] = OrderedDict()  # on the CPU, most recent last
         self._on_device: dict[tuple, ControlNet] = {}
+        # the image prompt's modules: one IP-Adapter and one image encoder, on the device, (path, module)
+        self._ip: tuple[str, IPAdapter] | None = None
+        self._encoder: tuple[str, ImageEncoder] | None = None
         self.base_loads = 0
         self.controlnet_loads = 0
+        self.ip_loads = 0
 
     @property
     def sd(self) -> StableDiffusion:
@@ -119,6 +126,44 @@ class ModelManager:
             self._evict()
             return cn
 
+    def ip_adapter(self, path: str) -> IPAdapter:
+        """The IP-Adapter at `path` on the device (one at a time: another one replaces it). One that does not fit the
+        base is refused and not kept; the base model is never touched (the adapter only adds tokens)."""
+        with self.lock:
+            if self._ip is not None and self._ip[0] == str(path):
+                return self._ip[1]
+            sd = self.sd
+            adapter = load_ip_adapter(path, dtype=self.dtype)
+            why = ip_fit_problem(adapter, sd.unet)
+            if why is not None:
+                raise CheckpointError(f"{_name(path)} does not fit the base model {_name(sd.source)}: {why}.")
+            self._ip = None  # the old one goes before the new one is on the device
+            self._ip = (str(path), adapter.to(self.device))
+            self.ip_loads += 1
+            return self._ip[1]
+
+    def image_encoder(self, path: str) -> ImageEncoder:
+        """The CLIP image encoder folder at `path` on the device (one at a time)."""
+        with self.lock:
+            if self._encoder is not None and self._encoder[0] == str(path):
+                return self._encoder[1]
+            encoder = load_image_encoder(path, dtype=self.dtype)
+            self._encoder = None
+            self._encoder = (str(path), encoder.to(self.device))
+            return self._encoder[1]
+
+    def drop_image_prompt(self) -> None:
+        """Free the IP-Adapter and its encoder (the base model is as it was: nothing of them was put into it)."""
+        with self.lock:
+            self._ip = self._encoder = None
+
+    def _loaded_prompt(self, ip: ImagePrompt | None) -> ImagePrompt | None:
+        if ip is None:
+            return None
+        adapter = ip.adapter if isinstance(ip.adapter, IPAdapter) else self.ip_adapter(str(ip.adapter))
+        encoder = ip.encoder if isinstance(ip.encoder, ImageEncoder) else self.image_encoder(str(ip.encoder))
+        return replace(ip, adapter=adapter, encoder=encoder, name=ip.label)
+
     def _evict(self) -> None:
         while len(self._cache) > 1 and sum(module_bytes(m) for m in self._cache.values()) > self.cache_bytes:
             key, _ = self._cache.popitem(last=False)
@@ -157,7 +202,9 @@ class ModelManager:
                 u if k is None else replace(u, model=self._on_device[k], name=u.label)
                 for u, k in zip(request.units, keys)
             )
-            result = generate(sd, replace(request, units=units), callback)
+            image_prompt = self._loaded_prompt(request.image_prompt)
+            swap = time.perf_counter() - t0
+            result = generate(sd, replace(request, units=units, image_prompt=image_prompt), callback)
             result.timings["swap"] = swap
             if self.device.type == "cuda":
                 result.timings["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 1024**3

@@ -16,6 +16,7 @@ import torch
 
 from .controlnet import ControlNet
 from .errors import InputError
+from .ip_adapter import layer_scales
 from .samplers import SAMPLERS
 
 # diffusers' guess mode spaces the 13 scales logarithmically from 0.1 to 1 instead of the original 0.825 decay.
@@ -100,8 +101,6 @@ class ImagePrompt:
         return stem(self.adapter) if isinstance(self.adapter, (str, os.PathLike)) else "ip-adapter"
 
     def problems(self) -> list[str]:
-        from .ip_adapter import layer_scales
-
         out = []
         if not self.images:
             out.append("image_prompt: give at least one picture")

@@ -92,3 +92,28 @@ def base_available(base: str, timeout: float = 5.0) -> bool:
     except Exception as e:
         log.warning("the hub cannot be reached for %s (%s)", base, type(e).__name__)
         return False
+
+
+IP_ADAPTER_REPO = "h94/IP-Adapter"  # models/ip-adapter*_sd15.* and models/image_encoder/ (CLIP ViT-H/14)
+IP_ADAPTERS = ("ip-adapter_sd15", "ip-adapter-plus_sd15", "ip-adapter-plus-face_sd15", "ip-adapter_sd15_light")
+IMAGE_ENCODER = "image_encoder"
+
+
+def locate_ip_adapter(stem: str, models_dir: str | os.PathLike | None) -> Path:
+    """`models_dir/<stem>.{safetensors,bin}`, else `models/<stem>.safetensors` of h94/IP-Adapter from the hub."""
+    if models_dir:
+        for suffix in (".safetensors", ".bin"):
+            if (Path(models_dir) / f"{stem}{suffix}").is_file():
+                return Path(models_dir) / f"{stem}{suffix}"
+    where = f"{Path(models_dir or 'models') / (stem + '.safetensors')} (from {IP_ADAPTER_REPO}, folder models/)"
+    folder = _download(IP_ADAPTER_REPO, [f"models/{stem}.safetensors"], f"IP-Adapter {stem}", where)
+    return folder / "models" / f"{stem}.safetensors"
+
+
+def locate_image_encoder(models_dir: str | os.PathLike | None) -> Path:
+    """`models_dir/image_encoder/` (config.json + weights), else `models/image_encoder` of h94/IP-Adapter."""
+    if models_dir and (Path(models_dir) / IMAGE_ENCODER / "config.json").is_file():
+        return Path(models_dir) / IMAGE_ENCODER
+    where = f"{Path(models_dir or 'models') / IMAGE_ENCODER}/ (models/image_encoder of {IP_ADAPTER_REPO})"
+    patterns = [f"models/{IMAGE_ENCODER}/config.json", f"models/{IMAGE_ENCODER}/model.safetensors"]
+    return _download(IP_ADAPTER_REPO, patterns, "IP-Adapter image encoder", where) / "models" / IMAGE_ENCODER

@@ -114,7 +114,7 @@ def _diff(a, b) -> int:
     return int(np.abs(a.astype(int) - b.astype(int)).max())
 
 
-def test_projection_and_pictures_match_diffusers(adapter_file, ours, ref_pipe, encoder_dir):
+def test_projection_and_pictures_match_diffusers(adapter_file, ours, ref_pipe, encoder_dir, tiny_dirs, tmp_path):
     kind, path = adapter_file
     sd, cn = ours
     pipe = _diffusers(ref_pipe, path, encoder_dir)
@@ -131,12 +131,20 @@ def test_projection_and_pictures_match_diffusers(adapter_file, ours, ref_pipe, e
     ours_ = generate(sd, GenerationRequest("a cat", steps=4, cfg_scale=5.0, seed=7, width=SIZE, height=SIZE,
                                            image_prompt=prompt))  # fmt: skip
     assert _diff(ours_.images[0], ref[0]) <= PIXEL_TOL
+    from cldm.__main__ import main  # and the same through the command line
+
+    Image.fromarray(_picture()).save(tmp_path / "ip.png")
+    args = ["generate", "--base", str(tiny_dirs[0]), "--prompt", "a cat", "--steps", "4", "--cfg", "5", "--seed", "7",
+            "--width", str(SIZE), "--height", str(SIZE), "--ip-adapter", str(path), "--image-encoder", str(encoder_dir),
+            "--ip-image", str(tmp_path / "ip.png"), "--ip-scale", "0.8", "--out", str(tmp_path / "out.png")]  # fmt: skip
+    assert main(args) == 0
+    assert _diff(np.asarray(Image.open(tmp_path / "out.png")), ref[0]) <= PIXEL_TOL
     plain = generate(sd, GenerationRequest("a cat", steps=4, cfg_scale=5.0, seed=7, width=SIZE, height=SIZE))
     assert _diff(plain.images[0], ours_.images[0]) > 10  # the image prompt does something
     assert "IP-Adapter:" in ours_.parameters
 
 
-def test_with_a_controlnet_matches_diffusers(adapter_file, ours, ref_pipe, encoder_dir, tiny_dirs):
+def test_with_a_controlnet_matches_diffusers(adapter_file, ours, ref_pipe, encoder_dir, tiny_dirs, tmp_path):
     from diffusers import ControlNetModel
 
     kind, path = adapter_file
@@ -152,6 +160,52 @@ def test_with_a_controlnet_matches_diffusers(adapter_file, ours, ref_pipe, encod
     request = GenerationRequest("a dog", units=[ControlUnit(cn, hint)], steps=3, cfg_scale=6.0, seed=2, width=SIZE,
                                 height=SIZE, image_prompt=_ours(path, encoder_dir, [_picture(1)], 0.6))  # fmt: skip
     assert _diff(generate(sd, request).images[0], ref[0]) <= PIXEL_TOL
+    from cldm.__main__ import main
+
+    Image.fromarray(hint).save(tmp_path / "hint.png")
+    Image.fromarray(_picture(1)).save(tmp_path / "ip.png")
+    args = ["generate", "--base", str(tiny_dirs[0]), "--controlnet", str(tiny_dirs[1]), "--hint", str(tmp_path / "hint.png"),
+            "--prompt", "a dog", "--steps", "3", "--cfg", "6", "--seed", "2", "--width", str(SIZE), "--height", str(SIZE),
+            "--ip-adapter", str(path), "--image-encoder", str(encoder_dir), "--ip-image", str(tmp_path / "ip.png"),
+            "--ip-scale", "0.6", "--out", str(tmp_path / "out.png")]  # fmt: skip
+    assert main(args) == 0
+    assert _diff(np.asarray(Image.open(tmp_path / "out.png")), ref[0]) <= PIXEL_TOL
+
+
+def test_the_manager_adds_and_drops_an_adapter_without_touching_the_base(adapter_file, tiny_dirs, encoder_dir):
+    from cldm.manager import ModelManager
+
+    _, path = adapter_file
+    m = ModelManager(str(tiny_dirs[0]), device="cpu", dtype="fp32")
+    kw = dict(steps=2, cfg_scale=5.0, seed=3, width=SIZE, height=SIZE)
+    before = m.run(GenerationRequest("a cat", **kw)).images
+    with_ip = m.run(
+        GenerationRequest("a cat", image_prompt=ImagePrompt(str(path), (_picture(),), str(encoder_dir)), **kw)
+    )
+    assert not np.array_equal(before, with_ip.images) and "IP-Adapter" in with_ip.parameters
+    again = m.run(
+        GenerationRequest("a cat", image_prompt=ImagePrompt(str(path), (_picture(),), str(encoder_dir)), **kw)
+    )
+    assert np.array_equal(with_ip.images, again.images) and m.ip_loads == 1  # kept, not loaded again
+    m.drop_image_prompt()
+    assert np.array_equal(m.run(GenerationRequest("a cat", **kw)).images, before) and m.base_loads == 1
+
+
+def test_an_adapter_for_another_family_is_refused_before_sampling(ours, tmp_path, tiny_dirs, encoder_dir):
+    from cldm.manager import ModelManager
+
+    state = {k: v for k, v in adapter_state(ours[0].unet, "plain").items() if k.startswith("ip_adapter.")}
+    ctx = 64  # an adapter made for a text context twice as wide (SD2's is 1024 to SD1.5's 768)
+    state = {k: torch.zeros(v.shape[0], ctx) for k, v in state.items()}
+    state |= {"image_proj.proj.weight": torch.zeros(4 * ctx, ENC["projection_dim"]), "image_proj.proj.bias": torch.zeros(4 * ctx),
+              "image_proj.norm.weight": torch.ones(ctx), "image_proj.norm.bias": torch.zeros(ctx)}  # fmt: skip
+    torch.save(_nested(state), tmp_path / "sd2-ish.bin")
+    m = ModelManager(str(tiny_dirs[0]), device="cpu", dtype="fp32")
+    steps = []
+    with pytest.raises(CheckpointError, match="sd2-ish.bin does not fit the base model.*text context"):
+        m.run(GenerationRequest("a", image_prompt=ImagePrompt(str(tmp_path / "sd2-ish.bin"), (_picture(),), str(encoder_dir)),
+                                steps=2, width=SIZE, height=SIZE), callback=lambda i, n: steps.append(i))  # fmt: skip
+    assert steps == [] and m._ip is None
 
 
 def test_scale_zero_is_the_plain_picture_and_the_base_is_untouched(adapter_file, ours, encoder_dir):

@@ -155,21 +155,25 @@ class Report:
     bad_wrong: int = 0
     queue_full: int = 0
     queue_full_max_s: float = 0.0
+    queue_full_s: list[float] = field(default_factory=list)
     other_errors: list[str] = field(default_factory=list)
     good_latency_s: list[float] = field(default_factory=list)
     rss_start_mb: float = 0.0
     rss_end_mb: float = 0.0
+    rss_mb: list[float] = field(default_factory=list)  # every 15 s
     pictures_per_minute: float = 0.0
 
     def summary(self) -> str:
         lat = sorted(self.good_latency_s) or [float("nan")]
+        full = sorted(self.queue_full_s) or [0.0]
         return (
             f"{self.clients} clients, {self.seconds:.0f} s, queue {self.queue_size}: {self.good} good requests "
             f"({self.good_wrong} with another picture than alone), {self.bad} bad ({self.bad_wrong} without their "
-            f"message), {self.queue_full} refused as queue full (slowest answer {self.queue_full_max_s:.2f} s), "
+            f"message), {self.queue_full} refused as queue full (answered in {full[len(full) // 2]:.2f} s median, "
+            f"{full[int(len(full) * 0.95)]:.2f} s p95, {self.queue_full_max_s:.2f} s max), "
             f"{len(self.other_errors)} other errors; {self.pictures_per_minute:.1f} pictures/min; latency median "
             f"{lat[len(lat) // 2]:.1f} s, max {lat[-1]:.1f} s; server RSS {self.rss_start_mb:.0f} MB at start, "
-            f"{self.rss_end_mb:.0f} MB at the end"
+            f"{self.rss_end_mb:.0f} MB at the end (every 15 s: {', '.join(f'{r:.0f}' for r in self.rss_mb)})"
         )
 
 
@@ -202,6 +206,7 @@ def run(clients: int, seconds: float, queue_size: int = 16, bad_share: float = 0
                             if "queue is full" in msg.lower():
                                 report.queue_full += 1
                                 report.queue_full_max_s = max(report.queue_full_max_s, took)
+                                report.queue_full_s.append(took)
                                 time.sleep(0.2)
                             elif bad:
                                 report.bad += 1
@@ -219,7 +224,13 @@ def run(clients: int, seconds: float, queue_size: int = 16, bad_share: float = 0
                             report.good_wrong += pixels(result[2]) != serial[name]
                             report.good_latency_s.append(took)
 
+            def sample_memory() -> None:
+                while time.time() < deadline:
+                    report.rss_mb.append(rss_mb(proc.pid))
+                    time.sleep(15)
+
             threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+            threads.append(threading.Thread(target=sample_memory))
             t0 = time.time()
             for t in threads:
                 t.start()
