@@ -21,6 +21,7 @@ class PromptContext:
     image: torch.Tensor | None = None  # (batch, tokens, context width), the guidance batch like `text`
     ip_layers: Sequence[nn.Module] = ()  # each with to_k_ip, to_v_ip
     scales: Sequence[float] = ()
+    reference: object = None  # reference.ReferenceState during a reference-only step
 
 
 class CrossAttention(nn.Module):
@@ -96,8 +97,10 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x: torch.Tensor, context: torch.Tensor | PromptContext) -> torch.Tensor:
+        ref = context.reference if isinstance(context, PromptContext) else None
+        h = self.norm1(x)
+        x = x + (self.attn1(h) if ref is None else ref.self_attention(self, h))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 

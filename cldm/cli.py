@@ -11,7 +11,7 @@ from .errors import InputError
 from .images import load_rgb, save_png
 from .manager import ModelManager
 from .model_card import card_for
-from .request import ControlUnit, GenerationRequest, ImagePrompt
+from .request import ControlUnit, GenerationRequest, ImagePrompt, ReferenceUnit
 from .samplers import SAMPLERS
 
 DEFAULT_SIZE = 512  # SD1.5's native size, for a base without a model card
@@ -44,6 +44,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-encoder", help="its CLIP image-encoder folder (models/image_encoder of h94/IP-Adapter)")
     p.add_argument("--ip-image", action="append", default=[], help="image prompt (repeatable: embeddings averaged)")
     p.add_argument("--ip-scale", type=float, default=1.0, help="image-prompt strength (A1111's weight; 0 = off)")
+    p.add_argument("--reference", help="reference-only: a picture whose style/content the UNet attends to")
+    p.add_argument("--reference-mode", choices=["only", "adain", "adain+attn"], default="only")
+    p.add_argument("--style-fidelity", type=float, default=0.5, help="0..1: how much the reference wins over CFG")
+    p.add_argument("--reference-weight", type=float, default=1.0, help="which UNet blocks take part (A1111 weight)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16")
     p.add_argument("--out", default="out.png", help="output PNG (a batch writes out-0.png, out-1.png, ...)")
@@ -76,6 +80,9 @@ def request_from_args(a: argparse.Namespace) -> GenerationRequest:
             raise InputError("an image prompt needs --ip-adapter FILE, --image-encoder FOLDER and --ip-image FILE")
         images = tuple(load_rgb(f) for f in a.ip_image)
         image_prompt = ImagePrompt(a.ip_adapter, images, a.image_encoder, a.ip_scale)
+    reference = None
+    if a.reference:
+        reference = ReferenceUnit(load_rgb(a.reference), a.reference_mode, a.style_fidelity, a.reference_weight)
     card = card_for(a.base)
     native = card.size if card else DEFAULT_SIZE
     width, height = (native if v is None else v for v in (a.width, a.height))
@@ -83,7 +90,7 @@ def request_from_args(a: argparse.Namespace) -> GenerationRequest:
         a.prompt, a.negative_prompt, tuple(units), steps=a.steps, cfg_scale=a.cfg, sampler=a.sampler, eta=a.eta,
         seed=a.seed, width=width, height=height, batch=a.batch, guess_mode=a.guess_mode,
         clip_skip=a.clip_skip, init_image=load_rgb(a.init_image) if a.init_image else None, strength=a.strength,
-        mask=load_rgb(a.mask)[..., 0] if a.mask else None, image_prompt=image_prompt,
+        mask=load_rgb(a.mask)[..., 0] if a.mask else None, image_prompt=image_prompt, reference=reference,
     )  # fmt: skip
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -19,8 +19,9 @@ from .controlnet import ControlNet, fit_problem, guess_mode_scales
 from .errors import InputError
 from .images import image_to_tensor, mask_to_tensor, resize_rgb
 from .ip_adapter import image_prompt_problem, layer_scales, prompt_tokens
+from .reference import ReferenceState, noised_reference
 from .request import ControlUnit, GenerationRequest
-from .samplers import SAMPLER_LABELS, Sampler, make_sampler
+from .samplers import SAMPLER_LABELS, Sampler, alphas_cumprod, make_sampler
 from .sd import StableDiffusion
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
@@ -175,12 +176,14 @@ def denoise(
 ) -> torch.Tensor:  # fmt: skip
     """The sampling loop: ControlNet residuals, UNet, guidance, sampler step, inpaint blend."""
     x, n = lat.x, r.steps - lat.start
+    ref = reference_latent(model, r)
     for k, i in enumerate(range(lat.start, r.steps)):
         t = s.timesteps[i].to(model.device)
         x_in = s.scale_input(x, i)
         x_full = torch.cat([x_in, x_in]) if r.use_cfg else x_in  # the guidance batch: [uncond, cond]
         control = control_residuals(r, hints, x_in, x_full, t, ctx, k, n)
-        eps = model.unet(x_full, t, ctx.unet, control=control)
+        context = ctx.unet if ref is None else reference_pass(model, r, ref, x_full, t, ctx, k, n)
+        eps = model.unet(x_full, t, context, control=control)
         if r.use_cfg:
             e_u, e_c = eps.chunk(2)
             eps = e_u + r.cfg_scale * (e_c - e_u)
@@ -191,6 +194,29 @@ def denoise(
         if callback is not None:
             callback(k + 1, n)
     return x
+
+
+def reference_latent(model: StableDiffusion, r: GenerationRequest):
+    """(the reference picture's latent, its own noise generator), or None without a reference."""
+    if r.reference is None:
+        return None
+    generator = torch.Generator("cpu").manual_seed(int(r.seed))  # apart from the main stream
+    image = image_to_tensor(resize_rgb(r.reference.image, r.width, r.height)).to(model.device, model.dtype) * 2 - 1
+    return model.vae.encode(image, generator), generator
+
+
+def reference_pass(model, r: GenerationRequest, ref, x_full: torch.Tensor, t, ctx: Conditioning, k: int, n: int):
+    """Run the noised reference through the UNet ("write"), and return the context for the real call ("read")."""
+    u = r.reference
+    if not active(k, n, u.start, u.end):
+        return ctx.unet
+    x0, generator = ref
+    state = ReferenceState(u.mode, u.style_fidelity, u.weight, uncond=x_full.shape[0] // 2 if r.use_cfg else 0)
+    base = ctx.unet if isinstance(ctx.unet, PromptContext) else PromptContext(ctx.unet)
+    noised = noised_reference(x0, t, alphas_cumprod(), generator).expand_as(x_full)
+    model.unet(noised, t, replace(base, reference=state))
+    state.writing = False
+    return replace(base, reference=state)
 
 
 def decode(model: StableDiffusion, r: GenerationRequest, x: torch.Tensor) -> np.ndarray:
@@ -222,6 +248,10 @@ def parameters(model: StableDiffusion, r: GenerationRequest) -> str:
         fields_.append(f"Clip skip: {r.clip_skip}")
     if r.guess_mode:
         fields_.append("Guess mode: True")
+    if r.reference is not None:
+        u = r.reference
+        fields_.append(f'Reference: "Mode: {u.mode}, Weight: {u.weight}, Style fidelity: {u.style_fidelity}, '
+                       f'Guidance Start: {u.start}, Guidance End: {u.end}"')  # fmt: skip
     if r.image_prompt is not None:
         scale = r.image_prompt.scale if not isinstance(r.image_prompt.scale, dict) else "per block"
         fields_.append(

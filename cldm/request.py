@@ -17,6 +17,7 @@ import torch
 from .controlnet import ControlNet
 from .errors import InputError
 from .ip_adapter import layer_scales
+from .reference import MODES as REFERENCE_MODES
 from .samplers import SAMPLERS
 
 # diffusers' guess mode spaces the 13 scales logarithmically from 0.1 to 1 instead of the original 0.825 decay.
@@ -119,6 +120,35 @@ class ImagePrompt:
 
 
 @dataclass(frozen=True)
+class ReferenceUnit:
+    """Reference-only control (A1111's reference_only / reference_adain / reference_adain+attn; `cldm.reference`)."""
+
+    image: np.ndarray  # HxWx3 uint8, resized to the picture size
+    mode: str = "only"  # "only", "adain", "adain+attn"
+    style_fidelity: float = 0.5  # 0..1: 1 keeps the reference out of the unconditional half
+    weight: float = 1.0  # which blocks take part (the extension's control weight)
+    start: float = 0.0
+    end: float = 1.0
+
+    def problems(self) -> list[str]:
+        out = [f"reference: {p}" for p in _number_problems(self, ("style_fidelity", "weight", "start", "end"))]
+        if out:
+            return out
+        if self.mode not in REFERENCE_MODES:
+            out.append(f"reference.mode must be one of {', '.join(REFERENCE_MODES)} (got {self.mode!r})")
+        if not 0 <= self.style_fidelity <= 1:
+            out.append(f"reference.style_fidelity must be 0..1 (got {self.style_fidelity})")
+        if not 0 <= self.weight <= 2:
+            out.append(f"reference.weight must be 0..2 (got {self.weight})")
+        if not 0 <= self.start < self.end <= 1:
+            out.append(f"reference: need 0 <= start < end <= 1 (got start {self.start}, end {self.end})")
+        img = self.image
+        if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            out.append("reference.image must be an HxWx3 uint8 picture")
+        return out
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """Everything one call of `pipeline.generate` takes, besides the model.
 
@@ -146,6 +176,7 @@ class GenerationRequest:
     strength: float = 1.0
     mask: np.ndarray | None = None
     image_prompt: ImagePrompt | None = None
+    reference: ReferenceUnit | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "units", tuple(self.units))  # a list given by a caller stays immutable here
@@ -171,6 +202,11 @@ class GenerationRequest:
                 problems += self.image_prompt.problems()
             else:
                 problems.append(f"image_prompt must be an ImagePrompt (got {type(self.image_prompt).__name__})")
+        if self.reference is not None:
+            if isinstance(self.reference, ReferenceUnit):
+                problems += self.reference.problems()
+            else:
+                problems.append(f"reference must be a ReferenceUnit (got {type(self.reference).__name__})")
         if problems:
             raise InputError("; ".join(problems))
         return self
@@ -224,6 +260,8 @@ class GenerationRequest:
                 v = f"array{v.shape}"
             elif f.name == "units":
                 v = [{"model": u.label, "scale": u.scale, "start": u.start, "end": u.end} for u in v]
+            elif f.name == "reference" and v is not None:
+                v = {"mode": v.mode, "style_fidelity": v.style_fidelity, "weight": v.weight}
             elif f.name == "image_prompt" and v is not None:
                 v = {"adapter": v.label, "images": len(v.images), "scale": v.scale}
             out[f.name] = v

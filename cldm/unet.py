@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import BasicTransformerBlock, SpatialTransformer
+from .attention import BasicTransformerBlock, PromptContext, SpatialTransformer
 from .config import UNetConfig
+from .reference import assign_weights as assign_reference_weights
 
 MAX_PERIOD = 10000  # sinusoidal timestep embedding, as in "Attention is all you need"
 
@@ -84,6 +85,8 @@ class TimestepEmbedSequential(nn.Sequential):
                 x = layer(x, upsample_size)
             else:
                 x = layer(x)
+        if isinstance(context, PromptContext) and context.reference is not None:  # reference AdaIN
+            x = context.reference.block_output(self, x)
         return x
 
 
@@ -157,6 +160,7 @@ class UNet(nn.Module):
         )
         for i, attn in enumerate(self.cross_attentions()):
             attn.ip_index = i
+        assign_reference_weights(self)
 
     def cross_attentions(self) -> list[nn.Module]:
         """The text cross-attention layers in diffusers' attention-processor order (down, up, then mid blocks), the
