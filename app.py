@@ -21,10 +21,10 @@ import annotators
 from cldm.errors import CldmError, InputError
 from cldm.manager import ModelManager
 from cldm.samplers import SAMPLERS
-from cldm.weights import DEFAULT_BASE_REPO
+from cldm.weights import DEFAULT_BASE_REPO, IP_ADAPTERS
 from conditions import ADDED_PROMPT, CONDITIONS, EXAMPLES_DIR, NEGATIVE_PROMPT, Condition
-from forms import Form, SettingsPanel, SizePanel, UnitPanel
-from studio import MAX_SEED, Limits, Studio, choose_base, condition
+from forms import Form, ImagePromptPanel, ReferencePanel, SettingsPanel, SizePanel, UnitPanel
+from studio import MAX_SEED, REFERENCE_PREPROCESSORS, Limits, Studio, choose_base, condition
 
 log = logging.getLogger("app")
 MAX_UNITS = 3  # ControlNets in the Multi tab
@@ -72,10 +72,10 @@ def friendly(studio: Studio):
 
 
 # ------------------------------------------------------------------------------------------------------ UI
-def settings_panel(studio: Studio, cond: Condition | None) -> SettingsPanel:
+def settings_panel(studio: Studio, cond: Condition | None, key: str = "") -> SettingsPanel:
     """The generation settings every tab has (a model with its own small vocabulary gets no quality words)."""
     d, c = studio.defaults, {}
-    key = cond.key if cond else "multi"
+    key = cond.key if cond else key or "multi"
     c["prompt"] = gr.Textbox(label="Prompt", placeholder=cond.prompt_hint if cond else "", elem_id=f"{key}-prompt")
     with gr.Accordion("Settings", open=False, elem_id=f"{key}-settings"):
         c["added_prompt"] = gr.Textbox(label="Added prompt", value=ADDED_PROMPT if d.quality_words else "")
@@ -155,12 +155,34 @@ def _example(studio: Studio, cond: Condition) -> tuple[str, str, str]:
     return cond.example
 
 
+def image_prompt_panel(studio: Studio, key: str, open_: bool = False) -> ImagePromptPanel:
+    """The Image prompt accordion (IP-Adapter): a picture whose look the result takes on, beside the text prompt."""
+    with gr.Accordion("Image prompt (IP-Adapter)", open=open_, elem_id=f"{key}-ip"):
+        image = upload_image(label="Image prompt", sources=["upload", "clipboard"], elem_id=f"{key}-ip-image")
+        with gr.Row():
+            adapter = gr.Dropdown(list(IP_ADAPTERS), value=IP_ADAPTERS[0], label="IP-Adapter", allow_custom_value=True)
+            scale = gr.Slider(0.0, 2.0, value=0.6, step=0.05, label="Image prompt strength")
+    return ImagePromptPanel(image, adapter, scale)
+
+
+def reference_panel(key: str) -> ReferencePanel:
+    """Reference-only (no weights): the A1111 extension's reference preprocessors."""
+    image = upload_image(label="Reference picture", sources=["upload", "clipboard"], elem_id=f"{key}-reference-image")
+    with gr.Row():
+        pre = gr.Dropdown(list(REFERENCE_PREPROCESSORS), value="reference_only", label="Preprocessor",
+                          allow_custom_value=True)  # fmt: skip
+        fidelity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Style fidelity")
+        weight = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Control weight")
+    return ReferencePanel(image, pre, fidelity, weight)
+
+
 def condition_tab(studio: Studio, cond: Condition) -> None:
     """One tab, for any row of the condition table."""
     with gr.Row():
         with gr.Column():
             unit = unit_panel(studio, [cond], elem_id=f"{cond.key}-image")
             settings = settings_panel(studio, cond)
+            ip = image_prompt_panel(studio, cond.key)
             with gr.Row():
                 preview = gr.Button("Preview hint", elem_id=f"{cond.key}-preview")
                 run = gr.Button("Generate", variant="primary", elem_id=f"{cond.key}-run")
@@ -176,6 +198,7 @@ def condition_tab(studio: Studio, cond: Condition) -> None:
                 label="Example")  # fmt: skip
     preview_form = Form(unit, SizePanel(settings.widgets["width"], settings.widgets["height"]))
     run_form = Form(unit, settings)
+    ip_form = Form(unit, settings, ip)
 
     @friendly(studio)
     def do_preview(*values):
@@ -187,8 +210,16 @@ def condition_tab(studio: Studio, cond: Condition) -> None:
         u, s = run_form.read(values)
         return studio.generate([u], s, progress)
 
+    @friendly(studio)
+    def do_run_ip(*values, progress=gr.Progress()):  # noqa: B008
+        u, s, image_prompt = ip_form.read(values)
+        return studio.generate([u], s, progress, image_prompt)
+
     preview.click(do_preview, preview_form.inputs, hint_view, api_name=f"{cond.key}_preview")
-    run.click(do_run, run_form.inputs, [gallery, status, files], api_name=f"{cond.key}_run")
+    # the button sends the image prompt too; `/<key>_run` keeps the signature API callers know
+    run.click(do_run_ip, ip_form.inputs, [gallery, status, files], api_name=f"{cond.key}_run_with_image_prompt")
+    api_only = gr.Button(visible=False)
+    api_only.click(do_run, run_form.inputs, [gallery, status, files], api_name=f"{cond.key}_run")
 
 
 def multi_tab(studio: Studio) -> None:
@@ -212,22 +243,56 @@ def multi_tab(studio: Studio) -> None:
                 panel.enabled, panel.choice = enabled, choice
                 units.append(panel)
             settings = settings_panel(studio, None)
+            ip = image_prompt_panel(studio, "multi")
             run = gr.Button("Generate", variant="primary")
         with gr.Column():
             gallery = gr.Gallery(label="Hints and results", columns=2, format="png")
             status = gr.Markdown()
             files = gr.Files(label="Download PNGs (with parameters)")
-    form = Form(*units, settings)
+    form, ip_form = Form(*units, settings), Form(*units, settings, ip)
+
+    def run_units(values, progress, with_ip: bool):
+        records = (ip_form if with_ip else form).read(values)
+        chosen = [u for u in records[: len(units)] if u is not None]
+        s, image_prompt = records[len(units)], (records[-1] if with_ip else None)
+        if not chosen:
+            raise InputError("Enable at least one ControlNet.")
+        return studio.generate(chosen, s, progress, image_prompt)
 
     @friendly(studio)
     def do_run(*values, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for a progress bar)
-        *chosen, s = form.read(values)
-        chosen = [u for u in chosen if u is not None]
-        if not chosen:
-            raise InputError("Enable at least one ControlNet.")
-        return studio.generate(chosen, s, progress)
+        return run_units(values, progress, with_ip=False)
 
-    run.click(do_run, form.inputs, [gallery, status, files], api_name="multi_run")
+    @friendly(studio)
+    def do_run_ip(*values, progress=gr.Progress()):  # noqa: B008
+        return run_units(values, progress, with_ip=True)
+
+    run.click(do_run_ip, ip_form.inputs, [gallery, status, files], api_name="multi_run_with_image_prompt")
+    api_only = gr.Button(visible=False)
+    api_only.click(do_run, form.inputs, [gallery, status, files], api_name="multi_run")
+
+
+def picture_prompt_tab(studio: Studio) -> None:
+    """Pictures from a prompt and a picture, no ControlNet: an IP-Adapter image prompt, a reference, or both."""
+    with gr.Row():
+        with gr.Column():
+            ip = image_prompt_panel(studio, "image_prompt", open_=True)
+            with gr.Accordion("Reference (reference_only, no weights needed)", open=True):
+                ref = reference_panel("image_prompt")
+            settings = settings_panel(studio, None, key="image_prompt")
+            run = gr.Button("Generate", variant="primary", elem_id="image_prompt-run")
+        with gr.Column():
+            gallery = gr.Gallery(label="Results", columns=2, format="png", elem_id="image_prompt-gallery")
+            status = gr.Markdown(elem_id="image_prompt-status")
+            files = gr.Files(label="Download PNGs (with parameters)")
+    form = Form(ip, ref, settings)
+
+    @friendly(studio)
+    def do_run(*values, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for a progress bar)
+        image_prompt, reference, s = form.read(values)
+        return studio.generate([], s, progress, image_prompt, reference)
+
+    run.click(do_run, form.inputs, [gallery, status, files], api_name="image_prompt_run")
 
 
 def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | None = (3600, 86400)) -> gr.Blocks:
@@ -240,6 +305,8 @@ def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | 
                     condition_tab(studio, cond)
             with gr.Tab("Multi", id="multi"):
                 multi_tab(studio)
+            with gr.Tab("Image prompt", id="image_prompt"):
+                picture_prompt_tab(studio)
     return demo
 
 

@@ -12,7 +12,7 @@ import gradio as gr
 
 from cldm.errors import InputError
 from conditions import Condition
-from studio import Settings, UnitSettings, condition
+from studio import ImagePromptSettings, ReferenceSettings, Settings, UnitSettings, condition
 
 
 class Form:
@@ -142,3 +142,49 @@ class UnitPanel:
         if missing:
             raise InputError(f"Missing value for {', '.join(missing)}: give a value (null is not one).")
         return UnitSettings(cond, v["image"], v["annotator"], v["resolution"], chosen, v["scale"], v["start"], v["end"])
+
+
+@dataclass
+class ImagePromptPanel:
+    """The Image prompt accordion: picture (optional), adapter, scale."""
+
+    image: gr.components.Component
+    adapter: gr.Dropdown
+    scale: gr.Slider
+
+    @property
+    def inputs(self) -> list:
+        return [self.image, self.adapter, self.scale]
+
+    def read(self, it: Iterator) -> ImagePromptSettings | None:
+        v = _take(it, ["image_prompt", "ip_adapter", "ip_scale"], optional=("image_prompt", "ip_adapter", "ip_scale"))
+        if v["image_prompt"] is None:
+            return None
+        missing = [k for k in ("ip_adapter", "ip_scale") if v[k] is None]
+        if missing:
+            raise InputError(f"Missing value for {', '.join(missing)}: give a value (null is not one).")
+        return ImagePromptSettings(v["image_prompt"], v["ip_adapter"], v["ip_scale"])
+
+
+@dataclass
+class ReferencePanel:
+    """Reference-only: picture, preprocessor (reference_only / reference_adain / reference_adain+attn), fidelity,
+    weight."""
+
+    image: gr.components.Component
+    preprocessor: gr.Dropdown
+    style_fidelity: gr.Slider
+    weight: gr.Slider
+
+    @property
+    def inputs(self) -> list:
+        return [self.image, self.preprocessor, self.style_fidelity, self.weight]
+
+    def read(self, it: Iterator) -> ReferenceSettings | None:
+        names = ["reference", "reference_preprocessor", "style_fidelity", "reference_weight"]
+        v = _take(it, names, optional=("reference",))
+        if v["reference"] is None:
+            return None
+        return ReferenceSettings(
+            v["reference"], v["reference_preprocessor"], v["style_fidelity"], v["reference_weight"]
+        )

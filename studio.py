@@ -25,7 +25,7 @@ from cldm.errors import InputError
 from cldm.images import array_to_rgb, load_rgb, resize_rgb, save_png
 from cldm.manager import ModelManager
 from cldm.model_card import ModelCard, card_for
-from cldm.request import ControlUnit, GenerationRequest
+from cldm.request import ControlUnit, GenerationRequest, ImagePrompt, ReferenceUnit
 from conditions import BY_KEY, Condition
 
 log = logging.getLogger("studio")
@@ -48,6 +48,28 @@ class UnitSettings:
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
+
+
+@dataclass(frozen=True)
+class ImagePromptSettings:
+    """The Image prompt accordion: a picture, which IP-Adapter (a `weights.IP_ADAPTERS` name) and its strength."""
+
+    image: object  # a file path or an array; None: no image prompt
+    adapter: str = "ip-adapter_sd15"
+    scale: float = 0.6
+
+
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """Reference-only as the A1111 extension's preprocessors name it: reference_only, reference_adain(+attn)."""
+
+    image: object
+    preprocessor: str = "reference_only"
+    style_fidelity: float = 0.5
+    weight: float = 1.0
+
+
+REFERENCE_PREPROCESSORS = {"reference_only": "only", "reference_adain": "adain", "reference_adain+attn": "adain+attn"}
 
 
 @dataclass(frozen=True)
@@ -202,7 +224,30 @@ class Studio:
         return control, shown, init, mask, strength
 
     # --------------------------------------------------------------------------------------------- generate
-    def request(self, units: list[UnitSettings], s: Settings, seed: int, progress: Progress):
+    def image_prompt(self, ip: ImagePromptSettings | None) -> ImagePrompt | None:
+        """The accordion's image prompt (None when no picture was given), with the adapter and encoder located."""
+        img = None if ip is None else editor_image(ip.image)
+        if img is None:
+            return None
+        if ip.adapter not in weights.IP_ADAPTERS:
+            raise InputError(f"Unknown IP-Adapter {ip.adapter!r}; choose one of {', '.join(weights.IP_ADAPTERS)}.")
+        adapter = weights.locate_ip_adapter(ip.adapter, self.models_dir)
+        return ImagePrompt(str(adapter), (img,), str(weights.locate_image_encoder(self.models_dir)), float(ip.scale))
+
+    @staticmethod
+    def reference(ref: ReferenceSettings | None) -> ReferenceUnit | None:
+        img = None if ref is None else editor_image(ref.image)
+        if img is None:
+            return None
+        if ref.preprocessor not in REFERENCE_PREPROCESSORS:
+            raise InputError(
+                f"{ref.preprocessor!r} is not a reference preprocessor; choose {', '.join(REFERENCE_PREPROCESSORS)}."
+            )
+        mode = REFERENCE_PREPROCESSORS[ref.preprocessor]
+        return ReferenceUnit(img, mode, float(ref.style_fidelity), float(ref.weight))
+
+    def request(self, units: list[UnitSettings], s: Settings, seed: int, progress: Progress,
+                ip: ImagePromptSettings | None = None, ref: ReferenceSettings | None = None):  # fmt: skip
         """(GenerationRequest, hints to show, a note for the status line) for these units and settings."""
         controls, shown, init, mask, strength = [], [], None, None, 1.0
         for unit in units:
@@ -223,14 +268,18 @@ class Studio:
             prompt, negative, tuple(controls), steps=int(s.steps), cfg_scale=float(s.cfg), sampler=s.sampler,
             seed=seed, width=int(s.width), height=int(s.height), batch=int(s.batch), guess_mode=bool(s.guess_mode),
             clip_skip=max([1, *(u.cond.clip_skip for u in units)]), init_image=init, strength=strength, mask=mask,
+            image_prompt=self.image_prompt(ip), reference=self.reference(ref),
         )  # fmt: skip
+        if not units and request.image_prompt is None and request.reference is None:
+            raise InputError("Give a picture: an image prompt or a reference.")
         return request, shown, note
 
-    def generate(self, units: list[UnitSettings], s: Settings, progress: Progress):
+    def generate(self, units: list[UnitSettings], s: Settings, progress: Progress,
+                 ip: ImagePromptSettings | None = None, ref: ReferenceSettings | None = None):  # fmt: skip
         """Run one request: (gallery items: hints then pictures, status line, PNG files with their parameters)."""
         self.check_work(units, s)
         seed = random.randint(0, MAX_SEED) if s.randomize else int(s.seed)
-        request, shown, note = self.request(units, s, seed, progress)
+        request, shown, note = self.request(units, s, seed, progress, ip, ref)
         t0 = time.perf_counter()
         result = self.manager.run(request, callback=lambda i, n: progress(i / n, desc=f"sampling {i}/{n}"))
         files = []
@@ -240,7 +289,11 @@ class Studio:
             files.append(str(path))
         self._prune_outputs()
         t = result.timings
-        names = ", ".join(str(u.model).rstrip("/").split("/")[-1] for u in request.units)
+        names = ", ".join(str(u.model).rstrip("/").split("/")[-1] for u in request.units) or "none"
+        if request.image_prompt is not None:
+            names += f" | IP-Adapter: {request.image_prompt.label} ({request.image_prompt.scale:g})"
+        if request.reference is not None:
+            names += f" | reference: {request.reference.mode}"
         status = (
             f"Base: {self.manager.sd.source.rstrip('/').split('/')[-1]} | ControlNet: {names} | seed {seed} | "
             f"swap {t['swap']:.2f}s, sampling {t['sampling']:.2f}s, decode {t['decode']:.2f}s, "

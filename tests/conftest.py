@@ -90,6 +90,11 @@ def running_app(tiny_dirs, ours, other_controlnet, misfit_controlnet, tmp_path_f
     # other weights than canny's: a request that ran the wrong ControlNet gives another picture
     writers.save_controlnet(other_controlnet, models / "control_v11p_sd15_scribble.safetensors", fmt="bare")
     writers.save_controlnet(misfit_controlnet, models / "control_v11p_sd15_lineart.safetensors")  # another family
+    # an IP-Adapter (plain, published key names) and its image encoder, where the app looks for them
+    from safetensors.torch import save_file
+
+    save_file(tiny.adapter_state(ours[0].unet, "plain"), str(models / "ip-adapter_sd15.safetensors"))
+    tiny.write_image_encoder(models / "image_encoder")
     writers.save_controlnet(cn, models / "control_v11e_sd15_shuffle", fmt="diffusers")
     for name in ("control_v11p_sd15_inpaint", "control_v11f1e_sd15_tile"):
         writers.save_controlnet(cn, models / f"{name}.safetensors")

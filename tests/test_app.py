@@ -275,3 +275,41 @@ def test_a_controlnet_of_another_family_is_refused_with_both_shapes(client, squa
     _, status, _ = client.predict(*_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values(),
                                   api_name="/canny_run")  # fmt: skip
     assert "seed 7" in status
+
+
+def test_image_prompt_accordion_and_tab(client, square, tmp_path):
+    """The Image prompt accordion on a tab, the Image prompt tab (IP-Adapter, reference, both), clear errors."""
+    from gradio_client import handle_file
+
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(tmp_path / "style.png")
+    style = handle_file(str(tmp_path / "style.png"))
+    args = [*_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values()]
+    plain = client.predict(*args, api_name="/canny_run")  # the API without the accordion, as before
+    with_ip = client.predict(*args, style, "ip-adapter_sd15", 1.0, api_name="/canny_run_with_image_prompt")
+    assert "IP-Adapter: ip-adapter_sd15 (1)" in with_ip[1]
+    a, b = (np.asarray(Image.open(r[2][0])) for r in (plain, with_ip))
+    assert not np.array_equal(a, b)
+    assert 'IP-Adapter: "Model: ip-adapter_sd15, Weight: 1.0' in Image.open(with_ip[2][0]).text["parameters"]
+    settings = list(SETTINGS.values())
+    # the Image prompt tab: IP-Adapter only, reference only, both; no ControlNet
+    ip_only = client.predict(style, "ip-adapter_sd15", 0.8, None, "reference_only", 0.5, 1.0, *settings,
+                             api_name="/image_prompt_run")  # fmt: skip
+    assert "ControlNet: none | IP-Adapter" in ip_only[1] and len(ip_only[2]) == 1
+    ref_only = client.predict(None, "ip-adapter_sd15", 0.8, style, "reference_adain+attn", 0.5, 1.0, *settings,
+                              api_name="/image_prompt_run")  # fmt: skip
+    assert "reference: adain+attn" in ref_only[1]
+    both = client.predict(style, "ip-adapter_sd15", 0.8, style, "reference_only", 1.0, 1.0, *settings,
+                          api_name="/image_prompt_run")  # fmt: skip
+    assert "IP-Adapter" in both[1] and "reference: only" in both[1]
+    with pytest.raises(Exception, match="Give a picture"):
+        client.predict(None, "ip-adapter_sd15", 0.8, None, "reference_only", 0.5, 1.0, *settings,
+                       api_name="/image_prompt_run")  # fmt: skip
+    with pytest.raises(
+        Exception, match=r"ip-adapter-plus_sd15.*not on this machine.*ip-adapter-plus_sd15\.safetensors"
+    ):
+        client.predict(*args, style, "ip-adapter-plus_sd15", 1.0, api_name="/canny_run_with_image_prompt")
+    with pytest.raises(Exception, match="is not a reference preprocessor"):
+        client.predict(
+            None, "ip-adapter_sd15", 0.8, style, "<i>x</i>", 0.5, 1.0, *settings, api_name="/image_prompt_run"
+        )

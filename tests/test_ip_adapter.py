@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import ENC, adapter_state
+from tiny import nested_adapter as _nested
 
 from cldm.errors import CheckpointError, InputError
 from cldm.pipeline import generate
@@ -13,57 +15,13 @@ from cldm.request import ControlUnit, GenerationRequest, ImagePrompt
 
 SIZE = 64
 PIXEL_TOL = 2  # out of 255, per pixel, as the other whole-picture comparisons
-ENC = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, image_size=32,
-           patch_size=8, projection_dim=24)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from tiny import write_image_encoder
 
-    torch.manual_seed(3)
-    folder = tmp_path_factory.mktemp("image_encoder")
-    CLIPVisionModelWithProjection(CLIPVisionConfig(**ENC)).save_pretrained(str(folder))
-    return folder
-
-
-def adapter_state(unet, kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights with the published files' key names and shapes, for this UNet."""
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
-    layers = unet.cross_attentions()
-    ctx = layers[0].to_k.in_features
-    state = {}
-    for i, attn in enumerate(layers):
-        state[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"] = rnd(attn.to_q.out_features, ctx)
-        state[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"] = rnd(attn.to_q.out_features, ctx)
-    if kind == "plain":
-        state |= {"image_proj.proj.weight": rnd(4 * ctx, ENC["projection_dim"]), "image_proj.proj.bias": rnd(4 * ctx),
-                  "image_proj.norm.weight": 1 + rnd(ctx), "image_proj.norm.bias": rnd(ctx)}  # fmt: skip
-        return state
-    hidden, tokens, inner = 64, 16, 256  # one 64-wide head (the files' heads = rows / 64), 4x feed-forward
-    state |= {"image_proj.latents": rnd(1, tokens, hidden), "image_proj.proj_in.weight": rnd(hidden, ENC["hidden_size"]),
-              "image_proj.proj_in.bias": rnd(hidden), "image_proj.proj_out.weight": rnd(ctx, hidden),
-              "image_proj.proj_out.bias": rnd(ctx), "image_proj.norm_out.weight": 1 + rnd(ctx),
-              "image_proj.norm_out.bias": rnd(ctx)}  # fmt: skip
-    for layer in range(4):  # the published depth (diffusers assumes it)
-        p = f"image_proj.layers.{layer}"
-        state |= {f"{p}.0.norm1.weight": 1 + rnd(hidden), f"{p}.0.norm1.bias": rnd(hidden),
-                  f"{p}.0.norm2.weight": 1 + rnd(hidden), f"{p}.0.norm2.bias": rnd(hidden),
-                  f"{p}.0.to_q.weight": rnd(hidden, hidden), f"{p}.0.to_kv.weight": rnd(2 * hidden, hidden),
-                  f"{p}.0.to_out.weight": rnd(hidden, hidden), f"{p}.1.0.weight": 1 + rnd(hidden),
-                  f"{p}.1.0.bias": rnd(hidden), f"{p}.1.1.weight": rnd(inner, hidden),
-                  f"{p}.1.3.weight": rnd(hidden, inner)}  # fmt: skip
-    return state
-
-
-def _nested(state):
-    """The .bin layout: {"image_proj": {...}, "ip_adapter": {...}}."""
-    out = {"image_proj": {}, "ip_adapter": {}}
-    for k, v in state.items():
-        part, rest = k.split(".", 1)
-        out[part][rest] = v
-    return out
+    return write_image_encoder(tmp_path_factory.mktemp("image_encoder"))
 
 
 @pytest.fixture(scope="module", params=["plain", "plus"])

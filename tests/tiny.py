@@ -130,3 +130,57 @@ def make_diffusers_pipeline(folder: Path, seed: int = 0):
     wake_zero_convs(cn, seed + 1)
     cn.save_pretrained(str(folder / "cn"))
     return folder / "sd", folder / "cn"
+
+
+# ------------------------------------------------------------------------------------------------- IP-Adapter
+# A tiny CLIP image encoder (CLIPVisionModelWithProjection) and IP-Adapter weights in the published key layout.
+ENC = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+           patch_size=8, projection_dim=24)  # fmt: skip
+
+
+def write_image_encoder(folder: Path) -> Path:
+    """A tiny CLIP image encoder folder written by transformers (config.json + model.safetensors)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(3)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**ENC)).save_pretrained(str(folder))
+    return folder
+
+
+def adapter_state(unet, kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights with the published files' key names and shapes, for this UNet."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    layers = unet.cross_attentions()
+    ctx = layers[0].to_k.in_features
+    state = {}
+    for i, attn in enumerate(layers):
+        state[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"] = rnd(attn.to_q.out_features, ctx)
+        state[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"] = rnd(attn.to_q.out_features, ctx)
+    if kind == "plain":
+        state |= {"image_proj.proj.weight": rnd(4 * ctx, ENC["projection_dim"]), "image_proj.proj.bias": rnd(4 * ctx),
+                  "image_proj.norm.weight": 1 + rnd(ctx), "image_proj.norm.bias": rnd(ctx)}  # fmt: skip
+        return state
+    hidden, tokens, inner = 64, 16, 256  # one 64-wide head (the files' heads = rows / 64), 4x feed-forward
+    state |= {"image_proj.latents": rnd(1, tokens, hidden), "image_proj.proj_in.weight": rnd(hidden, ENC["hidden_size"]),
+              "image_proj.proj_in.bias": rnd(hidden), "image_proj.proj_out.weight": rnd(ctx, hidden),
+              "image_proj.proj_out.bias": rnd(ctx), "image_proj.norm_out.weight": 1 + rnd(ctx),
+              "image_proj.norm_out.bias": rnd(ctx)}  # fmt: skip
+    for layer in range(4):  # the published depth (diffusers assumes it)
+        p = f"image_proj.layers.{layer}"
+        state |= {f"{p}.0.norm1.weight": 1 + rnd(hidden), f"{p}.0.norm1.bias": rnd(hidden),
+                  f"{p}.0.norm2.weight": 1 + rnd(hidden), f"{p}.0.norm2.bias": rnd(hidden),
+                  f"{p}.0.to_q.weight": rnd(hidden, hidden), f"{p}.0.to_kv.weight": rnd(2 * hidden, hidden),
+                  f"{p}.0.to_out.weight": rnd(hidden, hidden), f"{p}.1.0.weight": 1 + rnd(hidden),
+                  f"{p}.1.0.bias": rnd(hidden), f"{p}.1.1.weight": rnd(inner, hidden),
+                  f"{p}.1.3.weight": rnd(hidden, inner)}  # fmt: skip
+    return state
+
+
+def nested_adapter(state):
+    """The .bin layout: {"image_proj": {...}, "ip_adapter": {...}}."""
+    out = {"image_proj": {}, "ip_adapter": {}}
+    for k, v in state.items():
+        part, rest = k.split(".", 1)
+        out[part][rest] = v
+    return out
