@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -46,6 +48,7 @@ def _diffusers(ref_pipe, adapter_path, encoder_dir, controlnet=None):
     parts = {
         k: v for k, v in ref_pipe.components.items() if k not in ("controlnet", "image_encoder", "feature_extractor")
     }
+    parts["unet"] = copy.deepcopy(parts["unet"])  # load_ip_adapter changes the UNet: the shared reference stays clean
     size = {"shortest_edge": ENC["image_size"]}
     extractor = CLIPImageProcessor(size=size, crop_size={"height": ENC["image_size"], "width": ENC["image_size"]})
     encoder = CLIPVisionModelWithProjection.from_pretrained(str(encoder_dir))
