@@ -141,3 +141,30 @@ def test_browser_sketch_a_triangle_get_a_green_triangle(demo_page):
     if os.environ.get("UPDATE_SCREENSHOT"):  # the README's picture of the app: what a user of the demo model sees
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+def test_browser_image_prompt_tab_on_the_demo_model(demo_page, tmp_path):
+    """Drop a picture (a red circle on blue) into the Image prompt tab, no text: the demo IP-Adapter paints the
+    result's background the picture's colour."""
+    from cldm.training.demo_eval import nearest_colour
+
+    picture = np.zeros((64, 64, 3), np.uint8)
+    picture[:] = (40, 90, 220)  # blue
+    yy, xx = np.mgrid[:64, :64]
+    picture[(yy - 32) ** 2 + (xx - 32) ** 2 < 15**2] = (220, 40, 40)  # red
+    Image.fromarray(picture).save(tmp_path / "style.png")
+    page = demo_page
+    page.set_viewport_size({"width": 3600, "height": 1000})  # every tab in the tab bar, none in its overflow menu
+    page.get_by_role("tab", name="Image prompt", exact=True).click()
+    page.locator("#image_prompt-ip-image input[type=file]").set_input_files(str(tmp_path / "style.png"))
+    page.locator("#image_prompt-settings").get_by_text("Settings").first.click()
+    page.locator("#image_prompt-settings").get_by_label("Randomize seed").uncheck()
+    page.locator("#image_prompt-run").click()
+    gallery = page.locator("#image_prompt-gallery img")
+    gallery.first.wait_for(timeout=120_000)
+    page.locator("#image_prompt-status").get_by_text("IP-Adapter").wait_for()
+    body = page.request.get(gallery.first.get_attribute("src")).body()
+    result = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
+    border = np.concatenate([result[:3].reshape(-1, 3), result[-3:].reshape(-1, 3)])
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    assert nearest_colour(np.median(border, axis=0)) == "blue", np.median(border, axis=0)

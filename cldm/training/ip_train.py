@@ -1,7 +1,8 @@
 """An image prompt for the demo model: a small IP-Adapter trained here on the shapes data, the base frozen.
 
-The image encoder is a small `CLIPVisionModelWithProjection` (64 px, 8 px patches, 2 layers), randomly initialised
-and frozen, as the IP-Adapter recipe freezes its CLIP encoder: the adapter learns to read it. The adapter is a plain
+The image encoder is a small `CLIPVisionModelWithProjection` (64 px, 8 px patches, 2 layers) trained here together
+with the adapter (the published adapters freeze a CLIP encoder pretrained on web pictures; there is none for the
+shapes world, and a frozen random one passes on little more than the average colour). The adapter is a plain
 one (Linear + LayerNorm to 4 tokens, `to_k_ip/to_v_ip` per cross-attention layer, initialised from the layer's text
 `to_k/to_v` as the paper does), trained on eps-prediction with the picture as its own image prompt, the caption
 dropped half of the time (so that the picture alone must carry the colours) and the image prompt dropped 5% of the
@@ -58,30 +59,27 @@ def make_adapter(unet) -> IPAdapter:
     return adapter
 
 
-@torch.no_grad()
-def _features(encoder: ImageEncoder, pictures: list[np.ndarray]) -> torch.Tensor:
-    return encoder.embeds(encoder.pixels(pictures))
-
-
-def train_ip_adapter(demo: str | Path, out: str | Path, steps: int = 800, batch: int = 32, lr: float = 1e-3,
+def train_ip_adapter(demo: str | Path, out: str | Path, steps: int = 1200, batch: int = 32, lr: float = 1e-3,
                      seed: int = 0, pool: int = 4096) -> list[Path]:  # fmt: skip
     """Train on the exported demo model in `demo`; write the adapter and its encoder into `out`."""
     demo, out = Path(demo), Path(out)
     sd = checkpoints.load_sd(demo / DEMO_BASE, tokenizer=shapes_tokenizer()).freeze()
     encoder, adapter = make_encoder(seed), make_adapter(sd.unet)
     adapter.train().requires_grad_(True)
-    opt = make_optimizer(adapter.parameters(), lr)
+    encoder.train().requires_grad_(True)
+    params = [*adapter.parameters(), *encoder.parameters()]
+    opt = make_optimizer(params, lr)
     latents = LatentPool(sd.vae, 64, pool)
-    feats: dict[int, torch.Tensor] = {}
+    pixels: dict[int, torch.Tensor] = {}  # the encoder's input for each picture of the pool
     scales = [1.0] * len(adapter.layers)
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         g = step_generator(seed, step)
         idx = torch.randint(0, pool, (batch,), generator=g).tolist()
-        missing = [i for i in dict.fromkeys(idx) if i not in feats]
+        missing = [i for i in dict.fromkeys(idx) if i not in pixels]
         if missing:
-            for i, f in zip(missing, _features(encoder, [s.image for s in make_batch(missing, 64)])):
-                feats[i] = f
+            for i, px in zip(missing, encoder.pixels([s.image for s in make_batch(missing, 64)])):
+                pixels[i] = px
         mean, std, captions, _ = latents.get(idx)
         x_t, t, eps = _noisy(mean, std, g)
         drop_text = torch.rand(batch, generator=g) < DROP_TEXT
@@ -89,7 +87,7 @@ def train_ip_adapter(demo: str | Path, out: str | Path, steps: int = 800, batch:
         captions = ["" if d else c for c, d in zip(captions, drop_text.tolist())]
         with torch.no_grad():
             text = sd.text(sd.text.token_chunks(captions)[:, 0])
-        image = torch.stack([feats[i] for i in idx]) * keep_image
+        image = encoder.embeds(torch.stack([pixels[i] for i in idx])) * keep_image
         context = PromptContext(text, adapter.tokens(image), adapter.layers, scales)
         cur = lr * min(1.0, step / 50)  # 50 warm-up steps, then constant
         for group in opt.param_groups:
@@ -97,7 +95,7 @@ def train_ip_adapter(demo: str | Path, out: str | Path, steps: int = 800, batch:
         loss = eps_loss(sd.unet(x_t, t, context), eps, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 50 == 0 or step == steps:
             log.warning("ip-adapter step %d/%d loss %.4f (%.2f s/step)", step, steps, loss.item(),
@@ -105,7 +103,7 @@ def train_ip_adapter(demo: str | Path, out: str | Path, steps: int = 800, batch:
     out.mkdir(parents=True, exist_ok=True)
     adapter_path = out / IP_FILE
     writers.save_file({k: v.detach().half() for k, v in adapter.state_dict().items()}, adapter_path)
-    encoder.clip.save_pretrained(str(out / ENCODER_DIR))
+    encoder.eval().clip.save_pretrained(str(out / ENCODER_DIR))
     return [adapter_path, out / ENCODER_DIR]
 
 
