@@ -24,6 +24,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-scale", action="append", type=float, default=[], help="strength per ControlNet (1.0)")
     p.add_argument("--control-start", action="append", type=float, default=[], help="start fraction per ControlNet (0)")
     p.add_argument("--control-end", action="append", type=float, default=[], help="end fraction per ControlNet (1)")
+    p.add_argument("--control-mode", action="append", default=[], choices=["balanced", "prompt", "control"],
+                   help="per ControlNet: balanced; prompt (My prompt is more important); control (ControlNet is more "
+                   "important)")  # fmt: skip
     p.add_argument("--guess-mode", action="store_true", help="ControlNet on the conditional half only, decaying scales")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
@@ -71,8 +74,13 @@ def request_from_args(a: argparse.Namespace) -> GenerationRequest:
     scales = _per_control(a.control_scale, n, 1.0, "--control-scale")
     starts = _per_control(a.control_start, n, 0.0, "--control-start")
     ends = _per_control(a.control_end, n, 1.0, "--control-end")
+    modes = a.control_mode or ["balanced"]
+    modes = modes * n if len(modes) == 1 else modes
+    if len(modes) != n and n:
+        raise InputError(f"give --control-mode once, or once per --controlnet ({n}); got {len(a.control_mode)}")
     units = [
-        ControlUnit(p, load_rgb(h), s, st, e) for p, h, s, st, e in zip(a.controlnet, a.hint, scales, starts, ends)
+        ControlUnit(p, load_rgb(h), s, st, e, mode=m)
+        for p, h, s, st, e, m in zip(a.controlnet, a.hint, scales, starts, ends, modes)
     ]
     image_prompt = None
     if a.ip_adapter or a.ip_image:

@@ -25,6 +25,11 @@ from .samplers import SAMPLER_LABELS, Sampler, alphas_cumprod, make_sampler
 from .sd import StableDiffusion
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
+CONTROL_MODE_LABELS = {
+    "balanced": "Balanced",
+    "prompt": "My prompt is more important",
+    "control": "ControlNet is more important",
+}  # A1111's names, as its PNG parameters write them
 
 
 @dataclass
@@ -143,7 +148,8 @@ def control_residuals(
 ) -> list[torch.Tensor] | None:  # fmt: skip
     """The summed residuals of the units active at loop step k of n (None when none is).
 
-    Guess mode, and a ControlNet with global average pooling (shuffle), run on the conditional half only.
+    Guess mode, a ControlNet with global average pooling (shuffle) and control mode "control" run on the conditional
+    half only; guess mode and control mode "prompt" decay the residual scales (0.825 ** (12 - i)).
     """
     total = None
     for u, emb in zip(r.units, hints):
@@ -154,9 +160,11 @@ def control_residuals(
         n_res = len(cn.zero_convs) + 1  # 13 for SD1.5
         if r.guess_mode and not pooled:
             scales = guess_mode_scales(u.scale, n_res, style=r.guess_style)
+        elif u.mode == "prompt":  # A1111's soft injection, on every ControlNet, both halves
+            scales = guess_mode_scales(u.scale, n_res)
         else:
             scales = [u.scale] * n_res
-        if r.use_cfg and (r.guess_mode or pooled):
+        if r.use_cfg and (r.guess_mode or pooled or u.mode == "control"):
             res = _residuals(cn, emb, x_in, t, ctx.cond, scales)
             res = [torch.cat([torch.zeros_like(a), a]) for a in res]
         else:
@@ -259,7 +267,8 @@ def parameters(model: StableDiffusion, r: GenerationRequest) -> str:
         )
     for i, u in enumerate(r.units):
         fields_.append(
-            f'ControlNet {i}: "Model: {u.label}, Weight: {u.scale}, Guidance Start: {u.start}, Guidance End: {u.end}"'
+            f'ControlNet {i}: "Model: {u.label}, Weight: {u.scale}, Guidance Start: {u.start}, Guidance End: {u.end}'
+            + (f', Control Mode: {CONTROL_MODE_LABELS[u.mode]}"' if u.mode != "balanced" else '"')
         )
     lines.append(", ".join(fields_))
     return "\n".join(lines)

@@ -20,6 +20,9 @@ from .ip_adapter import layer_scales
 from .reference import MODES as REFERENCE_MODES
 from .samplers import SAMPLERS
 
+# A1111's control modes, by the names its API uses for them: Balanced, My prompt is more important, ControlNet is
+# more important.
+CONTROL_MODES = ("balanced", "prompt", "control")
 # diffusers' guess mode spaces the 13 scales logarithmically from 0.1 to 1 instead of the original 0.825 decay.
 GUESS_STYLES = ("original", "diffusers")
 # SD's schedule has 1000 noise levels; with its "leading" spacing and offset 1, 1000 steps would ask for level 1000.
@@ -45,6 +48,10 @@ class ControlUnit:
     end: float = 1.0  # fraction of the steps after which it is off
     global_average_pooling: bool | None = None  # None: as the weights say (the original shuffle .pth cannot say)
     name: str = ""  # shown in the parameters; by default the weight file's stem
+    # A1111's control mode: "balanced"; "prompt" (My prompt is more important: residuals scaled 0.825 ** (12 - i) on
+    # both guidance halves); "control" (ControlNet is more important: the conditional half only, so the CFG scale
+    # multiplies its effect)
+    mode: str = "balanced"
 
     @property
     def label(self) -> str:
@@ -62,6 +69,8 @@ class ControlUnit:
             out.append(f"{who}: scale must be 0..{MAX_CONTROL_SCALE:g} (got {self.scale})")
         if not 0 <= self.start < self.end <= 1:
             out.append(f"{who}: need 0 <= start < end <= 1 (got start {self.start}, end {self.end})")
+        if self.mode not in CONTROL_MODES:
+            out.append(f"{who}: mode must be one of {', '.join(CONTROL_MODES)} (got {self.mode!r})")
         if not isinstance(self.model, (ControlNet, str, os.PathLike)):
             out.append(
                 f"{who}: model must be a weight file, a folder or a ControlNet (got {type(self.model).__name__})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -224,3 +225,60 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     code = main(["generate", "--base", str(tmp_path / "bad.safetensors"), "--prompt", "x", "--device", "cpu"])
     assert code == 2
     assert "not a weight file" in capsys.readouterr().err
+
+
+class _Ones:
+    """A stand-in ControlNet whose 13 residuals are all ones: the scales and halves applied to them show."""
+
+    def __init__(self, pooled=False):
+        self.cfg = type("Cfg", (), {"global_average_pooling": pooled})()
+        self.zero_convs = [None] * 12
+
+    def __call__(self, x, t, ctx, emb):
+        return [torch.ones_like(x) for _ in range(13)]
+
+
+@pytest.mark.parametrize("mode", ["balanced", "prompt", "control"])
+def test_control_modes_follow_a1111(mode):
+    """Balanced: the scale on both halves. My prompt is more important: 0.825 ** (12 - i) on both halves.
+    ControlNet is more important: the conditional half only (the CFG scale then multiplies its effect)."""
+    from cldm.pipeline import Conditioning, control_residuals
+
+    x = torch.zeros(1, 4, 2, 2)
+    ctx = Conditioning(
+        torch.zeros(1, 3, 8), torch.ones(1, 3, 8), torch.cat([torch.zeros(1, 3, 8), torch.ones(1, 3, 8)])
+    )
+    unit = ControlUnit(_Ones(), np.zeros((8, 8, 3), np.uint8), scale=0.5, mode=mode)
+    r = GenerationRequest("a", units=[unit], cfg_scale=7.0)
+    res = control_residuals(r, [torch.zeros(1, 4, 2, 2)], x, torch.cat([x, x]), torch.tensor(1), ctx, 0, 10)
+    uncond = [float(a[0].mean()) for a in res]
+    cond = [float(a[1].mean()) for a in res]
+    decay = [0.5 * 0.825 ** (12 - i) for i in range(13)]
+    expected = {"balanced": ([0.5] * 13, [0.5] * 13), "prompt": (decay, decay), "control": ([0.0] * 13, [0.5] * 13)}
+    assert uncond == pytest.approx(expected[mode][0]) and cond == pytest.approx(expected[mode][1])
+    from cldm.errors import InputError
+
+    with pytest.raises(InputError, match="mode must be one of balanced, prompt, control"):
+        GenerationRequest("a", units=[replace(unit, model="x.safetensors", mode="guess")]).validate()
+
+
+def test_control_mode_in_pictures_and_cli(ours, tiny_dirs, tmp_path):
+    """Without guidance the halves are one: "control" is "balanced"; "prompt" is guess mode's decay."""
+    from PIL import Image
+
+    sd, cn = ours
+    kw = dict(steps=2, cfg_scale=1.0, seed=4, width=SIZE, height=SIZE)
+    pic = {
+        m: _gen(sd, "a", "", [ControlUnit(cn, _hint(), mode=m)], **kw).images for m in ("balanced", "prompt", "control")
+    }
+    assert np.array_equal(pic["control"], pic["balanced"])
+    guess = _gen(sd, "a", "", [ControlUnit(cn, _hint())], guess_mode=True, **kw).images
+    assert np.array_equal(pic["prompt"], guess) and not np.array_equal(pic["prompt"], pic["balanced"])
+    with_cfg = _gen(sd, "a", "", [ControlUnit(cn, _hint(), mode="control")], **dict(kw, cfg_scale=5.0))
+    assert 'Control Mode: ControlNet is more important"' in with_cfg.parameters
+    Image.fromarray(_hint()).save(tmp_path / "hint.png")
+    args = ["generate", "--base", str(tiny_dirs[0]), "--controlnet", str(tiny_dirs[1]), "--hint", str(tmp_path / "hint.png"),
+            "--control-mode", "control", "--prompt", "a", "--steps", "2", "--cfg", "5", "--seed", "4",
+            "--width", str(SIZE), "--height", str(SIZE), "--out", str(tmp_path / "out.png")]  # fmt: skip
+    assert main(args) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), with_cfg.images[0])
