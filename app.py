@@ -23,8 +23,8 @@ from cldm.manager import ModelManager
 from cldm.samplers import SAMPLERS
 from cldm.weights import DEFAULT_BASE_REPO, IP_ADAPTERS
 from conditions import ADDED_PROMPT, CONDITIONS, EXAMPLES_DIR, NEGATIVE_PROMPT, Condition
-from forms import Form, ImagePromptPanel, ReferencePanel, SettingsPanel, SizePanel, UnitPanel
-from studio import MAX_SEED, REFERENCE_PREPROCESSORS, Limits, Studio, choose_base, condition
+from forms import Form, ImagePromptPanel, ModePanel, ReferencePanel, SettingsPanel, SizePanel, UnitPanel
+from studio import CONTROL_MODES, MAX_SEED, REFERENCE_PREPROCESSORS, Limits, Studio, choose_base, condition
 
 log = logging.getLogger("app")
 MAX_UNITS = 3  # ControlNets in the Multi tab
@@ -143,9 +143,11 @@ def unit_panel(
         scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Control strength")
         start = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Control start")
         end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="Control end")
+    mode = gr.Radio(list(CONTROL_MODES), value="Balanced", label="Control mode")
     keys = list(params)
     annotator.change(lambda a: [gr.update(visible=k[0] == a) for k in keys], annotator, [params[k] for k in keys])
-    return UnitPanel(image, annotator, resolution, scale, start, end, params, cond=first if len(conds) == 1 else None)
+    return UnitPanel(image, annotator, resolution, scale, start, end, params, cond=first if len(conds) == 1 else None,
+                     mode=mode)  # fmt: skip
 
 
 def _example(studio: Studio, cond: Condition) -> tuple[str, str, str]:
@@ -198,7 +200,7 @@ def condition_tab(studio: Studio, cond: Condition) -> None:
                 label="Example")  # fmt: skip
     preview_form = Form(unit, SizePanel(settings.widgets["width"], settings.widgets["height"]))
     run_form = Form(unit, settings)
-    ip_form = Form(unit, settings, ip)
+    ip_form = Form(unit, settings, ModePanel([unit.mode]), ip)
 
     @friendly(studio)
     def do_preview(*values):
@@ -212,12 +214,13 @@ def condition_tab(studio: Studio, cond: Condition) -> None:
 
     @friendly(studio)
     def do_run_ip(*values, progress=gr.Progress()):  # noqa: B008
-        u, s, image_prompt = ip_form.read(values)
-        return studio.generate([u], s, progress, image_prompt)
+        u, s, (mode,), image_prompt = ip_form.read(values)
+        return studio.generate([replace(u, mode=mode)], s, progress, image_prompt)
 
     preview.click(do_preview, preview_form.inputs, hint_view, api_name=f"{cond.key}_preview")
-    # the button sends the image prompt too; `/<key>_run` keeps the signature API callers know
-    run.click(do_run_ip, ip_form.inputs, [gallery, status, files], api_name=f"{cond.key}_run_with_image_prompt")
+    # the button sends everything the tab shows (control mode, image prompt); `/<key>_run` keeps the parameters API
+    # callers know
+    run.click(do_run_ip, ip_form.inputs, [gallery, status, files], api_name=f"{cond.key}_generate")
     api_only = gr.Button(visible=False)
     api_only.click(do_run, run_form.inputs, [gallery, status, files], api_name=f"{cond.key}_run")
 
@@ -249,11 +252,12 @@ def multi_tab(studio: Studio) -> None:
             gallery = gr.Gallery(label="Hints and results", columns=2, format="png")
             status = gr.Markdown()
             files = gr.Files(label="Download PNGs (with parameters)")
-    form, ip_form = Form(*units, settings), Form(*units, settings, ip)
+    form, ip_form = Form(*units, settings), Form(*units, settings, ModePanel([u.mode for u in units]), ip)
 
     def run_units(values, progress, with_ip: bool):
         records = (ip_form if with_ip else form).read(values)
-        chosen = [u for u in records[: len(units)] if u is not None]
+        modes = records[len(units) + 1] if with_ip else ["balanced"] * len(units)
+        chosen = [replace(u, mode=m) for u, m in zip(records[: len(units)], modes) if u is not None]
         s, image_prompt = records[len(units)], (records[-1] if with_ip else None)
         if not chosen:
             raise InputError("Enable at least one ControlNet.")
@@ -267,7 +271,7 @@ def multi_tab(studio: Studio) -> None:
     def do_run_ip(*values, progress=gr.Progress()):  # noqa: B008
         return run_units(values, progress, with_ip=True)
 
-    run.click(do_run_ip, ip_form.inputs, [gallery, status, files], api_name="multi_run_with_image_prompt")
+    run.click(do_run_ip, ip_form.inputs, [gallery, status, files], api_name="multi_generate")
     api_only = gr.Button(visible=False)
     api_only.click(do_run, form.inputs, [gallery, status, files], api_name="multi_run")
 

@@ -12,7 +12,7 @@ import gradio as gr
 
 from cldm.errors import InputError
 from conditions import Condition
-from studio import ImagePromptSettings, ReferenceSettings, Settings, UnitSettings, condition
+from studio import CONTROL_MODES, ImagePromptSettings, ReferenceSettings, Settings, UnitSettings, condition
 
 
 class Form:
@@ -116,6 +116,7 @@ class UnitPanel:
     end: gr.Slider
     params: dict[tuple[str, str], gr.Slider] = field(default_factory=dict)  # (preprocessor, parameter) -> slider
     cond: Condition | None = None  # fixed condition (a condition tab)
+    mode: gr.Radio | None = None  # the control mode (read through a ModePanel, not with the unit)
     enabled: gr.Checkbox | None = None  # Multi
     choice: gr.Dropdown | None = None  # Multi: the condition
 
@@ -142,6 +143,25 @@ class UnitPanel:
         if missing:
             raise InputError(f"Missing value for {', '.join(missing)}: give a value (null is not one).")
         return UnitSettings(cond, v["image"], v["annotator"], v["resolution"], chosen, v["scale"], v["start"], v["end"])
+
+
+@dataclass
+class ModePanel:
+    """The control mode of each unit (a radio inside each unit panel, read as its own record so that the older
+    `/<tab>_run` endpoints keep their parameters)."""
+
+    widgets: list[gr.Radio]
+
+    @property
+    def inputs(self) -> list:
+        return list(self.widgets)
+
+    def read(self, it: Iterator) -> list[str]:
+        labels = _take(it, [f"control_mode_{i + 1}" for i in range(len(self.widgets))]).values()
+        unknown = [m for m in labels if m not in CONTROL_MODES]
+        if unknown:
+            raise InputError(f"Unknown control mode {unknown[0]!r}; choose one of {', '.join(CONTROL_MODES)}.")
+        return [CONTROL_MODES[m] for m in labels]
 
 
 @dataclass

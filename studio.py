@@ -48,6 +48,12 @@ class UnitSettings:
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    mode: str = "balanced"  # control mode: balanced, prompt (My prompt is more important), control
+
+
+# A1111's control-mode labels, as the app shows them
+CONTROL_MODES = {"Balanced": "balanced", "My prompt is more important": "prompt",
+                 "ControlNet is more important": "control"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -220,7 +226,8 @@ class Studio:
                 init, strength = img, float(s.denoise)
         shown = hint if isinstance(hint, np.ndarray) else (hint[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy()
         path = weights.locate_controlnet(cond.stem, cond.diffusers_repo, self.models_dir)
-        control = ControlUnit(str(path), hint, unit.scale, unit.start, unit.end, cond.global_average_pooling or None)
+        control = ControlUnit(str(path), hint, unit.scale, unit.start, unit.end, cond.global_average_pooling or None,
+                              mode=unit.mode)  # fmt: skip
         return control, shown, init, mask, strength
 
     # --------------------------------------------------------------------------------------------- generate

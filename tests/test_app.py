@@ -286,7 +286,7 @@ def test_image_prompt_accordion_and_tab(client, square, tmp_path):
     style = handle_file(str(tmp_path / "style.png"))
     args = [*_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values()]
     plain = client.predict(*args, api_name="/canny_run")  # the API without the accordion, as before
-    with_ip = client.predict(*args, style, "ip-adapter_sd15", 1.0, api_name="/canny_run_with_image_prompt")
+    with_ip = client.predict(*args, "Balanced", style, "ip-adapter_sd15", 1.0, api_name="/canny_generate")
     assert "IP-Adapter: ip-adapter_sd15 (1)" in with_ip[1]
     a, b = (np.asarray(Image.open(r[2][0])) for r in (plain, with_ip))
     assert not np.array_equal(a, b)
@@ -308,8 +308,31 @@ def test_image_prompt_accordion_and_tab(client, square, tmp_path):
     with pytest.raises(
         Exception, match=r"ip-adapter-plus_sd15.*not on this machine.*ip-adapter-plus_sd15\.safetensors"
     ):
-        client.predict(*args, style, "ip-adapter-plus_sd15", 1.0, api_name="/canny_run_with_image_prompt")
+        client.predict(*args, "Balanced", style, "ip-adapter-plus_sd15", 1.0, api_name="/canny_generate")
     with pytest.raises(Exception, match="is not a reference preprocessor"):
         client.predict(
             None, "ip-adapter_sd15", 0.8, style, "<i>x</i>", 0.5, 1.0, *settings, api_name="/image_prompt_run"
         )
+
+
+def test_control_mode_per_unit(client, square):
+    """Each unit's Control mode radio reaches its ControlNet (A1111's three modes), in a tab and in Multi."""
+    from gradio_client import handle_file
+
+    args = [*_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values()]
+    pics = {}
+    for mode in ("Balanced", "My prompt is more important", "ControlNet is more important"):
+        _, status, files = client.predict(*args, mode, None, "ip-adapter_sd15", 0.6, api_name="/canny_generate")
+        pics[mode] = np.asarray(Image.open(files[0]))
+        text = Image.open(files[0]).text["parameters"]
+        assert (f"Control Mode: {mode}" in text) == (mode != "Balanced")
+    assert len({p.tobytes() for p in pics.values()}) == 3  # three modes, three pictures
+    plain = client.predict(*args, api_name="/canny_run")[2][0]
+    assert np.array_equal(np.asarray(Image.open(plain)), pics["Balanced"])  # /canny_run is Balanced, as before
+    with pytest.raises(Exception, match="Control mode"):
+        client.predict(*args, "Guess", None, "ip-adapter_sd15", 0.6, api_name="/canny_generate")
+    off = _multi(False, "depth", None, "depth_midas")
+    units = [*_multi(True, "canny", handle_file(square), "canny"), *off, *off]
+    _, _, files = client.predict(*units, *SETTINGS.values(), "ControlNet is more important", "Balanced", "Balanced",
+                                 None, "ip-adapter_sd15", 0.6, api_name="/multi_generate")  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(files[0])), pics["ControlNet is more important"])
