@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import warnings
 from dataclasses import replace
-from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -24,6 +22,7 @@ from cldm.samplers import SAMPLERS
 from cldm.weights import DEFAULT_BASE_REPO, IP_ADAPTERS
 from conditions import ADDED_PROMPT, CONDITIONS, EXAMPLES_DIR, NEGATIVE_PROMPT, Condition
 from forms import Form, ImagePromptPanel, ModePanel, ReferencePanel, SettingsPanel, SizePanel, UnitPanel
+from launch import quiet_dependencies, read_auth
 from studio import CONTROL_MODES, MAX_SEED, REFERENCE_PREPROCESSORS, Limits, Studio, choose_base, condition
 
 log = logging.getLogger("app")
@@ -157,6 +156,20 @@ def _example(studio: Studio, cond: Condition) -> tuple[str, str, str]:
     return cond.example
 
 
+def _session(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None)
+
+
+def stop_button(studio: Studio, stop: gr.Button, status: gr.Markdown, key: str) -> None:
+    """Stop: this browser session's running generation ends at its next step boundary and frees the model lock (it
+    runs outside the queue's one-at-a-time limit, so it is answered while the generation runs)."""
+
+    def do_stop(request: gr.Request = None):
+        gr.Info(studio.stop(_session(request)))
+
+    stop.click(do_stop, None, None, api_name=f"{key}_stop", concurrency_limit=None, queue=False)
+
+
 def image_prompt_panel(studio: Studio, key: str, open_: bool = False) -> ImagePromptPanel:
     """The Image prompt accordion (IP-Adapter): a picture whose look the result takes on, beside the text prompt."""
     with gr.Accordion("Image prompt (IP-Adapter)", open=open_, elem_id=f"{key}-ip"):
@@ -188,6 +201,7 @@ def condition_tab(studio: Studio, cond: Condition) -> None:
             with gr.Row():
                 preview = gr.Button("Preview hint", elem_id=f"{cond.key}-preview")
                 run = gr.Button("Generate", variant="primary", elem_id=f"{cond.key}-run")
+                stop = gr.Button("Stop", variant="stop", elem_id=f"{cond.key}-stop")
         with gr.Column():
             hint_view = gr.Image(
                 label="Hint", type="numpy", interactive=False, format="png", elem_id=f"{cond.key}-hint"
@@ -208,14 +222,14 @@ def condition_tab(studio: Studio, cond: Condition) -> None:
         return studio.hint(u, size)
 
     @friendly(studio)
-    def do_run(*values, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for a progress bar)
+    def do_run(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's progress bar)
         u, s = run_form.read(values)
-        return studio.generate([u], s, progress)
+        return studio.generate([u], s, progress, session=_session(request))
 
     @friendly(studio)
-    def do_run_ip(*values, progress=gr.Progress()):  # noqa: B008
+    def do_run_ip(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008
         u, s, (mode,), image_prompt = ip_form.read(values)
-        return studio.generate([replace(u, mode=mode)], s, progress, image_prompt)
+        return studio.generate([replace(u, mode=mode)], s, progress, image_prompt, session=_session(request))
 
     preview.click(do_preview, preview_form.inputs, hint_view, api_name=f"{cond.key}_preview")
     # the button sends everything the tab shows (control mode, image prompt); `/<key>_run` keeps the parameters API
@@ -223,6 +237,7 @@ def condition_tab(studio: Studio, cond: Condition) -> None:
     run.click(do_run_ip, ip_form.inputs, [gallery, status, files], api_name=f"{cond.key}_generate")
     api_only = gr.Button(visible=False)
     api_only.click(do_run, run_form.inputs, [gallery, status, files], api_name=f"{cond.key}_run")
+    stop_button(studio, stop, status, cond.key)
 
 
 def multi_tab(studio: Studio) -> None:
@@ -247,33 +262,36 @@ def multi_tab(studio: Studio) -> None:
                 units.append(panel)
             settings = settings_panel(studio, None)
             ip = image_prompt_panel(studio, "multi")
-            run = gr.Button("Generate", variant="primary")
+            with gr.Row():
+                run = gr.Button("Generate", variant="primary")
+                stop = gr.Button("Stop", variant="stop")
         with gr.Column():
             gallery = gr.Gallery(label="Hints and results", columns=2, format="png")
             status = gr.Markdown()
             files = gr.Files(label="Download PNGs (with parameters)")
     form, ip_form = Form(*units, settings), Form(*units, settings, ModePanel([u.mode for u in units]), ip)
 
-    def run_units(values, progress, with_ip: bool):
+    def run_units(values, progress, with_ip: bool, session: str | None):
         records = (ip_form if with_ip else form).read(values)
         modes = records[len(units) + 1] if with_ip else ["balanced"] * len(units)
         chosen = [replace(u, mode=m) for u, m in zip(records[: len(units)], modes) if u is not None]
         s, image_prompt = records[len(units)], (records[-1] if with_ip else None)
         if not chosen:
             raise InputError("Enable at least one ControlNet.")
-        return studio.generate(chosen, s, progress, image_prompt)
+        return studio.generate(chosen, s, progress, image_prompt, session=session)
 
     @friendly(studio)
-    def do_run(*values, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for a progress bar)
-        return run_units(values, progress, with_ip=False)
+    def do_run(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's progress bar)
+        return run_units(values, progress, with_ip=False, session=_session(request))
 
     @friendly(studio)
-    def do_run_ip(*values, progress=gr.Progress()):  # noqa: B008
-        return run_units(values, progress, with_ip=True)
+    def do_run_ip(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008
+        return run_units(values, progress, with_ip=True, session=_session(request))
 
     run.click(do_run_ip, ip_form.inputs, [gallery, status, files], api_name="multi_generate")
     api_only = gr.Button(visible=False)
     api_only.click(do_run, form.inputs, [gallery, status, files], api_name="multi_run")
+    stop_button(studio, stop, status, "multi")
 
 
 def picture_prompt_tab(studio: Studio) -> None:
@@ -284,7 +302,9 @@ def picture_prompt_tab(studio: Studio) -> None:
             with gr.Accordion("Reference (reference_only, no weights needed)", open=True):
                 ref = reference_panel("image_prompt")
             settings = settings_panel(studio, None, key="image_prompt")
-            run = gr.Button("Generate", variant="primary", elem_id="image_prompt-run")
+            with gr.Row():
+                run = gr.Button("Generate", variant="primary", elem_id="image_prompt-run")
+                stop = gr.Button("Stop", variant="stop", elem_id="image_prompt-stop")
         with gr.Column():
             gallery = gr.Gallery(label="Results", columns=2, format="png", elem_id="image_prompt-gallery")
             status = gr.Markdown(elem_id="image_prompt-status")
@@ -292,11 +312,12 @@ def picture_prompt_tab(studio: Studio) -> None:
     form = Form(ip, ref, settings)
 
     @friendly(studio)
-    def do_run(*values, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for a progress bar)
+    def do_run(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's progress bar)
         image_prompt, reference, s = form.read(values)
-        return studio.generate([], s, progress, image_prompt, reference)
+        return studio.generate([], s, progress, image_prompt, reference, session=_session(request))
 
     run.click(do_run, form.inputs, [gallery, status, files], api_name="image_prompt_run")
+    stop_button(studio, stop, status, "image_prompt")
 
 
 def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | None = (3600, 86400)) -> gr.Blocks:
@@ -312,34 +333,6 @@ def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | 
             with gr.Tab("Image prompt", id="image_prompt"):
                 picture_prompt_tab(studio)
     return demo
-
-
-def read_auth(pairs: list[str], auth_file: str | None) -> list[tuple[str, str]]:
-    """`user:password` pairs from --auth and from an auth file (one pair per line; blank lines and # comments
-    skipped)."""
-    lines = list(pairs)
-    if auth_file:
-        try:
-            text = Path(auth_file).read_text(encoding="utf-8")
-        except OSError as e:
-            raise SystemExit(f"error: cannot read the auth file {auth_file}: {e.strerror}") from e
-        lines += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
-    out = []
-    for line in lines:
-        user, sep, password = line.partition(":")
-        if not sep or not user or not password:
-            raise SystemExit("error: --auth and auth file lines take the form user:password (both non-empty)")
-        out.append((user, password))
-    return out
-
-
-def quiet_dependencies() -> None:
-    """The dependencies' import-time notices (controlnet-aux without mediapipe, timm's model registry, deprecations)
-    say nothing a user of this app can act on."""
-    for pattern in (r".*mediapipe.*", r"Overwriting .* in registry", r".*deprecated.*", r".*will be removed.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-    for category in (DeprecationWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,6 +10,7 @@ import logging
 import random
 import re
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import torch
 
 import annotators
 from cldm import weights
-from cldm.errors import InputError
+from cldm.errors import InputError, Stopped
 from cldm.images import array_to_rgb, load_rgb, resize_rgb, save_png
 from cldm.manager import ModelManager
 from cldm.model_card import ModelCard, card_for
@@ -149,6 +150,23 @@ class Studio:
         for stale in self.out_dir.glob(".*.part"):  # a PNG being written when the server was killed
             stale.unlink(missing_ok=True)
         self.limits = limits or Limits.for_device(manager.device.type)
+        self._stops: dict[str, threading.Event] = {}  # session -> its Stop button was pressed
+        self._stops_lock = threading.Lock()
+
+    # ---------------------------------------------------------------------------------------------------- stop
+    def stop(self, session: str | None) -> str:
+        """The Stop button: the session's running generation ends at its next step boundary."""
+        with self._stops_lock:
+            event = self._stops.get(session or "")
+        if event is None:
+            log.info("stop: nothing running for session %s (running: %s)", session, list(self._stops))
+            return "Nothing is running."
+        event.set()
+        return "Stopping at the next step..."
+
+    def _stop_flag(self, session: str | None) -> threading.Event:
+        with self._stops_lock:
+            return self._stops.setdefault(session or "", threading.Event())
 
     # ------------------------------------------------------------------------------------------------ messages
     def public(self, message: str) -> str:
@@ -282,13 +300,30 @@ class Studio:
         return request, shown, note
 
     def generate(self, units: list[UnitSettings], s: Settings, progress: Progress,
-                 ip: ImagePromptSettings | None = None, ref: ReferenceSettings | None = None):  # fmt: skip
-        """Run one request: (gallery items: hints then pictures, status line, PNG files with their parameters)."""
+                 ip: ImagePromptSettings | None = None, ref: ReferenceSettings | None = None,
+                 session: str | None = None):  # fmt: skip
+        """Run one request: (gallery items: hints then pictures, status line, PNG files with their parameters).
+
+        The session's Stop button ends it at the next step boundary (Stopped is raised; nothing is written)."""
         self.check_work(units, s)
-        seed = random.randint(0, MAX_SEED) if s.randomize else int(s.seed)
-        request, shown, note = self.request(units, s, seed, progress, ip, ref)
-        t0 = time.perf_counter()
-        result = self.manager.run(request, callback=lambda i, n: progress(i / n, desc=f"sampling {i}/{n}"))
+        flag = self._stop_flag(session)  # from now on, Stop ends this request (preparing the hints included)
+        flag.clear()
+
+        def step(i: int, n: int) -> None:
+            if flag.is_set():
+                raise Stopped(f"Stopped after {i} of {n} steps; nothing was saved.")
+            progress(i / n, desc=f"sampling {i}/{n}")
+
+        try:
+            seed = random.randint(0, MAX_SEED) if s.randomize else int(s.seed)
+            request, shown, note = self.request(units, s, seed, progress, ip, ref)
+            if flag.is_set():
+                raise Stopped("Stopped before sampling; nothing was saved.")
+            t0 = time.perf_counter()
+            result = self.manager.run(request, callback=step)
+        finally:
+            with self._stops_lock:
+                self._stops.pop(session or "", None)
         files = []
         for img in result.images:
             path = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{seed}-{uuid.uuid4().hex[:6]}.png"

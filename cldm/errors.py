@@ -15,3 +15,7 @@ class MissingWeightsError(CldmError):
 
 class InputError(CldmError):
     """A bad argument: an image that cannot be read, a value out of range, mismatched lists."""
+
+
+class Stopped(CldmError):
+    """The user stopped the generation; it ended at a step boundary and left nothing behind."""

@@ -78,7 +78,7 @@ def misfit_controlnet(ours):
 
 @pytest.fixture(scope="session")
 def running_app(tiny_dirs, ours, other_controlnet, misfit_controlnet, tmp_path_factory):
-    """The real app on 127.0.0.1 with tiny weights: (url, manager)."""
+    """The real app on 127.0.0.1 with tiny weights: (url, manager, output folder)."""
     import app
     from cldm import writers
     from cldm.manager import ModelManager
@@ -105,7 +105,7 @@ def running_app(tiny_dirs, ours, other_controlnet, misfit_controlnet, tmp_path_f
     port = _free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=True,
                 allowed_paths=[str(studio.out_dir)])  # fmt: skip
-    yield f"http://127.0.0.1:{port}/", manager
+    yield f"http://127.0.0.1:{port}/", manager, studio.out_dir
     demo.close()
 
 

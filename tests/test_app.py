@@ -336,3 +336,30 @@ def test_control_mode_per_unit(client, square):
     _, _, files = client.predict(*units, *SETTINGS.values(), "ControlNet is more important", "Balanced", "Balanced",
                                  None, "ip-adapter_sd15", 0.6, api_name="/multi_generate")  # fmt: skip
     assert np.array_equal(np.asarray(Image.open(files[0])), pics["ControlNet is more important"])
+
+
+def test_stop_ends_the_generation_at_a_step_and_frees_the_model(client, square, running_app):
+    """Stop during a long generation: it ends at the next step with nothing saved, and the next request runs."""
+    import time
+
+    from gradio_client import handle_file
+    from gradio_client.utils import Status
+
+    out_dir = running_app[2]
+    before = set(out_dir.glob("*.png"))
+    long = dict(SETTINGS, steps=100, batch=4, width=128, height=128)
+    args = [*_unit(handle_file(square), "canny", (100, 200)), *long.values()]
+    job = client.submit(*args, api_name="/canny_run")
+    t0 = time.time()
+    while job.status().code not in (Status.PROCESSING, Status.PROGRESS) and time.time() - t0 < 60:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    t_stop = time.time()
+    client.predict(api_name="/canny_stop")
+    with pytest.raises(Exception, match=r"Stopped (after \d+ of 100 steps|before sampling); nothing was saved"):
+        job.result(timeout=120)
+    assert time.time() - t_stop < 30  # at the next step, not at the end
+    assert set(out_dir.glob("*.png")) == before
+    _, status, files = client.predict(*_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values(),
+                                      api_name="/canny_run")  # fmt: skip
+    assert "seed 7" in status and len(files) == 1
