@@ -15,7 +15,14 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = sorted(p for p in (ROOT / "cldm").glob("*.py"))  # cldm/ itself; cldm/training/ is apart
-APP = [ROOT / "app.py", ROOT / "forms.py", ROOT / "launch.py", ROOT / "studio.py", ROOT / "conditions.py"]
+APP = [
+    ROOT / "app.py",
+    ROOT / "canvas.py",
+    ROOT / "forms.py",
+    ROOT / "launch.py",
+    ROOT / "studio.py",
+    ROOT / "conditions.py",
+]
 
 
 def _imports(path: Path) -> set[str]:
