@@ -57,6 +57,11 @@ def _pass_none(widget) -> None:
     widget._passes_none = True
 
 
+def missing_value(names: list[str]) -> InputError:
+    """The error for values that came as null through the API, naming them."""
+    return InputError(f"Missing value for {', '.join(names)}: give a value (null is not one).")
+
+
 def _take(it: Iterator, names: list[str], optional: tuple[str, ...] = ()) -> dict:
     """The next len(names) values by name; a missing one (None through the API) is named in the error."""
     got = list(itertools.islice(it, len(names)))
@@ -64,7 +69,7 @@ def _take(it: Iterator, names: list[str], optional: tuple[str, ...] = ()) -> dic
         raise InputError(f"Missing values for this endpoint: expected {', '.join(names)}.")
     missing = [n for n, v in zip(names, got) if v is None and n not in optional]
     if missing:
-        raise InputError(f"Missing value for {', '.join(missing)}: give a value (null is not one).")
+        raise missing_value(missing)
     return dict(zip(names, got))
 
 
@@ -136,12 +141,12 @@ class UnitPanel:
         if off:
             return None
         if head and head["condition"] is None:
-            raise InputError("Missing value for condition: give a value (null is not one).")
+            raise missing_value(["condition"])
         cond = self.cond or condition(head["condition"])
         chosen = {p: v[f"{a}:{p}"] for a, p in self.params if a == v["annotator"]}
         missing = [f"{v['annotator']}:{p}" for p, value in chosen.items() if value is None]
         if missing:
-            raise InputError(f"Missing value for {', '.join(missing)}: give a value (null is not one).")
+            raise missing_value(missing)
         return UnitSettings(cond, v["image"], v["annotator"], v["resolution"], chosen, v["scale"], v["start"], v["end"])
 
 
@@ -182,7 +187,7 @@ class ImagePromptPanel:
             return None
         missing = [k for k in ("ip_adapter", "ip_scale") if v[k] is None]
         if missing:
-            raise InputError(f"Missing value for {', '.join(missing)}: give a value (null is not one).")
+            raise missing_value(missing)
         return ImagePromptSettings(v["image_prompt"], v["ip_adapter"], v["ip_scale"])
 
 

@@ -10,7 +10,7 @@ from . import checkpoints, writers
 from .errors import InputError
 from .images import load_rgb, save_png
 from .manager import ModelManager
-from .model_card import card_for
+from .model_card import ModelCard, card_for
 from .request import ControlUnit, GenerationRequest, ImagePrompt, ReferenceUnit
 from .samplers import SAMPLERS
 
@@ -66,7 +66,7 @@ def _per_control(values: list[float], n: int, default: float, name: str) -> list
     return values
 
 
-def request_from_args(a: argparse.Namespace) -> GenerationRequest:
+def request_from_args(a: argparse.Namespace, card: ModelCard | None = None) -> GenerationRequest:
     """The command line as a GenerationRequest (pictures read, sizes from the model card when not given)."""
     n = len(a.controlnet)
     if len(a.hint) != n:
@@ -91,7 +91,6 @@ def request_from_args(a: argparse.Namespace) -> GenerationRequest:
     reference = None
     if a.reference:
         reference = ReferenceUnit(load_rgb(a.reference), a.reference_mode, a.style_fidelity, a.reference_weight)
-    card = card_for(a.base)
     native = card.size if card else DEFAULT_SIZE
     width, height = (native if v is None else v for v in (a.width, a.height))
     return GenerationRequest(
@@ -103,8 +102,8 @@ def request_from_args(a: argparse.Namespace) -> GenerationRequest:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
-    request = request_from_args(a).validate()  # before the base model is loaded
     card = card_for(a.base)
+    request = request_from_args(a, card).validate()  # before the base model is loaded
     if card and (a.width is None or a.height is None):
         print(f"{card.name} model: its native size is {card.size} px (model card); "
               f"making {request.width}x{request.height}", file=sys.stderr)  # fmt: skip

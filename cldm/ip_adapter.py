@@ -143,8 +143,7 @@ class IPAdapter(nn.Module):
         return [self.ip_adapter[str(2 * i + 1)] for i in range(len(self.cfg.layer_dims))]
 
     def tokens(self, features: torch.Tensor) -> torch.Tensor:
-        return self.image_proj(features.to(self.image_proj.proj_in.weight.dtype if self.uses_hidden_states
-                                           else self.image_proj.proj.weight.dtype))  # fmt: skip
+        return self.image_proj(features.to(next(self.image_proj.parameters()).dtype))
 
     def context(self, text: torch.Tensor, tokens: torch.Tensor, scales: list[float]) -> PromptContext:
         return PromptContext(text, tokens.to(text.dtype), self.layers, scales)

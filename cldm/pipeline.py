@@ -205,12 +205,12 @@ def denoise(
 
 
 def reference_latent(model: StableDiffusion, r: GenerationRequest):
-    """(the reference picture's latent, its own noise generator), or None without a reference."""
+    """(the reference picture's latent, its own noise generator, the noise schedule), or None without one."""
     if r.reference is None:
         return None
     generator = torch.Generator("cpu").manual_seed(int(r.seed))  # apart from the main stream
     image = image_to_tensor(resize_rgb(r.reference.image, r.width, r.height)).to(model.device, model.dtype) * 2 - 1
-    return model.vae.encode(image, generator), generator
+    return model.vae.encode(image, generator), generator, alphas_cumprod()
 
 
 def reference_pass(model, r: GenerationRequest, ref, x_full: torch.Tensor, t, ctx: Conditioning, k: int, n: int):
@@ -218,10 +218,10 @@ def reference_pass(model, r: GenerationRequest, ref, x_full: torch.Tensor, t, ct
     u = r.reference
     if not active(k, n, u.start, u.end):
         return ctx.unet
-    x0, generator = ref
+    x0, generator, schedule = ref
     state = ReferenceState(u.mode, u.style_fidelity, u.weight, uncond=x_full.shape[0] // 2 if r.use_cfg else 0)
     base = ctx.unet if isinstance(ctx.unet, PromptContext) else PromptContext(ctx.unet)
-    noised = noised_reference(x0, t, alphas_cumprod(), generator).expand_as(x_full)
+    noised = noised_reference(x0, t, schedule, generator).expand_as(x_full)
     model.unet(noised, t, replace(base, reference=state))
     state.writing = False
     return replace(base, reference=state)
