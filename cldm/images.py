@@ -7,6 +7,7 @@ import os
 import threading
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin
@@ -136,6 +137,21 @@ def mask_to_tensor(mask: np.ndarray, width: int, height: int) -> torch.Tensor:
     if m.shape != (height, width):
         m = np.asarray(Image.fromarray((m * 255).astype(np.uint8)).resize((width, height), Image.NEAREST)) / 255.0
     return torch.from_numpy((m > 0.5).astype(np.float32))[None, None]
+
+
+def soft_mask(mask: np.ndarray, blur: float) -> np.ndarray:
+    """HxW mask (white/1 = repaint) -> HxW float32 in [0, 1] with its edge blurred by a Gaussian of sigma `blur` px
+    (the ControlNet 1.1 inpaint app's "Mask Blur"); 0 leaves it sharp."""
+    m = np.asarray(mask)
+    if m.ndim == 3:
+        m = m.max(axis=2)
+    m = m.astype(np.float32)
+    if m.max() > 1:
+        m = m / 255.0
+    m = (m > 0.5).astype(np.float32)
+    if blur > 0:
+        m = cv2.GaussianBlur(m, (0, 0), float(blur))
+    return np.clip(m, 0.0, 1.0)
 
 
 def save_png(img: np.ndarray, path: str | os.PathLike, parameters: str | None = None) -> None:

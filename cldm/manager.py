@@ -19,7 +19,7 @@ from .errors import CheckpointError, InputError
 from .image_encoder import ImageEncoder, load_image_encoder
 from .ip_adapter import IPAdapter, load_ip_adapter
 from .ip_adapter import fit_problem as ip_fit_problem
-from .pipeline import Result, StepCallback, generate
+from .pipeline import PreviewCallback, Result, StepCallback, generate
 from .request import ControlUnit, GenerationRequest, ImagePrompt
 from .sd import StableDiffusion
 
@@ -183,7 +183,10 @@ class ModelManager:
                 self._on_device[key] = self._cache.pop(key).to(self.device)
         self._evict()
 
-    def run(self, request: GenerationRequest, callback: StepCallback | None = None) -> Result:
+    def run(
+        self, request: GenerationRequest, callback: StepCallback | None = None,
+        preview: PreviewCallback | None = None, preview_every: int = 0,
+    ) -> Result:  # fmt: skip
         """Generate under the lock: check the request, load and swap in its ControlNets, sample, decode.
 
         Units name their ControlNet by file or folder (a unit holding a loaded ControlNet is used as it is). The
@@ -204,7 +207,8 @@ class ModelManager:
             )
             image_prompt = self._loaded_prompt(request.image_prompt)
             swap = time.perf_counter() - t0
-            result = generate(sd, replace(request, units=units, image_prompt=image_prompt), callback)
+            request = replace(request, units=units, image_prompt=image_prompt)
+            result = generate(sd, request, callback, preview, preview_every)
             result.timings["swap"] = swap
             if self.device.type == "cuda":
                 result.timings["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 1024**3

@@ -1,7 +1,7 @@
 """generate(model, request): prompt + hints -> pictures, in named stages. No file or device policy of its own.
 
-check -> encode prompts -> embed hints -> prepare latents -> denoise (ControlNet residuals, UNet, guidance,
-sampler step, inpaint blend) -> decode -> parameters
+check -> fit pictures -> encode prompts -> embed hints -> prepare latents -> denoise (ControlNet residuals, UNet,
+guidance, sampler step, inpaint blend, preview) -> [hires pass] -> decode -> parameters
 """
 
 from __future__ import annotations
@@ -17,14 +17,19 @@ import torch.nn.functional as F
 from .attention import PromptContext
 from .controlnet import ControlNet, fit_problem, guess_mode_scales
 from .errors import InputError
-from .images import image_to_tensor, mask_to_tensor, resize_rgb
+from .fit import RESIZE_MODE_LABELS, fit_mask, fit_rgb, fit_tensor
+from .images import image_to_tensor, mask_to_tensor, resize_rgb, soft_mask
 from .ip_adapter import image_prompt_problem, layer_scales, prompt_tokens
+from .preview import approx_rgb, predicted_x0
 from .reference import ReferenceState, noised_reference
 from .request import ControlUnit, GenerationRequest
-from .samplers import SAMPLER_LABELS, Sampler, alphas_cumprod, make_sampler
+from .samplers import SAMPLER_LABELS, Sampler, _randn, alphas_cumprod, make_sampler
 from .sd import StableDiffusion
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
+PreviewCallback = Callable[[np.ndarray], None]  # (b, h, w, 3) uint8 at the latent size: A1111's "Approx cheap"
+Generators = torch.Generator | list[torch.Generator]  # one for the batch (diffusers), or one per picture (A1111)
+HIRES_UPSCALER_LABELS = {"latent": "Latent", "lanczos": "Lanczos"}  # A1111's upscaler names
 CONTROL_MODE_LABELS = {
     "balanced": "Balanced",
     "prompt": "My prompt is more important",
@@ -39,6 +44,12 @@ class Result:
     images: np.ndarray
     parameters: str
     timings: dict[str, float] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=list)  # the seed that makes each picture alone (A1111's seed + i)
+    picture_parameters: list[str] = field(default_factory=list)  # each picture's own text (its own seed)
+
+    def text(self, i: int) -> str:
+        """Picture i's parameters text (with its own seed when the batch has one seed per picture)."""
+        return self.picture_parameters[i] if i < len(self.picture_parameters) else self.parameters
 
 
 @dataclass
@@ -99,22 +110,58 @@ def encode_prompts(model: StableDiffusion, r: GenerationRequest) -> Conditioning
     return Conditioning(uncond, cond, full, unet)
 
 
-def _hint_tensor(hint, width: int, height: int, device, dtype) -> torch.Tensor:
-    if isinstance(hint, torch.Tensor):
-        t = hint.float()
-        if t.shape[-2:] != (height, width):
-            t = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)
+def fit_pictures(r: GenerationRequest) -> GenerationRequest:
+    """The init picture and the mask at the picture size, by the request's resize mode (hints are fitted in
+    `embed_hints`, each by its unit's mode). "Resize and Fill" marks the new border for painting: outpainting."""
+    if r.init_image is None:
+        return r
+    init = fit_rgb(r.init_image, r.width, r.height, r.resize_mode, fill="edge")
+    mask = None if r.mask is None else fit_mask(r.mask, r.width, r.height, r.resize_mode)
+    return replace(r, init_image=init, mask=mask)
+
+
+def _hint_tensor(u: ControlUnit, width: int, height: int, device, dtype) -> torch.Tensor:
+    if isinstance(u.hint, torch.Tensor):  # an inpaint hint: "fill" marks the new border -1 (to be painted)
+        t = fit_tensor(u.hint.float(), width, height, u.resize_mode)
     else:
-        t = image_to_tensor(resize_rgb(hint, width, height))  # (1, 3, H, W) in [0, 1]
+        t = image_to_tensor(fit_rgb(u.hint, width, height, u.resize_mode))  # (1, 3, H, W) in [0, 1]
     return t.to(device, dtype)
 
 
 def embed_hints(model: StableDiffusion, r: GenerationRequest) -> list[torch.Tensor]:
     """Each unit's hint at the picture size through its hint block: once per generation, not per step."""
-    return [u.model.embed_hint(_hint_tensor(u.hint, r.width, r.height, model.device, model.dtype)) for u in r.units]
+    return [u.model.embed_hint(_hint_tensor(u, r.width, r.height, model.device, model.dtype)) for u in r.units]
 
 
-def prepare_latents(model: StableDiffusion, r: GenerationRequest, s: Sampler, generator: torch.Generator) -> Latents:
+def generators(r: GenerationRequest) -> Generators:
+    """The noise source: one generator seeded with `seed` for the whole batch (diffusers' pictures), or with
+    `seed_per_picture` one per picture seeded `seed + i`, so that each picture is the one its seed makes alone."""
+    if r.seed_per_picture and r.batch > 1:
+        return [torch.Generator("cpu").manual_seed(int(r.seed) + i) for i in range(r.batch)]
+    return torch.Generator("cpu").manual_seed(int(r.seed))
+
+
+def seeds(r: GenerationRequest) -> list[int]:
+    return [int(r.seed) + i if r.seed_per_picture else int(r.seed) for i in range(r.batch)]
+
+
+def _encode(model: StableDiffusion, image: torch.Tensor, generator: Generators, batch: int) -> torch.Tensor:
+    if isinstance(generator, list):  # each picture's generator draws its own posterior sample first
+        return torch.cat([model.vae.encode(image, g) for g in generator])
+    # encoded once and repeated for the batch, as diffusers does (one posterior sample, not one per picture)
+    return model.vae.encode(image, generator).expand(batch, -1, -1, -1)
+
+
+def latent_mask(r: GenerationRequest, size: tuple[int, int]) -> torch.Tensor:
+    """The mask at the latent size: nearest from the sharp mask, or the mean over each 8x8 cell of the blurred mask
+    (soft edges, as the ControlNet 1.1 inpaint app makes them)."""
+    if r.mask_blur > 0:
+        soft = torch.from_numpy(soft_mask(r.mask, r.mask_blur))[None, None]
+        return F.interpolate(soft, size=size, mode="area")
+    return F.interpolate(mask_to_tensor(r.mask, r.width, r.height), size=size, mode="nearest")
+
+
+def prepare_latents(model: StableDiffusion, r: GenerationRequest, s: Sampler, generator: Generators) -> Latents:
     """Pure noise, or the init picture's latent noised to the first step that runs (img2img, inpaint).
 
     The noise is `torch.randn((batch, 4, H/8, W/8), generator=Generator("cpu").manual_seed(seed))`, as diffusers
@@ -125,20 +172,17 @@ def prepare_latents(model: StableDiffusion, r: GenerationRequest, s: Sampler, ge
     start, x0 = 0, None
     if r.init_image is not None:
         image = image_to_tensor(resize_rgb(r.init_image, r.width, r.height)).to(device, dtype) * 2 - 1
-        # encoded once and repeated for the batch, as diffusers does (one posterior sample, not one per picture)
-        x0 = model.vae.encode(image, generator).expand(r.batch, -1, -1, -1)
+        x0 = _encode(model, image, generator, r.batch)
         start = r.steps - min(int(r.steps * r.strength), r.steps)
         if start >= r.steps:
             raise InputError("strength (denoising strength) too low: no step would run. Raise it or add steps.")
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+    noise = _randn(shape, generator, torch.empty((), dtype=torch.float32)).to(device, dtype)
     # img2img noises the init latent even at strength 1 (diffusers, A1111); inpainting at strength 1 starts from
     # pure noise (diffusers' inpaint pipeline), the mask blend brings the known area back.
-    from_noise = x0 is None or (r.mask is not None and r.strength >= 1)
+    masked = r.mask is not None and r.inpaint_mode == "only"  # "global": the mask shapes the hint only
+    from_noise = x0 is None or (masked and r.strength >= 1)
     x = s.init_noise(noise) if from_noise else s.add_noise(x0, noise, start)
-    mask = None
-    if r.mask is not None:
-        mask = F.interpolate(mask_to_tensor(r.mask, r.width, r.height), size=shape[-2:], mode="nearest")
-        mask = mask.to(device, dtype)
+    mask = latent_mask(r, shape[-2:]).to(device, dtype) if masked else None
     return Latents(x, start, noise, x0, mask)
 
 
@@ -148,8 +192,11 @@ def control_residuals(
 ) -> list[torch.Tensor] | None:  # fmt: skip
     """The summed residuals of the units active at loop step k of n (None when none is).
 
-    Guess mode, a ControlNet with global average pooling (shuffle) and control mode "control" run on the conditional
-    half only; guess mode and control mode "prompt" decay the residual scales (0.825 ** (12 - i)).
+    The A1111 extension's rules (scripts/controlnet.py, hook.py): every mode but "balanced" is a soft injection, the
+    residual scales decaying as scale * 0.825 ** (12 - i) (i = 0 the shallowest, 12 the middle block); "control" is
+    also a CFG injection: the residuals reach the conditional half only, so the guidance scale multiplies their
+    effect. Global average pooling (shuffle) always acts on the conditional half only. Guess mode is the original
+    ControlNet's name for "control", with diffusers' log-spaced scales when `guess_style` is "diffusers".
     """
     total = None
     for u, emb in zip(r.units, hints):
@@ -160,7 +207,7 @@ def control_residuals(
         n_res = len(cn.zero_convs) + 1  # 13 for SD1.5
         if r.guess_mode and not pooled:
             scales = guess_mode_scales(u.scale, n_res, style=r.guess_style)
-        elif u.mode == "prompt":  # A1111's soft injection, on every ControlNet, both halves
+        elif u.mode in ("prompt", "control"):  # A1111's soft injection, on every ControlNet
             scales = guess_mode_scales(u.scale, n_res)
         else:
             scales = [u.scale] * n_res
@@ -180,9 +227,11 @@ def _residuals(cn: ControlNet, emb: torch.Tensor, x: torch.Tensor, t: torch.Tens
 
 def denoise(
     model: StableDiffusion, r: GenerationRequest, s: Sampler, ctx: Conditioning, hints: list[torch.Tensor],
-    lat: Latents, generator: torch.Generator, callback: StepCallback | None = None,
+    lat: Latents, generator: Generators, callback: StepCallback | None = None, preview: PreviewCallback | None = None,
+    preview_every: int = 0,
 ) -> torch.Tensor:  # fmt: skip
-    """The sampling loop: ControlNet residuals, UNet, guidance, sampler step, inpaint blend."""
+    """The sampling loop: ControlNet residuals, UNet, guidance, sampler step, inpaint blend; every `preview_every`
+    steps a cheap picture of the predicted result goes to `preview`."""
     x, n = lat.x, r.steps - lat.start
     ref = reference_latent(model, r)
     for k, i in enumerate(range(lat.start, r.steps)):
@@ -195,6 +244,8 @@ def denoise(
         if r.use_cfg:
             e_u, e_c = eps.chunk(2)
             eps = e_u + r.cfg_scale * (e_c - e_u)
+        if preview is not None and preview_every and (k + 1) % preview_every == 0 and k + 1 < n:
+            preview(approx_rgb(predicted_x0(x_in, eps, t)))
         x = s.step(x, eps, i, generator)
         if lat.mask is not None:  # inpainting: the known area, noised to the next step, goes back in
             known = s.add_noise(lat.x0, lat.noise, i + 1) if i + 1 < r.steps else lat.x0
@@ -208,7 +259,7 @@ def reference_latent(model: StableDiffusion, r: GenerationRequest):
     """(the reference picture's latent, its own noise generator, the noise schedule), or None without one."""
     if r.reference is None:
         return None
-    generator = torch.Generator("cpu").manual_seed(int(r.seed))  # apart from the main stream
+    generator = torch.Generator("cpu").manual_seed(int(r.seed))  # apart from the main stream (seed_per_picture too)
     image = image_to_tensor(resize_rgb(r.reference.image, r.width, r.height)).to(model.device, model.dtype) * 2 - 1
     return model.vae.encode(image, generator), generator, alphas_cumprod()
 
@@ -234,8 +285,11 @@ def decode(model: StableDiffusion, r: GenerationRequest, x: torch.Tensor) -> np.
         img = model.vae.decode(x[b : b + 1]).float()
         images.append(((img / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy())
     out = np.stack(images)
-    if r.mask is not None:
-        keep = mask_to_tensor(r.mask, r.width, r.height)[0, 0].numpy()[..., None]
+    if r.mask is not None and r.inpaint_mode == "only":
+        if r.mask_blur > 0:
+            keep = soft_mask(r.mask, r.mask_blur)[..., None]
+        else:
+            keep = mask_to_tensor(r.mask, r.width, r.height)[0, 0].numpy()[..., None]
         original = resize_rgb(r.init_image, r.width, r.height)
         out = (original * (1 - keep) + out * keep).round().astype(np.uint8)
     return out
@@ -252,6 +306,17 @@ def parameters(model: StableDiffusion, r: GenerationRequest) -> str:
     ]  # fmt: skip
     if r.init_image is not None:
         fields_.append(f"Denoising strength: {r.strength}")
+        if r.resize_mode != "crop":
+            fields_.append(f"Resize mode: {RESIZE_MODE_LABELS[r.resize_mode]}")
+    if r.mask is not None and r.mask_blur > 0:
+        fields_.append(f"Mask blur: {r.mask_blur:g}")
+    if r.mask is not None and r.inpaint_mode != "only":
+        fields_.append("Inpaint mode: global")
+    if r.hires is not None:
+        h = r.hires  # A1111's keys (its txt2img has no other denoising strength)
+        key = "Denoising strength" if r.init_image is None else "Hires denoising strength"
+        fields_.append(f"{key}: {h.strength}, Hires upscale: {h.scale:g}, Hires steps: {h.steps}, "
+                       f"Hires upscaler: {HIRES_UPSCALER_LABELS[h.upscaler]}")  # fmt: skip
     if r.clip_skip > 1:
         fields_.append(f"Clip skip: {r.clip_skip}")
     if r.guess_mode:
@@ -266,38 +331,99 @@ def parameters(model: StableDiffusion, r: GenerationRequest) -> str:
             f'IP-Adapter: "Model: {r.image_prompt.label}, Weight: {scale}, Images: {len(r.image_prompt.images)}"'
         )
     for i, u in enumerate(r.units):
-        fields_.append(
-            f'ControlNet {i}: "Model: {u.label}, Weight: {u.scale}, Guidance Start: {u.start}, Guidance End: {u.end}'
-            + (f', Control Mode: {CONTROL_MODE_LABELS[u.mode]}"' if u.mode != "balanced" else '"')
-        )
+        fields_.append(f'ControlNet {i}: "{_unit_text(u)}"')
     lines.append(", ".join(fields_))
     return "\n".join(lines)
 
 
+def _unit_text(u: ControlUnit) -> str:
+    """One unit in A1111's words and order; settings at their defaults are left out (A1111's readers assume them)."""
+    parts = [f"Module: {u.preprocessor}"] if u.preprocessor else []
+    parts += [f"Model: {u.label}", f"Weight: {u.scale}"]
+    if u.resize_mode != "crop":
+        parts.append(f"Resize Mode: {RESIZE_MODE_LABELS[u.resize_mode]}")
+    if u.processor_res:
+        parts.append(f"Processor Res: {u.processor_res}")
+    parts += [f"Guidance Start: {u.start}", f"Guidance End: {u.end}"]
+    if u.pixel_perfect:
+        parts.append("Pixel Perfect: True")
+    if u.mode != "balanced":
+        parts.append(f"Control Mode: {CONTROL_MODE_LABELS[u.mode]}")
+    return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------ hires fix
+def hires_pass(
+    model: StableDiffusion, r: GenerationRequest, ctx: Conditioning, x: torch.Tensor, generator: Generators,
+    callback: StepCallback | None, preview: PreviewCallback | None, preview_every: int,
+) -> tuple[GenerationRequest, torch.Tensor]:  # fmt: skip
+    """A1111's hires fix: the first pass's latents upscaled (bilinear on the latents, or decode -> Lanczos ->
+    encode), noised to the strength's step of a new schedule and denoised again, the hints fitted to the new size.
+    Returns the second pass's request (its size) and latents."""
+    h = r.hires
+    width, height = h.size(r.width, r.height, model.latent_factor)
+    steps, schedule = h.schedule(r.steps)
+    r2 = replace(r, width=width, height=height, steps=schedule, init_image=None, mask=None, strength=h.strength)
+    f = model.latent_factor
+    if h.upscaler == "latent":
+        x0 = F.interpolate(x.float(), size=(height // f, width // f), mode="bilinear", align_corners=False)
+    else:
+        pictures = [resize_rgb(p, width, height) for p in decode(model, r, x)]
+        image = torch.cat([image_to_tensor(p) for p in pictures]).to(model.device, model.dtype) * 2 - 1
+        gens = generator if isinstance(generator, list) else [generator] * r.batch
+        x0 = torch.cat([model.vae.encode(image[b : b + 1], g) for b, g in enumerate(gens)])
+    x0 = x0.to(model.device, model.dtype)
+    s = make_sampler(r.sampler, schedule, r.eta)
+    start = schedule - steps
+    noise = _randn(x0.shape, generator, torch.empty((), dtype=torch.float32)).to(model.device, model.dtype)
+    lat = Latents(s.add_noise(x0, noise, start), start, noise, x0)
+    x2 = denoise(model, r2, s, ctx, embed_hints(model, r2), lat, generator, callback, preview, preview_every)
+    return r2, x2
+
+
 # ---------------------------------------------------------------------------------------------- the whole
+def total_steps(r: GenerationRequest) -> int:
+    """The steps that actually run, both passes (img2img and the hires pass skip the first ones)."""
+    n = r.steps - (r.steps - min(int(r.steps * r.strength), r.steps) if r.init_image is not None else 0)
+    if r.hires is not None:
+        n += r.hires.schedule(r.steps)[0]
+    return n
+
+
 @torch.no_grad()
-def generate(model: StableDiffusion, request: GenerationRequest, callback: StepCallback | None = None) -> Result:
+def generate(
+    model: StableDiffusion, request: GenerationRequest, callback: StepCallback | None = None,
+    preview: PreviewCallback | None = None, preview_every: int = 0,
+) -> Result:  # fmt: skip
     """Generate `request.batch` pictures for one prompt, steered by the request's ControlNet units.
 
     Every unit's `model` must be a loaded ControlNet that fits `model` (the ModelManager loads files); the request is
-    checked first, so nothing runs for a bad one. `callback(done, total)` is called after every step.
+    checked first, so nothing runs for a bad one. `callback(done, total)` is called after every step (of both passes
+    with a hires fix); `preview(pictures)` every `preview_every` steps with A1111's "Approx cheap" preview.
     """
     check(model, request)
-    r, timings = request, {}
+    r, timings = fit_pictures(request), {}
     t0 = time.perf_counter()
-    generator = torch.Generator("cpu").manual_seed(int(r.seed))
+    generator = generators(r)
     ctx = encode_prompts(model, r)
     hints = embed_hints(model, r)
     timings["encode"] = time.perf_counter() - t0
     s = make_sampler(r.sampler, r.steps, r.eta)
     lat = prepare_latents(model, r, s, generator)
     t1 = time.perf_counter()
-    x = denoise(model, r, s, ctx, hints, lat, generator, callback)
+    total, done = total_steps(r), r.steps - lat.start
+    step = callback if r.hires is None or callback is None else (lambda k, n: callback(k, total))
+    x = denoise(model, r, s, ctx, hints, lat, generator, step, preview, preview_every)
+    out = r
+    if r.hires is not None:
+        second = None if callback is None else (lambda k, n: callback(done + k, total))
+        out, x = hires_pass(model, r, ctx, x, generator, second, preview, preview_every)
     timings["sampling"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    images = decode(model, r, x)
+    images = decode(model, out, x)
     timings["decode"] = time.perf_counter() - t2
-    return Result(images, parameters(model, r), timings)
+    texts = [parameters(model, replace(r, seed=seed)) for seed in seeds(r)]
+    return Result(images, texts[0], timings, seeds(r), texts)
 
 
 __all__ = ["ControlUnit", "GenerationRequest", "Result", "active", "check", "generate"]

@@ -16,6 +16,7 @@ import torch
 
 from .controlnet import ControlNet
 from .errors import InputError
+from .fit import RESIZE_MODES
 from .ip_adapter import layer_scales
 from .reference import MODES as REFERENCE_MODES
 from .samplers import SAMPLERS
@@ -32,6 +33,10 @@ MIN_SIZE, MAX_SIZE = 64, 4096
 MAX_BATCH = 64
 MAX_CONTROL_SCALE = 10.0
 MAX_IP_SCALE = 5.0
+MAX_HIRES_SIZE = 2048  # the hires pass's largest side
+HIRES_UPSCALERS = ("latent", "lanczos")  # A1111's "Latent" (bilinear on the latents) and a picture upscaler
+INPAINT_MODES = ("only", "global")  # the extension's inpaint_only and inpaint_global_harmonious
+MAX_MASK_BLUR = 64.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,11 @@ class ControlUnit:
     # both guidance halves); "control" (ControlNet is more important: the conditional half only, so the CFG scale
     # multiplies its effect)
     mode: str = "balanced"
+    resize_mode: str = "crop"  # how a hint of another shape becomes the picture size (`cldm.fit`)
+    # what made the hint, for the parameters text only (A1111's Module, Processor Res, Pixel Perfect)
+    preprocessor: str = ""
+    processor_res: int | None = None
+    pixel_perfect: bool = False
 
     @property
     def label(self) -> str:
@@ -71,6 +81,8 @@ class ControlUnit:
             out.append(f"{who}: need 0 <= start < end <= 1 (got start {self.start}, end {self.end})")
         if self.mode not in CONTROL_MODES:
             out.append(f"{who}: mode must be one of {', '.join(CONTROL_MODES)} (got {self.mode!r})")
+        if self.resize_mode not in RESIZE_MODES:
+            out.append(f"{who}: resize_mode must be one of {', '.join(RESIZE_MODES)} (got {self.resize_mode!r})")
         if not isinstance(self.model, (ControlNet, str, os.PathLike)):
             out.append(
                 f"{who}: model must be a weight file, a folder or a ControlNet (got {type(self.model).__name__})"
@@ -158,13 +170,56 @@ class ReferenceUnit:
 
 
 @dataclass(frozen=True)
+class HiresFix:
+    """A1111's hires fix: after the first pass, the latents (or the decoded pictures) are upscaled by `scale` and
+    denoised again from `strength` (img2img), the ControlNet hints fitted to the new size. As in A1111, exactly
+    `steps` steps run (0: as many as the first pass): the last ones of a schedule of int(steps / strength) steps."""
+
+    scale: float = 2.0
+    steps: int = 0
+    strength: float = 0.7
+    upscaler: str = "latent"  # "latent": bilinear on the latents; "lanczos": decode, resize the pictures, encode
+
+    def size(self, width: int, height: int, f: int = 8) -> tuple[int, int]:
+        """The second pass's size: the first pass's times `scale`, cut down to multiples of `f` (A1111 truncates)."""
+        return max(f, int(width * self.scale) // f * f), max(f, int(height * self.scale) // f * f)
+
+    def schedule(self, first_steps: int) -> tuple[int, int]:
+        """(steps that run, steps of the schedule they end)."""
+        steps = int(self.steps) or int(first_steps)
+        return steps, int(steps / min(self.strength, 0.999))
+
+    def problems(self, width: int, height: int, f: int) -> list[str]:
+        out = [f"hires: {p}" for p in _number_problems(self, ("scale", "steps", "strength"))]
+        if out:
+            return out
+        if not 1 <= self.scale <= 4:
+            out.append(f"hires.scale must be 1..4 (got {self.scale})")
+        elif max(self.size(width, height, f)) > MAX_HIRES_SIZE:
+            w, h = self.size(width, height, f)
+            out.append(f"hires: {width}x{height} x {self.scale:g} = {w}x{h} px; the hires pass allows at most "
+                       f"{MAX_HIRES_SIZE} px a side. Lower the scale or the first-pass size.")  # fmt: skip
+        if self.steps != int(self.steps) or not 0 <= self.steps <= MAX_STEPS:
+            out.append(f"hires.steps must be a whole number 0..{MAX_STEPS} (0 = as the first pass; got {self.steps})")
+        if not 0 < self.strength <= 1:
+            out.append(f"hires.strength (denoising strength) must be in (0, 1] (got {self.strength})")
+        elif int((self.steps or 1) / min(self.strength, 0.999)) > MAX_STEPS:
+            out.append(f"hires: {self.steps} steps at strength {self.strength} need a {MAX_STEPS}+ step schedule; "
+                       "raise the strength or lower the steps")  # fmt: skip
+        if self.upscaler not in HIRES_UPSCALERS:
+            out.append(f"hires.upscaler must be one of {', '.join(HIRES_UPSCALERS)} (got {self.upscaler!r})")
+        return out
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """Everything one call of `pipeline.generate` takes, besides the model.
 
     Classifier-free guidance runs the negative and positive prompt in one batch (off when cfg_scale <= 1). Guess
     mode runs ControlNets on the conditional half only, with the residual scales of `guess_style`. `init_image`
-    (HxWx3 uint8) with `strength` < 1 is img2img; adding `mask` (HxW, 1 or 255 = repaint) inpaints and keeps the
-    unmasked pixels.
+    (HxWx3 uint8) with `strength` < 1 is img2img; adding `mask` (HxW, 1 or 255 = repaint) inpaints and, with
+    `inpaint_mode` "only", keeps the unmasked pixels. A batch shares one noise generator (diffusers) unless
+    `seed_per_picture` gives picture i the seed `seed + i` (A1111).
     """
 
     prompt: str
@@ -186,6 +241,11 @@ class GenerationRequest:
     mask: np.ndarray | None = None
     image_prompt: ImagePrompt | None = None
     reference: ReferenceUnit | None = None
+    resize_mode: str = "crop"  # how the init picture and the mask become the picture size (`cldm.fit`)
+    mask_blur: float = 0.0  # Gaussian sigma in px for the mask's edge (the 1.1 inpaint app's default is 5)
+    inpaint_mode: str = "only"  # "only": the unmasked area is kept exactly; "global": the whole picture is redrawn
+    seed_per_picture: bool = False  # A1111: picture i has its own noise from seed + i (reproducible alone)
+    hires: HiresFix | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "units", tuple(self.units))  # a list given by a caller stays immutable here
@@ -216,6 +276,13 @@ class GenerationRequest:
                 problems += self.reference.problems()
             else:
                 problems.append(f"reference must be a ReferenceUnit (got {type(self.reference).__name__})")
+        if self.hires is not None:
+            if not isinstance(self.hires, HiresFix):
+                problems.append(f"hires must be a HiresFix (got {type(self.hires).__name__})")
+            elif not any(p.startswith(("width", "height")) for p in problems):
+                problems += self.hires.problems(self.width, self.height, latent_factor)
+                if self.mask is not None:
+                    problems.append("hires: the hires fix does not combine with inpainting; leave one out")
         if problems:
             raise InputError("; ".join(problems))
         return self
@@ -256,6 +323,12 @@ class GenerationRequest:
         if self.init_image is not None and isinstance(self.init_image, np.ndarray) and self.init_image.ndim == 3:
             if self.init_image.shape[2] != 3 or self.init_image.dtype != np.uint8:
                 out.append(f"init_image must be HxWx3 uint8 (got {self.init_image.dtype} {self.init_image.shape})")
+        if self.resize_mode not in RESIZE_MODES:
+            out.append(f"resize_mode must be one of {', '.join(RESIZE_MODES)} (got {self.resize_mode!r})")
+        if self.inpaint_mode not in INPAINT_MODES:
+            out.append(f"inpaint_mode must be one of {', '.join(INPAINT_MODES)} (got {self.inpaint_mode!r})")
+        if not 0 <= self.mask_blur <= MAX_MASK_BLUR:
+            out.append(f"mask_blur must be 0..{MAX_MASK_BLUR:g} px (got {self.mask_blur})")
         if self.mask is not None and self.init_image is None:
             out.append("mask: inpainting needs an init_image as well as the mask")
         return out
@@ -271,6 +344,8 @@ class GenerationRequest:
                 v = [{"model": u.label, "scale": u.scale, "start": u.start, "end": u.end} for u in v]
             elif f.name == "reference" and v is not None:
                 v = {"mode": v.mode, "style_fidelity": v.style_fidelity, "weight": v.weight}
+            elif f.name == "hires" and v is not None:
+                v = {"scale": v.scale, "steps": v.steps, "strength": v.strength, "upscaler": v.upscaler}
             elif f.name == "image_prompt" and v is not None:
                 v = {"adapter": v.label, "images": len(v.images), "scale": v.scale}
             out[f.name] = v
@@ -285,8 +360,12 @@ def _text_problems(r: GenerationRequest) -> list[str]:
     for name in ("sampler", "guess_style"):
         if not isinstance(getattr(r, name), str):
             out.append(f"{name} must be a name (got {type(getattr(r, name)).__name__})")
-    if not isinstance(r.guess_mode, bool | np.bool_):
-        out.append(f"guess_mode must be true or false (got {r.guess_mode!r})")
+    for name in ("guess_mode", "seed_per_picture"):
+        if not isinstance(getattr(r, name), bool | np.bool_):
+            out.append(f"{name} must be true or false (got {getattr(r, name)!r})")
+    for name in ("resize_mode", "inpaint_mode"):
+        if not isinstance(getattr(r, name), str):
+            out.append(f"{name} must be a name (got {type(getattr(r, name)).__name__})")
     return out
 
 

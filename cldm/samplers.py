@@ -30,7 +30,10 @@ def leading_timesteps(steps: int) -> torch.Tensor:
     return (torch.arange(steps - 1, -1, -1, dtype=torch.int64) * ratio) + STEPS_OFFSET
 
 
-def _randn(shape, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+def _randn(shape, generator, like: torch.Tensor) -> torch.Tensor:
+    """Noise shaped like `shape`: from one generator, or row by row from a list of them (one seed per picture)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([_randn((1, *shape[1:]), g, like) for g in generator])
     device = generator.device if generator is not None else torch.device("cpu")
     return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device, like.dtype)
 

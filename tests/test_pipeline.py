@@ -240,8 +240,9 @@ class _Ones:
 
 @pytest.mark.parametrize("mode", ["balanced", "prompt", "control"])
 def test_control_modes_follow_a1111(mode):
-    """Balanced: the scale on both halves. My prompt is more important: 0.825 ** (12 - i) on both halves.
-    ControlNet is more important: the conditional half only (the CFG scale then multiplies its effect)."""
+    """The extension's rules (soft_injection = mode != Balanced, cfg_injection = mode == ControlNet is more important):
+    Balanced: the scale on both halves. My prompt is more important: 0.825 ** (12 - i) on both halves. ControlNet is
+    more important: the same decay, on the conditional half only (the CFG scale then multiplies its effect)."""
     from cldm.pipeline import Conditioning, control_residuals
 
     x = torch.zeros(1, 4, 2, 2)
@@ -254,7 +255,7 @@ def test_control_modes_follow_a1111(mode):
     uncond = [float(a[0].mean()) for a in res]
     cond = [float(a[1].mean()) for a in res]
     decay = [0.5 * 0.825 ** (12 - i) for i in range(13)]
-    expected = {"balanced": ([0.5] * 13, [0.5] * 13), "prompt": (decay, decay), "control": ([0.0] * 13, [0.5] * 13)}
+    expected = {"balanced": ([0.5] * 13, [0.5] * 13), "prompt": (decay, decay), "control": ([0.0] * 13, decay)}
     assert uncond == pytest.approx(expected[mode][0]) and cond == pytest.approx(expected[mode][1])
     from cldm.errors import InputError
 
@@ -263,7 +264,7 @@ def test_control_modes_follow_a1111(mode):
 
 
 def test_control_mode_in_pictures_and_cli(ours, tiny_dirs, tmp_path):
-    """Without guidance the halves are one: "control" is "balanced"; "prompt" is guess mode's decay."""
+    """Without guidance the halves are one: "control" is "prompt", both guess mode's decay."""
     from PIL import Image
 
     sd, cn = ours
@@ -271,10 +272,13 @@ def test_control_mode_in_pictures_and_cli(ours, tiny_dirs, tmp_path):
     pic = {
         m: _gen(sd, "a", "", [ControlUnit(cn, _hint(), mode=m)], **kw).images for m in ("balanced", "prompt", "control")
     }
-    assert np.array_equal(pic["control"], pic["balanced"])
     guess = _gen(sd, "a", "", [ControlUnit(cn, _hint())], guess_mode=True, **kw).images
-    assert np.array_equal(pic["prompt"], guess) and not np.array_equal(pic["prompt"], pic["balanced"])
+    assert np.array_equal(pic["control"], pic["prompt"]) and np.array_equal(pic["prompt"], guess)
+    assert not np.array_equal(pic["prompt"], pic["balanced"])
     with_cfg = _gen(sd, "a", "", [ControlUnit(cn, _hint(), mode="control")], **dict(kw, cfg_scale=5.0))
+    # with guidance, "control" is the original guess mode (conditional half only, decaying scales)
+    guess_cfg = _gen(sd, "a", "", [ControlUnit(cn, _hint())], guess_mode=True, **dict(kw, cfg_scale=5.0))
+    assert np.array_equal(with_cfg.images, guess_cfg.images)
     assert 'Control Mode: ControlNet is more important"' in with_cfg.parameters
     Image.fromarray(_hint()).save(tmp_path / "hint.png")
     args = ["generate", "--base", str(tiny_dirs[0]), "--controlnet", str(tiny_dirs[1]), "--hint", str(tmp_path / "hint.png"),

@@ -1,0 +1,246 @@
+"""Reading a picture's A1111 "parameters" text back: the prompts, every "Key: value" field and the ControlNet units.
+
+`pipeline.parameters()` writes this text into our PNGs, and AUTOMATIC1111's webui with its ControlNet extension
+writes the same layout:
+
+    prompt (any number of lines)
+    Negative prompt: negative prompt (any number of lines)
+    Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, ControlNet 0: "Module: canny, Weight: 1, ..."
+
+`parse_parameters` turns it into an Infotext whose typed fields speak our names (sampler keys, "crop"/"just"/"fill",
+"balanced"/"prompt"/"control"), so a tab can take them back. Whatever cannot be read stays, as text, in `fields` and
+in each unit's `raw`; only a text without the key-value line at all is an InputError.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+from .errors import InputError
+from .samplers import SAMPLER_LABELS
+
+NO_PARAMETERS = "This picture carries no generation parameters (a PNG written by this app or by A1111 has them)"
+MIN_FIELDS = 3  # A1111's rule: the last line is the key-value line only with at least this many "Key: value"s
+
+# One "Key: value" of the key-value line: the value is a JSON-quoted string (it may hold commas) or runs to a comma.
+_PARAM = re.compile(r'\s*(\w[\w /-]+):\s*("(?:[^"\\]|\\.)+"|[^,]*)(?:,|$)')
+# One "Key: value" inside a ControlNet unit; the old extension wrote tuples such as "starting/ending: (0, 1)".
+_UNIT_PAIR = re.compile(r'\s*([^:,]+?)\s*:\s*(\([^()]*\)|"(?:[^"\\]|\\.)*"|[^,]*)(?:,|$)')
+# A unit's key: "ControlNet 0", "ControlNet-1", or "ControlNet" alone (unit 0) from old extension versions.
+_UNIT_KEY = re.compile(r"ControlNet(?:[ -]([0-9]{1,3}))?", re.IGNORECASE)
+_SIZE = re.compile(r"([0-9]{1,6})\s*x\s*([0-9]{1,6})")
+_HASH = re.compile(r"\s*\[[0-9A-Za-z]+\]$")  # "control_v11p_sd15_canny [d14c016b]": the model's short hash
+_ENUM_PREFIX = re.compile(r"^(?:resize|control)mode\.")  # some extension versions wrote "ResizeMode.INNER_FIT"
+
+_SAMPLER_KEYS = {label.lower(): key for key, label in SAMPLER_LABELS.items()}
+# A1111 >= 1.9 writes the schedule apart ("Sampler: DPM++ 2M, Schedule type: Karras"); these add nothing to a label.
+_PLAIN_SCHEDULES = ("", "automatic", "uniform")
+_RESIZE_MODES = {
+    "just resize": "just", "resize": "just", "just": "just", "0": "just",
+    "crop and resize": "crop", "scale to fit (inner fit)": "crop", "inner_fit": "crop", "crop": "crop", "1": "crop",
+    "resize and fill": "fill", "envelope (outer fit)": "fill", "outer_fit": "fill", "fill": "fill", "2": "fill",
+}  # fmt: skip
+_CONTROL_MODES = {
+    "balanced": "balanced", "0": "balanced",
+    "my prompt is more important": "prompt", "prompt": "prompt", "1": "prompt",
+    "controlnet is more important": "control", "control": "control", "2": "control",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    """One ControlNet unit as the text describes it, in our names; `raw` holds its "Key: value"s as written."""
+
+    index: int
+    module: str = ""  # the preprocessor ("canny", "depth_midas", "none"); "" when not written
+    model: str = ""  # without the " [hash]" A1111 appends
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    resize_mode: str = "crop"  # "just", "crop" or "fill"
+    pixel_perfect: bool = False
+    control_mode: str = "balanced"  # "balanced", "prompt" or "control"
+    processor_res: int | None = None
+    threshold_a: float | None = None
+    threshold_b: float | None = None
+    raw: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Infotext:
+    """A parsed "parameters" text. `fields` holds every "Key: value" of the key-value line, values unquoted; the
+    properties read the common ones (None when a field is missing or is not a number)."""
+
+    prompt: str
+    negative_prompt: str
+    fields: dict[str, str]
+    units: tuple[UnitInfo, ...] = ()
+
+    @property
+    def steps(self) -> int | None:
+        return _int(self.fields.get("Steps"))
+
+    @property
+    def sampler_label(self) -> str | None:
+        """The sampler as written ("DPM++ 2M Karras", or "DPM++ 2M" with a separate "Schedule type")."""
+        return self.fields.get("Sampler")
+
+    @property
+    def sampler(self) -> str | None:
+        """Our sampler key ("ddim", "euler_a", "dpmpp_2m_karras"); None for a sampler this app does not have."""
+        return _sampler_key(self.fields.get("Sampler"), self.fields.get("Schedule type"))
+
+    @property
+    def cfg_scale(self) -> float | None:
+        return _float(self.fields.get("CFG scale"))
+
+    @property
+    def seed(self) -> int | None:
+        return _int(self.fields.get("Seed"))
+
+    @property
+    def width(self) -> int | None:
+        return _size(self.fields.get("Size"))[0]
+
+    @property
+    def height(self) -> int | None:
+        return _size(self.fields.get("Size"))[1]
+
+    @property
+    def denoising_strength(self) -> float | None:
+        return _float(self.fields.get("Denoising strength"))
+
+    @property
+    def clip_skip(self) -> int | None:
+        """1 when the text does not say (A1111 and this app leave the default out); None when it is unreadable."""
+        return _int(self.fields["Clip skip"]) if "Clip skip" in self.fields else 1
+
+    @property
+    def model(self) -> str | None:
+        return self.fields.get("Model")
+
+    @property
+    def resize_mode(self) -> str:
+        """How img2img's picture was fitted ("just", "crop" or "fill"); "crop" when the text does not say."""
+        return _RESIZE_MODES.get(_enum(self.fields.get("Resize mode")), "crop")
+
+
+def parse_parameters(text: str) -> Infotext:
+    """Read a "parameters" text by A1111's rules; InputError when it has no key-value line."""
+    if not isinstance(text, str):
+        raise InputError(f"The generation parameters must be text (got {type(text).__name__})")
+    *lines, last = text.replace("\r\n", "\n").replace("\r", "\n").strip().split("\n")
+    pairs = _PARAM.findall(last)
+    if len(pairs) < MIN_FIELDS:
+        raise InputError(NO_PARAMETERS)
+    prompt: list[str] = []
+    negative: list[str] = []
+    in_negative = False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:") :].strip()
+        (negative if in_negative else prompt).append(line)
+    fields = {key.strip(): _unquote(value) for key, value in pairs}
+    units: dict[int, UnitInfo] = {}
+    for key, value in fields.items():
+        m = _UNIT_KEY.fullmatch(key)
+        unit = _parse_unit(int(m.group(1) or 0), value) if m else None
+        if unit is not None:
+            units.setdefault(unit.index, unit)
+    return Infotext("\n".join(prompt), "\n".join(negative), fields, tuple(units[i] for i in sorted(units)))
+
+
+def _parse_unit(index: int, text: str) -> UnitInfo | None:
+    """One unit from its "Key: value, ..." list, current ("Module: canny, Guidance Start: 0") or old ("preprocessor:
+    canny, starting/ending: (0, 1), preprocessor params: (512, 100, 200)"); None when it holds no pair at all."""
+    raw = {key: _unquote(value) for key, value in _UNIT_PAIR.findall(text)}
+    if not raw:
+        return None
+    low = {key.lower(): value for key, value in raw.items()}
+    span = _parts(low.get("starting/ending"))
+    params = _parts(low.get("preprocessor params"))
+    return UnitInfo(
+        index=index,
+        module=_first(low.get("module"), low.get("preprocessor"), ""),
+        model=_HASH.sub("", low.get("model", "")),
+        weight=_first(_float(low.get("weight")), 1.0),
+        start=_first(_float(low.get("guidance start")), _float(_at(span, 0)), 0.0),
+        end=_first(_float(low.get("guidance end")), _float(_at(span, 1)), 1.0),
+        resize_mode=_RESIZE_MODES.get(_enum(low.get("resize mode")), "crop"),
+        pixel_perfect=low.get("pixel perfect", "").lower() == "true",
+        control_mode=_CONTROL_MODES.get(_enum(low.get("control mode")), "balanced"),
+        processor_res=_unset(_first(_int(low.get("processor res")), _int(_at(params, 0)))),
+        threshold_a=_unset(_first(_float(low.get("threshold a")), _float(_at(params, 1)))),
+        threshold_b=_unset(_first(_float(low.get("threshold b")), _float(_at(params, 2)))),
+        raw=raw,
+    )
+
+
+def _sampler_key(label: str | None, schedule: str | None) -> str | None:
+    if label is None:
+        return None
+    name, schedule = label.strip().lower(), (schedule or "").strip().lower()
+    if schedule not in _PLAIN_SCHEDULES and not name.endswith(f" {schedule}"):
+        name = f"{name} {schedule}"  # "DPM++ 2M" + "Karras" -> "DPM++ 2M Karras"
+    return _SAMPLER_KEYS.get(name)
+
+
+def _unquote(value: str) -> str:
+    """A value as A1111 meant it: a quoted one is a JSON string (escaped quotes, \\n, \\u00e9)."""
+    value = value.strip()
+    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:  # not valid JSON (our own writer does not escape): take what is between the quotes
+        return value[1:-1].replace('\\"', '"')
+
+
+def _enum(value: str | None) -> str:
+    return _ENUM_PREFIX.sub("", (value or "").strip().lower())
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        x = _float(value)
+        return int(x) if x is not None and x.is_integer() else None
+
+
+def _size(value: str | None) -> tuple[int | None, int | None]:
+    m = _SIZE.fullmatch((value or "").strip())
+    return (int(m.group(1)), int(m.group(2))) if m else (None, None)
+
+
+def _parts(value: str | None) -> list[str]:
+    """'(512, 100, 200)' -> ['512', '100', '200']."""
+    return [p.strip() for p in value.strip().strip("()").split(",")] if value else []
+
+
+def _at(items: list[str], i: int) -> str | None:
+    return items[i] if i < len(items) else None
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def _unset(value):
+    """The extension writes -1 for a slider its preprocessor does not use."""
+    return None if value == -1 else value
+
+
+__all__ = ["NO_PARAMETERS", "Infotext", "UnitInfo", "parse_parameters"]
