@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from cldm.errors import InputError
+from cldm.fit import fit_mask, fit_rgb
 from cldm.images import array_to_rgb, load_rgb, resize_rgb
 
 
@@ -24,21 +25,26 @@ def editor_image(value) -> np.ndarray | None:
     return array_to_rgb(np.asarray(value))
 
 
-def inpaint_hint(value, width: int, height: int):
-    """ImageEditor (background + painted layers) -> init picture, mask (255 = repaint) and the inpaint hint."""
+def inpaint_hint(value, width: int, height: int, resize_mode: str = "crop"):
+    """ImageEditor (background + painted layers) -> init picture, mask (255 = repaint) and the inpaint hint, fitted
+    to the size by `resize_mode` ("fill" marks the new border painted: outpainting)."""
     if not isinstance(value, dict) or value.get("background") is None:
         raise InputError("Inpaint: upload a picture, then paint over the area to change.")
-    init = resize_rgb(array_to_rgb(np.asarray(value["background"])), width, height)
-    mask = np.zeros(init.shape[:2], bool)
+    background = array_to_rgb(np.asarray(value["background"]))
+    painted = np.zeros(background.shape[:2], bool)
     for layer in value.get("layers") or []:
         layer = np.asarray(layer)
         if layer.ndim == 3:
             alpha = layer[..., 3] if layer.shape[2] == 4 else layer.max(axis=-1)
         else:
             alpha = layer
-        mask |= resize_rgb(array_to_rgb(alpha), width, height)[..., 0] > 127
+        painted |= resize_rgb(array_to_rgb(alpha), background.shape[1], background.shape[0])[..., 0] > 127
+    init = fit_rgb(background, width, height, resize_mode, fill="edge")
+    mask = fit_mask(painted.astype(np.uint8) * 255, width, height, resize_mode) > 127
     if not mask.any():
-        raise InputError("Inpaint: paint over the area to change (the mask is empty).")
+        raise InputError(
+            "Inpaint: paint over the area to change (the mask is empty), or outpaint with Resize and Fill."
+        )
     hint = init.astype(np.float32) / 255.0
     hint[mask] = -1.0  # the inpaint ControlNet reads -1 as "to be filled"
     return init, mask.astype(np.uint8) * 255, torch.from_numpy(hint).permute(2, 0, 1)[None]

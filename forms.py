@@ -12,7 +12,18 @@ import gradio as gr
 
 from cldm.errors import InputError
 from conditions import Condition
-from studio import CONTROL_MODES, ImagePromptSettings, ReferenceSettings, Settings, UnitSettings, condition
+from studio import (
+    CONTROL_MODES,
+    INPAINT_MODES,
+    RESIZE_MODES,
+    UPSCALERS,
+    ImagePromptSettings,
+    PassSettings,
+    ReferenceSettings,
+    Settings,
+    UnitSettings,
+    condition,
+)  # fmt: skip
 
 
 class Form:
@@ -121,7 +132,10 @@ class UnitPanel:
     end: gr.Slider
     params: dict[tuple[str, str], gr.Slider] = field(default_factory=dict)  # (preprocessor, parameter) -> slider
     cond: Condition | None = None  # fixed condition (a condition tab)
-    mode: gr.Radio | None = None  # the control mode (read through a ModePanel, not with the unit)
+    # the control mode, resize mode and pixel perfect (read through a UnitOptionsPanel, not with the unit)
+    mode: gr.Radio | None = None
+    resize: gr.Radio | None = None
+    pixel_perfect: gr.Checkbox | None = None
     enabled: gr.Checkbox | None = None  # Multi
     choice: gr.Dropdown | None = None  # Multi: the condition
 
@@ -150,23 +164,53 @@ class UnitPanel:
         return UnitSettings(cond, v["image"], v["annotator"], v["resolution"], chosen, v["scale"], v["start"], v["end"])
 
 
-@dataclass
-class ModePanel:
-    """The control mode of each unit (a radio inside each unit panel, read as its own record so that the older
-    `/<tab>_run` endpoints keep their parameters)."""
+def _choice(value, labels: dict[str, str], what: str) -> str:
+    if value not in labels:
+        raise InputError(f"Unknown {what} {value!r}; choose one of {', '.join(labels)}.")
+    return labels[value]
 
-    widgets: list[gr.Radio]
+
+@dataclass
+class UnitOptionsPanel:
+    """Each unit's control mode, resize mode and pixel perfect (widgets inside each unit panel, read as their own
+    record so that the older `/<tab>_run` endpoints keep their parameters): a dict of UnitSettings fields per unit."""
+
+    units: list[UnitPanel]
 
     @property
     def inputs(self) -> list:
-        return list(self.widgets)
+        return [w for u in self.units for w in (u.mode, u.resize, u.pixel_perfect)]
 
-    def read(self, it: Iterator) -> list[str]:
-        labels = _take(it, [f"control_mode_{i + 1}" for i in range(len(self.widgets))]).values()
-        unknown = [m for m in labels if m not in CONTROL_MODES]
-        if unknown:
-            raise InputError(f"Unknown control mode {unknown[0]!r}; choose one of {', '.join(CONTROL_MODES)}.")
-        return [CONTROL_MODES[m] for m in labels]
+    def read(self, it: Iterator) -> list[dict]:
+        out = []
+        for i in range(len(self.units)):
+            v = _take(it, [f"control_mode_{i + 1}", f"resize_mode_{i + 1}", f"pixel_perfect_{i + 1}"])
+            mode, resize, perfect = v.values()
+            out.append({"mode": _choice(mode, CONTROL_MODES, "control mode"),
+                        "resize_mode": _choice(resize, RESIZE_MODES, "resize mode"), "pixel_perfect": bool(perfect)})  # fmt: skip
+        return out
+
+
+PASS_FIELDS = ("init_image", "mask_blur", "inpaint_mode", "hires", "hires_scale", "hires_steps", "hires_strength",
+               "hires_upscaler", "seed_per_picture", "preview_every")  # fmt: skip
+
+
+@dataclass
+class PassPanel:
+    """Around the units: an init picture (img2img on any tab), the inpaint options, the hires fix, one seed per
+    picture and the live preview; one widget per field of `studio.PassSettings`."""
+
+    widgets: dict[str, gr.components.Component]
+
+    @property
+    def inputs(self) -> list:
+        return [self.widgets[k] for k in PASS_FIELDS]
+
+    def read(self, it: Iterator) -> PassSettings:
+        v = _take(it, list(PASS_FIELDS), optional=("init_image",))
+        v["inpaint_mode"] = _choice(v["inpaint_mode"], INPAINT_MODES, "inpaint mode")
+        v["hires_upscaler"] = _choice(v["hires_upscaler"], UPSCALERS, "hires upscaler")
+        return PassSettings(**v)
 
 
 @dataclass

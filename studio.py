@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,96 +23,31 @@ import annotators
 from canvas import editor_image, inpaint_hint
 from cldm import weights
 from cldm.errors import InputError, Stopped
+from cldm.fit import fit_rgb, geometry
 from cldm.images import save_png
 from cldm.manager import ModelManager
 from cldm.model_card import ModelCard, card_for
 from cldm.request import ControlUnit, GenerationRequest, ImagePrompt, ReferenceUnit
-from conditions import BY_KEY, Condition
+from conditions import ANNOTATOR_NONE, BY_KEY, Condition
+from settings import (  # noqa: F401 (the records app.py and forms.py read through here)
+    CONTROL_MODES,
+    INPAINT_MODES,
+    MAX_SEED,
+    REFERENCE_PREPROCESSORS,
+    RESIZE_MODES,
+    UPSCALERS,
+    Defaults,
+    ImagePromptSettings,
+    PassSettings,
+    ReferenceSettings,
+    Settings,
+    UnitSettings,
+)  # fmt: skip
 
 log = logging.getLogger("studio")
-MAX_SEED = 2**31 - 1
-SD15_SIZE = 512
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
 DEMO_BASE = "shapes_sd.safetensors"
 Progress = Callable[..., None]  # progress(fraction, desc=...), as gr.Progress takes it
-
-
-@dataclass(frozen=True)
-class UnitSettings:
-    """What the user set for one ControlNet: its condition, picture, preprocessor and control sliders."""
-
-    cond: Condition
-    image: object  # a file path, an array, or an ImageEditor dict (background, layers, composite)
-    annotator: str
-    resolution: int
-    params: dict[str, float] = field(default_factory=dict)  # the chosen preprocessor's sliders
-    scale: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
-    mode: str = "balanced"  # control mode: balanced, prompt (My prompt is more important), control
-
-
-# A1111's control-mode labels, as the app shows them
-CONTROL_MODES = {"Balanced": "balanced", "My prompt is more important": "prompt",
-                 "ControlNet is more important": "control"}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class ImagePromptSettings:
-    """The Image prompt accordion: a picture, which IP-Adapter (a `weights.IP_ADAPTERS` name) and its strength."""
-
-    image: object  # a file path or an array; None: no image prompt
-    adapter: str = "ip-adapter_sd15"
-    scale: float = 0.6
-
-
-@dataclass(frozen=True)
-class ReferenceSettings:
-    """Reference-only as the A1111 extension's preprocessors name it: reference_only, reference_adain(+attn)."""
-
-    image: object
-    preprocessor: str = "reference_only"
-    style_fidelity: float = 0.5
-    weight: float = 1.0
-
-
-REFERENCE_PREPROCESSORS = {"reference_only": "only", "reference_adain": "adain", "reference_adain+attn": "adain+attn"}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The generation settings every tab shares."""
-
-    prompt: str = ""
-    added_prompt: str = ""
-    negative_prompt: str = ""
-    batch: int = 1
-    width: int = SD15_SIZE
-    height: int = SD15_SIZE
-    steps: int = 20
-    cfg: float = 7.5
-    sampler: str = "dpmpp_2m_karras"
-    seed: int = 12345
-    randomize: bool = True
-    guess_mode: bool = False
-    denoise: float = 1.0
-
-
-@dataclass(frozen=True)
-class Defaults:
-    """Where the widgets start: the model card's settings for a model that has one, A1111-like ones for SD1.5."""
-
-    size: int = SD15_SIZE
-    steps: int = 20
-    cfg: float = 7.5
-    sampler: str = "dpmpp_2m_karras"
-    quality_words: bool = True  # the ControlNet 1.1 apps' added / negative prompt
-
-    @classmethod
-    def for_card(cls, card: ModelCard | None) -> Defaults:
-        if card is None:
-            return cls()
-        return cls(card.size, card.steps, card.cfg, card.sampler, quality_words=not card.words)
 
 
 @dataclass(frozen=True)
@@ -180,16 +115,24 @@ class Studio:
         message = _ABSOLUTE_PATH.sub(lambda m: m.group(1) + Path(m.group(2)).name, message)
         return html.escape(message, quote=False)
 
-    def check_work(self, units: list[UnitSettings], s: Settings) -> None:
-        """Refuse a request over the work budget before any preprocessor or model runs."""
-        partial = any(u.cond.img2img or u.cond.inpaint for u in units) and float(s.denoise) < 1
+    def check_work(self, units: list[UnitSettings], s: Settings, extras: PassSettings | None = None) -> None:
+        """Refuse a request over the work budget before any preprocessor or model runs (a hires pass counts at its
+        size)."""
+        img2img = any(u.cond.img2img or u.cond.inpaint for u in units) or (extras and extras.init_image is not None)
+        partial = img2img and float(s.denoise) < 1
         steps = max(1, int(int(s.steps) * float(s.denoise))) if partial else int(s.steps)
         work = int(s.width) * int(s.height) * steps * int(s.batch) / 1e6
+        what = f"{int(s.width)}x{int(s.height)} px x {steps} steps x {int(s.batch)} pictures"
+        hires = extras.hires_fix if extras is not None else None
+        if hires is not None:
+            w2, h2 = hires.size(int(s.width), int(s.height))
+            steps2 = hires.schedule(int(s.steps))[0]
+            work += w2 * h2 * steps2 * int(s.batch) / 1e6
+            what += f" + hires {w2}x{h2} px x {steps2} steps"
         if work > self.limits.max_work:
             raise InputError(
-                f"This request is {work:.0f} megapixel-steps ({int(s.width)}x{int(s.height)} px x {steps} steps x "
-                f"{int(s.batch)} pictures); this server allows {self.limits.max_work:g} per request. Lower the size, "
-                "the steps or the number of pictures."
+                f"This request is {work:.0f} megapixel-steps ({what}); this server allows {self.limits.max_work:g} "
+                "per request. Lower the size, the steps or the number of pictures."
             )
 
     def _prune_outputs(self) -> None:
@@ -215,11 +158,15 @@ class Studio:
             raise InputError("Upload an image (or draw on the canvas) first.")
         if unit.annotator not in unit.cond.annotators:
             raise InputError(f"{unit.annotator!r} is not a preprocessor for {unit.cond.label}.")
-        return annotators.run(
-            unit.annotator, img, resolution=int(unit.resolution), models_dir=self.models_dir, size=size, **unit.params
-        )
+        # detected, then resized to the mode's scaled size (one resize, as before), then cut or padded to `size`
+        w, h, _, _ = geometry(img.shape[1], img.shape[0], size[1], size[0], unit.resize_mode)
+        hint = annotators.run(
+            unit.annotator, img, resolution=unit.detection_resolution(img, size), models_dir=self.models_dir,
+            size=(h, w), **unit.params,
+        )  # fmt: skip
+        return fit_rgb(hint, size[1], size[0], unit.resize_mode)
 
-    def _control(self, unit: UnitSettings, s: Settings, progress: Progress):
+    def _control(self, unit: UnitSettings, s: Settings, progress: Progress, extras: PassSettings | None = None):
         """(ControlUnit, the hint to show, init picture, mask, strength) for one unit."""
         cond = unit.cond
         if not self.available(cond):
@@ -236,16 +183,22 @@ class Studio:
         init, mask, strength = None, None, None
         w, h = int(s.width), int(s.height)
         if cond.inpaint:
-            init, mask, hint = inpaint_hint(unit.image, w, h)
+            init, mask, hint = inpaint_hint(unit.image, w, h, unit.resize_mode)
             strength = float(s.denoise)
         else:
             hint = self.hint(unit, (h, w))
             if cond.img2img:
                 init, strength = img, float(s.denoise)
+            elif extras is not None and (picture := editor_image(extras.init_image)) is not None:
+                init, strength = picture, float(s.denoise)  # img2img on any tab
         shown = hint if isinstance(hint, np.ndarray) else (hint[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy()
         path = weights.locate_controlnet(cond.stem, cond.diffusers_repo, self.models_dir)
-        control = ControlUnit(str(path), hint, unit.scale, unit.start, unit.end, cond.global_average_pooling or None,
-                              mode=unit.mode)  # fmt: skip
+        res = None if cond.inpaint or unit.annotator == ANNOTATOR_NONE else unit.detection_resolution(img, (h, w))
+        control = ControlUnit(
+            str(path), hint, unit.scale, unit.start, unit.end, cond.global_average_pooling or None, mode=unit.mode,
+            resize_mode=unit.resize_mode, preprocessor="" if cond.inpaint else unit.annotator, processor_res=res,
+            pixel_perfect=unit.pixel_perfect,
+        )  # fmt: skip
         return control, shown, init, mask, strength
 
     # --------------------------------------------------------------------------------------------- generate
@@ -272,15 +225,18 @@ class Studio:
         return ReferenceUnit(img, mode, float(ref.style_fidelity), float(ref.weight))
 
     def request(self, units: list[UnitSettings], s: Settings, seed: int, progress: Progress,
-                ip: ImagePromptSettings | None = None, ref: ReferenceSettings | None = None):  # fmt: skip
+                ip: ImagePromptSettings | None = None, ref: ReferenceSettings | None = None,
+                extras: PassSettings | None = None):  # fmt: skip
         """(GenerationRequest, hints to show, a note for the status line) for these units and settings."""
-        controls, shown, init, mask, strength = [], [], None, None, 1.0
+        controls, shown, init, mask, strength, resize = [], [], None, None, 1.0, "crop"
         for unit in units:
-            control, hint, u_init, u_mask, u_strength = self._control(unit, s, progress)
+            control, hint, u_init, u_mask, u_strength = self._control(unit, s, progress, extras)
             controls.append(control)
             shown.append(hint)
-            if u_strength is not None:  # the last img2img / inpaint unit gives the init picture
-                init, mask, strength = u_init, u_mask, u_strength
+            if u_strength is not None:  # the last img2img / inpaint unit gives the init picture, fitted its way
+                init, mask, strength, resize = u_init, u_mask, u_strength, unit.resize_mode
+        if init is None and extras is not None and (picture := editor_image(extras.init_image)) is not None:
+            init, strength = picture, float(s.denoise)  # img2img with no unit (the Image prompt tab)
         prompt = ", ".join(p for p in (s.prompt.strip(), s.added_prompt.strip()) if p)
         negative, note = s.negative_prompt, ""
         if self.card is not None and self.card.words:  # unknown words would reach the model as letters it never saw
@@ -293,7 +249,10 @@ class Studio:
             prompt, negative, tuple(controls), steps=int(s.steps), cfg_scale=float(s.cfg), sampler=s.sampler,
             seed=seed, width=int(s.width), height=int(s.height), batch=int(s.batch), guess_mode=bool(s.guess_mode),
             clip_skip=max([1, *(u.cond.clip_skip for u in units)]), init_image=init, strength=strength, mask=mask,
-            image_prompt=self.image_prompt(ip), reference=self.reference(ref),
+            image_prompt=self.image_prompt(ip), reference=self.reference(ref), resize_mode=resize,
+            **({} if extras is None else dict(
+                mask_blur=float(extras.mask_blur), inpaint_mode=extras.inpaint_mode, hires=extras.hires_fix,
+                seed_per_picture=bool(extras.seed_per_picture))),
         )  # fmt: skip
         if not units and request.image_prompt is None and request.reference is None:
             raise InputError("Give a picture: an image prompt or a reference.")
@@ -301,11 +260,13 @@ class Studio:
 
     def generate(self, units: list[UnitSettings], s: Settings, progress: Progress,
                  ip: ImagePromptSettings | None = None, ref: ReferenceSettings | None = None,
-                 session: str | None = None):  # fmt: skip
+                 session: str | None = None, extras: PassSettings | None = None,
+                 preview: Callable[[np.ndarray], None] | None = None):  # fmt: skip
         """Run one request: (gallery items: hints then pictures, status line, PNG files with their parameters).
 
-        The session's Stop button ends it at the next step boundary (Stopped is raised; nothing is written)."""
-        self.check_work(units, s)
+        The session's Stop button ends it at the next step boundary (Stopped is raised; nothing is written).
+        `preview(pictures)` gets the live previews (every `extras.preview_every` steps)."""
+        self.check_work(units, s, extras)
         flag = self._stop_flag(session)  # from now on, Stop ends this request (preparing the hints included)
         flag.clear()
 
@@ -316,18 +277,19 @@ class Studio:
 
         try:
             seed = random.randint(0, MAX_SEED) if s.randomize else int(s.seed)
-            request, shown, note = self.request(units, s, seed, progress, ip, ref)
+            request, shown, note = self.request(units, s, seed, progress, ip, ref, extras)
             if flag.is_set():
                 raise Stopped("Stopped before sampling; nothing was saved.")
             t0 = time.perf_counter()
-            result = self.manager.run(request, callback=step)
+            every = 0 if extras is None or preview is None else int(extras.preview_every)
+            result = self.manager.run(request, callback=step, preview=preview, preview_every=every)
         finally:
             with self._stops_lock:
                 self._stops.pop(session or "", None)
         files = []
-        for img in result.images:
-            path = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{seed}-{uuid.uuid4().hex[:6]}.png"
-            save_png(img, path, result.parameters)
+        for i, img in enumerate(result.images):
+            path = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{result.seeds[i]}-{uuid.uuid4().hex[:6]}.png"
+            save_png(img, path, result.text(i))  # each picture with its own seed
             files.append(str(path))
         self._prune_outputs()
         t = result.timings
@@ -341,7 +303,8 @@ class Studio:
             f"swap {t['swap']:.2f}s, sampling {t['sampling']:.2f}s, decode {t['decode']:.2f}s, "
             f"total {time.perf_counter() - t0:.1f}s on {self.manager.device}{note}"
         )
-        return [(hh, "hint") for hh in shown] + [(f, f"seed {seed}") for f in files], status, files
+        pictures = [(f, f"seed {s_}") for f, s_ in zip(files, result.seeds)]
+        return [(hh, "hint") for hh in shown] + pictures, status, files
 
 
 # an absolute path (after a space, quote, bracket or the start): shown as its file name only

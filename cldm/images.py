@@ -171,3 +171,18 @@ def save_png(img: np.ndarray, path: str | os.PathLike, parameters: str | None = 
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_parameters(source: str | os.PathLike | bytes) -> str | None:
+    """The A1111 `parameters` text a PNG carries (None when it has none); any file that is not a picture is an
+    InputError. Only the header is read, not the pixels."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source)) as img:
+            text = img.info.get("parameters")
+    except FileNotFoundError as e:
+        raise InputError(f"Image not found: {_name(source)}") from e
+    except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise InputError(
+            f"Cannot read the picture ({type(e).__name__}). Drop a PNG made by this app or by A1111."
+        ) from e
+    return text if isinstance(text, str) else None

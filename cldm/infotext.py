@@ -1,7 +1,6 @@
-"""Reading a picture's A1111 "parameters" text back: the prompts, every "Key: value" field and the ControlNet units.
-
-`pipeline.parameters()` writes this text into our PNGs, and AUTOMATIC1111's webui with its ControlNet extension
-writes the same layout:
+"""A1111's "parameters" text: `parameters()` writes it into our PNGs, `parse_parameters()` reads it back (the
+prompts, every "Key: value" field and the ControlNet units), from our PNGs and from AUTOMATIC1111's webui with its
+ControlNet extension, which writes the same layout:
 
     prompt (any number of lines)
     Negative prompt: negative prompt (any number of lines)
@@ -20,8 +19,16 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import InputError
+from .fit import RESIZE_MODE_LABELS
+from .request import ControlUnit, GenerationRequest
 from .samplers import SAMPLER_LABELS
 
+HIRES_UPSCALER_LABELS = {"latent": "Latent", "lanczos": "Lanczos"}  # A1111's upscaler names
+CONTROL_MODE_LABELS = {
+    "balanced": "Balanced",
+    "prompt": "My prompt is more important",
+    "control": "ControlNet is more important",
+}  # A1111's names, as its PNG parameters write them
 NO_PARAMETERS = "This picture carries no generation parameters (a PNG written by this app or by A1111 has them)"
 MIN_FIELDS = 3  # A1111's rule: the last line is the key-value line only with at least this many "Key: value"s
 
@@ -244,3 +251,61 @@ def _unset(value):
 
 
 __all__ = ["NO_PARAMETERS", "Infotext", "UnitInfo", "parse_parameters"]
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def parameters(model, r: GenerationRequest) -> str:
+    """The A1111 'parameters' text (its PNG Info tab reads it)."""
+    lines = [r.prompt]
+    if r.negative_prompt:
+        lines.append(f"Negative prompt: {r.negative_prompt}")
+    fields_ = [
+        f"Steps: {r.steps}", f"Sampler: {SAMPLER_LABELS[r.sampler]}", f"CFG scale: {r.cfg_scale}", f"Seed: {r.seed}",
+        f"Size: {r.width}x{r.height}", f"Model: {model.source.rstrip('/').split('/')[-1]}",
+    ]  # fmt: skip
+    if r.init_image is not None:
+        fields_.append(f"Denoising strength: {r.strength}")
+        if r.resize_mode != "crop":
+            fields_.append(f"Resize mode: {RESIZE_MODE_LABELS[r.resize_mode]}")
+    if r.mask is not None and r.mask_blur > 0:
+        fields_.append(f"Mask blur: {r.mask_blur:g}")
+    if r.mask is not None and r.inpaint_mode != "only":
+        fields_.append("Inpaint mode: global")
+    if r.hires is not None:
+        h = r.hires  # A1111's keys (its txt2img has no other denoising strength)
+        key = "Denoising strength" if r.init_image is None else "Hires denoising strength"
+        fields_.append(f"{key}: {h.strength}, Hires upscale: {h.scale:g}, Hires steps: {h.steps}, "
+                       f"Hires upscaler: {HIRES_UPSCALER_LABELS[h.upscaler]}")  # fmt: skip
+    if r.clip_skip > 1:
+        fields_.append(f"Clip skip: {r.clip_skip}")
+    if r.guess_mode:
+        fields_.append("Guess mode: True")
+    if r.reference is not None:
+        u = r.reference
+        fields_.append(f'Reference: "Mode: {u.mode}, Weight: {u.weight}, Style fidelity: {u.style_fidelity}, '
+                       f'Guidance Start: {u.start}, Guidance End: {u.end}"')  # fmt: skip
+    if r.image_prompt is not None:
+        scale = r.image_prompt.scale if not isinstance(r.image_prompt.scale, dict) else "per block"
+        fields_.append(
+            f'IP-Adapter: "Model: {r.image_prompt.label}, Weight: {scale}, Images: {len(r.image_prompt.images)}"'
+        )
+    for i, u in enumerate(r.units):
+        fields_.append(f'ControlNet {i}: "{_unit_text(u)}"')
+    lines.append(", ".join(fields_))
+    return "\n".join(lines)
+
+
+def _unit_text(u: ControlUnit) -> str:
+    """One unit in A1111's words and order; settings at their defaults are left out (A1111's readers assume them)."""
+    parts = [f"Module: {u.preprocessor}"] if u.preprocessor else []
+    parts += [f"Model: {u.label}", f"Weight: {u.scale}"]
+    if u.resize_mode != "crop":
+        parts.append(f"Resize Mode: {RESIZE_MODE_LABELS[u.resize_mode]}")
+    if u.processor_res:
+        parts.append(f"Processor Res: {u.processor_res}")
+    parts += [f"Guidance Start: {u.start}", f"Guidance End: {u.end}"]
+    if u.pixel_perfect:
+        parts.append("Pixel Perfect: True")
+    if u.mode != "balanced":
+        parts.append(f"Control Mode: {CONTROL_MODE_LABELS[u.mode]}")
+    return ", ".join(parts)

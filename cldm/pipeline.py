@@ -17,24 +17,19 @@ import torch.nn.functional as F
 from .attention import PromptContext
 from .controlnet import ControlNet, fit_problem, guess_mode_scales
 from .errors import InputError
-from .fit import RESIZE_MODE_LABELS, fit_mask, fit_rgb, fit_tensor
+from .fit import fit_mask, fit_rgb, fit_tensor
 from .images import image_to_tensor, mask_to_tensor, resize_rgb, soft_mask
+from .infotext import parameters
 from .ip_adapter import image_prompt_problem, layer_scales, prompt_tokens
 from .preview import approx_rgb, predicted_x0
 from .reference import ReferenceState, noised_reference
 from .request import ControlUnit, GenerationRequest
-from .samplers import SAMPLER_LABELS, Sampler, _randn, alphas_cumprod, make_sampler
+from .samplers import Sampler, _randn, alphas_cumprod, make_sampler
 from .sd import StableDiffusion
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
 PreviewCallback = Callable[[np.ndarray], None]  # (b, h, w, 3) uint8 at the latent size: A1111's "Approx cheap"
 Generators = torch.Generator | list[torch.Generator]  # one for the batch (diffusers), or one per picture (A1111)
-HIRES_UPSCALER_LABELS = {"latent": "Latent", "lanczos": "Lanczos"}  # A1111's upscaler names
-CONTROL_MODE_LABELS = {
-    "balanced": "Balanced",
-    "prompt": "My prompt is more important",
-    "control": "ControlNet is more important",
-}  # A1111's names, as its PNG parameters write them
 
 
 @dataclass
@@ -293,63 +288,6 @@ def decode(model: StableDiffusion, r: GenerationRequest, x: torch.Tensor) -> np.
         original = resize_rgb(r.init_image, r.width, r.height)
         out = (original * (1 - keep) + out * keep).round().astype(np.uint8)
     return out
-
-
-def parameters(model: StableDiffusion, r: GenerationRequest) -> str:
-    """The A1111 'parameters' text (its PNG Info tab reads it)."""
-    lines = [r.prompt]
-    if r.negative_prompt:
-        lines.append(f"Negative prompt: {r.negative_prompt}")
-    fields_ = [
-        f"Steps: {r.steps}", f"Sampler: {SAMPLER_LABELS[r.sampler]}", f"CFG scale: {r.cfg_scale}", f"Seed: {r.seed}",
-        f"Size: {r.width}x{r.height}", f"Model: {model.source.rstrip('/').split('/')[-1]}",
-    ]  # fmt: skip
-    if r.init_image is not None:
-        fields_.append(f"Denoising strength: {r.strength}")
-        if r.resize_mode != "crop":
-            fields_.append(f"Resize mode: {RESIZE_MODE_LABELS[r.resize_mode]}")
-    if r.mask is not None and r.mask_blur > 0:
-        fields_.append(f"Mask blur: {r.mask_blur:g}")
-    if r.mask is not None and r.inpaint_mode != "only":
-        fields_.append("Inpaint mode: global")
-    if r.hires is not None:
-        h = r.hires  # A1111's keys (its txt2img has no other denoising strength)
-        key = "Denoising strength" if r.init_image is None else "Hires denoising strength"
-        fields_.append(f"{key}: {h.strength}, Hires upscale: {h.scale:g}, Hires steps: {h.steps}, "
-                       f"Hires upscaler: {HIRES_UPSCALER_LABELS[h.upscaler]}")  # fmt: skip
-    if r.clip_skip > 1:
-        fields_.append(f"Clip skip: {r.clip_skip}")
-    if r.guess_mode:
-        fields_.append("Guess mode: True")
-    if r.reference is not None:
-        u = r.reference
-        fields_.append(f'Reference: "Mode: {u.mode}, Weight: {u.weight}, Style fidelity: {u.style_fidelity}, '
-                       f'Guidance Start: {u.start}, Guidance End: {u.end}"')  # fmt: skip
-    if r.image_prompt is not None:
-        scale = r.image_prompt.scale if not isinstance(r.image_prompt.scale, dict) else "per block"
-        fields_.append(
-            f'IP-Adapter: "Model: {r.image_prompt.label}, Weight: {scale}, Images: {len(r.image_prompt.images)}"'
-        )
-    for i, u in enumerate(r.units):
-        fields_.append(f'ControlNet {i}: "{_unit_text(u)}"')
-    lines.append(", ".join(fields_))
-    return "\n".join(lines)
-
-
-def _unit_text(u: ControlUnit) -> str:
-    """One unit in A1111's words and order; settings at their defaults are left out (A1111's readers assume them)."""
-    parts = [f"Module: {u.preprocessor}"] if u.preprocessor else []
-    parts += [f"Model: {u.label}", f"Weight: {u.scale}"]
-    if u.resize_mode != "crop":
-        parts.append(f"Resize Mode: {RESIZE_MODE_LABELS[u.resize_mode]}")
-    if u.processor_res:
-        parts.append(f"Processor Res: {u.processor_res}")
-    parts += [f"Guidance Start: {u.start}", f"Guidance End: {u.end}"]
-    if u.pixel_perfect:
-        parts.append("Pixel Perfect: True")
-    if u.mode != "balanced":
-        parts.append(f"Control Mode: {CONTROL_MODE_LABELS[u.mode]}")
-    return ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------ hires fix

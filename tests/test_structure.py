@@ -21,6 +21,10 @@ APP = [
     ROOT / "forms.py",
     ROOT / "launch.py",
     ROOT / "studio.py",
+    ROOT / "settings.py",
+    ROOT / "panels.py",
+    ROOT / "handlers.py",
+    ROOT / "png_info.py",
     ROOT / "conditions.py",
 ]
 
