@@ -27,6 +27,17 @@ def square(tmp_path):
     return str(path)
 
 
+PASS = dict(init_image=None, mask_blur=0.0, inpaint_mode="Only the painted area (inpaint_only)", hires=False,
+            hires_scale=2.0, hires_steps=0, hires_strength=0.7, hires_upscaler="Latent", seed_per_picture=True,
+            preview_every=0)  # fmt: skip
+
+
+def _extras(mode="Balanced", resize="Crop and Resize", perfect=False, **changes):
+    """What `/<tab>_generate` takes after the unit and settings: the unit's options, then the img2img / hires /
+    preview panel (before the image prompt)."""
+    return [mode, resize, perfect, *dict(PASS, **changes).values()]
+
+
 def _unit(image, annotator, params=()):
     # image, annotator, resolution, scale, start, end, then the tab's annotator sliders
     return [image, annotator, SIZE, 1.0, 0.0, 1.0, *params]
@@ -286,7 +297,7 @@ def test_image_prompt_accordion_and_tab(client, square, tmp_path):
     style = handle_file(str(tmp_path / "style.png"))
     args = [*_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values()]
     plain = client.predict(*args, api_name="/canny_run")  # the API without the accordion, as before
-    with_ip = client.predict(*args, "Balanced", style, "ip-adapter_sd15", 1.0, api_name="/canny_generate")
+    with_ip = client.predict(*args, *_extras(), style, "ip-adapter_sd15", 1.0, api_name="/canny_generate")
     assert "IP-Adapter: ip-adapter_sd15 (1)" in with_ip[1]
     a, b = (np.asarray(Image.open(r[2][0])) for r in (plain, with_ip))
     assert not np.array_equal(a, b)
@@ -308,7 +319,7 @@ def test_image_prompt_accordion_and_tab(client, square, tmp_path):
     with pytest.raises(
         Exception, match=r"ip-adapter-plus_sd15.*not on this machine.*ip-adapter-plus_sd15\.safetensors"
     ):
-        client.predict(*args, "Balanced", style, "ip-adapter-plus_sd15", 1.0, api_name="/canny_generate")
+        client.predict(*args, *_extras(), style, "ip-adapter-plus_sd15", 1.0, api_name="/canny_generate")
     with pytest.raises(Exception, match="is not a reference preprocessor"):
         client.predict(
             None, "ip-adapter_sd15", 0.8, style, "<i>x</i>", 0.5, 1.0, *settings, api_name="/image_prompt_run"
@@ -322,7 +333,7 @@ def test_control_mode_per_unit(client, square):
     args = [*_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values()]
     pics = {}
     for mode in ("Balanced", "My prompt is more important", "ControlNet is more important"):
-        _, status, files = client.predict(*args, mode, None, "ip-adapter_sd15", 0.6, api_name="/canny_generate")
+        _, status, files = client.predict(*args, *_extras(mode), None, "ip-adapter_sd15", 0.6, api_name="/canny_generate")
         pics[mode] = np.asarray(Image.open(files[0]))
         text = Image.open(files[0]).text["parameters"]
         assert (f"Control Mode: {mode}" in text) == (mode != "Balanced")
@@ -330,11 +341,12 @@ def test_control_mode_per_unit(client, square):
     plain = client.predict(*args, api_name="/canny_run")[2][0]
     assert np.array_equal(np.asarray(Image.open(plain)), pics["Balanced"])  # /canny_run is Balanced, as before
     with pytest.raises(Exception, match="Control mode"):
-        client.predict(*args, "Guess", None, "ip-adapter_sd15", 0.6, api_name="/canny_generate")
+        client.predict(*args, *_extras("Guess"), None, "ip-adapter_sd15", 0.6, api_name="/canny_generate")
     off = _multi(False, "depth", None, "depth_midas")
     units = [*_multi(True, "canny", handle_file(square), "canny"), *off, *off]
-    _, _, files = client.predict(*units, *SETTINGS.values(), "ControlNet is more important", "Balanced", "Balanced",
-                                 None, "ip-adapter_sd15", 0.6, api_name="/multi_generate")  # fmt: skip
+    options = ["ControlNet is more important", "Crop and Resize", False] + ["Balanced", "Crop and Resize", False] * 2
+    _, _, files = client.predict(*units, *SETTINGS.values(), *options, *PASS.values(), None, "ip-adapter_sd15", 0.6,
+                                 api_name="/multi_generate")  # fmt: skip
     assert np.array_equal(np.asarray(Image.open(files[0])), pics["ControlNet is more important"])
 
 

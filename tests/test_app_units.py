@@ -1,0 +1,196 @@
+"""A1111's unit controls in the running app: resize modes and pixel perfect in the hint, img2img on any tab,
+outpainting, the hires fix, one seed per picture, the live preview stream, and PNG info's send-to-tab round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_app import PASS, SETTINGS, SIZE, _extras, _unit
+
+
+@pytest.fixture(scope="module")
+def client(running_app):
+    from gradio_client import Client
+
+    return Client(running_app[0], verbose=False)
+
+
+@pytest.fixture()
+def wide(tmp_path):
+    """A 2:1 picture: red left quarter, white middle with a black square, blue right quarter."""
+    img = np.full((SIZE, 2 * SIZE, 3), 255, np.uint8)
+    img[:, : SIZE // 2] = (220, 20, 20)
+    img[:, 3 * SIZE // 2 :] = (20, 20, 220)
+    img[24:40, 56:72] = 0
+    path = tmp_path / "wide.png"
+    Image.fromarray(img).save(path)
+    return str(path)
+
+
+def _hint(client, path, resize, perfect=False, annotator="none"):
+    from gradio_client import handle_file
+
+    out = client.predict(*_unit(handle_file(path), annotator, (100, 200)), SIZE, SIZE, "Balanced", resize, perfect,
+                         api_name="/canny_hint")  # fmt: skip
+    return np.asarray(Image.open(out).convert("RGB"))
+
+
+def test_resize_modes_reach_the_hint(client, wide):
+    crop, just, fill = (_hint(client, wide, m) for m in ("Crop and Resize", "Just Resize", "Resize and Fill"))
+    assert crop.shape == just.shape == fill.shape == (SIZE, SIZE, 3)
+    # crop keeps the centre (white with the black square), cut from the middle third of the wide picture
+    assert crop[2, 2].tolist() == [255, 255, 255] and crop[SIZE // 2, SIZE // 2].tolist() == [0, 0, 0]
+    # just resize squeezes all three bands in: red on the left, blue on the right
+    assert just[SIZE // 2, 2].tolist()[0] > 200 and just[SIZE // 2, -3].tolist()[2] > 200
+    # fill: the whole picture 64x32 in the middle, padded above and below with the border's median colour
+    assert fill[SIZE // 2, 2].tolist()[0] > 200 and fill[SIZE // 2, -3].tolist()[2] > 200
+    border = np.concatenate([fill[0], fill[-1]])
+    assert (border == border[0]).all() and fill[SIZE // 4 - 2 :, :].shape[0] > 0
+    # the old endpoint (no options) crops by default too
+    from gradio_client import handle_file
+
+    old = client.predict(*_unit(handle_file(wide), "none", (100, 200)), SIZE, SIZE, api_name="/canny_preview")
+    assert np.array_equal(np.asarray(Image.open(old).convert("RGB")), crop)
+
+
+def test_pixel_perfect_sets_the_detection_resolution(client, wide):
+    """Pixel perfect: canny runs at the extension's resolution (here 64 for crop, 32 for fill), not the slider's."""
+    from cldm.fit import pixel_perfect_resolution
+
+    assert pixel_perfect_resolution(2 * SIZE, SIZE, SIZE, SIZE, "crop") == SIZE
+    assert pixel_perfect_resolution(2 * SIZE, SIZE, SIZE, SIZE, "fill") == SIZE // 2
+    from gradio_client import handle_file
+
+    def canny(resolution, perfect):
+        unit = _unit(handle_file(wide), "canny", (100, 200))
+        unit[2] = resolution
+        out = client.predict(*unit, SIZE, SIZE, "Balanced", "Crop and Resize", perfect, api_name="/canny_hint")
+        return np.asarray(Image.open(out).convert("RGB"))
+
+    assert np.array_equal(canny(512, True), canny(SIZE, False))  # the slider is ignored with pixel perfect
+    assert not np.array_equal(canny(512, False), canny(SIZE, False))
+
+
+def test_img2img_on_any_tab_hires_and_seed_per_picture(client, running_app, wide, tmp_path):
+    from gradio_client import handle_file
+
+    img = np.zeros((SIZE, SIZE, 3), np.uint8)
+    img[16:48, 16:48] = 255
+    Image.fromarray(img).save(tmp_path / "square.png")
+    square = handle_file(str(tmp_path / "square.png"))
+    args = [*_unit(square, "canny", (100, 200)), *SETTINGS.values()]
+    _, status, files = client.predict(*args, *_extras(), None, "ip-adapter_sd15", 0.6, api_name="/canny_generate")
+    txt2img = np.asarray(Image.open(files[0]))
+    _, _, files = client.predict(*args, *_extras(init_image=handle_file(wide)), None, "ip-adapter_sd15", 0.6,
+                                 api_name="/canny_generate")  # fmt: skip
+    text = Image.open(files[0]).text["parameters"]
+    assert "Denoising strength: 0.75" in text and not np.array_equal(np.asarray(Image.open(files[0])), txt2img)
+    # hires: twice the size, the parameters say so
+    _, status, files = client.predict(*args, *_extras(hires=True, hires_steps=2, hires_strength=0.5), None,
+                                      "ip-adapter_sd15", 0.6, api_name="/canny_generate")  # fmt: skip
+    assert Image.open(files[0]).size == (2 * SIZE, 2 * SIZE)
+    assert "Hires upscale: 2, Hires steps: 2" in Image.open(files[0]).text["parameters"]
+    # a batch of 2 with one seed per picture: picture 2 is seed 8's picture alone, and says so
+    batch = dict(SETTINGS, batch=2, sampler="euler_a")
+    gallery, _, files = client.predict(*_unit(square, "canny", (100, 200)), *batch.values(), *_extras(), None,
+                                       "ip-adapter_sd15", 0.6, api_name="/canny_generate")  # fmt: skip
+    assert [g["caption"] for g in gallery[1:]] == ["seed 7", "seed 8"]
+    assert "Seed: 8," in Image.open(files[1]).text["parameters"]
+    alone = dict(SETTINGS, seed=8, sampler="euler_a")
+    _, _, one = client.predict(*_unit(square, "canny", (100, 200)), *alone.values(), *_extras(), None,
+                               "ip-adapter_sd15", 0.6, api_name="/canny_generate")  # fmt: skip
+    assert np.abs(np.asarray(Image.open(one[0])).astype(int) - np.asarray(Image.open(files[1]))).max() <= 1
+    # over the limit with the hires pass counted
+    with pytest.raises(Exception, match="hires"):
+        big = dict(SETTINGS, width=1024, height=1024, steps=20)
+        client.predict(*_unit(square, "canny", (100, 200)), *big.values(), *_extras(hires=True), None,
+                       "ip-adapter_sd15", 0.6, api_name="/canny_generate")  # fmt: skip
+
+
+def test_outpaint_with_resize_and_fill(client, wide):
+    """Inpaint tab, Resize and Fill on a 2:1 picture with nothing painted: the new border is painted (outpainting),
+    the picture's own pixels are kept exactly where the mask is 0."""
+    from gradio_client import handle_file
+
+    from cldm.fit import fit_rgb
+
+    src = np.asarray(Image.open(wide).convert("RGB"))
+    editor = {"background": handle_file(wide), "layers": [], "composite": handle_file(wide)}
+    args = [editor, "none", SIZE, 1.0, 0.0, 1.0, *SETTINGS.values()]
+    with pytest.raises(Exception, match="mask is empty"):
+        client.predict(*args, *_extras(), None, "ip-adapter_sd15", 0.6, api_name="/inpaint_generate")
+    _, _, files = client.predict(*args, *_extras(resize="Resize and Fill"), None, "ip-adapter_sd15", 0.6,
+                                 api_name="/inpaint_generate")  # fmt: skip
+    out = np.asarray(Image.open(files[0]))
+    kept = fit_rgb(src, SIZE, SIZE, "fill", fill="edge")
+    middle = slice(SIZE // 4, 3 * SIZE // 4)
+    assert np.array_equal(out[middle], kept[middle])  # the picture itself, exactly
+    assert not np.array_equal(out[: SIZE // 4], kept[: SIZE // 4])  # the border was painted
+    assert "Resize mode: Resize and Fill" in Image.open(files[0]).text["parameters"]
+
+
+def test_live_preview_streams_before_the_result(client, tmp_path):
+    from gradio_client import handle_file
+
+    img = np.zeros((SIZE, SIZE, 3), np.uint8)
+    img[16:48, 16:48] = 255
+    Image.fromarray(img).save(tmp_path / "square.png")
+    settings = dict(SETTINGS, steps=6)
+    job = client.submit(*_unit(handle_file(str(tmp_path / "square.png")), "canny", (100, 200)), *settings.values(),
+                        *_extras(preview_every=2), None, "ip-adapter_sd15", 0.6, api_name="/canny_generate")  # fmt: skip
+    final = job.result()
+    outputs = job.outputs()
+    previews = [o for o in outputs[:-1] if o[0] and o[0][0]["caption"] == "preview"]
+    assert len(previews) == 2  # after steps 2 and 4 (none after the last)
+    assert "seed 7" in final[1] and final[0][-1]["caption"] == "seed 7"
+
+
+def _sent(values) -> list:
+    """The values a send filled in (the others come back as Gradio's "no change")."""
+    return [v for v in values if v is not None and not (isinstance(v, dict) and v.get("__type__") == "update")]
+
+
+def test_png_info_round_trip(client, running_app, tmp_path):
+    """A generated PNG's parameters back into the Canny tab's fields, and an A1111 PNG's."""
+    from gradio_client import handle_file
+
+    from cldm.images import save_png
+
+    img = np.zeros((SIZE, SIZE, 3), np.uint8)
+    img[16:48, 16:48] = 255
+    Image.fromarray(img).save(tmp_path / "square.png")
+    settings = dict(SETTINGS, steps=3, cfg=4.5, seed=321, sampler="euler_a", width=72, height=64)
+    unit = _unit(handle_file(str(tmp_path / "square.png")), "canny", (100, 200))
+    unit[3:6] = [0.7, 0.1, 0.9]
+    _, _, files = client.predict(*unit, *settings.values(), *_extras("My prompt is more important", "Just Resize"),
+                                 None, "ip-adapter_sd15", 0.6, api_name="/canny_generate")  # fmt: skip
+    summary, text, target = client.predict(handle_file(files[0]), api_name="/png_info_read")
+    assert target == "canny" and summary["seed"] == 321 and summary["sampler"] == "euler_a"
+    values = client.predict(handle_file(files[0]), "canny", api_name="/png_info_send")
+    sent = _sent(values)
+    expected_settings = ["a red square, best quality", "lowres", "euler_a", 3, 4.5, 321, False, 72, 64]
+    assert sent[: len(expected_settings)] == expected_settings
+    assert sent[len(expected_settings) :][:8] == ["canny", SIZE, 0.7, 0.1, 0.9, "My prompt is more important",
+                                                  "Just Resize", False]  # fmt: skip
+    # an A1111 PNG with two units goes to Multi
+    a1111 = ("a castle\nNegative prompt: blurry\nSteps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6, "
+             "Seed: 99, Size: 512x768, Model: v1-5, ControlNet 0: \"Module: canny, Model: control_v11p_sd15_canny "
+             "[d14c016b], Weight: 0.8, Resize Mode: Resize and Fill, Processor Res: 512, Threshold A: 100, Threshold B: "
+             "200, Guidance Start: 0, Guidance End: 1, Pixel Perfect: True, Control Mode: ControlNet is more "
+             "important\", ControlNet 1: \"Module: depth_midas, Model: control_v11f1p_sd15_depth [cfd03158], Weight: "
+             "0.5, Resize Mode: Crop and Resize, Processor Res: 384, Guidance Start: 0.2, Guidance End: 0.8, Pixel "
+             "Perfect: False, Control Mode: Balanced\"")  # fmt: skip
+    save_png(img, tmp_path / "a1111.png", a1111)
+    _, _, target = client.predict(handle_file(str(tmp_path / "a1111.png")), api_name="/png_info_read")
+    assert target == "multi"
+    values = client.predict(handle_file(str(tmp_path / "a1111.png")), "multi", api_name="/png_info_send")
+    sent = _sent(values)
+    assert sent[:9] == ["a castle", "blurry", "dpmpp_2m_karras", 30, 6, 99, False, 512, 768]
+    assert sent[9:19] == [True, "canny", "canny", 512, 0.8, 0.0, 1.0, "ControlNet is more important",
+                          "Resize and Fill", True]  # fmt: skip
+    assert sent[19:29] == [True, "depth", "depth_midas", 384, 0.5, 0.2, 0.8, "Balanced", "Crop and Resize", False]
+    with pytest.raises(Exception, match="no generation parameters"):
+        Image.fromarray(img).save(tmp_path / "plain.png")
+        client.predict(handle_file(str(tmp_path / "plain.png")), "canny", api_name="/png_info_send")
