@@ -333,7 +333,9 @@ def test_control_mode_per_unit(client, square):
     args = [*_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values()]
     pics = {}
     for mode in ("Balanced", "My prompt is more important", "ControlNet is more important"):
-        _, status, files = client.predict(*args, *_extras(mode), None, "ip-adapter_sd15", 0.6, api_name="/canny_generate")
+        _, status, files = client.predict(
+            *args, *_extras(mode), None, "ip-adapter_sd15", 0.6, api_name="/canny_generate"
+        )
         pics[mode] = np.asarray(Image.open(files[0]))
         text = Image.open(files[0]).text["parameters"]
         assert (f"Control Mode: {mode}" in text) == (mode != "Balanced")

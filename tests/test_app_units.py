@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-
-from test_app import PASS, SETTINGS, SIZE, _extras, _unit
+from test_app import SETTINGS, SIZE, _extras, _unit
 
 
 @pytest.fixture(scope="module")
