@@ -8,10 +8,19 @@ from pathlib import Path
 
 from . import checkpoints, writers
 from .errors import InputError
+from .fit import RESIZE_MODES
 from .images import load_rgb, save_png
 from .manager import ModelManager
 from .model_card import ModelCard, card_for
-from .request import ControlUnit, GenerationRequest, ImagePrompt, ReferenceUnit
+from .request import (
+    HIRES_UPSCALERS,
+    INPAINT_MODES,
+    ControlUnit,
+    GenerationRequest,
+    HiresFix,
+    ImagePrompt,
+    ReferenceUnit,
+)
 from .samplers import SAMPLERS
 
 DEFAULT_SIZE = 512  # SD1.5's native size, for a base without a model card
@@ -27,6 +36,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-mode", action="append", default=[], choices=["balanced", "prompt", "control"],
                    help="per ControlNet: balanced; prompt (My prompt is more important); control (ControlNet is more "
                    "important)")  # fmt: skip
+    p.add_argument("--resize-mode", action="append", default=[], choices=RESIZE_MODES,
+                   help="per ControlNet (the first also for --init-image/--mask): just (stretch), crop (default: cover, "
+                   "cut the centre), fill (fit inside, pad; with --mask the border is outpainted)")  # fmt: skip
     p.add_argument("--guess-mode", action="store_true", help="ControlNet on the conditional half only, decaying scales")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
@@ -43,6 +55,15 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-image", help="img2img / inpaint source picture")
     p.add_argument("--strength", type=float, default=1.0, help="denoising strength with --init-image")
     p.add_argument("--mask", help="inpaint mask: white = repaint")
+    p.add_argument("--mask-blur", type=float, default=0.0, help="inpaint mask edge blur, Gaussian sigma in px (0)")
+    p.add_argument("--inpaint-mode", choices=INPAINT_MODES, default="only",
+                   help="only: keep the unmasked pixels exactly; global: redraw the whole picture")  # fmt: skip
+    p.add_argument("--hires-scale", type=float, help="hires fix: upscale by this factor, then denoise again")
+    p.add_argument("--hires-steps", type=int, default=0, help="hires pass steps (0: as many as --steps)")
+    p.add_argument("--hires-strength", type=float, default=0.7, help="hires pass denoising strength")
+    p.add_argument("--hires-upscaler", choices=HIRES_UPSCALERS, default="latent")
+    p.add_argument("--seed-per-picture", action="store_true",
+                   help="a batch's picture i gets seed + i (A1111; each reproducible alone)")  # fmt: skip
     p.add_argument("--ip-adapter", help="IP-Adapter file (ip-adapter_sd15.bin/.safetensors, ip-adapter-plus_sd15, ...)")
     p.add_argument("--image-encoder", help="its CLIP image-encoder folder (models/image_encoder of h94/IP-Adapter)")
     p.add_argument("--ip-image", action="append", default=[], help="image prompt (repeatable: embeddings averaged)")
@@ -78,9 +99,13 @@ def request_from_args(a: argparse.Namespace, card: ModelCard | None = None) -> G
     modes = modes * n if len(modes) == 1 else modes
     if len(modes) != n and n:
         raise InputError(f"give --control-mode once, or once per --controlnet ({n}); got {len(a.control_mode)}")
+    resizes = a.resize_mode or ["crop"]
+    resizes = resizes * n if len(resizes) == 1 else resizes
+    if len(resizes) != n and n:
+        raise InputError(f"give --resize-mode once, or once per --controlnet ({n}); got {len(a.resize_mode)}")
     units = [
-        ControlUnit(p, load_rgb(h), s, st, e, mode=m)
-        for p, h, s, st, e, m in zip(a.controlnet, a.hint, scales, starts, ends, modes)
+        ControlUnit(p, load_rgb(h), s, st, e, mode=m, resize_mode=rm)
+        for p, h, s, st, e, m, rm in zip(a.controlnet, a.hint, scales, starts, ends, modes, resizes)
     ]
     image_prompt = None
     if a.ip_adapter or a.ip_image:
@@ -98,6 +123,10 @@ def request_from_args(a: argparse.Namespace, card: ModelCard | None = None) -> G
         seed=a.seed, width=width, height=height, batch=a.batch, guess_mode=a.guess_mode,
         clip_skip=a.clip_skip, init_image=load_rgb(a.init_image) if a.init_image else None, strength=a.strength,
         mask=load_rgb(a.mask)[..., 0] if a.mask else None, image_prompt=image_prompt, reference=reference,
+        resize_mode=(a.resize_mode or ["crop"])[0], mask_blur=a.mask_blur, inpaint_mode=a.inpaint_mode,
+        seed_per_picture=a.seed_per_picture,
+        hires=None if a.hires_scale is None else HiresFix(a.hires_scale, a.hires_steps, a.hires_strength,
+                                                          a.hires_upscaler),
     )  # fmt: skip
 
 
@@ -114,8 +143,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
     print(file=sys.stderr)
     out = Path(a.out)
     paths = [out] if a.batch == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(a.batch)]
-    for img, path in zip(result.images, paths):
-        save_png(img, path, result.parameters)
+    for i, (img, path) in enumerate(zip(result.images, paths)):
+        save_png(img, path, result.text(i))
         print(path)
     t = result.timings
     print(f"swap {t['swap']:.2f}s, sampling {t['sampling']:.2f}s, decode {t['decode']:.2f}s", file=sys.stderr)

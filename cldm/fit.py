@@ -116,7 +116,9 @@ def picture_size(src_w: int, src_h: int, longest: int, smallest: int = 64, multi
     k = min(1.0, longest / max(src_w, src_h))
     k = max(k, smallest / min(src_w, src_h))
 
+    top, bottom = longest // multiple * multiple, -(-smallest // multiple) * multiple
+
     def side(v: float) -> int:
-        return int(min(longest, max(smallest, round(v * k / multiple) * multiple)))
+        return int(min(top, max(bottom, round(v * k / multiple) * multiple)))
 
     return side(src_w), side(src_h)

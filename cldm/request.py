@@ -257,7 +257,8 @@ class GenerationRequest:
     def validate(self, latent_factor: int = 8) -> GenerationRequest:
         """Raise InputError naming every field that is wrong (and what is allowed); return self when all is well."""
         problems = _text_problems(self) + _number_problems(
-            self, ("steps", "cfg_scale", "eta", "seed", "width", "height", "batch", "clip_skip", "strength")
+            self,
+            ("steps", "cfg_scale", "eta", "seed", "width", "height", "batch", "clip_skip", "strength", "mask_blur"),
         )
         if not problems:
             problems += self._range_problems(latent_factor)
@@ -306,6 +307,8 @@ class GenerationRequest:
             out.append(f"strength (denoising strength) must be in (0, 1] (got {self.strength})")
         if not -(2**63) <= self.seed < 2**64:
             out.append(f"seed must fit in 64 bits (got {self.seed})")
+        elif self.seed_per_picture and self.seed + self.batch - 1 >= 2**64:
+            out.append(f"seed + picture number must fit in 64 bits with seed_per_picture (got {self.seed})")
         if self.eta < 0:
             out.append(f"eta must be 0 or more (got {self.eta})")
         if self.clip_skip < 1:
