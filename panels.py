@@ -57,7 +57,7 @@ def settings_panel(studio: Studio, cond: Condition | None, key: str = "") -> Set
             c["randomize"] = gr.Checkbox(value=True, label="Randomize seed")
             # per unit now ("ControlNet is more important" is the original guess mode); kept for `/<tab>_run` callers
             c["guess_mode"] = gr.Checkbox(value=False, label="Guess mode (every unit)", visible=False)
-        c["denoise"] = gr.Slider(0.05, 1.0, value=0.75 if cond and cond.img2img else 1.0, step=0.05,
+        c["denoise"] = gr.Slider(0.05, 1.0, value=1.0 if cond and cond.inpaint else 0.75, step=0.05,
                                  label="Denoising strength (img2img, inpaint)", elem_id=f"{key}-denoise")  # fmt: skip
     return SettingsPanel(c)
 

@@ -352,8 +352,10 @@ def test_control_mode_per_unit(client, square):
     assert np.array_equal(np.asarray(Image.open(files[0])), pics["ControlNet is more important"])
 
 
-def test_stop_ends_the_generation_at_a_step_and_frees_the_model(client, square, running_app):
-    """Stop during a long generation: it ends at the next step with nothing saved, and the next request runs."""
+@pytest.mark.parametrize("endpoint", ["/canny_run", "/canny_generate"])
+def test_stop_ends_the_generation_at_a_step_and_frees_the_model(client, square, running_app, endpoint):
+    """Stop during a long generation: it ends at the next step with nothing saved, and the next request runs (the
+    page's endpoint samples in a worker thread and streams live previews: Stop reaches it the same way)."""
     import time
 
     from gradio_client import handle_file
@@ -363,7 +365,9 @@ def test_stop_ends_the_generation_at_a_step_and_frees_the_model(client, square, 
     before = set(out_dir.glob("*.png"))
     long = dict(SETTINGS, steps=100, batch=4, width=128, height=128)
     args = [*_unit(handle_file(square), "canny", (100, 200)), *long.values()]
-    job = client.submit(*args, api_name="/canny_run")
+    if endpoint == "/canny_generate":
+        args += [*_extras(preview_every=5), None, "ip-adapter_sd15", 0.6]
+    job = client.submit(*args, api_name=endpoint)
     t0 = time.time()
     while job.status().code not in (Status.PROCESSING, Status.PROGRESS) and time.time() - t0 < 60:
         time.sleep(0.05)

@@ -120,6 +120,8 @@ def test_browser_sketch_a_triangle_get_a_green_triangle(demo_page):
     page.locator("#scribble-settings").get_by_label("Randomize seed").uncheck()  # the default seed, every time
     page.locator("#scribble-run").click()
     gallery = page.locator("#scribble-gallery img")
+    # live previews come first (one small picture each); the status line names the seed once the result is there
+    page.locator("#scribble-status").get_by_text("seed").wait_for(timeout=120_000)
     gallery.nth(1).wait_for(timeout=120_000)  # the hint, then the picture
 
     def fetch(i: int) -> np.ndarray:

@@ -54,8 +54,10 @@ def main() -> None:
         approx_rgb(predicted_x0(x, x, torch.tensor(500)))
     per_preview = (time.perf_counter() - t) / 200
     base = statistics.median(times[0])
-    print(f"one preview: {per_preview * 1e3:.2f} ms; one sampling step: {base / a.steps * 1e3:.1f} ms "
-          f"(a preview every step adds {per_preview / (base / a.steps) * 100:.2f}%)")
+    print(
+        f"one preview: {per_preview * 1e3:.2f} ms; one sampling step: {base / a.steps * 1e3:.1f} ms "
+        f"(a preview every step adds {per_preview / (base / a.steps) * 100:.2f}%)"
+    )
     print(f"{a.base} {a.size}x{a.size}, {a.steps} steps, {manager.device}, median of {a.repeats}:")
     for every, ts in times.items():
         label = "no preview" if every == 0 else f"preview every {every} step{'s' if every > 1 else ''}"
