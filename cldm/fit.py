@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import resize_rgb
+from .images import mask_values, resize_rgb
 
 RESIZE_MODES = ("just", "crop", "fill")
 RESIZE_MODE_LABELS = {"just": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}  # A1111's names
@@ -71,12 +71,7 @@ def fit_rgb(img: np.ndarray, width: int, height: int, mode: str = "crop", fill: 
 def fit_mask(mask: np.ndarray, width: int, height: int, mode: str = "crop", outside: int = 255) -> np.ndarray:
     """HxW mask (any scale, white = repaint) -> height x width uint8 0/255; "fill" marks the new border `outside`
     (255: painted, so inpainting with "Resize and Fill" outpaints)."""
-    m = np.asarray(mask)
-    if m.ndim == 3:
-        m = m.max(axis=2)
-    m = m.astype(np.float32)
-    if m.max() > 1:
-        m = m / 255.0
+    m = mask_values(mask)
     m = ((m > 0.5) * 255).astype(np.uint8)
     src_h, src_w = m.shape
     w, h, ox, oy = geometry(src_w, src_h, width, height, mode)

@@ -126,14 +126,18 @@ def image_to_tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255.0  # a writable copy
 
 
-def mask_to_tensor(mask: np.ndarray, width: int, height: int) -> torch.Tensor:
-    """HxW (or HxWxC) mask, white/1 = repaint -> (1, 1, H, W) float {0, 1} at the picture size."""
+def mask_values(mask: np.ndarray) -> np.ndarray:
+    """HxW (or HxWxC: the largest channel) mask of 0/1 or 0..255 -> HxW float32 in 0..1."""
     m = np.asarray(mask)
     if m.ndim == 3:
         m = m.max(axis=2)
     m = m.astype(np.float32)
-    if m.max() > 1:
-        m = m / 255.0
+    return m / 255.0 if m.max() > 1 else m
+
+
+def mask_to_tensor(mask: np.ndarray, width: int, height: int) -> torch.Tensor:
+    """HxW (or HxWxC) mask, white/1 = repaint -> (1, 1, H, W) float {0, 1} at the picture size."""
+    m = mask_values(mask)
     if m.shape != (height, width):
         m = np.asarray(Image.fromarray((m * 255).astype(np.uint8)).resize((width, height), Image.NEAREST)) / 255.0
     return torch.from_numpy((m > 0.5).astype(np.float32))[None, None]
@@ -142,12 +146,7 @@ def mask_to_tensor(mask: np.ndarray, width: int, height: int) -> torch.Tensor:
 def soft_mask(mask: np.ndarray, blur: float) -> np.ndarray:
     """HxW mask (white/1 = repaint) -> HxW float32 in [0, 1] with its edge blurred by a Gaussian of sigma `blur` px
     (the ControlNet 1.1 inpaint app's "Mask Blur"); 0 leaves it sharp."""
-    m = np.asarray(mask)
-    if m.ndim == 3:
-        m = m.max(axis=2)
-    m = m.astype(np.float32)
-    if m.max() > 1:
-        m = m / 255.0
+    m = mask_values(mask)
     m = (m > 0.5).astype(np.float32)
     if blur > 0:
         m = cv2.GaussianBlur(m, (0, 0), float(blur))
