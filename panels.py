@@ -7,7 +7,7 @@ import gradio as gr
 import numpy as np
 
 import annotators
-from cldm.samplers import SAMPLERS
+from cldm.samplers import SAMPLER_LABELS, SAMPLERS
 from cldm.weights import IP_ADAPTERS
 from conditions import ADDED_PROMPT, NEGATIVE_PROMPT, Condition
 from forms import ImagePromptPanel, PassPanel, ReferencePanel, SettingsPanel, UnitPanel
@@ -51,7 +51,9 @@ def settings_panel(studio: Studio, cond: Condition | None, key: str = "") -> Set
         with gr.Row():
             c["steps"] = gr.Slider(1, 100, value=d.steps, step=1, label="Steps", elem_id=f"{key}-steps")
             c["cfg"] = gr.Slider(0.1, 30.0, value=d.cfg, step=0.1, label="Guidance scale")
-            c["sampler"] = gr.Dropdown(sorted(SAMPLERS), value=d.sampler, label="Sampler", allow_custom_value=True)
+            c["sampler"] = gr.Dropdown(
+                [(SAMPLER_LABELS[k], k) for k in SAMPLERS], value=d.sampler, label="Sampler", allow_custom_value=True
+            )
         with gr.Row():
             c["seed"] = gr.Number(value=12345, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
             c["randomize"] = gr.Checkbox(value=True, label="Randomize seed")
@@ -123,7 +125,7 @@ def pass_panel(cond: Condition | None, key: str) -> PassPanel:
     fix, one seed per picture and the live preview."""
     c = {}
     own_init = bool(cond and (cond.img2img or cond.inpaint))
-    with gr.Accordion("img2img, hires fix, preview", open=False, elem_id=f"{key}-pass"):
+    with gr.Accordion("img2img, hires fix, clip skip, preview", open=False, elem_id=f"{key}-pass"):
         c["init_image"] = upload_image(label="Init picture (img2img: the result starts from it; optional)",
                                        sources=["upload", "clipboard"], visible=not own_init, elem_id=f"{key}-init")  # fmt: skip
         inpaint = bool(cond and cond.inpaint)
@@ -140,6 +142,7 @@ def pass_panel(cond: Condition | None, key: str) -> PassPanel:
         with gr.Row():
             c["seed_per_picture"] = gr.Checkbox(value=True, label="One seed per picture (seed + i, as A1111)")
             c["preview_every"] = gr.Slider(0, 50, value=5, step=1, label="Live preview every N steps (0: off)")
+            c["clip_skip"] = gr.Slider(0, 12, value=0, step=1, label="Clip skip (0: the condition's own; 2: anime)")
     return PassPanel(c)
 
 

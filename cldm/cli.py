@@ -42,6 +42,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guess-mode", action="store_true", help="ControlNet on the conditional half only, decaying scales")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
+    p.add_argument("--no-emphasis", action="store_true",
+                   help="take the prompts literally (no A1111 (word:1.2) / [word] / BREAK syntax), as diffusers does")  # fmt: skip
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
@@ -124,7 +126,7 @@ def request_from_args(a: argparse.Namespace, card: ModelCard | None = None) -> G
         clip_skip=a.clip_skip, init_image=load_rgb(a.init_image) if a.init_image else None, strength=a.strength,
         mask=load_rgb(a.mask)[..., 0] if a.mask else None, image_prompt=image_prompt, reference=reference,
         resize_mode=(a.resize_mode or ["crop"])[0], mask_blur=a.mask_blur, inpaint_mode=a.inpaint_mode,
-        seed_per_picture=a.seed_per_picture,
+        seed_per_picture=a.seed_per_picture, emphasis=not a.no_emphasis,
         hires=None if a.hires_scale is None else HiresFix(a.hires_scale, a.hires_steps, a.hires_strength,
                                                           a.hires_upscaler),
     )  # fmt: skip

@@ -94,7 +94,9 @@ def check(model: StableDiffusion, request: GenerationRequest) -> None:
 
 def encode_prompts(model: StableDiffusion, r: GenerationRequest) -> Conditioning:
     """The text context, and with an image prompt the IP-Adapter's tokens beside it (for the UNet only)."""
-    ctx = model.text.encode([r.negative_prompt, r.prompt], clip_skip=r.clip_skip).to(model.dtype)  # (2, 77*k, w)
+    ctx = model.text.encode([r.negative_prompt, r.prompt], clip_skip=r.clip_skip, emphasis=r.emphasis).to(
+        model.dtype
+    )  # (2, 77*k, w)
     uncond, cond = (c.expand(r.batch, -1, -1) for c in ctx.chunk(2))
     full = torch.cat([uncond, cond]) if r.use_cfg else cond
     unet: torch.Tensor | PromptContext = full

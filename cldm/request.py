@@ -246,6 +246,7 @@ class GenerationRequest:
     inpaint_mode: str = "only"  # "only": the unmasked area is kept exactly; "global": the whole picture is redrawn
     seed_per_picture: bool = False  # A1111: picture i has its own noise from seed + i (reproducible alone)
     hires: HiresFix | None = None
+    emphasis: bool = True  # A1111's (word:1.2) / [word] / BREAK syntax; False: the prompt is taken literally
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "units", tuple(self.units))  # a list given by a caller stays immutable here
@@ -363,7 +364,7 @@ def _text_problems(r: GenerationRequest) -> list[str]:
     for name in ("sampler", "guess_style"):
         if not isinstance(getattr(r, name), str):
             out.append(f"{name} must be a name (got {type(getattr(r, name)).__name__})")
-    for name in ("guess_mode", "seed_per_picture"):
+    for name in ("guess_mode", "seed_per_picture", "emphasis"):
         if not isinstance(getattr(r, name), bool | np.bool_):
             out.append(f"{name} must be true or false (got {getattr(r, name)!r})")
     for name in ("resize_mode", "inpaint_mode"):

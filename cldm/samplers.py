@@ -10,6 +10,7 @@ SD1.5 scheduler config, step for step, so a seed gives the same picture.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 TRAIN_STEPS = 1000
@@ -187,13 +188,100 @@ class DPMPP2MKarras(_SigmaSampler):
         return out.to(x.dtype)
 
 
-SAMPLERS = {cls.name: cls for cls in (DDIM, EulerAncestral, DPMPP2MKarras)}
-# The names A1111 writes in its "parameters" text.
-SAMPLER_LABELS = {"ddim": "DDIM", "euler_a": "Euler a", "dpmpp_2m_karras": "DPM++ 2M Karras"}
+class Euler(EulerAncestral):
+    """Euler (k-diffusion's sample_euler, diffusers' EulerDiscreteScheduler without churn): the ODE step alone."""
+
+    name = "euler"
+
+    def step(self, x, eps, i, generator):
+        s_from, s_to = self.sigmas[i], self.sigmas[i + 1]
+        x32 = x.float()
+        x0 = x32 - s_from * eps.float()
+        return (x32 + (x32 - x0) / s_from * (s_to - s_from)).to(x.dtype)
+
+
+class DPMPP2MSDEKarras(DPMPP2MKarras):
+    """DPM-Solver++(2M) SDE with Karras sigmas (diffusers' "sde-dpmsolver++", midpoint): every step adds fresh noise
+    of the size the step removed, so it needs the generator as Euler a does."""
+
+    name = "dpmpp_2m_sde_karras"
+
+    def step(self, x, eps, i, generator):
+        alpha_s, sigma_s = self._alpha_sigma(self.sigmas[i])
+        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[i + 1])
+        x32 = x.float()
+        x0 = (x32 - sigma_s * eps.float()) / alpha_s
+        noise = _randn(x.shape, generator, x32)  # drawn on every step, the last included, as diffusers does
+        if i == len(self.timesteps) - 1:  # sigma_t = 0: x0 itself
+            out = x0
+        else:
+            h = self._lambda(i + 1) - self._lambda(i)
+            decay = 1 - torch.exp(-2.0 * h)
+            out = (sigma_t / sigma_s * torch.exp(-h)) * x32 + alpha_t * decay * x0 + sigma_t * decay.sqrt() * noise
+            if self.prev_x0 is not None:  # midpoint second order from the previous x0 estimate
+                r0 = (self._lambda(i) - self._lambda(i - 1)) / h
+                out = out + 0.5 * alpha_t * decay * (x0 - self.prev_x0) / r0
+        self.prev_x0 = x0
+        return out.to(x.dtype)
+
+
+class LMSKarras(_SigmaSampler):
+    """Linear multistep (order 4) on Karras sigmas, as diffusers' LMSDiscreteScheduler(use_karras_sigmas=True): the
+    sigmas span those of the leading timesteps, the model sees fractional timesteps, and each step integrates the
+    Lagrange polynomial through the last derivatives (exactly, where diffusers integrates numerically)."""
+
+    name = "lms_karras"
+    order = 4
+
+    def __init__(self, steps: int):
+        super().__init__(steps)
+        leading = self.train_sigmas.double()[self.timesteps]
+        sig = karras_sigmas(float(leading[-1]), float(leading[0]), steps)
+        self.timesteps = sigma_to_t(sig, self.train_sigmas.double().log()).float()
+        self.sigmas = torch.cat([sig.float(), torch.zeros(1)])
+        self.derivatives: list[torch.Tensor] = []
+
+    def init_noise(self, noise):
+        return noise * (self.sigmas.max() ** 2 + 1) ** 0.5
+
+    def scale_input(self, x, i):
+        return x / (self.sigmas[i] ** 2 + 1) ** 0.5
+
+    def add_noise(self, x0, noise, i):
+        return x0 + noise * self.sigmas[i]
+
+    def coefficient(self, order: int, i: int, j: int) -> float:
+        """The integral from sigma_i to sigma_{i+1} of the Lagrange basis polynomial of sigma_{i-j} over the
+        sigmas sigma_i .. sigma_{i-order+1}."""
+        nodes = [float(self.sigmas[i - k]) for k in range(order)]
+        poly = np.poly1d([1.0])
+        for k in range(order):
+            if k != j:
+                poly *= np.poly1d([1.0, -nodes[k]]) / (nodes[j] - nodes[k])
+        integral = poly.integ()
+        return float(integral(float(self.sigmas[i + 1])) - integral(float(self.sigmas[i])))
+
+    def step(self, x, eps, i, generator):
+        x32 = x.float()
+        self.derivatives.append(eps.float())  # (x - x0) / sigma with x0 = x - sigma * eps
+        if len(self.derivatives) > self.order:
+            self.derivatives.pop(0)
+        order = min(i + 1, self.order)  # diffusers' rule (with img2img it may exceed the derivatives kept)
+        coeffs = [self.coefficient(order, i, j) for j in range(order)]
+        return (x32 + sum(c * d for c, d in zip(coeffs, reversed(self.derivatives)))).to(x.dtype)
+
+
+SAMPLERS = {cls.name: cls for cls in (DDIM, EulerAncestral, Euler, DPMPP2MKarras, DPMPP2MSDEKarras, LMSKarras)}
+# The names A1111 writes in its "parameters" text (and shows in its sampler list).
+SAMPLER_LABELS = {
+    "ddim": "DDIM", "euler_a": "Euler a", "euler": "Euler", "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras", "lms_karras": "LMS Karras",
+}  # fmt: skip
 
 
 def make_sampler(name: str, steps: int, eta: float = 0.0) -> Sampler:
-    """Sampler by name: ddim (uses eta), euler_a, dpmpp_2m_karras."""
+    """Sampler by name (`SAMPLERS`): ddim (uses eta), euler_a, euler, dpmpp_2m_karras, dpmpp_2m_sde_karras,
+    lms_karras."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     return DDIM(steps, eta) if name == "ddim" else SAMPLERS[name](steps)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import prompt_weights
 from .config import TextConfig
 from .errors import MissingWeightsError
 
@@ -55,25 +56,42 @@ class TextEncoder(nn.Module):
         """Prompt tokens per chunk: 75 for SD1.5's 77-token context (BOS and EOS take the other two)."""
         return self.cfg.max_length - 2
 
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+
     def token_chunks(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> ids (batch, chunks, max_length); every prompt gets as many chunks as the longest one."""
+        """Prompts -> ids (batch, chunks, max_length), taken literally (no emphasis syntax)."""
+        return self.weighted_chunks(prompts, emphasis=False)[0]
+
+    def weighted_chunks(self, prompts: list[str], emphasis: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompts -> ids (batch, chunks, max_length) and each token's weight (None when every weight is 1); every
+        prompt gets as many chunks as the longest one. With `emphasis`, A1111's `(word:1.2)` syntax and BREAK are
+        read (`cldm.prompt_weights`); a prompt without them is tokenized exactly as it is."""
         if self.tokenizer is None:
             raise MissingWeightsError("This text encoder has no tokenizer; load the model with its tokenizer.")
-        ids = [
-            self.tokenizer(p, add_special_tokens=False, truncation=False, verbose=False)["input_ids"] for p in prompts
-        ]
         per = self.chunk_tokens
-        n_chunks = max(1, max((len(i) + per - 1) // per for i in ids))
+        chunks = []  # per prompt: [(ids, weights) per chunk]
+        for p in prompts:
+            pieces = prompt_weights.parse(p) if emphasis else [(p, 1.0)]
+            if prompt_weights.is_plain(pieces):  # literally, as before emphasis existed
+                toks = self._tokenize(pieces[0][0])
+                parts = [toks[i : i + per] for i in range(0, max(1, len(toks)), per)]
+                chunks.append([(part, [1.0] * len(part)) for part in parts])
+            else:
+                chunks.append(prompt_weights.chunked(pieces, self._tokenize, per))
+        n_chunks = max(1, max(len(c) for c in chunks))
         tok = self.tokenizer
         bos, eos = tok.bos_token_id, tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
         out = torch.full((len(prompts), n_chunks, self.cfg.max_length), pad, dtype=torch.long)
-        for b, toks in enumerate(ids):
+        weights = torch.ones(out.shape, dtype=torch.float32)
+        for b, prompt_chunks in enumerate(chunks):
             for c in range(n_chunks):
-                part = toks[c * per : (c + 1) * per]
+                part, w = prompt_chunks[c] if c < len(prompt_chunks) else ([], [])
                 row = [bos, *part, eos]
                 out[b, c, : len(row)] = torch.tensor(row)
-        return out
+                weights[b, c, 1 : 1 + len(w)] = torch.tensor(w, dtype=torch.float32)
+        return out, (None if bool((weights == 1).all()) else weights)
 
     def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         """ids (batch, 77) -> hidden states (batch, 77, width). clip_skip=2 takes the penultimate layer (A1111)."""
@@ -84,16 +102,25 @@ class TextEncoder(nn.Module):
         return self.clip.final_layer_norm(out.hidden_states[-clip_skip])
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], clip_skip: int = 1, n_chunks: int | None = None) -> torch.Tensor:
-        """Prompts -> context (batch, 77 * chunks, width)."""
-        ids = self.token_chunks(prompts)
+    def encode(
+        self, prompts: list[str], clip_skip: int = 1, n_chunks: int | None = None, emphasis: bool = True
+    ) -> torch.Tensor:
+        """Prompts -> context (batch, 77 * chunks, width); A1111's emphasis weights applied per chunk."""
+        ids, weights = self.weighted_chunks(prompts, emphasis)
         if n_chunks is not None and n_chunks > ids.shape[1]:
             extra = self.token_chunks([""] * len(prompts)).expand(-1, n_chunks - ids.shape[1], -1)
             ids = torch.cat([ids, extra], dim=1)
+            if weights is not None:
+                weights = torch.cat([weights, torch.ones(extra.shape)], dim=1)
         if ids.shape[1] > 1:
             log.info("prompt longer than %d tokens: encoded in %d chunks", self.chunk_tokens, ids.shape[1])
         b, c, n = ids.shape
         hidden = self(ids.reshape(b * c, n), clip_skip)  # (b*c, 77, w)
+        if weights is not None:
+            flat = weights.reshape(b * c, n)
+            hidden = torch.stack([
+                prompt_weights.apply(z, w) if bool((w != 1).any()) else z for z, w in zip(hidden, flat)
+            ])  # fmt: skip
         return hidden.reshape(b, c * n, -1)
 
 

@@ -101,6 +101,9 @@ def test_img2img_on_any_tab_hires_and_seed_per_picture(client, running_app, wide
     _, _, one = client.predict(*_unit(square, "canny", (100, 200)), *alone.values(), *_extras(), None,
                                "ip-adapter_sd15", 0.6, api_name="/canny_generate")  # fmt: skip
     assert np.abs(np.asarray(Image.open(one[0])).astype(int) - np.asarray(Image.open(files[1]))).max() <= 1
+    # clip skip from the panel reaches the request (the tiny text encoder has layers to skip)
+    _, _, files = client.predict(*args, *_extras(clip_skip=2), None, "ip-adapter_sd15", 0.6, api_name="/canny_generate")
+    assert "Clip skip: 2" in Image.open(files[0]).text["parameters"]
     # over the limit with the hires pass counted
     with pytest.raises(Exception, match="hires"):
         big = dict(SETTINGS, width=1024, height=1024, steps=20)

@@ -212,8 +212,11 @@ def test_old_numbered_units_are_sorted_and_old_names_mapped():
         ("DPM++ 2M", None, None),  # before 1.9, plain DPM++ 2M had no Karras sigmas
         ("DPM++ 2M", "Exponential", None),
         ("Euler a", "Karras", None),
-        ("Euler", "Automatic", None),
-        ("DPM++ 2M SDE", "Karras", None),
+        ("Euler", "Automatic", "euler"),
+        ("DPM++ 2M SDE", "Karras", "dpmpp_2m_sde_karras"),
+        ("LMS", "Karras", "lms_karras"),
+        ("LMS", None, None),  # plain LMS (no Karras sigmas) is not one of ours
+        ("DPM++ 2M SDE", None, None),
     ],
 )
 def test_sampler_labels_map_to_our_keys(sampler, schedule, key):

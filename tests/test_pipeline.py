@@ -14,6 +14,7 @@ from cldm import checkpoints
 from cldm.__main__ import main
 from cldm.pipeline import generate
 from cldm.request import ControlUnit, GenerationRequest
+from cldm.samplers import SAMPLER_LABELS
 
 SIZE = 64
 PIXEL_TOL = 2  # out of 255, per pixel
@@ -27,13 +28,24 @@ def _hint(seed=0):
 
 
 def _ref(pipe, scheduler_name, **kw):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        LMSDiscreteScheduler,
+    )  # fmt: skip
 
     classes = {
         "ddim": (DDIMScheduler, {}),
         "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
         "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    }
+        "euler": (EulerDiscreteScheduler, {}),
+        "dpmpp_2m_sde_karras": (
+            DPMSolverMultistepScheduler, {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}
+        ),
+        "lms_karras": (LMSDiscreteScheduler, {"use_karras_sigmas": True}),
+    }  # fmt: skip
     cls, extra = classes[scheduler_name]
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
     seed = kw.pop("seed")
@@ -70,6 +82,22 @@ def test_cli_matches_diffusers(tiny_dirs, ref_pipe, tmp_path, sampler):
         assert png.text["parameters"].startswith("a red square\nNegative prompt: blurry\nSteps: 10")
         assert "Seed: 42" in png.text["parameters"] and "ControlNet 0:" in png.text["parameters"]
     assert ref.std() > 10  # a real picture, not a flat one
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m_sde_karras", "lms_karras"])
+@pytest.mark.parametrize("steps", [6, 20])
+def test_more_samplers_match_diffusers(ours, ref_pipe, sampler, steps):
+    """A1111's Euler, DPM++ 2M SDE Karras and LMS Karras against diffusers' schedulers of the same name: whole
+    pictures with a ControlNet, CFG and a batch of 2 (the SDE draws fresh noise each step from the same generator)."""
+    sd, cn = ours
+    ref = _ref(ref_pipe, sampler, prompt="a red square", negative_prompt="blurry", image=Image.fromarray(_hint()),
+               num_inference_steps=steps, guidance_scale=6.0, seed=5, num_images_per_prompt=2)  # fmt: skip
+    got = _gen(sd, "a red square", "blurry", [ControlUnit(cn, _hint())], steps=steps, cfg_scale=6.0, sampler=sampler,
+               seed=5, width=SIZE, height=SIZE, batch=2, emphasis=False)  # fmt: skip
+    print(f"{sampler} {steps} steps: max difference {_diff(got.images, ref)}/255")  # the README's figures (-s)
+    assert _diff(got.images, ref) <= PIXEL_TOL, _diff(got.images, ref)
+    assert ref.std() > 10
+    assert f"Sampler: {SAMPLER_LABELS[sampler]}," in got.parameters
 
 
 @pytest.mark.parametrize("guess_mode", [False, True])

@@ -34,6 +34,27 @@ def test_schedules_match_diffusers(steps):
     assert abs(float(EulerAncestral(steps).init_noise(torch.ones(1))) - float(ea.init_noise_sigma)) < 1e-4
 
 
+@pytest.mark.parametrize("steps", [1, 7, 20, 50])
+def test_lms_karras_schedule_matches_diffusers(steps):
+    """LMS Karras: Karras sigmas between those of the leading timesteps, fractional timesteps (diffusers' rule)."""
+    from diffusers import LMSDiscreteScheduler
+
+    from cldm.samplers import LMSKarras
+
+    ref = LMSDiscreteScheduler(**SD15, use_karras_sigmas=True, timestep_spacing="leading")
+    ref.set_timesteps(steps)
+    ours = LMSKarras(steps)
+    assert torch.allclose(ours.sigmas, ref.sigmas, rtol=1e-5)
+    assert torch.allclose(ours.timesteps, ref.timesteps, atol=1e-3)
+    assert abs(float(ours.init_noise(torch.ones(1))) - float(ref.init_noise_sigma)) < 1e-4
+    if steps >= 4:  # the multistep coefficients: exact integrals against diffusers' numerical ones
+        for i in range(4):
+            ref._step_index = i
+            order = min(i + 1, 4)
+            want = [ref.get_lms_coefficient(order, i, j) for j in range(order)]
+            assert [ours.coefficient(order, i, j) for j in range(order)] == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
 def test_unknown_sampler():
     with pytest.raises(ValueError, match="unknown sampler"):
         make_sampler("plms", 10)

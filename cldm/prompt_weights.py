@@ -1,0 +1,108 @@
+"""A1111's prompt emphasis: `(word)`, `(word:1.3)`, `[word]`, backslash escapes and `BREAK`.
+
+The rules, as A1111's `modules/prompt_parser.py` (parse_prompt_attention) and `sd_hijack_clip.py` apply them:
+- `(text)` multiplies the weight of its text by 1.1, `[text]` divides it by 1.1; they nest, so `((text))` is 1.21.
+- `(text:w)` multiplies it by w instead (`(text:0.5)` halves it).
+- A bracket left open at the end applies to everything after it; a closing bracket with no opening one is text.
+- `\\(`, `\\)`, `\\[`, `\\]` are literal brackets, `\\\\` a literal backslash.
+- `BREAK` (a word of its own, upper case) ends the current 75-token chunk: what follows starts a new one.
+- Neighbouring pieces of equal weight are joined, so a prompt with no brackets is one piece of weight 1 and is
+  tokenized exactly as before.
+- Encoding: each token's hidden state is multiplied by its weight, then the whole chunk is rescaled so that its mean
+  is what it was before the weights (`z * w`, then `* (mean before / mean after)`).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+BREAK = "BREAK"
+EMPHASIS = 1.1
+# one token of the prompt's syntax: an escape, a bracket, ":weight)", a run of plain text, or a lone colon
+_TOKEN = re.compile(
+    r"\\[()\[\]\\]"  # escaped bracket or backslash
+    r"|\\"  # a lone backslash
+    r"|\(|\["  # opening brackets
+    r"|:\s*([+-]?[.\d]+)\s*\)"  # ":1.3)" closes a round bracket with a weight
+    r"|\)|\]"  # closing brackets
+    r"|[^\\()\[\]:]+"  # plain text
+    r"|:"
+)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+def parse(text: str) -> list[tuple[str, float]]:
+    """The prompt as (text, weight) pieces; a BREAK is the piece ("BREAK", -1)."""
+    pieces: list[list] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for piece in pieces[start:]:
+            piece[1] *= factor
+
+    for m in _TOKEN.finditer(text):
+        tok, weight = m.group(0), m.group(1)
+        if tok.startswith("\\"):
+            pieces.append([tok[1:], 1.0])
+        elif tok == "(":
+            round_open.append(len(pieces))
+        elif tok == "[":
+            square_open.append(len(pieces))
+        elif weight is not None and round_open:
+            try:
+                scale(round_open.pop(), float(weight))
+            except ValueError:  # "1.2.3": not a number, so the piece is text
+                pieces.append([tok, 1.0])
+        elif tok == ")" and round_open:
+            scale(round_open.pop(), EMPHASIS)
+        elif tok == "]" and square_open:
+            scale(square_open.pop(), 1 / EMPHASIS)
+        else:
+            for i, part in enumerate(_BREAK.split(tok)):
+                if i > 0:
+                    pieces.append([BREAK, -1.0])
+                pieces.append([part, 1.0])
+    for start in round_open:
+        scale(start, EMPHASIS)
+    for start in square_open:
+        scale(start, 1 / EMPHASIS)
+    if not pieces:
+        return [("", 1.0)]
+    merged: list[list] = [pieces[0]]
+    for piece in pieces[1:]:
+        if piece[1] == merged[-1][1] and piece[1] != -1.0:
+            merged[-1][0] += piece[0]
+        else:
+            merged.append(piece)
+    return [(t, w) for t, w in merged]
+
+
+def is_plain(pieces: list[tuple[str, float]]) -> bool:
+    """One piece of weight 1: no emphasis, no BREAK (the prompt encodes exactly as it did before emphasis existed)."""
+    return len(pieces) == 1 and pieces[0][1] == 1.0
+
+
+def chunked(pieces: list[tuple[str, float]], tokenize, per_chunk: int) -> list[tuple[list[int], list[float]]]:
+    """(token ids, weights) of each chunk of at most `per_chunk` prompt tokens; BREAK closes a chunk early."""
+    chunks: list[tuple[list[int], list[float]]] = [([], [])]
+    for text, weight in pieces:
+        if weight == -1.0:  # BREAK
+            chunks.append(([], []))
+            continue
+        for token in tokenize(text):
+            if len(chunks[-1][0]) == per_chunk:
+                chunks.append(([], []))
+            chunks[-1][0].append(token)
+            chunks[-1][1].append(weight)
+    return chunks
+
+
+def apply(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Hidden states (tokens, width) of one chunk times their weights (tokens,), rescaled to the chunk's old mean."""
+    before = z.float().mean()
+    out = z.float() * weights[:, None].to(z.device, torch.float32)
+    after = out.mean()
+    return (out * (before / after)).to(z.dtype)
