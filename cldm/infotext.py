@@ -256,7 +256,8 @@ __all__ = ["NO_PARAMETERS", "Infotext", "UnitInfo", "parse_parameters"]
 # ------------------------------------------------------------------------------------------------ writing
 def parameters(model, r: GenerationRequest) -> str:
     """The A1111 'parameters' text (its PNG Info tab reads it)."""
-    lines = [r.prompt]
+    # the LoRAs as A1111 keeps them: as tags in the prompt (its PNG Info and ours read them back)
+    lines = [" ".join([r.prompt, *(f"<lora:{u.label}:{u.weight:g}>" for u in r.loras)])]
     if r.negative_prompt:
         lines.append(f"Negative prompt: {r.negative_prompt}")
     fields_ = [

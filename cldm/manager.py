@@ -10,6 +10,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -19,6 +20,8 @@ from .errors import CheckpointError, InputError
 from .image_encoder import ImageEncoder, load_image_encoder
 from .ip_adapter import IPAdapter, load_ip_adapter
 from .ip_adapter import fit_problem as ip_fit_problem
+from .lora import Lora
+from .lora import parse as lora_parse
 from .pipeline import PreviewCallback, Result, StepCallback, generate
 from .request import ControlUnit, GenerationRequest, ImagePrompt
 from .sd import StableDiffusion
@@ -26,6 +29,7 @@ from .sd import StableDiffusion
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MAX_LORAS = 8  # parsed LoRAs kept (their tensors stay on the CPU; a merge moves each layer's change over)
 DEFAULT_CACHE_BYTES = 4 * 1024**3  # three fp32 SD1.5 ControlNets (1.37 GiB each)
 
 
@@ -84,6 +88,7 @@ class ModelManager:
         # the image prompt's modules: one IP-Adapter and one image encoder, on the device, (path, module)
         self._ip: tuple[str, IPAdapter] | None = None
         self._encoder: tuple[str, ImageEncoder] | None = None
+        self._loras: OrderedDict[tuple, Lora] = OrderedDict()  # parsed LoRAs, by (path, mtime)
         self.base_loads = 0
         self.controlnet_loads = 0
         self.ip_loads = 0
@@ -141,6 +146,22 @@ class ModelManager:
             self._ip = (str(path), adapter.to(self.device))
             self.ip_loads += 1
             return self._ip[1]
+
+    def lora(self, path: str) -> Lora:
+        """The LoRA file at `path`, read and matched to the base's layers (the last few are kept, by path and
+        modification time). One for another model family is refused with what it is for."""
+        with self.lock:
+            p = Path(path)
+            key = (str(p), p.stat().st_mtime_ns if p.is_file() else 0)
+            if key in self._loras:
+                self._loras.move_to_end(key)
+                return self._loras[key]
+            state, meta = checkpoints.read_file(p), checkpoints.read_metadata(p)
+            found = lora_parse(state, self.sd, _name(path).rsplit(".", 1)[0], meta)
+            self._loras[key] = found
+            while len(self._loras) > MAX_LORAS:
+                self._loras.popitem(last=False)
+            return found
 
     def image_encoder(self, path: str) -> ImageEncoder:
         """The CLIP image encoder folder at `path` on the device (one at a time)."""
@@ -206,8 +227,10 @@ class ModelManager:
                 for u, k in zip(request.units, keys)
             )
             image_prompt = self._loaded_prompt(request.image_prompt)
+            loras = tuple(u if isinstance(u.model, Lora) else replace(u, model=self.lora(str(u.model)))
+                          for u in request.loras)  # fmt: skip
             swap = time.perf_counter() - t0
-            request = replace(request, units=units, image_prompt=image_prompt)
+            request = replace(request, units=units, image_prompt=image_prompt, loras=loras)
             result = generate(sd, request, callback, preview, preview_every)
             result.timings["swap"] = swap
             if self.device.type == "cuda":

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import lora
 from .attention import PromptContext
 from .controlnet import ControlNet, fit_problem, guess_mode_scales
 from .errors import InputError
@@ -86,6 +87,9 @@ def check(model: StableDiffusion, request: GenerationRequest) -> None:
         elif (why := fit_problem(u.model, model.config.unet, model.latent_factor)) is not None:
             problems.append(f"ControlNet {i + 1} ({u.label}) does not fit this base model: {why}. "
                             "Use a ControlNet made for this base (SD1.5 ControlNets for SD1.5 models).")  # fmt: skip
+    for i, u in enumerate(request.loras):
+        if not isinstance(u.model, lora.Lora):
+            problems.append(f"LoRA {i + 1} ({u.label}) is not loaded (the model manager loads files)")
     if request.image_prompt is not None and (why := image_prompt_problem(request.image_prompt, model.unet)):
         problems.append(why)
     if problems:
@@ -342,7 +346,15 @@ def generate(
     with a hires fix); `preview(pictures)` every `preview_every` steps with A1111's "Approx cheap" preview.
     """
     check(model, request)
-    r, timings = fit_pictures(request), {}
+    originals = lora.apply(model, [(u.model, u.weight) for u in request.loras])
+    try:
+        return _generate(model, fit_pictures(request), callback, preview, preview_every)
+    finally:
+        lora.restore(model, originals)  # the base is the base again, bit for bit
+
+
+def _generate(model, r: GenerationRequest, callback, preview, preview_every: int) -> Result:
+    timings = {}
     t0 = time.perf_counter()
     generator = generators(r)
     ctx = encode_prompts(model, r)

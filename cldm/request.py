@@ -37,6 +37,7 @@ MAX_HIRES_SIZE = 2048  # the hires pass's largest side
 HIRES_UPSCALERS = ("latent", "lanczos")  # A1111's "Latent" (bilinear on the latents) and a picture upscaler
 INPAINT_MODES = ("only", "global")  # the extension's inpaint_only and inpaint_global_harmonious
 MAX_MASK_BLUR = 64.0
+MAX_LORA_WEIGHT = 10.0
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,26 @@ class ReferenceUnit:
 
 
 @dataclass(frozen=True)
+class LoraUnit:
+    """A LoRA in a request: a file (the model manager loads it) or a loaded `lora.Lora`, and its weight."""
+
+    model: object
+    weight: float = 1.0
+
+    @property
+    def label(self) -> str:
+        name = getattr(self.model, "name", None)
+        return name if isinstance(name, str) else stem(self.model)
+
+    def problems(self, i: int) -> list[str]:
+        out = [f"LoRA {i + 1}: {p}" for p in _number_problems(self, ("weight",))]
+        if not out and not -MAX_LORA_WEIGHT <= self.weight <= MAX_LORA_WEIGHT:
+            out.append(f"LoRA {i + 1} ({self.label}): weight must be -{MAX_LORA_WEIGHT:g}..{MAX_LORA_WEIGHT:g} "
+                       f"(got {self.weight})")  # fmt: skip
+        return out
+
+
+@dataclass(frozen=True)
 class HiresFix:
     """A1111's hires fix: after the first pass, the latents (or the decoded pictures) are upscaled by `scale` and
     denoised again from `strength` (img2img), the ControlNet hints fitted to the new size. As in A1111, exactly
@@ -247,9 +268,11 @@ class GenerationRequest:
     seed_per_picture: bool = False  # A1111: picture i has its own noise from seed + i (reproducible alone)
     hires: HiresFix | None = None
     emphasis: bool = True  # A1111's (word:1.2) / [word] / BREAK syntax; False: the prompt is taken literally
+    loras: tuple[LoraUnit, ...] = ()  # merged into the UNet and text encoder for this request only
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "units", tuple(self.units))  # a list given by a caller stays immutable here
+        object.__setattr__(self, "loras", tuple(self.loras))
 
     @property
     def use_cfg(self) -> bool:
@@ -278,6 +301,8 @@ class GenerationRequest:
                 problems += self.reference.problems()
             else:
                 problems.append(f"reference must be a ReferenceUnit (got {type(self.reference).__name__})")
+        for i, u in enumerate(self.loras):
+            problems += u.problems(i) if isinstance(u, LoraUnit) else [f"loras[{i}] must be a LoraUnit"]
         if self.hires is not None:
             if not isinstance(self.hires, HiresFix):
                 problems.append(f"hires must be a HiresFix (got {type(self.hires).__name__})")

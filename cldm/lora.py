@@ -1,0 +1,184 @@
+"""LoRA: low-rank changes to the UNet's and the text encoder's weights, merged for one request and taken out after.
+
+Formats read (from a state dict; `checkpoints.read_file` opens the files):
+- kohya / A1111 (`lora_unet_<diffusers module, dots as underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`;
+  `lora_te_text_model_...` for the text encoder), LoCon convolutions (resnet and sampler convs) included;
+- diffusers / PEFT (`unet.<module>.lora_A.weight` / `lora_B.weight`, `text_encoder.<module>...`; the older
+  `.lora.down.weight` / `.lora.up.weight`), with `.alpha` when present, else alpha = rank.
+
+A layer's change is `weight * alpha / rank * up @ down` (convolutions flattened), added in float32 to the base
+weight; `apply` keeps a copy of every weight it touches and `restore` puts it back bit for bit. The ControlNet is not
+patched, as in A1111. A LoRA made for SDXL or SD2 is refused by its key names and shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import keymaps
+from .errors import InputError
+
+StateDict = dict[str, torch.Tensor]
+_SUFFIXES = {  # key ending -> role
+    ".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
+    ".lora.down.weight": "down", ".lora.up.weight": "up", ".alpha": "alpha",
+}  # fmt: skip
+_TAG = re.compile(r"<lora:([^:>]+)(?::([+-]?[\d.]+))?>")
+
+
+@dataclass
+class LoraLayer:
+    part: str  # "unet" or "text"
+    key: str  # the weight's key in that module
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float  # alpha / rank
+
+    def delta(self, shape: torch.Size) -> torch.Tensor:
+        """up @ down * alpha / rank, shaped like the weight it changes (float32)."""
+        up, down = self.up.float().flatten(1), self.down.float().flatten(1)
+        return (up @ down * self.scale).reshape(shape)
+
+
+@dataclass
+class Lora:
+    name: str
+    layers: list[LoraLayer] = field(default_factory=list)
+
+
+def targets(sd) -> dict[str, tuple[str, str]]:
+    """Every name a LoRA file may give a layer of this model -> (part, our weight key)."""
+    table: dict[str, tuple[str, str]] = {}
+    unet_keys = [k for k, v in sd.unet.state_dict().items() if k.endswith(".weight") and v.ndim in (2, 4)]
+    for ours, theirs in keymaps.key_table(unet_keys, keymaps.unet_modules(sd.config.unet)).items():
+        module = theirs[: -len(".weight")]
+        table["lora_unet_" + module.replace(".", "_")] = ("unet", ours)
+        table["unet." + module] = ("unet", ours)
+    for k, v in sd.text.state_dict().items():
+        if k.endswith(".weight") and v.ndim == 2 and k.startswith("transformer.text_model.encoder."):
+            module = k[len("transformer.") : -len(".weight")]
+            table["lora_te_" + module.replace(".", "_")] = ("text", k)
+            table["text_encoder." + module] = ("text", k)
+    return table
+
+
+def _family(names: Iterable[str]) -> str | None:
+    """Which other model family a LoRA's layer names belong to (kohya names SDXL's UNet by the original blocks)."""
+    names = list(names)
+    if any(n.startswith(("lora_te1_", "lora_te2_")) or n.startswith("text_encoder_2.") for n in names):
+        return "SDXL"
+    if any(
+        n.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block")) for n in names
+    ):
+        return "SDXL"
+    return None
+
+
+def _peft_alphas(metadata: dict[str, str] | None) -> dict[str, tuple[float, float]]:
+    """diffusers' `lora_adapter_metadata` (the PEFT config it saves beside the weights): part -> (alpha, rank)."""
+    if not metadata or "lora_adapter_metadata" not in metadata:
+        return {}
+    try:
+        config = json.loads(metadata["lora_adapter_metadata"])
+    except ValueError:
+        return {}
+    out = {}
+    for part in ("unet", "text_encoder"):
+        if config.get(f"{part}.use_dora"):
+            raise InputError("DoRA LoRAs (use_dora) are not supported; use a plain LoRA.")
+        if f"{part}.lora_alpha" in config and f"{part}.r" in config:
+            alpha, rank = float(config[f"{part}.lora_alpha"]), float(config[f"{part}.r"])
+            if config.get(f"{part}.use_rslora"):  # rank-stabilised: the scale is alpha / sqrt(r), not alpha / r
+                alpha *= rank**0.5
+            out[part] = (alpha, rank)
+    return out
+
+
+def parse(state: StateDict, sd, name: str, metadata: dict[str, str] | None = None) -> Lora:
+    """A LoRA state dict (and its file's metadata) -> the layers it changes in `sd`; InputError when it is not a
+    LoRA for this model."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        for suffix, role in _SUFFIXES.items():
+            if key.endswith(suffix):
+                groups.setdefault(key[: -len(suffix)], {})[role] = value
+                break
+    if not groups:
+        raise InputError(f"{name} is not a LoRA (no lora_down/lora_up or lora_A/lora_B weights).")
+    family = _family(groups)
+    if family:
+        raise InputError(f"{name} is a LoRA for {family}; this base is SD1.x. Use a LoRA made for SD1.5.")
+    table = targets(sd)
+    params = {"unet": sd.unet.state_dict(), "text": sd.text.state_dict()}
+    unknown = sorted(g for g in groups if g not in table)
+    if unknown:
+        what = "LyCORIS (LoHa/LoKr) layers are not supported" if any("hada" in k or "lokr" in k for k in state) else (
+            f"{len(unknown)} of its {len(groups)} layers do not exist in an SD1.5 model (first: {unknown[0]})"
+        )  # fmt: skip
+        raise InputError(f"{name}: {what}.")
+    lora, alphas = Lora(name), _peft_alphas(metadata)
+    for group, parts in groups.items():
+        if "down" not in parts or "up" not in parts:
+            raise InputError(f"{name}: layer {group} lacks its {'up' if 'down' in parts else 'down'} weight.")
+        part, key = table[group]
+        down, up = parts["down"], parts["up"]
+        rank = down.shape[0]
+        target = params[part][key]
+        if up.shape[0] != target.shape[0] or down.flatten(1).shape[1] != target[0].numel() or up.shape[1] != rank:
+            width = down.flatten(1).shape[1]
+            sd2 = part == "text" and width == 1024 or part == "unet" and width in (1024, 2048)
+            why = " (an SD2.x or SDXL LoRA)" if sd2 else ""
+            raise InputError(f"{name}: layer {group} has the shape {tuple(up.shape)} x {tuple(down.shape)}, which "
+                             f"does not fit this model's {tuple(target.shape)}{why}. Use a LoRA made for SD1.5.")  # fmt: skip
+        peft = alphas.get("unet" if group.startswith("unet.") else "text_encoder")
+        if "alpha" in parts:
+            alpha = float(parts["alpha"])
+        elif peft is not None:  # diffusers' saved config: alpha for its rank, scaled to this layer's rank
+            alpha = peft[0] * rank / peft[1]
+        else:
+            alpha = float(rank)
+        lora.layers.append(LoraLayer(part, key, down, up, alpha / rank))
+    return lora
+
+
+def apply(sd, loras: Iterable[tuple[Lora, float]]) -> dict[tuple[str, str], torch.Tensor]:
+    """Merge the LoRAs, each with its weight, into `sd`'s UNet and text encoder. Returns the touched weights'
+    originals, for `restore`."""
+    modules = {"unet": sd.unet, "text": sd.text}
+    originals: dict[tuple[str, str], torch.Tensor] = {}
+    params = {part: dict(m.named_parameters()) for part, m in modules.items()}
+    with torch.no_grad():
+        for lora, weight in loras:
+            for layer in lora.layers:
+                p = params[layer.part][layer.key]
+                originals.setdefault((layer.part, layer.key), p.detach().clone())
+                delta = layer.delta(p.shape).to(p.device)
+                p.copy_((p.float() + weight * delta).to(p.dtype))
+    return originals
+
+
+def restore(sd, originals: dict[tuple[str, str], torch.Tensor]) -> None:
+    """Put back the weights `apply` changed, exactly."""
+    params = {"unet": dict(sd.unet.named_parameters()), "text": dict(sd.text.named_parameters())}
+    with torch.no_grad():
+        for (part, key), value in originals.items():
+            params[part][key].copy_(value)
+
+
+def prompt_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """A1111's `<lora:name:weight>` tags: (the prompt without them, [(name, weight)]); the weight defaults to 1."""
+    tags = []
+    for m in _TAG.finditer(prompt):
+        try:
+            tags.append((m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0))
+        except ValueError as e:
+            raise InputError(f"{m.group(0)}: the LoRA weight must be a number, e.g. <lora:name:0.8>.") from e
+    if not tags:
+        return prompt, []
+    clean = re.sub(r"\s*,\s*(?:,\s*)+", ", ", _TAG.sub("", prompt))  # no empty items left between commas
+    return re.sub(r"\s{2,}", " ", clean).strip(" ,"), tags
