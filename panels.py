@@ -8,7 +8,7 @@ import numpy as np
 
 import annotators
 from cldm.samplers import SAMPLER_LABELS, SAMPLERS
-from cldm.weights import IP_ADAPTERS
+from cldm.weights import IP_ADAPTERS, list_loras
 from conditions import ADDED_PROMPT, NEGATIVE_PROMPT, Condition
 from forms import ImagePromptPanel, PassPanel, ReferencePanel, SettingsPanel, UnitPanel
 from studio import (
@@ -41,6 +41,11 @@ def settings_panel(studio: Studio, cond: Condition | None, key: str = "") -> Set
     d, c = studio.defaults, {}
     key = cond.key if cond else key or "multi"
     c["prompt"] = gr.Textbox(label="Prompt", placeholder=cond.prompt_hint if cond else "", elem_id=f"{key}-prompt")
+    loras = list_loras(studio.models_dir)
+    if loras:  # the picker writes A1111's tag into the prompt (found at start-up in the models folder's loras/)
+        pick = gr.Dropdown(loras, value=None, label="Add a LoRA (<lora:name:weight> in the prompt)")
+        pick.input(lambda name, text: f"{text.rstrip()} <lora:{name}:1>".strip() if name else text,
+                   [pick, c["prompt"]], c["prompt"], queue=False, api_name=False)  # fmt: skip
     with gr.Accordion("Settings", open=False, elem_id=f"{key}-settings"):
         c["added_prompt"] = gr.Textbox(label="Added prompt", value=ADDED_PROMPT if d.quality_words else "")
         c["negative_prompt"] = gr.Textbox(label="Negative prompt", value=NEGATIVE_PROMPT if d.quality_words else "")

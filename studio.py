@@ -25,9 +25,10 @@ from cldm import weights
 from cldm.errors import InputError, Stopped
 from cldm.fit import fit_rgb, geometry
 from cldm.images import save_png
+from cldm.lora import prompt_tags
 from cldm.manager import ModelManager
 from cldm.model_card import ModelCard, card_for
-from cldm.request import ControlUnit, GenerationRequest, ImagePrompt, ReferenceUnit
+from cldm.request import ControlUnit, GenerationRequest, ImagePrompt, LoraUnit, ReferenceUnit
 from conditions import ANNOTATOR_NONE, BY_KEY, Condition
 from settings import (  # noqa: F401 (the records app.py and forms.py read through here)
     CONTROL_MODES,
@@ -238,6 +239,8 @@ class Studio:
         if init is None and extras is not None and (picture := editor_image(extras.init_image)) is not None:
             init, strength = picture, float(s.denoise)  # img2img with no unit (the Image prompt tab)
         prompt = ", ".join(p for p in (s.prompt.strip(), s.added_prompt.strip()) if p)
+        prompt, tags = prompt_tags(prompt)  # A1111's <lora:name:weight>, found in the models folder's loras/
+        loras = tuple(LoraUnit(str(weights.locate_lora(name, self.models_dir)), w) for name, w in tags)
         negative, note = s.negative_prompt, ""
         if self.card is not None and self.card.words:  # unknown words would reach the model as letters it never saw
             (prompt, unknown), (negative, unknown_neg) = self.card.split_known(prompt), self.card.split_known(negative)
@@ -250,7 +253,7 @@ class Studio:
             seed=seed, width=int(s.width), height=int(s.height), batch=int(s.batch), guess_mode=bool(s.guess_mode),
             clip_skip=(int(extras.clip_skip) if extras is not None and extras.clip_skip else None)
             or max([1, *(u.cond.clip_skip for u in units)]), init_image=init, strength=strength, mask=mask,
-            image_prompt=self.image_prompt(ip), reference=self.reference(ref), resize_mode=resize,
+            image_prompt=self.image_prompt(ip), reference=self.reference(ref), resize_mode=resize, loras=loras,
             **({} if extras is None else dict(
                 mask_blur=float(extras.mask_blur), inpaint_mode=extras.inpaint_mode, hires=extras.hires_fix,
                 seed_per_picture=bool(extras.seed_per_picture))),
@@ -299,6 +302,8 @@ class Studio:
             names += f" | IP-Adapter: {request.image_prompt.label} ({request.image_prompt.scale:g})"
         if request.reference is not None:
             names += f" | reference: {request.reference.mode}"
+        if request.loras:
+            names += " | LoRA: " + ", ".join(f"{u.label} ({u.weight:g})" for u in request.loras)
         status = (
             f"Base: {self.manager.sd.source.rstrip('/').split('/')[-1]} | ControlNet: {names} | seed {seed} | "
             f"swap {t['swap']:.2f}s, sampling {t['sampling']:.2f}s, decode {t['decode']:.2f}s, "

@@ -6,10 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import checkpoints, writers
+from . import checkpoints, weights, writers
 from .errors import InputError
 from .fit import RESIZE_MODES
 from .images import load_rgb, save_png
+from .lora import prompt_tags
 from .manager import ModelManager
 from .model_card import ModelCard, card_for
 from .request import (
@@ -19,6 +20,7 @@ from .request import (
     GenerationRequest,
     HiresFix,
     ImagePrompt,
+    LoraUnit,
     ReferenceUnit,
 )
 from .samplers import SAMPLERS
@@ -42,6 +44,13 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guess-mode", action="store_true", help="ControlNet on the conditional half only, decaying scales")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="a LoRA file and its weight (1 if not given); repeatable")  # fmt: skip
+    p.add_argument(
+        "--lora-dir",
+        default="models",
+        help="where <lora:name:weight> tags in --prompt are found (DIR/loras/name.safetensors)",
+    )
     p.add_argument("--no-emphasis", action="store_true",
                    help="take the prompts literally (no A1111 (word:1.2) / [word] / BREAK syntax), as diffusers does")  # fmt: skip
     p.add_argument("--steps", type=int, default=20)
@@ -118,15 +127,23 @@ def request_from_args(a: argparse.Namespace, card: ModelCard | None = None) -> G
     reference = None
     if a.reference:
         reference = ReferenceUnit(load_rgb(a.reference), a.reference_mode, a.style_fidelity, a.reference_weight)
+    prompt, tags = prompt_tags(a.prompt)
+    loras = [LoraUnit(str(weights.locate_lora(name, a.lora_dir)), w) for name, w in tags]
+    for spec in a.lora:
+        path, _, weight = spec.rpartition(":")
+        try:
+            loras.append(LoraUnit(path, float(weight)) if path else LoraUnit(spec))
+        except ValueError:
+            loras.append(LoraUnit(spec))  # a path with a colon in it, no weight
     native = card.size if card else DEFAULT_SIZE
     width, height = (native if v is None else v for v in (a.width, a.height))
     return GenerationRequest(
-        a.prompt, a.negative_prompt, tuple(units), steps=a.steps, cfg_scale=a.cfg, sampler=a.sampler, eta=a.eta,
+        prompt, a.negative_prompt, tuple(units), steps=a.steps, cfg_scale=a.cfg, sampler=a.sampler, eta=a.eta,
         seed=a.seed, width=width, height=height, batch=a.batch, guess_mode=a.guess_mode,
         clip_skip=a.clip_skip, init_image=load_rgb(a.init_image) if a.init_image else None, strength=a.strength,
         mask=load_rgb(a.mask)[..., 0] if a.mask else None, image_prompt=image_prompt, reference=reference,
         resize_mode=(a.resize_mode or ["crop"])[0], mask_blur=a.mask_blur, inpaint_mode=a.inpaint_mode,
-        seed_per_picture=a.seed_per_picture, emphasis=not a.no_emphasis,
+        seed_per_picture=a.seed_per_picture, emphasis=not a.no_emphasis, loras=tuple(loras),
         hires=None if a.hires_scale is None else HiresFix(a.hires_scale, a.hires_steps, a.hires_strength,
                                                           a.hires_upscaler),
     )  # fmt: skip

@@ -181,4 +181,5 @@ def prompt_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     if not tags:
         return prompt, []
     clean = re.sub(r"\s*,\s*(?:,\s*)+", ", ", _TAG.sub("", prompt))  # no empty items left between commas
+    clean = re.sub(r"\s+,", ",", clean)
     return re.sub(r"\s{2,}", " ", clean).strip(" ,"), tags

@@ -9,7 +9,7 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import MissingWeightsError
+from .errors import InputError, MissingWeightsError
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +117,34 @@ def locate_image_encoder(models_dir: str | os.PathLike | None) -> Path:
     where = f"{Path(models_dir or 'models') / IMAGE_ENCODER}/ (models/image_encoder of {IP_ADAPTER_REPO})"
     patterns = [f"models/{IMAGE_ENCODER}/config.json", f"models/{IMAGE_ENCODER}/model.safetensors"]
     return _download(IP_ADAPTER_REPO, patterns, "IP-Adapter image encoder", where) / "models" / IMAGE_ENCODER
+
+
+LORA_FOLDERS = ("loras", "Lora")  # models_dir/loras (ours), models_dir/Lora (A1111's models/Lora)
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+
+
+def list_loras(models_dir: str | os.PathLike | None) -> list[str]:
+    """The LoRA names (file stems) in the models folder's LoRA folders, sorted."""
+    names = set()
+    for folder in LORA_FOLDERS:
+        d = Path(models_dir or "models") / folder
+        if d.is_dir():
+            names |= {p.stem for p in d.iterdir() if p.suffix in LORA_SUFFIXES and p.is_file()}
+    return sorted(names)
+
+
+def locate_lora(name: str, models_dir: str | os.PathLike | None) -> Path:
+    """A `<lora:name:w>` tag's file: `models_dir/loras/<name>.safetensors` (or .pt/.ckpt, or A1111's `Lora/`
+    folder). LoRAs are the user's own files: there is nothing to download."""
+    if "/" in name or "\\" in name or name.startswith("."):
+        raise InputError(f"LoRA name {name!r}: give the file's name without folders.")
+    for folder in LORA_FOLDERS:
+        for suffix in LORA_SUFFIXES:
+            path = Path(models_dir or "models") / folder / f"{name}{suffix}"
+            if path.is_file():
+                return path
+    known = list_loras(models_dir)
+    raise MissingWeightsError(
+        f"LoRA {name!r} not found: put {name}.safetensors in {Path(models_dir or 'models') / LORA_FOLDERS[0]}/"
+        + (f" (found: {', '.join(known[:10])})" if known else "")
+    )

@@ -96,6 +96,8 @@ def running_app(tiny_dirs, ours, other_controlnet, misfit_controlnet, tmp_path_f
     save_file(tiny.adapter_state(ours[0].unet, "plain"), str(models / "ip-adapter_sd15.safetensors"))
     tiny.write_image_encoder(models / "image_encoder")
     writers.save_controlnet(cn, models / "control_v11e_sd15_shuffle", fmt="diffusers")
+    (models / "loras").mkdir()
+    save_file(tiny.lora_state(ours[0]), str(models / "loras" / "ink.safetensors"))  # for <lora:ink:0.8>
     for name in ("control_v11p_sd15_inpaint", "control_v11f1e_sd15_tile"):
         writers.save_controlnet(cn, models / f"{name}.safetensors")
     manager = ModelManager(str(sd_dir), device="cpu", dtype="fp32")

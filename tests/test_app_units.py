@@ -196,3 +196,28 @@ def test_png_info_round_trip(client, running_app, tmp_path):
     with pytest.raises(Exception, match="no generation parameters"):
         Image.fromarray(img).save(tmp_path / "plain.png")
         client.predict(handle_file(str(tmp_path / "plain.png")), "canny", api_name="/png_info_send")
+
+
+def test_lora_tag_in_the_prompt(client, tmp_path):
+    """<lora:ink:0.8> in the prompt: the models folder's loras/ink.safetensors is merged for that request only."""
+    from gradio_client import handle_file
+
+    img = np.zeros((SIZE, SIZE, 3), np.uint8)
+    img[16:48, 16:48] = 255
+    Image.fromarray(img).save(tmp_path / "square.png")
+    unit = _unit(handle_file(str(tmp_path / "square.png")), "canny", (100, 200))
+
+    def run(prompt):
+        settings = dict(SETTINGS, prompt=prompt)
+        return client.predict(*unit, *settings.values(), *_extras(), None, "ip-adapter_sd15", 0.6,
+                              api_name="/canny_generate")  # fmt: skip
+
+    _, _, plain = run("a red square")
+    _, status, tagged = run("a red square <lora:ink:0.8>")
+    assert "LoRA: ink (0.8)" in status
+    assert "a red square, best quality <lora:ink:0.8>" in Image.open(tagged[0]).text["parameters"]
+    assert not np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(Image.open(tagged[0])))
+    _, _, again = run("a red square")
+    assert np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(Image.open(again[0])))  # the base is back
+    with pytest.raises(Exception, match=r"LoRA 'nowhere' not found.*loras/.*found: ink"):
+        run("a red square <lora:nowhere>")

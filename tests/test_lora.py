@@ -174,3 +174,25 @@ def test_lora_through_the_manager_changes_the_picture_and_leaves_the_base(tiny_d
     assert np.array_equal(manager.run(r).images, plain)  # the base is back
     with pytest.raises(InputError, match="weight must be"):
         manager.run(GenerationRequest("a", loras=(LoraUnit("x.safetensors", 50.0),)))
+
+
+def test_cli_lora_flag_and_prompt_tag_agree(tiny_dirs, ours, tmp_path):
+    import tiny
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from cldm.__main__ import main
+
+    (tmp_path / "models" / "loras").mkdir(parents=True)
+    save_file(tiny.lora_state(ours[0], seed=2), str(tmp_path / "models" / "loras" / "ink.safetensors"))
+    base = ["generate", "--base", str(tiny_dirs[0]), "--steps", "2", "--width", "64", "--height", "64", "--seed", "3"]
+    assert main([*base, "--prompt", "a red square", "--out", str(tmp_path / "plain.png")]) == 0
+    flag = ["--lora", f"{tmp_path / 'models' / 'loras' / 'ink.safetensors'}:0.5"]
+    assert main([*base, "--prompt", "a red square", *flag, "--out", str(tmp_path / "flag.png")]) == 0
+    tag = ["--prompt", "a red square <lora:ink:0.5>", "--lora-dir", str(tmp_path / "models")]
+    assert main([*base, *tag, "--out", str(tmp_path / "tag.png")]) == 0
+    plain, by_flag, by_tag = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("plain", "flag", "tag"))
+    assert np.array_equal(by_flag, by_tag) and not np.array_equal(plain, by_flag)
+    assert "a red square <lora:ink:0.5>" in Image.open(tmp_path / "tag.png").text["parameters"]
+    assert main([*base, "--prompt", "x <lora:nowhere>", "--lora-dir", str(tmp_path / "models"),
+                 "--out", str(tmp_path / "no.png")]) == 2  # fmt: skip

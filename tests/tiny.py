@@ -184,3 +184,24 @@ def nested_adapter(state):
         part, rest = k.split(".", 1)
         out[part][rest] = v
     return out
+
+
+def lora_state(sd, seed: int = 0, rank: int = 4) -> dict:
+    """A kohya-named LoRA over every layer a LoRA may change in `sd` (random weights, alpha = rank / 2)."""
+    import torch
+
+    from cldm import lora
+
+    g = torch.Generator().manual_seed(seed)
+    params = {"unet": sd.unet.state_dict(), "text": sd.text.state_dict()}
+    out = {}
+    for name, (part, key) in lora.targets(sd).items():
+        if not name.startswith("lora_"):
+            continue
+        w = params[part][key]
+        out[f"{name}.lora_down.weight"] = torch.randn(rank, *w.shape[1:], generator=g) * 0.1
+        out[f"{name}.lora_up.weight"] = (
+            torch.randn(w.shape[0], rank, *([1, 1] if w.ndim == 4 else []), generator=g) * 0.1
+        )
+        out[f"{name}.alpha"] = torch.tensor(rank / 2)
+    return out
