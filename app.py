@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 import gradio as gr
 
@@ -260,6 +261,10 @@ def main(argv: list[str] | None = None) -> None:
         log.warning("--share without --auth: anyone with the link can use every endpoint of this server")
     base, card, banner = choose_base(a.base, a.demo)
     manager = ModelManager(base, device=a.device, dtype=a.dtype, cache_bytes=int(a.cache_gb * 1024**3))
+    # textual inversions in <models>/embeddings, used by file name in any prompt (as A1111's embeddings folder)
+    embeddings_dir = Path(str(card.folder) if card else a.models_dir) / "embeddings"
+    for name, why in manager.load_embeddings(embeddings_dir).items():
+        log.warning("embedding %s left out: %s", name, why)
     limits = Limits.for_device(manager.device.type)
     limits = replace(limits, keep_outputs=a.keep_outputs, **({} if a.max_work is None else {"max_work": a.max_work}))
     # a model with a card (the demo model) ships its ControlNets beside it

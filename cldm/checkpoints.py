@@ -83,6 +83,8 @@ def _unwrap(obj, path: Path) -> StateDict:
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
+    if isinstance(obj, dict) and isinstance(obj.get("string_to_param"), dict):  # an A1111 textual inversion (.pt)
+        obj = {f"string_to_param.{k}": v for k, v in obj["string_to_param"].items()}
     # IP-Adapter .bin files hold {"image_proj": {...}, "ip_adapter": {...}}: flattened to "image_proj.proj.weight"
     if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()):
         obj = {f"{k}.{sub}": t for k, part in obj.items() for sub, t in part.items()}

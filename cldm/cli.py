@@ -51,6 +51,11 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         default="models",
         help="where <lora:name:weight> tags in --prompt are found (DIR/loras/name.safetensors)",
     )
+    p.add_argument(
+        "--embeddings",
+        metavar="DIR",
+        help="a folder of textual-inversion files (.pt/.safetensors), used by file name in the prompts",
+    )
     p.add_argument("--no-emphasis", action="store_true",
                    help="take the prompts literally (no A1111 (word:1.2) / [word] / BREAK syntax), as diffusers does")  # fmt: skip
     p.add_argument("--steps", type=int, default=20)
@@ -156,6 +161,9 @@ def cmd_generate(a: argparse.Namespace) -> None:
         print(f"{card.name} model: its native size is {card.size} px (model card); "
               f"making {request.width}x{request.height}", file=sys.stderr)  # fmt: skip
     manager = ModelManager(a.base, device=a.device, dtype=a.dtype)
+    if a.embeddings:
+        for name, why in manager.load_embeddings(a.embeddings).items():
+            print(f"embedding {name} left out: {why}", file=sys.stderr)
     result = manager.run(
         request, callback=lambda i, total: print(f"\rstep {i}/{total}", end="", file=sys.stderr, flush=True)
     )

@@ -16,6 +16,7 @@ import torch
 
 from . import checkpoints, weights
 from .controlnet import ControlNet, fit_problem
+from .embeddings import from_state as embedding_from
 from .errors import CheckpointError, InputError
 from .image_encoder import ImageEncoder, load_image_encoder
 from .ip_adapter import IPAdapter, load_ip_adapter
@@ -162,6 +163,23 @@ class ModelManager:
             while len(self._loras) > MAX_LORAS:
                 self._loras.popitem(last=False)
             return found
+
+    def load_embeddings(self, folder: str | Path) -> dict[str, str]:
+        """Every textual-inversion file in `folder` (.pt, .safetensors, .bin), usable by its file name in any prompt
+        (A1111's embeddings folder). Returns the refused ones with why; the others are loaded."""
+        refused = {}
+        with self.lock:
+            text = self.sd.text
+            for path in sorted(Path(folder).glob("*")) if Path(folder).is_dir() else []:
+                if path.suffix not in (".pt", ".safetensors", ".bin") or not path.is_file():
+                    continue
+                try:
+                    state = checkpoints.read_file(path)
+                    text.embeddings[path.stem] = embedding_from(state, path.stem, text.cfg.hidden_size)
+                except (InputError, CheckpointError) as e:
+                    refused[path.stem] = str(e)
+                    log.warning("embedding %s refused: %s", path.name, e)
+        return refused
 
     def image_encoder(self, path: str) -> ImageEncoder:
         """The CLIP image encoder folder at `path` on the device (one at a time)."""

@@ -85,18 +85,24 @@ def is_plain(pieces: list[tuple[str, float]]) -> bool:
     return len(pieces) == 1 and pieces[0][1] == 1.0
 
 
-def chunked(pieces: list[tuple[str, float]], tokenize, per_chunk: int) -> list[tuple[list[int], list[float]]]:
-    """(token ids, weights) of each chunk of at most `per_chunk` prompt tokens; BREAK closes a chunk early."""
-    chunks: list[tuple[list[int], list[float]]] = [([], [])]
+def chunked(pieces: list[tuple[str, float]], tokenize, per_chunk: int) -> list[tuple[list, list[float]]]:
+    """(tokens, weights) of each chunk of at most `per_chunk` prompt tokens; BREAK closes a chunk early.
+
+    `tokenize(text)` gives token ids, and (n, width) tensors for embeddings: their n rows stay in one chunk."""
+    chunks: list[tuple[list, list[float]]] = [([], [])]
     for text, weight in pieces:
         if weight == -1.0:  # BREAK
             chunks.append(([], []))
             continue
         for token in tokenize(text):
-            if len(chunks[-1][0]) == per_chunk:
+            rows = list(token) if isinstance(token, torch.Tensor) else [token]
+            if len(chunks[-1][0]) + len(rows) > per_chunk and chunks[-1][0]:
                 chunks.append(([], []))
-            chunks[-1][0].append(token)
-            chunks[-1][1].append(weight)
+            for row in rows:
+                if len(chunks[-1][0]) == per_chunk:
+                    chunks.append(([], []))
+                chunks[-1][0].append(row)
+                chunks[-1][1].append(weight)
     return chunks
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -13,6 +14,7 @@ from torch import nn
 
 from . import prompt_weights
 from .config import TextConfig
+from .embeddings import Embedding, substitute
 from .errors import MissingWeightsError
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ class TextEncoder(nn.Module):
         self.transformer = nn.Module()
         self.transformer.text_model = CLIPTextModel(cfg.to_transformers())
         self.tokenizer = tokenizer
+        self.embeddings: dict[str, Embedding] = {}  # textual inversions, by the word that calls them
 
     @property
     def clip(self):
@@ -51,6 +54,25 @@ class TextEncoder(nn.Module):
             "position_ids", torch.arange(n, device=emb.position_embedding.weight.device)[None], persistent=False
         )
 
+    @contextlib.contextmanager
+    def _embedded(self, vectors: list[tuple[int, int, int, torch.Tensor]], n_chunks: int):
+        """While encoding: the token-embedding layer's output takes the embeddings' vectors at their places."""
+        if not vectors:
+            yield
+            return
+
+        def hook(module, args, out):
+            out = out.clone()
+            for b, c, place, vec in vectors:
+                out[b * n_chunks + c, place] = vec.to(out.device, out.dtype)
+            return out
+
+        handle = self.clip.embeddings.token_embedding.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     @property
     def chunk_tokens(self) -> int:
         """Prompt tokens per chunk: 75 for SD1.5's 77-token context (BOS and EOS take the other two)."""
@@ -60,38 +82,53 @@ class TextEncoder(nn.Module):
         return self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
 
     def token_chunks(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> ids (batch, chunks, max_length), taken literally (no emphasis syntax)."""
-        return self.weighted_chunks(prompts, emphasis=False)[0]
+        """Prompts -> ids (batch, chunks, max_length), taken literally (no emphasis syntax, no embeddings)."""
+        return self.weighted_chunks(prompts, emphasis=False, embeddings=False)[0]
 
-    def weighted_chunks(self, prompts: list[str], emphasis: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prompts -> ids (batch, chunks, max_length) and each token's weight (None when every weight is 1); every
-        prompt gets as many chunks as the longest one. With `emphasis`, A1111's `(word:1.2)` syntax and BREAK are
-        read (`cldm.prompt_weights`); a prompt without them is tokenized exactly as it is."""
+    def weighted_chunks(
+        self, prompts: list[str], emphasis: bool = True, embeddings: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, int, int, torch.Tensor]]]:
+        """Prompts -> ids (batch, chunks, max_length), each token's weight (None when every weight is 1) and the
+        embedding vectors that replace token places ((prompt, chunk, place, vector)); every prompt gets as many
+        chunks as the longest one. With `emphasis`, A1111's `(word:1.2)` syntax and BREAK are read
+        (`cldm.prompt_weights`); with `embeddings`, the loaded embeddings' names (`self.embeddings`). A prompt with
+        neither is tokenized exactly as it is."""
         if self.tokenizer is None:
             raise MissingWeightsError("This text encoder has no tokenizer; load the model with its tokenizer.")
         per = self.chunk_tokens
-        chunks = []  # per prompt: [(ids, weights) per chunk]
+        found = self.embeddings if embeddings else {}
+        spelled = {tuple(self._tokenize(name)): e for name, e in found.items()}
+
+        def tokenize(text: str) -> list:
+            ids = self._tokenize(text)
+            return substitute(ids, spelled) if spelled else ids
+
+        chunks = []  # per prompt: [(tokens, weights) per chunk]
         for p in prompts:
             pieces = prompt_weights.parse(p) if emphasis else [(p, 1.0)]
-            if prompt_weights.is_plain(pieces):  # literally, as before emphasis existed
+            if prompt_weights.is_plain(pieces) and not spelled:  # literally, as before emphasis existed
                 toks = self._tokenize(pieces[0][0])
                 parts = [toks[i : i + per] for i in range(0, max(1, len(toks)), per)]
                 chunks.append([(part, [1.0] * len(part)) for part in parts])
             else:
-                chunks.append(prompt_weights.chunked(pieces, self._tokenize, per))
+                chunks.append(prompt_weights.chunked(pieces, tokenize, per))
         n_chunks = max(1, max(len(c) for c in chunks))
         tok = self.tokenizer
         bos, eos = tok.bos_token_id, tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
         out = torch.full((len(prompts), n_chunks, self.cfg.max_length), pad, dtype=torch.long)
         weights = torch.ones(out.shape, dtype=torch.float32)
+        vectors = []
         for b, prompt_chunks in enumerate(chunks):
             for c in range(n_chunks):
                 part, w = prompt_chunks[c] if c < len(prompt_chunks) else ([], [])
-                row = [bos, *part, eos]
+                for j, tok in enumerate(part):
+                    if isinstance(tok, torch.Tensor):  # an embedding's vector: its place gets a stand-in id
+                        vectors.append((b, c, 1 + j, tok))
+                row = [bos, *(pad if isinstance(t, torch.Tensor) else t for t in part), eos]
                 out[b, c, : len(row)] = torch.tensor(row)
                 weights[b, c, 1 : 1 + len(w)] = torch.tensor(w, dtype=torch.float32)
-        return out, (None if bool((weights == 1).all()) else weights)
+        return out, (None if bool((weights == 1).all()) else weights), vectors
 
     def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         """ids (batch, 77) -> hidden states (batch, 77, width). clip_skip=2 takes the penultimate layer (A1111)."""
@@ -106,7 +143,7 @@ class TextEncoder(nn.Module):
         self, prompts: list[str], clip_skip: int = 1, n_chunks: int | None = None, emphasis: bool = True
     ) -> torch.Tensor:
         """Prompts -> context (batch, 77 * chunks, width); A1111's emphasis weights applied per chunk."""
-        ids, weights = self.weighted_chunks(prompts, emphasis)
+        ids, weights, vectors = self.weighted_chunks(prompts, emphasis)
         if n_chunks is not None and n_chunks > ids.shape[1]:
             extra = self.token_chunks([""] * len(prompts)).expand(-1, n_chunks - ids.shape[1], -1)
             ids = torch.cat([ids, extra], dim=1)
@@ -115,7 +152,8 @@ class TextEncoder(nn.Module):
         if ids.shape[1] > 1:
             log.info("prompt longer than %d tokens: encoded in %d chunks", self.chunk_tokens, ids.shape[1])
         b, c, n = ids.shape
-        hidden = self(ids.reshape(b * c, n), clip_skip)  # (b*c, 77, w)
+        with self._embedded(vectors, ids.shape[1]):
+            hidden = self(ids.reshape(b * c, n), clip_skip)  # (b*c, 77, w)
         if weights is not None:
             flat = weights.reshape(b * c, n)
             hidden = torch.stack([
