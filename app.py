@@ -70,7 +70,7 @@ def condition_tab(studio: Studio, cond: Condition) -> Receivers:
             unit = unit_panel(studio, [cond], elem_id=f"{cond.key}-image")
             use_size = gr.Button("Use the picture's size", size="sm", elem_id=f"{cond.key}-size")
             settings = settings_panel(studio, cond)
-            extras = pass_panel(cond, cond.key)
+            extras = pass_panel(cond, cond.key, studio.models_dir)
             ip = image_prompt_panel(studio, cond.key)
             with gr.Row():
                 preview = gr.Button("Preview hint", elem_id=f"{cond.key}-preview")
@@ -150,7 +150,7 @@ def multi_tab(studio: Studio) -> Receivers:
                 panel.enabled, panel.choice = enabled, choice
                 units.append(panel)
             settings = settings_panel(studio, None)
-            extras = pass_panel(None, "multi")
+            extras = pass_panel(None, "multi", studio.models_dir)
             ip = image_prompt_panel(studio, "multi")
             with gr.Row():
                 run = gr.Button("Generate", variant="primary")

@@ -192,7 +192,7 @@ class UnitOptionsPanel:
 
 
 PASS_FIELDS = ("init_image", "mask_blur", "inpaint_mode", "hires", "hires_scale", "hires_steps", "hires_strength",
-               "hires_upscaler", "seed_per_picture", "preview_every", "clip_skip")  # fmt: skip
+               "hires_upscaler", "seed_per_picture", "preview_every", "clip_skip", "vae")  # fmt: skip
 
 
 @dataclass

@@ -8,7 +8,7 @@ import numpy as np
 
 import annotators
 from cldm.samplers import SAMPLER_LABELS, SAMPLERS
-from cldm.weights import IP_ADAPTERS, list_loras
+from cldm.weights import IP_ADAPTERS, VAE_FROM_CHECKPOINT, list_loras, list_vaes
 from conditions import ADDED_PROMPT, NEGATIVE_PROMPT, Condition
 from forms import ImagePromptPanel, PassPanel, ReferencePanel, SettingsPanel, UnitPanel
 from studio import (
@@ -125,7 +125,7 @@ def unit_panel(
                      mode=mode, resize=resize, pixel_perfect=perfect)  # fmt: skip
 
 
-def pass_panel(cond: Condition | None, key: str) -> PassPanel:
+def pass_panel(cond: Condition | None, key: str, models_dir: str | None = None) -> PassPanel:
     """img2img (an optional init picture on tabs whose picture is not already one), the inpaint options, the hires
     fix, one seed per picture and the live preview."""
     c = {}
@@ -148,6 +148,8 @@ def pass_panel(cond: Condition | None, key: str) -> PassPanel:
             c["seed_per_picture"] = gr.Checkbox(value=True, label="One seed per picture (seed + i, as A1111)")
             c["preview_every"] = gr.Slider(0, 50, value=5, step=1, label="Live preview every N steps (0: off)")
             c["clip_skip"] = gr.Slider(0, 12, value=0, step=1, label="Clip skip (0: the condition's own; 2: anime)")
+        c["vae"] = gr.Dropdown([VAE_FROM_CHECKPOINT, *list_vaes(models_dir)], value=VAE_FROM_CHECKPOINT, label="VAE",
+                               allow_custom_value=True)  # fmt: skip
     return PassPanel(c)
 
 

@@ -68,6 +68,7 @@ class PassSettings:
     seed_per_picture: bool = False  # A1111: picture i is made by seed + i alone
     preview_every: int = 0  # steps between live previews; 0: none
     clip_skip: int = 0  # 0: the condition's own (2 for lineart anime, else 1)
+    vae: str = "From the checkpoint"  # or a file name in the models folder's vae/
 
     @property
     def hires_fix(self) -> HiresFix | None:

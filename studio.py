@@ -254,6 +254,8 @@ class Studio:
             clip_skip=(int(extras.clip_skip) if extras is not None and extras.clip_skip else None)
             or max([1, *(u.cond.clip_skip for u in units)]), init_image=init, strength=strength, mask=mask,
             image_prompt=self.image_prompt(ip), reference=self.reference(ref), resize_mode=resize, loras=loras,
+            vae=None if extras is None or extras.vae in ("", weights.VAE_FROM_CHECKPOINT) else str(
+                weights.locate_vae(extras.vae, self.models_dir)),
             **({} if extras is None else dict(
                 mask_blur=float(extras.mask_blur), inpaint_mode=extras.inpaint_mode, hires=extras.hires_fix,
                 seed_per_picture=bool(extras.seed_per_picture))),
@@ -302,6 +304,8 @@ class Studio:
             names += f" | IP-Adapter: {request.image_prompt.label} ({request.image_prompt.scale:g})"
         if request.reference is not None:
             names += f" | reference: {request.reference.mode}"
+        if request.vae is not None:
+            names += f" | VAE: {request.vae_label}"
         if request.loras:
             names += " | LoRA: " + ", ".join(f"{u.label} ({u.weight:g})" for u in request.loras)
         status = (

@@ -9,6 +9,9 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .text import TextEncoder
+
+POSITION_IDS = "transformer.text_model.embeddings.position_ids"  # a constant CLIP rebuilds (never loaded)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -53,3 +56,19 @@ def our_keys(cls, cfg, *args) -> list[str]:
     """The state-dict keys of `cls(cfg)`, without allocating its weights."""
     with torch.device("meta"):
         return list(cls(cfg, *args).state_dict())
+
+
+def text_from_diffusers(state: StateDict) -> StateDict:
+    """A diffusers text-encoder state dict -> our keys (`transformer.text_model.*`)."""
+    # transformers 4 wrote `text_model.*`; transformers 5 may write the inner names directly.
+    out = {}
+    for k, v in state.items():
+        out["transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    out.pop(POSITION_IDS, None)
+    return out
+
+
+def build_text(cfg, state: StateDict, dtype: torch.dtype, tokenizer) -> TextEncoder:
+    text = build(TextEncoder, cfg, state, "text encoder", dtype, tokenizer)
+    text.reset_buffers()
+    return text

@@ -26,12 +26,12 @@ from safetensors import SafetensorError
 
 from . import keymaps
 from . import model_configs as mc
-from .assemble import build, our_keys
+from .assemble import POSITION_IDS, build, build_text, our_keys, text_from_diffusers
 from .config import SDConfig, TextConfig, UNetConfig, VAEConfig
 from .controlnet import ControlNet
 from .errors import CheckpointError, MissingWeightsError
 from .sd import StableDiffusion
-from .text import TextEncoder, check_tokenizer, sd15_tokenizer
+from .text import check_tokenizer, sd15_tokenizer
 from .unet import UNet
 from .vae import AutoencoderKL
 
@@ -51,7 +51,6 @@ SKIP_NAMES = {
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
     "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "logvar",
 }  # fmt: skip
-POSITION_IDS = "transformer.text_model.embeddings.position_ids"
 CONFIG_METADATA_KEY = "cldm.config"  # our safetensors files carry their config in the header metadata
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 WEIGHT_EXTS = (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin", ".ckpt", ".pth", ".pt")
@@ -222,16 +221,6 @@ def _config_from_metadata(meta: dict[str, str], cls, section: str):
     )
 
 
-# ------------------------------------------------------------------------------------------ diffusers <-> ours
-def _text_from_diffusers(state: StateDict) -> StateDict:
-    # transformers 4 wrote `text_model.*`; transformers 5 may write the inner names directly.
-    out = {}
-    for k, v in state.items():
-        out["transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
-    out.pop(POSITION_IDS, None)
-    return out
-
-
 # -------------------------------------------------------------------------------------------------- loaders
 def _tokenizer_for(text_cfg: TextConfig, folder: Path | None):
     from transformers import CLIPTokenizer
@@ -246,12 +235,6 @@ def _tokenizer_for(text_cfg: TextConfig, folder: Path | None):
         f"This model's text encoder has a {text_cfg.vocab_size}-token vocabulary but no tokenizer came with it. "
         "Use the model's diffusers folder (with tokenizer/) instead."
     )
-
-
-def _build_text(cfg: TextConfig, state: StateDict, dtype: torch.dtype, tokenizer) -> TextEncoder:
-    text = build(TextEncoder, cfg, state, "text encoder", dtype, tokenizer)
-    text.reset_buffers()
-    return text
 
 
 def load_sd(
@@ -294,10 +277,27 @@ def load_sd(
     return StableDiffusion(
         build(UNet, unet_cfg, unet_sd, "UNet", dtype),
         build(AutoencoderKL, vae_cfg, vae_sd, "VAE", dtype),
-        _build_text(text_cfg, text_sd, dtype, tokenizer),
+        build_text(text_cfg, text_sd, dtype, tokenizer),
         cfg,
         source=str(path),
     )
+
+
+def load_vae(path: str | os.PathLike, cfg: VAEConfig, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """A VAE file or folder (vae-ft-mse-840000-ema-pruned.safetensors and the like: original keys, with or without
+    `first_stage_model.`, or diffusers keys / a diffusers `vae` folder) for a base whose VAE config is `cfg`."""
+    path = Path(path)
+    state = read_folder(path) if path.is_dir() else read_file(path)
+    if any(k.startswith(VAE_PREFIX) for k in state):
+        state = _strip(state, VAE_PREFIX)
+    state = {k: v for k, v in state.items() if not k.startswith(("loss.", "model_ema."))}
+    if any(".down_blocks." in k or ".mid_block." in k for k in state):
+        state = keymaps.from_diffusers(state, keymaps.vae_modules(cfg), our_keys(AutoencoderKL, cfg))
+    if "decoder.conv_in.weight" not in state:
+        raise CheckpointError(f"{path.name} holds no VAE decoder: it is {describe(state)}, not a VAE.")
+    vae = build(AutoencoderKL, cfg, state, f"VAE ({path.name})", dtype)
+    vae.source = path.name
+    return vae
 
 
 def _load_sd_diffusers(folder: Path, dtype: torch.dtype, tokenizer) -> StableDiffusion:
@@ -322,12 +322,12 @@ def _load_sd_diffusers(folder: Path, dtype: torch.dtype, tokenizer) -> StableDif
     vae_sd = keymaps.from_diffusers(
         read_folder(folder / "vae"), keymaps.vae_modules(vae_cfg), our_keys(AutoencoderKL, vae_cfg)
     )
-    text_sd = _text_from_diffusers(read_folder(folder / "text_encoder"))
+    text_sd = text_from_diffusers(read_folder(folder / "text_encoder"))
     tokenizer = tokenizer or _tokenizer_for(text_cfg, folder / "tokenizer")
     return StableDiffusion(
         build(UNet, unet_cfg, unet_sd, "UNet", dtype),
         build(AutoencoderKL, vae_cfg, vae_sd, "VAE", dtype),
-        _build_text(text_cfg, text_sd, dtype, tokenizer),
+        build_text(text_cfg, text_sd, dtype, tokenizer),
         SDConfig(unet_cfg, vae_cfg, text_cfg),
         source=str(folder),
     )

@@ -51,6 +51,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         default="models",
         help="where <lora:name:weight> tags in --prompt are found (DIR/loras/name.safetensors)",
     )
+    p.add_argument("--vae", help="another VAE file or folder (e.g. vae-ft-mse-840000-ema-pruned.safetensors)")
     p.add_argument(
         "--embeddings",
         metavar="DIR",
@@ -148,7 +149,7 @@ def request_from_args(a: argparse.Namespace, card: ModelCard | None = None) -> G
         clip_skip=a.clip_skip, init_image=load_rgb(a.init_image) if a.init_image else None, strength=a.strength,
         mask=load_rgb(a.mask)[..., 0] if a.mask else None, image_prompt=image_prompt, reference=reference,
         resize_mode=(a.resize_mode or ["crop"])[0], mask_blur=a.mask_blur, inpaint_mode=a.inpaint_mode,
-        seed_per_picture=a.seed_per_picture, emphasis=not a.no_emphasis, loras=tuple(loras),
+        seed_per_picture=a.seed_per_picture, emphasis=not a.no_emphasis, loras=tuple(loras), vae=a.vae,
         hires=None if a.hires_scale is None else HiresFix(a.hires_scale, a.hires_steps, a.hires_strength,
                                                           a.hires_upscaler),
     )  # fmt: skip

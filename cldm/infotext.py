@@ -264,6 +264,8 @@ def parameters(model, r: GenerationRequest) -> str:
         f"Steps: {r.steps}", f"Sampler: {SAMPLER_LABELS[r.sampler]}", f"CFG scale: {r.cfg_scale}", f"Seed: {r.seed}",
         f"Size: {r.width}x{r.height}", f"Model: {model.source.rstrip('/').split('/')[-1]}",
     ]  # fmt: skip
+    if r.vae is not None:
+        fields_.append(f"VAE: {r.vae_label}")  # A1111's key
     if r.init_image is not None:
         fields_.append(f"Denoising strength: {r.strength}")
         if r.resize_mode != "crop":

@@ -26,6 +26,7 @@ from .lora import parse as lora_parse
 from .pipeline import PreviewCallback, Result, StepCallback, generate
 from .request import ControlUnit, GenerationRequest, ImagePrompt
 from .sd import StableDiffusion
+from .vae import AutoencoderKL
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class ModelManager:
         self._ip: tuple[str, IPAdapter] | None = None
         self._encoder: tuple[str, ImageEncoder] | None = None
         self._loras: OrderedDict[tuple, Lora] = OrderedDict()  # parsed LoRAs, by (path, mtime)
+        self._vae: tuple[str, AutoencoderKL] | None = None  # the last VAE a request chose
         self.base_loads = 0
         self.controlnet_loads = 0
         self.ip_loads = 0
@@ -163,6 +165,16 @@ class ModelManager:
             while len(self._loras) > MAX_LORAS:
                 self._loras.popitem(last=False)
             return found
+
+    def vae(self, path: str) -> AutoencoderKL:
+        """The VAE file or folder at `path` on the device (one kept: another one replaces it)."""
+        with self.lock:
+            if self._vae is not None and self._vae[0] == str(path):
+                return self._vae[1]
+            vae = checkpoints.load_vae(path, self.sd.config.vae, dtype=self.dtype)
+            self._vae = None  # the old one goes before the new one is on the device
+            self._vae = (str(path), vae.to(self.device))
+            return self._vae[1]
 
     def load_embeddings(self, folder: str | Path) -> dict[str, str]:
         """Every textual-inversion file in `folder` (.pt, .safetensors, .bin), usable by its file name in any prompt
@@ -248,7 +260,12 @@ class ModelManager:
             loras = tuple(u if isinstance(u.model, Lora) else replace(u, model=self.lora(str(u.model)))
                           for u in request.loras)  # fmt: skip
             swap = time.perf_counter() - t0
-            request = replace(request, units=units, image_prompt=image_prompt, loras=loras)
+            vae = (
+                request.vae
+                if request.vae is None or isinstance(request.vae, AutoencoderKL)
+                else self.vae(str(request.vae))
+            )
+            request = replace(request, units=units, image_prompt=image_prompt, loras=loras, vae=vae)
             result = generate(sd, request, callback, preview, preview_every)
             result.timings["swap"] = swap
             if self.device.type == "cuda":

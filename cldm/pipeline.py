@@ -27,6 +27,7 @@ from .reference import ReferenceState, noised_reference
 from .request import ControlUnit, GenerationRequest
 from .samplers import Sampler, _randn, alphas_cumprod, make_sampler
 from .sd import StableDiffusion
+from .vae import AutoencoderKL
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
 PreviewCallback = Callable[[np.ndarray], None]  # (b, h, w, 3) uint8 at the latent size: A1111's "Approx cheap"
@@ -87,6 +88,8 @@ def check(model: StableDiffusion, request: GenerationRequest) -> None:
         elif (why := fit_problem(u.model, model.config.unet, model.latent_factor)) is not None:
             problems.append(f"ControlNet {i + 1} ({u.label}) does not fit this base model: {why}. "
                             "Use a ControlNet made for this base (SD1.5 ControlNets for SD1.5 models).")  # fmt: skip
+    if request.vae is not None and not isinstance(request.vae, AutoencoderKL):
+        problems.append("the VAE is not loaded (the model manager loads files)")
     for i, u in enumerate(request.loras):
         if not isinstance(u.model, lora.Lora):
             problems.append(f"LoRA {i + 1} ({u.label}) is not loaded (the model manager loads files)")
@@ -346,6 +349,8 @@ def generate(
     with a hires fix); `preview(pictures)` every `preview_every` steps with A1111's "Approx cheap" preview.
     """
     check(model, request)
+    if request.vae is not None:  # this request's VAE in place of the checkpoint's (the model itself is not changed)
+        model = replace(model, vae=request.vae)
     originals = lora.apply(model, [(u.model, u.weight) for u in request.loras])
     try:
         return _generate(model, fit_pictures(request), callback, preview, preview_every)

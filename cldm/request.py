@@ -140,6 +140,14 @@ class GenerationRequest:
     hires: HiresFix | None = None
     emphasis: bool = True  # A1111's (word:1.2) / [word] / BREAK syntax; False: the prompt is taken literally
     loras: tuple[LoraUnit, ...] = ()  # merged into the UNet and text encoder for this request only
+    vae: object = None  # another VAE (file, folder or loaded module) for this request; None: the checkpoint's
+
+    @property
+    def vae_label(self) -> str | None:
+        if self.vae is None:
+            return None
+        source = getattr(self.vae, "source", None)
+        return stem(source if isinstance(source, str) else self.vae)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "units", tuple(self.units))  # a list given by a caller stays immutable here

@@ -148,3 +148,28 @@ def locate_lora(name: str, models_dir: str | os.PathLike | None) -> Path:
         f"LoRA {name!r} not found: put {name}.safetensors in {Path(models_dir or 'models') / LORA_FOLDERS[0]}/"
         + (f" (found: {', '.join(known[:10])})" if known else "")
     )
+
+
+VAE_FOLDER = "vae"  # models_dir/vae: VAE files (A1111's models/VAE)
+VAE_FROM_CHECKPOINT = "From the checkpoint"
+
+
+def list_vaes(models_dir: str | os.PathLike | None) -> list[str]:
+    """The VAE file names in `models_dir/vae/` (A1111's `models/VAE/` too), sorted."""
+    names = set()
+    for folder in (VAE_FOLDER, "VAE"):
+        d = Path(models_dir or "models") / folder
+        if d.is_dir():
+            names |= {p.name for p in d.iterdir() if p.suffix in (*LOCAL_SUFFIXES, ".pt") and p.is_file()}
+    return sorted(names)
+
+
+def locate_vae(name: str, models_dir: str | os.PathLike | None) -> Path:
+    """A VAE chosen by file name in the models folder's `vae/` (or `VAE/`)."""
+    if "/" in name or "\\" in name or name.startswith("."):
+        raise InputError(f"VAE name {name!r}: give the file's name without folders.")
+    for folder in (VAE_FOLDER, "VAE"):
+        path = Path(models_dir or "models") / folder / name
+        if path.is_file():
+            return path
+    raise MissingWeightsError(f"VAE {name!r} not found: put it in {Path(models_dir or 'models') / VAE_FOLDER}/.")

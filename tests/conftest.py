@@ -96,6 +96,10 @@ def running_app(tiny_dirs, ours, other_controlnet, misfit_controlnet, tmp_path_f
     save_file(tiny.adapter_state(ours[0].unet, "plain"), str(models / "ip-adapter_sd15.safetensors"))
     tiny.write_image_encoder(models / "image_encoder")
     writers.save_controlnet(cn, models / "control_v11e_sd15_shuffle", fmt="diffusers")
+    (models / "vae").mkdir()  # another VAE (a brighter decoder), chosen by name in the app
+    vae = {k: v.clone() for k, v in ours[0].vae.state_dict().items()}
+    vae["decoder.conv_out.weight"] *= 1.5
+    save_file(vae, str(models / "vae" / "bright.safetensors"))
     (models / "loras").mkdir()
     save_file(tiny.lora_state(ours[0]), str(models / "loras" / "ink.safetensors"))  # for <lora:ink:0.8>
     for name in ("control_v11p_sd15_inpaint", "control_v11f1e_sd15_tile"):

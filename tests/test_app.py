@@ -29,7 +29,7 @@ def square(tmp_path):
 
 PASS = dict(init_image=None, mask_blur=0.0, inpaint_mode="Only the painted area (inpaint_only)", hires=False,
             hires_scale=2.0, hires_steps=0, hires_strength=0.7, hires_upscaler="Latent", seed_per_picture=True,
-            preview_every=0, clip_skip=0)  # fmt: skip
+            preview_every=0, clip_skip=0, vae="From the checkpoint")  # fmt: skip
 
 
 def _extras(mode="Balanced", resize="Crop and Resize", perfect=False, **changes):

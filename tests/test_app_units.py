@@ -221,3 +221,19 @@ def test_lora_tag_in_the_prompt(client, tmp_path):
     assert np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(Image.open(again[0])))  # the base is back
     with pytest.raises(Exception, match=r"LoRA 'nowhere' not found.*loras/.*found: ink"):
         run("a red square <lora:nowhere>")
+
+
+def test_vae_choice(client, tmp_path):
+    from gradio_client import handle_file
+
+    img = np.zeros((SIZE, SIZE, 3), np.uint8)
+    img[16:48, 16:48] = 255
+    Image.fromarray(img).save(tmp_path / "square.png")
+    args = [*_unit(handle_file(str(tmp_path / "square.png")), "canny", (100, 200)), *SETTINGS.values()]
+    _, _, plain = client.predict(*args, *_extras(), None, "ip-adapter_sd15", 0.6, api_name="/canny_generate")
+    _, status, bright = client.predict(*args, *_extras(vae="bright.safetensors"), None, "ip-adapter_sd15", 0.6,
+                                       api_name="/canny_generate")  # fmt: skip
+    assert "VAE: bright" in status and "VAE: bright" in Image.open(bright[0]).text["parameters"]
+    assert not np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(Image.open(bright[0])))
+    with pytest.raises(Exception, match="VAE '../x' name|without folders"):
+        client.predict(*args, *_extras(vae="../x"), None, "ip-adapter_sd15", 0.6, api_name="/canny_generate")
