@@ -12,13 +12,14 @@ Loading is strict: every key must be used (deliberate skips are listed below) an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import pickle
 import struct
 import zipfile
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -51,7 +52,7 @@ SKIP_NAMES = {
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
     "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "logvar",
 }  # fmt: skip
-CONFIG_METADATA_KEY = "cldm.config"  # our safetensors files carry their config in the header metadata
+
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 WEIGHT_EXTS = (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin", ".ckpt", ".pth", ".pt")
 
@@ -170,7 +171,7 @@ def read_folder(folder: Path) -> StateDict:
         index = folder / f"{stem}.safetensors.index.json"
         if index.is_file():
             try:
-                shards = sorted(set(_read_json(index)["weight_map"].values()))
+                shards = sorted(set(mc.read_json(index)["weight_map"].values()))
             except (KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{index.name} in {folder.name}/ has no usable weight_map ({e}).") from e
             out: StateDict = {}
@@ -185,40 +186,8 @@ def read_folder(folder: Path) -> StateDict:
     return read_file(_folder_weights(folder))
 
 
-def _config(parse, path: Path):
-    """A diffusers config.json through one of the `model_configs` parsers; missing fields are a CheckpointError."""
-    try:
-        return parse(_read_json(path))
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
-        raise CheckpointError(f"{path} is not a usable diffusers config ({type(e).__name__}: {e}).") from e
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise MissingWeightsError(f"{path} is missing.") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}).") from e
-
-
 def _strip(state: StateDict, prefix: str) -> StateDict:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _config_from_metadata(meta: dict[str, str], cls, section: str):
-    if CONFIG_METADATA_KEY not in meta:
-        return None
-    data = json.loads(meta[CONFIG_METADATA_KEY]).get(section)
-    if data is None:
-        return None
-    return cls(
-        **{
-            f.name: tuple(data[f.name]) if isinstance(data[f.name], list) else data[f.name]
-            for f in fields(cls)
-            if f.name in data
-        }
-    )
 
 
 # -------------------------------------------------------------------------------------------------- loaders
@@ -266,9 +235,9 @@ def load_sd(
     if config is not None:
         unet_cfg, vae_cfg, text_cfg = config.unet, config.vae, config.text
     else:
-        unet_cfg = _config_from_metadata(meta, UNetConfig, "unet") or mc.infer_unet_config(unet_sd)
-        vae_cfg = _config_from_metadata(meta, VAEConfig, "vae") or mc.infer_vae_config(vae_sd)
-        text_cfg = _config_from_metadata(meta, TextConfig, "text") or mc.infer_text_config(text_sd)
+        unet_cfg = mc.config_from_metadata(meta, UNetConfig, "unet") or mc.infer_unet_config(unet_sd)
+        vae_cfg = mc.config_from_metadata(meta, VAEConfig, "vae") or mc.infer_vae_config(vae_sd)
+        text_cfg = mc.config_from_metadata(meta, TextConfig, "text") or mc.infer_text_config(text_sd)
     # A model with its own vocabulary (like the shipped demo model) keeps its tokenizer in a folder beside the file.
     beside = path.parent / "tokenizer"
     own = beside if beside.is_dir() and text_cfg.vocab_size != TextConfig.vocab_size else None
@@ -305,7 +274,7 @@ def _load_sd_diffusers(folder: Path, dtype: torch.dtype, tokenizer) -> StableDif
         raise CheckpointError(f"{folder} is a folder but not a diffusers pipeline (no model_index.json).")
     sched = folder / "scheduler" / "scheduler_config.json"
     if sched.is_file():
-        sc = _read_json(sched)
+        sc = mc.read_json(sched)
         if (
             sc.get("prediction_type", "epsilon") != "epsilon"
             or sc.get("beta_schedule", "scaled_linear") != "scaled_linear"
@@ -313,9 +282,9 @@ def _load_sd_diffusers(folder: Path, dtype: torch.dtype, tokenizer) -> StableDif
             raise CheckpointError(
                 f"{folder}: only epsilon-prediction SD1.x models with the scaled-linear schedule work here."
             )
-    unet_cfg = _config(mc.unet_config_from_diffusers, folder / "unet" / "config.json")
-    vae_cfg = _config(mc.vae_config_from_diffusers, folder / "vae" / "config.json")
-    text_cfg = _config(mc.text_config_from_diffusers, folder / "text_encoder" / "config.json")
+    unet_cfg = mc.config_file(mc.unet_config_from_diffusers, folder / "unet" / "config.json")
+    vae_cfg = mc.config_file(mc.vae_config_from_diffusers, folder / "vae" / "config.json")
+    text_cfg = mc.config_file(mc.text_config_from_diffusers, folder / "text_encoder" / "config.json")
     unet_sd = keymaps.from_diffusers(
         read_folder(folder / "unet"), keymaps.unet_modules(unet_cfg), our_keys(UNet, unet_cfg)
     )
@@ -364,7 +333,7 @@ def load_controlnet(
     """
     path = Path(path)
     if path.is_dir():
-        cfg = _config(mc.unet_config_from_diffusers, path / "config.json")
+        cfg = mc.config_file(mc.unet_config_from_diffusers, path / "config.json")
         state = keymaps.from_diffusers(read_folder(path), keymaps.controlnet_modules(cfg), our_keys(ControlNet, cfg))
     else:
         state = read_file(path)
@@ -373,13 +342,43 @@ def load_controlnet(
         if any(k.startswith(CONTROL_PREFIX) for k in state):
             state = _strip(state, CONTROL_PREFIX)
         elif kind == "a diffusers ControlNet":
-            cfg = _config_from_metadata(meta, UNetConfig, "controlnet") or base or UNetConfig()
+            cfg = mc.config_from_metadata(meta, UNetConfig, "controlnet") or base or UNetConfig()
             state = keymaps.from_diffusers(state, keymaps.controlnet_modules(cfg), our_keys(ControlNet, cfg))
         elif kind != "a ControlNet":
             raise CheckpointError(
                 f"{path} is {kind}, not a ControlNet. Pick a ControlNet file (e.g. control_v11p_sd15_canny)."
             )
-        cfg = _config_from_metadata(meta, UNetConfig, "controlnet") or mc.infer_unet_config(state, base)
+        cfg = mc.config_from_metadata(meta, UNetConfig, "controlnet") or mc.infer_unet_config(state, base)
     if global_average_pooling is not None:
         cfg = replace(cfg, global_average_pooling=global_average_pooling)
     return build(ControlNet, cfg, state, "ControlNet", dtype)
+
+
+def short_hash(path: str | os.PathLike) -> str:
+    """A1111's model hash: the first 10 hex digits of the file's SHA-256 ("" for a folder). Kept in
+    ~/.cache/cldm/hashes.json by path, size and modification time, so a 4 GB file is read once."""
+    path = Path(path)
+    if not path.is_file():
+        return ""
+    cache_file = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cldm" / "hashes.json"
+    stat = path.stat()
+    key, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
+    try:
+        cache = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache.get(key), dict) and cache[key].get("stamp") == stamp:
+        return cache[key]["sha256"][:10]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    cache[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache), encoding="utf-8")
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a read-only home: the hash is computed again next time
+    return digest.hexdigest()[:10]

@@ -262,7 +262,9 @@ def parameters(model, r: GenerationRequest) -> str:
         lines.append(f"Negative prompt: {r.negative_prompt}")
     fields_ = [
         f"Steps: {r.steps}", f"Sampler: {SAMPLER_LABELS[r.sampler]}", f"CFG scale: {r.cfg_scale}", f"Seed: {r.seed}",
-        f"Size: {r.width}x{r.height}", f"Model: {model.source.rstrip('/').split('/')[-1]}",
+        f"Size: {r.width}x{r.height}",
+        *([f"Model hash: {model.hash}"] if getattr(model, "hash", "") else []),
+        f"Model: {model.source.rstrip('/').split('/')[-1]}",
     ]  # fmt: skip
     if r.vae is not None:
         fields_.append(f"VAE: {r.vae_label}")  # A1111's key

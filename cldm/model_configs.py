@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import fields
+from pathlib import Path
+
 from .config import TextConfig, UNetConfig, VAEConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, MissingWeightsError
+
+CONFIG_METADATA_KEY = "cldm.config"  # our safetensors files carry their config in the header metadata
 
 StateDict = dict
 
@@ -194,4 +200,38 @@ def vae_config_to_diffusers(cfg: VAEConfig) -> dict:
         up_block_types=["UpDecoderBlock2D"] * levels,
         scaling_factor=cfg.scale_factor,
         sample_size=512,
+    )
+
+
+# ----------------------------------------------------------------------------------------- config files
+def config_file(parse, path: Path):
+    """A diffusers config.json through one of the `model_configs` parsers; missing fields are a CheckpointError."""
+    try:
+        return parse(read_json(path))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{path} is not a usable diffusers config ({type(e).__name__}: {e}).") from e
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise MissingWeightsError(f"{path} is missing.") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}).") from e
+
+
+def config_from_metadata(meta: dict[str, str], cls, section: str):
+    """A config written into our safetensors metadata (`cldm.config`), or None."""
+    if CONFIG_METADATA_KEY not in meta:
+        return None
+    data = json.loads(meta[CONFIG_METADATA_KEY]).get(section)
+    if data is None:
+        return None
+    return cls(
+        **{
+            f.name: tuple(data[f.name]) if isinstance(data[f.name], list) else data[f.name]
+            for f in fields(cls)
+            if f.name in data
+        }
     )

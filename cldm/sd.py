@@ -22,6 +22,7 @@ class StableDiffusion:
     text: TextEncoder
     config: SDConfig
     source: str = "random"
+    hash: str = ""  # A1111's "Model hash": the first 10 hex digits of the file's SHA-256 (none for a folder)
 
     def modules(self) -> list[nn.Module]:
         return [self.unet, self.vae, self.text]
