@@ -19,7 +19,7 @@ from cldm.fit import picture_size
 from cldm.manager import ModelManager
 from cldm.weights import DEFAULT_BASE_REPO
 from conditions import CONDITIONS, EXAMPLES_DIR, Condition
-from forms import Form, SizePanel, UnitOptionsPanel
+from forms import BasePanel, Form, SizePanel, UnitOptionsPanel
 from handlers import friendly, session, stop_button, streamed
 from launch import quiet_dependencies, read_auth
 from panels import MAX_UI_SIZE, image_prompt_panel, pass_panel, reference_panel, settings_panel, unit_panel
@@ -63,7 +63,7 @@ def friendly_size(fn):
     return wrapped
 
 
-def condition_tab(studio: Studio, cond: Condition) -> Receivers:
+def condition_tab(studio: Studio, cond: Condition, base: BasePanel) -> Receivers:
     """One tab, for any row of the condition table."""
     with gr.Row():
         with gr.Column():
@@ -90,7 +90,7 @@ def condition_tab(studio: Studio, cond: Condition) -> Receivers:
     size = SizePanel(settings.widgets["width"], settings.widgets["height"])
     preview_form, hint_form = Form(unit, size), Form(unit, size, UnitOptionsPanel([unit]))
     run_form = Form(unit, settings)
-    gen_form = Form(unit, settings, UnitOptionsPanel([unit]), extras, ip)
+    gen_form = Form(unit, settings, UnitOptionsPanel([unit]), extras, ip, base)
 
     @friendly(studio)
     def do_preview(*values):
@@ -109,12 +109,12 @@ def condition_tab(studio: Studio, cond: Condition) -> Receivers:
 
     @friendly(studio)
     def do_generate(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008
-        u, s, (options,), more, image_prompt = gen_form.read(values)
+        u, s, (options,), more, image_prompt, base_name = gen_form.read(values)
         who = session(request)
 
         def work(prog, show):
             return studio.generate([replace(u, **options)], s, prog, image_prompt, session=who, extras=more,
-                                   preview=show)  # fmt: skip
+                                   preview=show, base=base_name)  # fmt: skip
 
         yield from streamed(studio, work, progress, who)
 
@@ -129,7 +129,7 @@ def condition_tab(studio: Studio, cond: Condition) -> Receivers:
     return Receivers(cond.key, settings, [unit])
 
 
-def multi_tab(studio: Studio) -> Receivers:
+def multi_tab(studio: Studio, base: BasePanel) -> Receivers:
     """Up to three ControlNets at once, each with the same panel as a condition tab (preprocessor sliders included)."""
     choices = [c for c in CONDITIONS if not c.inpaint]
     defaults = studio.card.conditions if studio.card else MULTI_DEFAULTS
@@ -159,7 +159,7 @@ def multi_tab(studio: Studio) -> Receivers:
             gallery = gr.Gallery(label="Hints and results", columns=2, format="png")
             status = gr.Markdown()
             files = gr.Files(label="Download PNGs (with parameters)")
-    form, gen_form = Form(*units, settings), Form(*units, settings, UnitOptionsPanel(units), extras, ip)
+    form, gen_form = Form(*units, settings), Form(*units, settings, UnitOptionsPanel(units), extras, ip, base)
 
     def chosen_units(records, options) -> list:
         chosen = [replace(u, **o) for u, o in zip(records[: len(units)], options) if u is not None]
@@ -176,11 +176,12 @@ def multi_tab(studio: Studio) -> Receivers:
     @friendly(studio)
     def do_generate(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008
         records = gen_form.read(values)
-        s, options, more, image_prompt = records[len(units) :]
+        s, options, more, image_prompt, base_name = records[len(units) :]
         chosen, who = chosen_units(records, options), session(request)
 
         def work(prog, show):
-            return studio.generate(chosen, s, prog, image_prompt, session=who, extras=more, preview=show)
+            return studio.generate(chosen, s, prog, image_prompt, session=who, extras=more, preview=show,
+                                   base=base_name)  # fmt: skip
 
         yield from streamed(studio, work, progress, who)
 
@@ -221,13 +222,16 @@ def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | 
     """The whole UI. Gradio's copies of uploads and results are deleted once a day old (checked hourly)."""
     with gr.Blocks(title="ControlNet studio", delete_cache=delete_cache) as demo:
         gr.Markdown("# ControlNet studio\nStable Diffusion 1.5 + ControlNet 1.1. " + banner)
+        # every Generate names its base: a switch loads it (freeing the other) and the ControlNets stay
+        base = BasePanel(gr.Dropdown(list(studio.bases), value=next(iter(studio.bases)), label="Base model",
+                                     allow_custom_value=True, elem_id="base-model"))  # fmt: skip
         with gr.Tabs() as tabs:
             receivers = []
             for cond in CONDITIONS:
                 with gr.Tab(cond.label, id=cond.key):
-                    receivers.append(condition_tab(studio, cond))
+                    receivers.append(condition_tab(studio, cond, base))
             with gr.Tab("Multi", id="multi"):
-                receivers.append(multi_tab(studio))
+                receivers.append(multi_tab(studio, base))
             with gr.Tab("Image prompt", id="image_prompt"):
                 picture_prompt_tab(studio)
             with gr.Tab("PNG info", id="png_info"):

@@ -214,6 +214,20 @@ class PassPanel:
 
 
 @dataclass
+class BasePanel:
+    """The base-model choice at the top of the page (a name of `studio.Studio.bases`; null: the current one)."""
+
+    choice: gr.Dropdown
+
+    @property
+    def inputs(self) -> list:
+        return [self.choice]
+
+    def read(self, it: Iterator) -> str | None:
+        return _take(it, ["base"], optional=("base",))["base"]
+
+
+@dataclass
 class ImagePromptPanel:
     """The Image prompt accordion: picture (optional), adapter, scale."""
 

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +86,11 @@ class Studio:
         for stale in self.out_dir.glob(".*.part"):  # a PNG being written when the server was killed
             stale.unlink(missing_ok=True)
         self.limits = limits or Limits.for_device(manager.device.type)
+        # the bases a request may name: the one the server started with, then the models folder's (not in demo mode)
+        start = Path(manager.base_path).name or manager.base_path
+        self.bases = {start: manager.base_path}
+        if card is None:
+            self.bases.update({k: v for k, v in weights.list_bases(models_dir).items() if k not in self.bases})
         self._stops: dict[str, threading.Event] = {}  # session -> its Stop button was pressed
         self._stops_lock = threading.Lock()
 
@@ -267,7 +272,7 @@ class Studio:
     def generate(self, units: list[UnitSettings], s: Settings, progress: Progress,
                  ip: ImagePromptSettings | None = None, ref: ReferenceSettings | None = None,
                  session: str | None = None, extras: PassSettings | None = None,
-                 preview: Callable[[np.ndarray], None] | None = None):  # fmt: skip
+                 preview: Callable[[np.ndarray], None] | None = None, base: str | None = None):  # fmt: skip
         """Run one request: (gallery items: hints then pictures, status line, PNG files with their parameters).
 
         The session's Stop button ends it at the next step boundary (Stopped is raised; nothing is written).
@@ -284,6 +289,10 @@ class Studio:
         try:
             seed = random.randint(0, MAX_SEED) if s.randomize else int(s.seed)
             request, shown, note = self.request(units, s, seed, progress, ip, ref, extras)
+            if base is not None:
+                if base not in self.bases:
+                    raise InputError(f"Unknown base model {base!r}; choose one of {', '.join(self.bases)}.")
+                request = replace(request, base=self.bases[base])
             if flag.is_set():
                 raise Stopped("Stopped before sampling; nothing was saved.")
             t0 = time.perf_counter()

@@ -5,6 +5,7 @@ The only module that decides devices and dtypes.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -92,6 +93,7 @@ class ModelManager:
         self._encoder: tuple[str, ImageEncoder] | None = None
         self._loras: OrderedDict[tuple, Lora] = OrderedDict()  # parsed LoRAs, by (path, mtime)
         self._vae: tuple[str, AutoencoderKL] | None = None  # the last VAE a request chose
+        self._embeddings_dir: Path | None = None
         self.base_loads = 0
         self.controlnet_loads = 0
         self.ip_loads = 0
@@ -101,13 +103,40 @@ class ModelManager:
         with self.lock:
             if self._sd is None:
                 t = time.perf_counter()
-                sd = checkpoints.load_sd(weights.locate_base(self.base_path), dtype=self.dtype)
+                path = weights.locate_base(self.base_path)
+                sd = checkpoints.load_sd(path, dtype=self.dtype)
+                sd.hash = checkpoints.short_hash(path)
                 self._sd = sd.to(self.device).freeze()
                 self.base_loads += 1
+                if self._embeddings_dir is not None:  # the textual inversions belong to the text encoder
+                    self._read_embeddings(self._sd.text, self._embeddings_dir)
                 log.info(
                     "loaded base %s on %s/%s in %.1fs", self.base_path, self.device, self.dtype, time.perf_counter() - t
                 )
             return self._sd
+
+    def use_base(self, base: str) -> StableDiffusion:
+        """Make `base` the base model. The current one is freed first, so only one base is ever in memory;
+        ControlNets, VAEs and the IP-Adapter stay (SD1.5 ones fit every SD1.5 base), LoRAs are matched again and the
+        embeddings folder is read again. If `base` cannot be loaded, the previous base is loaded back and the error
+        is raised: the server keeps a working model."""
+        with self.lock:
+            if str(base) == self.base_path and self._sd is not None:
+                return self._sd
+            previous, had = self.base_path, self._sd is not None
+            self._sd = None
+            self._loras.clear()
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.base_path = str(base)
+            try:
+                return self.sd
+            except Exception:
+                self.base_path = previous
+                if had:
+                    self.sd  # noqa: B018 (loads the previous base back)
+                raise
 
     def controlnet(self, path: str, global_average_pooling: bool | None = None) -> ControlNet:
         """A ControlNet from the cache, loading it (on the CPU) on first use; one that does not fit the base is
@@ -179,18 +208,22 @@ class ModelManager:
     def load_embeddings(self, folder: str | Path) -> dict[str, str]:
         """Every textual-inversion file in `folder` (.pt, .safetensors, .bin), usable by its file name in any prompt
         (A1111's embeddings folder). Returns the refused ones with why; the others are loaded."""
-        refused = {}
         with self.lock:
-            text = self.sd.text
-            for path in sorted(Path(folder).glob("*")) if Path(folder).is_dir() else []:
-                if path.suffix not in (".pt", ".safetensors", ".bin") or not path.is_file():
-                    continue
-                try:
-                    state = checkpoints.read_file(path)
-                    text.embeddings[path.stem] = embedding_from(state, path.stem, text.cfg.hidden_size)
-                except (InputError, CheckpointError) as e:
-                    refused[path.stem] = str(e)
-                    log.warning("embedding %s refused: %s", path.name, e)
+            self._embeddings_dir = Path(folder)
+            return self._read_embeddings(self.sd.text, Path(folder))
+
+    @staticmethod
+    def _read_embeddings(text, folder: Path) -> dict[str, str]:
+        refused = {}
+        for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+            if path.suffix not in (".pt", ".safetensors", ".bin") or not path.is_file():
+                continue
+            try:
+                state = checkpoints.read_file(path)
+                text.embeddings[path.stem] = embedding_from(state, path.stem, text.cfg.hidden_size)
+            except (InputError, CheckpointError) as e:
+                refused[path.stem] = str(e)
+                log.warning("embedding %s refused: %s", path.name, e)
         return refused
 
     def image_encoder(self, path: str) -> ImageEncoder:
@@ -245,6 +278,8 @@ class ModelManager:
         """
         request.validate()  # field values first: nothing is loaded for a request that cannot run
         with self.lock:
+            if request.base is not None:  # each request names its base; a switch waits for the lock
+                self.use_base(request.base)
             t0 = time.perf_counter()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)  # the peak reported is this request's

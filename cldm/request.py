@@ -141,6 +141,7 @@ class GenerationRequest:
     emphasis: bool = True  # A1111's (word:1.2) / [word] / BREAK syntax; False: the prompt is taken literally
     loras: tuple[LoraUnit, ...] = ()  # merged into the UNet and text encoder for this request only
     vae: object = None  # another VAE (file, folder or loaded module) for this request; None: the checkpoint's
+    base: str | None = None  # the base model this request asks for (the model manager switches); None: the current
 
     @property
     def vae_label(self) -> str | None:
@@ -271,6 +272,8 @@ def _text_problems(r: GenerationRequest) -> list[str]:
     for name in ("guess_mode", "seed_per_picture", "emphasis"):
         if not isinstance(getattr(r, name), bool | np.bool_):
             out.append(f"{name} must be true or false (got {getattr(r, name)!r})")
+    if r.base is not None and not isinstance(r.base, str | os.PathLike):
+        out.append(f"base must be a file, folder or hub id (got {type(r.base).__name__})")
     for name in ("resize_mode", "inpaint_mode"):
         if not isinstance(getattr(r, name), str):
             out.append(f"{name} must be a name (got {type(getattr(r, name)).__name__})")

@@ -173,3 +173,20 @@ def locate_vae(name: str, models_dir: str | os.PathLike | None) -> Path:
         if path.is_file():
             return path
     raise MissingWeightsError(f"VAE {name!r} not found: put it in {Path(models_dir or 'models') / VAE_FOLDER}/.")
+
+
+BASE_FOLDERS = ("checkpoints", "Stable-diffusion")  # models_dir/checkpoints (ours), A1111's models/Stable-diffusion
+
+
+def list_bases(models_dir: str | os.PathLike | None) -> dict[str, str]:
+    """Base models in the models folder: name -> file or diffusers folder (`checkpoints/*.safetensors|.ckpt` and
+    folders with a model_index.json)."""
+    found = {}
+    for folder in BASE_FOLDERS:
+        d = Path(models_dir or "models") / folder
+        if not d.is_dir():
+            continue
+        for p in sorted(d.iterdir()):
+            if (p.is_file() and p.suffix in (".safetensors", ".ckpt")) or (p / "model_index.json").is_file():
+                found.setdefault(p.name, str(p))
+    return found

@@ -79,8 +79,10 @@ def misfit_controlnet(ours):
 @pytest.fixture(scope="session")
 def running_app(tiny_dirs, ours, other_controlnet, misfit_controlnet, tmp_path_factory):
     """The real app on 127.0.0.1 with tiny weights: (url, manager, output folder)."""
+    import shutil
+
     import app
-    from cldm import writers
+    from cldm import checkpoints, writers
     from cldm.manager import ModelManager
 
     sd_dir, cn_dir = tiny_dirs
@@ -96,6 +98,14 @@ def running_app(tiny_dirs, ours, other_controlnet, misfit_controlnet, tmp_path_f
     save_file(tiny.adapter_state(ours[0].unet, "plain"), str(models / "ip-adapter_sd15.safetensors"))
     tiny.write_image_encoder(models / "image_encoder")
     writers.save_controlnet(cn, models / "control_v11e_sd15_shuffle", fmt="diffusers")
+    # a second base in the models folder's checkpoints/ (other UNet weights), for the base-model list
+    other = checkpoints.load_sd(sd_dir)
+    with torch.no_grad():
+        for p in other.unet.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.02)
+    (models / "checkpoints").mkdir()
+    writers.save_sd(other, models / "checkpoints" / "other.safetensors")
+    shutil.copytree(sd_dir / "tokenizer", models / "checkpoints" / "tokenizer")
     (models / "vae").mkdir()  # another VAE (a brighter decoder), chosen by name in the app
     vae = {k: v.clone() for k, v in ours[0].vae.state_dict().items()}
     vae["decoder.conv_out.weight"] *= 1.5

@@ -297,7 +297,7 @@ def test_image_prompt_accordion_and_tab(client, square, tmp_path):
     style = handle_file(str(tmp_path / "style.png"))
     args = [*_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values()]
     plain = client.predict(*args, api_name="/canny_run")  # the API without the accordion, as before
-    with_ip = client.predict(*args, *_extras(), style, "ip-adapter_sd15", 1.0, api_name="/canny_generate")
+    with_ip = client.predict(*args, *_extras(), style, "ip-adapter_sd15", 1.0, None, api_name="/canny_generate")
     assert "IP-Adapter: ip-adapter_sd15 (1)" in with_ip[1]
     a, b = (np.asarray(Image.open(r[2][0])) for r in (plain, with_ip))
     assert not np.array_equal(a, b)
@@ -319,7 +319,7 @@ def test_image_prompt_accordion_and_tab(client, square, tmp_path):
     with pytest.raises(
         Exception, match=r"ip-adapter-plus_sd15.*not on this machine.*ip-adapter-plus_sd15\.safetensors"
     ):
-        client.predict(*args, *_extras(), style, "ip-adapter-plus_sd15", 1.0, api_name="/canny_generate")
+        client.predict(*args, *_extras(), style, "ip-adapter-plus_sd15", 1.0, None, api_name="/canny_generate")
     with pytest.raises(Exception, match="is not a reference preprocessor"):
         client.predict(
             None, "ip-adapter_sd15", 0.8, style, "<i>x</i>", 0.5, 1.0, *settings, api_name="/image_prompt_run"
@@ -334,7 +334,7 @@ def test_control_mode_per_unit(client, square):
     pics = {}
     for mode in ("Balanced", "My prompt is more important", "ControlNet is more important"):
         _, status, files = client.predict(
-            *args, *_extras(mode), None, "ip-adapter_sd15", 0.6, api_name="/canny_generate"
+            *args, *_extras(mode), None, "ip-adapter_sd15", 0.6, None, api_name="/canny_generate"
         )
         pics[mode] = np.asarray(Image.open(files[0]))
         text = Image.open(files[0]).text["parameters"]
@@ -343,12 +343,12 @@ def test_control_mode_per_unit(client, square):
     plain = client.predict(*args, api_name="/canny_run")[2][0]
     assert np.array_equal(np.asarray(Image.open(plain)), pics["Balanced"])  # /canny_run is Balanced, as before
     with pytest.raises(Exception, match="Control mode"):
-        client.predict(*args, *_extras("Guess"), None, "ip-adapter_sd15", 0.6, api_name="/canny_generate")
+        client.predict(*args, *_extras("Guess"), None, "ip-adapter_sd15", 0.6, None, api_name="/canny_generate")
     off = _multi(False, "depth", None, "depth_midas")
     units = [*_multi(True, "canny", handle_file(square), "canny"), *off, *off]
     options = ["ControlNet is more important", "Crop and Resize", False] + ["Balanced", "Crop and Resize", False] * 2
     _, _, files = client.predict(*units, *SETTINGS.values(), *options, *PASS.values(), None, "ip-adapter_sd15", 0.6,
-                                 api_name="/multi_generate")  # fmt: skip
+                                 None, api_name="/multi_generate")  # fmt: skip
     assert np.array_equal(np.asarray(Image.open(files[0])), pics["ControlNet is more important"])
 
 
@@ -366,7 +366,7 @@ def test_stop_ends_the_generation_at_a_step_and_frees_the_model(client, square, 
     long = dict(SETTINGS, steps=100, batch=4, width=128, height=128)
     args = [*_unit(handle_file(square), "canny", (100, 200)), *long.values()]
     if endpoint == "/canny_generate":
-        args += [*_extras(preview_every=5), None, "ip-adapter_sd15", 0.6]
+        args += [*_extras(preview_every=5), None, "ip-adapter_sd15", 0.6, None]
     job = client.submit(*args, api_name=endpoint)
     t0 = time.time()
     while job.status().code not in (Status.PROCESSING, Status.PROGRESS) and time.time() - t0 < 60:

@@ -3,6 +3,8 @@ outpainting, the hires fix, one seed per picture, the live preview stream, and P
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -80,35 +82,37 @@ def test_img2img_on_any_tab_hires_and_seed_per_picture(client, running_app, wide
     Image.fromarray(img).save(tmp_path / "square.png")
     square = handle_file(str(tmp_path / "square.png"))
     args = [*_unit(square, "canny", (100, 200)), *SETTINGS.values()]
-    _, status, files = client.predict(*args, *_extras(), None, "ip-adapter_sd15", 0.6, api_name="/canny_generate")
+    _, status, files = client.predict(*args, *_extras(), None, "ip-adapter_sd15", 0.6, None, api_name="/canny_generate")
     txt2img = np.asarray(Image.open(files[0]))
     _, _, files = client.predict(*args, *_extras(init_image=handle_file(wide)), None, "ip-adapter_sd15", 0.6,
-                                 api_name="/canny_generate")  # fmt: skip
+                                 None, api_name="/canny_generate")  # fmt: skip
     text = Image.open(files[0]).text["parameters"]
     assert "Denoising strength: 0.75" in text and not np.array_equal(np.asarray(Image.open(files[0])), txt2img)
     # hires: twice the size, the parameters say so
     _, status, files = client.predict(*args, *_extras(hires=True, hires_steps=2, hires_strength=0.5), None,
-                                      "ip-adapter_sd15", 0.6, api_name="/canny_generate")  # fmt: skip
+                                      "ip-adapter_sd15", 0.6, None, api_name="/canny_generate")  # fmt: skip
     assert Image.open(files[0]).size == (2 * SIZE, 2 * SIZE)
     assert "Hires upscale: 2, Hires steps: 2" in Image.open(files[0]).text["parameters"]
     # a batch of 2 with one seed per picture: picture 2 is seed 8's picture alone, and says so
     batch = dict(SETTINGS, batch=2, sampler="euler_a")
     gallery, _, files = client.predict(*_unit(square, "canny", (100, 200)), *batch.values(), *_extras(), None,
-                                       "ip-adapter_sd15", 0.6, api_name="/canny_generate")  # fmt: skip
+                                       "ip-adapter_sd15", 0.6, None, api_name="/canny_generate")  # fmt: skip
     assert [g["caption"] for g in gallery[1:]] == ["seed 7", "seed 8"]
     assert "Seed: 8," in Image.open(files[1]).text["parameters"]
     alone = dict(SETTINGS, seed=8, sampler="euler_a")
     _, _, one = client.predict(*_unit(square, "canny", (100, 200)), *alone.values(), *_extras(), None,
-                               "ip-adapter_sd15", 0.6, api_name="/canny_generate")  # fmt: skip
+                               "ip-adapter_sd15", 0.6, None, api_name="/canny_generate")  # fmt: skip
     assert np.abs(np.asarray(Image.open(one[0])).astype(int) - np.asarray(Image.open(files[1]))).max() <= 1
     # clip skip from the panel reaches the request (the tiny text encoder has layers to skip)
-    _, _, files = client.predict(*args, *_extras(clip_skip=2), None, "ip-adapter_sd15", 0.6, api_name="/canny_generate")
+    _, _, files = client.predict(
+        *args, *_extras(clip_skip=2), None, "ip-adapter_sd15", 0.6, None, api_name="/canny_generate"
+    )
     assert "Clip skip: 2" in Image.open(files[0]).text["parameters"]
     # over the limit with the hires pass counted
     with pytest.raises(Exception, match="hires"):
         big = dict(SETTINGS, width=1024, height=1024, steps=20)
         client.predict(*_unit(square, "canny", (100, 200)), *big.values(), *_extras(hires=True), None,
-                       "ip-adapter_sd15", 0.6, api_name="/canny_generate")  # fmt: skip
+                       "ip-adapter_sd15", 0.6, None, api_name="/canny_generate")  # fmt: skip
 
 
 def test_outpaint_with_resize_and_fill(client, wide):
@@ -122,9 +126,9 @@ def test_outpaint_with_resize_and_fill(client, wide):
     editor = {"background": handle_file(wide), "layers": [], "composite": handle_file(wide)}
     args = [editor, "none", SIZE, 1.0, 0.0, 1.0, *SETTINGS.values()]
     with pytest.raises(Exception, match="mask is empty"):
-        client.predict(*args, *_extras(), None, "ip-adapter_sd15", 0.6, api_name="/inpaint_generate")
+        client.predict(*args, *_extras(), None, "ip-adapter_sd15", 0.6, None, api_name="/inpaint_generate")
     _, _, files = client.predict(*args, *_extras(resize="Resize and Fill"), None, "ip-adapter_sd15", 0.6,
-                                 api_name="/inpaint_generate")  # fmt: skip
+                                 None, api_name="/inpaint_generate")  # fmt: skip
     out = np.asarray(Image.open(files[0]))
     kept = fit_rgb(src, SIZE, SIZE, "fill", fill="edge")
     middle = slice(SIZE // 4, 3 * SIZE // 4)
@@ -141,7 +145,7 @@ def test_live_preview_streams_before_the_result(client, tmp_path):
     Image.fromarray(img).save(tmp_path / "square.png")
     settings = dict(SETTINGS, steps=6)
     job = client.submit(*_unit(handle_file(str(tmp_path / "square.png")), "canny", (100, 200)), *settings.values(),
-                        *_extras(preview_every=2), None, "ip-adapter_sd15", 0.6, api_name="/canny_generate")  # fmt: skip
+                        *_extras(preview_every=2), None, "ip-adapter_sd15", 0.6, None, api_name="/canny_generate")  # fmt: skip
     final = job.result()
     outputs = job.outputs()
     previews = [o for o in outputs[:-1] if o[0] and o[0][0]["caption"] == "preview"]
@@ -167,7 +171,7 @@ def test_png_info_round_trip(client, running_app, tmp_path):
     unit = _unit(handle_file(str(tmp_path / "square.png")), "canny", (100, 200))
     unit[3:6] = [0.7, 0.1, 0.9]
     _, _, files = client.predict(*unit, *settings.values(), *_extras("My prompt is more important", "Just Resize"),
-                                 None, "ip-adapter_sd15", 0.6, api_name="/canny_generate")  # fmt: skip
+                                 None, "ip-adapter_sd15", 0.6, None, api_name="/canny_generate")  # fmt: skip
     summary, text, target = client.predict(handle_file(files[0]), api_name="/png_info_read")
     assert target == "canny" and summary["seed"] == 321 and summary["sampler"] == "euler_a"
     values = client.predict(handle_file(files[0]), "canny", api_name="/png_info_send")
@@ -210,7 +214,7 @@ def test_lora_tag_in_the_prompt(client, tmp_path):
     def run(prompt):
         settings = dict(SETTINGS, prompt=prompt)
         return client.predict(*unit, *settings.values(), *_extras(), None, "ip-adapter_sd15", 0.6,
-                              api_name="/canny_generate")  # fmt: skip
+                              None, api_name="/canny_generate")  # fmt: skip
 
     _, _, plain = run("a red square")
     _, status, tagged = run("a red square <lora:ink:0.8>")
@@ -230,10 +234,34 @@ def test_vae_choice(client, tmp_path):
     img[16:48, 16:48] = 255
     Image.fromarray(img).save(tmp_path / "square.png")
     args = [*_unit(handle_file(str(tmp_path / "square.png")), "canny", (100, 200)), *SETTINGS.values()]
-    _, _, plain = client.predict(*args, *_extras(), None, "ip-adapter_sd15", 0.6, api_name="/canny_generate")
+    _, _, plain = client.predict(*args, *_extras(), None, "ip-adapter_sd15", 0.6, None, api_name="/canny_generate")
     _, status, bright = client.predict(*args, *_extras(vae="bright.safetensors"), None, "ip-adapter_sd15", 0.6,
-                                       api_name="/canny_generate")  # fmt: skip
+                                       None, api_name="/canny_generate")  # fmt: skip
     assert "VAE: bright" in status and "VAE: bright" in Image.open(bright[0]).text["parameters"]
     assert not np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(Image.open(bright[0])))
     with pytest.raises(Exception, match="VAE '../x' name|without folders"):
-        client.predict(*args, *_extras(vae="../x"), None, "ip-adapter_sd15", 0.6, api_name="/canny_generate")
+        client.predict(*args, *_extras(vae="../x"), None, "ip-adapter_sd15", 0.6, None, api_name="/canny_generate")
+
+
+def test_base_model_choice(client, running_app, tmp_path):
+    """The Base model list: the server's base and the models folder's checkpoints/; each Generate names its base."""
+    from gradio_client import handle_file
+
+    img = np.zeros((SIZE, SIZE, 3), np.uint8)
+    img[16:48, 16:48] = 255
+    Image.fromarray(img).save(tmp_path / "square.png")
+    args = [*_unit(handle_file(str(tmp_path / "square.png")), "canny", (100, 200)), *SETTINGS.values(), *_extras(),
+            None, "ip-adapter_sd15", 0.6]  # fmt: skip
+    manager = running_app[1]
+    start = Path(manager.base_path).name
+    try:
+        _, _, first = client.predict(*args, start, api_name="/canny_generate")
+        _, status, other = client.predict(*args, "other.safetensors", api_name="/canny_generate")
+        assert "Base: other.safetensors" in status
+        assert "Model: other.safetensors" in Image.open(other[0]).text["parameters"]
+        assert not np.array_equal(np.asarray(Image.open(first[0])), np.asarray(Image.open(other[0])))
+        with pytest.raises(Exception, match="Unknown base model"):
+            client.predict(*args, "../etc/passwd", api_name="/canny_generate")
+    finally:
+        _, _, back = client.predict(*args, start, api_name="/canny_generate")  # the other tests' base
+    assert np.array_equal(np.asarray(Image.open(first[0])), np.asarray(Image.open(back[0])))
