@@ -34,6 +34,7 @@ def _ref(pipe, scheduler_name, **kw):
         EulerAncestralDiscreteScheduler,
         EulerDiscreteScheduler,
         LMSDiscreteScheduler,
+        UniPCMultistepScheduler,
     )  # fmt: skip
 
     classes = {
@@ -45,6 +46,7 @@ def _ref(pipe, scheduler_name, **kw):
             DPMSolverMultistepScheduler, {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}
         ),
         "lms_karras": (LMSDiscreteScheduler, {"use_karras_sigmas": True}),
+        "unipc": (UniPCMultistepScheduler, {}),
     }  # fmt: skip
     cls, extra = classes[scheduler_name]
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
@@ -84,7 +86,7 @@ def test_cli_matches_diffusers(tiny_dirs, ref_pipe, tmp_path, sampler):
     assert ref.std() > 10  # a real picture, not a flat one
 
 
-@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m_sde_karras", "lms_karras"])
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m_sde_karras", "lms_karras", "unipc"])
 @pytest.mark.parametrize("steps", [6, 20])
 def test_more_samplers_match_diffusers(ours, ref_pipe, sampler, steps):
     """A1111's Euler, DPM++ 2M SDE Karras and LMS Karras against diffusers' schedulers of the same name: whole

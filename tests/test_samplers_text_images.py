@@ -55,6 +55,20 @@ def test_lms_karras_schedule_matches_diffusers(steps):
             assert [ours.coefficient(order, i, j) for j in range(order)] == pytest.approx(want, rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.parametrize("steps", [1, 7, 20, 50])
+def test_unipc_schedule_matches_diffusers(steps):
+    """UniPC spaces its leading timesteps over steps + 1 intervals (diffusers' rule), ending at sigma 0."""
+    from diffusers import UniPCMultistepScheduler
+
+    from cldm.samplers import UniPC
+
+    ref = UniPCMultistepScheduler(**SD15, timestep_spacing="leading")
+    ref.set_timesteps(steps)
+    ours = UniPC(steps)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    assert torch.allclose(ours.sigmas, ref.sigmas, rtol=1e-6)
+
+
 def test_unknown_sampler():
     with pytest.raises(ValueError, match="unknown sampler"):
         make_sampler("plms", 10)
