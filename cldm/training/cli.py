@@ -18,7 +18,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument(
         "stage",
-        choices=["vae", "base", "controlnet", "all", "export", "card", "ip-adapter"],
+        choices=["vae", "base", "controlnet", "all", "export", "card", "ip-adapter", "lora"],
         help="card: write only the model card into --export; ip-adapter: train the demo model's image prompt on the "
         "exported model in --export (writes ip-adapter_sd15.safetensors and image_encoder/ there, then measures it)",
     )
@@ -64,6 +64,17 @@ def cmd_train(a: argparse.Namespace) -> None:
         pool=a.pool, vae_crop=a.vae_crop or None, ckpt_every=a.ckpt_every, eval_every=a.eval_every,
         eval_samples=a.eval_samples, sample_steps=a.sample_steps, cfg_scale=a.cfg, fresh=a.fresh,
     )  # fmt: skip
+    if a.stage == "lora":
+        from . import lora_train
+
+        if not a.export:
+            raise InputError("give --export FOLDER (the exported demo model; the LoRA is written into its loras/)")
+        print(lora_train.train_lora(a.export, steps=a.steps or 300, batch=a.batch or 16, lr=a.lr or 2e-3,
+                                    seed=a.seed))  # fmt: skip
+        r = lora_train.evaluate(a.export, n=24)
+        print(f"LoRA red: shape red in {r.red_with:.0%} of pictures (without {r.red_without:.0%}), the prompt's "
+              f"colour in {r.asked_with:.0%} (without {r.asked_without:.0%}) on {r.n} pictures")  # fmt: skip
+        return
     if a.stage == "ip-adapter":
         from . import ip_train
 
