@@ -318,7 +318,7 @@ class Studio:
         if request.loras:
             names += " | LoRA: " + ", ".join(f"{u.label} ({u.weight:g})" for u in request.loras)
         status = (
-            f"Base: {self.manager.sd.source.rstrip('/').split('/')[-1]} | ControlNet: {names} | seed {seed} | "
+            f"Base: {result.base.rstrip('/').split('/')[-1]} | ControlNet: {names} | seed {seed} | "
             f"swap {t['swap']:.2f}s, sampling {t['sampling']:.2f}s, decode {t['decode']:.2f}s, "
             f"total {time.perf_counter() - t0:.1f}s on {self.manager.device}{note}"
         )

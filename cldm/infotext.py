@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from .errors import InputError
 from .fit import RESIZE_MODE_LABELS
-from .request import ControlUnit, GenerationRequest
+from .request import ControlUnit, GenerationRequest, stem
 from .samplers import SAMPLER_LABELS
 
 HIRES_UPSCALER_LABELS = {"latent": "Latent", "lanczos": "Lanczos"}  # A1111's upscaler names
@@ -29,6 +29,8 @@ CONTROL_MODE_LABELS = {
     "prompt": "My prompt is more important",
     "control": "ControlNet is more important",
 }  # A1111's names, as its PNG parameters write them
+MAX_TEXT = 12_000  # characters of a parameters text that are read (A1111's own run to a few thousand)
+_FLAT_KEY = re.compile(r"ControlNet-(\d{1,3}) (.+)", re.IGNORECASE)
 NO_PARAMETERS = "This picture carries no generation parameters (a PNG written by this app or by A1111 has them)"
 MIN_FIELDS = 3  # A1111's rule: the last line is the key-value line only with at least this many "Key: value"s
 
@@ -139,10 +141,14 @@ def parse_parameters(text: str) -> Infotext:
     """Read a "parameters" text by A1111's rules; InputError when it has no key-value line."""
     if not isinstance(text, str):
         raise InputError(f"The generation parameters must be text (got {type(text).__name__})")
+    if len(text) > MAX_TEXT:  # A1111's field pattern takes time quadratic in the line's length: refused first
+        raise InputError(f"The parameters text is {len(text)} characters long; at most {MAX_TEXT} are read.")
+    if not text.strip():
+        raise InputError(NO_PARAMETERS)
     *lines, last = text.replace("\r\n", "\n").replace("\r", "\n").strip().split("\n")
     pairs = _PARAM.findall(last)
-    if len(pairs) < MIN_FIELDS:
-        raise InputError(NO_PARAMETERS)
+    if len(pairs) < MIN_FIELDS:  # A1111: no key-value line, so it is all prompt
+        lines, pairs = [*lines, last], []
     prompt: list[str] = []
     negative: list[str] = []
     in_negative = False
@@ -153,11 +159,18 @@ def parse_parameters(text: str) -> Infotext:
         (negative if in_negative else prompt).append(line)
     fields = {key.strip(): _unquote(value) for key, value in pairs}
     units: dict[int, UnitInfo] = {}
+    flat: dict[int, list[str]] = {}  # the extension's first format: "ControlNet-0 Module: canny, ControlNet-0 ..."
     for key, value in fields.items():
+        if m := _FLAT_KEY.fullmatch(key):
+            flat.setdefault(int(m.group(1)), []).append(f"{m.group(2)}: {value}")
+            continue
         m = _UNIT_KEY.fullmatch(key)
         unit = _parse_unit(int(m.group(1) or 0), value) if m else None
         if unit is not None:
             units.setdefault(unit.index, unit)
+    for index, items in flat.items():
+        if index not in units and (unit := _parse_unit(index, ", ".join(items))) is not None:
+            units[index] = unit
     return Infotext("\n".join(prompt), "\n".join(negative), fields, tuple(units[i] for i in sorted(units)))
 
 
@@ -264,7 +277,7 @@ def parameters(model, r: GenerationRequest) -> str:
         f"Steps: {r.steps}", f"Sampler: {SAMPLER_LABELS[r.sampler]}", f"CFG scale: {r.cfg_scale}", f"Seed: {r.seed}",
         f"Size: {r.width}x{r.height}",
         *([f"Model hash: {model.hash}"] if getattr(model, "hash", "") else []),
-        f"Model: {model.source.rstrip('/').split('/')[-1]}",
+        f"Model: {stem(model.source)}",  # A1111 names the checkpoint without its extension
     ]  # fmt: skip
     if r.vae is not None:
         fields_.append(f"VAE: {r.vae_label}")  # A1111's key
@@ -295,7 +308,7 @@ def parameters(model, r: GenerationRequest) -> str:
             f'IP-Adapter: "Model: {r.image_prompt.label}, Weight: {scale}, Images: {len(r.image_prompt.images)}"'
         )
     for i, u in enumerate(r.units):
-        fields_.append(f'ControlNet {i}: "{_unit_text(u)}"')
+        fields_.append(f"ControlNet {i}: {json.dumps(_unit_text(u), ensure_ascii=False)}")  # quoted as A1111 does
     lines.append(", ".join(fields_))
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ patched, as in A1111. A LoRA made for SDXL or SD2 is refused by its key names an
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import torch
 from . import keymaps
 from .errors import InputError
 
+log = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
 _SUFFIXES = {  # key ending -> role
     ".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
@@ -49,6 +51,7 @@ class LoraLayer:
 class Lora:
     name: str
     layers: list[LoraLayer] = field(default_factory=list)
+    skipped: int = 0  # layers of the file that this model does not have (left out, as A1111 does)
 
 
 def targets(sd) -> dict[str, tuple[str, str]]:
@@ -109,20 +112,29 @@ def parse(state: StateDict, sd, name: str, metadata: dict[str, str] | None = Non
                 groups.setdefault(key[: -len(suffix)], {})[role] = value
                 break
     if not groups:
+        if any(("hada_w" in k or "lokr_w" in k) for k in state):
+            raise InputError(f"{name} is a LyCORIS LoHa/LoKr file: not supported; use a plain LoRA (or LoCon).")
         raise InputError(f"{name} is not a LoRA (no lora_down/lora_up or lora_A/lora_B weights).")
+    if any(k.endswith(".dora_scale") for k in state):
+        raise InputError(f"{name} is a DoRA (dora_scale weights): not supported; use a plain LoRA.")
     family = _family(groups)
     if family:
         raise InputError(f"{name} is a LoRA for {family}; this base is SD1.x. Use a LoRA made for SD1.5.")
     table = targets(sd)
     params = {"unet": sd.unet.state_dict(), "text": sd.text.state_dict()}
     unknown = sorted(g for g in groups if g not in table)
-    if unknown:
-        what = "LyCORIS (LoHa/LoKr) layers are not supported" if any("hada" in k or "lokr" in k for k in state) else (
-            f"{len(unknown)} of its {len(groups)} layers do not exist in an SD1.5 model (first: {unknown[0]})"
-        )  # fmt: skip
-        raise InputError(f"{name}: {what}.")
+    if len(unknown) == len(groups):
+        raise InputError(f"{name}: none of its {len(groups)} layers exists in an SD1.5 model (first: {unknown[0]}).")
+    if unknown:  # A1111 applies the layers it knows and names the others
+        log.warning("LoRA %s: %d layers left out, not in this model (first: %s)", name, len(unknown), unknown[0])
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise InputError(f"{name} holds NaN or infinite values (in {bad[0]}): the file is damaged.")
     lora, alphas = Lora(name), _peft_alphas(metadata)
+    lora.skipped = len(unknown)
     for group, parts in groups.items():
+        if group in unknown:
+            continue
         if "down" not in parts or "up" not in parts:
             raise InputError(f"{name}: layer {group} lacks its {'up' if 'down' in parts else 'down'} weight.")
         part, key = table[group]
@@ -152,13 +164,19 @@ def apply(sd, loras: Iterable[tuple[Lora, float]]) -> dict[tuple[str, str], torc
     modules = {"unet": sd.unet, "text": sd.text}
     originals: dict[tuple[str, str], torch.Tensor] = {}
     params = {part: dict(m.named_parameters()) for part, m in modules.items()}
-    with torch.no_grad():
-        for lora, weight in loras:
-            for layer in lora.layers:
-                p = params[layer.part][layer.key]
-                originals.setdefault((layer.part, layer.key), p.detach().clone())
-                delta = layer.delta(p.shape).to(p.device)
-                p.copy_((p.float() + weight * delta).to(p.dtype))
+    try:
+        with torch.no_grad():
+            for lora, weight in loras:
+                for layer in lora.layers:
+                    p = params[layer.part][layer.key]
+                    if p.shape[0] != layer.up.shape[0] or p[0].numel() != layer.down[0].numel():
+                        raise InputError(f"LoRA {lora.name} was matched to another model: {layer.key} does not fit.")
+                    originals.setdefault((layer.part, layer.key), p.detach().clone())
+                    delta = layer.delta(p.shape).to(p.device)
+                    p.copy_((p.float() + weight * delta).to(p.dtype))
+    except BaseException:
+        restore(sd, originals)  # all or nothing: a merge that fails halfway leaves the base as it was
+        raise
     return originals
 
 

@@ -42,6 +42,7 @@ class Result:
     parameters: str
     timings: dict[str, float] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=list)  # the seed that makes each picture alone (A1111's seed + i)
+    base: str = ""  # the base model that made them (where it came from)
     picture_parameters: list[str] = field(default_factory=list)  # each picture's own text (its own seed)
 
     def text(self, i: int) -> str:
@@ -351,7 +352,7 @@ def generate(
     check(model, request)
     if request.vae is not None:  # this request's VAE in place of the checkpoint's (the model itself is not changed)
         model = replace(model, vae=request.vae)
-    originals = lora.apply(model, [(u.model, u.weight) for u in request.loras])
+    originals = lora.apply(model, [(u.model, u.weight) for u in request.loras])  # all or nothing
     try:
         return _generate(model, fit_pictures(request), callback, preview, preview_every)
     finally:
@@ -380,7 +381,7 @@ def _generate(model, r: GenerationRequest, callback, preview, preview_every: int
     images = decode(model, out, x)
     timings["decode"] = time.perf_counter() - t2
     texts = [parameters(model, replace(r, seed=seed)) for seed in seeds(r)]
-    return Result(images, texts[0], timings, seeds(r), texts)
+    return Result(images, texts[0], timings, seeds(r), picture_parameters=texts, base=model.source)
 
 
 __all__ = ["ControlUnit", "GenerationRequest", "Result", "active", "check", "generate"]

@@ -30,7 +30,8 @@ _TOKEN = re.compile(
     r"|[^\\()\[\]:]+"  # plain text
     r"|:"
 )
-_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_BREAK = re.compile(r"\bBREAK\b")  # the spaces around it go too (stripped: a regex \s*...\s* is quadratic)
+COMMA_BACKTRACK = 20  # A1111: a full chunk moves its words after the last comma, if at most this many, to the next
 
 
 def parse(text: str) -> list[tuple[str, float]]:
@@ -61,10 +62,12 @@ def parse(text: str) -> list[tuple[str, float]]:
         elif tok == "]" and square_open:
             scale(square_open.pop(), 1 / EMPHASIS)
         else:
-            for i, part in enumerate(_BREAK.split(tok)):
+            parts = _BREAK.split(tok)
+            for i, part in enumerate(parts):
                 if i > 0:
                     pieces.append([BREAK, -1.0])
-                pieces.append([part, 1.0])
+                    part = part.lstrip()
+                pieces.append([part.rstrip() if i < len(parts) - 1 else part, 1.0])
     for start in round_open:
         scale(start, EMPHASIS)
     for start in square_open:
@@ -85,24 +88,46 @@ def is_plain(pieces: list[tuple[str, float]]) -> bool:
     return len(pieces) == 1 and pieces[0][1] == 1.0
 
 
-def chunked(pieces: list[tuple[str, float]], tokenize, per_chunk: int) -> list[tuple[list, list[float]]]:
-    """(tokens, weights) of each chunk of at most `per_chunk` prompt tokens; BREAK closes a chunk early.
+def chunked(
+    pieces: list[tuple[str, float]], tokenize, per_chunk: int, comma: int | None = None
+) -> list[tuple[list, list[float]]]:
+    """(tokens, weights) of each chunk of at most `per_chunk` prompt tokens, by A1111's rules: BREAK closes a chunk
+    (a chunk left empty at the end is dropped); a full chunk whose last comma is at most COMMA_BACKTRACK tokens from
+    its end moves the words after that comma to the next chunk (`comma`: the comma's token id).
 
     `tokenize(text)` gives token ids, and (n, width) tensors for embeddings: their n rows stay in one chunk."""
     chunks: list[tuple[list, list[float]]] = [([], [])]
+    last_comma = -1
+
+    def next_chunk(backtrack: bool = False) -> None:
+        nonlocal last_comma
+        ids, ws = chunks[-1]
+        if backtrack and len(ids) == per_chunk and last_comma >= 0 and len(ids) - last_comma <= COMMA_BACKTRACK:
+            cut = last_comma + 1
+            chunks[-1] = (ids[:cut], ws[:cut])
+            chunks.append((ids[cut:], ws[cut:]))
+        else:
+            chunks.append(([], []))
+        last_comma = -1
+
     for text, weight in pieces:
         if weight == -1.0:  # BREAK
-            chunks.append(([], []))
+            next_chunk()
             continue
         for token in tokenize(text):
             rows = list(token) if isinstance(token, torch.Tensor) else [token]
             if len(chunks[-1][0]) + len(rows) > per_chunk and chunks[-1][0]:
-                chunks.append(([], []))
+                next_chunk()
             for row in rows:
+                is_comma = comma is not None and not isinstance(row, torch.Tensor) and row == comma
                 if len(chunks[-1][0]) == per_chunk:
-                    chunks.append(([], []))
+                    next_chunk(backtrack=not is_comma and len(rows) == 1)
+                if is_comma:
+                    last_comma = len(chunks[-1][0])
                 chunks[-1][0].append(row)
                 chunks[-1][1].append(weight)
+    if len(chunks) > 1 and not chunks[-1][0]:
+        chunks.pop()
     return chunks
 
 

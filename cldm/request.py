@@ -41,6 +41,7 @@ MAX_BATCH = 64
 MAX_CONTROL_SCALE = 10.0
 INPAINT_MODES = ("only", "global")  # the extension's inpaint_only and inpaint_global_harmonious
 MAX_MASK_BLUR = 64.0
+MAX_PROMPT_CHARS = 10_000  # about 30 chunks of 75 tokens
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,8 @@ class GenerationRequest:
     def vae_label(self) -> str | None:
         if self.vae is None:
             return None
-        source = getattr(self.vae, "source", None)
-        return stem(source if isinstance(source, str) else self.vae)
+        source = getattr(self.vae, "source", None)  # A1111 names the VAE by its file name, extension included
+        return str(source if isinstance(source, str) else self.vae).rstrip("/").split("/")[-1]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "units", tuple(self.units))  # a list given by a caller stays immutable here
@@ -187,7 +188,7 @@ class GenerationRequest:
             if not isinstance(self.hires, HiresFix):
                 problems.append(f"hires must be a HiresFix (got {type(self.hires).__name__})")
             elif not any(p.startswith(("width", "height")) for p in problems):
-                problems += self.hires.problems(self.width, self.height, latent_factor)
+                problems += self.hires.problems(self.width, self.height, latent_factor, int(self.steps))
                 if self.mask is not None:
                     problems.append("hires: the hires fix does not combine with inpainting; leave one out")
         if problems:
@@ -199,6 +200,9 @@ class GenerationRequest:
         for name in ("steps", "seed", "width", "height", "batch", "clip_skip"):
             if getattr(self, name) != int(getattr(self, name)):
                 out.append(f"{name} must be a whole number (got {getattr(self, name)})")
+        for name in ("prompt", "negative_prompt"):
+            if len(getattr(self, name)) > MAX_PROMPT_CHARS:
+                out.append(f"{name} is {len(getattr(self, name))} characters long; at most {MAX_PROMPT_CHARS}")
         if not 1 <= self.steps <= MAX_STEPS:
             out.append(f"steps must be 1..{MAX_STEPS} (got {self.steps})")
         if not 0 <= self.cfg_scale <= MAX_CFG:

@@ -132,7 +132,7 @@ class HiresFix:
         steps = int(self.steps) or int(first_steps)
         return steps, int(steps / min(self.strength, 0.999))
 
-    def problems(self, width: int, height: int, f: int) -> list[str]:
+    def problems(self, width: int, height: int, f: int, first_steps: int = 1) -> list[str]:
         out = [f"hires: {p}" for p in _number_problems(self, ("scale", "steps", "strength"))]
         if out:
             return out
@@ -146,9 +146,10 @@ class HiresFix:
             out.append(f"hires.steps must be a whole number 0..{MAX_STEPS} (0 = as the first pass; got {self.steps})")
         if not 0 < self.strength <= 1:
             out.append(f"hires.strength (denoising strength) must be in (0, 1] (got {self.strength})")
-        elif int((self.steps or 1) / min(self.strength, 0.999)) > MAX_STEPS:
-            out.append(f"hires: {self.steps} steps at strength {self.strength} need a {MAX_STEPS}+ step schedule; "
-                       "raise the strength or lower the steps")  # fmt: skip
+        elif self.steps == int(self.steps) and int((self.steps or first_steps) / min(self.strength, 0.999)) > MAX_STEPS:
+            steps = int(self.steps or first_steps)
+            out.append(f"hires: {steps} steps at strength {self.strength} need a schedule of over {MAX_STEPS} steps; "
+                       "raise the hires strength or lower the hires steps")  # fmt: skip
         if self.upscaler not in HIRES_UPSCALERS:
             out.append(f"hires.upscaler must be one of {', '.join(HIRES_UPSCALERS)} (got {self.upscaler!r})")
         return out

@@ -106,12 +106,11 @@ class TextEncoder(nn.Module):
         chunks = []  # per prompt: [(tokens, weights) per chunk]
         for p in prompts:
             pieces = prompt_weights.parse(p) if emphasis else [(p, 1.0)]
-            if prompt_weights.is_plain(pieces) and not spelled:  # literally, as before emphasis existed
-                toks = self._tokenize(pieces[0][0])
-                parts = [toks[i : i + per] for i in range(0, max(1, len(toks)), per)]
-                chunks.append([(part, [1.0] * len(part)) for part in parts])
-            else:
-                chunks.append(prompt_weights.chunked(pieces, tokenize, per))
+            toks = self._tokenize(pieces[0][0]) if prompt_weights.is_plain(pieces) and not spelled else None
+            if toks is not None and len(toks) <= per:  # one chunk, literally, as before emphasis existed
+                chunks.append([(toks, [1.0] * len(toks))])
+            else:  # A1111's chunking (BREAK, the comma backtrack, embeddings kept whole)
+                chunks.append(prompt_weights.chunked(pieces, tokenize, per, self.tokenizer.get_vocab().get(",</w>")))
         n_chunks = max(1, max(len(c) for c in chunks))
         tok = self.tokenizer
         bos, eos = tok.bos_token_id, tok.eos_token_id

@@ -5,6 +5,7 @@ Only locates files; reading them is `checkpoints.py`'s job.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 from pathlib import Path
@@ -128,8 +129,8 @@ def list_loras(models_dir: str | os.PathLike | None) -> list[str]:
     names = set()
     for folder in LORA_FOLDERS:
         d = Path(models_dir or "models") / folder
-        if d.is_dir():
-            names |= {p.stem for p in d.iterdir() if p.suffix in LORA_SUFFIXES and p.is_file()}
+        if d.is_dir():  # subfolders too, as A1111 looks for them
+            names |= {p.stem for p in d.rglob("*") if p.suffix in LORA_SUFFIXES and p.is_file()}
     return sorted(names)
 
 
@@ -140,9 +141,14 @@ def locate_lora(name: str, models_dir: str | os.PathLike | None) -> Path:
         raise InputError(f"LoRA name {name!r}: give the file's name without folders.")
     for folder in LORA_FOLDERS:
         for suffix in LORA_SUFFIXES:
-            path = Path(models_dir or "models") / folder / f"{name}{suffix}"
+            d = Path(models_dir or "models") / folder
+            path = d / f"{name}{suffix}"
             if path.is_file():
                 return path
+            if d.is_dir():  # in a subfolder (the first one in sorted order)
+                found = sorted(p for p in d.rglob(glob.escape(f"{name}{suffix}")) if p.is_file())
+                if found:
+                    return found[0]
     known = list_loras(models_dir)
     raise MissingWeightsError(
         f"LoRA {name!r} not found: put {name}.safetensors in {Path(models_dir or 'models') / LORA_FOLDERS[0]}/"

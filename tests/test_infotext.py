@@ -261,12 +261,35 @@ def test_prompt_with_colons_and_a_negative_prompt_only():
     assert (info.steps, info.sampler, info.seed) == (10, "ddim", 5)
 
 
-@pytest.mark.parametrize("text", ["", "   \n  ", "just a prompt", "a cat\nSteps: 20, Seed: 1", "a, b\nc, d, e"])
+@pytest.mark.parametrize("text", ["", "   \n  "])
 def test_text_without_parameters_is_an_input_error(text):
     with pytest.raises(InputError) as e:
         parse_parameters(text)
     assert str(e.value) == NO_PARAMETERS
     assert str(e.value).startswith("This picture carries no generation parameters")
+
+
+@pytest.mark.parametrize(
+    "text, prompt",
+    [("just a prompt", "just a prompt"), ("a cat\nSteps: 20, Seed: 1", "a cat\nSteps: 20, Seed: 1"),
+     ("a, b\nc, d, e", "a, b\nc, d, e")],
+)  # fmt: skip
+def test_text_with_fewer_than_three_fields_is_all_prompt(text, prompt):
+    """A1111's rule: a last line with under three "Key: value" fields is part of the prompt."""
+    info = parse_parameters(text)
+    assert info.prompt == prompt and info.fields == {} and info.steps is None
+
+
+def test_long_texts_and_the_first_extension_format():
+    with pytest.raises(InputError, match="at most 12000"):
+        parse_parameters("a\nSteps: 1, Seed: 2, Size: 64x64, " + "x" * 20_000)
+    info = parse_parameters(
+        "a cat\nSteps: 20, Sampler: Euler a, Seed: 1, ControlNet-0 Enabled: True, ControlNet-0 Module: canny, "
+        "ControlNet-0 Model: control_sd15_canny [fef5e48e], ControlNet-0 Weight: 0.7, ControlNet-0 Guidance Start: 0, "
+        "ControlNet-0 Guidance End: 0.8"
+    )
+    (u,) = info.units
+    assert (u.module, u.model, u.weight, u.start, u.end) == ("canny", "control_sd15_canny", 0.7, 0.0, 0.8)
 
 
 @pytest.mark.parametrize("value", [None, b"Steps: 20, Seed: 1, Size: 8x8", 42])

@@ -141,8 +141,19 @@ def test_other_families_and_damaged_loras_are_refused(ours):
                     f"{key}.lora_up.weight": torch.zeros(width, 4)}, sd, "sd2")  # fmt: skip
     with pytest.raises(InputError, match="lacks its up weight"):
         lora.parse({f"{key}.lora_down.weight": torch.zeros(4, width)}, sd, "half")
-    with pytest.raises(InputError, match="do not exist in an SD1.5 model"):
+    with pytest.raises(InputError, match="none of its 1 layers exists in an SD1.5 model"):
         lora.parse({"lora_unet_nowhere.lora_down.weight": w, "lora_unet_nowhere.lora_up.weight": w}, sd, "odd")
+    # a file with some layers this model lacks: the others are used, as A1111 does
+    known = {f"{key}.lora_down.weight": torch.zeros(4, width), f"{key}.lora_up.weight": torch.zeros(width, 4)}
+    partial = lora.parse({**known, "lora_unet_nowhere.lora_down.weight": w, "lora_unet_nowhere.lora_up.weight": w},
+                         sd, "partial")  # fmt: skip
+    assert len(partial.layers) == 1 and partial.skipped == 1
+    with pytest.raises(InputError, match="NaN or infinite"):
+        lora.parse({**known, f"{key}.alpha": torch.tensor(float("nan"))}, sd, "nan")
+    with pytest.raises(InputError, match="DoRA"):
+        lora.parse({**known, f"{key}.dora_scale": torch.ones(1, width)}, sd, "dora")
+    with pytest.raises(InputError, match="LyCORIS"):
+        lora.parse({f"{key}.hada_w1_a": w, f"{key}.hada_w1_b": w}, sd, "loha")
     with pytest.raises(InputError, match="is not a LoRA"):
         lora.parse({"model.weight": w}, sd, "plain")
 

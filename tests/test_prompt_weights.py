@@ -49,8 +49,8 @@ def test_encoder_applies_weights_and_restores_the_mean(ours):
     plain = text.encode(["a red house"])
     literal = text.encode(["a red house"], emphasis=False)
     assert torch.equal(plain, literal)  # no syntax: exactly as before
-    ids, weights = text.weighted_chunks(["a (red:1.5) house"])
-    plain_ids, none = text.weighted_chunks(["a red house"])
+    ids, weights, _ = text.weighted_chunks(["a (red:1.5) house"])
+    plain_ids, none, _ = text.weighted_chunks(["a red house"])
     assert none is None and torch.equal(ids, plain_ids)  # the same tokens, with weights
     red = weights[0, 0] == 1.5
     assert int(red.sum()) == len(text._tokenize("red"))
@@ -70,3 +70,24 @@ def test_break_starts_a_new_chunk(ours):
     assert both.shape[1] == 2 * n
     first = text.encode(["a house"])
     assert torch.allclose(both[:, :n], first, atol=1e-6)  # the chunk before BREAK is "a house" alone
+
+
+def test_a1111_chunking_rules(ours):
+    """A1111's chunks: a trailing BREAK adds no chunk; a full chunk moves the words after its last comma (at most 20
+    tokens back) to the next chunk."""
+    text = ours[0].text
+    per = text.chunk_tokens
+    assert text.weighted_chunks(["a cat BREAK"])[0].shape[1] == 1
+    assert text.weighted_chunks(["BREAK"])[0].shape[1] == 1
+    assert text.weighted_chunks(["a BREAK BREAK b"])[0].shape[1] == 3
+    one = len(text._tokenize("ab"))
+    words = [f"ab{'c' * (i % 3)}" for i in range(200)]  # no commas: cut at exactly `per` tokens
+    ids = text.weighted_chunks([" ".join(words) + " (x:1.1)"])[0]
+    assert (ids[0, 0, 1 : 1 + per] != text.tokenizer.pad_token_id).all()
+    comma = text.tokenizer.get_vocab()[",</w>"]
+    prompt = ", ".join(["ab"] * 60)  # "ab , ab , ...": a comma every one + `one` tokens
+    ids = text.weighted_chunks([prompt])[0]
+    first = ids[0, 0, 1 : 1 + per].tolist()
+    filled = [t for t in first if t != text.tokenizer.pad_token_id]
+    assert filled[-1] == comma and len(filled) <= per and len(filled) > per - 20 - one  # cut after a comma
+    assert parse("a" + " " * 5 + "BREAK" + " " * 5 + "b") == [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]

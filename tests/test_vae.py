@@ -45,7 +45,7 @@ def test_a_request_with_another_vae(tiny_dirs, ours, tmp_path):
     plain = manager.run(GenerationRequest(**base))
     other = manager.run(GenerationRequest(**base, vae=str(tmp_path / "bright-vae.safetensors")))
     assert not np.array_equal(plain.images, other.images)
-    assert other.parameters.endswith("VAE: bright-vae") and "VAE:" not in plain.parameters
+    assert other.parameters.endswith("VAE: bright-vae.safetensors") and "VAE:" not in plain.parameters
     assert np.array_equal(manager.run(GenerationRequest(**base)).images, plain.images)  # the checkpoint's VAE again
     with pytest.raises(Exception, match="not found"):
         manager.run(GenerationRequest(**base, vae=str(tmp_path / "missing.safetensors")))

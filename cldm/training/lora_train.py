@@ -164,5 +164,5 @@ def evaluate(demo: str | Path, n: int = 24, weight: float = 1.0) -> LoraReport:
         for k, loras in enumerate(((), (LoraUnit(red, weight),))):
             pic = generate(sd, GenerationRequest(s.caption, seed=i, loras=loras, **kw)).images[0]
             counts[k] += (_covers(pic, "red"), _covers(pic, s.shapes[0].color))
-    (rw, aw), (rn, an) = counts / n
+    (rn, an), (rw, aw) = counts / n  # row 0: without the LoRA
     return LoraReport(n, rw, rn, aw, an)
