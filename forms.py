@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import itertools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 
@@ -68,6 +69,20 @@ def _pass_none(widget) -> None:
     widget._passes_none = True
 
 
+def _numbers(values: dict, names: tuple[str, ...]) -> None:
+    """Sliders and number boxes must hold finite numbers (the API may send NaN, infinity or text)."""
+    for name in names:
+        v = values[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise InputError(f"{name} must be a finite number (got {v!r}).")
+
+
+def _flags(values: dict, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not isinstance(values[name], bool):
+            raise InputError(f"{name} must be true or false (got {values[name]!r}).")
+
+
 def missing_value(names: list[str]) -> InputError:
     """The error for values that came as null through the API, naming them."""
     return InputError(f"Missing value for {', '.join(names)}: give a value (null is not one).")
@@ -95,7 +110,10 @@ class SettingsPanel:
         return [self.widgets[f.name] for f in fields(Settings)]
 
     def read(self, it: Iterator) -> Settings:
-        return Settings(**_take(it, [f.name for f in fields(Settings)]))
+        v = _take(it, [f.name for f in fields(Settings)])
+        _numbers(v, ("batch", "width", "height", "steps", "cfg", "seed", "denoise"))
+        _flags(v, ("randomize", "guess_mode"))
+        return Settings(**v)
 
 
 @dataclass
@@ -208,6 +226,8 @@ class PassPanel:
 
     def read(self, it: Iterator) -> PassSettings:
         v = _take(it, list(PASS_FIELDS), optional=("init_image",))
+        _numbers(v, ("mask_blur", "hires_scale", "hires_steps", "hires_strength", "preview_every", "clip_skip"))
+        _flags(v, ("hires", "seed_per_picture"))
         v["inpaint_mode"] = _choice(v["inpaint_mode"], INPAINT_MODES, "inpaint mode")
         v["hires_upscaler"] = _choice(v["hires_upscaler"], UPSCALERS, "hires upscaler")
         return PassSettings(**v)

@@ -14,7 +14,7 @@ from forms import ImagePromptPanel, PassPanel, ReferencePanel, SettingsPanel, Un
 from studio import (
     CONTROL_MODES,
     INPAINT_MODES,
-    MAX_SEED,
+    MAX_SEED_INPUT,
     REFERENCE_PREPROCESSORS,
     RESIZE_MODES,
     UPSCALERS,
@@ -60,7 +60,7 @@ def settings_panel(studio: Studio, cond: Condition | None, key: str = "") -> Set
                 [(SAMPLER_LABELS[k], k) for k in SAMPLERS], value=d.sampler, label="Sampler", allow_custom_value=True
             )
         with gr.Row():
-            c["seed"] = gr.Number(value=12345, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+            c["seed"] = gr.Number(value=12345, precision=0, minimum=0, maximum=MAX_SEED_INPUT, label="Seed")
             c["randomize"] = gr.Checkbox(value=True, label="Randomize seed")
             # per unit now ("ControlNet is more important" is the original guess mode); kept for `/<tab>_run` callers
             c["guess_mode"] = gr.Checkbox(value=False, label="Guess mode (every unit)", visible=False)

@@ -16,7 +16,8 @@ from cldm.model_card import ModelCard
 from cldm.request import HiresFix
 from conditions import Condition
 
-MAX_SEED = 2**31 - 1
+MAX_SEED = 2**31 - 1  # random seeds are drawn below this
+MAX_SEED_INPUT = 2**32 + 63  # a seed typed or sent from a PNG: A1111's 32-bit seeds, plus a batch's seed + i
 SD15_SIZE = 512
 
 

@@ -34,6 +34,7 @@ from settings import (  # noqa: F401 (the records app.py and forms.py read throu
     CONTROL_MODES,
     INPAINT_MODES,
     MAX_SEED,
+    MAX_SEED_INPUT,
     REFERENCE_PREPROCESSORS,
     RESIZE_MODES,
     UPSCALERS,

@@ -121,8 +121,11 @@ class ModelManager:
         embeddings folder is read again. If `base` cannot be loaded, the previous base is loaded back and the error
         is raised: the server keeps a working model."""
         with self.lock:
-            if str(base) == self.base_path and self._sd is not None:
+            if not str(base).strip():
+                raise InputError("base is empty: give a file, a folder or a hub id")
+            if _same_place(str(base), self.base_path) and self._sd is not None:
                 return self._sd
+            weights.locate_base(str(base))  # a missing file or an unreachable hub id is refused before any unload
             previous, had = self.base_path, self._sd is not None
             self._sd = None
             self._loras.clear()
@@ -306,6 +309,14 @@ class ModelManager:
             if self.device.type == "cuda":
                 result.timings["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 1024**3
             return result
+
+
+def _same_place(a: str, b: str) -> bool:
+    """The same base, however spelled (a trailing slash, a relative path)."""
+    if a == b:
+        return True
+    pa, pb = Path(a), Path(b)
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def _key(u: ControlUnit) -> tuple | None:

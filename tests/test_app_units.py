@@ -258,7 +258,7 @@ def test_base_model_choice(client, running_app, tmp_path):
         _, _, first = client.predict(*args, start, api_name="/canny_generate")
         _, status, other = client.predict(*args, "other.safetensors", api_name="/canny_generate")
         assert "Base: other.safetensors" in status
-        assert "Model: other," in Image.open(other[0]).text["parameters"]  # A1111: no extension
+        assert "Model: other, ControlNet 0" in Image.open(other[0]).text["parameters"]  # A1111: no extension
         assert not np.array_equal(np.asarray(Image.open(first[0])), np.asarray(Image.open(other[0])))
         with pytest.raises(Exception, match="Unknown base model"):
             client.predict(*args, "../etc/passwd", api_name="/canny_generate")
