@@ -264,8 +264,11 @@ def reference_latent(model: StableDiffusion, r: GenerationRequest):
     """(the reference picture's latent, its own noise generator, the noise schedule), or None without one."""
     if r.reference is None:
         return None
-    generator = torch.Generator("cpu").manual_seed(int(r.seed))  # apart from the main stream (seed_per_picture too)
     image = image_to_tensor(resize_rgb(r.reference.image, r.width, r.height)).to(model.device, model.dtype) * 2 - 1
+    if r.seed_per_picture and r.batch > 1:  # each picture's reference noise from its own seed, as it would be alone
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds(r)]
+        return [model.vae.encode(image, g) for g in gens], gens, alphas_cumprod()
+    generator = torch.Generator("cpu").manual_seed(int(r.seed))  # apart from the main stream
     return model.vae.encode(image, generator), generator, alphas_cumprod()
 
 
@@ -277,7 +280,11 @@ def reference_pass(model, r: GenerationRequest, ref, x_full: torch.Tensor, t, ct
     x0, generator, schedule = ref
     state = ReferenceState(u.mode, u.style_fidelity, u.weight, uncond=x_full.shape[0] // 2 if r.use_cfg else 0)
     base = ctx.unet if isinstance(ctx.unet, PromptContext) else PromptContext(ctx.unet)
-    noised = noised_reference(x0, t, schedule, generator).expand_as(x_full)
+    if isinstance(generator, list):  # one seed per picture: (b, ...) noised references, the same on both halves
+        noised = torch.cat([noised_reference(x, t, schedule, g) for x, g in zip(x0, generator)])
+        noised = torch.cat([noised] * (x_full.shape[0] // noised.shape[0]))
+    else:
+        noised = noised_reference(x0, t, schedule, generator).expand_as(x_full)
     model.unet(noised, t, replace(base, reference=state))
     state.writing = False
     return replace(base, reference=state)
