@@ -246,7 +246,7 @@ class Studio:
             init, strength = picture, float(s.denoise)  # img2img with no unit (the Image prompt tab)
         prompt = ", ".join(p for p in (s.prompt.strip(), s.added_prompt.strip()) if p)
         prompt, tags = prompt_tags(prompt)  # A1111's <lora:name:weight>, found in the models folder's loras/
-        loras = tuple(LoraUnit(str(weights.locate_lora(name, self.models_dir)), w) for name, w in tags)
+        loras = tuple(LoraUnit(str(weights.locate_lora(name, self.models_dir)), w, te) for name, w, te in tags)
         negative, note = s.negative_prompt, ""
         if self.card is not None and self.card.words:  # unknown words would reach the model as letters it never saw
             (prompt, unknown), (negative, unknown_neg) = self.card.split_known(prompt), self.card.split_known(negative)

@@ -134,7 +134,7 @@ def request_from_args(a: argparse.Namespace, card: ModelCard | None = None) -> G
     if a.reference:
         reference = ReferenceUnit(load_rgb(a.reference), a.reference_mode, a.style_fidelity, a.reference_weight)
     prompt, tags = prompt_tags(a.prompt)
-    loras = [LoraUnit(str(weights.locate_lora(name, a.lora_dir)), w) for name, w in tags]
+    loras = [LoraUnit(str(weights.locate_lora(name, a.lora_dir)), w, te) for name, w, te in tags]
     for spec in a.lora:
         path, _, weight = spec.rpartition(":")
         try:

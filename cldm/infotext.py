@@ -270,7 +270,7 @@ __all__ = ["NO_PARAMETERS", "Infotext", "UnitInfo", "parse_parameters"]
 def parameters(model, r: GenerationRequest) -> str:
     """The A1111 'parameters' text (its PNG Info tab reads it)."""
     # the LoRAs as A1111 keeps them: as tags in the prompt (its PNG Info and ours read them back)
-    lines = [" ".join([r.prompt, *(f"<lora:{u.label}:{u.weight:g}>" for u in r.loras)])]
+    lines = [" ".join([r.prompt, *(_lora_tag(u) for u in r.loras)])]
     if r.negative_prompt:
         lines.append(f"Negative prompt: {r.negative_prompt}")
     fields_ = [
@@ -311,6 +311,12 @@ def parameters(model, r: GenerationRequest) -> str:
         fields_.append(f"ControlNet {i}: {json.dumps(_unit_text(u), ensure_ascii=False)}")  # quoted as A1111 does
     lines.append(", ".join(fields_))
     return "\n".join(lines)
+
+
+def _lora_tag(u) -> str:
+    if u.text_weight is None or u.text_weight == u.weight:
+        return f"<lora:{u.label}:{u.weight:g}>"
+    return f"<lora:{u.label}:{u.text_weight:g}:{u.weight:g}>"  # A1111's order: text encoder, then UNet
 
 
 def _unit_text(u: ControlUnit) -> str:

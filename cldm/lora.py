@@ -30,7 +30,7 @@ _SUFFIXES = {  # key ending -> role
     ".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
     ".lora.down.weight": "down", ".lora.up.weight": "up", ".alpha": "alpha",
 }  # fmt: skip
-_TAG = re.compile(r"<lora:([^:>]+)(?::([+-]?[\d.]+))?>")
+_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)((?::[^:>]*)*)>", re.IGNORECASE)
 
 
 @dataclass
@@ -158,22 +158,23 @@ def parse(state: StateDict, sd, name: str, metadata: dict[str, str] | None = Non
     return lora
 
 
-def apply(sd, loras: Iterable[tuple[Lora, float]]) -> dict[tuple[str, str], torch.Tensor]:
-    """Merge the LoRAs, each with its weight, into `sd`'s UNet and text encoder. Returns the touched weights'
-    originals, for `restore`."""
+def apply(sd, loras: Iterable[tuple]) -> dict[tuple[str, str], torch.Tensor]:
+    """Merge the LoRAs into `sd`'s UNet and text encoder: (lora, weight) or (lora, UNet weight, text-encoder
+    weight). Returns the touched weights' originals, for `restore`."""
     modules = {"unet": sd.unet, "text": sd.text}
     originals: dict[tuple[str, str], torch.Tensor] = {}
     params = {part: dict(m.named_parameters()) for part, m in modules.items()}
     try:
         with torch.no_grad():
-            for lora, weight in loras:
+            for lora, weight, *text in loras:
                 for layer in lora.layers:
+                    w = text[0] if layer.part == "text" and text and text[0] is not None else weight
                     p = params[layer.part][layer.key]
                     if p.shape[0] != layer.up.shape[0] or p[0].numel() != layer.down[0].numel():
                         raise InputError(f"LoRA {lora.name} was matched to another model: {layer.key} does not fit.")
                     originals.setdefault((layer.part, layer.key), p.detach().clone())
                     delta = layer.delta(p.shape).to(p.device)
-                    p.copy_((p.float() + weight * delta).to(p.dtype))
+                    p.copy_((p.float() + w * delta).to(p.dtype))
     except BaseException:
         restore(sd, originals)  # all or nothing: a merge that fails halfway leaves the base as it was
         raise
@@ -188,14 +189,27 @@ def restore(sd, originals: dict[tuple[str, str], torch.Tensor]) -> None:
             params[part][key].copy_(value)
 
 
-def prompt_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """A1111's `<lora:name:weight>` tags: (the prompt without them, [(name, weight)]); the weight defaults to 1."""
+def prompt_tags(prompt: str) -> tuple[str, list[tuple[str, float, float]]]:
+    """A1111's LoRA tags: (the prompt without them, [(name, UNet weight, text-encoder weight)]).
+
+    `<lora:name>` (weight 1), `<lora:name:0.8>`, `<lora:name:te:unet>` (A1111's order: the first number is the text
+    encoder's, the second the UNet's, which defaults to the first), named `te=`/`unet=` (`dyn=` is ignored), and the
+    `<lyco:...>` spelling."""
     tags = []
     for m in _TAG.finditer(prompt):
+        positional, named = [], {}
         try:
-            tags.append((m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0))
+            for arg in (a.strip() for a in m.group(2).split(":")[1:]):
+                if "=" in arg:
+                    key, _, value = arg.partition("=")
+                    named[key.strip().lower()] = float(value)
+                elif arg:
+                    positional.append(float(arg))
         except ValueError as e:
-            raise InputError(f"{m.group(0)}: the LoRA weight must be a number, e.g. <lora:name:0.8>.") from e
+            raise InputError(f"{m.group(0)}: the LoRA weights must be numbers, e.g. <lora:name:0.8>.") from e
+        te = named.get("te", positional[0] if positional else 1.0)
+        unet = named.get("unet", positional[1] if len(positional) > 1 else te)
+        tags.append((m.group(1).strip(), unet, te))
     if not tags:
         return prompt, []
     clean = re.sub(r"\s*,\s*(?:,\s*)+", ", ", _TAG.sub("", prompt))  # no empty items left between commas

@@ -359,7 +359,7 @@ def generate(
     check(model, request)
     if request.vae is not None:  # this request's VAE in place of the checkpoint's (the model itself is not changed)
         model = replace(model, vae=request.vae)
-    originals = lora.apply(model, [(u.model, u.weight) for u in request.loras])  # all or nothing
+    originals = lora.apply(model, [(u.model, u.weight, u.text_weight) for u in request.loras])  # all or nothing
     try:
         return _generate(model, fit_pictures(request), callback, preview, preview_every)
     finally:

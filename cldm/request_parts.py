@@ -97,7 +97,8 @@ class LoraUnit:
     """A LoRA in a request: a file (the model manager loads it) or a loaded `lora.Lora`, and its weight."""
 
     model: object
-    weight: float = 1.0
+    weight: float = 1.0  # the UNet's (and the text encoder's, unless text_weight is given)
+    text_weight: float | None = None  # A1111's <lora:name:te:unet>: the text encoder's own weight
 
     @property
     def label(self) -> str:
@@ -105,10 +106,12 @@ class LoraUnit:
         return name if isinstance(name, str) else stem(self.model)
 
     def problems(self, i: int) -> list[str]:
-        out = [f"LoRA {i + 1}: {p}" for p in _number_problems(self, ("weight",))]
-        if not out and not -MAX_LORA_WEIGHT <= self.weight <= MAX_LORA_WEIGHT:
-            out.append(f"LoRA {i + 1} ({self.label}): weight must be -{MAX_LORA_WEIGHT:g}..{MAX_LORA_WEIGHT:g} "
-                       f"(got {self.weight})")  # fmt: skip
+        names = ("weight",) if self.text_weight is None else ("weight", "text_weight")
+        out = [f"LoRA {i + 1}: {p}" for p in _number_problems(self, names)]
+        for name in names if not out else ():
+            if not -MAX_LORA_WEIGHT <= getattr(self, name) <= MAX_LORA_WEIGHT:
+                out.append(f"LoRA {i + 1} ({self.label}): {name} must be -{MAX_LORA_WEIGHT:g}..{MAX_LORA_WEIGHT:g} "
+                           f"(got {getattr(self, name)})")  # fmt: skip
         return out
 
 

@@ -161,11 +161,29 @@ def test_other_families_and_damaged_loras_are_refused(ours):
 def test_prompt_tags():
     assert lora.prompt_tags("a castle, <lora:ink:0.6>, night <lora:film>") == (
         "a castle, night",
-        [("ink", 0.6), ("film", 1.0)],
+        [("ink", 0.6, 0.6), ("film", 1.0, 1.0)],
     )
     assert lora.prompt_tags("no tags (here:1.2)") == ("no tags (here:1.2)", [])
-    with pytest.raises(InputError, match="must be a number"):
+    # A1111's other spellings: text-encoder then UNet weight, named weights, <lyco:...>, exponents, upper case
+    assert lora.prompt_tags("<lora:a:0.8:0.5> <lora:b:1:te=0.3> <LYCO:c:1e-1> <lora:d:unet=0.2:dyn=8>")[1] == [
+        ("a", 0.5, 0.8), ("b", 0.3, 0.3), ("c", 0.1, 0.1), ("d", 0.2, 1.0)  # b: the UNet follows te= (A1111)
+    ]  # fmt: skip
+    with pytest.raises(InputError, match="must be numbers"):
         lora.prompt_tags("<lora:x:1.2.3>")
+
+
+def test_text_and_unet_weights_apart(ours):
+    import tiny
+
+    sd, _ = ours
+    parsed = lora.parse(tiny.lora_state(sd, seed=4), sd, "ink")
+    before = {k: v.clone() for k, v in {**sd.unet.state_dict(), **sd.text.state_dict()}.items()}
+    originals = lora.apply(sd, [(parsed, 1.0, 0.0)])  # the UNet only
+    try:
+        assert all(torch.equal(v, before[k]) for k, v in sd.text.state_dict().items())
+        assert any(not torch.equal(v, before[k]) for k, v in sd.unet.state_dict().items())
+    finally:
+        lora.restore(sd, originals)
 
 
 def test_lora_through_the_manager_changes_the_picture_and_leaves_the_base(tiny_dirs, pair, tmp_path):
