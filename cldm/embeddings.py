@@ -2,8 +2,10 @@
 
 Files (the tensors; `checkpoints.read_file` opens them): A1111's `.pt` (`string_to_param["*"]`, n x 768), its
 `.safetensors` (`emb_params`), and diffusers' `learned_embeds` (one key, the token, a 768-vector). The embedding is
-used by its file name: where the prompt's tokens spell that name (as a word of its own), they are replaced by the
-embedding's n vectors, which take n of the chunk's 75 token places (an embedding is never split between chunks).
+used by its file name: where the prompt's tokens spell that name, they are replaced by the embedding's n vectors,
+which take n of the chunk's 75 token places (an embedding is never split between chunks unless it is longer than
+one). The match is on tokens, as in A1111, so a name can match inside a longer word that tokenizes the same way
+(`negative` inside `easynegative`); the longest name is tried first.
 """
 
 from __future__ import annotations
