@@ -334,7 +334,7 @@ def test_a_server_with_auth_refuses_anonymous_clients(ours, tmp_path):
     from studio import Studio
 
     manager = ModelManager.__new__(ModelManager)  # no model is needed to check the door
-    manager.device = torch.device("cpu")
+    manager.device, manager.base_path = torch.device("cpu"), "sd"
     blocks = app.build_app(Studio(manager, None, str(tmp_path)))
     assert blocks.delete_cache == (3600, 86400)  # Gradio's upload copies go once a day old
     s = socket.socket()
@@ -365,7 +365,8 @@ def test_sharing_without_auth_warns(monkeypatch, caplog):
             launched.update(kw)
 
     monkeypatch.setattr(app, "build_app", lambda studio, banner: FakeBlocks())
-    monkeypatch.setattr(app, "ModelManager", lambda *a, **kw: type("M", (), {"device": torch.device("cpu")})())
+    fake = {"device": torch.device("cpu"), "base_path": "sd", "load_embeddings": lambda self, folder: {}}
+    monkeypatch.setattr(app, "ModelManager", lambda *a, **kw: type("M", (), fake)())
     with caplog.at_level(logging.WARNING, logger="app"):
         app.main(["--demo", "--share"])
     assert launched["share"] and launched["auth"] is None

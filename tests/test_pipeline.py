@@ -49,7 +49,11 @@ def _ref(pipe, scheduler_name, **kw):
         "unipc": (UniPCMultistepScheduler, {}),
     }  # fmt: skip
     cls, extra = classes[scheduler_name]
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+    # always from the pipeline's own scheduler config: a config left by another test would carry its options
+    # (use_karras_sigmas, algorithm_type ...) into this scheduler
+    if not hasattr(pipe, "_first_scheduler_config"):
+        pipe._first_scheduler_config = dict(pipe.scheduler.config)
+    pipe.scheduler = cls.from_config(pipe._first_scheduler_config, **extra)
     seed = kw.pop("seed")
     out = pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="np", width=SIZE, height=SIZE, **kw)
     return (out.images * 255).round().astype(np.uint8)

@@ -21,6 +21,7 @@ from .. import checkpoints, writers
 from ..assemble import build
 from ..config import SDConfig, TextConfig, UNetConfig, VAEConfig
 from ..controlnet import ControlNet
+from ..model_configs import CONFIG_METADATA_KEY
 from ..samplers import TRAIN_STEPS, alphas_cumprod
 from ..sd import StableDiffusion, random_sd
 from ..vae import AutoencoderKL
@@ -161,7 +162,7 @@ def _start(run: Run, opt: torch.optim.Optimizer, resume: bool) -> int:
 # ------------------------------------------------------------------------------------------------------ VAE
 def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     """A VAE written by the VAE stage (its config, latent scale included, is in the file's metadata)."""
-    data = json.loads(checkpoints.read_metadata(Path(path))[checkpoints.CONFIG_METADATA_KEY])["vae"]
+    data = json.loads(checkpoints.read_metadata(Path(path))[CONFIG_METADATA_KEY])["vae"]
     cfg = VAEConfig(**{f.name: tuple(v) if isinstance(v := data[f.name], list) else v for f in fields(VAEConfig)})
     return build(AutoencoderKL, cfg, checkpoints.read_file(path), "VAE", dtype)
 
