@@ -223,7 +223,7 @@ def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | 
     with gr.Blocks(title="ControlNet studio", delete_cache=delete_cache) as demo:
         gr.Markdown("# ControlNet studio\nStable Diffusion 1.5 + ControlNet 1.1. " + banner)
         # every Generate names its base: a switch loads it (freeing the other) and the ControlNets stay
-        base = BasePanel(gr.Dropdown(list(studio.bases), value=next(iter(studio.bases), None), label="Base model",
+        base = BasePanel(gr.Dropdown(list(studio.bases), value=next(iter(studio.bases)), label="Base model",
                                      allow_custom_value=True, elem_id="base-model"))  # fmt: skip
         with gr.Tabs() as tabs:
             receivers = []

@@ -88,8 +88,7 @@ class Studio:
             stale.unlink(missing_ok=True)
         self.limits = limits or Limits.for_device(manager.device.type)
         # the bases a request may name: the one the server started with, then the models folder's (not in demo mode)
-        start_path = getattr(manager, "base_path", "") or ""
-        self.bases = {Path(start_path).name or start_path: start_path} if start_path else {}
+        self.bases = {Path(manager.base_path).name or manager.base_path: manager.base_path}
         if card is None:
             self.bases.update({k: v for k, v in weights.list_bases(models_dir).items() if k not in self.bases})
         self._stops: dict[str, threading.Event] = {}  # session -> its Stop button was pressed

@@ -78,6 +78,15 @@ class TextEncoder(nn.Module):
         """Prompt tokens per chunk: 75 for SD1.5's 77-token context (BOS and EOS take the other two)."""
         return self.cfg.max_length - 2
 
+    def _comma(self) -> int | None:
+        """The comma's token id (A1111's chunking cuts after commas), looked up once per tokenizer."""
+        tok = self.tokenizer
+        if getattr(self, "_comma_for", None) is not tok:
+            ids = tok.convert_tokens_to_ids([",</w>"])
+            known = ids and tok.convert_ids_to_tokens(ids[0]) == ",</w>"  # not the unknown token's id
+            self._comma_for, self._comma_id = tok, ids[0] if known else None
+        return self._comma_id
+
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
 
@@ -110,7 +119,7 @@ class TextEncoder(nn.Module):
             if toks is not None and len(toks) <= per:  # one chunk, literally, as before emphasis existed
                 chunks.append([(toks, [1.0] * len(toks))])
             else:  # A1111's chunking (BREAK, the comma backtrack, embeddings kept whole)
-                chunks.append(prompt_weights.chunked(pieces, tokenize, per, self.tokenizer.get_vocab().get(",</w>")))
+                chunks.append(prompt_weights.chunked(pieces, tokenize, per, self._comma()))
         n_chunks = max(1, max(len(c) for c in chunks))
         tok = self.tokenizer
         bos, eos = tok.bos_token_id, tok.eos_token_id

@@ -124,6 +124,12 @@ LORA_FOLDERS = ("loras", "Lora")  # models_dir/loras (ours), models_dir/Lora (A1
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
 
+def _plain_name(name: str, what: str) -> None:
+    """A name picked from a models-folder list (or sent through the API): a file name, never a path."""
+    if "/" in name or "\\" in name or name.startswith("."):
+        raise InputError(f"{what} name {name!r}: give the file's name without folders.")
+
+
 def list_loras(models_dir: str | os.PathLike | None) -> list[str]:
     """The LoRA names (file stems) in the models folder's LoRA folders, sorted."""
     names = set()
@@ -137,8 +143,7 @@ def list_loras(models_dir: str | os.PathLike | None) -> list[str]:
 def locate_lora(name: str, models_dir: str | os.PathLike | None) -> Path:
     """A `<lora:name:w>` tag's file: `models_dir/loras/<name>.safetensors` (or .pt/.ckpt, or A1111's `Lora/`
     folder). LoRAs are the user's own files: there is nothing to download."""
-    if "/" in name or "\\" in name or name.startswith("."):
-        raise InputError(f"LoRA name {name!r}: give the file's name without folders.")
+    _plain_name(name, "LoRA")
     for folder in LORA_FOLDERS:
         for suffix in LORA_SUFFIXES:
             d = Path(models_dir or "models") / folder
@@ -172,8 +177,7 @@ def list_vaes(models_dir: str | os.PathLike | None) -> list[str]:
 
 def locate_vae(name: str, models_dir: str | os.PathLike | None) -> Path:
     """A VAE chosen by file name in the models folder's `vae/` (or `VAE/`)."""
-    if "/" in name or "\\" in name or name.startswith("."):
-        raise InputError(f"VAE name {name!r}: give the file's name without folders.")
+    _plain_name(name, "VAE")
     for folder in (VAE_FOLDER, "VAE"):
         path = Path(models_dir or "models") / folder / name
         if path.is_file():

@@ -209,7 +209,7 @@ def test_output_folder_is_bounded_and_cleared_of_partial_files(tmp_path):
     from studio import Limits, Studio
 
     (tmp_path / ".half.png.1.2.part").write_bytes(b"x")
-    manager = type("M", (), {"device": torch.device("cpu")})()
+    manager = type("M", (), {"device": torch.device("cpu"), "base_path": "sd"})()
     studio = Studio(manager, None, str(tmp_path), limits=Limits(keep_outputs=3, keep_hours=1))
     assert not list(tmp_path.glob("*.part"))  # left by a killed server: gone at start-up
     now = time.time()
@@ -289,7 +289,7 @@ def test_user_errors_log_one_line_internal_errors_one_traceback(caplog):
     import app
     from studio import Studio
 
-    manager = type("M", (), {"device": torch.device("cpu")})()
+    manager = type("M", (), {"device": torch.device("cpu"), "base_path": "sd"})()
     wrap = app.friendly(Studio(manager, "/srv/models"))
 
     @wrap
