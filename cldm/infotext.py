@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from .errors import InputError
 from .fit import RESIZE_MODE_LABELS
 from .request import ControlUnit, GenerationRequest, stem
-from .samplers import SAMPLER_LABELS
+from .samplers import A1111_AUTOMATIC, SAMPLER_LABELS
 
 HIRES_UPSCALER_LABELS = {"latent": "Latent", "lanczos": "Lanczos"}  # A1111's upscaler names
 CONTROL_MODE_LABELS = {
@@ -206,7 +206,10 @@ def _sampler_key(label: str | None, schedule: str | None) -> str | None:
     name, schedule = label.strip().lower(), (schedule or "").strip().lower()
     if schedule not in _PLAIN_SCHEDULES and not name.endswith(f" {schedule}"):
         name = f"{name} {schedule}"  # "DPM++ 2M" + "Karras" -> "DPM++ 2M Karras"
-    return _SAMPLER_KEYS.get(name)
+    key = _SAMPLER_KEYS.get(name)
+    if schedule == "automatic":  # A1111 >= 1.9: the sampler's own default schedule (Karras for DPM++ 2M)
+        key = A1111_AUTOMATIC.get(key, key)
+    return key
 
 
 def _unquote(value: str) -> str:

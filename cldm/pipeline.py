@@ -25,7 +25,8 @@ from .ip_adapter import image_prompt_problem, layer_scales, prompt_tokens
 from .preview import approx_rgb, predicted_x0
 from .reference import ReferenceState, noised_reference
 from .request import ControlUnit, GenerationRequest
-from .samplers import Sampler, _randn, alphas_cumprod, make_sampler
+from .samplers import Sampler, _randn, make_sampler, sampler_class
+from .schedules import alphas_cumprod
 from .sd import StableDiffusion
 from .vae import AutoencoderKL
 
@@ -186,7 +187,7 @@ def prepare_latents(model: StableDiffusion, r: GenerationRequest, s: Sampler, ge
     # pure noise (diffusers' inpaint pipeline), the mask blend brings the known area back.
     masked = r.mask is not None and r.inpaint_mode == "only"  # "global": the mask shapes the hint only
     from_noise = x0 is None or (masked and r.strength >= 1)
-    x = s.init_noise(noise) if from_noise else s.add_noise(x0, noise, start)
+    x = s.init_noise(noise) if from_noise else s.add_noise(x0, noise, s.index(start))
     mask = latent_mask(r, shape[-2:]).to(device, dtype) if masked else None
     return Latents(x, start, noise, x0, mask)
 
@@ -237,9 +238,10 @@ def denoise(
 ) -> torch.Tensor:  # fmt: skip
     """The sampling loop: ControlNet residuals, UNet, guidance, sampler step, inpaint blend; every `preview_every`
     steps a cheap picture of the predicted result goes to `preview`."""
-    x, n = lat.x, r.steps - lat.start
+    first, end = s.index(lat.start), len(s.timesteps)  # loop entries: one per model call
+    x, n = lat.x, end - first
     ref = reference_latent(model, r)
-    for k, i in enumerate(range(lat.start, r.steps)):
+    for k, i in enumerate(range(first, end)):
         t = s.timesteps[i].to(model.device)
         x_in = s.scale_input(x, i)
         x_full = torch.cat([x_in, x_in]) if r.use_cfg else x_in  # the guidance batch: [uncond, cond]
@@ -253,7 +255,7 @@ def denoise(
             preview(approx_rgb(predicted_x0(x_in, eps, t)))
         x = s.step(x, eps, i, generator)
         if lat.mask is not None:  # inpainting: the known area, noised to the next step, goes back in
-            known = s.add_noise(lat.x0, lat.noise, i + 1) if i + 1 < r.steps else lat.x0
+            known = s.add_noise(lat.x0, lat.noise, i + 1) if i + 1 < end else lat.x0
             x = (1 - lat.mask) * known + lat.mask * x
         if callback is not None:
             callback(k + 1, n)
@@ -331,17 +333,20 @@ def hires_pass(
     s = make_sampler(r.sampler, schedule, r.eta)
     start = schedule - steps
     noise = _randn(x0.shape, generator, torch.empty((), dtype=torch.float32)).to(model.device, model.dtype)
-    lat = Latents(s.add_noise(x0, noise, start), start, noise, x0)
+    lat = Latents(s.add_noise(x0, noise, s.index(start)), start, noise, x0)
     x2 = denoise(model, r2, s, ctx, embed_hints(model, r2), lat, generator, callback, preview, preview_every)
     return r2, x2
 
 
 # ---------------------------------------------------------------------------------------------- the whole
 def total_steps(r: GenerationRequest) -> int:
-    """The steps that actually run, both passes (img2img and the hires pass skip the first ones)."""
-    n = r.steps - (r.steps - min(int(r.steps * r.strength), r.steps) if r.init_image is not None else 0)
+    """The model calls that actually run, both passes (img2img and the hires pass skip the first steps; a
+    second-order sampler calls the model twice per step)."""
+    calls = sampler_class(r.sampler).model_calls
+    n = calls(r.steps, r.steps - min(int(r.steps * r.strength), r.steps) if r.init_image is not None else 0)
     if r.hires is not None:
-        n += r.hires.schedule(r.steps)[0]
+        steps, schedule = r.hires.schedule(r.steps)
+        n += calls(schedule, schedule - steps)
     return n
 
 
@@ -376,7 +381,7 @@ def _generate(model, r: GenerationRequest, callback, preview, preview_every: int
     s = make_sampler(r.sampler, r.steps, r.eta)
     lat = prepare_latents(model, r, s, generator)
     t1 = time.perf_counter()
-    total, done = total_steps(r), r.steps - lat.start
+    total, done = total_steps(r), s.model_calls(r.steps, lat.start)
     step = callback if r.hires is None or callback is None else (lambda k, n: callback(k, total))
     x = denoise(model, r, s, ctx, hints, lat, generator, step, preview, preview_every)
     out = r

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .samplers import alphas_cumprod
+from .schedules import alphas_cumprod
 
 # rows: the four SD1.x latent channels; columns: their contribution to R, G, B (A1111's approximation)
 LATENT_RGB = torch.tensor(

@@ -1,67 +1,26 @@
-"""The SD1.5 noise schedule and samplers (DDIM, Euler ancestral, DPM++ 2M Karras).
+"""The samplers: DDIM, Euler (a), LMS, DPM++ 2M (SDE), DPM++ SDE and UniPC, each on its diffusers scheduler's
+sigma schedules (`schedules.py`: uniform, Karras, exponential).
 
 Every sampler works on an epsilon-predicting model and keeps to the same small interface, so the loop in
 `pipeline.py` does not care which one runs:
-    x = s.init_noise(noise) or s.add_noise(x0, noise, start)
-    for i in range(start, len(s.timesteps)): x = s.step(x, eps_model(s.scale_input(x, i), s.timesteps[i]), i, gen)
-They follow diffusers' DDIMScheduler / EulerAncestralDiscreteScheduler / DPMSolverMultistepScheduler with the
-SD1.5 scheduler config, step for step, so a seed gives the same picture.
+    x = s.init_noise(noise) or s.add_noise(x0, noise, s.index(start))
+    for i in range(s.index(start), len(s.timesteps)): x = s.step(x, eps_model(s.scale_input(x, i), s.timesteps[i]), i, gen)
+A second-order sampler (DPM++ SDE) calls the model twice per step, so its `timesteps` hold 2 * steps - 1 entries.
+They follow diffusers' schedulers with the SD1.5 scheduler config, step for step, so a seed gives the same picture.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 
-TRAIN_STEPS = 1000
-BETA_START, BETA_END = 0.00085, 0.012  # "scaled_linear": linear in sqrt(beta)
-STEPS_OFFSET = 1  # "leading" spacing with offset 1, as SD1.5 was configured
-KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
-
-
-def alphas_cumprod() -> torch.Tensor:
-    """The SD1.5 training schedule (fp32 as diffusers computes it)."""
-    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, TRAIN_STEPS, dtype=torch.float32) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
-def leading_timesteps(steps: int) -> torch.Tensor:
-    """[.., 2*r+1, r+1, 1] with r = 1000 // steps, descending."""
-    ratio = TRAIN_STEPS // steps
-    return (torch.arange(steps - 1, -1, -1, dtype=torch.int64) * ratio) + STEPS_OFFSET
-
-
-def _randn(shape, generator, like: torch.Tensor) -> torch.Tensor:
-    """Noise shaped like `shape`: from one generator, or row by row from a list of them (one seed per picture)."""
-    if isinstance(generator, (list, tuple)):
-        return torch.cat([_randn((1, *shape[1:]), g, like) for g in generator])
-    device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device, like.dtype)
-
-
-class Sampler:
-    """Base: timesteps, input scaling and forward noising (VP form: x = sqrt(a) x0 + sqrt(1-a) noise)."""
-
-    name = "base"
-
-    def __init__(self, steps: int):
-        if steps < 1:
-            raise ValueError("steps must be at least 1")
-        self.ac = alphas_cumprod()
-        self.timesteps = leading_timesteps(steps)
-
-    def init_noise(self, noise: torch.Tensor) -> torch.Tensor:
-        return noise
-
-    def scale_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return x
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
-        a = self.ac[int(self.timesteps[i])].to(x0.device, torch.float32)
-        return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
-
-    def step(self, x: torch.Tensor, eps: torch.Tensor, i: int, generator: torch.Generator | None) -> torch.Tensor:
-        raise NotImplementedError
+from . import schedules
+from .dpm_sde import DPMPPSDE
+from .sampler_base import Sampler, _randn, _SigmaSampler, _VPSampler
+from .schedules import SCHEDULE_LABELS, TRAIN_STEPS
+from .unipc import UniPC
 
 
 class DDIM(Sampler):
@@ -87,14 +46,6 @@ class DDIM(Sampler):
         if self.eta > 0:
             out = out + std * _randn(x.shape, generator, out)
         return out.to(x.dtype)
-
-
-class _SigmaSampler(Sampler):
-    """Samplers that think in sigma = sqrt((1 - a) / a)."""
-
-    def __init__(self, steps: int):
-        super().__init__(steps)
-        self.train_sigmas = ((1 - self.ac) / self.ac) ** 0.5
 
 
 class EulerAncestral(_SigmaSampler):
@@ -127,47 +78,16 @@ class EulerAncestral(_SigmaSampler):
         return out.to(x.dtype)
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, steps: int) -> torch.Tensor:
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / KARRAS_RHO), sigma_max ** (1 / KARRAS_RHO)
-    return (hi + ramp * (lo - hi)) ** KARRAS_RHO
+class DPMPP2M(_VPSampler):
+    """DPM-Solver++(2M), in diffusers' VP form (x unscaled, first order on the last step); final sigma 0, so the last
+    step returns x0."""
 
+    name = "dpmpp_2m"
 
-def sigma_to_t(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
-    """Fractional timestep whose log-sigma interpolates to `sigma`."""
-    log_sigma = sigma.clamp(min=1e-10).log()
-    dists = log_sigma[None] - log_sigmas[:, None]  # (1000, n)
-    low = (dists >= 0).cumsum(0).argmax(0).clamp(max=len(log_sigmas) - 2)
-    lo, hi = log_sigmas[low], log_sigmas[low + 1]
-    w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
-    return (1 - w) * low + w * (low + 1)
-
-
-class DPMPP2MKarras(_SigmaSampler):
-    """DPM-Solver++(2M) with Karras sigmas, in diffusers' VP form (x unscaled, first order on the last step)."""
-
-    name = "dpmpp_2m_karras"
-
-    def __init__(self, steps: int):
-        super().__init__(steps)
-        sig = karras_sigmas(float(self.train_sigmas[0]), float(self.train_sigmas[-1]), steps)
-        log_sigmas = self.train_sigmas.double().log()
-        self.timesteps = sigma_to_t(sig, log_sigmas).round().to(torch.int64)
-        self.sigmas = torch.cat([sig.float(), torch.zeros(1)])  # final sigma 0: the last step returns x0
+    def __init__(self, steps: int, schedule: str = ""):
+        super().__init__(steps, schedule)
+        self.sigmas, self.timesteps = schedules.solver(steps, schedule)
         self.prev_x0: torch.Tensor | None = None
-
-    def add_noise(self, x0, noise, i):
-        alpha, sigma = self._alpha_sigma(self.sigmas[i])
-        return (alpha * x0.float() + sigma * noise.float()).to(x0.dtype)
-
-    @staticmethod
-    def _alpha_sigma(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        alpha = 1 / (s**2 + 1) ** 0.5
-        return alpha, s * alpha
-
-    def _lambda(self, i: int) -> torch.Tensor:
-        alpha, sigma = self._alpha_sigma(self.sigmas[i])
-        return alpha.log() - sigma.log()
 
     def step(self, x, eps, i, generator):
         alpha_s, sigma_s = self._alpha_sigma(self.sigmas[i])
@@ -193,6 +113,15 @@ class Euler(EulerAncestral):
 
     name = "euler"
 
+    def __init__(self, steps: int, schedule: str = ""):
+        _SigmaSampler.__init__(self, steps, schedule)
+        self.sigmas, timesteps = schedules.spaced(steps, schedule)
+        if schedule:  # fractional timesteps on a Karras / exponential ramp
+            self.timesteps = timesteps
+
+    def init_noise(self, noise):
+        return noise * (self.sigmas.max() ** 2 + 1) ** 0.5
+
     def step(self, x, eps, i, generator):
         s_from, s_to = self.sigmas[i], self.sigmas[i + 1]
         x32 = x.float()
@@ -200,11 +129,11 @@ class Euler(EulerAncestral):
         return (x32 + (x32 - x0) / s_from * (s_to - s_from)).to(x.dtype)
 
 
-class DPMPP2MSDEKarras(DPMPP2MKarras):
-    """DPM-Solver++(2M) SDE with Karras sigmas (diffusers' "sde-dpmsolver++", midpoint): every step adds fresh noise
-    of the size the step removed, so it needs the generator as Euler a does."""
+class DPMPP2MSDE(DPMPP2M):
+    """DPM-Solver++(2M) SDE (diffusers' "sde-dpmsolver++", midpoint): every step adds fresh noise of the size the
+    step removed, drawn from the generator as Euler a draws its noise."""
 
-    name = "dpmpp_2m_sde_karras"
+    name = "dpmpp_2m_sde"
 
     def step(self, x, eps, i, generator):
         alpha_s, sigma_s = self._alpha_sigma(self.sigmas[i])
@@ -225,20 +154,18 @@ class DPMPP2MSDEKarras(DPMPP2MKarras):
         return out.to(x.dtype)
 
 
-class LMSKarras(_SigmaSampler):
-    """Linear multistep (order 4) on Karras sigmas, as diffusers' LMSDiscreteScheduler(use_karras_sigmas=True): the
-    sigmas span those of the leading timesteps, the model sees fractional timesteps, and each step integrates the
-    Lagrange polynomial through the last derivatives (exactly, where diffusers integrates numerically)."""
+class LMS(_SigmaSampler):
+    """Linear multistep (order 4), as diffusers' LMSDiscreteScheduler: on a Karras or exponential ramp the sigmas
+    span those of the leading timesteps and the model sees fractional timesteps; each step integrates the Lagrange
+    polynomial through the last derivatives (exactly, where diffusers integrates numerically)."""
 
-    name = "lms_karras"
-    order = 4
+    name = "lms"
+    lms_order = 4
 
-    def __init__(self, steps: int):
-        super().__init__(steps)
-        leading = self.train_sigmas.double()[self.timesteps]
-        sig = karras_sigmas(float(leading[-1]), float(leading[0]), steps)
-        self.timesteps = sigma_to_t(sig, self.train_sigmas.double().log()).float()
-        self.sigmas = torch.cat([sig.float(), torch.zeros(1)])
+    def __init__(self, steps: int, schedule: str = ""):
+        super().__init__(steps, schedule)
+        self.sigmas, timesteps = schedules.spaced(steps, schedule)
+        self.timesteps = timesteps.float()
         self.derivatives: list[torch.Tensor] = []
 
     def init_noise(self, noise):
@@ -264,98 +191,50 @@ class LMSKarras(_SigmaSampler):
     def step(self, x, eps, i, generator):
         x32 = x.float()
         self.derivatives.append(eps.float())  # (x - x0) / sigma with x0 = x - sigma * eps
-        if len(self.derivatives) > self.order:
+        if len(self.derivatives) > self.lms_order:
             self.derivatives.pop(0)
-        order = min(i + 1, self.order)  # diffusers' rule (with img2img it may exceed the derivatives kept)
+        order = min(i + 1, self.lms_order)  # diffusers' rule (with img2img it may exceed the derivatives kept)
         coeffs = [self.coefficient(order, i, j) for j in range(order)]
         return (x32 + sum(c * d for c, d in zip(coeffs, reversed(self.derivatives)))).to(x.dtype)
 
 
-class UniPC(_SigmaSampler):
-    """UniPC (Zhao et al.), diffusers' UniPCMultistepScheduler defaults: order 2, the B(h) = e^h - 1 variant ("bh2"),
-    predicting x0, lower order at the start and on the last step. Each step first corrects the previous step's result
-    with the new model output (UniC), then predicts the next (UniP). Leading spacing over steps + 1 intervals, as
-    diffusers spaces UniPC's timesteps."""
-
-    name = "unipc"
-    order = 2
-
-    def __init__(self, steps: int):
-        super().__init__(steps)
-        ratio = TRAIN_STEPS // (steps + 1)
-        self.timesteps = torch.arange(steps, 0, -1, dtype=torch.int64) * ratio + STEPS_OFFSET
-        self.sigmas = torch.cat([self.train_sigmas[self.timesteps].float(), torch.zeros(1)])
-        self.outputs: list[torch.Tensor] = []  # the x0 predictions of the last steps, newest last
-        self.last_sample: torch.Tensor | None = None
-        self.this_order = 1
-
-    _alpha_sigma = staticmethod(DPMPP2MKarras._alpha_sigma)
-
-    def add_noise(self, x0, noise, i):
-        alpha, sigma = self._alpha_sigma(self.sigmas[i])
-        return (alpha * x0.float() + sigma * noise.float()).to(x0.dtype)
-
-    def _lambda(self, i: int) -> torch.Tensor:
-        alpha, sigma = self._alpha_sigma(self.sigmas[i])
-        return alpha.log() - sigma.log()
-
-    def _coefficients(self, h: torch.Tensor, rks: list[torch.Tensor], order: int):
-        """(h phi_1, B(h), b): the exponential-integrator terms and the right-hand side of the order conditions."""
-        hh = -h
-        h_phi_1 = torch.expm1(hh)
-        h_phi_k, factorial, b_h = h_phi_1 / hh - 1, 1, torch.expm1(hh)
-        b = []
-        for k in range(1, order + 1):
-            b.append(h_phi_k * factorial / b_h)
-            factorial *= k + 1
-            h_phi_k = h_phi_k / hh - 1 / factorial
-        rows = torch.stack([torch.stack([*rks, torch.ones(())]) ** (k - 1) for k in range(1, order + 1)])
-        return h_phi_1, b_h, torch.stack(b), rows
-
-    def _update(self, x, m0, s_from: int, s_to: int, order: int, older: torch.Tensor | None, s_older: int,
-                model_t: torch.Tensor | None):  # fmt: skip
-        """UniP (model_t None) or UniC from step s_from to s_to, with the x0 estimate m0 made at s_from."""
-        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[s_to])
-        _, sigma_s = self._alpha_sigma(self.sigmas[s_from])
-        h = self._lambda(s_to) - self._lambda(s_from)
-        rks, d1 = [], None
-        if order == 2:
-            rk = (self._lambda(s_older) - self._lambda(s_from)) / h
-            rks, d1 = [rk], (older - m0) / rk
-        h_phi_1, b_h, b, rows = self._coefficients(h, rks, order)
-        base = sigma_t / sigma_s * x - alpha_t * h_phi_1 * m0
-        if model_t is None:  # predictor
-            return base if d1 is None else base - alpha_t * b_h * 0.5 * d1
-        rhos = torch.tensor([0.5]) if order == 1 else torch.linalg.solve(rows, b)
-        res = 0 if d1 is None else rhos[0] * d1
-        return base - alpha_t * b_h * (res + rhos[-1] * (model_t - m0))
-
-    def step(self, x, eps, i, generator):
-        alpha_s, sigma_s = self._alpha_sigma(self.sigmas[i])
-        x32 = x.float()
-        m = (x32 - sigma_s * eps.float()) / alpha_s
-        if self.last_sample is not None:  # UniC: correct the last prediction with this step's model output
-            older = self.outputs[-2] if self.this_order == 2 else None
-            x32 = self._update(self.last_sample, self.outputs[-1], i - 1, i, self.this_order, older, i - 2, m)
-        self.outputs = [*self.outputs[-1:], m]
-        lower_final = min(self.order, len(self.timesteps) - i)
-        self.this_order = min(lower_final, len(self.outputs))
-        self.last_sample = x32
-        older = self.outputs[-2] if self.this_order == 2 else None
-        return self._update(x32, m, i, i + 1, self.this_order, older, i - 1, None).to(x.dtype)
-
-
-SAMPLERS = {cls.name: cls for cls in (DDIM, EulerAncestral, Euler, DPMPP2MKarras, DPMPP2MSDEKarras, LMSKarras, UniPC)}
+# Each sampler with the schedules its diffusers scheduler offers; the key is the name plus "_karras" or
+# "_exponential", the label A1111's ("DPM++ 2M" + " Karras").
+_KINDS = {
+    "ddim": (DDIM, "DDIM", ("",)),
+    "euler_a": (EulerAncestral, "Euler a", ("",)),
+    "euler": (Euler, "Euler", schedules.SCHEDULES),
+    "lms": (LMS, "LMS", schedules.SCHEDULES),
+    "dpmpp_2m": (DPMPP2M, "DPM++ 2M", schedules.SCHEDULES),
+    "dpmpp_sde": (DPMPPSDE, "DPM++ SDE", schedules.SCHEDULES),
+    "dpmpp_2m_sde": (DPMPP2MSDE, "DPM++ 2M SDE", schedules.SCHEDULES),
+    "unipc": (UniPC, "UniPC", ("",)),
+}
+SAMPLERS: dict[str, type[Sampler] | partial] = {}
 # The names A1111 writes in its "parameters" text (and shows in its sampler list).
-SAMPLER_LABELS = {
-    "ddim": "DDIM", "euler_a": "Euler a", "euler": "Euler", "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras", "lms_karras": "LMS Karras", "unipc": "UniPC",
-}  # fmt: skip
+SAMPLER_LABELS: dict[str, str] = {}
+for _kind, (_cls, _label, _schedules) in _KINDS.items():
+    for _schedule in _schedules:
+        _key = f"{_kind}_{_schedule}" if _schedule else _kind
+        SAMPLERS[_key] = partial(_cls, schedule=_schedule) if _schedule else _cls
+        SAMPLER_LABELS[_key] = f"{_label} {SCHEDULE_LABELS[_schedule]}".strip()
+# A1111 >= 1.9 writes the schedule apart; "Automatic" means the sampler's own default there.
+A1111_AUTOMATIC = {
+    "dpmpp_2m": "dpmpp_2m_karras",
+    "dpmpp_sde": "dpmpp_sde_karras",
+    "dpmpp_2m_sde": "dpmpp_2m_sde_exponential",
+}
+
+
+def sampler_class(name: str) -> type[Sampler]:
+    entry = SAMPLERS[name]
+    return entry.func if isinstance(entry, partial) else entry
 
 
 def make_sampler(name: str, steps: int, eta: float = 0.0) -> Sampler:
-    """Sampler by name (`SAMPLERS`): ddim (uses eta), euler_a, euler, dpmpp_2m_karras, dpmpp_2m_sde_karras,
-    lms_karras."""
+    """Sampler by name (`SAMPLERS`, e.g. ddim (uses eta), euler_a, dpmpp_2m_karras, dpmpp_sde_karras, unipc)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    return DDIM(steps, eta) if name == "ddim" else SAMPLERS[name](steps)
+    s = DDIM(steps, eta) if name == "ddim" else SAMPLERS[name](steps)
+    s.name = name
+    return s

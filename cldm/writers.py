@@ -18,7 +18,7 @@ from . import model_configs as mc
 from .checkpoints import CONTROL_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from .controlnet import ControlNet
 from .model_configs import CONFIG_METADATA_KEY
-from .samplers import BETA_END, BETA_START, STEPS_OFFSET, TRAIN_STEPS
+from .schedules import BETA_END, BETA_START, STEPS_OFFSET, TRAIN_STEPS
 from .sd import StableDiffusion
 
 StateDict = dict[str, torch.Tensor]

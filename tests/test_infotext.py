@@ -209,14 +209,20 @@ def test_old_numbered_units_are_sorted_and_old_names_mapped():
         ("Euler a", "Automatic", "euler_a"),
         ("EULER A", "Uniform", "euler_a"),
         ("DDIM", None, "ddim"),
-        ("DPM++ 2M", None, None),  # before 1.9, plain DPM++ 2M had no Karras sigmas
-        ("DPM++ 2M", "Exponential", None),
-        ("Euler a", "Karras", None),
+        ("DPM++ 2M", None, "dpmpp_2m"),  # before 1.9, plain DPM++ 2M had no Karras sigmas
+        ("DPM++ 2M", "Exponential", "dpmpp_2m_exponential"),
+        ("DPM++ 2M", "Automatic", "dpmpp_2m_karras"),  # 1.9's default schedule for it
+        ("DPM++ 2M SDE", "Automatic", "dpmpp_2m_sde_exponential"),
+        ("DPM++ SDE Karras", None, "dpmpp_sde_karras"),
+        ("DPM++ SDE", "Automatic", "dpmpp_sde_karras"),
+        ("Euler a", "Karras", None),  # Euler a runs on its own schedule only (as diffusers)
         ("Euler", "Automatic", "euler"),
+        ("Euler", "Karras", "euler_karras"),
         ("DPM++ 2M SDE", "Karras", "dpmpp_2m_sde_karras"),
         ("LMS", "Karras", "lms_karras"),
-        ("LMS", None, None),  # plain LMS (no Karras sigmas) is not one of ours
-        ("DPM++ 2M SDE", None, None),
+        ("LMS", None, "lms"),
+        ("DPM++ 2M SDE", None, "dpmpp_2m_sde"),
+        ("DPM++ 3M SDE", "Karras", None),  # not one of ours
     ],
 )
 def test_sampler_labels_map_to_our_keys(sampler, schedule, key):

@@ -31,6 +31,7 @@ def _ref(pipe, scheduler_name, **kw):
     from diffusers import (
         DDIMScheduler,
         DPMSolverMultistepScheduler,
+        DPMSolverSDEScheduler,
         EulerAncestralDiscreteScheduler,
         EulerDiscreteScheduler,
         LMSDiscreteScheduler,
@@ -39,16 +40,21 @@ def _ref(pipe, scheduler_name, **kw):
 
     classes = {
         "ddim": (DDIMScheduler, {}),
-        "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
         "euler_a": (EulerAncestralDiscreteScheduler, {}),
         "euler": (EulerDiscreteScheduler, {}),
-        "dpmpp_2m_sde_karras": (
-            DPMSolverMultistepScheduler, {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}
-        ),
-        "lms_karras": (LMSDiscreteScheduler, {"use_karras_sigmas": True}),
+        "lms": (LMSDiscreteScheduler, {}),
+        "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
+        "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+        "dpmpp_sde": (DPMSolverSDEScheduler, {"noise_sampler_seed": kw["seed"]}),  # the Brownian tree's seed
         "unipc": (UniPCMultistepScheduler, {}),
     }  # fmt: skip
-    cls, extra = classes[scheduler_name]
+    kind, schedule = scheduler_name, ""
+    for suffix in ("_karras", "_exponential"):
+        if scheduler_name.endswith(suffix):
+            kind, schedule = scheduler_name.removesuffix(suffix), suffix[1:]
+    cls, extra = classes[kind]
+    if schedule:
+        extra = {**extra, f"use_{schedule}_sigmas": True}
     # always from the pipeline's own scheduler config: a config left by another test would carry its options
     # (use_karras_sigmas, algorithm_type ...) into this scheduler
     if not hasattr(pipe, "_first_scheduler_config"):
@@ -90,11 +96,19 @@ def test_cli_matches_diffusers(tiny_dirs, ref_pipe, tmp_path, sampler):
     assert ref.std() > 10  # a real picture, not a flat one
 
 
-@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m_sde_karras", "lms_karras", "unipc"])
+MORE_SAMPLERS = [
+    "euler", "euler_karras", "euler_exponential", "lms", "lms_karras", "lms_exponential", "dpmpp_2m",
+    "dpmpp_2m_exponential", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential", "dpmpp_sde",
+    "dpmpp_sde_karras", "dpmpp_sde_exponential", "unipc",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("sampler", MORE_SAMPLERS)
 @pytest.mark.parametrize("steps", [6, 20])
 def test_more_samplers_match_diffusers(ours, ref_pipe, sampler, steps):
-    """A1111's Euler, DPM++ 2M SDE Karras and LMS Karras against diffusers' schedulers of the same name: whole
-    pictures with a ControlNet, CFG and a batch of 2 (the SDE draws fresh noise each step from the same generator)."""
+    """Every sampler and schedule A1111 names against diffusers' scheduler of the same name: whole pictures with a
+    ControlNet, CFG and a batch of 2 (DPM++ 2M SDE draws fresh noise each step from the generator, DPM++ SDE from a
+    Brownian tree seeded with the picture's seed)."""
     sd, cn = ours
     ref = _ref(ref_pipe, sampler, prompt="a red square", negative_prompt="blurry", image=Image.fromarray(_hint()),
                num_inference_steps=steps, guidance_scale=6.0, seed=5, num_images_per_prompt=2)  # fmt: skip
@@ -161,7 +175,9 @@ def test_global_average_pooling_runs_on_the_conditional_half(ours, tiny_dirs, re
     assert _diff(out.images[0], ref[0]) <= PIXEL_TOL
 
 
-def test_img2img_batch_matches_diffusers(ours, tiny_dirs, ref_pipe):
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_sde_karras", "dpmpp_2m_exponential"])
+def test_img2img_batch_matches_diffusers(ours, tiny_dirs, ref_pipe, sampler):
+    """img2img starts at the strength's step: for the two-call DPM++ SDE that is entry 2 * step of its loop."""
     from diffusers import StableDiffusionControlNetImg2ImgPipeline
 
     sd, cn = ours
@@ -170,7 +186,7 @@ def test_img2img_batch_matches_diffusers(ours, tiny_dirs, ref_pipe):
     pipe.set_progress_bar_config(disable=True)
     ref = _ref(
         pipe,
-        "ddim",
+        sampler,
         prompt="a cat",
         image=Image.fromarray(init),
         control_image=Image.fromarray(_hint()),
@@ -182,7 +198,7 @@ def test_img2img_batch_matches_diffusers(ours, tiny_dirs, ref_pipe):
         num_images_per_prompt=2,
     )  # fmt: skip (the img2img pipeline's default is 0.8)
     out = _gen(sd, "a cat", "", [ControlUnit(cn, _hint())], steps=10, cfg_scale=5.0, seed=5, width=SIZE, height=SIZE,
-                   init_image=init, strength=0.6, batch=2)  # fmt: skip
+                   init_image=init, strength=0.6, batch=2, sampler=sampler)  # fmt: skip
     # a batch encodes the init picture once (one posterior sample), as diffusers does
     assert _diff(out.images[0], ref[0]) <= PIXEL_TOL and _diff(out.images[1], ref[1]) <= PIXEL_TOL
     assert "Denoising strength: 0.6" in out.parameters
@@ -320,3 +336,18 @@ def test_control_mode_in_pictures_and_cli(ours, tiny_dirs, tmp_path):
             "--width", str(SIZE), "--height", str(SIZE), "--out", str(tmp_path / "out.png")]  # fmt: skip
     assert main(args) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), with_cfg.images[0])
+
+
+def test_dpmpp_sde_progress_counts_model_calls(ours):
+    """DPM++ SDE calls the model twice per step but once on the last: the progress counts calls, through both
+    passes of a hires fix, and ends exactly at its total."""
+    from cldm.request_parts import HiresFix
+
+    sd, cn = ours
+    seen = []
+    r = GenerationRequest("a cat", "", (ControlUnit(cn, _hint()),), steps=5, cfg_scale=5.0, seed=3, width=SIZE,
+                          height=SIZE, sampler="dpmpp_sde_karras", hires=HiresFix(scale=1.5, steps=3, strength=0.5))  # fmt: skip
+    out = generate(sd, r, callback=lambda k, n: seen.append((k, n)))
+    assert seen[-1] == (9 + 5, 9 + 5)  # 2 * 5 - 1 calls, then 2 * 3 - 1 of the hires pass
+    assert [k for k, _ in seen] == list(range(1, 15))
+    assert out.images.shape[1:3] == (96, 96)

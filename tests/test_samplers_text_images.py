@@ -11,7 +11,7 @@ from PIL import Image
 
 from cldm.errors import InputError
 from cldm.images import load_rgb
-from cldm.samplers import DDIM, DPMPP2MKarras, EulerAncestral, make_sampler
+from cldm.samplers import DDIM, EulerAncestral, make_sampler
 
 SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
@@ -25,7 +25,7 @@ def test_schedules_match_diffusers(steps):
     assert torch.equal(DDIM(steps).timesteps, ddim.timesteps)
     dpm = DPMSolverMultistepScheduler(**SD15, use_karras_sigmas=True)
     dpm.set_timesteps(steps)
-    ours = DPMPP2MKarras(steps)
+    ours = make_sampler("dpmpp_2m_karras", steps)
     assert torch.equal(ours.timesteps, dpm.timesteps)
     assert torch.allclose(ours.sigmas, dpm.sigmas, rtol=1e-5)
     ea = EulerAncestralDiscreteScheduler(**SD15, timestep_spacing="leading")  # SD1.5's config spacing
@@ -39,11 +39,9 @@ def test_lms_karras_schedule_matches_diffusers(steps):
     """LMS Karras: Karras sigmas between those of the leading timesteps, fractional timesteps (diffusers' rule)."""
     from diffusers import LMSDiscreteScheduler
 
-    from cldm.samplers import LMSKarras
-
     ref = LMSDiscreteScheduler(**SD15, use_karras_sigmas=True, timestep_spacing="leading")
     ref.set_timesteps(steps)
-    ours = LMSKarras(steps)
+    ours = make_sampler("lms_karras", steps)
     assert torch.allclose(ours.sigmas, ref.sigmas, rtol=1e-5)
     assert torch.allclose(ours.timesteps, ref.timesteps, atol=1e-3)
     assert abs(float(ours.init_noise(torch.ones(1))) - float(ref.init_noise_sigma)) < 1e-4
@@ -67,6 +65,53 @@ def test_unipc_schedule_matches_diffusers(steps):
     ours = UniPC(steps)
     assert torch.equal(ours.timesteps, ref.timesteps)
     assert torch.allclose(ours.sigmas, ref.sigmas, rtol=1e-6)
+
+
+def _diffusers_scheduler(key: str, steps: int):
+    """diffusers' scheduler for one of our sampler keys, SD1.5 config, timesteps set."""
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        DPMSolverSDEScheduler,
+        EulerDiscreteScheduler,
+        LMSDiscreteScheduler,
+    )  # fmt: skip
+
+    kind, _, schedule = key.rpartition("_") if key.endswith(("_karras", "_exponential")) else (key, "", "")
+    classes = {"euler": EulerDiscreteScheduler, "lms": LMSDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler,
+               "dpmpp_2m_sde": DPMSolverMultistepScheduler, "dpmpp_sde": DPMSolverSDEScheduler}  # fmt: skip
+    extra = {"use_karras_sigmas": schedule == "karras", "use_exponential_sigmas": schedule == "exponential"}
+    if kind == "dpmpp_2m_sde":
+        extra["algorithm_type"] = "sde-dpmsolver++"
+    ref = classes[kind](**SD15, timestep_spacing="leading", **extra)
+    ref.set_timesteps(steps)
+    return ref
+
+
+SCHEDULED = [f"{kind}{sched}" for kind in ("euler", "lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde")
+             for sched in ("", "_karras", "_exponential")]  # fmt: skip
+
+
+@pytest.mark.parametrize("key", SCHEDULED)
+@pytest.mark.parametrize("steps", [1, 7, 20, 50])
+def test_every_schedule_matches_diffusers(key, steps):
+    """Each sampler on its uniform, Karras and exponential schedules: the same sigmas, the same timesteps the model
+    sees (DPM++ SDE's interleaved midpoints included) and the same starting noise scale as diffusers."""
+    ref, ours = _diffusers_scheduler(key, steps), make_sampler(key, steps)
+    assert ours.sigmas.shape == ref.sigmas.shape
+    assert torch.allclose(ours.sigmas, ref.sigmas.float(), rtol=1e-5), (ours.sigmas, ref.sigmas)
+    assert torch.allclose(ours.timesteps.double(), ref.timesteps.double(), atol=1e-3), (ours.timesteps, ref.timesteps)
+    if not key.startswith("dpmpp_2m"):  # DPM-Solver keeps x in the VP scale (noise scale 1)
+        assert abs(float(ours.init_noise(torch.ones(1))) - float(ref.init_noise_sigma)) < 1e-4
+    assert len(ours.timesteps) == ours.model_calls(steps)
+
+
+def test_sampler_labels_are_a1111s():
+    from cldm.samplers import SAMPLER_LABELS
+
+    assert SAMPLER_LABELS["dpmpp_sde_karras"] == "DPM++ SDE Karras"
+    assert SAMPLER_LABELS["dpmpp_2m_sde_exponential"] == "DPM++ 2M SDE Exponential"
+    assert SAMPLER_LABELS["euler"] == "Euler" and SAMPLER_LABELS["lms_karras"] == "LMS Karras"
+    assert len(set(SAMPLER_LABELS.values())) == len(SAMPLER_LABELS)
 
 
 def test_unknown_sampler():

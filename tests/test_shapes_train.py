@@ -14,7 +14,7 @@ from cldm.config import SDConfig
 from cldm.model_card import card_for
 from cldm.pipeline import generate
 from cldm.request import ControlUnit, GenerationRequest
-from cldm.samplers import TRAIN_STEPS, alphas_cumprod
+from cldm.schedules import TRAIN_STEPS, alphas_cumprod
 from cldm.training.charts import line_chart
 from cldm.training.export import demo_card, export
 from cldm.training.metrics import canny_edges, edge_f1

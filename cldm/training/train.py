@@ -22,7 +22,7 @@ from ..assemble import build
 from ..config import SDConfig, TextConfig, UNetConfig, VAEConfig
 from ..controlnet import ControlNet
 from ..model_configs import CONFIG_METADATA_KEY
-from ..samplers import TRAIN_STEPS, alphas_cumprod
+from ..schedules import TRAIN_STEPS, alphas_cumprod
 from ..sd import StableDiffusion, random_sd
 from ..vae import AutoencoderKL
 from .evaluation import ControlEval, sample_base, vae_eval

@@ -1,0 +1,105 @@
+"""The SD1.5 noise schedule and the sigma schedules the samplers walk (uniform, Karras, exponential).
+
+SD1.5 was trained on 1000 steps of a "scaled_linear" beta schedule; a sampler with n steps visits n of its noise
+levels. Two families of rules exist in diffusers, and each sampler follows the one its diffusers scheduler uses:
+- `spaced`: Euler, Euler a, LMS, DPM++ SDE. The levels of the "leading" timesteps, or a Karras / exponential
+  ramp between the highest and the lowest of them; the model sees fractional timesteps.
+- `solver`: DPM++ 2M (SDE), UniPC. Leading timesteps over steps + 1 intervals, or a Karras / exponential ramp over
+  the whole trained range with the timesteps rounded (Karras) or truncated (exponential) to integers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+TRAIN_STEPS = 1000
+BETA_START, BETA_END = 0.00085, 0.012  # "scaled_linear": linear in sqrt(beta)
+STEPS_OFFSET = 1  # "leading" spacing with offset 1, as SD1.5 was configured
+KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
+SCHEDULES = ("", "karras", "exponential")  # "" is the sampler's own (uniform in timesteps)
+SCHEDULE_LABELS = {"": "", "karras": "Karras", "exponential": "Exponential"}  # A1111's "Schedule type" names
+
+
+def alphas_cumprod() -> torch.Tensor:
+    """The SD1.5 training schedule (fp32 as diffusers computes it)."""
+    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, TRAIN_STEPS, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def train_sigmas() -> torch.Tensor:
+    """sigma = sqrt((1 - a) / a) for each of the 1000 trained timesteps, ascending (fp32)."""
+    ac = alphas_cumprod()
+    return ((1 - ac) / ac) ** 0.5
+
+
+def leading_timesteps(steps: int) -> torch.Tensor:
+    """[.., 2*r+1, r+1, 1] with r = 1000 // steps, descending."""
+    ratio = TRAIN_STEPS // steps
+    return (torch.arange(steps - 1, -1, -1, dtype=torch.int64) * ratio) + STEPS_OFFSET
+
+
+def solver_timesteps(steps: int) -> torch.Tensor:
+    """[steps*r+1, .., r+1] with r = 1000 // (steps + 1): diffusers' leading spacing for DPM-Solver and UniPC."""
+    ratio = TRAIN_STEPS // (steps + 1)
+    return torch.arange(steps, 0, -1, dtype=torch.int64) * ratio + STEPS_OFFSET
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int) -> torch.Tensor:
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / KARRAS_RHO), sigma_max ** (1 / KARRAS_RHO)
+    return (hi + ramp * (lo - hi)) ** KARRAS_RHO
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, steps: int) -> torch.Tensor:
+    """Evenly spaced in log sigma, from sigma_max down to sigma_min (float64)."""
+    return torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
+
+
+def ramp(schedule: str, sigma_min: float, sigma_max: float, steps: int) -> torch.Tensor:
+    if schedule == "karras":
+        return karras_sigmas(sigma_min, sigma_max, steps)
+    if schedule == "exponential":
+        return exponential_sigmas(sigma_min, sigma_max, steps)
+    raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(repr(s) for s in SCHEDULES)}")
+
+
+def log_train_sigmas() -> torch.Tensor:
+    """log sigma of the trained timesteps, taken in fp32 as diffusers takes it (the last bit decides where a
+    truncated timestep lands), then widened."""
+    return train_sigmas().log().double()
+
+
+def sigma_to_t(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
+    """Fractional timestep whose log-sigma interpolates to `sigma`."""
+    log_sigma = sigma.clamp(min=1e-10).log()
+    dists = log_sigma[None] - log_sigmas[:, None]  # (1000, n)
+    low = (dists >= 0).cumsum(0).argmax(0).clamp(max=len(log_sigmas) - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def spaced(steps: int, schedule: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmas with a final 0 (steps + 1, fp32), timesteps (steps, fp32)) by diffusers' Euler / LMS / DPM SDE rule."""
+    leading = leading_timesteps(steps)
+    sig = train_sigmas().double()[leading]
+    t = leading.to(torch.float64)
+    if schedule:
+        sig = ramp(schedule, float(sig[-1]), float(sig[0]), steps)
+        t = sigma_to_t(sig, log_train_sigmas())
+    return torch.cat([sig.float(), torch.zeros(1)]), t.float()
+
+
+def solver(steps: int, schedule: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmas with a final 0 (steps + 1, fp32), integer timesteps (steps,)) by diffusers' DPM-Solver / UniPC rule."""
+    trained = train_sigmas()
+    if not schedule:
+        t = solver_timesteps(steps)
+        sig = trained[t]
+    else:
+        sig = ramp(schedule, float(trained[0]), float(trained[-1]), steps)
+        t = sigma_to_t(sig, log_train_sigmas())
+        t = (t.round() if schedule == "karras" else t).to(torch.int64)  # diffusers truncates exponential ones
+    return torch.cat([sig.float(), torch.zeros(1)]), t
