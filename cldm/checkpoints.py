@@ -12,8 +12,6 @@ Loading is strict: every key must be used (deliberate skips are listed below) an
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import pickle
@@ -352,33 +350,3 @@ def load_controlnet(
     if global_average_pooling is not None:
         cfg = replace(cfg, global_average_pooling=global_average_pooling)
     return build(ControlNet, cfg, state, "ControlNet", dtype)
-
-
-def short_hash(path: str | os.PathLike) -> str:
-    """A1111's model hash: the first 10 hex digits of the file's SHA-256 ("" for a folder). Kept in
-    ~/.cache/cldm/hashes.json by path, size and modification time, so a 4 GB file is read once."""
-    path = Path(path)
-    if not path.is_file():
-        return ""
-    cache_file = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cldm" / "hashes.json"
-    stat = path.stat()
-    key, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
-    try:
-        cache = json.loads(cache_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        cache = {}
-    if isinstance(cache.get(key), dict) and cache[key].get("stamp") == stamp:
-        return cache[key]["sha256"][:10]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    cache[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache), encoding="utf-8")
-        os.replace(tmp, cache_file)
-    except OSError:
-        pass  # a read-only home: the hash is computed again next time
-    return digest.hexdigest()[:10]

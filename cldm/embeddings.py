@@ -21,6 +21,7 @@ from .errors import InputError
 class Embedding:
     name: str
     vectors: torch.Tensor  # (n, width)
+    hash: str = ""  # A1111's short hash of the file, for the "TI hashes" of the PNG parameters
 
     @property
     def tokens(self) -> int:
@@ -49,6 +50,17 @@ def from_state(state: dict[str, torch.Tensor], name: str, width: int) -> Embeddi
     if not torch.isfinite(vectors).all():
         raise InputError(f"Embedding {name} holds NaN or infinite values.")
     return Embedding(name, vectors)
+
+
+def used(ids: list[int], spelled: dict[tuple[int, ...], Embedding]) -> list[Embedding]:
+    """The embeddings a piece's token ids call, in order of first use."""
+    found: list[Embedding] = []
+    by_vectors = {id(e.vectors): e for e in spelled.values()}
+    for item in substitute(ids, spelled):
+        e = by_vectors.get(id(item)) if isinstance(item, torch.Tensor) else None
+        if e is not None and all(e is not f for f in found):
+            found.append(e)
+    return found
 
 
 def substitute(ids: list[int], spelled: dict[tuple[int, ...], Embedding]) -> list[int | torch.Tensor]:

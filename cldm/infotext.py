@@ -283,7 +283,8 @@ def parameters(model, r: GenerationRequest) -> str:
         f"Model: {stem(model.source)}",  # A1111 names the checkpoint without its extension
     ]  # fmt: skip
     if r.vae is not None:
-        fields_.append(f"VAE: {r.vae_label}")  # A1111's key
+        vae_hash = getattr(r.vae, "hash", "")
+        fields_ += [*([f"VAE hash: {vae_hash}"] if vae_hash else []), f"VAE: {r.vae_label}"]  # A1111's keys
     if r.init_image is not None:
         fields_.append(f"Denoising strength: {r.strength}")
         if r.resize_mode != "crop":
@@ -310,10 +311,26 @@ def parameters(model, r: GenerationRequest) -> str:
         fields_.append(
             f'IP-Adapter: "Model: {r.image_prompt.label}, Weight: {scale}, Images: {len(r.image_prompt.images)}"'
         )
+    fields_ += _hashes(model, r)
     for i, u in enumerate(r.units):
         fields_.append(f"ControlNet {i}: {json.dumps(_unit_text(u), ensure_ascii=False)}")  # quoted as A1111 does
     lines.append(", ".join(fields_))
     return "\n".join(lines)
+
+
+def _hashes(model, r: GenerationRequest) -> list[str]:
+    """A1111's "Lora hashes" and "TI hashes": name: 12-digit hash of each LoRA and embedding used, so a reader (or
+    a model site) knows exactly which files made the picture; names lose ':' and ',' as there."""
+    out = []
+    loras = [(u.label, getattr(u.model, "hash", "")) for u in r.loras]
+    texts = [r.prompt, r.negative_prompt]
+    text = getattr(model, "text", None)  # a model without a text encoder (a stand-in) calls no embeddings
+    tis = [(e.name, e.hash) for e in text.embeddings_used(texts, r.emphasis)] if text is not None else []
+    for key, items in (("Lora hashes", loras), ("TI hashes", tis)):
+        named = [f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in items if h]
+        if named:
+            out.append(f"{key}: {json.dumps(', '.join(named), ensure_ascii=False)}")
+    return out
 
 
 def _lora_tag(u) -> str:

@@ -52,6 +52,7 @@ class Lora:
     name: str
     layers: list[LoraLayer] = field(default_factory=list)
     skipped: int = 0  # layers of the file that this model does not have (left out, as A1111 does)
+    hash: str = ""  # A1111's short hash of the file, for the "Lora hashes" of the PNG parameters
 
 
 def targets(sd) -> dict[str, tuple[str, str]]:

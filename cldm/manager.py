@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints, weights
+from . import checkpoints, file_hashes, weights
 from .controlnet import ControlNet, fit_problem
 from .embeddings import from_state as embedding_from
 from .errors import CheckpointError, InputError
@@ -105,7 +105,7 @@ class ModelManager:
                 t = time.perf_counter()
                 path = weights.locate_base(self.base_path)
                 sd = checkpoints.load_sd(path, dtype=self.dtype)
-                sd.hash = checkpoints.short_hash(path)
+                sd.hash = file_hashes.short_hash(path)
                 self._sd = sd.to(self.device).freeze()
                 self.base_loads += 1
                 if self._embeddings_dir is not None:  # the textual inversions belong to the text encoder
@@ -193,6 +193,7 @@ class ModelManager:
                 return self._loras[key]
             state, meta = checkpoints.read_file(p), checkpoints.read_metadata(p)
             found = lora_parse(state, self.sd, _name(path).rsplit(".", 1)[0], meta)
+            found.hash = file_hashes.lora_hash(p, meta)
             self._loras[key] = found
             while len(self._loras) > MAX_LORAS:
                 self._loras.popitem(last=False)
@@ -204,6 +205,7 @@ class ModelManager:
             if self._vae is not None and self._vae[0] == str(path):
                 return self._vae[1]
             vae = checkpoints.load_vae(path, self.sd.config.vae, dtype=self.dtype)
+            vae.hash = file_hashes.short_hash(path)  # A1111's "VAE hash"
             self._vae = None  # the old one goes before the new one is on the device
             self._vae = (str(path), vae.to(self.device))
             return self._vae[1]
@@ -224,6 +226,7 @@ class ModelManager:
             try:
                 state = checkpoints.read_file(path)
                 text.embeddings[path.stem] = embedding_from(state, path.stem, text.cfg.hidden_size)
+                text.embeddings[path.stem].hash = file_hashes.file_sha256(path)[:12]  # A1111's "TI hashes"
             except (InputError, CheckpointError) as e:
                 refused[path.stem] = str(e)
                 log.warning("embedding %s refused: %s", path.name, e)

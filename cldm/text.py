@@ -14,7 +14,7 @@ from torch import nn
 
 from . import prompt_weights
 from .config import TextConfig
-from .embeddings import Embedding, substitute
+from .embeddings import Embedding, substitute, used
 from .errors import MissingWeightsError
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,17 @@ class TextEncoder(nn.Module):
 
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+
+    def embeddings_used(self, prompts: list[str], emphasis: bool = True) -> list[Embedding]:
+        """The loaded embeddings these prompts call (for A1111's "TI hashes"), in order of first use."""
+        if not self.embeddings or self.tokenizer is None:
+            return []
+        spelled = {tuple(self._tokenize(name)): e for name, e in self.embeddings.items()}
+        found: list[Embedding] = []
+        for p in prompts:
+            for text, _ in prompt_weights.parse(p) if emphasis else [(p, 1.0)]:
+                found += [e for e in used(self._tokenize(text), spelled) if all(e is not f for f in found)]
+        return found
 
     def token_chunks(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> ids (batch, chunks, max_length), taken literally (no emphasis syntax, no embeddings)."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cldm import checkpoints, writers
+from cldm import checkpoints, file_hashes, writers
 from cldm.errors import CldmError
 from cldm.request import GenerationRequest
 
@@ -46,8 +46,8 @@ def test_switching_bases_one_in_memory(tiny_dirs, second_base, tmp_path):
     gc.collect()
     assert old() is None  # the first base was freed before the second was loaded: one base in memory
     assert not np.array_equal(a.images, b.images)
-    assert b.parameters.endswith(f"Model hash: {checkpoints.short_hash(second_base)}, Model: other")
-    assert len(checkpoints.short_hash(second_base)) == 10 and "Model hash" not in a.parameters  # a folder: no hash
+    assert b.parameters.endswith(f"Model hash: {file_hashes.short_hash(second_base)}, Model: other")
+    assert len(file_hashes.short_hash(second_base)) == 10 and "Model hash" not in a.parameters  # a folder: no hash
     assert np.array_equal(manager.run(_req(first)).images, a.images)  # back: the same pictures
     # a bad file: refused, and the base that was loaded is loaded again
     (tmp_path / "bad.safetensors").write_bytes(b"not weights")

@@ -3,12 +3,15 @@ load_textual_inversion; chunk placement; refusals; through the model manager."""
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
 from cldm import checkpoints
 from cldm.embeddings import from_state
 from cldm.errors import InputError
+from cldm.request import GenerationRequest
 
 
 @pytest.fixture()
@@ -90,6 +93,12 @@ def test_manager_loads_an_embeddings_folder(tiny_dirs, tmp_path):
     refused = manager.load_embeddings(tmp_path / "emb")
     assert set(manager.sd.text.embeddings) == {"inkstyle", "glow"}
     assert set(refused) == {"sd2thing", "broken"} and "1024" in refused["sd2thing"]
+    # A1111's "TI hashes": the embeddings a prompt uses (negative prompt included), the file's SHA-256, 12 digits
+    want = {n: hashlib.sha256((tmp_path / "emb" / f).read_bytes()).hexdigest()[:12]
+            for n, f in (("inkstyle", "inkstyle.pt"), ("glow", "glow.safetensors"))}  # fmt: skip
+    used = manager.run(GenerationRequest("a (glow:1.2) house", "inkstyle", steps=1, width=64, height=64)).parameters
+    assert f'TI hashes: "glow: {want["glow"]}, inkstyle: {want["inkstyle"]}"' in used
+    assert "TI hashes" not in manager.run(GenerationRequest("a house", steps=1, width=64, height=64)).parameters
 
 
 def test_cli_embeddings_folder(tiny_dirs, ours, tmp_path):

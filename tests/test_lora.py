@@ -3,6 +3,8 @@ A1111's prompt tags, and LoRAs through the model manager."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -186,6 +188,29 @@ def test_text_and_unet_weights_apart(ours):
         lora.restore(sd, originals)
 
 
+def plain_text(manager, r) -> str:
+    return manager.run(r).parameters
+
+
+def test_lora_hash_is_a1111s(tmp_path):
+    """The addnet hash ignores the header (metadata edits keep it); kohya's saved sshs_model_hash wins."""
+    from safetensors.torch import save_file
+
+    from cldm.file_hashes import lora_hash
+
+    t = {"lora_unet_x.lora_down.weight": torch.ones(2, 3)}
+    save_file(t, str(tmp_path / "a.safetensors"))
+    save_file(t, str(tmp_path / "b.safetensors"), metadata={"ss_output_name": "something longer"})
+    assert lora_hash(tmp_path / "a.safetensors") == lora_hash(tmp_path / "b.safetensors")
+    assert len(lora_hash(tmp_path / "a.safetensors")) == 12
+    assert lora_hash(tmp_path / "b.safetensors", {"sshs_model_hash": "ABCDEF0123456789"}) == "abcdef012345"
+    assert lora_hash(tmp_path / "b.safetensors", {"sshs_model_hash": "not a hash"}) == lora_hash(
+        tmp_path / "a.safetensors"
+    )
+    torch.save(t, tmp_path / "c.pt")  # another format: the whole file's SHA-256
+    assert lora_hash(tmp_path / "c.pt") == hashlib.sha256((tmp_path / "c.pt").read_bytes()).hexdigest()[:12]
+
+
 def test_lora_through_the_manager_changes_the_picture_and_leaves_the_base(tiny_dirs, pair, tmp_path):
     from safetensors.torch import save_file
 
@@ -200,6 +225,10 @@ def test_lora_through_the_manager_changes_the_picture_and_leaves_the_base(tiny_d
                                               loras=(LoraUnit(str(tmp_path / "ink.safetensors"), 0.8),)))  # fmt: skip
     assert not np.array_equal(plain, with_lora.images)
     assert "a red square <lora:ink:0.8>" in with_lora.parameters
+    # A1111's "Lora hashes": the SHA-256 of the tensor bytes after the safetensors header ("addnet" hash), 12 digits
+    data = (tmp_path / "ink.safetensors").read_bytes()
+    addnet = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()[:12]
+    assert f'Lora hashes: "ink: {addnet}"' in with_lora.parameters and "Lora hashes" not in plain_text(manager, r)
     assert np.array_equal(manager.run(r).images, plain)  # the base is back
     with pytest.raises(InputError, match="weight must be"):
         manager.run(GenerationRequest("a", loras=(LoraUnit("x.safetensors", 50.0),)))

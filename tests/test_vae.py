@@ -3,6 +3,8 @@ folders; refusals; the checkpoint's VAE is untouched; the CLI flag."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -46,6 +48,8 @@ def test_a_request_with_another_vae(tiny_dirs, ours, tmp_path):
     other = manager.run(GenerationRequest(**base, vae=str(tmp_path / "bright-vae.safetensors")))
     assert not np.array_equal(plain.images, other.images)
     assert other.parameters.endswith("VAE: bright-vae.safetensors") and "VAE:" not in plain.parameters
+    want = hashlib.sha256((tmp_path / "bright-vae.safetensors").read_bytes()).hexdigest()[:10]  # A1111's "VAE hash"
+    assert f"VAE hash: {want}, VAE: bright-vae.safetensors" in other.parameters
     assert np.array_equal(manager.run(GenerationRequest(**base)).images, plain.images)  # the checkpoint's VAE again
     with pytest.raises(Exception, match="not found"):
         manager.run(GenerationRequest(**base, vae=str(tmp_path / "missing.safetensors")))
