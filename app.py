@@ -17,12 +17,21 @@ from canvas import editor_image
 from cldm.errors import CldmError, InputError
 from cldm.fit import picture_size
 from cldm.manager import ModelManager
-from cldm.weights import DEFAULT_BASE_REPO
+from cldm.weights import DEFAULT_BASE_REPO, VAE_FROM_CHECKPOINT
 from conditions import CONDITIONS, EXAMPLES_DIR, Condition
 from forms import BasePanel, Form, SizePanel, UnitOptionsPanel
 from handlers import friendly, session, stop_button, streamed
 from launch import quiet_dependencies, read_auth
-from panels import MAX_UI_SIZE, image_prompt_panel, pass_panel, reference_panel, settings_panel, unit_panel
+from panels import (
+    LORA_LIST,
+    MAX_UI_SIZE,
+    VAE_LIST,
+    image_prompt_panel,
+    pass_panel,
+    reference_panel,
+    settings_panel,
+    unit_panel,
+)
 from png_info import Receivers, png_info_tab
 from studio import Limits, Studio, choose_base, condition
 
@@ -223,8 +232,10 @@ def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | 
     with gr.Blocks(title="ControlNet studio", delete_cache=delete_cache) as demo:
         gr.Markdown("# ControlNet studio\nStable Diffusion 1.5 + ControlNet 1.1. " + banner)
         # every Generate names its base: a switch loads it (freeing the other) and the ControlNets stay
-        base = BasePanel(gr.Dropdown(list(studio.bases), value=next(iter(studio.bases)), label="Base model",
-                                     allow_custom_value=True, elem_id="base-model"))  # fmt: skip
+        with gr.Row():
+            base = BasePanel(gr.Dropdown(list(studio.bases), value=next(iter(studio.bases)), label="Base model",
+                                         allow_custom_value=True, elem_id="base-model", scale=4))  # fmt: skip
+            refresh = gr.Button("🔄 Refresh model lists", elem_id="refresh-models", scale=1)
         with gr.Tabs() as tabs:
             receivers = []
             for cond in CONDITIONS:
@@ -236,7 +247,23 @@ def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | 
                 picture_prompt_tab(studio)
             with gr.Tab("PNG info", id="png_info"):
                 png_info_tab(studio, receivers, tabs)
+        refresh_lists(studio, demo, base, refresh)
     return demo
+
+
+def refresh_lists(studio: Studio, demo: gr.Blocks, base: BasePanel, button: gr.Button) -> None:
+    """The Refresh button: the models folder read again (bases, LoRAs, VAEs, embeddings) into every list on the page,
+    without a restart; the choices made stay where they still exist."""
+    tagged = lambda cls: [b for b in demo.blocks.values() if cls in (getattr(b, "elem_classes", None) or [])]  # noqa: E731
+    loras, vaes = tagged(LORA_LIST), tagged(VAE_LIST)
+
+    def do_refresh():
+        lists = studio.refresh_models()
+        gr.Info(f"Found {lists.summary}.")
+        return (gr.update(choices=lists.bases), *[gr.update(choices=lists.loras, visible=bool(lists.loras))] * len(loras),
+                *[gr.update(choices=[VAE_FROM_CHECKPOINT, *lists.vaes])] * len(vaes))  # fmt: skip
+
+    button.click(friendly(studio)(do_refresh), None, [base.choice, *loras, *vaes], api_name="refresh_models")
 
 
 def main(argv: list[str] | None = None) -> None:

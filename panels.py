@@ -23,6 +23,9 @@ from studio import (
 
 MAX_UI_SIZE = 1024  # the width/height sliders' top (a hires pass may double it)
 
+# The model lists the Refresh button fills again (found in the built page by these classes).
+LORA_LIST, VAE_LIST = "cldm-lora-list", "cldm-vae-list"
+
 
 def upload_image(**kwargs) -> gr.Image:
     """A gr.Image whose handler gets the uploaded file's path untouched, for `cldm.images.load_rgb` to read.
@@ -42,10 +45,11 @@ def settings_panel(studio: Studio, cond: Condition | None, key: str = "") -> Set
     key = cond.key if cond else key or "multi"
     c["prompt"] = gr.Textbox(label="Prompt", placeholder=cond.prompt_hint if cond else "", elem_id=f"{key}-prompt")
     loras = list_loras(studio.models_dir)
-    if loras:  # the picker writes A1111's tag into the prompt (found at start-up in the models folder's loras/)
-        pick = gr.Dropdown(loras, value=None, label="Add a LoRA (<lora:name:weight> in the prompt)")
-        pick.input(lambda name, text: f"{text.rstrip()} <lora:{name}:1>".strip() if name else text,
-                   [pick, c["prompt"]], c["prompt"], queue=False, api_name=False)  # fmt: skip
+    # the picker writes A1111's tag into the prompt (the models folder's loras/; the Refresh button reads it again)
+    pick = gr.Dropdown(loras, value=None, label="Add a LoRA (<lora:name:weight> in the prompt)", visible=bool(loras),
+                       elem_classes=[LORA_LIST])  # fmt: skip
+    pick.input(lambda name, text: f"{text.rstrip()} <lora:{name}:1>".strip() if name else text,
+               [pick, c["prompt"]], c["prompt"], queue=False, api_name=False)  # fmt: skip
     with gr.Accordion("Settings", open=False, elem_id=f"{key}-settings"):
         c["added_prompt"] = gr.Textbox(label="Added prompt", value=ADDED_PROMPT if d.quality_words else "")
         c["negative_prompt"] = gr.Textbox(label="Negative prompt", value=NEGATIVE_PROMPT if d.quality_words else "")
@@ -149,7 +153,7 @@ def pass_panel(cond: Condition | None, key: str, models_dir: str | None = None) 
             c["preview_every"] = gr.Slider(0, 50, value=5, step=1, label="Live preview every N steps (0: off)")
             c["clip_skip"] = gr.Slider(0, 12, value=0, step=1, label="Clip skip (0: the condition's own; 2: anime)")
         c["vae"] = gr.Dropdown([VAE_FROM_CHECKPOINT, *list_vaes(models_dir)], value=VAE_FROM_CHECKPOINT, label="VAE",
-                               allow_custom_value=True)  # fmt: skip
+                               allow_custom_value=True, elem_classes=[VAE_LIST])  # fmt: skip
     return PassPanel(c)
 
 

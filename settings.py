@@ -134,3 +134,21 @@ class Defaults:
         if card is None:
             return cls()
         return cls(card.size, card.steps, card.cfg, card.sampler, quality_words=not card.words)
+
+
+@dataclass(frozen=True)
+class ModelLists:
+    """What the models folder holds, as the Refresh button shows it."""
+
+    bases: list[str]
+    loras: list[str]
+    vaes: list[str]
+    embeddings: int  # loaded
+    refused_embeddings: dict[str, str]
+
+    @property
+    def summary(self) -> str:
+        parts = [f"{len(self.bases)} base models", f"{len(self.loras)} LoRAs", f"{len(self.vaes)} VAEs",
+                 f"{self.embeddings} embeddings"]  # fmt: skip
+        refused = "; ".join(f"{n}: {why}" for n, why in self.refused_embeddings.items())
+        return ", ".join(parts) + (f" (left out: {refused})" if refused else "")

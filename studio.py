@@ -40,6 +40,7 @@ from settings import (  # noqa: F401 (the records app.py and forms.py read throu
     UPSCALERS,
     Defaults,
     ImagePromptSettings,
+    ModelLists,
     PassSettings,
     ReferenceSettings,
     Settings,
@@ -87,12 +88,27 @@ class Studio:
         for stale in self.out_dir.glob(".*.part"):  # a PNG being written when the server was killed
             stale.unlink(missing_ok=True)
         self.limits = limits or Limits.for_device(manager.device.type)
-        # the bases a request may name: the one the server started with, then the models folder's (not in demo mode)
-        self.bases = {Path(manager.base_path).name or manager.base_path: manager.base_path}
-        if card is None:
-            self.bases.update({k: v for k, v in weights.list_bases(models_dir).items() if k not in self.bases})
+        self.bases = self._find_bases(manager.base_path)
         self._stops: dict[str, threading.Event] = {}  # session -> its Stop button was pressed
         self._stops_lock = threading.Lock()
+
+    def _find_bases(self, first: str) -> dict[str, str]:
+        """The bases a request may name: the one the server started with, then the models folder's (not in demo
+        mode)."""
+        bases = {Path(first).name or first: first}
+        if self.card is None:
+            bases.update({k: v for k, v in weights.list_bases(self.models_dir).items() if k not in bases})
+        return bases
+
+    def refresh_models(self) -> ModelLists:
+        """The models folder read again, as A1111's refresh buttons do: new or removed bases, LoRAs and VAEs show in
+        the lists, and the embeddings folder is read again. Nothing loaded is dropped."""
+        self.bases = self._find_bases(next(iter(self.bases.values())))
+        refused = self.manager.reload_embeddings()
+        lists = ModelLists(list(self.bases), weights.list_loras(self.models_dir), weights.list_vaes(self.models_dir),
+                           len(self.manager.sd.text.embeddings), refused)  # fmt: skip
+        log.info("model lists refreshed: %s", lists.summary)
+        return lists
 
     # ---------------------------------------------------------------------------------------------------- stop
     def stop(self, session: str | None) -> str:

@@ -217,6 +217,14 @@ class ModelManager:
             self._embeddings_dir = Path(folder)
             return self._read_embeddings(self.sd.text, Path(folder))
 
+    def reload_embeddings(self) -> dict[str, str]:
+        """The embeddings folder read again (files added, changed or removed since); refused ones with why."""
+        with self.lock:
+            if self._embeddings_dir is None:
+                return {}
+            self.sd.text.embeddings.clear()
+            return self._read_embeddings(self.sd.text, self._embeddings_dir)
+
     @staticmethod
     def _read_embeddings(text, folder: Path) -> dict[str, str]:
         refused = {}

@@ -115,13 +115,15 @@ def running_app(tiny_dirs, ours, other_controlnet, misfit_controlnet, tmp_path_f
     for name in ("control_v11p_sd15_inpaint", "control_v11f1e_sd15_tile"):
         writers.save_controlnet(cn, models / f"{name}.safetensors")
     manager = ModelManager(str(sd_dir), device="cpu", dtype="fp32")
+    (models / "embeddings").mkdir()
+    manager.load_embeddings(models / "embeddings")  # empty until a test adds one (and presses Refresh)
     studio = app.Studio(manager, str(models), str(tmp_path_factory.mktemp("out")))
     demo = app.build_app(studio)
     demo.queue(max_size=8, default_concurrency_limit=4)  # requests really overlap: the manager's lock must hold
     port = _free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=True,
                 allowed_paths=[str(studio.out_dir)])  # fmt: skip
-    yield f"http://127.0.0.1:{port}/", manager, studio.out_dir
+    yield f"http://127.0.0.1:{port}/", manager, studio.out_dir, models
     demo.close()
 
 

@@ -265,3 +265,73 @@ def test_base_model_choice(client, running_app, tmp_path):
     finally:
         _, _, back = client.predict(*args, start, api_name="/canny_generate")  # the other tests' base
     assert np.array_equal(np.asarray(Image.open(first[0])), np.asarray(Image.open(back[0])))
+
+
+def test_refresh_model_lists_without_a_restart(client, running_app, tmp_path):
+    """Files put into the models folder while the server runs: a base, a LoRA, a VAE and an embedding. Before
+    Refresh the new base is unknown; after it, each can be used and the lists name them; removed files leave."""
+    import shutil
+
+    import torch
+    from gradio_client import handle_file
+    from safetensors.torch import save_file
+
+    models, manager = running_app[3], running_app[1]
+    img = np.zeros((SIZE, SIZE, 3), np.uint8)
+    img[16:48, 16:48] = 255
+    Image.fromarray(img).save(tmp_path / "square.png")
+    args = [*_unit(handle_file(str(tmp_path / "square.png")), "canny", (100, 200)), *SETTINGS.values(), *_extras(),
+            None, "ip-adapter_sd15", 0.6]  # fmt: skip
+    start = Path(manager.base_path).name
+    added = [models / "checkpoints" / "late.safetensors", models / "loras" / "late_ink.safetensors",
+             models / "vae" / "late_vae.safetensors", models / "embeddings" / "lateword.safetensors"]  # fmt: skip
+    try:
+        with pytest.raises(Exception, match="Unknown base model 'late.safetensors'"):
+            client.predict(*args, "late.safetensors", api_name="/canny_generate")
+        shutil.copy(models / "checkpoints" / "other.safetensors", added[0])
+        shutil.copy(models / "loras" / "ink.safetensors", added[1])
+        shutil.copy(models / "vae" / "bright.safetensors", added[2])
+        width = manager.sd.text.cfg.hidden_size
+        save_file({"emb_params": torch.randn(2, width, generator=torch.Generator().manual_seed(1))}, str(added[3]))
+        bases, *lists = client.predict(api_name="/refresh_models")  # updates of every list on the page
+        assert [c[0] for c in bases["choices"]] == [start, "late.safetensors", "other.safetensors"]
+        lora_lists = [u for u in lists if ["late_ink", "late_ink"] in u["choices"]]
+        vae_lists = [u for u in lists if ["late_vae.safetensors", "late_vae.safetensors"] in u["choices"]]
+        assert min(len(lora_lists), len(vae_lists)) >= 10 and len(lists) == len(lora_lists) + len(vae_lists)  # all tabs
+        assert all(u["visible"] for u in lora_lists)
+        _, status, pics = client.predict(*args, "late.safetensors", api_name="/canny_generate")
+        assert "Base: late.safetensors" in status
+        settings = dict(SETTINGS, prompt="a lateword square <lora:late_ink:0.5>")
+        _, status, pics = client.predict(*_unit(handle_file(str(tmp_path / "square.png")), "canny", (100, 200)),
+                                         *settings.values(), *_extras(vae="late_vae.safetensors"), None,
+                                         "ip-adapter_sd15", 0.6, start, api_name="/canny_generate")  # fmt: skip
+        text = Image.open(pics[0]).text["parameters"]
+        assert "<lora:late_ink:0.5>" in text and 'Lora hashes: "late_ink: ' in text and "VAE: late_vae" in text
+        assert 'TI hashes: "lateword: ' in text
+    finally:
+        for p in added:
+            p.unlink(missing_ok=True)
+        client.predict(api_name="/refresh_models")
+        client.predict(*args, start, api_name="/canny_generate")  # the other tests' base
+    assert "lateword" not in manager.sd.text.embeddings  # a removed file leaves with the next Refresh
+    with pytest.raises(Exception, match="Unknown base model"):
+        client.predict(*args, "late.safetensors", api_name="/canny_generate")
+
+
+def test_refresh_lists_what_the_folder_holds(tiny_dirs, tmp_path):
+    import app
+    from cldm.manager import ModelManager
+
+    (tmp_path / "loras" / "sub").mkdir(parents=True)
+    (tmp_path / "loras" / "sub" / "a.safetensors").write_bytes(b"")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "v.safetensors").write_bytes(b"")
+    (tmp_path / "embeddings").mkdir()
+    (tmp_path / "embeddings" / "bad.pt").write_bytes(b"not a checkpoint")
+    manager = ModelManager(str(tiny_dirs[0]), device="cpu", dtype="fp32")
+    manager.load_embeddings(tmp_path / "embeddings")
+    studio = app.Studio(manager, str(tmp_path), str(tmp_path / "out"))
+    lists = studio.refresh_models()
+    assert lists.loras == ["a"] and lists.vaes == ["v.safetensors"] and lists.bases == [Path(str(tiny_dirs[0])).name]
+    assert lists.embeddings == 0 and "bad" in lists.refused_embeddings
+    assert "1 base models, 1 LoRAs, 1 VAEs, 0 embeddings (left out: bad:" in lists.summary
