@@ -1,6 +1,6 @@
-"""Command line: `python -m cldm generate|convert|train|demo-eval ...`.
+"""Command line: `python -m cldm generate|convert|bench|train|demo-eval ...`.
 
-generate and convert live in `cldm.cli`; train and demo-eval in `cldm.training.cli`, imported only when one of
+generate and convert live in `cldm.cli`, bench in `cldm.bench` (imported when it runs); train and demo-eval in `cldm.training.cli`, imported only when one of
 them runs (inference never loads the training code).
 """
 
@@ -21,6 +21,10 @@ def _training():
     return importlib.import_module(TRAINING)
 
 
+def _bench():
+    return importlib.import_module("cldm.bench")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cldm", description="Stable Diffusion 1.5 + ControlNet")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -29,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_convert_args(
         sub.add_parser("convert", help="rewrite weights: .ckpt/.pth -> .safetensors, diffusers <-> original")
     )
+    bench = sub.add_parser("bench", help="time our model beside diffusers on the same random SD1.5 weights")
+    _bench().add_bench_args(bench)
     words = sys.argv[1:] if argv is None else argv
     wants_training = any(w in ("train", "demo-eval", "-h", "--help") for w in words)
     if wants_training:  # their options name training constants: parse them only when asked for
@@ -49,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             cli.cmd_generate(a)
         elif a.command == "convert":
             cli.cmd_convert(a)
+        elif a.command == "bench":
+            _bench().cmd_bench(a)
         elif a.command == "train":
             _training().cmd_train(a)
         else:

@@ -51,10 +51,24 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX on x86, BF16 on Arm): there bf16 matmuls run
+    at several times the fp32 rate; elsewhere PyTorch emulates them, slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    words = set(flags.split())
+    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto': fp16 on GPUs (half the memory, tensor cores), fp32 on the CPU (fp16 matmuls are slow there)."""
+    """'auto': fp16 on GPUs (half the memory, tensor cores); on the CPU bf16 where it is native (about twice as
+    fast as fp32 there, pictures within a few levels of fp32: see the README's bench), fp32 elsewhere."""
     if name == "auto":
-        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+        if device.type in ("cuda", "mps"):
+            return torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
     if name not in DTYPES:
         raise InputError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():

@@ -1,0 +1,88 @@
+"""The bench's markdown tables (bench.md, copied into the README): ratios are ours / diffusers in the same run."""
+
+from __future__ import annotations
+
+
+def _s(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}" if x < 1 else f"{x:.2f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
+
+
+def _gib(b: float) -> str:
+    return f"{b / 1024**3:.2f} GiB"
+
+
+def markdown(out: dict) -> str:
+    m, r = out["machine"], out["results"]
+    lines = [f"Machine: {m['cpu']} ({m['threads']} threads), {m.get('gpu') or m['device']}; torch {m['torch']}, "
+             f"diffusers {m.get('diffusers') or 'absent'}; weights: {'tiny' if out['config'] == 'tiny' else 'SD1.5 size'}, "
+             f"random; medians of {out['runs']} runs after a warm-up. `--dtype auto` here: {out['dtype_auto']}.", ""]  # fmt: skip
+    peak = r.get("peak_flops", {})
+    if peak:
+        lines += ["Peak matmul rate: " + ", ".join(f"{d} {v / 1e9:.0f} GFLOP/s" for d, v in peak.items()), ""]
+    if r.get("step"):
+        lines += ["| one step (ControlNet + UNet, batch 2) | ours | diffusers | ours / diffusers | GFLOP | ours, % of peak "
+                  "| diffusers, % of peak |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for row in r["step"]:
+            ours, theirs = row["ours"]["median_s"], (row.get("diffusers") or {}).get("median_s")
+            p = peak.get(row["dtype"])
+            frac = ["-" if not p or t is None else f"{100 * row['flops'] / t / p:.0f}%" for t in (ours, theirs)]
+            lines.append(f"| {row['size']} px {row['dtype']} | {_s(ours)} s | {_s(theirs)} s | {_ratio(ours, theirs)} "
+                         f"| {row['flops'] / 1e9:.0f} | {frac[0]} | {frac[1]} |")  # fmt: skip
+        lines += ["", *targets(out), ""]
+    if r.get("vae"):
+        lines += ["| VAE decode, 1 picture | ours | diffusers | ratio |", "|---|---|---|---|"]
+        for row in r["vae"]:
+            ours, theirs = row["ours"]["median_s"], (row.get("diffusers") or {}).get("median_s")
+            lines.append(
+                f"| {row['size']} px {row['dtype']} | {_s(ours)} s | {_s(theirs)} s | {_ratio(ours, theirs)} |"
+            )
+        lines.append("")
+    if r.get("generate"):
+        lines += ["| whole generation (steps + decode) | dtype | seconds |", "|---|---|---|"]
+        for row in r["generate"]:
+            lines.append(
+                f"| {row['impl']}, {row['size']} px, {row['steps']} steps | {row['dtype']} | {_s(row['seconds'])} |"
+            )
+        lines.append("")
+    if r.get("load"):
+        lines += ["| loading | dtype | cold | warm |", "|---|---|---|---|"]
+        for row in r["load"]:
+            cold = f"{_s(row['cold_s'])} s" if "cold_s" in row else "-"
+            warm = row["warm"]["median_s"] if "warm" in row else row.get("warm_s")
+            lines.append(f"| {row['what']}, {row['impl']} | {row['dtype']} | {cold} | {_s(warm)} s |")
+        lines.append("")
+    for row in r.get("switch", []):
+        lines += [f"Switching ControlNets in a running manager ({row['dtype']}): first load {_s(row['cold_s'])} s, "
+                  f"from the cache {1000 * row['warm_s']:.1f} ms.", ""]  # fmt: skip
+    if r.get("memory"):
+        kind = r["memory"][0]["kind"]
+        lines += [f"| peak {'VRAM' if kind == 'vram' else 'resident memory'}, base + N ControlNets, one step each | "
+                  "ours | diffusers |", "|---|---|---|"]  # fmt: skip
+        cells: dict[tuple, dict] = {}
+        for row in r["memory"]:
+            cells.setdefault((row["dtype"], row["controlnets"]), {})[row["impl"]] = row["peak_bytes"]
+        for (d, n), v in cells.items():
+            theirs = _gib(v["diffusers"]) if "diffusers" in v else "-"
+            lines.append(f"| {d}, {n} ControlNet{'s' if n > 1 else ''} | {_gib(v.get('ours', 0))} | {theirs} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def targets(out: dict) -> list[str]:
+    """The issue's targets at the largest size: our default dtype against diffusers' fp32 (its CPU default) and its
+    bf16."""
+    steps = out["results"]["step"]
+    size = max(row["size"] for row in steps)
+    at = {row["dtype"]: row for row in steps if row["size"] == size}
+    default = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(out["dtype_auto"], out["dtype_auto"])
+    ours = (at.get(default) or {}).get("ours", {}).get("median_s")
+    said = []
+    for d in ("fp32", "bf16"):
+        theirs = ((at.get(d) or {}).get("diffusers") or {}).get("median_s")
+        if ours is not None and theirs is not None:
+            said.append(f"ours by default ({default}) / diffusers {d}: **{ours / theirs:.2f}x**")
+    return [f"At {size} px, " + "; ".join(said) + "."] if said else []

@@ -1,0 +1,65 @@
+"""`python -m cldm bench` on a tiny model of the SD1.5 layout: every part runs, the figures are there and sane, the
+tables are written. (The figures themselves are the README's, measured on SD1.5-size weights; never timed here.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cldm.__main__ import main
+
+
+def _bench(tmp_path, *extra) -> dict:
+    args = ["bench", "--tiny", "--sizes", "64", "--runs", "1", "--steps", "2", "--device", "cpu",
+            "--models", str(tmp_path / "models"), "--out", str(tmp_path / "out"), *extra]  # fmt: skip
+    assert main(args) == 0
+    return json.loads((tmp_path / "out" / "bench.json").read_text())
+
+
+def test_bench_runs_every_part_beside_diffusers(tmp_path):
+    out = _bench(tmp_path, "--dtypes", "fp32", "bf16", "--parts", "peak", "step", "vae", "generate", "load", "switch")
+    r = out["results"]
+    assert set(r["peak_flops"]) == {"fp32", "bf16"} and all(v > 1e8 for v in r["peak_flops"].values())
+    assert [(row["size"], row["dtype"]) for row in r["step"]] == [(64, "fp32"), (64, "bf16")]
+    for row in r["step"]:
+        assert row["flops"] > 1e6 and 0 < row["ours"]["median_s"] and 0 < row["diffusers"]["median_s"]
+        assert row["ours"]["min_s"] <= row["ours"]["median_s"] <= row["ours"]["max_s"]
+    assert {row["impl"] for row in r["generate"]} == {"ours", "diffusers"}
+    assert {(row["what"], row["impl"]) for row in r["load"]} >= {("controlnet", "ours"), ("controlnet", "diffusers")}
+    assert r["switch"][0]["warm_s"] < r["switch"][0]["cold_s"]  # from the cache, not from the file
+    table = (tmp_path / "out" / "bench.md").read_text()
+    assert "| 64 px fp32 |" in table and "| 64 px bf16 |" in table and "ours by default" in table
+    assert "Peak matmul rate: fp32" in table and "VAE decode" in table and "Switching ControlNets" in table
+
+
+def test_the_same_weights_give_the_same_step(tmp_path):
+    """The bench compares like with like: its two step closures compute the same function on the same weights."""
+    from cldm import bench_parts as bp
+
+    paths = bp.write_models(tmp_path, tiny=True, controlnets=1)
+    sd, cn = bp.ours(paths, torch.device("cpu"), torch.float32)
+    pipe = bp.theirs(paths, torch.device("cpu"), torch.float32)
+    ours, theirs = bp.our_step(sd, cn, 64)(), bp.their_step(pipe, sd.config, 64)()
+    assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-4
+    assert bp.step_flops(bp.our_step(sd, cn, 64)) > 0
+
+
+def test_auto_dtype_follows_the_cpu(monkeypatch):
+    from cldm import manager
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(manager, "cpu_has_bf16", lambda: True)
+    assert manager.resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(manager, "cpu_has_bf16", lambda: False)
+    assert manager.resolve_dtype("auto", cpu) == torch.float32
+    assert manager.resolve_dtype("fp32", cpu) == torch.float32  # asked for: kept
+
+
+@pytest.mark.slow
+def test_bench_memory_in_fresh_processes(tmp_path):
+    out = _bench(tmp_path, "--dtypes", "fp32", "--parts", "memory")
+    rows = out["results"]["memory"]
+    assert {(row["impl"], row["controlnets"]) for row in rows} == {(i, n) for i in ("ours", "diffusers") for n in (1, 3)}
+    assert all(row["peak_bytes"] > 50 * 1024**2 for row in rows)
