@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import bench_parts as bp
-from . import checkpoints
+from . import checkpoints, prepack
 from .manager import DTYPES, cpu_has_bf16, resolve_device, resolve_dtype
 
 PARTS = ("peak", "step", "vae", "generate", "load", "switch", "memory")
@@ -102,12 +102,11 @@ def run(a: argparse.Namespace) -> dict:
         if "step" in a.parts:
             for size in a.sizes:
                 step = bp.our_step(sd, cn, size)
-                row = {
-                    "size": size,
-                    "dtype": d,
-                    "ours": bp.timed(step, device, a.runs).as_dict(),
-                    "flops": bp.step_flops(step),
-                }
+                row = {"size": size, "dtype": d, "ours": bp.timed(step, device, a.runs).as_dict()}
+                with prepack.disabled(sd.unet, cn):  # torch's flop counter does not see the packed convolutions
+                    row["flops"] = bp.step_flops(step)
+                    if d == "bf16" and device.type == "cpu":  # what the packing gives: the same step, plain
+                        row["ours_unpacked"] = bp.timed(step, device, a.runs).as_dict()
                 if pipe is not None:
                     row["diffusers"] = bp.timed(bp.their_step(pipe, cfg, size), device, a.runs).as_dict()
                 res.setdefault("step", []).append(row)

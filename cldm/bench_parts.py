@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints, writers
+from . import writers
 from .config import SDConfig, TextConfig, UNetConfig, VAEConfig
 from .controlnet import ControlNet
 from .sd import StableDiffusion, random_sd
@@ -108,8 +108,13 @@ def write_models(folder: Path, tiny: bool, controlnets: int = 3) -> dict[str, Pa
 
 
 def ours(paths: dict[str, Path], device: torch.device, dtype: torch.dtype) -> tuple[StableDiffusion, ControlNet]:
-    sd = checkpoints.load_sd(paths["base_folder"], dtype=dtype).to(device).freeze()
-    cn = checkpoints.load_controlnet(paths["cn0_file"], dtype=dtype, base=sd.config.unet).to(device)
+    """The base and ControlNet 0 as the model manager serves them (with its CPU bf16 convolution packing)."""
+    from .manager import ModelManager
+
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    manager = ModelManager(str(paths["base_folder"]), device=str(device), dtype=name)
+    sd = manager.sd
+    cn = manager.controlnet(str(paths["cn0_file"])).to(device)
     return sd, cn.eval().requires_grad_(False)
 
 

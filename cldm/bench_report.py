@@ -32,6 +32,11 @@ def markdown(out: dict) -> str:
             frac = ["-" if not p or t is None else f"{100 * row['flops'] / t / p:.0f}%" for t in (ours, theirs)]
             lines.append(f"| {row['size']} px {row['dtype']} | {_s(ours)} s | {_s(theirs)} s | {_ratio(ours, theirs)} "
                          f"| {row['flops'] / 1e9:.0f} | {frac[0]} | {frac[1]} |")  # fmt: skip
+        packed = [row for row in r["step"] if "ours_unpacked" in row]
+        if packed:
+            lines += ["", "Prepacked bf16 convolutions (cldm/prepack.py), ours with / without them: " + ", ".join(
+                f"{row['size']} px {_s(row['ours']['median_s'])} s / {_s(row['ours_unpacked']['median_s'])} s "
+                f"({_ratio(row['ours']['median_s'], row['ours_unpacked']['median_s'])})" for row in packed) + "."]  # fmt: skip
         lines += ["", *targets(out), ""]
     if r.get("vae"):
         lines += ["| VAE decode, 1 picture | ours | diffusers | ratio |", "|---|---|---|---|"]

@@ -115,7 +115,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 def cmd_demo_eval(a: argparse.Namespace) -> None:
 
-    model, cns = demo_eval.load_demo(a.demo)
+    model, cns = demo_eval.load_demo(a.demo, a.dtype)
     settings = {k: v for k, v in (("steps", a.steps), ("cfg", a.cfg)) if v is not None}  # else demo_eval's own
     report = demo_eval.evaluate(model, cns, n=a.n, grid=a.grid, **settings)
     demo_eval.write(report, a.out)
@@ -129,5 +129,6 @@ def add_demo_eval_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--n", type=int, default=24, help="unseen pictures per measurement")
     e.add_argument("--steps", type=int, help=f"sampling steps (default: the model card's, {demo_eval.STEPS})")
     e.add_argument("--cfg", type=float, help=f"guidance scale (default: the model card's, {demo_eval.CFG:g})")
+    e.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the published figures are fp32's")
     e.add_argument("--out", default="assets/demo/report/report.json")
     e.add_argument("--grid", default="assets/demo/report/samples.png")

@@ -18,7 +18,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .. import checkpoints
 from ..controlnet import ControlNet
 from ..pipeline import generate
 from ..request import ControlUnit, GenerationRequest
@@ -49,11 +48,13 @@ class Report:
     sketch_rate: float = 0.0  # sketched triangle: shape and background both the named colours
 
 
-def load_demo(folder: str | Path) -> tuple[StableDiffusion, dict[str, ControlNet]]:
+def load_demo(folder: str | Path, dtype: str = "fp32") -> tuple[StableDiffusion, dict[str, ControlNet]]:
+    """The demo model as the app serves it, on the CPU in `dtype` (bf16: with the manager's packed convolutions)."""
+    from ..manager import ModelManager
+
     folder = Path(folder)
-    model = checkpoints.load_sd(folder / DEMO_BASE).freeze()
-    cns = {h: checkpoints.load_controlnet(folder / DEMO_CONTROLNET.format(h)) for h in HINTS}
-    return model, cns
+    manager = ModelManager(str(folder / DEMO_BASE), device="cpu", dtype=dtype)
+    return manager.sd, {h: manager.controlnet(str(folder / DEMO_CONTROLNET.format(h))) for h in HINTS}
 
 
 def nearest_colour(rgb: np.ndarray) -> str:
