@@ -201,7 +201,7 @@ def multi_tab(studio: Studio, base: BasePanel) -> Receivers:
     return Receivers("multi", settings, units)
 
 
-def picture_prompt_tab(studio: Studio) -> None:
+def picture_prompt_tab(studio: Studio, base: BasePanel) -> None:
     """Pictures from a prompt and a picture, no ControlNet: an IP-Adapter image prompt, a reference, or both."""
     with gr.Row():
         with gr.Column():
@@ -209,6 +209,7 @@ def picture_prompt_tab(studio: Studio) -> None:
             with gr.Accordion("Reference (reference_only, no weights needed)", open=True):
                 ref = reference_panel("image_prompt")
             settings = settings_panel(studio, None, key="image_prompt")
+            extras = pass_panel(None, "image_prompt", studio.models_dir)
             with gr.Row():
                 run = gr.Button("Generate", variant="primary", elem_id="image_prompt-run")
                 stop = gr.Button("Stop", variant="stop", elem_id="image_prompt-stop")
@@ -216,14 +217,29 @@ def picture_prompt_tab(studio: Studio) -> None:
             gallery = gr.Gallery(label="Results", columns=2, format="png", elem_id="image_prompt-gallery")
             status = gr.Markdown(elem_id="image_prompt-status")
             files = gr.Files(label="Download PNGs (with parameters)")
-    form = Form(ip, ref, settings)
+    form, gen_form = Form(ip, ref, settings), Form(ip, ref, settings, extras, base)
 
     @friendly(studio)
     def do_run(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's progress bar)
         image_prompt, reference, s = form.read(values)
         return studio.generate([], s, progress, image_prompt, reference, session=session(request))
 
-    run.click(do_run, form.inputs, [gallery, status, files], api_name="image_prompt_run")
+    @friendly(studio)
+    def do_generate(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008
+        image_prompt, reference, s, more, base_name = gen_form.read(values)
+        who = session(request)
+
+        def work(prog, show):
+            return studio.generate([], s, prog, image_prompt, reference, session=who, extras=more, preview=show,
+                                   base=base_name)  # fmt: skip
+
+        yield from streamed(studio, work, progress, who)
+
+    # the button sends everything the tab shows (img2img, hires fix, the base); `/image_prompt_run` keeps the
+    # parameters API callers know
+    run.click(do_generate, gen_form.inputs, [gallery, status, files], api_name="image_prompt_generate")
+    api_only = gr.Button(visible=False)
+    api_only.click(do_run, form.inputs, [gallery, status, files], api_name="image_prompt_run")
     stop_button(studio, stop, "image_prompt")
 
 
@@ -244,7 +260,7 @@ def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | 
             with gr.Tab("Multi", id="multi"):
                 receivers.append(multi_tab(studio, base))
             with gr.Tab("Image prompt", id="image_prompt"):
-                picture_prompt_tab(studio)
+                picture_prompt_tab(studio, base)
             with gr.Tab("PNG info", id="png_info"):
                 png_info_tab(studio, receivers, tabs)
         refresh_lists(studio, demo, base, refresh)

@@ -206,7 +206,7 @@ def control_residuals(
     """
     total = None
     for u, emb in zip(r.units, hints):
-        if not active(k, n, u.start, u.end):
+        if not active(k, n, u.start, u.end) or u.scale == 0:  # a unit that adds nothing is not run
             continue
         cn: ControlNet = u.model
         pooled = cn.cfg.global_average_pooling

@@ -335,3 +335,27 @@ def test_refresh_lists_what_the_folder_holds(tiny_dirs, tmp_path):
     assert lists.loras == ["a"] and lists.vaes == ["v.safetensors"] and lists.bases == [Path(str(tiny_dirs[0])).name]
     assert lists.embeddings == 0 and "bad" in lists.refused_embeddings
     assert "1 base models, 1 LoRAs, 1 VAEs, 0 embeddings (left out: bad:" in lists.summary
+
+
+def test_image_prompt_tab_names_its_base_and_takes_img2img(client, running_app, tmp_path):
+    """The Image prompt tab's Generate sends what every tab sends: the img2img / hires panel and the base model."""
+    from gradio_client import handle_file
+
+    from test_app import PASS
+
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "style.png")
+    style = handle_file(str(tmp_path / "style.png"))
+    settings = list(SETTINGS.values())
+    start = Path(running_app[1].base_path).name
+    head = [style, "ip-adapter_sd15", 0.8, None, "reference_only", 0.5, 1.0, *settings]
+    try:
+        _, status, pics = client.predict(*head, *dict(PASS, init_image=style).values(), "other.safetensors",
+                                         api_name="/image_prompt_generate")  # fmt: skip
+        text = Image.open(pics[0]).text["parameters"]
+        assert "Base: other.safetensors" in status and "Model: other" in text and "Denoising strength" in text
+        _, _, hires = client.predict(*head, *dict(PASS, hires=True, hires_scale=1.5).values(), start,
+                                     api_name="/image_prompt_generate")  # fmt: skip
+        assert Image.open(hires[0]).size == (96, 96)
+    finally:
+        client.predict(*head, *PASS.values(), start, api_name="/image_prompt_generate")  # the other tests' base

@@ -351,3 +351,20 @@ def test_dpmpp_sde_progress_counts_model_calls(ours):
     assert seen[-1] == (9 + 5, 9 + 5)  # 2 * 5 - 1 calls, then 2 * 3 - 1 of the hires pass
     assert [k for k, _ in seen] == list(range(1, 15))
     assert out.images.shape[1:3] == (96, 96)
+
+
+def test_a_unit_at_scale_zero_or_outside_its_window_is_not_run(ours):
+    """No work for nothing: a ControlNet at scale 0 is never called and the picture is the one without it; one whose
+    window holds the last 3 of 6 steps is called on those 3 only."""
+    sd, cn = ours
+    calls = []
+    handle = cn.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        kw = dict(steps=6, cfg_scale=5.0, seed=2, width=SIZE, height=SIZE)
+        without = _gen(sd, "a red square", **kw).images
+        zero = _gen(sd, "a red square", units=[ControlUnit(cn, _hint(), 0.0)], **kw).images
+        assert calls == [] and np.array_equal(zero, without)
+        _gen(sd, "a red square", units=[ControlUnit(cn, _hint(), 1.0, 0.5, 1.0)], **kw)
+        assert len(calls) == 3
+    finally:
+        handle.remove()
