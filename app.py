@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
         log.warning("--share without --auth: anyone with the link can use every endpoint of this server")
     base, card, banner = choose_base(a.base, a.demo)
     manager = ModelManager(base, device=a.device, dtype=a.dtype, cache_bytes=int(a.cache_gb * 1024**3))
+    log.warning("running on %s in %s%s", manager.device, str(manager.dtype).removeprefix("torch."),
+                " (prepacked bf16 convolutions)" if manager.prepack_cpu else "")  # fmt: skip
     # textual inversions in <models>/embeddings, used by file name in any prompt (as A1111's embeddings folder)
     embeddings_dir = Path(str(card.folder) if card else a.models_dir) / "embeddings"
     for name, why in manager.load_embeddings(embeddings_dir).items():

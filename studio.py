@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import annotators
+import annotators.cache
 from canvas import editor_image, inpaint_hint
 from cldm import weights
 from cldm.errors import InputError, Stopped
@@ -80,6 +81,7 @@ class Studio:
         limits: Limits | None = None,
     ):  # fmt: skip
         self.manager = manager
+        annotators.cache.use_device(manager.device)  # the hint extractors run where the model runs
         self.models_dir = models_dir
         self.card = card  # a small model (the demo model): only its conditions work, at its size
         self.defaults = Defaults.for_card(card)
@@ -336,7 +338,8 @@ class Studio:
         status = (
             f"Base: {result.base.rstrip('/').split('/')[-1]} | ControlNet: {names} | seed {seed} | "
             f"swap {t['swap']:.2f}s, sampling {t['sampling']:.2f}s, decode {t['decode']:.2f}s, "
-            f"total {time.perf_counter() - t0:.1f}s on {self.manager.device}{note}"
+            f"total {time.perf_counter() - t0:.1f}s on {self.manager.device} "
+            f"{str(self.manager.dtype).removeprefix('torch.')}{note}"
         )
         pictures = [(f, f"seed {s_}") for f, s_ in zip(files, result.seeds)]
         return [(hh, "hint") for hh in shown] + pictures, status, files

@@ -1,5 +1,7 @@
-"""Load each detector once per (kind, models_dir) and keep the most recently used ones: loading is slow, running
-is not. The cache is bounded (`MAX_LOADED`, env CLDM_MAX_DETECTORS) and every access holds its lock."""
+"""Load each detector once per (kind, models_dir, device) and keep the most recently used ones: loading is slow,
+running is not. The cache is bounded by count (`MAX_LOADED`, env CLDM_MAX_DETECTORS) and by the weights' bytes
+(`MAX_BYTES`, env CLDM_DETECTOR_GB), and every access holds its lock. Detectors run on the device the app sets with
+`use_device` (the model manager's: a GPU server runs depth, pose, HED ... on the GPU too)."""
 
 from __future__ import annotations
 
@@ -22,10 +24,51 @@ _lock = threading.Lock()
 _loaded: OrderedDict[tuple[str, str], Any] = OrderedDict()  # least recently used first
 # Detectors weigh 5 MB (MLSD) to 2.5 GB (SAM); four cover a user moving between a few tabs.
 MAX_LOADED = max(1, int(os.environ.get("CLDM_MAX_DETECTORS", "4")))
+MAX_BYTES = int(float(os.environ.get("CLDM_DETECTOR_GB", "4")) * 1024**3)  # the newest one stays, whatever its size
+_device = "cpu"
 
 
-def _key(kind: str, models_dir: str | os.PathLike[str] | None) -> tuple[str, str]:
-    return (kind, "" if models_dir is None else str(Path(models_dir).resolve()))
+def use_device(device) -> None:
+    """Run detectors on `device` from now on (those loaded for another device are loaded again when used)."""
+    global _device
+    with _lock:
+        _device = str(device)
+
+
+def current_device() -> str:
+    return _device
+
+
+def _modules(detector: Any) -> list:
+    """The torch modules a detector holds: itself, its attributes, a dict's values (the pose parts)."""
+    import torch
+
+    items = list(detector.values()) if isinstance(detector, dict) else [detector]
+    found = []
+    for item in items:
+        if isinstance(item, torch.nn.Module):
+            found.append(item)
+        else:
+            found += (
+                [v for v in vars(item).values() if isinstance(v, torch.nn.Module)] if hasattr(item, "__dict__") else []
+            )
+    return found
+
+
+def detector_bytes(detector: Any) -> int:
+    return sum(p.numel() * p.element_size() for m in _modules(detector) for p in m.parameters())
+
+
+def _place(detector: Any, device: str) -> Any:
+    """Move a built detector's networks to `device` (controlnet-aux's detectors then send their inputs there)."""
+    if device != "cpu":
+        for m in _modules(detector):
+            m.to(device)
+    return detector
+
+
+def _key(kind: str, models_dir: str | os.PathLike[str] | None) -> tuple[str, str, str]:
+    return (kind, "" if models_dir is None else str(Path(models_dir).resolve()), _device)
 
 
 def is_loaded(kind: str, models_dir: str | os.PathLike[str] | None) -> bool:
@@ -55,7 +98,7 @@ def cached_load(
         paths = resolve(files, models_dir, annotator)
         log.info("loading annotator %s from %s", kind, ", ".join(str(p) for p in paths))
         try:
-            detector = build(paths)
+            detector = _place(build(paths), key[2])
         except MissingAnnotatorWeights:
             raise
         except Exception as exc:  # torch/pickle/shape errors all mean "this file is not usable"
@@ -65,14 +108,17 @@ def cached_load(
                 "The file may be truncated or not the right one; download it again."
             ) from exc
         _loaded[key] = detector
-        while len(_loaded) > MAX_LOADED:
+        while len(_loaded) > 1 and (
+            len(_loaded) > MAX_LOADED or sum(detector_bytes(d) for d in _loaded.values()) > MAX_BYTES
+        ):
             dropped, _ = _loaded.popitem(last=False)
-            log.info("dropped annotator %s from memory (more than %d loaded)", dropped[0], MAX_LOADED)
+            log.info("dropped annotator %s from memory (over %d loaded or %.1f GB)", dropped[0], MAX_LOADED,
+                     MAX_BYTES / 1024**3)  # fmt: skip
         return detector
 
 
-def loaded() -> list[tuple[str, str]]:
-    """The (kind, models_dir) keys in memory, least recently used first."""
+def loaded() -> list[tuple[str, str, str]]:
+    """The (kind, models_dir, device) keys in memory, least recently used first."""
     with _lock:
         return list(_loaded)
 

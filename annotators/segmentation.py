@@ -246,9 +246,9 @@ def seg_ade20k(image: np.ndarray, resolution: int, models_dir: str | None, param
     """Registry callable: ADE20K labels painted with the ControlNet seg palette, at the detection size."""
     model = _load(models_dir)
     pixels = _prepare(image, resolution)
-    dtype = next(model.parameters()).dtype
+    weight = next(model.parameters())
     with torch.inference_mode():
-        logits = model(pixel_values=pixels.to(dtype)).logits  # 1 x classes x h' x w'
+        logits = model(pixel_values=pixels.to(weight.device, weight.dtype)).logits  # 1 x classes x h' x w'
         logits = torch.nn.functional.interpolate(logits.float(), size=pixels.shape[-2:], mode="bilinear")
-        labels = logits.argmax(dim=1)[0].numpy()  # h x w class ids
+        labels = logits.argmax(dim=1)[0].cpu().numpy()  # h x w class ids
     return colorize(labels)

@@ -3,6 +3,7 @@
 Parts (all by default; `--parts` picks some):
 - peak: the machine's matmul rate per dtype (the physical limit the step's FLOPs are measured against);
 - step: one sampling step (ControlNet + UNet, guidance batch 2) per size and dtype, with its FLOPs;
+- quality: the same picture (256 px, 20 steps, a ControlNet) in fp32 and in `--dtype auto`, pixel differences;
 - vae: the VAE decode of one 512 px (or the largest size's) picture;
 - generate: a whole generation (20 steps + decode) at the largest size, in our default mode and diffusers' fp32;
 - load: a ControlNet from .safetensors, cold and warm, against diffusers' `from_pretrained`; the base;
@@ -29,7 +30,7 @@ from . import bench_parts as bp
 from . import checkpoints, prepack
 from .manager import DTYPES, cpu_has_bf16, resolve_device, resolve_dtype
 
-PARTS = ("peak", "step", "vae", "generate", "load", "switch", "memory")
+PARTS = ("peak", "step", "quality", "vae", "generate", "load", "switch", "memory")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -116,6 +117,8 @@ def run(a: argparse.Namespace) -> dict:
             print("vae", json.dumps(res["vae"][-1]), flush=True)
         del sd, cn, pipe
         gc.collect()
+    if "quality" in a.parts:
+        res["quality"] = quality_row(paths, device, 64 if a.tiny else 256)
     if "generate" in a.parts:
         res["generate"] = generate_rows(paths, device, max(a.sizes), a.steps, a.no_diffusers)
     if "load" in a.parts:
@@ -138,6 +141,30 @@ def vae_row(sd, pipe, size: int, d: str, device: torch.device, runs: int) -> dic
         if pipe is not None:
             scaled = z / pipe.vae.config.scaling_factor
             row["diffusers"] = bp.timed(lambda: pipe.vae.decode(scaled), device, runs).as_dict()
+    return row
+
+
+def quality_row(paths: dict, device: torch.device, size: int) -> dict:
+    """How far `--dtype auto`'s pictures are from fp32's: one request, both dtypes, the same seed."""
+    import numpy as np
+
+    from .manager import ModelManager
+    from .request import ControlUnit, GenerationRequest
+
+    hint = (np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8)
+    r = GenerationRequest("a photo of a cat", units=(ControlUnit(str(paths["cn0_file"]), hint),), steps=20,
+                          width=size, height=size, sampler="dpmpp_2m_karras", seed=1)  # fmt: skip
+    pictures = {}
+    for d in ("fp32", "auto"):
+        manager = ModelManager(str(paths["base_folder"]), device=str(device), dtype=d)
+        pictures[d] = manager.run(r).images.astype(np.float64)
+        name = str(manager.dtype).removeprefix("torch.")
+        del manager
+        gc.collect()
+    diff = np.abs(pictures["fp32"] - pictures["auto"])
+    row = {"size": size, "auto": name, "mean_abs": float(diff.mean()), "p99_abs": float(np.percentile(diff, 99)),
+           "max_abs": float(diff.max()), "fp32_std": float(pictures["fp32"].std())}  # fmt: skip
+    print("quality", json.dumps(row), flush=True)
     return row
 
 

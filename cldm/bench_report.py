@@ -38,6 +38,11 @@ def markdown(out: dict) -> str:
                 f"{row['size']} px {_s(row['ours']['median_s'])} s / {_s(row['ours_unpacked']['median_s'])} s "
                 f"({_ratio(row['ours']['median_s'], row['ours_unpacked']['median_s'])})" for row in packed) + "."]  # fmt: skip
         lines += ["", *targets(out), ""]
+    q = r.get("quality")
+    if q:
+        lines += [f"Pictures in `--dtype auto` ({q['auto']}) against fp32, {q['size']} px, 20 steps, same seed: mean "
+                  f"difference {q['mean_abs']:.2f} / 255 per pixel, 99th percentile {q['p99_abs']:.0f}, largest "
+                  f"{q['max_abs']:.0f} (the picture's own spread: {q['fp32_std']:.0f}).", ""]  # fmt: skip
     if r.get("vae"):
         lines += ["| VAE decode, 1 picture | ours | diffusers | ratio |", "|---|---|---|---|"]
         for row in r["vae"]:

@@ -162,6 +162,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
         print(f"{card.name} model: its native size is {card.size} px (model card); "
               f"making {request.width}x{request.height}", file=sys.stderr)  # fmt: skip
     manager = ModelManager(a.base, device=a.device, dtype=a.dtype)
+    print(f"{manager.device} {str(manager.dtype).removeprefix('torch.')}", file=sys.stderr)  # what auto chose
     if a.embeddings:
         for name, why in manager.load_embeddings(a.embeddings).items():
             print(f"embedding {name} left out: {why}", file=sys.stderr)

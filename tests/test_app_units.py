@@ -340,7 +340,6 @@ def test_refresh_lists_what_the_folder_holds(tiny_dirs, tmp_path):
 def test_image_prompt_tab_names_its_base_and_takes_img2img(client, running_app, tmp_path):
     """The Image prompt tab's Generate sends what every tab sends: the img2img / hires panel and the base model."""
     from gradio_client import handle_file
-
     from test_app import PASS
 
     rng = np.random.default_rng(3)

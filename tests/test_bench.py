@@ -19,7 +19,9 @@ def _bench(tmp_path, *extra) -> dict:
 
 
 def test_bench_runs_every_part_beside_diffusers(tmp_path):
-    out = _bench(tmp_path, "--dtypes", "fp32", "bf16", "--parts", "peak", "step", "vae", "generate", "load", "switch")
+    out = _bench(
+        tmp_path, "--dtypes", "fp32", "bf16", "--parts", "peak", "step", "quality", "vae", "generate", "load", "switch"
+    )
     r = out["results"]
     assert set(r["peak_flops"]) == {"fp32", "bf16"} and all(v > 1e8 for v in r["peak_flops"].values())
     assert [(row["size"], row["dtype"]) for row in r["step"]] == [(64, "fp32"), (64, "bf16")]
@@ -27,6 +29,7 @@ def test_bench_runs_every_part_beside_diffusers(tmp_path):
         assert row["flops"] > 1e6 and 0 < row["ours"]["median_s"] and 0 < row["diffusers"]["median_s"]
         assert row["ours"]["min_s"] <= row["ours"]["median_s"] <= row["ours"]["max_s"]
     assert {row["impl"] for row in r["generate"]} == {"ours", "diffusers"}
+    assert 0 <= r["quality"]["mean_abs"] <= r["quality"]["max_abs"] <= 255
     assert {(row["what"], row["impl"]) for row in r["load"]} >= {("controlnet", "ours"), ("controlnet", "diffusers")}
     assert r["switch"][0]["warm_s"] < r["switch"][0]["cold_s"]  # from the cache, not from the file
     table = (tmp_path / "out" / "bench.md").read_text()
@@ -61,5 +64,7 @@ def test_auto_dtype_follows_the_cpu(monkeypatch):
 def test_bench_memory_in_fresh_processes(tmp_path):
     out = _bench(tmp_path, "--dtypes", "fp32", "--parts", "memory")
     rows = out["results"]["memory"]
-    assert {(row["impl"], row["controlnets"]) for row in rows} == {(i, n) for i in ("ours", "diffusers") for n in (1, 3)}
+    assert {(row["impl"], row["controlnets"]) for row in rows} == {
+        (i, n) for i in ("ours", "diffusers") for n in (1, 3)
+    }
     assert all(row["peak_bytes"] > 50 * 1024**2 for row in rows)

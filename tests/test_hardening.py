@@ -179,8 +179,35 @@ def test_the_detector_cache_is_bounded_and_loads_once_under_threads(monkeypatch)
     assert builds == ["a"]
     for kind in ("b", "c"):
         cache.cached_load(kind, (), build(kind), None, kind)
-    assert [k for k, _ in cache.loaded()] == ["b", "c"]  # "a" (least recently used) went
+    assert [k[0] for k in cache.loaded()] == ["b", "c"]  # "a" (least recently used) went
     cache.clear()
+
+
+def test_the_detector_cache_is_bounded_by_bytes_and_follows_the_device(monkeypatch):
+    import torch
+
+    from annotators import cache
+
+    monkeypatch.setattr(cache, "MAX_BYTES", 3 * 1024 * 4)  # three 32x32 fp32 networks' worth
+    cache.clear()
+
+    class Detector:  # a controlnet-aux detector: a plain object holding its network
+        def __init__(self):
+            self.model = torch.nn.Linear(32, 32, bias=False)
+
+    for kind in "abcd":
+        cache.cached_load(kind, (), lambda paths: Detector(), None, kind)
+    assert cache.detector_bytes(Detector()) == 32 * 32 * 4
+    assert [k[0] for k in cache.loaded()] == ["b", "c", "d"]  # "a" went: four would pass the byte bound
+    pose = {"body": Detector(), "hand": Detector()}  # the pose parts come as a dict
+    assert cache.detector_bytes(pose) == 2 * 32 * 32 * 4
+    try:
+        cache.use_device("meta")  # another device: detectors are built again and moved there
+        moved = cache.cached_load("a", (), lambda paths: Detector(), None, "a")
+        assert moved.model.weight.device.type == "meta" and cache.loaded()[-1] == ("a", "", "meta")
+    finally:
+        cache.use_device("cpu")
+        cache.clear()
 
 
 # --------------------------------------------------------------------------------------------- outputs
