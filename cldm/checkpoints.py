@@ -225,6 +225,7 @@ def load_sd(
         log.warning("%s: ignoring %d keys outside the model, e.g. %s", path, len(ignored), ignored[:3])
     unet_sd, vae_sd = _strip(state, UNET_PREFIX), _strip(state, VAE_PREFIX)
     text_sd = _strip(state, TEXT_PREFIX)
+    del state  # the parts hold the tensors now: build() frees each as it copies it
     text_sd.pop(POSITION_IDS, None)
     if not vae_sd or not text_sd:
         raise CheckpointError(

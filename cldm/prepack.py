@@ -4,7 +4,8 @@ PyTorch's eager bf16 convolution on the CPU reorders the weights into oneDNN's b
 SD's 3x3 convolutions at latent sizes that reorder costs about as much as the arithmetic. Here each convolution
 keeps its reordered copy (`torch.ops.mkldnn._reorder_convolution_weight`, the packing torch.compile's freezing pass
 does) and calls oneDNN's convolution with it; the activations come out channels-last, which the following group
-norms, additions and attention reshapes take as they are. The results are those of `F.conv2d` (the same oneDNN
+norms, additions and attention reshapes take as they are. On large feature maps (`LARGE` positions and more) the
+arithmetic dwarfs the reorder and oneDNN's own path on a channels-last input is faster: those take it. The results are those of `F.conv2d` (the same oneDNN
 kernels, the same bf16 arithmetic).
 
 The packed copy follows the weight: an in-place change (a LoRA merge and its undo) bumps the weight's version and
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 # Packings kept per convolution: a ControlNet in "ControlNet is more important" mode runs on the conditional half
 # (batch 1) and the guidance batch (2) in turn; a third size (a hires pass) replaces the oldest.
 SHAPES_KEPT = 2
+# From this many positions (64 x 64: the UNet's first level at 512 px, the VAE decoder's upper levels) the packed
+# path is slower than oneDNN's plain channels-last one (measured: 320 channels at 64 x 64, 1.65x); below it the
+# packing wins (0.25x to 0.75x at 32 x 32 .. 4 x 4).
+LARGE = 64 * 64
 
 
 def available() -> bool:
@@ -56,6 +61,9 @@ def _args(m: nn.Conv2d) -> tuple[list[int], list[int], list[int], int]:
 def _packed_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     w = self.weight
     if x.device.type != "cpu" or x.dtype != w.dtype or w.device.type != "cpu" or x.dim() != 4 or x.requires_grad:
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    if x.shape[-2] * x.shape[-1] >= LARGE:  # the arithmetic dwarfs the reorder: oneDNN's own path, channels-last
+        x = x.contiguous(memory_format=torch.channels_last)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
     if self._cldm_packed_key != (w._version, w.data_ptr()):  # the weight changed in place (LoRA) or moved
         self._cldm_packed.clear()
