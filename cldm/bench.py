@@ -241,17 +241,32 @@ def load_rows(paths: dict, device: torch.device, no_diffusers: bool, runs: int) 
         rows.append({"what": "controlnet", "impl": name, "dtype": d, "cold_s": sorted(cold)[len(cold) // 2],
                      "cold_dropped_cache": dropped, "warm": warm.as_dict()})  # fmt: skip
         print("load", json.dumps(rows[-1]), flush=True)
-    t = time.perf_counter()
-    sd = checkpoints.load_sd(paths["base_file"], dtype=dtype).to(device)
-    rows.append({"what": "base (.safetensors)", "impl": "ours", "dtype": d, "warm_s": time.perf_counter() - t})
-    del sd
-    if not no_diffusers:
+
+    def ours_base():
+        return checkpoints.load_sd(paths["base_file"], dtype=dtype).to(device)
+
+    def theirs_base():
         from diffusers import StableDiffusionPipeline
 
+        return StableDiffusionPipeline.from_pretrained(paths["base_folder"], torch_dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False).to(device)  # fmt: skip
+
+    bases = [("base (.safetensors)", "ours", ours_base, "base_file")]
+    bases += [] if no_diffusers else [("base (folder)", "diffusers", theirs_base, "base_folder")]
+    for what, name, load, key in bases:
+        dropped = bp.drop_file_cache(Path(paths[key]))
         t = time.perf_counter()
-        StableDiffusionPipeline.from_pretrained(paths["base_folder"], torch_dtype=dtype, safety_checker=None,
-                                                requires_safety_checker=False).to(device)  # fmt: skip
-        rows.append({"what": "base (folder)", "impl": "diffusers", "dtype": d, "warm_s": time.perf_counter() - t})
+        model = load()
+        cold = time.perf_counter() - t
+        del model
+        gc.collect()
+        t = time.perf_counter()
+        model = load()
+        rows.append({"what": what, "impl": name, "dtype": d, "cold_s": cold, "cold_dropped_cache": dropped,
+                     "warm_s": time.perf_counter() - t})  # fmt: skip
+        del model
+        gc.collect()
+        print("load", json.dumps(rows[-1]), flush=True)
     gc.collect()
     return rows
 
