@@ -4,10 +4,13 @@ optimizing Stable Diffusion without ControlNet" (Zhang et al. 2023, section 3.3;
 
     python tools/train_cost.py [--size PX] [--batch N] [--iters N] [--device cpu|cuda] [--dtype fp32|bf16]
 
-Two training iterations, each in a fresh process (peak memory is per process):
+Four training iterations, each in a fresh process (peak memory is per process):
 - sd: the SD1.5 UNet trained alone (every UNet weight, AdamW, as `cldm.training.train.train_base` trains the base);
 - controlnet: the UNet locked, a ControlNet (its encoder copy, zero convs, hint block) trained on top of it (as
-  `train_controlnet` trains one).
+  `train_controlnet` trains one);
+- decoder / decoder+controlnet: the original code's `sd_locked=False`: the UNet's decoder (output blocks) trained,
+  its encoder locked, without and with a ControlNet trained beside it. This pair is the paper's comparison (the
+  same SD training, plus a ControlNet).
 The text context and the latents are random (their cost is the same in both). Prints seconds per iteration (median
 after a warm-up) and peak memory (resident on the CPU, allocated on CUDA), and the ratios.
 """
@@ -39,13 +42,15 @@ def one(kind: str, size: int, batch: int, iters: int, device: str, dtype: str) -
     torch.manual_seed(0)
     cfg = SDConfig().unet
     unet = UNet(cfg).to(dev, dt)
-    if kind == "sd":
-        unet.requires_grad_(True).train()
-        trained, cn = list(unet.parameters()), None
-    else:
-        unet.requires_grad_(False).eval()
+    unet.requires_grad_(kind == "sd").train(kind != "controlnet")
+    if kind.startswith("decoder"):  # sd_locked=False: the output blocks and the last layers learn
+        for m in (unet.output_blocks, unet.out):
+            m.requires_grad_(True)
+    trained = [p for p in unet.parameters() if p.requires_grad]
+    cn = None
+    if kind.endswith("controlnet"):
         cn = ControlNet.from_unet(unet, cfg).to(dev, dt).requires_grad_(True).train()
-        trained = list(cn.parameters())
+        trained += list(cn.parameters())
     opt = make_optimizer(trained, 1e-5)
     g = torch.Generator().manual_seed(1)
     f = size // 8
@@ -85,7 +90,7 @@ def main() -> None:
         print(json.dumps(one(a.one, a.size, a.batch, a.iters, a.device, a.dtype)))
         return
     rows = {}
-    for kind in ("sd", "controlnet"):
+    for kind in ("sd", "controlnet", "decoder", "decoder+controlnet"):
         cmd = [sys.executable, __file__, "--one", kind, "--size", str(a.size), "--batch", str(a.batch), "--iters",
                str(a.iters), "--device", a.device, "--dtype", a.dtype]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
@@ -93,9 +98,10 @@ def main() -> None:
         r = rows[kind]
         print(f"{kind:10s} {r['seconds']:.2f} s per iteration, peak {r['peak_bytes'] / 1024**3:.2f} GiB, "
               f"{r['trained_params'] / 1e6:.0f} M trained weights", flush=True)  # fmt: skip
-    sd, cn = rows["sd"], rows["controlnet"]
-    print(f"ControlNet / SD: time {cn['seconds'] / sd['seconds']:.2f}x, memory {cn['peak_bytes'] / sd['peak_bytes']:.2f}x "
-          f"(the paper: 1.34x and 1.23x)")  # fmt: skip
+    for base, with_cn in (("sd", "controlnet"), ("decoder", "decoder+controlnet")):
+        a, b = rows[base], rows[with_cn]
+        print(f"{with_cn} / {base}: time {b['seconds'] / a['seconds']:.2f}x, memory "
+              f"{b['peak_bytes'] / a['peak_bytes']:.2f}x (the paper: 1.34x and 1.23x)")  # fmt: skip
 
 
 if __name__ == "__main__":
