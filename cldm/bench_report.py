@@ -15,6 +15,11 @@ def _gib(b: float) -> str:
     return f"{b / 1024**3:.2f} GiB"
 
 
+def _table(head: list[str], cells: list[list[str]]) -> list[str]:
+    rows = ["| " + " | ".join(row) + " |" for row in (head, *cells)]
+    return [rows[0], "|" + "---|" * len(head), *rows[1:], ""]
+
+
 def markdown(out: dict) -> str:
     m, r = out["machine"], out["results"]
     lines = [f"Machine: {m['cpu']} ({m['threads']} threads), {m.get('gpu') or m['device']}; torch {m['torch']}, "
@@ -44,20 +49,15 @@ def markdown(out: dict) -> str:
                   f"difference {q['mean_abs']:.2f} / 255 per pixel, 99th percentile {q['p99_abs']:.0f}, largest "
                   f"{q['max_abs']:.0f} (the picture's own spread: {q['fp32_std']:.0f}).", ""]  # fmt: skip
     if r.get("vae"):
-        lines += ["| VAE decode, 1 picture | ours | diffusers | ratio |", "|---|---|---|---|"]
+        cells = []
         for row in r["vae"]:
             ours, theirs = row["ours"]["median_s"], (row.get("diffusers") or {}).get("median_s")
-            lines.append(
-                f"| {row['size']} px {row['dtype']} | {_s(ours)} s | {_s(theirs)} s | {_ratio(ours, theirs)} |"
-            )
-        lines.append("")
+            cells.append([f"{row['size']} px {row['dtype']}", f"{_s(ours)} s", f"{_s(theirs)} s", _ratio(ours, theirs)])
+        lines += _table(["VAE decode, 1 picture", "ours", "diffusers", "ratio"], cells)
     if r.get("generate"):
-        lines += ["| whole generation (steps + decode) | dtype | seconds |", "|---|---|---|"]
-        for row in r["generate"]:
-            lines.append(
-                f"| {row['impl']}, {row['size']} px, {row['steps']} steps | {row['dtype']} | {_s(row['seconds'])} |"
-            )
-        lines.append("")
+        cells = [[f"{row['impl']}, {row['size']} px, {row['steps']} steps", row["dtype"], _s(row["seconds"])]
+                 for row in r["generate"]]  # fmt: skip
+        lines += _table(["whole generation (steps + decode)", "dtype", "seconds"], cells)
     if r.get("load"):
         lines += ["| loading | dtype | cold | warm |", "|---|---|---|---|"]
         for row in r["load"]:
