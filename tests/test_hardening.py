@@ -392,7 +392,8 @@ def test_sharing_without_auth_warns(monkeypatch, caplog):
             launched.update(kw)
 
     monkeypatch.setattr(app, "build_app", lambda studio, banner: FakeBlocks())
-    fake = {"device": torch.device("cpu"), "base_path": "sd", "load_embeddings": lambda self, folder: {}}
+    fake = {"device": torch.device("cpu"), "dtype": torch.float32, "prepack_cpu": False, "base_path": "sd",
+            "load_embeddings": lambda self, folder: {}}  # fmt: skip
     monkeypatch.setattr(app, "ModelManager", lambda *a, **kw: type("M", (), fake)())
     with caplog.at_level(logging.WARNING, logger="app"):
         app.main(["--demo", "--share"])

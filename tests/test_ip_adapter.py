@@ -95,7 +95,7 @@ def test_projection_and_pictures_match_diffusers(adapter_file, ours, ref_pipe, e
     from cldm.__main__ import main  # and the same through the command line
 
     Image.fromarray(_picture()).save(tmp_path / "ip.png")
-    args = ["generate", "--base", str(tiny_dirs[0]), "--prompt", "a cat", "--steps", "4", "--cfg", "5", "--seed", "7",
+    args = ["generate", "--dtype", "fp32", "--base", str(tiny_dirs[0]), "--prompt", "a cat", "--steps", "4", "--cfg", "5", "--seed", "7",
             "--width", str(SIZE), "--height", str(SIZE), "--ip-adapter", str(path), "--image-encoder", str(encoder_dir),
             "--ip-image", str(tmp_path / "ip.png"), "--ip-scale", "0.8", "--out", str(tmp_path / "out.png")]  # fmt: skip
     assert main(args) == 0
@@ -125,7 +125,7 @@ def test_with_a_controlnet_matches_diffusers(adapter_file, ours, ref_pipe, encod
 
     Image.fromarray(hint).save(tmp_path / "hint.png")
     Image.fromarray(_picture(1)).save(tmp_path / "ip.png")
-    args = ["generate", "--base", str(tiny_dirs[0]), "--controlnet", str(tiny_dirs[1]), "--hint", str(tmp_path / "hint.png"),
+    args = ["generate", "--dtype", "fp32", "--base", str(tiny_dirs[0]), "--controlnet", str(tiny_dirs[1]), "--hint", str(tmp_path / "hint.png"),
             "--prompt", "a dog", "--steps", "3", "--cfg", "6", "--seed", "2", "--width", str(SIZE), "--height", str(SIZE),
             "--ip-adapter", str(path), "--image-encoder", str(encoder_dir), "--ip-image", str(tmp_path / "ip.png"),
             "--ip-scale", "0.6", "--out", str(tmp_path / "out.png")]  # fmt: skip

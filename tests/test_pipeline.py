@@ -59,9 +59,13 @@ def _ref(pipe, scheduler_name, **kw):
     # (use_karras_sigmas, algorithm_type ...) into this scheduler
     if not hasattr(pipe, "_first_scheduler_config"):
         pipe._first_scheduler_config = dict(pipe.scheduler.config)
+    original = pipe.scheduler
     pipe.scheduler = cls.from_config(pipe._first_scheduler_config, **extra)
     seed = kw.pop("seed")
-    out = pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="np", width=SIZE, height=SIZE, **kw)
+    try:
+        out = pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="np", width=SIZE, height=SIZE, **kw)
+    finally:  # the shared pipeline goes back as it was: other test files use its scheduler as they find it
+        pipe.scheduler = original
     return (out.images * 255).round().astype(np.uint8)
 
 
@@ -78,7 +82,7 @@ def test_cli_matches_diffusers(tiny_dirs, ref_pipe, tmp_path, sampler):
     sd_dir, cn_dir = tiny_dirs
     Image.fromarray(_hint()).save(tmp_path / "hint.png")
     args = [
-        "generate", "--base", str(sd_dir), "--controlnet", str(cn_dir), "--hint", str(tmp_path / "hint.png"),
+        "generate", "--dtype", "fp32", "--base", str(sd_dir), "--controlnet", str(cn_dir), "--hint", str(tmp_path / "hint.png"),
         "--prompt", "a red square", "--negative-prompt", "blurry", "--steps", "10", "--cfg", "7.5", "--seed", "42",
         "--sampler", sampler, "--control-scale", "0.8", "--width", str(SIZE), "--height", str(SIZE),
         "--batch", "2", "--out", str(tmp_path / "out.png"), "--device", "cpu",
@@ -184,6 +188,10 @@ def test_img2img_batch_matches_diffusers(ours, tiny_dirs, ref_pipe, sampler):
     init = np.asarray(Image.fromarray(_hint(3)).convert("L").convert("RGB"))
     pipe = StableDiffusionControlNetImg2ImgPipeline(**ref_pipe.components)
     pipe.set_progress_bar_config(disable=True)
+    # the shared pipeline's scheduler may carry an earlier test's options: start from its first config, as _ref does
+    if not hasattr(ref_pipe, "_first_scheduler_config"):
+        ref_pipe._first_scheduler_config = dict(ref_pipe.scheduler.config)
+    pipe._first_scheduler_config = ref_pipe._first_scheduler_config
     ref = _ref(
         pipe,
         sampler,
@@ -331,8 +339,8 @@ def test_control_mode_in_pictures_and_cli(ours, tiny_dirs, tmp_path):
     assert np.array_equal(with_cfg.images, guess_cfg.images)
     assert 'Control Mode: ControlNet is more important"' in with_cfg.parameters
     Image.fromarray(_hint()).save(tmp_path / "hint.png")
-    args = ["generate", "--base", str(tiny_dirs[0]), "--controlnet", str(tiny_dirs[1]), "--hint", str(tmp_path / "hint.png"),
-            "--control-mode", "control", "--prompt", "a", "--steps", "2", "--cfg", "5", "--seed", "4",
+    args = ["generate", "--dtype", "fp32", "--base", str(tiny_dirs[0]), "--controlnet", str(tiny_dirs[1]),
+            "--hint", str(tmp_path / "hint.png"), "--control-mode", "control", "--prompt", "a", "--steps", "2", "--cfg", "5", "--seed", "4",
             "--width", str(SIZE), "--height", str(SIZE), "--out", str(tmp_path / "out.png")]  # fmt: skip
     assert main(args) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), with_cfg.images[0])
