@@ -30,6 +30,7 @@ from cldm.lora import prompt_tags
 from cldm.manager import ModelManager
 from cldm.model_card import ModelCard, card_for
 from cldm.request import ControlUnit, GenerationRequest, ImagePrompt, LoraUnit, ReferenceUnit
+from cldm.samplers import SAMPLERS, sampler_class
 from conditions import ANNOTATOR_NONE, BY_KEY, Condition
 from settings import (  # noqa: F401 (the records app.py and forms.py read through here)
     CONTROL_MODES,
@@ -153,6 +154,10 @@ class Studio:
             steps2 = hires.schedule(int(s.steps))[0]
             work += w2 * h2 * steps2 * int(s.batch) / 1e6
             what += f" + hires {w2}x{h2} px x {steps2} steps"
+        order = sampler_class(s.sampler).order if s.sampler in SAMPLERS else 1
+        if order > 1:  # DPM++ SDE calls the model twice per step
+            work *= order
+            what += f", {order} model calls per step ({s.sampler})"
         if work > self.limits.max_work:
             raise InputError(
                 f"This request is {work:.0f} megapixel-steps ({what}); this server allows {self.limits.max_work:g} "

@@ -7,6 +7,7 @@ import logging
 import struct
 import threading
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -403,3 +404,17 @@ def test_sharing_without_auth_warns(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="app"):
         app.main(["--demo", "--share", "--auth", "ana:s3cret", "--max-work", "5"])
     assert launched["auth"] == [("ana", "s3cret")] and not any("without --auth" in r.message for r in caplog.records)
+
+
+def test_the_work_budget_counts_dpmpp_sde_twice(tmp_path):
+    """DPM++ SDE calls the model twice per step: 512 px x 20 steps x 4 pictures fits the default budget (21 of 32
+    megapixel-steps) with one call per step and not with two."""
+    from settings import Settings
+    from studio import Studio
+
+    manager = type("M", (), {"device": torch.device("cpu"), "base_path": "sd"})()
+    studio = Studio(manager, str(tmp_path), str(tmp_path / "out"))
+    s = Settings(width=512, height=512, steps=20, batch=4)
+    studio.check_work([], s)  # DPM++ 2M Karras: allowed
+    with pytest.raises(InputError, match=r"42 megapixel-steps .*2 model calls per step \(dpmpp_sde_karras\)"):
+        studio.check_work([], replace(s, sampler="dpmpp_sde_karras"))
