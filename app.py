@@ -251,7 +251,7 @@ def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | 
         with gr.Row():
             base = BasePanel(gr.Dropdown(list(studio.bases), value=next(iter(studio.bases)), label="Base model",
                                          allow_custom_value=True, elem_id="base-model", scale=4))  # fmt: skip
-            refresh = gr.Button("🔄 Refresh model lists", elem_id="refresh-models", scale=1)
+            refresh = gr.Button("↻ Refresh model lists", elem_id="refresh-models", scale=1)
         with gr.Tabs() as tabs:
             receivers = []
             for cond in CONDITIONS:
