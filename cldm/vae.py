@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,6 +12,34 @@ from .config import VAEConfig
 
 VAE_NORM_EPS = 1e-6
 LOGVAR_RANGE = (-30.0, 20.0)  # the original clamps log-variance to keep exp() finite
+# Memory cap: pictures of more than VAE_TILE_PX**2 pixels (above 1024x1024) are decoded in tiles; env overrides it.
+VAE_TILE_PX = 1024
+TILE_PX_ENV = "CLDM_VAE_TILE_PX"
+TILE_LATENT = 64  # tiles of 64 latent pixels (512 px for SD), overlapping by a quarter: diffusers' enable_tiling()
+TILE_OVERLAP = 0.25
+
+
+def tile_threshold_px() -> int:
+    """The memory cap as a picture side in pixels: CLDM_VAE_TILE_PX when set (0 tiles all that spans 2+ tiles)."""
+    raw = os.environ.get(TILE_PX_ENV, "").strip()
+    if not raw:
+        return VAE_TILE_PX
+    if not raw.isdigit():
+        raise ValueError(f"{TILE_PX_ENV} must be a whole number of pixels, got {raw!r}")
+    return int(raw)
+
+
+def _blend(prev: torch.Tensor, tile: torch.Tensor, extent: int, dim: int) -> None:
+    """Fade the end of `prev` into the start of `tile` along dim (2: rows, 3: columns), in place, linearly."""
+    n = min(prev.shape[dim], tile.shape[dim], extent)
+    if n <= 0:
+        return
+    w = torch.arange(n, dtype=torch.float64) / n  # the weight of `tile`: 0 at its edge, as diffusers' blend_v/_h
+    shape = (n, 1) if dim == 2 else (n,)
+    fade = (1 - w).to(tile.device, tile.dtype).view(shape)
+    w = w.to(tile.device, tile.dtype).view(shape)
+    head = tile.narrow(dim, 0, n)
+    head.copy_(prev.narrow(dim, prev.shape[dim] - n, n) * fade + head * w)
 
 
 def _norm(cfg: VAEConfig, ch: int) -> nn.GroupNorm:
@@ -168,6 +198,8 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+        self.tile_latent_size = TILE_LATENT
+        self.tile_overlap = TILE_OVERLAP
 
     def moments(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image in [-1, 1] -> (mean, std) of the unscaled latent."""
@@ -186,7 +218,41 @@ class AutoencoderKL(nn.Module):
             mean = mean + std * noise.to(mean.device)
         return mean * self.cfg.scale_factor
 
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Scaled latent -> image in [-1, 1] (not clamped)."""
+    def wants_tiles(self, latent_shape: tuple[int, ...] | torch.Size) -> bool:
+        """Whether decode() tiles by itself: a picture over the memory cap (tile_threshold_px() squared pixels)."""
+        h, w = latent_shape[-2:]
+        f = self.cfg.downsample_factor
+        return h * w * f * f > tile_threshold_px() ** 2 and max(h, w) > self.tile_latent_size
+
+    def decode(self, latent: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
+        """Scaled latent -> image in [-1, 1] (not clamped).
+
+        Pictures above the memory cap (VAE_TILE_PX, env CLDM_VAE_TILE_PX) go through tiled_decode(); tiled=True or
+        False forces it either way (a latent that fits in one tile is always decoded whole)."""
         z = latent.to(self.post_quant_conv.weight.dtype) / self.cfg.scale_factor
+        tiled = self.wants_tiles(z.shape) if tiled is None else tiled and max(z.shape[-2:]) > self.tile_latent_size
+        if tiled:
+            return self.tiled_decode(z)
         return self.decoder(self.post_quant_conv(z))
+
+    def tiled_decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latent -> image, as diffusers' tiled_decode: overlapping tiles of tile_latent_size latent pixels,
+        each decoded alone, faded in from the tile above and then the one to the left, cropped and joined."""
+        size, f = self.tile_latent_size, self.cfg.downsample_factor
+        step = int(size * (1 - self.tile_overlap))
+        extent = int(size * f * self.tile_overlap)
+        keep = size * f - extent
+        above: list[torch.Tensor] = []  # the previous row's tiles, blended already
+        strips = []
+        for i in range(0, z.shape[2], step):
+            row: list[torch.Tensor] = []
+            for j in range(0, z.shape[3], step):
+                tile = self.decoder(self.post_quant_conv(z[:, :, i : i + size, j : j + size]))
+                if above:
+                    _blend(above[len(row)], tile, extent, dim=2)
+                if row:
+                    _blend(row[-1], tile, extent, dim=3)
+                row.append(tile)
+            strips.append(torch.cat([t[:, :, :keep, :keep] for t in row], dim=3))
+            above = row
+        return torch.cat(strips, dim=2)

@@ -66,3 +66,75 @@ def test_cli_vae(tiny_dirs, ours, tmp_path):
     assert main([*args, "--vae", str(tmp_path / "v.safetensors"), "--out", str(tmp_path / "b.png")]) == 0
     a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "ab")
     assert not np.array_equal(a, b) and "VAE: v" in Image.open(tmp_path / "b.png").text["parameters"]
+
+
+# --------------------------------------------------------------------------------------------- tiled decode
+def _decoder_probe(vae):
+    """Forward hooks on every decoder module: how many times the decoder ran and its largest output, in elements."""
+    seen = {"runs": 0, "largest": 0}
+
+    def hook(module, args, out):
+        seen["largest"] = max(seen["largest"], out.numel())
+        seen["runs"] += module is vae.decoder
+
+    handles = [m.register_forward_hook(hook) for m in vae.decoder.modules()]
+    return seen, handles
+
+
+@torch.no_grad()
+def test_tiled_decode_matches_diffusers(tiny_dirs, ours, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    vae = ours[0].vae
+    ref = AutoencoderKL.from_pretrained(tiny_dirs[0] / "vae").eval()
+    ref.enable_tiling()
+    ref.tile_latent_min_size, ref.tile_sample_min_size = 8, 8 * vae.cfg.downsample_factor  # 16 px tiles
+    monkeypatch.setattr(vae, "tile_latent_size", 8)
+    z = torch.randn(2, 4, 20, 27, generator=torch.Generator().manual_seed(3))  # 4 x 5 tiles, ragged at the edges
+    scaled = z * vae.cfg.scale_factor
+    want = ref.decode(z).sample
+    seen, handles = _decoder_probe(vae)
+    try:
+        got = vae.decode(scaled, tiled=True)
+        tiled_runs, tiled_largest = seen["runs"], seen["largest"]
+        seen.update(runs=0, largest=0)
+        whole = vae.decode(scaled, tiled=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert got.shape == want.shape == whole.shape == (2, 3, 40, 54)
+    assert (got - want).abs().max() <= 1e-4
+    assert tiled_runs == 20 and seen["runs"] == 1
+    assert (got - whole).abs().max() > 1e-3  # the tiles really were decoded apart and blended
+    assert tiled_largest * 4 < seen["largest"]  # the memory cap: the largest activation is a tile's, not the picture's
+    ref.disable_tiling()
+    assert torch.equal(vae.decode(scaled[:, :, :8, :8], tiled=True), vae.decode(scaled[:, :, :8, :8], tiled=False))
+
+
+@torch.no_grad()
+def test_decode_tiles_only_above_the_memory_cap(ours, monkeypatch):
+    from cldm.config import VAEConfig
+    from cldm.vae import TILE_PX_ENV, VAE_TILE_PX, AutoencoderKL
+
+    monkeypatch.delenv(TILE_PX_ENV, raising=False)
+    with torch.device("meta"):
+        sd15 = AutoencoderKL(VAEConfig())
+    assert VAE_TILE_PX == 1024
+    for side, tiles in ((512, False), (768, False), (1024, False), (1024 + 64, True), (2048, True)):
+        assert sd15.wants_tiles((1, 4, side // 8, side // 8)) is tiles
+    assert not sd15.wants_tiles((1, 4, 64, 160)) and sd15.wants_tiles((1, 4, 128, 160))  # by area: 512x1280 whole
+    monkeypatch.setenv(TILE_PX_ENV, "0")
+    assert sd15.wants_tiles((1, 4, 65, 8)) and not sd15.wants_tiles((1, 4, 64, 64))  # one tile is never split
+
+    vae = ours[0].vae
+    monkeypatch.setattr(vae, "tile_latent_size", 8)
+    z = torch.randn(1, 4, 20, 28, generator=torch.Generator().manual_seed(4))  # a 40 x 56 px picture
+    whole = vae.decoder(vae.post_quant_conv(z / vae.cfg.scale_factor))
+    monkeypatch.setenv(TILE_PX_ENV, "48")  # 48**2 = 2304 >= 40 * 56 = 2240 pixels: under the cap
+    assert torch.equal(vae.decode(z), whole)
+    monkeypatch.setenv(TILE_PX_ENV, "47")
+    tiled = vae.decode(z)
+    assert torch.equal(tiled, vae.decode(z, tiled=True)) and not torch.equal(tiled, whole)
+    monkeypatch.setenv(TILE_PX_ENV, "big")
+    with pytest.raises(ValueError, match=TILE_PX_ENV):
+        vae.decode(z)
