@@ -1,6 +1,7 @@
-"""Command line: `python -m cldm generate|convert|bench|train|demo-eval ...`.
+"""Command line: `python -m cldm generate|convert|batch|bench|train|demo-eval ...`.
 
-generate and convert live in `cldm.cli`, bench in `cldm.bench` (imported when it runs); train and demo-eval in `cldm.training.cli`, imported only when one of
+generate and convert live in `cldm.cli`, bench in `cldm.bench` (imported when it runs), batch in
+`scale.batch`; train and demo-eval in `cldm.training.cli`, imported only when one of
 them runs (inference never loads the training code).
 """
 
@@ -25,6 +26,10 @@ def _bench():
     return importlib.import_module("cldm.bench")
 
 
+def _batch():
+    return importlib.import_module("scale.batch")  # the app layer (preprocessors); Ray only with --ray
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cldm", description="Stable Diffusion 1.5 + ControlNet")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -36,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="time our model beside diffusers on the same random SD1.5 weights")
     _bench().add_bench_args(bench)
     words = sys.argv[1:] if argv is None else argv
+    batch = sub.add_parser("batch", help="many pictures from a jobs file (.csv/.jsonl); --ray to run it on Ray")
+    if any(w in ("batch", "-h", "--help") for w in words):  # the preprocessors load only for a batch
+        _batch().add_batch_args(batch)
     wants_training = any(w in ("train", "demo-eval", "-h", "--help") for w in words)
     if wants_training:  # their options name training constants: parse them only when asked for
         training = _training()
@@ -55,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             cli.cmd_generate(a)
         elif a.command == "convert":
             cli.cmd_convert(a)
+        elif a.command == "batch":
+            _batch().cmd_batch(a)
         elif a.command == "bench":
             _bench().cmd_bench(a)
         elif a.command == "train":

@@ -153,23 +153,35 @@ def soft_mask(mask: np.ndarray, blur: float) -> np.ndarray:
     return np.clip(m, 0.0, 1.0)
 
 
-def save_png(img: np.ndarray, path: str | os.PathLike, parameters: str | None = None) -> None:
-    """PNG with the generation parameters in a `parameters` text chunk (A1111's convention).
-
-    Written to a temporary file beside the target and renamed into place, so that a crash never leaves a
-    half-written PNG under the final name.
-    """
+def encode_png(img: np.ndarray, parameters: str | None = None, extra: dict[str, str] | None = None) -> bytes:
+    """The PNG file's bytes, with the generation parameters in a `parameters` text chunk (A1111's convention) and
+    any `extra` text chunks."""
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
+    for key, value in (extra or {}).items():
+        info.add_text(key, value)
+    out = io.BytesIO()
+    Image.fromarray(img).save(out, format="PNG", pnginfo=info)
+    return out.getvalue()
+
+
+def write_atomic(data: bytes, path: str | os.PathLike) -> None:
+    """Written to a temporary file beside the target and renamed into place, so that a crash never leaves a
+    half-written file under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
     try:
-        Image.fromarray(img).save(tmp, format="PNG", pnginfo=info)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_png(img: np.ndarray, path: str | os.PathLike, parameters: str | None = None) -> None:
+    """PNG with the generation parameters (`encode_png`), written atomically (`write_atomic`)."""
+    write_atomic(encode_png(img, parameters), path)
 
 
 def read_parameters(source: str | os.PathLike | bytes) -> str | None:

@@ -1,0 +1,233 @@
+"""`python -m cldm batch`: a jobs file -> a folder of PNGs and a manifest, in-process or (`--ray`) on Ray Data.
+
+The output folder holds one PNG per picture (`<id>.png`, or `<id>-<i>.png` for several pictures per row) with its
+parameters and the row's fingerprint, and `manifest.jsonl`: one record per row and run (done, skipped or failed,
+with the error). A rerun skips every row whose pictures are all there, whole and made from the same settings; so
+after a crash, a kill or a fix to a bad row, running the same command again does exactly the missing rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cldm.errors import CldmError, InputError
+from cldm.images import write_atomic
+from cldm.model_card import card_for
+from cldm.samplers import SAMPLERS
+from scale.jobs import SETTINGS, Job, RowError, read_jobs
+from scale.render import Prepared, Rendered, Setup, is_complete, prepare, render, worker_name
+
+log = logging.getLogger("batch")
+MANIFEST = "manifest.jsonl"
+
+
+def describe(error: BaseException) -> str:
+    """A row's error for the manifest: our own errors by their message, anything else with its type."""
+    if isinstance(error, CldmError) or type(error).__name__ in ("AnnotatorError", "MissingAnnotatorWeights"):
+        return str(error)
+    log.warning("unexpected error in a batch row:\n%s", "".join(traceback.format_exception(error)))
+    return f"{type(error).__name__}: {error}"
+
+
+class Manifest:
+    """manifest.jsonl in the output folder: appended one line per row as it finishes, flushed at once (a killed
+    run keeps every line it wrote). The last record of an id is its state."""
+
+    def __init__(self, out: Path):
+        self.path = out / MANIFEST
+        out.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self.run = time.strftime("%Y-%m-%dT%H:%M:%S")
+
+    def add(self, record: dict) -> None:
+        line = json.dumps({**record, "run": self.run}, sort_keys=True) + "\n"
+        with self._lock, open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def latest(self) -> dict[str, dict]:
+        """Each id's last record (what the folder holds now)."""
+        out = {}
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
+                out[rec.get("id")] = rec
+        return out
+
+
+@dataclass
+class Summary:
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    pictures: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def per_minute(self) -> float:
+        return 60 * self.pictures / self.seconds if self.seconds else 0.0
+
+    def line(self) -> str:
+        return (f"{self.done} rows done ({self.pictures} pictures, {self.per_minute:.1f}/min), {self.skipped} skipped "
+                f"(already there), {self.failed} failed, {self.seconds:.1f}s")  # fmt: skip
+
+
+class Batch:
+    """A job list against an output folder: which rows are still to do, and recording each row's outcome."""
+
+    def __init__(self, jobs: list[Job], bad: list[RowError], out: str | Path, setup: Setup):
+        self.jobs, self.bad, self.out, self.setup = jobs, bad, Path(out), setup
+        self.manifest = Manifest(self.out)
+        self.summary = Summary()
+
+    def pending(self) -> list[Job]:
+        """The rows to run; the others are recorded as skipped. Bad rows are recorded as failed."""
+        todo = []
+        for job in self.jobs:
+            fp = job.fingerprint(self.setup.base)
+            if all(is_complete(self.out / name, fp) for name in job.file_names()):
+                self.manifest.add({"id": job.id, "row": job.row, "status": "skipped", "files": job.file_names()})
+                self.summary.skipped += 1
+            else:
+                todo.append(job)
+        for row in self.bad:
+            self.failed(row.row, row.id, row.error)
+        return todo
+
+    def failed(self, row: int, ident: str, error: str) -> None:
+        self.manifest.add({"id": ident, "row": row, "status": "failed", "error": error, "worker": worker_name()})
+        self.summary.failed += 1
+        self.summary.errors.append(f"row {row} ({ident}): {error}")
+
+    def finished(self, r: Rendered) -> None:
+        """Write the row's PNGs (each atomically), then its manifest line."""
+        for name, data in r.files:
+            write_atomic(data, self.out / name)
+        self.manifest.add({"id": r.job.id, "row": r.job.row, "status": "done", "files": [n for n, _ in r.files],
+                           "seeds": r.seeds, "seconds": round(r.seconds, 3), "worker": r.worker})  # fmt: skip
+        self.summary.done += 1
+        self.summary.pictures += len(r.files)
+
+
+def run_local(batch: Batch, progress: Callable[[int, int], None] | None = None, stop: threading.Event | None = None,
+              manager=None) -> Summary:  # fmt: skip
+    """Every pending row in this process, one after the other, on one model manager (`manager`, or a new one)."""
+    t = time.perf_counter()
+    todo = batch.pending()
+    manager = manager or (batch.setup.manager() if todo else None)
+    for i, job in enumerate(todo):
+        if stop is not None and stop.is_set():
+            break
+        try:
+            batch.finished(render(prepare(job, batch.setup), manager))
+        except Exception as e:  # noqa: BLE001 (a row's failure, whatever it is, is that row's; the rest go on)
+            batch.failed(job.row, job.id, describe(e))
+        if progress is not None:
+            progress(i + 1, len(todo))
+    batch.summary.seconds = time.perf_counter() - t
+    return batch.summary
+
+
+def prepare_or_error(job: Job, setup: Setup) -> Prepared | str:
+    try:
+        return prepare(job, setup)
+    except Exception as e:  # noqa: BLE001
+        return describe(e)
+
+
+def render_or_error(p: Prepared, manager) -> Rendered | str:
+    try:
+        return render(p, manager)
+    except Exception as e:  # noqa: BLE001
+        return describe(e)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def add_batch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jobs", required=True, help="a .csv (header row) or .jsonl file, one job per row")
+    p.add_argument("--out", required=True, help="output folder: PNGs and manifest.jsonl (a rerun skips done rows)")
+    p.add_argument("--base", required=True, help="SD1.5 file or folder (assets/demo/shapes_sd.safetensors: demo)")
+    p.add_argument("--models-dir", help="ControlNets named by condition, annotator weights (default: models, or "
+                   "the demo model's folder)")  # fmt: skip
+    p.add_argument("--embeddings", metavar="DIR", help="textual-inversion files, used by name in the prompts")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    d = p.add_argument_group("defaults for the rows (a row's own column wins; any setting can be a column)")
+    d.add_argument("--controlnet", help="file, folder or condition (canny, depth, scribble, ...)")
+    d.add_argument("--preprocessor", help="annotator for `image` columns (default: the condition's first)")
+    d.add_argument("--prompt", help="prompt template: {column}, {stem} (picture name), {id} are filled in")
+    d.add_argument("--negative-prompt")
+    d.add_argument("--steps", type=int)
+    d.add_argument("--cfg", type=float)
+    d.add_argument("--sampler", choices=sorted(SAMPLERS))
+    d.add_argument("--seed", type=int)
+    d.add_argument("--width", type=int)
+    d.add_argument("--height", type=int)
+    d.add_argument("--control-scale", dest="scale", type=float)
+    d.add_argument("--control-mode", choices=["balanced", "prompt", "control"])
+    d.add_argument("--resize-mode", choices=["just", "crop", "fill"])
+    d.add_argument("--pictures", type=int, help="pictures per row (seed, seed + 1, ...)")
+    r = p.add_argument_group("Ray (pip install -r requirements-scale.txt)")
+    r.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run on Ray Data: a local cluster, or ADDRESS (ray://host:10001 or auto)")  # fmt: skip
+    r.add_argument("--workers", type=int, help="model replicas (default: one per GPU, else 2)")
+    r.add_argument("--cpus-per-worker", type=float, default=1.0)
+    r.add_argument("--gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs, else 0")
+
+
+def setup_from_args(a: argparse.Namespace) -> Setup:
+    card = card_for(a.base)
+    folder = str(card.folder) if card is not None else "models"  # the demo model's ControlNets lie beside it
+    return Setup(a.base, a.models_dir or folder, a.device, a.dtype, a.embeddings)
+
+
+def defaults_from_args(a: argparse.Namespace) -> dict[str, object]:
+    return {k: getattr(a, k) for k in SETTINGS if getattr(a, k, None) is not None}
+
+
+def _bar(total_rows: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total_rows, unit="row", desc="batch")
+
+
+def cmd_batch(a: argparse.Namespace) -> None:
+    jobs, bad = read_jobs(a.jobs, defaults_from_args(a))
+    if not jobs and not bad:
+        raise InputError(f"jobs file {a.jobs} has no rows")
+    batch = Batch(jobs, bad, a.out, setup_from_args(a))
+    bar = None
+
+    def progress(i: int, n: int) -> None:
+        nonlocal bar
+        bar = bar or _bar(n)
+        bar.update(1)
+
+    if a.ray:
+        from scale.ray_batch import run_ray
+
+        summary = run_ray(batch, address=a.ray, workers=a.workers, cpus_per_worker=a.cpus_per_worker,
+                          gpus_per_worker=a.gpus_per_worker, progress=progress)  # fmt: skip
+    else:
+        summary = run_local(batch, progress)
+    if bar is not None:
+        bar.close()
+    print(summary.line())
+    for e in summary.errors[:20]:
+        print(f"  failed: {e}")
+    if len(summary.errors) > 20:
+        print(f"  ... and {len(summary.errors) - 20} more (see {batch.manifest.path})")
