@@ -59,7 +59,7 @@ class Replica:
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = []
-        for job_bytes, prepared_bytes in zip(rows["job"], rows["prepared"]):
+        for prepared_bytes in rows["prepared"]:
             prepared = pickle.loads(prepared_bytes)
             result = render_or_error(prepared, self.manager) if isinstance(prepared, Prepared) else prepared
             out.append(pickle.dumps(result))
