@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints, file_hashes, prepack, weights
+from . import checkpoints, file_hashes, offload, prepack, weights
 from .controlnet import ControlNet, fit_problem
 from .embeddings import from_state as embedding_from
 from .errors import CheckpointError, InputError
@@ -81,7 +81,8 @@ def module_bytes(m: torch.nn.Module) -> int:
 
 
 class ModelManager:
-    """Holds one frozen base model on the device and an LRU of ControlNets in CPU memory.
+    """Holds one frozen base model on the device and an LRU of ControlNets in CPU memory (with `low_vram`, all of
+    them rest in CPU memory and each stage's modules come onto the device only while it runs: offload.py).
 
     `run()` takes the lock, moves the request's ControlNets onto the device, generates with the request's own seed,
     and returns a Result with timings (`swap`, `sampling`...). The base model is loaded once, on first use.
@@ -94,6 +95,7 @@ class ModelManager:
         dtype: str = "auto",
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         prepack_cpu: bool = True,
+        low_vram: bool = False,
     ):
         self.base_path = base
         self.device = resolve_device(device)
@@ -102,6 +104,12 @@ class ModelManager:
         # bf16 on the CPU: convolutions on weights reordered once for oneDNN (prepack.py; about 1.3x per step)
         self.prepack_cpu = prepack_cpu and self.device.type == "cpu" and self.dtype == torch.bfloat16
         self.lock = threading.RLock()
+        # low VRAM: the modules rest in CPU memory and only the running group is on the device (offload.py)
+        self.offloader: offload.Offloader | None = None
+        if low_vram and (why := offload.pointless(self.device)) is not None:
+            log.info("low VRAM asked for on %s: nothing to do (%s)", self.device, why)
+        elif low_vram:
+            self.offloader = offload.Offloader(self.device)
         self._sd: StableDiffusion | None = None
         self._cache: OrderedDict[tuple, ControlNet] = OrderedDict()  # on the CPU, most recent last
         self._on_device: dict[tuple, ControlNet] = {}
@@ -123,7 +131,7 @@ class ModelManager:
                 path = weights.locate_base(self.base_path)
                 sd = checkpoints.load_sd(path, dtype=self.dtype)
                 sd.hash = file_hashes.short_hash(path)
-                self._sd = sd.to(self.device).freeze()
+                self._sd = sd.to(self._rest).freeze()
                 self._fast(self._sd.unet, self._sd.vae)
                 self.base_loads += 1
                 if self._embeddings_dir is not None:  # the textual inversions belong to the text encoder
@@ -197,7 +205,7 @@ class ModelManager:
             if why is not None:
                 raise CheckpointError(f"{_name(path)} does not fit the base model {_name(sd.source)}: {why}.")
             self._ip = None  # the old one goes before the new one is on the device
-            self._ip = (str(path), adapter.to(self.device))
+            self._ip = (str(path), adapter.to(self._rest))
             self.ip_loads += 1
             return self._ip[1]
 
@@ -226,7 +234,7 @@ class ModelManager:
             vae = checkpoints.load_vae(path, self.sd.config.vae, dtype=self.dtype)
             vae.hash = file_hashes.short_hash(path)  # A1111's "VAE hash"
             self._vae = None  # the old one goes before the new one is on the device
-            self._vae = (str(path), vae.to(self.device))
+            self._vae = (str(path), vae.to(self._rest))
             self._fast(vae)
             return self._vae[1]
 
@@ -236,6 +244,10 @@ class ModelManager:
         with self.lock:
             self._embeddings_dir = Path(folder)
             return self._read_embeddings(self.sd.text, Path(folder))
+
+    @property
+    def embedding_count(self) -> int:
+        return len(self.sd.text.embeddings)
 
     def reload_embeddings(self) -> dict[str, str]:
         """The embeddings folder read again (files added, changed or removed since); refused ones with why."""
@@ -267,7 +279,7 @@ class ModelManager:
                 return self._encoder[1]
             encoder = load_image_encoder(path, dtype=self.dtype)
             self._encoder = None
-            self._encoder = (str(path), encoder.to(self.device))
+            self._encoder = (str(path), encoder.to(self._rest))
             return self._encoder[1]
 
     def drop_image_prompt(self) -> None:
@@ -281,6 +293,11 @@ class ModelManager:
         adapter = ip.adapter if isinstance(ip.adapter, IPAdapter) else self.ip_adapter(str(ip.adapter))
         encoder = ip.encoder if isinstance(ip.encoder, ImageEncoder) else self.image_encoder(str(ip.encoder))
         return replace(ip, adapter=adapter, encoder=encoder, name=ip.label)
+
+    @property
+    def _rest(self) -> torch.device:
+        """Where the modules stay between requests: the device, or the CPU with low VRAM."""
+        return self.device if self.offloader is None else self.offloader.home
 
     def _fast(self, *modules: torch.nn.Module) -> None:
         if self.prepack_cpu:
@@ -303,7 +320,7 @@ class ModelManager:
         for key in keys:
             if key not in self._on_device:
                 self.controlnet(*key)
-                self._on_device[key] = self._cache.pop(key).to(self.device)
+                self._on_device[key] = self._cache.pop(key).to(self._rest)
         self._evict()
 
     def run(
@@ -340,11 +357,24 @@ class ModelManager:
                 else self.vae(str(request.vae))
             )
             request = replace(request, units=units, image_prompt=image_prompt, loras=loras, vae=vae)
-            result = generate(sd, request, callback, preview, preview_every)
+            if self.offloader is None:
+                result = generate(sd, request, callback, preview, preview_every)
+            else:
+                result = self._offloaded(sd, request, callback, preview, preview_every)
             result.timings["swap"] = swap
             if self.device.type == "cuda":
                 result.timings["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 1024**3
             return result
+
+    def _offloaded(self, sd: StableDiffusion, request: GenerationRequest, *args) -> Result:
+        """generate() with only the running stage's modules on the device, all back on the CPU after."""
+        ip, off, seconds = request.image_prompt, self.offloader, self.offloader.seconds
+        cns = [u.model for u in request.units]  # they run with the UNet at every step: one group
+        vae = sd.vae if request.vae is None else request.vae
+        with off.running(text=[sd.text], image=[ip and ip.encoder], unet=[sd.unet, *cns, ip and ip.adapter], vae=[vae]):
+            result = generate(off.view(sd), request, *args)
+        result.timings["offload"] = off.seconds - seconds  # the copies between the CPU and the device
+        return result
 
 
 def _same_place(a: str, b: str) -> bool:
