@@ -13,6 +13,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from batch_tab import batch_tab
 from canvas import editor_image
 from cldm.errors import CldmError, InputError
 from cldm.fit import picture_size
@@ -261,6 +262,8 @@ def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | 
                 receivers.append(multi_tab(studio, base))
             with gr.Tab("Image prompt", id="image_prompt"):
                 picture_prompt_tab(studio, base)
+            with gr.Tab("Batch", id="batch"):
+                batch_tab(studio)
             with gr.Tab("PNG info", id="png_info"):
                 png_info_tab(studio, receivers, tabs)
         refresh_lists(studio, demo, base, refresh)
@@ -300,6 +303,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep-outputs", type=int, default=500, help="result PNGs kept on the server (oldest go first)")
     p.add_argument("--out-dir", help="folder for result PNGs (default: a new temporary folder)")
     p.add_argument("--demo", action="store_true", help="use the small shapes model shipped in assets/demo")
+    p.add_argument("--low-vram", action="store_true", help="keep only the running module on the GPU (slower; for "
+                   "4-6 GB cards)")  # fmt: skip
+    g = p.add_argument_group("serving on Ray (pip install -r requirements-scale.txt)")
+    g.add_argument("--serve-replicas", type=int, default=0, metavar="N",
+                   help="run the model as a Ray Serve deployment of N replicas (one per GPU); N requests at once")  # fmt: skip
+    g.add_argument("--ray", default="local", metavar="ADDRESS", help="with --serve-replicas: the Ray cluster to "
+                   "join (auto, ray://host:10001); default: start a local one")  # fmt: skip
+    g.add_argument("--cpus-per-replica", type=float, default=1.0)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_dependencies()
@@ -307,19 +318,27 @@ def main(argv: list[str] | None = None) -> None:
     if a.share and not auth:
         log.warning("--share without --auth: anyone with the link can use every endpoint of this server")
     base, card, banner = choose_base(a.base, a.demo)
-    manager = ModelManager(base, device=a.device, dtype=a.dtype, cache_bytes=int(a.cache_gb * 1024**3))
-    log.warning("running on %s in %s%s", manager.device, str(manager.dtype).removeprefix("torch."),
-                " (prepacked bf16 convolutions)" if manager.prepack_cpu else "")  # fmt: skip
     # textual inversions in <models>/embeddings, used by file name in any prompt (as A1111's embeddings folder)
     embeddings_dir = Path(str(card.folder) if card else a.models_dir) / "embeddings"
+    if a.serve_replicas > 0:
+        from scale.serve import start
+
+        manager = start(base, a.serve_replicas, a.ray, a.device, a.dtype, int(a.cache_gb * 1024**3),
+                        str(embeddings_dir), a.cpus_per_replica)  # fmt: skip
+    else:
+        manager = ModelManager(base, device=a.device, dtype=a.dtype, cache_bytes=int(a.cache_gb * 1024**3),
+                               low_vram=a.low_vram)  # fmt: skip
+    log.warning("running on %s in %s%s", manager.device, str(manager.dtype).removeprefix("torch."),
+                " (prepacked bf16 convolutions)" if manager.prepack_cpu else "")  # fmt: skip
     for name, why in manager.load_embeddings(embeddings_dir).items():
         log.warning("embedding %s left out: %s", name, why)
     limits = Limits.for_device(manager.device.type)
     limits = replace(limits, keep_outputs=a.keep_outputs, **({} if a.max_work is None else {"max_work": a.max_work}))
     # a model with a card (the demo model) ships its ControlNets beside it
     studio = Studio(manager, str(card.folder) if card else a.models_dir, a.out_dir, card=card, limits=limits)
-    demo = build_app(studio, banner=f"{banner} Device: {manager.device}.")
-    demo.queue(max_size=a.queue_size, default_concurrency_limit=1)
+    where = f"{a.serve_replicas} Ray Serve replicas on {manager.device}" if a.serve_replicas else manager.device
+    demo = build_app(studio, banner=f"{banner} Device: {where}.")
+    demo.queue(max_size=a.queue_size, default_concurrency_limit=max(1, a.serve_replicas))  # one per replica
     demo.launch(server_name=a.host, server_port=a.port, share=a.share, max_file_size=MAX_FILE_SIZE,
                 allowed_paths=[str(studio.out_dir)], show_error=True, auth=auth or None)  # fmt: skip
 

@@ -82,7 +82,8 @@ class Studio:
         limits: Limits | None = None,
     ):  # fmt: skip
         self.manager = manager
-        annotators.cache.use_device(manager.device)  # the hint extractors run where the model runs
+        # the hint extractors run where the model runs (in the front end when the model is served by Ray)
+        annotators.cache.use_device(getattr(manager, "annotator_device", manager.device))
         self.models_dir = models_dir
         self.card = card  # a small model (the demo model): only its conditions work, at its size
         self.defaults = Defaults.for_card(card)
@@ -109,7 +110,7 @@ class Studio:
         self.bases = self._find_bases(next(iter(self.bases.values())))
         refused = self.manager.reload_embeddings()
         lists = ModelLists(list(self.bases), weights.list_loras(self.models_dir), weights.list_vaes(self.models_dir),
-                           len(self.manager.sd.text.embeddings), refused)  # fmt: skip
+                           self.manager.embedding_count, refused)  # fmt: skip
         log.info("model lists refreshed: %s", lists.summary)
         return lists
 
@@ -124,9 +125,14 @@ class Studio:
         event.set()
         return "Stopping at the next step..."
 
-    def _stop_flag(self, session: str | None) -> threading.Event:
+    def stop_flag(self, session: str | None) -> threading.Event:
+        """The session's Stop flag, set by the Stop button until `release(session)`."""
         with self._stops_lock:
             return self._stops.setdefault(session or "", threading.Event())
+
+    def release(self, session: str | None) -> None:
+        with self._stops_lock:
+            self._stops.pop(session or "", None)
 
     # ------------------------------------------------------------------------------------------------ messages
     def public(self, message: str) -> str:
@@ -301,7 +307,7 @@ class Studio:
         The session's Stop button ends it at the next step boundary (Stopped is raised; nothing is written).
         `preview(pictures)` gets the live previews (every `extras.preview_every` steps)."""
         self.check_work(units, s, extras)
-        flag = self._stop_flag(session)  # from now on, Stop ends this request (preparing the hints included)
+        flag = self.stop_flag(session)  # from now on, Stop ends this request (preparing the hints included)
         flag.clear()
 
         def step(i: int, n: int) -> None:
@@ -322,8 +328,7 @@ class Studio:
             every = 0 if extras is None or preview is None else int(extras.preview_every)
             result = self.manager.run(request, callback=step, preview=preview, preview_every=every)
         finally:
-            with self._stops_lock:
-                self._stops.pop(session or "", None)
+            self.release(session)
         files = []
         for i, img in enumerate(result.images):
             path = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{result.seeds[i]}-{uuid.uuid4().hex[:6]}.png"

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ class Manifest:
         self.path = out / MANIFEST
         out.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self.run = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.run = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{uuid.uuid4().hex[:6]}"  # this run's records
 
     def add(self, record: dict) -> None:
         line = json.dumps({**record, "run": self.run}, sort_keys=True) + "\n"

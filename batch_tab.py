@@ -1,0 +1,166 @@
+"""The Batch tab: a zip or a set of pictures, one condition and preprocessor, one prompt template -> one picture per
+input (A1111's batch tab), with progress, Stop, and a zip of the PNGs and the manifest.
+
+It runs the same rows as `python -m cldm batch` (`scale.jobs`, `scale.render`, `scale.batch`), on the app's own
+model manager (or its Ray Serve replicas), one row after the other.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+
+from cldm.errors import InputError
+from cldm.images import write_atomic
+from cldm.samplers import SAMPLER_LABELS, SAMPLERS
+from conditions import ADDED_PROMPT, CONDITIONS, NEGATIVE_PROMPT
+from handlers import friendly, session, stop_button
+from scale.batch import Batch, run_local
+from scale.jobs import RowError, make_job
+from scale.render import Setup
+from studio import MAX_SEED_INPUT, Studio
+
+MAX_PICTURES = 500  # one batch on a shared server
+MAX_ZIP_BYTES = 1024**3  # uncompressed, all pictures together
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def unpack(uploads: list[str], folder: Path) -> list[Path]:
+    """The uploaded pictures (and those inside uploaded zips) copied into `folder`, by file name only (a zip's
+    folders and `..` are dropped), names made unique, other files skipped."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out: list[Path] = []
+    taken: set[str] = set()
+
+    def keep(name: str, data: bytes) -> None:
+        name = Path(name.replace("\\", "/")).name
+        stem, suffix = Path(name).stem or "picture", Path(name).suffix.lower()
+        unique, n = f"{stem}{suffix}", 1
+        while unique.lower() in taken:
+            n += 1
+            unique = f"{stem}-{n}{suffix}"
+        taken.add(unique.lower())
+        write_atomic(data, folder / unique)
+        out.append(folder / unique)
+
+    total = 0
+    for upload in uploads or []:
+        path = Path(upload)
+        if path.suffix.lower() == ".zip":
+            try:
+                with zipfile.ZipFile(path) as z:
+                    for info in z.infolist():
+                        name = info.filename
+                        if info.is_dir() or Path(name).name.startswith(".") or not name.lower().endswith(
+                                PICTURE_SUFFIXES):  # fmt: skip
+                            continue
+                        total += info.file_size
+                        if total > MAX_ZIP_BYTES or len(out) >= MAX_PICTURES:
+                            raise InputError(f"Too much in the zip: at most {MAX_PICTURES} pictures and "
+                                             f"{MAX_ZIP_BYTES // 1024**2} MB in all per batch.")  # fmt: skip
+                        keep(name, z.read(info))
+            except zipfile.BadZipFile:
+                raise InputError(f"{path.name} is not a readable zip file.") from None
+        elif path.suffix.lower() in PICTURE_SUFFIXES:
+            if len(out) >= MAX_PICTURES:
+                raise InputError(f"At most {MAX_PICTURES} pictures per batch.")
+            keep(path.name, path.read_bytes())
+    if not out:
+        raise InputError("Upload pictures (PNG, JPEG, WebP, BMP) or a .zip of them first.")
+    return sorted(out)
+
+
+def run_batch(studio: Studio, uploads: list[str], key: str, preprocessor: str, template: str, negative: str,
+              seed: int, steps: int, cfg: float, sampler: str, width: int, height: int, scale: float,
+              strength: float, progress, who: str | None = None):  # fmt: skip
+    """(gallery, status line, [zip]) for one batch; the session's Stop ends it after the current picture."""
+    cond = next((c for c in CONDITIONS if c.key == key), None)
+    if cond is None or cond.inpaint or not studio.available(cond):
+        raise InputError(f"{key!r} cannot run as a batch here; choose one of the listed conditions.")
+    folder = studio.out_dir / f"batch-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    pictures = unpack(uploads, folder / "inputs")
+    defaults = dict(controlnet=key, preprocessor=preprocessor, prompt=template, negative_prompt=negative, seed=seed,
+                    steps=steps, cfg=cfg, sampler=sampler, width=width, height=height, scale=scale)  # fmt: skip
+    if cond.img2img:  # tile: each picture is also its own init picture
+        defaults["strength"] = strength
+    jobs, bad = [], []
+    for i, picture in enumerate(pictures):
+        row = {"image": picture.name, "id": picture.stem, "seed": int(seed) + i}
+        if cond.img2img:
+            row["init_image"] = picture.name
+        try:
+            jobs.append(make_job(i, row, defaults, folder / "inputs"))
+        except InputError as e:
+            bad.append(RowError(i, picture.stem, str(e)))
+    batch = Batch(jobs, bad, folder / "pictures", Setup(studio.manager.base_path, studio.models_dir))
+    flag = studio.stop_flag(who)
+    flag.clear()
+    progress(0, desc=f"batch: {len(jobs)} pictures")
+    try:
+        summary = run_local(batch, lambda i, n: progress(i / n, desc=f"batch: {i}/{n} pictures"), flag,
+                            manager=studio.manager)  # fmt: skip
+    finally:
+        studio.release(who)
+    made = sorted((folder / "pictures").glob("*.png"))
+    archive = folder / f"{folder.name}.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:  # PNGs are compressed already
+        for f in [*made, batch.manifest.path]:
+            z.write(f, f.name)
+    status = f"Batch: {summary.line()}" + (" (stopped)" if flag.is_set() else "")
+    if summary.errors:
+        status += "\n\n" + "\n".join(f"- {studio.public(e)}" for e in summary.errors[:10])
+    return [(str(f), f.stem) for f in made], status, [str(archive)]
+
+
+def batch_tab(studio: Studio) -> None:
+    conds = [c for c in CONDITIONS if not c.inpaint and studio.available(c)]
+    first = conds[0]
+    d = studio.defaults
+    example = studio.card.examples.get(first.key, {}) if studio.card is not None else {}
+    with gr.Row():
+        with gr.Column():
+            uploads = gr.File(label="Pictures, or a .zip of them", file_count="multiple",
+                              file_types=[*PICTURE_SUFFIXES, ".zip"], type="filepath", elem_id="batch-files")  # fmt: skip
+            with gr.Row():
+                cond = gr.Dropdown([(c.label, c.key) for c in conds], value=first.key, label="Condition",
+                                   elem_id="batch-condition")  # fmt: skip
+                pre = gr.Dropdown(list(first.annotators), value=example.get("preprocessor", first.annotators[0]),
+                                  label="Preprocessor", elem_id="batch-preprocessor")  # fmt: skip
+            words = example.get("prompt", first.example[2]) + (f", {ADDED_PROMPT}" if d.quality_words else "")
+            prompt = gr.Textbox(words, label="Prompt template", lines=2,
+                                info="{stem} is each picture's file name without its extension", elem_id="batch-prompt")  # fmt: skip
+            negative = gr.Textbox(NEGATIVE_PROMPT if d.quality_words else "", label="Negative prompt")
+            with gr.Row():
+                seed = gr.Number(12345, label="Seed of the first picture (then +1 each)", precision=0, minimum=0,
+                                 maximum=MAX_SEED_INPUT)  # fmt: skip
+                steps = gr.Slider(1, 150, d.steps, step=1, label="Steps")
+                cfg = gr.Slider(1, 30, d.cfg, step=0.5, label="Guidance")
+            with gr.Row():
+                sampler = gr.Dropdown([(SAMPLER_LABELS[k], k) for k in SAMPLERS], value=d.sampler, label="Sampler")
+                width = gr.Slider(64, 1024, d.size, step=8, label="Width")
+                height = gr.Slider(64, 1024, d.size, step=8, label="Height")
+            with gr.Row():
+                scale = gr.Slider(0, 2, 1.0, step=0.05, label="Control strength")
+                strength = gr.Slider(0, 1, 0.75, step=0.05, label="Denoising (tile: img2img from each picture)")
+            with gr.Row():
+                run = gr.Button("Run the batch", variant="primary", elem_id="batch-run")
+                stop = gr.Button("Stop", variant="stop", elem_id="batch-stop")
+        with gr.Column():
+            gallery = gr.Gallery(label="Results", columns=4, format="png", elem_id="batch-gallery")
+            status = gr.Markdown(elem_id="batch-status")
+            archive = gr.Files(label="Download all (zip: PNGs with parameters + manifest.jsonl)")
+    cond.change(lambda k: gr.update(choices=list(next(c for c in conds if c.key == k).annotators),
+                                    value=next(c for c in conds if c.key == k).annotators[0]),
+                cond, pre, api_name=False)  # fmt: skip
+
+    @friendly(studio)
+    def do_batch(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's progress bar)
+        return run_batch(studio, *values, progress, who=session(request))
+
+    inputs = [uploads, cond, pre, prompt, negative, seed, steps, cfg, sampler, width, height, scale, strength]
+    run.click(do_batch, inputs, [gallery, status, archive], api_name="batch_run")
+    stop_button(studio, stop, "batch")
