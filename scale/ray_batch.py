@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cldm.errors import InputError
 from scale.batch import Batch, Summary, prepare_or_error, render_or_error
 from scale.render import Prepared, Rendered, Setup
 
@@ -33,8 +34,6 @@ def connect(address: str = "local", num_cpus: int | None = None) -> None:
     try:
         import ray
     except ImportError:
-        from cldm.errors import InputError
-
         raise InputError("Ray is not installed: pip install -r requirements-scale.txt") from None
     if ray.is_initialized():
         return
@@ -70,11 +69,23 @@ def plan(workers: int | None, cpus_per_worker: float, gpus_per_worker: float | N
     """(replicas, GPUs per replica) from what the cluster has: one replica per GPU, else two CPU groups."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
+    have = ray.cluster_resources()
+    gpus, cpus = have.get("GPU", 0), have.get("CPU", 0)
     if gpus_per_worker is None:
         gpus_per_worker = 1.0 if gpus else 0.0
     if workers is None:
         workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker else DEFAULT_CPU_WORKERS
+    # Ray would wait for ever for replicas the cluster cannot hold: say so instead
+    if workers * cpus_per_worker + 1 > cpus or workers * gpus_per_worker > gpus:
+        raise InputError(
+            f"the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs; {workers} replicas x ({cpus_per_worker:g} CPU, "
+            f"{gpus_per_worker:g} GPU) plus 1 CPU for preprocessing do not fit: ask for fewer --workers or less "
+            "--cpus-per-worker / --gpus-per-worker, or add nodes"
+        )
+    free = ray.available_resources()
+    if workers * cpus_per_worker + 1 > free.get("CPU", 0) or workers * gpus_per_worker > free.get("GPU", 0):
+        log.warning("the Ray cluster is busy (free now: %g CPUs, %g GPUs): the batch starts when other work ends",
+                    free.get("CPU", 0), free.get("GPU", 0))  # fmt: skip
     return workers, gpus_per_worker
 
 
