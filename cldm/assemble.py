@@ -53,16 +53,11 @@ def build(cls, cfg, state: StateDict, what: str, dtype: torch.dtype, *args) -> n
     # Every tensor gets its own storage from torch's allocator (64-byte aligned), in the asked dtype. Readers hand out
     # tensors at whatever offset their buffer had (safetensors: 16 bytes past a 64-byte boundary), and on AVX-512 CPUs
     # oneDNN's results depend on that alignment, so the same weights from two file formats gave pictures differing in
-    # the last bits. The copy also lets the reader's buffers go. A tensor that has its own aligned buffer in the
-    # asked dtype already (our safetensors reader's) is taken as it is.
-    converted, taken = {}, set()
+    # the last bits. The copy also lets the reader's buffers go.
+    converted = {}
     for k in list(state):
         v = state.pop(k)
-        want = dtype if v.is_floating_point() else v.dtype
-        owned = v.storage_offset() == 0 and v.untyped_storage().nbytes() == v.nbytes and v.data_ptr() % 64 == 0
-        owned = owned and v.dtype == want and v.is_contiguous() and v.data_ptr() not in taken  # not shared
-        converted[k] = v if owned else v.to(want, copy=True)
-        taken.add(converted[k].data_ptr())
+        converted[k] = v.to(dtype if v.is_floating_point() else v.dtype, copy=True)
         del v
     state = converted
     check_finite(state, what)

@@ -12,9 +12,7 @@ Loading is strict: every key must be used (deliberate skips are listed below) an
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import pickle
 import struct
@@ -97,62 +95,13 @@ def read_metadata(path: Path) -> dict[str, str]:
     """The safetensors header metadata ({} for other formats)."""
     if _sniff(path) != "safetensors":
         return {}
+    from safetensors import safe_open
+
     try:
-        with open(path, "rb") as f:
-            return {str(k): str(v) for k, v in (_header(f)[0].get("__metadata__") or {}).items()}
-    except (ValueError, OSError, struct.error, AttributeError) as e:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is a damaged safetensors file ({e}). Download it again.") from e
-
-
-# safetensors' dtype names; the format: 8-byte little-endian header length, a JSON header, then the tensors' bytes
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}  # fmt: skip
-MAX_HEADER = 100 * 1024**2  # the safetensors library's own limit
-
-
-def _header(f) -> tuple[dict, int]:
-    """(the JSON header, where the data starts), checked against the file's size."""
-    size = os.fstat(f.fileno()).st_size
-    n = struct.unpack("<Q", f.read(8))[0]
-    if n > min(MAX_HEADER, size - 8):
-        raise ValueError(f"a header of {n} bytes in a file of {size}")
-    header = json.loads(f.read(n))
-    if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
-    return header, 8 + n
-
-
-def _read_safetensors(path: Path) -> StateDict:
-    """Each tensor read from the file straight into its own aligned buffer (no memory map: loading holds the
-    weights once, not the mapped file and a copy). Every offset, shape and dtype is checked before anything is read;
-    the tensors must tile the data section exactly, as the safetensors library requires."""
-    with open(path, "rb", buffering=0) as f:
-        header, start = _header(f)
-        size, entries = os.fstat(f.fileno()).st_size - start, []
-        for name, e in header.items():
-            if name == "__metadata__":
-                continue
-            dtype, shape, (b, end) = SAFETENSORS_DTYPES[e["dtype"]], list(e["shape"]), e["data_offsets"]
-            if any(type(v) is not int for v in (*shape, b, end)) or min(shape, default=0) < 0 or not 0 <= b <= end <= size \
-                    or end - b != math.prod(shape) * dtype.itemsize:  # fmt: skip
-                raise ValueError(f"tensor {name!r}: offsets {b}..{end} do not hold {e['dtype']} {shape}")
-            entries.append((b, end, name, dtype, shape))
-        entries.sort()
-        ends = [0, *(end for _, end, *_ in entries)]
-        if any(b != ends[i] for i, (b, *_) in enumerate(entries)) or ends[-1] != size:
-            raise ValueError("the tensors do not tile the data section")
-        out: StateDict = {}
-        for b, end, name, dtype, shape in entries:
-            t = out[name] = torch.empty(shape, dtype=dtype)
-            buf, done = memoryview(t.view(-1).view(torch.uint8).numpy()), 0
-            f.seek(start + b)
-            while done < end - b:
-                got = f.readinto(buf[done:])
-                if not got:
-                    raise EOFError(f"the file ends inside tensor {name!r}")
-                done += got
-        return out
 
 
 def read_file(path: str | os.PathLike) -> StateDict:
@@ -163,7 +112,9 @@ def read_file(path: str | os.PathLike) -> StateDict:
     kind = _sniff(path)
     try:
         if kind == "safetensors":
-            return _read_safetensors(path)
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
         # a file object, not the name: torch.load goes by the name's extension for some formats (.safetensors)
         with open(path, "rb") as f:
             return _unwrap(torch.load(f, map_location="cpu", weights_only=True), path)
@@ -176,8 +127,7 @@ def read_file(path: str | os.PathLike) -> StateDict:
             "first."
         ) from e
     # What the readers raise for cut-off or scrambled files; anything else is a bug and is not hidden as one of these.
-    except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError, struct.error, SafetensorError, KeyError,
-            TypeError) as e:  # fmt: skip
+    except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError, struct.error, SafetensorError) as e:
         if kind == "pickle" and "magic number" in str(e):  # pickle.dump output, not torch.save's format
             raise CheckpointError(
                 f"{path}{_misnamed(path, kind)} is a plain Python pickle, not a PyTorch checkpoint or safetensors "
@@ -193,8 +143,13 @@ _KINDS = {"zip": "a PyTorch checkpoint (zip)", "pickle": "a pickle", "safetensor
 
 def _misnamed(path: Path, kind: str) -> str:
     """' (named .safetensors but it is a pickle)' when the name and the content disagree, else ''."""
-    pickles = (".ckpt", ".pth", ".pt", ".bin")
-    says = "safetensors" if path.suffix == ".safetensors" else "pickle" if path.suffix in pickles else ""
+    says = (
+        "safetensors"
+        if path.suffix == ".safetensors"
+        else "pickle"
+        if path.suffix in (".ckpt", ".pth", ".pt", ".bin")
+        else ""
+    )
     if not says or (says == "safetensors") == (kind == "safetensors"):
         return ""
     return f" (named {path.suffix}, but it is {_KINDS[kind]})"

@@ -152,66 +152,6 @@ def test_safetensors_header_lies(tmp_path):
         checkpoints.load_controlnet(tmp_path / "lie.safetensors")
 
 
-def _safetensors(tmp_path, header: dict, data: bytes, name="x.safetensors"):
-    raw = json.dumps(header).encode()
-    path = tmp_path / name
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
-    return path
-
-
-def test_our_safetensors_reader_gives_the_library_s_tensors(tmp_path):
-    """Every dtype, empty and 0-d tensors, metadata: the same as safetensors' own load_file, each tensor in its own
-    64-byte-aligned buffer (not a view of a mapped file)."""
-    from safetensors.torch import load_file, save_file
-
-    g = torch.Generator().manual_seed(0)
-    tensors = {f"t_{d}": (torch.randn(3, 5, generator=g) * 100).to(d) for d in
-               (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-                torch.int8, torch.uint8)}  # fmt: skip
-    tensors.update(empty=torch.zeros(0, 4), scalar=torch.tensor(2.5), mask=torch.rand(7, generator=g) > 0.5)
-    save_file(tensors, str(tmp_path / "all.safetensors"), metadata={"ss_sd_model_hash": "abc"})
-    ours, theirs = checkpoints.read_file(tmp_path / "all.safetensors"), load_file(str(tmp_path / "all.safetensors"))
-    assert ours.keys() == theirs.keys()
-    for k, t in ours.items():
-        assert t.dtype == theirs[k].dtype and t.shape == theirs[k].shape and torch.equal(t, theirs[k]), k
-        assert t.numel() == 0 or (t.data_ptr() % 64 == 0 and t.untyped_storage().nbytes() == t.nbytes), k
-    assert checkpoints.read_metadata(tmp_path / "all.safetensors") == {"ss_sd_model_hash": "abc"}
-
-
-@pytest.mark.parametrize(
-    "header, data, why",
-    [
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "tile"),  # overlapping
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 16, "tile"),  # bytes left over
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "tile"),  # a hole
-        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "do not hold"),  # shape vs size
-        ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "do not hold"),
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\0" * 8, "do not hold"),
-        ({"a": {"dtype": "F32", "shape": [2**40], "data_offsets": [0, 2**42]}}, b"\0" * 8, "do not hold"),
-        ({"a": {"dtype": "PICKLE", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "PICKLE"),
-        ({"a": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, b"\0" * 8, "do not hold"),
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8.0]}}, b"\0" * 8, "do not hold"),
-        ({"a": [1, 2]}, b"", "damaged"),
-        ({"__metadata__": {}, "a": {"dtype": "F32", "shape": [2]}}, b"\0" * 8, "damaged"),
-    ],
-)  # fmt: skip
-def test_hostile_safetensors_headers_are_refused_before_reading(tmp_path, header, data, why):
-    with pytest.raises(CheckpointError, match=why):
-        checkpoints.read_file(_safetensors(tmp_path, header, data))
-
-
-def test_a_header_longer_than_the_file(tmp_path):
-    (tmp_path / "h.safetensors").write_bytes(struct.pack("<Q", 2**40) + b"{}")
-    with pytest.raises(CheckpointError, match="not a weight file"):
-        checkpoints.read_file(tmp_path / "h.safetensors")
-    with pytest.raises(CheckpointError, match="not a weight file"):
-        checkpoints.read_metadata(tmp_path / "h.safetensors")
-    _safetensors(tmp_path, {"a": 1, "b": "x"}, b"", "bad.safetensors")  # JSON, but no tensor entries in it
-    with pytest.raises(CheckpointError, match="damaged"):
-        checkpoints.read_file(tmp_path / "bad.safetensors")
-
-
 def test_wrong_models(ours, tmp_path):
     sd, cn = ours
     writers.save_sd(sd, tmp_path / "sd.safetensors")
@@ -264,19 +204,15 @@ def test_missing_files_and_folders(tmp_path):
 
 
 def test_loaded_weights_own_aligned_storage(ours, tmp_path):
-    """On AVX-512 CPUs oneDNN's results depend on a weight's alignment, so the same weights from two formats gave
-    different last bits until every tensor had its own 64-byte-aligned storage. Our safetensors reader gives such
-    tensors (taken as they are); others (a pickle's, or two keys sharing one storage) are copied."""
+    """The file reader's buffers sit at arbitrary offsets; on AVX-512 CPUs oneDNN's results depend on alignment, so
+    the same weights from two formats gave different last bits until every tensor was copied to its own storage."""
     _, cn = ours
     writers.save_controlnet(cn, tmp_path / "bare.safetensors", fmt="bare")
     raw = checkpoints.read_file(tmp_path / "bare.safetensors")
-    assert all(v.data_ptr() % 64 == 0 and v.untyped_storage().nbytes() == v.nbytes for v in raw.values() if v.numel())
-    state = {k: v.clone() for k, v in cn.state_dict().items()}
-    a, b = [k for k, v in state.items() if v.shape == state["zero_convs.0.0.weight"].shape][:2]
-    state[b] = state[a]  # tied: one storage under two names
-    torch.save(state, tmp_path / "tied.pth")
-    for name in ("bare.safetensors", "tied.pth"):
-        tensors = list(checkpoints.load_controlnet(tmp_path / name).state_dict().values())
-        assert all(v.data_ptr() % 64 == 0 for v in tensors if v.numel()), name
-        storages = [v.untyped_storage().data_ptr() for v in tensors if v.numel()]
-        assert len(storages) == len(set(storages)), name  # no two weights share a buffer (a LoRA merge is in place)
+    assert any(v.data_ptr() % 64 for v in raw.values())  # what the reader gives (why the copy is needed)
+    loaded = checkpoints.load_controlnet(tmp_path / "bare.safetensors")
+    tensors = list(loaded.state_dict().values())
+    assert all(v.data_ptr() % 64 == 0 for v in tensors if v.numel())
+    assert not {v.untyped_storage().data_ptr() for v in raw.values()} & {
+        v.untyped_storage().data_ptr() for v in tensors
+    }
