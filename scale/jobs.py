@@ -193,7 +193,8 @@ def make_job(row: int, raw: dict[str, object], defaults: dict[str, object], fold
     if not values["controlnet"]:
         raise InputError("no ControlNet: give a controlnet column (a file, a folder or a condition such as canny)")
     controlnet = str(values["controlnet"])
-    if "/" in controlnet or "\\" in controlnet or controlnet.endswith((".safetensors", ".pth", ".ckpt", ".bin")):
+    if "/" in controlnet or "\\" in controlnet or (folder / controlnet).exists() or controlnet.endswith(
+            (".safetensors", ".pth", ".ckpt", ".bin")):  # fmt: skip
         values["controlnet"] = str((folder / controlnet).resolve())
     stem = Path(str(values["image"])).stem
     ident = _ID.sub("_", str(values["id"]) or f"{row:05d}").strip("._") or f"{row:05d}"
