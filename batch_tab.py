@@ -7,6 +7,7 @@ model manager (or its Ray Serve replicas), one row after the other.
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 import zipfile
@@ -25,6 +26,7 @@ from scale.render import Setup
 from studio import MAX_SEED_INPUT, Studio
 
 MAX_PICTURES = 500  # one batch on a shared server
+KEEP_BATCHES = 20  # batch folders (inputs, PNGs, zip) kept in the output folder; none older than the limits say
 MAX_ZIP_BYTES = 1024**3  # uncompressed, all pictures together
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -74,6 +76,15 @@ def unpack(uploads: list[str], folder: Path) -> list[Path]:
     return sorted(out)
 
 
+def prune_batches(out_dir: Path, keep: int, hours: float) -> None:
+    """Keep the output folder bounded: the newest `keep` batch folders, none older than `hours`."""
+    folders = sorted((f for f in out_dir.glob("batch-*") if f.is_dir()), key=lambda f: f.stat().st_mtime, reverse=True)
+    cutoff = time.time() - hours * 3600
+    for i, folder in enumerate(folders):
+        if i >= keep or folder.stat().st_mtime < cutoff:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_batch(studio: Studio, uploads: list[str], key: str, preprocessor: str, template: str, negative: str,
               seed: int, steps: int, cfg: float, sampler: str, width: int, height: int, scale: float,
               strength: float, progress, who: str | None = None):  # fmt: skip
@@ -81,6 +92,7 @@ def run_batch(studio: Studio, uploads: list[str], key: str, preprocessor: str, t
     cond = next((c for c in CONDITIONS if c.key == key), None)
     if cond is None or cond.inpaint or not studio.available(cond):
         raise InputError(f"{key!r} cannot run as a batch here; choose one of the listed conditions.")
+    prune_batches(studio.out_dir, KEEP_BATCHES - 1, studio.limits.keep_hours)  # room for this one
     folder = studio.out_dir / f"batch-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     pictures = unpack(uploads, folder / "inputs")
     defaults = dict(controlnet=key, preprocessor=preprocessor, prompt=template, negative_prompt=negative, seed=seed,

@@ -224,3 +224,18 @@ def test_the_batch_tab(demo_app, tmp_path):
     with pytest.raises(Exception, match="Upload pictures|Invalid file type"):
         client.predict([handle_file(str(tmp_path / "jobs.csv"))], "canny", "none", "x", "", 1, 8, 5.0, "ddim", 64, 64,
                        1.0, 0.75, api_name="/batch_run")  # fmt: skip
+
+
+def test_old_batch_folders_are_pruned(tmp_path):
+    """A shared server keeps its output folder bounded: the newest batch folders, none older than the limit."""
+    from batch_tab import prune_batches
+
+    now = time.time()
+    for i in range(6):
+        (tmp_path / f"batch-{i}" / "pictures").mkdir(parents=True)
+        os.utime(tmp_path / f"batch-{i}", (now - i * 60, now - i * 60))  # batch-0 newest
+    (tmp_path / "batch-old").mkdir()
+    os.utime(tmp_path / "batch-old", (now - 30 * 3600, now - 30 * 3600))
+    (tmp_path / "keep.png").write_bytes(b"x")  # not a batch folder: left alone
+    prune_batches(tmp_path, keep=4, hours=24)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batch-0", "batch-1", "batch-2", "batch-3", "keep.png"]
