@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from annotators import AnnotatorError
 from cldm.errors import CldmError, InputError
 from cldm.images import write_atomic
 from cldm.model_card import card_for
@@ -33,7 +34,7 @@ MANIFEST = "manifest.jsonl"
 
 def describe(error: BaseException) -> str:
     """A row's error for the manifest: our own errors by their message, anything else with its type."""
-    if isinstance(error, CldmError) or type(error).__name__ in ("AnnotatorError", "MissingAnnotatorWeights"):
+    if isinstance(error, (CldmError, AnnotatorError)):  # MissingAnnotatorWeights is an AnnotatorError
         return str(error)
     log.warning("unexpected error in a batch row:\n%s", "".join(traceback.format_exception(error)))
     return f"{type(error).__name__}: {error}"
@@ -114,6 +115,13 @@ class Batch:
         self.summary.failed += 1
         self.summary.errors.append(f"row {row} ({ident}): {error}")
 
+    def record(self, job: Job, result: Rendered | str) -> None:
+        """A row's outcome: its pictures, or the error that stopped it."""
+        if isinstance(result, Rendered):
+            self.finished(result)
+        else:
+            self.failed(job.row, job.id, result)
+
     def finished(self, r: Rendered) -> None:
         """Write the row's PNGs (each atomically), then its manifest line."""
         for name, data in r.files:
@@ -133,10 +141,8 @@ def run_local(batch: Batch, progress: Callable[[int, int], None] | None = None, 
     for i, job in enumerate(todo):
         if stop is not None and stop.is_set():
             break
-        try:
-            batch.finished(render(prepare(job, batch.setup), manager))
-        except Exception as e:  # noqa: BLE001 (a row's failure, whatever it is, is that row's; the rest go on)
-            batch.failed(job.row, job.id, describe(e))
+        prepared = prepare_or_error(job, batch.setup)
+        batch.record(job, render_or_error(prepared, manager) if isinstance(prepared, Prepared) else prepared)
         if progress is not None:
             progress(i + 1, len(todo))
     batch.summary.seconds = time.perf_counter() - t
@@ -144,6 +150,7 @@ def run_local(batch: Batch, progress: Callable[[int, int], None] | None = None, 
 
 
 def prepare_or_error(job: Job, setup: Setup) -> Prepared | str:
+    """The row prepared, or its error (a row's failure, whatever it is, is that row's; the rest go on)."""
     try:
         return prepare(job, setup)
     except Exception as e:  # noqa: BLE001

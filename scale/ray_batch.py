@@ -20,7 +20,7 @@ import numpy as np
 
 from cldm.errors import InputError
 from scale.batch import Batch, Summary, prepare_or_error, render_or_error
-from scale.render import Prepared, Rendered, Setup
+from scale.render import Prepared, Setup
 
 log = logging.getLogger("batch.ray")
 ROOT = Path(__file__).resolve().parents[1]  # the project: on every worker's import path
@@ -111,11 +111,7 @@ def run_ray(batch: Batch, address: str = "local", workers: int | None = None, cp
                             compute=ray.data.ActorPoolStrategy(size=workers),
                             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)  # fmt: skip
         for n, row in enumerate(ds.iter_rows(), 1):
-            job, result = pickle.loads(row["job"]), pickle.loads(row["result"])
-            if isinstance(result, Rendered):
-                batch.finished(result)
-            else:
-                batch.failed(job.row, job.id, str(result))
+            batch.record(pickle.loads(row["job"]), pickle.loads(row["result"]))
             if progress is not None:
                 progress(n, len(todo))
     batch.summary.seconds = time.perf_counter() - t

@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 from PIL import Image
@@ -41,9 +42,9 @@ class Setup:
     dtype: str = "auto"
     embeddings: str | None = None
 
-    @property
+    @cached_property
     def card(self) -> ModelCard | None:
-        return card_for(self.base)
+        return card_for(self.base)  # read once per worker, not once per row
 
     def manager(self) -> ModelManager:
         """The model replica. Packed CPU convolutions are off: their sums depend on the thread count, and a batch's

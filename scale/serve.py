@@ -106,7 +106,7 @@ class RemoteManager:
         self._embeddings_version = 0
         info = handle.info.remote().result()
         self.device = torch.device(info["device"])  # the replicas'; what the status line and the limits name
-        self.dtype = getattr(torch, {"fp32": "float32"}.get(info["dtype"], info["dtype"]))
+        self.dtype = getattr(torch, info["dtype"])  # "float32", "bfloat16", ...
         self.annotator_device = resolve_device("auto")  # the preprocessors run in the front end
         self.refused, self.embedding_count = info["refused"], info["embeddings"]
         self.served: list[Served] = []  # the last requests, for the log and the tests
