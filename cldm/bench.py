@@ -103,13 +103,16 @@ def run(a: argparse.Namespace) -> dict:
         if "step" in a.parts:
             for size in a.sizes:
                 step = bp.our_step(sd, cn, size)
-                row = {"size": size, "dtype": d, "ours": bp.timed(step, device, a.runs).as_dict()}
+                row = {"size": size, "dtype": d}
+                if pipe is None:
+                    row["ours"] = bp.timed(step, device, a.runs).as_dict()
+                else:
+                    mine, theirs, ratio = bp.timed_pair(step, bp.their_step(pipe, cfg, size), device, a.runs)
+                    row.update(ours=mine.as_dict(), diffusers=theirs.as_dict(), ratio=ratio)
                 with prepack.disabled(sd.unet, cn):  # torch's flop counter does not see the packed convolutions
                     row["flops"] = bp.step_flops(step)
                     if d == "bf16" and device.type == "cpu":  # what the packing gives: the same step, plain
                         row["ours_unpacked"] = bp.timed(step, device, a.runs).as_dict()
-                if pipe is not None:
-                    row["diffusers"] = bp.timed(bp.their_step(pipe, cfg, size), device, a.runs).as_dict()
                 res.setdefault("step", []).append(row)
                 print("step", json.dumps(row), flush=True)
         if "vae" in a.parts:
@@ -137,10 +140,12 @@ def vae_row(sd, pipe, size: int, d: str, device: torch.device, runs: int) -> dic
     z = torch.randn(1, sd.config.vae.z_channels, size // f, size // f, generator=gen).to(device, sd.dtype)
     row = {"size": size, "dtype": d}
     with torch.no_grad():
-        row["ours"] = bp.timed(lambda: sd.vae.decode(z), device, runs).as_dict()
-        if pipe is not None:
+        if pipe is None:
+            row["ours"] = bp.timed(lambda: sd.vae.decode(z), device, runs).as_dict()
+        else:
             scaled = z / pipe.vae.config.scaling_factor
-            row["diffusers"] = bp.timed(lambda: pipe.vae.decode(scaled), device, runs).as_dict()
+            mine, theirs, ratio = bp.timed_pair(lambda: sd.vae.decode(z), lambda: pipe.vae.decode(scaled), device, runs)
+            row.update(ours=mine.as_dict(), diffusers=theirs.as_dict(), ratio=ratio)
     return row
 
 

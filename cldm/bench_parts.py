@@ -2,7 +2,9 @@
 
 Both implementations get the same random SD1.5 weights: ours are built here and written as a diffusers folder,
 which diffusers loads (the diffusers folder reader is tested to be exact). Timing is plain PyTorch: warm-up, then
-`runs` timed calls, synchronised on CUDA; medians with min and max.
+`runs` timed calls, synchronised on CUDA; medians with min and max. Where ours and diffusers are compared, their
+calls alternate (ours, theirs, ours, ...) and the ratio is the median of each pair's ratio: a shared VM's slow
+minutes then slow both sides of a pair instead of one side of the comparison.
 """
 
 from __future__ import annotations
@@ -49,6 +51,29 @@ def timed(fn: Callable[[], object], device: torch.device, runs: int = 3, warmup:
         sync(device)
         times.append(time.perf_counter() - t0)
     return Timing(statistics.median(times), min(times), max(times))
+
+
+def timed_pair(
+    ours: Callable[[], object], theirs: Callable[[], object], device: torch.device, runs: int = 3, warmup: int = 1
+) -> tuple[Timing, Timing, float]:
+    """Both calls timed in turn, `runs` pairs after `warmup` of each: their timings and the median of the pairs'
+    ratios (ours / theirs)."""
+    for _ in range(warmup):
+        ours()
+        theirs()
+    sync(device)
+    pairs = []
+    for _ in range(runs):
+        pair = []
+        for fn in (ours, theirs):
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            pair.append(time.perf_counter() - t0)
+        pairs.append(pair)
+    a, b = ([p[i] for p in pairs] for i in (0, 1))
+    timing = [Timing(statistics.median(x), min(x), max(x)) for x in (a, b)]
+    return timing[0], timing[1], statistics.median(x / y for x, y in pairs)
 
 
 def peak_matmul(device: torch.device, dtype: torch.dtype, n: int = 2048, runs: int = 5) -> float:
@@ -176,10 +201,19 @@ def their_step(pipe, sd_cfg: SDConfig, size: int):
 
 
 def step_flops(step: Callable[[], object]) -> int:
-    """FLOPs of one call (torch's flop counter: matmuls and convolutions, 2 per multiply-add)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one call (torch's flop counter: matmuls, convolutions and attention, 2 per multiply-add). The
+    counter knows the CUDA attention kernels but not the CPU one (`_scaled_dot_product_flash_attention_for_cpu`),
+    which is given its formula here: without it a 512 px step missed its 0.3 TFLOP of attention."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-    with FlopCounterMode(display=False) as counter:
+    def attention(q, k, v, *args, out_shape=None, **kwargs) -> int:  # given shapes, as the counter's own formulas
+        return sdpa_flop_count(q, k, v)
+
+    extra = {}
+    cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_attention is not None:
+        extra[cpu_attention] = attention
+    with FlopCounterMode(display=False, custom_mapping=extra) as counter:
         step()
     return int(counter.get_total_flops())
 

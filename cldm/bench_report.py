@@ -11,6 +11,13 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
 
 
+def _pair_ratio(row: dict) -> str:
+    """The median of the alternating pairs' ratios where the bench timed them so; else the medians' ratio."""
+    if row.get("ratio") is not None:
+        return f"{row['ratio']:.2f}x"
+    return _ratio(row["ours"]["median_s"], (row.get("diffusers") or {}).get("median_s"))
+
+
 def _gib(b: float) -> str:
     return f"{b / 1024**3:.2f} GiB"
 
@@ -24,7 +31,8 @@ def markdown(out: dict) -> str:
     m, r = out["machine"], out["results"]
     lines = [f"Machine: {m['cpu']} ({m['threads']} threads), {m.get('gpu') or m['device']}; torch {m['torch']}, "
              f"diffusers {m.get('diffusers') or 'absent'}; weights: {'tiny' if out['config'] == 'tiny' else 'SD1.5 size'}, "
-             f"random; medians of {out['runs']} runs after a warm-up. `--dtype auto` here: {out['dtype_auto']}.", ""]  # fmt: skip
+             f"random; medians of {out['runs']} runs after a warm-up (ours and diffusers alternate; a ratio beside them is "
+             f"the median of the pairs' ratios). `--dtype auto` here: {out['dtype_auto']}.", ""]  # fmt: skip
     peak = r.get("peak_flops", {})
     if peak:
         lines += ["Peak matmul rate: " + ", ".join(f"{d} {v / 1e9:.0f} GFLOP/s" for d, v in peak.items()), ""]
@@ -35,7 +43,7 @@ def markdown(out: dict) -> str:
             ours, theirs = row["ours"]["median_s"], (row.get("diffusers") or {}).get("median_s")
             p = peak.get(row["dtype"])
             frac = ["-" if not p or t is None else f"{100 * row['flops'] / t / p:.0f}%" for t in (ours, theirs)]
-            lines.append(f"| {row['size']} px {row['dtype']} | {_s(ours)} s | {_s(theirs)} s | {_ratio(ours, theirs)} "
+            lines.append(f"| {row['size']} px {row['dtype']} | {_s(ours)} s | {_s(theirs)} s | {_pair_ratio(row)} "
                          f"| {row['flops'] / 1e9:.0f} | {frac[0]} | {frac[1]} |")  # fmt: skip
         packed = [row for row in r["step"] if "ours_unpacked" in row]
         if packed:
@@ -52,7 +60,7 @@ def markdown(out: dict) -> str:
         cells = []
         for row in r["vae"]:
             ours, theirs = row["ours"]["median_s"], (row.get("diffusers") or {}).get("median_s")
-            cells.append([f"{row['size']} px {row['dtype']}", f"{_s(ours)} s", f"{_s(theirs)} s", _ratio(ours, theirs)])
+            cells.append([f"{row['size']} px {row['dtype']}", f"{_s(ours)} s", f"{_s(theirs)} s", _pair_ratio(row)])
         lines += _table(["VAE decode, 1 picture", "ours", "diffusers", "ratio"], cells)
     if r.get("generate"):
         cells = [[f"{row['impl']}, {row['size']} px, {row['steps']} steps", row["dtype"], _s(row["seconds"])]
@@ -92,7 +100,9 @@ def targets(out: dict) -> list[str]:
     ours = (at.get(default) or {}).get("ours", {}).get("median_s")
     said = []
     for d in ("fp32", "bf16"):
-        theirs = ((at.get(d) or {}).get("diffusers") or {}).get("median_s")
-        if ours is not None and theirs is not None:
-            said.append(f"ours by default ({default}) / diffusers {d}: **{ours / theirs:.2f}x**")
+        row = at.get(d) or {}
+        theirs = (row.get("diffusers") or {}).get("median_s")
+        if ours is not None and theirs is not None:  # the same dtype: the alternating pairs' ratio
+            ratio = row["ratio"] if d == default and row.get("ratio") is not None else ours / theirs
+            said.append(f"ours by default ({default}) / diffusers {d}: **{ratio:.2f}x**")
     return [f"At {size} px, " + "; ".join(said) + "."] if said else []

@@ -68,3 +68,30 @@ def test_bench_memory_in_fresh_processes(tmp_path):
         (i, n) for i in ("ours", "diffusers") for n in (1, 3)
     }
     assert all(row["peak_bytes"] > 50 * 1024**2 for row in rows)
+
+
+def test_step_flops_count_the_cpu_attention_kernel():
+    """torch's counter alone misses the CPU flash-attention op; the bench's count has it, at 2 * 2 b h s^2 d."""
+    import torch.nn.functional as F
+
+    from cldm import bench_parts as bp
+
+    b, h, s, d = 2, 4, 64, 16
+    q, k, v = (torch.randn(b, h, s, d) for _ in range(3))
+    assert bp.step_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 2 * (2 * b * h * s * s * d)
+
+
+def test_paired_timing_alternates_and_takes_the_median_ratio(monkeypatch):
+    """A slow moment of the machine slows one pair, not one side: the ratio is the median of the pairs' ratios."""
+    from cldm import bench_parts as bp
+
+    calls = []
+    # ours takes 1 unit and theirs 4, except in one slow pair (10 and 40)
+    ticks = iter([0, 1, 1, 5, 5, 15, 15, 55, 55, 56, 56, 60])
+    monkeypatch.setattr(bp.time, "perf_counter", lambda: next(ticks))
+    mine, theirs, ratio = bp.timed_pair(
+        lambda: calls.append("ours"), lambda: calls.append("theirs"), torch.device("cpu"), runs=3, warmup=1
+    )
+    assert calls == ["ours", "theirs"] * 4  # a warm-up pair, then three timed pairs, alternating
+    assert (mine.median, mine.low, mine.high) == (1, 1, 10) and (theirs.median, theirs.low, theirs.high) == (4, 4, 40)
+    assert ratio == 0.25
