@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from annotators.images import MAX_RESOLUTION, MIN_RESOLUTION
-from cldm.fit import pixel_perfect_resolution
 from cldm.model_card import ModelCard
 from cldm.request import HiresFix
 from conditions import Condition
+from hints import pixel_perfect
 
 MAX_SEED = 2**31 - 1  # random seeds are drawn below this
 MAX_SEED_INPUT = 2**32 + 63  # a seed typed or sent from a PNG: A1111's 32-bit seeds, plus a batch's seed + i
@@ -41,8 +40,7 @@ class UnitSettings:
         """The slider's resolution, or with pixel perfect the extension's (within the preprocessors' range)."""
         if not self.pixel_perfect:
             return int(self.resolution)
-        res = pixel_perfect_resolution(img.shape[1], img.shape[0], size[1], size[0], self.resize_mode)
-        return min(MAX_RESOLUTION, max(MIN_RESOLUTION, res))
+        return pixel_perfect(img, size[1], size[0], self.resize_mode)
 
 
 # A1111's control-mode and resize-mode labels, as the app shows them

@@ -24,7 +24,6 @@ import annotators.cache
 from canvas import editor_image, inpaint_hint
 from cldm import weights
 from cldm.errors import InputError, Stopped
-from cldm.fit import fit_rgb, geometry
 from cldm.images import save_png
 from cldm.lora import prompt_tags
 from cldm.manager import ModelManager
@@ -32,6 +31,7 @@ from cldm.model_card import ModelCard, card_for
 from cldm.request import ControlUnit, GenerationRequest, ImagePrompt, LoraUnit, ReferenceUnit
 from cldm.samplers import SAMPLERS, sampler_class
 from conditions import ANNOTATOR_NONE, BY_KEY, Condition
+from hints import fitted_hint
 from settings import (  # noqa: F401 (the records app.py and forms.py read through here)
     CONTROL_MODES,
     INPAINT_MODES,
@@ -193,13 +193,9 @@ class Studio:
             raise InputError("Upload an image (or draw on the canvas) first.")
         if unit.annotator not in unit.cond.annotators:
             raise InputError(f"{unit.annotator!r} is not a preprocessor for {unit.cond.label}.")
-        # detected, then resized to the mode's scaled size (one resize, as before), then cut or padded to `size`
-        w, h, _, _ = geometry(img.shape[1], img.shape[0], size[1], size[0], unit.resize_mode)
-        hint = annotators.run(
-            unit.annotator, img, resolution=unit.detection_resolution(img, size), models_dir=self.models_dir,
-            size=(h, w), **unit.params,
-        )  # fmt: skip
-        return fit_rgb(hint, size[1], size[0], unit.resize_mode)
+        resolution = unit.detection_resolution(img, size)
+        return fitted_hint(unit.annotator, img, size[1], size[0], unit.resize_mode, resolution, self.models_dir,
+                           **unit.params)  # fmt: skip
 
     def _control(self, unit: UnitSettings, s: Settings, progress: Progress, extras: PassSettings | None = None):
         """(ControlUnit, the hint to show, init picture, mask, strength) for one unit."""

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .file_pages import PageReleaser
 from .text import TextEncoder
 
 POSITION_IDS = "transformer.text_model.embeddings.position_ids"  # a constant CLIP rebuilds (never loaded)
@@ -54,10 +55,11 @@ def build(cls, cfg, state: StateDict, what: str, dtype: torch.dtype, *args) -> n
     # tensors at whatever offset their buffer had (safetensors: 16 bytes past a 64-byte boundary), and on AVX-512 CPUs
     # oneDNN's results depend on that alignment, so the same weights from two file formats gave pictures differing in
     # the last bits. The copy also lets the reader's buffers go.
-    converted = {}
+    converted, pages = {}, PageReleaser()
     for k in list(state):
         v = state.pop(k)
         converted[k] = v.to(dtype if v.is_floating_point() else v.dtype, copy=True)
+        pages.release(v)  # a memory-mapped file's pages under it: the copy has them now
         del v
     state = converted
     check_finite(state, what)

@@ -35,7 +35,8 @@ def markdown(out: dict) -> str:
              f"the median of the pairs' ratios). `--dtype auto` here: {out['dtype_auto']}.", ""]  # fmt: skip
     peak = r.get("peak_flops", {})
     if peak:
-        lines += ["Peak matmul rate: " + ", ".join(f"{d} {v / 1e9:.0f} GFLOP/s" for d, v in peak.items()), ""]
+        lines += ["Peak matmul rate (the best seen in the run): " + ", ".join(
+            f"{d} {v / 1e9:.0f} GFLOP/s" for d, v in peak.items()), ""]  # fmt: skip
     if r.get("step"):
         lines += ["| one step (ControlNet + UNet, batch 2) | ours | diffusers | ours / diffusers | GFLOP | ours, % of peak "
                   "| diffusers, % of peak |", "|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -16,16 +16,15 @@ from pathlib import Path
 
 from PIL import Image
 
-import annotators
-from annotators.images import MAX_RESOLUTION, MIN_RESOLUTION
 from cldm import weights
 from cldm.errors import InputError
-from cldm.fit import RESIZE_MODES, fit_rgb, geometry, pixel_perfect_resolution
+from cldm.fit import RESIZE_MODES
 from cldm.images import encode_png, load_rgb
 from cldm.manager import ModelManager
 from cldm.model_card import ModelCard, card_for
 from cldm.request import ControlUnit, GenerationRequest
 from conditions import BY_KEY
+from hints import fitted_hint, pixel_perfect
 from scale.jobs import Job
 
 JOB_CHUNK = "cldm-job"  # the PNG text chunk holding the row's fingerprint: a rerun knows the file is this row's
@@ -105,9 +104,7 @@ def prepare(job: Job, setup: Setup) -> Prepared:
     prompt, negative = job.prompt, job.negative_prompt
     if card is not None and card.words:  # words the demo model never saw would reach it as letters
         prompt, negative = card.split_known(prompt)[0], card.split_known(negative)[0]
-    resolution = job.resolution or min(
-        MAX_RESOLUTION, max(MIN_RESOLUTION, pixel_perfect_resolution(img.shape[1], img.shape[0], width, height,
-                                                                     job.resize_mode)))  # fmt: skip
+    resolution = job.resolution or pixel_perfect(img, width, height, job.resize_mode)
     unit = ControlUnit(path, img, job.scale, job.start, job.end, pooling or None, mode=job.control_mode,
                        resize_mode=job.resize_mode, preprocessor=preprocessor, processor_res=resolution,
                        pixel_perfect=not job.resolution)  # fmt: skip
@@ -117,9 +114,8 @@ def prepare(job: Job, setup: Setup) -> Prepared:
         init_image=load_rgb(job.init_image) if job.init_image else None, strength=job.strength,
         resize_mode=job.resize_mode, seed_per_picture=True,
     ).validate()  # every field checked before the preprocessor runs  # fmt: skip
-    w, h, _, _ = geometry(img.shape[1], img.shape[0], width, height, job.resize_mode)
-    hint = annotators.run(preprocessor, img, resolution=resolution, models_dir=setup.models_dir, size=(h, w))
-    request = replace(request, units=(replace(unit, hint=fit_rgb(hint, width, height, job.resize_mode)),))
+    hint = fitted_hint(preprocessor, img, width, height, job.resize_mode, resolution, setup.models_dir)
+    request = replace(request, units=(replace(unit, hint=hint),))
     return Prepared(job, request, job.fingerprint(setup.base), time.perf_counter() - t)
 
 

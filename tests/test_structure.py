@@ -27,6 +27,7 @@ APP = [
     ROOT / "png_info.py",
     ROOT / "conditions.py",
     ROOT / "batch_tab.py",
+    ROOT / "hints.py",
 ]
 SCALE = sorted((ROOT / "scale").glob("*.py"))  # batch and Ray: the app layer's, Ray only in two of them
 
