@@ -34,7 +34,11 @@ def test_bench_runs_every_part_beside_diffusers(tmp_path):
     assert r["switch"][0]["warm_s"] < r["switch"][0]["cold_s"]  # from the cache, not from the file
     table = (tmp_path / "out" / "bench.md").read_text()
     assert "| 64 px fp32 |" in table and "| 64 px bf16 |" in table and "ours by default" in table
-    assert "Peak matmul rate (the best seen in the run): fp32" in table and "VAE decode" in table and "Switching ControlNets" in table
+    assert (
+        "Peak matmul rate (the best seen in the run): fp32" in table
+        and "VAE decode" in table
+        and "Switching ControlNets" in table
+    )
 
 
 def test_the_same_weights_give_the_same_step(tmp_path):
