@@ -305,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--demo", action="store_true", help="use the small shapes model shipped in assets/demo")
     p.add_argument("--low-vram", action="store_true", help="keep only the running module on the GPU (slower; for "
                    "4-6 GB cards)")  # fmt: skip
+    p.add_argument("--no-prepack", action="store_true", help="bf16 on the CPU without the prepacked convolutions "
+                   "(about 1.5 GiB less memory, slower steps)")  # fmt: skip
     g = p.add_argument_group("serving on Ray (pip install -r requirements-scale.txt)")
     g.add_argument("--serve-replicas", type=int, default=0, metavar="N",
                    help="run the model as a Ray Serve deployment of N replicas (one per GPU); N requests at once")  # fmt: skip
@@ -327,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
                         str(embeddings_dir), a.cpus_per_replica)  # fmt: skip
     else:
         manager = ModelManager(base, device=a.device, dtype=a.dtype, cache_bytes=int(a.cache_gb * 1024**3),
-                               low_vram=a.low_vram)  # fmt: skip
+                               low_vram=a.low_vram, prepack_cpu=not a.no_prepack)  # fmt: skip
     log.warning("running on %s in %s%s", manager.device, str(manager.dtype).removeprefix("torch."),
                 " (prepacked bf16 convolutions)" if manager.prepack_cpu else "")  # fmt: skip
     for name, why in manager.load_embeddings(embeddings_dir).items():

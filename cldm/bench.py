@@ -300,8 +300,9 @@ def switch_rows(paths: dict, device: torch.device) -> list[dict]:
 def memory_rows(folder: Path, a: argparse.Namespace, dtypes: list[str]) -> list[dict]:
     """Each configuration in a fresh process (peak memory is per process)."""
     rows = []
-    impls = ["ours"] + ([] if a.no_diffusers else ["diffusers"])
     for d in dtypes:
+        plain = ["ours-no-prepack"] if d == "bf16" and resolve_device(a.device).type == "cpu" else []
+        impls = ["ours", *plain] + ([] if a.no_diffusers else ["diffusers"])
         for n in (1, 3):
             for impl in impls:
                 cmd = [sys.executable, "-m", "cldm", "bench", "--models", str(folder), "--device", a.device,
@@ -322,12 +323,13 @@ def memory_child(a: argparse.Namespace) -> None:
     device, dtype = resolve_device(a.device), DTYPES[d]
     paths = bp.write_models(Path(a.models), a.tiny)
     size = 64 if a.tiny else 256
-    # both sides hold exactly N ControlNets: the one loaded with the base, and N - 1 more
-    if impl == "ours":
-        sd, cn0 = bp.ours(paths, device, dtype)
-        more = [checkpoints.load_controlnet(paths[f"cn{i}_file"], dtype=dtype) for i in range(1, n)]
-        for cn in [cn0, *(c.to(device).eval() for c in more)]:
-            bp.our_step(sd, cn, size)()
+    # both sides hold exactly N ControlNets, ours in the manager's cache (packed for bf16 on the CPU, as the app has
+    # them unless it runs with --no-prepack)
+    if impl.startswith("ours"):
+        manager = bp.our_manager(paths, device, dtype, prepack_cpu=impl == "ours", cache_bytes=1 << 50)  # all N stay
+        cns = [manager.controlnet(str(paths[f"cn{i}_file"])).to(device).eval() for i in range(n)]
+        for cn in cns:
+            bp.our_step(manager.sd, cn, size)()
     else:
         from diffusers import ControlNetModel
 

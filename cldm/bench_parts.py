@@ -132,12 +132,17 @@ def write_models(folder: Path, tiny: bool, controlnets: int = 3) -> dict[str, Pa
     return paths
 
 
-def ours(paths: dict[str, Path], device: torch.device, dtype: torch.dtype) -> tuple[StableDiffusion, ControlNet]:
-    """The base and ControlNet 0 as the model manager serves them (with its CPU bf16 convolution packing)."""
+def our_manager(paths: dict[str, Path], device: torch.device, dtype: torch.dtype, prepack_cpu: bool = True, **kw):
+    """A model manager on the bench's base, as the app makes it (`prepack_cpu=False`: the app's --no-prepack)."""
     from .manager import ModelManager
 
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    manager = ModelManager(str(paths["base_folder"]), device=str(device), dtype=name)
+    return ModelManager(str(paths["base_folder"]), device=str(device), dtype=name, prepack_cpu=prepack_cpu, **kw)
+
+
+def ours(paths: dict[str, Path], device: torch.device, dtype: torch.dtype) -> tuple[StableDiffusion, ControlNet]:
+    """The base and ControlNet 0 as the model manager serves them (with its CPU bf16 convolution packing)."""
+    manager = our_manager(paths, device, dtype)
     sd = manager.sd
     cn = manager.controlnet(str(paths["cn0_file"])).to(device)
     return sd, cn.eval().requires_grad_(False)

@@ -80,13 +80,15 @@ def markdown(out: dict) -> str:
     if r.get("memory"):
         kind = r["memory"][0]["kind"]
         lines += [f"| peak {'VRAM' if kind == 'vram' else 'resident memory'}, base + N ControlNets, one step each | "
-                  "ours | diffusers |", "|---|---|---|"]  # fmt: skip
+                  "ours | ours, --no-prepack | diffusers |", "|---|---|---|---|"]  # fmt: skip
         cells: dict[tuple, dict] = {}
         for row in r["memory"]:
             cells.setdefault((row["dtype"], row["controlnets"]), {})[row["impl"]] = row["peak_bytes"]
         for (d, n), v in cells.items():
-            theirs = _gib(v["diffusers"]) if "diffusers" in v else "-"
-            lines.append(f"| {d}, {n} ControlNet{'s' if n > 1 else ''} | {_gib(v.get('ours', 0))} | {theirs} |")
+            plain, theirs = (_gib(v[k]) if k in v else "-" for k in ("ours-no-prepack", "diffusers"))
+            lines.append(
+                f"| {d}, {n} ControlNet{'s' if n > 1 else ''} | {_gib(v.get('ours', 0))} | {plain} | {theirs} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

@@ -93,6 +93,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16")
     p.add_argument("--low-vram", action="store_true",
                    help="keep only the running module on the GPU (slower; for 4-6 GB cards)")  # fmt: skip
+    p.add_argument("--no-prepack", action="store_true",
+                   help="bf16 on the CPU without the prepacked convolutions (less memory, slower steps)")  # fmt: skip
     p.add_argument("--out", default="out.png", help="output PNG (a batch writes out-0.png, out-1.png, ...)")
 
 
@@ -163,7 +165,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     if card and (a.width is None or a.height is None):
         print(f"{card.name} model: its native size is {card.size} px (model card); "
               f"making {request.width}x{request.height}", file=sys.stderr)  # fmt: skip
-    manager = ModelManager(a.base, device=a.device, dtype=a.dtype, low_vram=a.low_vram)
+    manager = ModelManager(a.base, device=a.device, dtype=a.dtype, low_vram=a.low_vram, prepack_cpu=not a.no_prepack)
     print(f"{manager.device} {str(manager.dtype).removeprefix('torch.')}", file=sys.stderr)  # what auto chose
     if a.embeddings:
         for name, why in manager.load_embeddings(a.embeddings).items():

@@ -77,7 +77,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def module_bytes(m: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in m.parameters())
+    """A module's weights, with the packed copies of its CPU convolutions (what the ControlNet cache counts)."""
+    return sum(p.numel() * p.element_size() for p in m.parameters()) + prepack.packed_bytes(m)
 
 
 class ModelManager:

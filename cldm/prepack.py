@@ -114,5 +114,12 @@ def disabled(*modules: nn.Module):
             enable(m)
 
 
+def packed_bytes(module: nn.Module) -> int:
+    """Memory held by the packed copies (made on first use): as much again as the convolutions' own weights."""
+    return sum(
+        t.numel() * t.element_size() for m in module.modules() for t in m.__dict__.get("_cldm_packed", {}).values()
+    )
+
+
 def is_enabled(module: nn.Module) -> bool:
     return any("_cldm_packed_key" in m.__dict__ for m in module.modules())

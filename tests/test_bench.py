@@ -66,12 +66,14 @@ def test_auto_dtype_follows_the_cpu(monkeypatch):
 
 @pytest.mark.slow
 def test_bench_memory_in_fresh_processes(tmp_path):
-    out = _bench(tmp_path, "--dtypes", "fp32", "--parts", "memory")
+    out = _bench(tmp_path, "--dtypes", "fp32", "bf16", "--parts", "memory")
     rows = out["results"]["memory"]
-    assert {(row["impl"], row["controlnets"]) for row in rows} == {
-        (i, n) for i in ("ours", "diffusers") for n in (1, 3)
-    }
+    expected = {("fp32", i, n) for i in ("ours", "diffusers") for n in (1, 3)}
+    expected |= {("bf16", i, n) for i in ("ours", "ours-no-prepack", "diffusers") for n in (1, 3)}
+    assert {(row["dtype"], row["impl"], row["controlnets"]) for row in rows} == expected
     assert all(row["peak_bytes"] > 50 * 1024**2 for row in rows)
+    table = (tmp_path / "out" / "bench.md").read_text()
+    assert "| ours | ours, --no-prepack | diffusers |" in table and "| fp32, 3 ControlNets |" in table
 
 
 def test_step_flops_count_the_cpu_attention_kernel():

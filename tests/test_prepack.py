@@ -88,3 +88,18 @@ def test_the_manager_packs_on_a_bf16_cpu_only(tiny_dirs):
     r = GenerationRequest("a red square", steps=3, width=64, height=64, seed=3)
     a, b = bf16.run(r).images.astype(int), off.run(r).images.astype(int)
     assert np.abs(a - b).mean() < 2.0  # the same picture up to bf16 rounding
+
+
+def test_the_packed_copies_count_in_the_controlnet_cache():
+    """The packed copies are as large as the convolutions' weights again: the cache's memory bound counts them."""
+    from cldm.manager import module_bytes
+
+    m = nn.Sequential(_conv(), nn.ReLU(), _conv(16, 16))
+    plain = sum(p.numel() * p.element_size() for p in m.parameters())
+    prepack.enable(m)
+    assert module_bytes(m) == plain  # nothing packed before the first call
+    m(torch.randn(1, 8, 16, 16, dtype=torch.bfloat16))
+    weights = sum(c.weight.numel() * c.weight.element_size() for c in (m[0], m[2]))
+    assert prepack.packed_bytes(m) >= weights and module_bytes(m) == plain + prepack.packed_bytes(m)
+    prepack.disable(m)
+    assert module_bytes(m) == plain
