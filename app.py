@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--low-vram", action="store_true", help="keep only the running module on the GPU (slower; for "
                    "4-6 GB cards)")  # fmt: skip
     p.add_argument("--no-prepack", action="store_true", help="bf16 on the CPU without the prepacked convolutions "
-                   "(about 1.5 GiB less memory, slower steps)")  # fmt: skip
+                   "(about 2 GiB less memory with one ControlNet; slower steps)")  # fmt: skip
     g = p.add_argument_group("serving on Ray (pip install -r requirements-scale.txt)")
     g.add_argument("--serve-replicas", type=int, default=0, metavar="N",
                    help="run the model as a Ray Serve deployment of N replicas (one per GPU); N requests at once")  # fmt: skip

@@ -103,3 +103,31 @@ def test_the_packed_copies_count_in_the_controlnet_cache():
     assert prepack.packed_bytes(m) >= weights and module_bytes(m) == plain + prepack.packed_bytes(m)
     prepack.disable(m)
     assert module_bytes(m) == plain
+
+
+def test_no_prepack_reaches_the_manager_from_the_cli(tiny_dirs, tmp_path, monkeypatch):
+    """`generate --no-prepack` runs bf16 on plain convolutions: the picture of ModelManager(prepack_cpu=False)."""
+    from PIL import Image
+
+    from cldm import manager as manager_module
+    from cldm.__main__ import main
+    from cldm.manager import ModelManager
+    from cldm.request import GenerationRequest
+
+    made = []
+    real = manager_module.ModelManager.__init__
+
+    def spy(self, *args, **kw):
+        real(self, *args, **kw)
+        made.append(self.prepack_cpu)
+
+    monkeypatch.setattr(manager_module.ModelManager, "__init__", spy)
+    base = ["generate", "--base", str(tiny_dirs[0]), "--prompt", "a red square", "--steps", "2", "--width", "64",
+            "--height", "64", "--seed", "3", "--device", "cpu", "--dtype", "bf16"]  # fmt: skip
+    assert main([*base, "--no-prepack", "--out", str(tmp_path / "plain.png")]) == 0
+    assert main([*base, "--out", str(tmp_path / "packed.png")]) == 0
+    assert made == [False, True]
+    monkeypatch.setattr(manager_module.ModelManager, "__init__", real)
+    r = GenerationRequest("a red square", steps=2, width=64, height=64, seed=3)
+    want = ModelManager(str(tiny_dirs[0]), device="cpu", dtype="bf16", prepack_cpu=False).run(r).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "plain.png").convert("RGB")), want)
