@@ -51,6 +51,11 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-child", nargs=3, metavar=("IMPL", "DTYPE", "N"), help=argparse.SUPPRESS)
 
 
+def packs(d: str, device: torch.device) -> bool:
+    """Whether the manager packs the convolutions for this dtype on this device (bf16 on the CPU)."""
+    return d == "bf16" and device.type == "cpu" and prepack.available()
+
+
 def default_dtypes(device: torch.device) -> list[str]:
     if device.type == "cuda":
         return ["fp16", "bf16"] if torch.cuda.is_bf16_supported() else ["fp16"]
@@ -100,6 +105,8 @@ def run(a: argparse.Namespace) -> dict:
             break
         sd, cn = bp.ours(paths, device, dtype)
         pipe = None if a.no_diffusers else bp.theirs(paths, device, dtype)
+        # What the packing gives: a second manager without it (the app's --no-prepack), stepping in turn with ours.
+        plain = bp.ours(paths, device, dtype, prepack_cpu=False) if "step" in a.parts and packs(d, device) else None
         if "step" in a.parts:
             for size in a.sizes:
                 step = bp.our_step(sd, cn, size)
@@ -111,8 +118,9 @@ def run(a: argparse.Namespace) -> dict:
                     row.update(ours=mine.as_dict(), diffusers=theirs.as_dict(), ratio=ratio)
                 with prepack.disabled(sd.unet, cn):  # torch's flop counter does not see the packed convolutions
                     row["flops"] = bp.step_flops(step)
-                    if d == "bf16" and device.type == "cpu":  # what the packing gives: the same step, plain
-                        row["ours_unpacked"] = bp.timed(step, device, a.runs).as_dict()
+                if plain is not None:
+                    _, unpacked, ratio = bp.timed_pair(step, bp.our_step(*plain, size), device, a.runs)
+                    row.update(ours_unpacked=unpacked.as_dict(), packed_ratio=ratio)
                 if "peak" in a.parts:  # this VM's speed drifts: the peak is the best seen, measured again here
                     again = bp.peak_matmul(device, dtype, n=256 if a.tiny else 2048)
                     res["peak_flops"][d] = max(res["peak_flops"].get(d, 0), again)
@@ -121,7 +129,7 @@ def run(a: argparse.Namespace) -> dict:
         if "vae" in a.parts:
             res.setdefault("vae", []).append(vae_row(sd, pipe, max(a.sizes), d, device, a.runs))
             print("vae", json.dumps(res["vae"][-1]), flush=True)
-        del sd, cn, pipe
+        del sd, cn, pipe, plain
         gc.collect()
     if "quality" in a.parts:
         res["quality"] = quality_row(paths, device, 64 if a.tiny else 256)

@@ -140,9 +140,12 @@ def our_manager(paths: dict[str, Path], device: torch.device, dtype: torch.dtype
     return ModelManager(str(paths["base_folder"]), device=str(device), dtype=name, prepack_cpu=prepack_cpu, **kw)
 
 
-def ours(paths: dict[str, Path], device: torch.device, dtype: torch.dtype) -> tuple[StableDiffusion, ControlNet]:
-    """The base and ControlNet 0 as the model manager serves them (with its CPU bf16 convolution packing)."""
-    manager = our_manager(paths, device, dtype)
+def ours(
+    paths: dict[str, Path], device: torch.device, dtype: torch.dtype, prepack_cpu: bool = True
+) -> tuple[StableDiffusion, ControlNet]:
+    """The base and ControlNet 0 as the model manager serves them (with its CPU bf16 convolution packing unless
+    `prepack_cpu=False`)."""
+    manager = our_manager(paths, device, dtype, prepack_cpu)
     sd = manager.sd
     cn = manager.controlnet(str(paths["cn0_file"])).to(device)
     return sd, cn.eval().requires_grad_(False)

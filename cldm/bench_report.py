@@ -18,6 +18,12 @@ def _pair_ratio(row: dict) -> str:
     return _ratio(row["ours"]["median_s"], (row.get("diffusers") or {}).get("median_s"))
 
 
+def _packed_ratio(row: dict) -> str:
+    if row.get("packed_ratio") is not None:
+        return f"{row['packed_ratio']:.2f}x"
+    return _ratio(row["ours"]["median_s"], row["ours_unpacked"]["median_s"])
+
+
 def _gib(b: float) -> str:
     return f"{b / 1024**3:.2f} GiB"
 
@@ -48,9 +54,10 @@ def markdown(out: dict) -> str:
                          f"| {row['flops'] / 1e9:.0f} | {frac[0]} | {frac[1]} |")  # fmt: skip
         packed = [row for row in r["step"] if "ours_unpacked" in row]
         if packed:
-            lines += ["", "Prepacked bf16 convolutions (cldm/prepack.py), ours with / without them: " + ", ".join(
+            lines += ["", "Prepacked bf16 convolutions (cldm/prepack.py), ours with / without them (a second manager "
+                      "with --no-prepack, the two stepping in turn; the ratio is the median of the pairs'): " + ", ".join(
                 f"{row['size']} px {_s(row['ours']['median_s'])} s / {_s(row['ours_unpacked']['median_s'])} s "
-                f"({_ratio(row['ours']['median_s'], row['ours_unpacked']['median_s'])})" for row in packed) + "."]  # fmt: skip
+                f"({_packed_ratio(row)})" for row in packed) + "."]  # fmt: skip
         lines += ["", *targets(out), ""]
     q = r.get("quality")
     if q:

@@ -28,6 +28,11 @@ def test_bench_runs_every_part_beside_diffusers(tmp_path):
     for row in r["step"]:
         assert row["flops"] > 1e6 and 0 < row["ours"]["median_s"] and 0 < row["diffusers"]["median_s"]
         assert row["ours"]["min_s"] <= row["ours"]["median_s"] <= row["ours"]["max_s"]
+    from cldm import prepack
+
+    if prepack.available():  # bf16 on the CPU: the packing measured against a --no-prepack manager, in pairs
+        bf16 = r["step"][1]
+        assert bf16["packed_ratio"] > 0 and bf16["ours_unpacked"]["median_s"] > 0 and "packed_ratio" not in r["step"][0]
     assert {row["impl"] for row in r["generate"]} == {"ours", "diffusers"}
     assert 0 <= r["quality"]["mean_abs"] <= r["quality"]["max_abs"] <= 255
     assert {(row["what"], row["impl"]) for row in r["load"]} >= {("controlnet", "ours"), ("controlnet", "diffusers")}
@@ -39,6 +44,8 @@ def test_bench_runs_every_part_beside_diffusers(tmp_path):
         and "VAE decode" in table
         and "Switching ControlNets" in table
     )
+    if prepack.available():
+        assert "a second manager with --no-prepack, the two stepping in turn" in table
 
 
 def test_the_same_weights_give_the_same_step(tmp_path):
@@ -51,6 +58,9 @@ def test_the_same_weights_give_the_same_step(tmp_path):
     ours, theirs = bp.our_step(sd, cn, 64)(), bp.their_step(pipe, sd.config, 64)()
     assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-4
     assert bp.step_flops(bp.our_step(sd, cn, 64)) > 0
+    packed = bp.our_step(*bp.ours(paths, torch.device("cpu"), torch.bfloat16), 64)()
+    plain = bp.our_step(*bp.ours(paths, torch.device("cpu"), torch.bfloat16, prepack_cpu=False), 64)()
+    assert torch.equal(packed.contiguous(), plain.contiguous())  # the packing's pair: the same step, the same bits
 
 
 def test_auto_dtype_follows_the_cpu(monkeypatch):
