@@ -134,7 +134,7 @@ def run(a: argparse.Namespace) -> dict:
     if "quality" in a.parts:
         res["quality"] = quality_row(paths, device, 64 if a.tiny else 256)
     if "generate" in a.parts:
-        res["generate"] = generate_rows(paths, device, max(a.sizes), a.steps, a.no_diffusers)
+        res["generate"] = generate_rows(paths, device, max(a.sizes), a.steps, a.no_diffusers, a.runs)
     if "load" in a.parts:
         res["load"] = load_rows(paths, device, a.no_diffusers, a.runs)
     if "switch" in a.parts:
@@ -184,49 +184,68 @@ def quality_row(paths: dict, device: torch.device, size: int) -> dict:
     return row
 
 
-def generate_rows(paths: dict, device: torch.device, size: int, steps: int, no_diffusers: bool) -> list[dict]:
-    """One whole generation each: ours in its default dtype, diffusers in its default (fp32) and, where ours is
-    not fp32, in ours too."""
-    import numpy as np
+def _their_generation(paths: dict, device: torch.device, dtype: str, hint, size: int, steps: int):
+    """diffusers' whole generation (DPM++ 2M Karras, as ours), warmed up; None without diffusers."""
+    from PIL import Image
 
+    pipe = bp.theirs(paths, device, getattr(torch, dtype))
+    if pipe is None:
+        return None
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    kw = dict(prompt="a photo of a cat", image=Image.fromarray(hint), width=size, height=size, output_type="np")
+    pipe(**kw, num_inference_steps=1)  # warm-up
+    return lambda: pipe(**kw, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(1))
+
+
+def _generation_pairs(paths: dict, device: torch.device, hint, size: int, steps: int, no_diffusers: bool, runs: int):
+    """Ours in its default dtype and diffusers in the same dtype, generating in turn."""
     from .manager import ModelManager
     from .request import ControlUnit, GenerationRequest
 
-    rows = []
-    hint = (np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8)
     manager = ModelManager(str(paths["base_folder"]), device=str(device), dtype="auto")
     d = str(manager.dtype).removeprefix("torch.")
     request = GenerationRequest("a photo of a cat", units=(ControlUnit(str(paths["cn0_file"]), hint),), steps=steps,
                                 width=size, height=size, sampler="dpmpp_2m_karras", seed=1)  # fmt: skip
-    manager.run(GenerationRequest("warm", steps=1, width=64, height=64, units=request.units))
-    t = time.perf_counter()
-    result = manager.run(request)
-    rows.append({"impl": "ours", "dtype": d, "size": size, "steps": steps, "seconds": time.perf_counter() - t,
-                 "timings": result.timings})  # fmt: skip
-    print("generate", json.dumps(rows[-1]), flush=True)
-    del manager, result
+    manager.run(GenerationRequest("warm", steps=1, width=size, height=size, units=request.units))  # packs at size
+    timings = {}
+
+    def ours():
+        timings.update(manager.run(request).timings)
+
+    same = None if no_diffusers else _their_generation(paths, device, d, hint, size, steps)
+    if same is None:
+        mine, pair = bp.timed(ours, device, runs, warmup=0), None
+    else:
+        mine, pair, ratio = bp.timed_pair(ours, same, device, runs, warmup=0)
+    rows = [{"impl": "ours", "dtype": d, "size": size, "steps": steps, "seconds": mine.median, "min_s": mine.low,
+             "max_s": mine.high, "timings": timings}]  # fmt: skip
+    if pair is not None:
+        rows.append({"impl": "diffusers", "dtype": d, "size": size, "steps": steps, "seconds": pair.median,
+                     "min_s": pair.low, "max_s": pair.high, "ours_ratio": ratio})  # fmt: skip
+    return rows
+
+
+def generate_rows(
+    paths: dict, device: torch.device, size: int, steps: int, no_diffusers: bool, runs: int = 3
+) -> list[dict]:
+    """Whole generations: ours in its default dtype and diffusers in the same dtype, in turn (`runs` pairs; the
+    ratio is the median of the pairs': this VM's speed drifts), then diffusers in its own default (fp32) once, where
+    that differs."""
+    import numpy as np
+
+    hint = (np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8)
+    rows = _generation_pairs(paths, device, hint, size, steps, no_diffusers, runs)
+    for row in rows:
+        print("generate", json.dumps(row), flush=True)
     gc.collect()
-    if no_diffusers:
-        return rows
-    from PIL import Image
-
-    for dd in dict.fromkeys(["float32", d]):
-        pipe = bp.theirs(paths, device, getattr(torch, dd))
-        if pipe is None:
-            break
-        from diffusers import DPMSolverMultistepScheduler
-
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
-        kw = dict(prompt="a photo of a cat", image=Image.fromarray(hint), width=size, height=size)
-        pipe(**kw, num_inference_steps=1, output_type="np")  # warm-up
-        t = time.perf_counter()
-        pipe(**kw, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(1), output_type="np")
-        rows.append(
-            {"impl": "diffusers", "dtype": dd, "size": size, "steps": steps, "seconds": time.perf_counter() - t}
-        )
-        print("generate", json.dumps(rows[-1]), flush=True)
-        del pipe
-        gc.collect()
+    if rows[0]["dtype"] != "float32" and not no_diffusers:
+        fp32 = _their_generation(paths, device, "float32", hint, size, steps)
+        if fp32 is not None:
+            t = bp.timed(fp32, device, 1, warmup=0)
+            rows.append({"impl": "diffusers", "dtype": "float32", "size": size, "steps": steps, "seconds": t.median})
+            print("generate", json.dumps(rows[-1]), flush=True)
     return rows
 
 

@@ -71,9 +71,10 @@ def markdown(out: dict) -> str:
             cells.append([f"{row['size']} px {row['dtype']}", f"{_s(ours)} s", f"{_s(theirs)} s", _pair_ratio(row)])
         lines += _table(["VAE decode, 1 picture", "ours", "diffusers", "ratio"], cells)
     if r.get("generate"):
-        cells = [[f"{row['impl']}, {row['size']} px, {row['steps']} steps", row["dtype"], _s(row["seconds"])]
+        cells = [[f"{row['impl']}, {row['size']} px, {row['steps']} steps", row["dtype"], _s(row["seconds"]),
+                  f"{row['ours_ratio']:.2f}x" if row.get("ours_ratio") is not None else "-"]
                  for row in r["generate"]]  # fmt: skip
-        lines += _table(["whole generation (steps + decode)", "dtype", "seconds"], cells)
+        lines += _table(["whole generation (steps + decode)", "dtype", "seconds", "ours / it (pairs)"], cells)
     if r.get("load"):
         lines += ["| loading | dtype | cold | warm |", "|---|---|---|---|"]
         for row in r["load"]:

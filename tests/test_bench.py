@@ -34,6 +34,11 @@ def test_bench_runs_every_part_beside_diffusers(tmp_path):
         bf16 = r["step"][1]
         assert bf16["packed_ratio"] > 0 and bf16["ours_unpacked"]["median_s"] > 0 and "packed_ratio" not in r["step"][0]
     assert {row["impl"] for row in r["generate"]} == {"ours", "diffusers"}
+    ours, same = r["generate"][:2]  # ours and diffusers in ours' dtype, generating in turn
+    assert same["impl"] == "diffusers" and same["dtype"] == ours["dtype"] and same["ours_ratio"] > 0
+    assert ours["min_s"] <= ours["seconds"] <= ours["max_s"] and ours["timings"]["sampling"] > 0
+    if ours["dtype"] != "float32":  # and diffusers' own default once more
+        assert [(row["impl"], row["dtype"]) for row in r["generate"][2:]] == [("diffusers", "float32")]
     assert 0 <= r["quality"]["mean_abs"] <= r["quality"]["max_abs"] <= 255
     assert {(row["what"], row["impl"]) for row in r["load"]} >= {("controlnet", "ours"), ("controlnet", "diffusers")}
     assert r["switch"][0]["warm_s"] < r["switch"][0]["cold_s"]  # from the cache, not from the file
@@ -43,6 +48,7 @@ def test_bench_runs_every_part_beside_diffusers(tmp_path):
         "Peak matmul rate (the best seen in the run): fp32" in table
         and "VAE decode" in table
         and "Switching ControlNets" in table
+        and "| ours / it (pairs) |" in table
     )
     if prepack.available():
         assert "a second manager with --no-prepack, the two stepping in turn" in table
