@@ -110,16 +110,17 @@ def run(a: argparse.Namespace) -> dict:
         if "step" in a.parts:
             for size in a.sizes:
                 step = bp.our_step(sd, cn, size)
+                plain_step = None if plain is None else bp.our_step(*plain, size)
                 row = {"size": size, "dtype": d}
                 if pipe is None:
                     row["ours"] = bp.timed(step, device, a.runs).as_dict()
                 else:
                     mine, theirs, ratio = bp.timed_pair(step, bp.their_step(pipe, cfg, size), device, a.runs)
                     row.update(ours=mine.as_dict(), diffusers=theirs.as_dict(), ratio=ratio)
-                with prepack.disabled(sd.unet, cn):  # torch's flop counter does not see the packed convolutions
-                    row["flops"] = bp.step_flops(step)
-                if plain is not None:
-                    _, unpacked, ratio = bp.timed_pair(step, bp.our_step(*plain, size), device, a.runs)
+                # torch's flop counter does not see the packed convolutions: it counts the plain manager's step
+                row["flops"] = bp.step_flops(step if plain_step is None else plain_step)
+                if plain_step is not None:
+                    _, unpacked, ratio = bp.timed_pair(step, plain_step, device, a.runs)
                     row.update(ours_unpacked=unpacked.as_dict(), packed_ratio=ratio)
                 if "peak" in a.parts:  # this VM's speed drifts: the peak is the best seen, measured again here
                     again = bp.peak_matmul(device, dtype, n=256 if a.tiny else 2048)
@@ -328,7 +329,7 @@ def memory_rows(folder: Path, a: argparse.Namespace, dtypes: list[str]) -> list[
     """Each configuration in a fresh process (peak memory is per process)."""
     rows = []
     for d in dtypes:
-        plain = ["ours-no-prepack"] if d == "bf16" and resolve_device(a.device).type == "cpu" else []
+        plain = ["ours-no-prepack"] if packs(d, resolve_device(a.device)) else []
         impls = ["ours", *plain] + ([] if a.no_diffusers else ["diffusers"])
         for n in (1, 3):
             for impl in impls:

@@ -11,17 +11,9 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
 
 
-def _pair_ratio(row: dict) -> str:
-    """The median of the alternating pairs' ratios where the bench timed them so; else the medians' ratio."""
-    if row.get("ratio") is not None:
-        return f"{row['ratio']:.2f}x"
-    return _ratio(row["ours"]["median_s"], (row.get("diffusers") or {}).get("median_s"))
-
-
-def _packed_ratio(row: dict) -> str:
-    if row.get("packed_ratio") is not None:
-        return f"{row['packed_ratio']:.2f}x"
-    return _ratio(row["ours"]["median_s"], row["ours_unpacked"]["median_s"])
+def _pair_ratio(stored: float | None, a: float | None = None, b: float | None = None) -> str:
+    """The median of the alternating pairs' ratios where the bench timed them so; else the medians' ratio a / b."""
+    return f"{stored:.2f}x" if stored is not None else _ratio(a, b)
 
 
 def _gib(b: float) -> str:
@@ -50,14 +42,16 @@ def markdown(out: dict) -> str:
             ours, theirs = row["ours"]["median_s"], (row.get("diffusers") or {}).get("median_s")
             p = peak.get(row["dtype"])
             frac = ["-" if not p or t is None else f"{100 * row['flops'] / t / p:.0f}%" for t in (ours, theirs)]
-            lines.append(f"| {row['size']} px {row['dtype']} | {_s(ours)} s | {_s(theirs)} s | {_pair_ratio(row)} "
+            ratio = _pair_ratio(row.get("ratio"), ours, theirs)
+            lines.append(f"| {row['size']} px {row['dtype']} | {_s(ours)} s | {_s(theirs)} s | {ratio} "
                          f"| {row['flops'] / 1e9:.0f} | {frac[0]} | {frac[1]} |")  # fmt: skip
         packed = [row for row in r["step"] if "ours_unpacked" in row]
         if packed:
             lines += ["", "Prepacked bf16 convolutions (cldm/prepack.py), ours with / without them (a second manager "
                       "with --no-prepack, the two stepping in turn; the ratio is the median of the pairs'): " + ", ".join(
                 f"{row['size']} px {_s(row['ours']['median_s'])} s / {_s(row['ours_unpacked']['median_s'])} s "
-                f"({_packed_ratio(row)})" for row in packed) + "."]  # fmt: skip
+                f"({_pair_ratio(row.get('packed_ratio'), row['ours']['median_s'], row['ours_unpacked']['median_s'])})"
+                for row in packed) + "."]  # fmt: skip
         lines += ["", *targets(out), ""]
     q = r.get("quality")
     if q:
@@ -68,11 +62,12 @@ def markdown(out: dict) -> str:
         cells = []
         for row in r["vae"]:
             ours, theirs = row["ours"]["median_s"], (row.get("diffusers") or {}).get("median_s")
-            cells.append([f"{row['size']} px {row['dtype']}", f"{_s(ours)} s", f"{_s(theirs)} s", _pair_ratio(row)])
+            ratio = _pair_ratio(row.get("ratio"), ours, theirs)
+            cells.append([f"{row['size']} px {row['dtype']}", f"{_s(ours)} s", f"{_s(theirs)} s", ratio])
         lines += _table(["VAE decode, 1 picture", "ours", "diffusers", "ratio"], cells)
     if r.get("generate"):
         cells = [[f"{row['impl']}, {row['size']} px, {row['steps']} steps", row["dtype"], _s(row["seconds"]),
-                  f"{row['ours_ratio']:.2f}x" if row.get("ours_ratio") is not None else "-"]
+                  _pair_ratio(row.get("ours_ratio"))]
                  for row in r["generate"]]  # fmt: skip
         lines += _table(["whole generation (steps + decode)", "dtype", "seconds", "ours / it (pairs)"], cells)
     if r.get("load"):

@@ -64,8 +64,14 @@ def test_the_same_weights_give_the_same_step(tmp_path):
     ours, theirs = bp.our_step(sd, cn, 64)(), bp.their_step(pipe, sd.config, 64)()
     assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-4
     assert bp.step_flops(bp.our_step(sd, cn, 64)) > 0
-    packed = bp.our_step(*bp.ours(paths, torch.device("cpu"), torch.bfloat16), 64)()
-    plain = bp.our_step(*bp.ours(paths, torch.device("cpu"), torch.bfloat16, prepack_cpu=False), 64)()
+    from cldm import prepack
+
+    packed_models = bp.ours(paths, torch.device("cpu"), torch.bfloat16)
+    plain_models = bp.ours(paths, torch.device("cpu"), torch.bfloat16, prepack_cpu=False)
+    unet_and_controlnet = [(sd.unet, cn) for sd, cn in (packed_models, plain_models)]
+    assert not any(prepack.is_enabled(m) for m in unet_and_controlnet[1])  # the pair's plain side really is plain
+    assert all(prepack.is_enabled(m) for m in unet_and_controlnet[0]) or not prepack.available()
+    packed, plain = bp.our_step(*packed_models, 64)(), bp.our_step(*plain_models, 64)()
     assert torch.equal(packed.contiguous(), plain.contiguous())  # the packing's pair: the same step, the same bits
 
 
