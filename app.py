@@ -21,6 +21,7 @@ from cldm.manager import ModelManager
 from cldm.weights import DEFAULT_BASE_REPO, VAE_FROM_CHECKPOINT
 from conditions import CONDITIONS, EXAMPLES_DIR, Condition
 from forms import BasePanel, Form, SizePanel, UnitOptionsPanel
+from gate import arrived, middleware
 from handlers import friendly, session, stop_button, streamed
 from launch import quiet_dependencies, read_auth
 from panels import (
@@ -115,16 +116,16 @@ def condition_tab(studio: Studio, cond: Condition, base: BasePanel) -> Receivers
     @friendly(studio)
     def do_run(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's progress bar)
         u, s = run_form.read(values)
-        return studio.generate([u], s, progress, session=session(request))
+        return studio.generate([u], s, progress, session=session(request), sent_at=arrived(request))
 
     @friendly(studio)
     def do_generate(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008
         u, s, (options,), more, image_prompt, base_name = gen_form.read(values)
-        who = session(request)
+        who, sent = session(request), arrived(request)
 
         def work(prog, show):
             return studio.generate([replace(u, **options)], s, prog, image_prompt, session=who, extras=more,
-                                   preview=show, base=base_name)  # fmt: skip
+                                   preview=show, base=base_name, sent_at=sent)  # fmt: skip
 
         yield from streamed(studio, work, progress, who)
 
@@ -181,17 +182,18 @@ def multi_tab(studio: Studio, base: BasePanel) -> Receivers:
     def do_run(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's progress bar)
         records = form.read(values)
         chosen = chosen_units(records, [{}] * len(units))
-        return studio.generate(chosen, records[len(units)], progress, session=session(request))
+        return studio.generate(chosen, records[len(units)], progress, session=session(request),
+                               sent_at=arrived(request))  # fmt: skip
 
     @friendly(studio)
     def do_generate(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008
         records = gen_form.read(values)
         s, options, more, image_prompt, base_name = records[len(units) :]
-        chosen, who = chosen_units(records, options), session(request)
+        chosen, who, sent = chosen_units(records, options), session(request), arrived(request)
 
         def work(prog, show):
             return studio.generate(chosen, s, prog, image_prompt, session=who, extras=more, preview=show,
-                                   base=base_name)  # fmt: skip
+                                   base=base_name, sent_at=sent)  # fmt: skip
 
         yield from streamed(studio, work, progress, who)
 
@@ -223,16 +225,17 @@ def picture_prompt_tab(studio: Studio, base: BasePanel) -> None:
     @friendly(studio)
     def do_run(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's progress bar)
         image_prompt, reference, s = form.read(values)
-        return studio.generate([], s, progress, image_prompt, reference, session=session(request))
+        return studio.generate([], s, progress, image_prompt, reference, session=session(request),
+                               sent_at=arrived(request))  # fmt: skip
 
     @friendly(studio)
     def do_generate(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008
         image_prompt, reference, s, more, base_name = gen_form.read(values)
-        who = session(request)
+        who, sent = session(request), arrived(request)
 
         def work(prog, show):
             return studio.generate([], s, prog, image_prompt, reference, session=who, extras=more, preview=show,
-                                   base=base_name)  # fmt: skip
+                                   base=base_name, sent_at=sent)  # fmt: skip
 
         yield from streamed(studio, work, progress, who)
 
@@ -263,7 +266,7 @@ def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | 
             with gr.Tab("Image prompt", id="image_prompt"):
                 picture_prompt_tab(studio, base)
             with gr.Tab("Batch", id="batch"):
-                batch_tab(studio)
+                batch_tab(studio, base)
             with gr.Tab("PNG info", id="png_info"):
                 png_info_tab(studio, receivers, tabs)
         refresh_lists(studio, demo, base, refresh)
@@ -341,8 +344,13 @@ def main(argv: list[str] | None = None) -> None:
     where = f"{a.serve_replicas} Ray Serve replicas on {manager.device}" if a.serve_replicas else manager.device
     demo = build_app(studio, banner=f"{banner} Device: {where}.")
     demo.queue(max_size=a.queue_size, default_concurrency_limit=max(1, a.serve_replicas))  # one per replica
-    demo.launch(server_name=a.host, server_port=a.port, share=a.share, max_file_size=MAX_FILE_SIZE,
-                allowed_paths=[str(studio.out_dir)], show_error=True, auth=auth or None)  # fmt: skip
+    serve(demo, server_name=a.host, server_port=a.port, share=a.share, allowed_paths=[str(studio.out_dir)],
+          show_error=True, auth=auth or None)  # fmt: skip
+
+
+def serve(demo: gr.Blocks, **options):
+    """`demo.launch(**options)` with the gate (`gate.py`) in front of every route and the upload size cap."""
+    return demo.launch(app_kwargs={"middleware": middleware()}, max_file_size=MAX_FILE_SIZE, **options)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from cldm.errors import InputError
 from cldm.images import write_atomic
 from cldm.samplers import SAMPLER_LABELS, SAMPLERS
 from conditions import ADDED_PROMPT, CONDITIONS, NEGATIVE_PROMPT
+from forms import BasePanel
+from gate import arrived
 from handlers import friendly, session, stop_button
 from scale.batch import Batch, run_local
 from scale.jobs import RowError, make_job
@@ -87,11 +89,14 @@ def prune_batches(out_dir: Path, keep: int, hours: float) -> None:
 
 def run_batch(studio: Studio, uploads: list[str], key: str, preprocessor: str, template: str, negative: str,
               seed: int, steps: int, cfg: float, sampler: str, width: int, height: int, scale: float,
-              strength: float, progress, who: str | None = None):  # fmt: skip
-    """(gallery, status line, [zip]) for one batch; the session's Stop ends it after the current picture."""
+              strength: float, progress, who: str | None = None, base: str | None = None,
+              sent_at: float | None = None):  # fmt: skip
+    """(gallery, status line, [zip]) for one batch on the base it names (`studio.bases`; None: the page's first);
+    the session's Stop ends it after the current picture."""
     cond = next((c for c in CONDITIONS if c.key == key), None)
     if cond is None or cond.inpaint or not studio.available(cond):
         raise InputError(f"{key!r} cannot run as a batch here; choose one of the listed conditions.")
+    base_path = studio.base_path(base)
     prune_batches(studio.out_dir, KEEP_BATCHES - 1, studio.limits.keep_hours)  # room for this one
     folder = studio.out_dir / f"batch-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     pictures = unpack(uploads, folder / "inputs")
@@ -108,9 +113,8 @@ def run_batch(studio: Studio, uploads: list[str], key: str, preprocessor: str, t
             jobs.append(make_job(i, row, defaults, folder / "inputs"))
         except InputError as e:
             bad.append(RowError(i, picture.stem, str(e)))
-    batch = Batch(jobs, bad, folder / "pictures", Setup(studio.manager.base_path, studio.models_dir))
-    flag = studio.stop_flag(who)
-    flag.clear()
+    batch = Batch(jobs, bad, folder / "pictures", Setup(base_path, studio.models_dir))
+    flag = studio.start(who, sent_at)
     progress(0, desc=f"batch: {len(jobs)} pictures")
     try:
         summary = run_local(batch, lambda i, n: progress(i / n, desc=f"batch: {i}/{n} pictures"), flag,
@@ -128,7 +132,7 @@ def run_batch(studio: Studio, uploads: list[str], key: str, preprocessor: str, t
     return [(str(f), f.stem) for f in made], status, [str(archive)]
 
 
-def batch_tab(studio: Studio) -> None:
+def batch_tab(studio: Studio, base: BasePanel) -> None:
     conds = [c for c in CONDITIONS if not c.inpaint and studio.available(c)]
     first = conds[0]
     d = studio.defaults
@@ -171,8 +175,10 @@ def batch_tab(studio: Studio) -> None:
 
     @friendly(studio)
     def do_batch(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's progress bar)
-        return run_batch(studio, *values, progress, who=session(request))
+        *settings, base_name = values
+        return run_batch(studio, *settings, progress, who=session(request), base=base_name, sent_at=arrived(request))
 
-    inputs = [uploads, cond, pre, prompt, negative, seed, steps, cfg, sampler, width, height, scale, strength]
+    inputs = [uploads, cond, pre, prompt, negative, seed, steps, cfg, sampler, width, height, scale, strength,
+              base.choice]  # fmt: skip
     run.click(do_batch, inputs, [gallery, status, archive], api_name="batch_run")
     stop_button(studio, stop, "batch")

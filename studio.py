@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -53,6 +54,9 @@ log = logging.getLogger("studio")
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
 DEMO_BASE = "shapes_sd.safetensors"
 Progress = Callable[..., None]  # progress(fraction, desc=...), as gr.Progress takes it
+# a Stop is remembered (per session) long enough to reach a generation that waited in a full queue, and no longer
+STOP_MEMORY_S = 3600.0
+MAX_REMEMBERED_STOPS = 10_000  # sessions; the oldest are forgotten first
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,8 @@ class Studio:
             stale.unlink(missing_ok=True)
         self.limits = limits or Limits.for_device(manager.device.type)
         self.bases = self._find_bases(manager.base_path)
-        self._stops: dict[str, threading.Event] = {}  # session -> its Stop button was pressed
+        self._stops: dict[str, threading.Event] = {}  # session -> its running generation's Stop flag
+        self._stopped_at: OrderedDict[str, float] = OrderedDict()  # session -> when its Stop was last pressed
         self._stops_lock = threading.Lock()
 
     def _find_bases(self, first: str) -> dict[str, str]:
@@ -103,6 +108,14 @@ class Studio:
         if self.card is None:
             bases.update({k: v for k, v in weights.list_bases(self.models_dir).items() if k not in bases})
         return bases
+
+    def base_path(self, name: str | None) -> str:
+        """The base a request names (a key of `bases`), or the first one: what the page shows by default."""
+        if name is None or name == "":
+            return next(iter(self.bases.values()))
+        if name not in self.bases:
+            raise InputError(f"Unknown base model {name!r}; choose one of {', '.join(self.bases)}.")
+        return self.bases[name]
 
     def refresh_models(self) -> ModelLists:
         """The models folder read again, as A1111's refresh buttons do: new or removed bases, LoRAs and VAEs show in
@@ -116,19 +129,32 @@ class Studio:
 
     # ---------------------------------------------------------------------------------------------------- stop
     def stop(self, session: str | None) -> str:
-        """The Stop button: the session's running generation ends at its next step boundary."""
+        """The Stop button: the session's running generation ends at its next step boundary; one that was sent but
+        has not started yet (waiting in the queue) does not start."""
+        now = time.monotonic()
         with self._stops_lock:
             event = self._stops.get(session or "")
+            self._stopped_at[session or ""] = now
+            self._stopped_at.move_to_end(session or "")
+            while len(self._stopped_at) > MAX_REMEMBERED_STOPS or next(iter(self._stopped_at.values())) < now - (
+                STOP_MEMORY_S
+            ):
+                self._stopped_at.popitem(last=False)
         if event is None:
-            log.info("stop: nothing running for session %s (running: %s)", session, list(self._stops))
-            return "Nothing is running."
+            log.info("stop: nothing running yet for session %s", session)
+            return "Nothing is running (a generation already sent will not start)."
         event.set()
         return "Stopping at the next step..."
 
-    def stop_flag(self, session: str | None) -> threading.Event:
-        """The session's Stop flag, set by the Stop button until `release(session)`."""
+    def start(self, session: str | None, sent_at: float | None = None) -> threading.Event:
+        """The session's Stop flag for a generation sent at `sent_at` (time.monotonic(); None: now), set by the Stop
+        button until `release(session)`: already set if Stop was pressed after the generation was sent."""
         with self._stops_lock:
-            return self._stops.setdefault(session or "", threading.Event())
+            flag = self._stops[session or ""] = threading.Event()
+            stopped = self._stopped_at.get(session or "")
+            if sent_at is not None and stopped is not None and stopped >= sent_at:
+                flag.set()
+            return flag
 
     def release(self, session: str | None) -> None:
         with self._stops_lock:
@@ -297,14 +323,17 @@ class Studio:
     def generate(self, units: list[UnitSettings], s: Settings, progress: Progress,
                  ip: ImagePromptSettings | None = None, ref: ReferenceSettings | None = None,
                  session: str | None = None, extras: PassSettings | None = None,
-                 preview: Callable[[np.ndarray], None] | None = None, base: str | None = None):  # fmt: skip
+                 preview: Callable[[np.ndarray], None] | None = None, base: str | None = None,
+                 sent_at: float | None = None):  # fmt: skip
         """Run one request: (gallery items: hints then pictures, status line, PNG files with their parameters).
 
-        The session's Stop button ends it at the next step boundary (Stopped is raised; nothing is written).
-        `preview(pictures)` gets the live previews (every `extras.preview_every` steps)."""
+        `base` names one of `self.bases` (None: the first, the one the page shows until the user picks another):
+        every request runs on the base it names, whatever another user's request loaded before it. The session's Stop
+        button ends it at the next step boundary, or before it starts if pressed after `sent_at` (Stopped is raised;
+        nothing is written). `preview(pictures)` gets the live previews (every `extras.preview_every` steps)."""
         self.check_work(units, s, extras)
-        flag = self.stop_flag(session)  # from now on, Stop ends this request (preparing the hints included)
-        flag.clear()
+        base_path = self.base_path(base)
+        flag = self.start(session, sent_at)  # from now on, Stop ends this request (preparing the hints included)
 
         def step(i: int, n: int) -> None:
             if flag.is_set():
@@ -313,11 +342,10 @@ class Studio:
 
         try:
             seed = random.randint(0, MAX_SEED) if s.randomize else int(s.seed)
+            if flag.is_set():
+                raise Stopped("Stopped before it started; nothing was saved.")
             request, shown, note = self.request(units, s, seed, progress, ip, ref, extras)
-            if base is not None:
-                if base not in self.bases:
-                    raise InputError(f"Unknown base model {base!r}; choose one of {', '.join(self.bases)}.")
-                request = replace(request, base=self.bases[base])
+            request = replace(request, base=base_path)
             if flag.is_set():
                 raise Stopped("Stopped before sampling; nothing was saved.")
             t0 = time.perf_counter()

@@ -112,7 +112,7 @@ def prepare(job: Job, setup: Setup) -> Prepared:
         prompt, negative, (unit,), steps=job.steps, cfg_scale=job.cfg, sampler=job.sampler, seed=job.seed,
         width=width, height=height, batch=job.pictures, clip_skip=job.clip_skip or clip_skip,
         init_image=load_rgb(job.init_image) if job.init_image else None, strength=job.strength,
-        resize_mode=job.resize_mode, seed_per_picture=True,
+        resize_mode=job.resize_mode, seed_per_picture=True, base=setup.base,
     ).validate()  # every field checked before the preprocessor runs  # fmt: skip
     hint = fitted_hint(preprocessor, img, width, height, job.resize_mode, resolution, setup.models_dir)
     request = replace(request, units=(replace(unit, hint=hint),))

@@ -381,3 +381,40 @@ def test_stop_ends_the_generation_at_a_step_and_frees_the_model(client, square, 
     _, status, files = client.predict(*_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values(),
                                       api_name="/canny_run")  # fmt: skip
     assert "seed 7" in status and len(files) == 1
+
+
+@pytest.mark.parametrize("endpoint", ["/canny_run", "/canny_generate"])
+def test_stop_pressed_while_the_generate_waits_in_the_queue_is_not_lost(client, square, running_app, endpoint):
+    """Issue 24: a Stop sent after Generate but before its handler ran (here: while it waits in the queue behind
+    four others) stops it; before, Stop answered "Nothing is running" and the generation ran to its end. A Stop
+    pressed before a Generate was sent does not stop that Generate."""
+    import time
+
+    from gradio_client import Client, handle_file
+    from gradio_client.utils import Status
+
+    def args(settings: dict) -> list:
+        out = [*_unit(handle_file(square), "canny", (100, 200)), *settings.values()]
+        return out + ([*_extras(), None, "ip-adapter_sd15", 0.6, None] if endpoint == "/canny_generate" else [])
+
+    def wait(job, codes) -> None:
+        t0 = time.time()
+        while job.status().code not in codes and time.time() - t0 < 60:
+            time.sleep(0.01)
+
+    url, manager = running_app[0], running_app[1]
+    others = Client(url, verbose=False)
+    with manager.lock:  # the four running requests wait for the model: the fifth waits in the queue
+        blockers = [others.submit(*args(SETTINGS), api_name=endpoint) for _ in range(4)]
+        for b in blockers:
+            wait(b, (Status.PROCESSING, Status.PROGRESS))
+        job = client.submit(*args(dict(SETTINGS, steps=100, batch=4)), api_name=endpoint)
+        wait(job, (Status.IN_QUEUE,))
+        time.sleep(0.2)
+        assert job.status().code == Status.IN_QUEUE
+        client.predict(api_name="/canny_stop")
+    with pytest.raises(Exception, match=r"Stopped before it started; nothing was saved"):
+        job.result(timeout=120)
+    assert all(len(b.result(timeout=120)[2]) == 1 for b in blockers)  # the other client's requests are not stopped
+    _, status, files = client.predict(*args(SETTINGS), api_name=endpoint)[-3:]  # the Stop before it: no effect
+    assert "seed 7" in status and len(files) == 1

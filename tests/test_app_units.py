@@ -358,3 +358,63 @@ def test_image_prompt_tab_names_its_base_and_takes_img2img(client, running_app, 
         assert Image.open(hires[0]).size == (96, 96)
     finally:
         client.predict(*head, *PASS.values(), start, api_name="/image_prompt_generate")  # the other tests' base
+
+
+def test_every_request_runs_on_the_base_it_names_whatever_another_client_loaded(running_app, tmp_path):
+    """Issue 24: client X works on `other.safetensors` while client Y uses the tabs' old endpoint (no base: the
+    page's first base) and the Batch tab (its base from the page). Run at once through the queue, every picture is
+    the one it is alone, byte for byte, and says its base; before, Y's pictures came out on X's base."""
+    import threading
+    import zipfile
+
+    from gradio_client import Client, handle_file
+
+    url, manager = running_app[0], running_app[1]
+    start = Path(manager.base_path).name
+    img = np.zeros((SIZE, SIZE, 3), np.uint8)
+    img[16:48, 20:44] = 255
+    Image.fromarray(img).save(tmp_path / "shape.png")
+    picture = handle_file(str(tmp_path / "shape.png"))
+    unit = _unit(picture, "canny", (100, 200))
+    on_other = [*unit, *SETTINGS.values(), *_extras(), None, "ip-adapter_sd15", 0.6, "other.safetensors"]
+    old = [*unit, *SETTINGS.values()]
+    batch = [[picture], "canny", "none", "a {stem} shape", "", 100, 2, 5.0, "ddim", SIZE, SIZE, 1.0, 0.75]
+
+    def pixels(path) -> bytes:
+        return np.asarray(Image.open(path)).tobytes()
+
+    def batch_pixels(archive) -> bytes:
+        with zipfile.ZipFile(archive) as z:
+            png = z.read("shape.png")
+        import io
+
+        return np.asarray(Image.open(io.BytesIO(png))).tobytes()
+
+    calls = {
+        "x": lambda c: pixels(c.predict(*on_other, api_name="/canny_generate")[2][0]),
+        "y_old": lambda c: pixels(c.predict(*old, api_name="/canny_run")[2][0]),
+        "y_batch": lambda c: batch_pixels(c.predict(*batch, api_name="/batch_run")[2][0]),
+        "y_batch_other": lambda c: batch_pixels(c.predict(*batch, "other.safetensors", api_name="/batch_run")[2][0]),
+    }
+    x, y = Client(url, verbose=False), Client(url, verbose=False)
+    try:
+        calls["x"](x)  # X loads the other base: what Y's next requests find loaded
+        serial = {k: calls[k](y if k.startswith("y") else x) for k in ("y_old", "x", "y_batch", "x", "y_batch_other")}
+        assert serial["y_old"] != serial["x"] and serial["y_batch"] != serial["y_batch_other"]  # the bases differ
+        text = Image.open(y.predict(*old, api_name="/canny_run")[2][0]).text["parameters"]
+        assert f"Model: {Path(start).stem}" in text or f"Model: {start}" in text
+        for order in (["x", "y_old", "y_batch", "y_batch_other"], ["y_batch", "x", "y_batch_other", "y_old"]):
+            out: dict[str, bytes] = {}  # interleaved through the queue (4 at once), in two orders
+
+            def call(k: str, out: dict = out) -> None:
+                out[k] = calls[k](y if k.startswith("y") else x)
+
+            threads = [threading.Thread(target=call, args=(k,)) for k in order]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=300)
+            assert out == serial
+    finally:
+        y.predict(*[*unit, *SETTINGS.values(), *_extras(), None, "ip-adapter_sd15", 0.6, start],
+                  api_name="/canny_generate")  # the other tests' base  # fmt: skip

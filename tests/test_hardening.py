@@ -350,14 +350,27 @@ def test_auth_pairs_and_file(tmp_path):
         app.read_auth([], str(tmp_path / "missing"))
 
 
+def _every_route(routes):
+    """The app's routes, those of included routers (Gradio's /gradio_api one) flattened in."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        yield from _every_route(inner.routes) if inner is not None else [route]
+
+
 def test_a_server_with_auth_refuses_anonymous_clients(ours, tmp_path):
+    """Issue 24: under --auth no route answers without a login but the login page and the login form's handler.
+    Gradio alone served its page config (every endpoint, the model lists) on `/`, the heartbeat, and `/cancel`,
+    which stopped a logged-in user's job for anyone who knew its session hash and event id."""
+    import re
     import socket
 
     import httpx
     from gradio_client import Client
+    from starlette.routing import Mount
 
     import app
     from cldm.manager import ModelManager
+    from gate import OPEN_PATHS
     from studio import Studio
 
     manager = ModelManager.__new__(ModelManager)  # no model is needed to check the door
@@ -368,13 +381,34 @@ def test_a_server_with_auth_refuses_anonymous_clients(ours, tmp_path):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                  auth=[("ana", "s3cret")])  # fmt: skip
+    app.serve(blocks, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+              auth=[("ana", "s3cret")])  # fmt: skip
     try:
-        url = f"http://127.0.0.1:{port}/"
-        assert httpx.get(url + "config").status_code in (401, 403)
-        assert httpx.post(url + "login", data={"username": "ana", "password": "wrong"}).status_code in (400, 401)
-        Client(url, auth=("ana", "s3cret"), verbose=False)  # logs in and reads the API
+        url = f"http://127.0.0.1:{port}"
+        page = httpx.get(url + "/")
+        assert page.status_code == 200 and 'type="password"' in page.text
+        assert "canny" not in page.text and "gradio_api_info" not in page.text and str(tmp_path) not in page.text
+        answered, routes = [], list(_every_route(blocks.app.routes))
+        for route in routes:
+            path = re.sub(r"\{[^}]*\}", "x", route.path) + ("/x" if isinstance(route, Mount) else "")
+            methods = sorted(getattr(route, "methods", None) or {"GET"})
+            for method in methods:
+                if path in OPEN_PATHS or method == "HEAD":
+                    continue
+                r = httpx.request(method, url + path, json={"session_hash": "s", "fn_index": 0, "event_id": "e"},
+                                  timeout=10)  # fmt: skip
+                if r.status_code != 401:
+                    answered.append((method, path, r.status_code))
+        assert not answered
+        assert len(routes) > 80  # every route was tried, Gradio's API router's included
+        assert httpx.post(url + "/login", data={"username": "ana", "password": "wrong"}).status_code in (400, 401)
+        Client(url + "/", auth=("ana", "s3cret"), verbose=False)  # logs in and reads the API
+        with httpx.Client() as browser:
+            assert browser.post(url + "/login", data={"username": "ana", "password": "s3cret"}).status_code == 200
+            assert "gradio_api_info" in browser.get(url + "/").text  # the real page once logged in
+            cancel = browser.post(url + "/gradio_api/cancel", json={"session_hash": "s", "fn_index": 0,
+                                                                    "event_id": "e"})  # fmt: skip
+            assert cancel.status_code == 200
     finally:
         blocks.close()
 

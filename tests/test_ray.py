@@ -176,7 +176,7 @@ def test_two_clients_through_a_two_replica_deployment(cluster, tmp_path):
     studio = app.Studio(remote, str(DEMO), str(tmp_path / "out"), card=card_for(BASE))
     blocks = app.build_app(studio, banner="served")
     blocks.queue(max_size=8, default_concurrency_limit=2)
-    _, url, _ = blocks.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    _, url, _ = app.serve(blocks, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
         samples = [make_sample(9_000 + i, 64) for i in range(2)]
         for i, s in enumerate(samples):
