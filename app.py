@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
                    "4-6 GB cards)")  # fmt: skip
     p.add_argument("--no-prepack", action="store_true", help="bf16 on the CPU without the prepacked convolutions "
                    "(about 2 GiB less memory with one ControlNet; slower steps)")  # fmt: skip
+    p.add_argument("--no-trim-memory", action="store_true", help="leave freed memory with the allocator after each "
+                   "request (the server's RSS then creeps up; see docs on the load test)")  # fmt: skip
     g = p.add_argument_group("serving on Ray (pip install -r requirements-scale.txt)")
     g.add_argument("--serve-replicas", type=int, default=0, metavar="N",
                    help="run the model as a Ray Serve deployment of N replicas (one per GPU); N requests at once")  # fmt: skip
@@ -332,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
                         str(embeddings_dir), a.cpus_per_replica)  # fmt: skip
     else:
         manager = ModelManager(base, device=a.device, dtype=a.dtype, cache_bytes=int(a.cache_gb * 1024**3),
-                               low_vram=a.low_vram, prepack_cpu=not a.no_prepack)  # fmt: skip
+                               low_vram=a.low_vram, prepack_cpu=not a.no_prepack,
+                               trim_memory=not a.no_trim_memory)  # fmt: skip
     log.warning("running on %s in %s%s", manager.device, str(manager.dtype).removeprefix("torch."),
                 " (prepacked bf16 convolutions)" if manager.prepack_cpu else "")  # fmt: skip
     for name, why in manager.load_embeddings(embeddings_dir).items():
@@ -345,12 +348,17 @@ def main(argv: list[str] | None = None) -> None:
     demo = build_app(studio, banner=f"{banner} Device: {where}.")
     demo.queue(max_size=a.queue_size, default_concurrency_limit=max(1, a.serve_replicas))  # one per replica
     serve(demo, server_name=a.host, server_port=a.port, share=a.share, allowed_paths=[str(studio.out_dir)],
-          show_error=True, auth=auth or None)  # fmt: skip
+          auth=auth or None)  # fmt: skip
 
 
 def serve(demo: gr.Blocks, **options):
-    """`demo.launch(**options)` with the gate (`gate.py`) in front of every route and the upload size cap."""
-    return demo.launch(app_kwargs={"middleware": middleware()}, max_file_size=MAX_FILE_SIZE, **options)
+    """`demo.launch(**options)` with the gate (`gate.py`) in front of every route and the upload size cap.
+
+    Errors Gradio raises itself before a handler runs are not shown (they name server paths, e.g. "Cannot move
+    /srv/app/file:/etc/passwd ..."); every handler's own error is a gr.Error, which Gradio always shows."""
+    return demo.launch(
+        app_kwargs={"middleware": middleware()}, max_file_size=MAX_FILE_SIZE, show_error=False, **options
+    )
 
 
 if __name__ == "__main__":

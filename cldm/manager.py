@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints, file_hashes, offload, prepack, weights
+from . import allocator, checkpoints, file_hashes, offload, prepack, weights
 from .controlnet import ControlNet, fit_problem
 from .embeddings import from_state as embedding_from
 from .errors import CheckpointError, InputError
@@ -97,8 +97,10 @@ class ModelManager:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         prepack_cpu: bool = True,
         low_vram: bool = False,
+        trim_memory: bool = True,
     ):
         self.base_path = base
+        self.trim_memory = trim_memory  # freed memory back to the system after each request (allocator.py)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.cache_bytes = cache_bytes
@@ -358,10 +360,14 @@ class ModelManager:
                 else self.vae(str(request.vae))
             )
             request = replace(request, units=units, image_prompt=image_prompt, loras=loras, vae=vae)
-            if self.offloader is None:
-                result = generate(sd, request, callback, preview, preview_every)
-            else:
-                result = self._offloaded(sd, request, callback, preview, preview_every)
+            try:
+                if self.offloader is None:
+                    result = generate(sd, request, callback, preview, preview_every)
+                else:
+                    result = self._offloaded(sd, request, callback, preview, preview_every)
+            finally:
+                if self.trim_memory:
+                    allocator.trim()
             result.timings["swap"] = swap
             if self.device.type == "cuda":
                 result.timings["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 1024**3

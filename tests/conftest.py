@@ -121,7 +121,7 @@ def running_app(tiny_dirs, ours, other_controlnet, misfit_controlnet, tmp_path_f
     demo = app.build_app(studio)
     demo.queue(max_size=8, default_concurrency_limit=4)  # requests really overlap: the manager's lock must hold
     port = _free_port()
-    app.serve(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=True,
+    app.serve(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                 allowed_paths=[str(studio.out_dir)])  # fmt: skip
     yield f"http://127.0.0.1:{port}/", manager, studio.out_dir, models
     demo.close()
@@ -144,6 +144,6 @@ def demo_app(tmp_path_factory):
     blocks = app.build_app(studio, banner="demo")
     blocks.queue(max_size=8)
     port = _free_port()
-    app.serve(blocks, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=True)
+    app.serve(blocks, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", manager
     blocks.close()

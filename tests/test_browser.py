@@ -170,3 +170,42 @@ def test_browser_image_prompt_tab_on_the_demo_model(demo_page, tmp_path):
     border = np.concatenate([result[:3].reshape(-1, 3), result[-3:].reshape(-1, 3)])
     page.set_viewport_size({"width": 1400, "height": 1000})
     assert nearest_colour(np.median(border, axis=0)) == "blue", np.median(border, axis=0)
+
+
+def test_browser_logs_in_through_the_gate(browser, tmp_path):
+    """Under --auth a browser first sees the login page (nothing of the app), a wrong password says so, the right
+    one opens the app; the page's files and API answer only after the login."""
+    import socket
+
+    import torch
+
+    import app
+    from cldm.manager import ModelManager
+    from studio import Studio
+
+    manager = ModelManager.__new__(ModelManager)  # no model is needed to check the door
+    manager.device, manager.base_path = torch.device("cpu"), "sd"
+    blocks = app.build_app(Studio(manager, None, str(tmp_path)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app.serve(blocks, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+              auth=[("ana", "s3cret")])  # fmt: skip
+    pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+    pg.set_default_timeout(60_000)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        pg.goto(url)
+        assert "canny" not in pg.content().lower()
+        assert pg.request.get(url + "config").status == 401
+        pg.get_by_label("User name").fill("ana")
+        pg.get_by_label("Password").fill("wrong")
+        pg.get_by_role("button", name="Log in").click()
+        pg.get_by_text("Wrong user name or password.").wait_for()
+        pg.get_by_label("Password").fill("s3cret")
+        pg.get_by_role("button", name="Log in").click()
+        pg.get_by_role("tab", name="Canny").wait_for()  # the app itself, built from the condition table
+        assert pg.request.get(url + "config").status == 200
+    finally:
+        pg.close()
+        blocks.close()

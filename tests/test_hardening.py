@@ -283,6 +283,21 @@ def test_messages_show_no_server_paths_and_escape_user_text(client, tmp_path):
     assert "&lt;img src=x onerror=alert(1)&gt;" in str(e.value) and "<img" not in str(e.value)
 
 
+def test_a_path_that_was_not_uploaded_is_refused_without_naming_server_folders(running_app):
+    """Issue 24: Gradio refuses a file path that was not uploaded, and used to say so with the server's working
+    directory ("Cannot move /srv/app/file:/etc/passwd ..."); the refusal now names nothing of the server."""
+    import os
+
+    import httpx
+
+    url = running_app[0]
+    for path in ("file:/etc/passwd", "/etc/passwd", "../../etc/passwd"):
+        picture = {"path": path, "meta": {"_type": "gradio.FileData"}}
+        r = httpx.post(url + "gradio_api/call/canny_preview", json={"data": _unit(picture, "canny") + [SIZE, SIZE]})
+        answer = httpx.get(url + f"gradio_api/call/canny_preview/{r.json()['event_id']}", timeout=60).text
+        assert answer.startswith("event: error") and os.getcwd() not in answer and "passwd" not in answer
+
+
 def test_missing_values_through_the_api_are_named(client, tmp_path):
     from gradio_client import handle_file
 

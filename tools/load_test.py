@@ -51,12 +51,14 @@ def rss_mb(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def serve_demo(out_dir: str | os.PathLike, *args: str, port: int | None = None, timeout: float = 120):
-    """`python app.py --demo` on 127.0.0.1 in a child process: yields (url, process); killed on exit."""
+def serve_demo(out_dir: str | os.PathLike, *args: str, port: int | None = None, timeout: float = 120,
+               env: dict[str, str] | None = None):  # fmt: skip
+    """`python app.py --demo` on 127.0.0.1 in a child process (`env` added to its environment): yields (url,
+    process); killed on exit."""
     import httpx
 
     port = port or free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env or {}))
     cmd = [sys.executable, str(ROOT / "app.py"), "--demo", "--port", str(port), "--out-dir", str(out_dir), *args]
     log = open(Path(out_dir).parent / f"server-{port}.log", "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -177,14 +179,15 @@ class Report:
         )
 
 
-def run(clients: int, seconds: float, queue_size: int = 16, bad_share: float = 0.15, seed: int = 0) -> Report:
+def run(clients: int, seconds: float, queue_size: int = 16, bad_share: float = 0.15, seed: int = 0,
+        server_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Report:  # fmt: skip
     from gradio_client import Client
 
     report = Report(clients, seconds, queue_size)
     with tempfile.TemporaryDirectory(prefix="cldm-load-") as tmp:
         tmp = Path(tmp)
         goods, bads = good_requests(), bad_requests(tmp)
-        with serve_demo(tmp / "out", "--queue-size", str(queue_size)) as (url, proc):
+        with serve_demo(tmp / "out", "--queue-size", str(queue_size), *server_args, env=env) as (url, proc):
             first = Client(url, verbose=False)
             serial = {name: pixels(first.predict(*args, api_name=api)[2]) for name, api, args in goods}
             report.rss_start_mb = rss_mb(proc.pid)
@@ -249,8 +252,12 @@ def main() -> None:
     p.add_argument("--queue-size", type=int, default=16)
     p.add_argument("--bad-share", type=float, default=0.15)
     p.add_argument("--json", help="write the figures here")
+    p.add_argument("--server-args", default="", help='more flags for app.py, e.g. "--no-trim-memory"')
+    p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="set in the server's environment, e.g. MALLOC_ARENA_MAX=2 or LD_PRELOAD=libjemalloc.so.2")  # fmt: skip
     a = p.parse_args()
-    report = run(a.clients, a.seconds, a.queue_size, a.bad_share)
+    env = dict(e.split("=", 1) for e in a.server_env)
+    report = run(a.clients, a.seconds, a.queue_size, a.bad_share, server_args=tuple(a.server_args.split()), env=env)
     print(report.summary())
     if a.json:
         data = asdict(report)
