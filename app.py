@@ -106,12 +106,12 @@ def condition_tab(studio: Studio, cond: Condition, base: BasePanel) -> Receivers
     @friendly(studio)
     def do_preview(*values):
         u, size = preview_form.read(values)
-        return studio.hint(u, size)
+        return studio.shown(studio.hint(u, size))
 
     @friendly(studio)
     def do_hint(*values):
         u, size, (options,) = hint_form.read(values)
-        return studio.hint(replace(u, **options), size)
+        return studio.shown(studio.hint(replace(u, **options), size))
 
     @friendly(studio)
     def do_run(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's progress bar)

@@ -57,6 +57,7 @@ Progress = Callable[..., None]  # progress(fraction, desc=...), as gr.Progress t
 # a Stop is remembered (per session) long enough to reach a generation that waited in a full queue, and no longer
 STOP_MEMORY_S = 3600.0
 MAX_REMEMBERED_STOPS = 10_000  # sessions; the oldest are forgotten first
+SHOWN_DIR = "shown"  # hints shown in the page, one file per request (pruned like the results)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ class Studio:
         self.defaults = Defaults.for_card(card)
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="cldm-out-"))
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.out_dir.glob(".*.part"):  # a PNG being written when the server was killed
+        for stale in [*self.out_dir.glob(".*.part"), *(self.out_dir / SHOWN_DIR).glob(".*.part")]:  # a PNG being
+            # written when the server was killed
             stale.unlink(missing_ok=True)
         self.limits = limits or Limits.for_device(manager.device.type)
         self.bases = self._find_bases(manager.base_path)
@@ -173,8 +175,16 @@ class Studio:
         return html.escape(message, quote=False)
 
     def check_work(self, units: list[UnitSettings], s: Settings, extras: PassSettings | None = None) -> None:
-        """Refuse a request over the work budget before any preprocessor or model runs (a hires pass counts at its
-        size)."""
+        """Refuse a request over the work budget, or a prompt over the length limit as sent (LoRA tags included),
+        before any preprocessor or model runs (a hires pass counts at its size)."""
+        from cldm.request import MAX_PROMPT_CHARS
+
+        texts = {"prompt": s.prompt, "added prompt": s.added_prompt, "negative prompt": s.negative_prompt}
+        for name, text in texts.items():
+            if len(text or "") > MAX_PROMPT_CHARS:
+                raise InputError(
+                    f"The {name} is {len(text)} characters long, tags included; at most {MAX_PROMPT_CHARS}."
+                )
         img2img = any(u.cond.img2img or u.cond.inpaint for u in units) or (extras and extras.init_image is not None)
         partial = img2img and float(s.denoise) < 1
         steps = max(1, int(int(s.steps) * float(s.denoise))) if partial else int(s.steps)
@@ -196,13 +206,28 @@ class Studio:
                 "per request. Lower the size, the steps or the number of pictures."
             )
 
-    def _prune_outputs(self) -> None:
-        """Keep the output folder bounded: at most `keep_outputs` PNGs, none older than `keep_hours`."""
-        pngs = sorted(self.out_dir.glob("*.png"), key=lambda p: p.stat().st_mtime, reverse=True)
+    def _prune_outputs(self, folder: Path | None = None) -> None:
+        """Keep the output folder (or its `shown/`) bounded: at most `keep_outputs` PNGs, none older than
+        `keep_hours`. Another request may prune at the same time: a file already gone is skipped."""
+        dated = []
+        for path in (folder or self.out_dir).glob("*.png"):
+            try:
+                dated.append((path.stat().st_mtime, path))
+            except FileNotFoundError:
+                continue
         cutoff = time.time() - self.limits.keep_hours * 3600
-        for i, path in enumerate(pngs):
-            if i >= self.limits.keep_outputs or path.stat().st_mtime < cutoff:
+        for i, (mtime, path) in enumerate(sorted(dated, reverse=True)):
+            if i >= self.limits.keep_outputs or mtime < cutoff:
                 path.unlink(missing_ok=True)
+
+    def shown(self, picture: np.ndarray) -> str:
+        """A picture to show (a hint), as a PNG of its own under the output folder's `shown/`. Gradio's cache names a
+        picture by its content and rewrites that file in place, so two users shown the same hint at once could
+        download it while it was being rewritten (an empty answer); a file per request cannot be."""
+        path = self.out_dir / SHOWN_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}.png"
+        save_png(picture, path)
+        self._prune_outputs(path.parent)
+        return str(path)
 
     @property
     def size(self) -> int:
@@ -376,7 +401,7 @@ class Studio:
             f"{str(self.manager.dtype).removeprefix('torch.')}{note}"
         )
         pictures = [(f, f"seed {s_}") for f, s_ in zip(files, result.seeds)]
-        return [(hh, "hint") for hh in shown] + pictures, status, files
+        return [(self.shown(hh), "hint") for hh in shown] + pictures, status, files
 
 
 # an absolute path (after a space, quote, bracket or the start): shown as its file name only

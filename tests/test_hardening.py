@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import struct
 import threading
@@ -296,6 +297,30 @@ def test_a_path_that_was_not_uploaded_is_refused_without_naming_server_folders(r
         r = httpx.post(url + "gradio_api/call/canny_preview", json={"data": _unit(picture, "canny") + [SIZE, SIZE]})
         answer = httpx.get(url + f"gradio_api/call/canny_preview/{r.json()['event_id']}", timeout=60).text
         assert answer.startswith("event: error") and os.getcwd() not in answer and "passwd" not in answer
+
+
+def test_each_request_is_shown_its_own_hint_file(running_app, tmp_path):
+    """Gradio's cache names a picture by its content and rewrites the file in place: two users shown the same hint
+    at once could download it half-written (the 30-minute load runs lost 1-4 answers in ~750 that way). Hints are
+    now files of their own per request, under the output folder's shown/ (pruned like the results)."""
+    import httpx
+
+    url, out_dir = running_app[0], running_app[2]
+    picture = tmp_path / "square.png"
+    Image.new("RGB", (SIZE, SIZE), (200, 30, 30)).save(picture)
+    with open(picture, "rb") as f:
+        uploaded = httpx.post(url + "gradio_api/upload", files={"files": f}).json()[0]
+    data = _unit({"path": uploaded, "meta": {"_type": "gradio.FileData"}}, "canny") + [SIZE, SIZE, "Balanced",
+                                                                                        "Crop and Resize", False]  # fmt: skip
+    paths = []
+    for _ in range(2):  # the same request twice: the same pixels, two files
+        event = httpx.post(url + "gradio_api/call/canny_hint", json={"data": data}).json()["event_id"]
+        answer = httpx.get(url + f"gradio_api/call/canny_hint/{event}", timeout=60).text
+        assert answer.startswith("event: complete"), answer
+        paths.append(json.loads(answer.split("data: ", 1)[1])[0]["path"])
+    names = [Path(p).name for p in paths]  # Gradio serves its copy of each of our files, under our file's name
+    assert names[0] != names[1] and all((out_dir / "shown" / n).is_file() for n in names)
+    assert Path(paths[0]).read_bytes() == Path(paths[1]).read_bytes()
 
 
 def test_missing_values_through_the_api_are_named(client, tmp_path):
