@@ -73,7 +73,7 @@ def stop_button(studio: Studio, stop: gr.Button, key: str) -> None:
     runs outside the queue's one-at-a-time limit, so it is answered while the generation runs)."""
 
     def do_stop(request: gr.Request = None):
-        gr.Info(studio.stop(session(request)))
+        gr.Info(studio.stops.stop(session(request)))
 
     stop.click(do_stop, None, None, api_name=f"{key}_stop", concurrency_limit=None, queue=False)
 
@@ -110,7 +110,7 @@ def streamed(studio: Studio, work: Callable, progress, who: str | None) -> Itera
                 yield [(preview_picture(p), "preview") for p in event[1]], "Sampling (live preview)...", gr.skip()
     finally:
         if worker.is_alive():  # the generator was closed: the client left
-            studio.stop(who)
+            studio.stops.stop(who)
     if "err" in box:
         raise box["err"]
     yield box["out"]

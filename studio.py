@@ -10,10 +10,8 @@ import logging
 import random
 import re
 import tempfile
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,14 +47,12 @@ from settings import (  # noqa: F401 (the records app.py and forms.py read throu
     Settings,
     UnitSettings,
 )  # fmt: skip
+from stops import Stops
 
 log = logging.getLogger("studio")
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
 DEMO_BASE = "shapes_sd.safetensors"
 Progress = Callable[..., None]  # progress(fraction, desc=...), as gr.Progress takes it
-# a Stop is remembered (per session) long enough to reach a generation that waited in a full queue, and no longer
-STOP_MEMORY_S = 3600.0
-MAX_REMEMBERED_STOPS = 10_000  # sessions; the oldest are forgotten first
 SHOWN_DIR = "shown"  # hints shown in the page, one file per request (pruned like the results)
 
 
@@ -99,9 +95,7 @@ class Studio:
             stale.unlink(missing_ok=True)
         self.limits = limits or Limits.for_device(manager.device.type)
         self.bases = self._find_bases(manager.base_path)
-        self._stops: dict[str, threading.Event] = {}  # session -> its running generation's Stop flag
-        self._stopped_at: OrderedDict[str, float] = OrderedDict()  # session -> when its Stop was last pressed
-        self._stops_lock = threading.Lock()
+        self.stops = Stops()  # each browser session's Stop button
 
     def _find_bases(self, first: str) -> dict[str, str]:
         """The bases a request may name: the one the server started with, then the models folder's (not in demo
@@ -128,39 +122,6 @@ class Studio:
                            self.manager.embedding_count, refused)  # fmt: skip
         log.info("model lists refreshed: %s", lists.summary)
         return lists
-
-    # ---------------------------------------------------------------------------------------------------- stop
-    def stop(self, session: str | None) -> str:
-        """The Stop button: the session's running generation ends at its next step boundary; one that was sent but
-        has not started yet (waiting in the queue) does not start."""
-        now = time.monotonic()
-        with self._stops_lock:
-            event = self._stops.get(session or "")
-            self._stopped_at[session or ""] = now
-            self._stopped_at.move_to_end(session or "")
-            while len(self._stopped_at) > MAX_REMEMBERED_STOPS or next(iter(self._stopped_at.values())) < now - (
-                STOP_MEMORY_S
-            ):
-                self._stopped_at.popitem(last=False)
-        if event is None:
-            log.info("stop: nothing running yet for session %s", session)
-            return "Nothing is running (a generation already sent will not start)."
-        event.set()
-        return "Stopping at the next step..."
-
-    def start(self, session: str | None, sent_at: float | None = None) -> threading.Event:
-        """The session's Stop flag for a generation sent at `sent_at` (time.monotonic(); None: now), set by the Stop
-        button until `release(session)`: already set if Stop was pressed after the generation was sent."""
-        with self._stops_lock:
-            flag = self._stops[session or ""] = threading.Event()
-            stopped = self._stopped_at.get(session or "")
-            if sent_at is not None and stopped is not None and stopped >= sent_at:
-                flag.set()
-            return flag
-
-    def release(self, session: str | None) -> None:
-        with self._stops_lock:
-            self._stops.pop(session or "", None)
 
     # ------------------------------------------------------------------------------------------------ messages
     def public(self, message: str) -> str:
@@ -358,7 +319,7 @@ class Studio:
         nothing is written). `preview(pictures)` gets the live previews (every `extras.preview_every` steps)."""
         self.check_work(units, s, extras)
         base_path = self.base_path(base)
-        flag = self.start(session, sent_at)  # from now on, Stop ends this request (preparing the hints included)
+        flag = self.stops.start(session, sent_at)  # from now on, Stop ends this request (preparing the hints included)
 
         def step(i: int, n: int) -> None:
             if flag.is_set():
@@ -377,7 +338,7 @@ class Studio:
             every = 0 if extras is None or preview is None else int(extras.preview_every)
             result = self.manager.run(request, callback=step, preview=preview, preview_every=every)
         finally:
-            self.release(session)
+            self.stops.release(session)
         files = []
         for i, img in enumerate(result.images):
             path = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{result.seeds[i]}-{uuid.uuid4().hex[:6]}.png"

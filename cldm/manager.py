@@ -361,10 +361,8 @@ class ModelManager:
             )
             request = replace(request, units=units, image_prompt=image_prompt, loras=loras, vae=vae)
             try:
-                if self.offloader is None:
-                    result = generate(sd, request, callback, preview, preview_every)
-                else:
-                    result = self._offloaded(sd, request, callback, preview, preview_every)
+                run = generate if self.offloader is None else self._offloaded
+                result = run(sd, request, callback, preview, preview_every)
             finally:
                 if self.trim_memory:
                     allocator.trim()
