@@ -114,13 +114,13 @@ def run_batch(studio: Studio, uploads: list[str], key: str, preprocessor: str, t
         except InputError as e:
             bad.append(RowError(i, picture.stem, str(e)))
     batch = Batch(jobs, bad, folder / "pictures", Setup(base_path, studio.models_dir))
-    flag = studio.start(who, sent_at)
+    flag = studio.stops.start(who, sent_at)
     progress(0, desc=f"batch: {len(jobs)} pictures")
     try:
         summary = run_local(batch, lambda i, n: progress(i / n, desc=f"batch: {i}/{n} pictures"), flag,
                             manager=studio.manager)  # fmt: skip
     finally:
-        studio.release(who)
+        studio.stops.release(who)
     made = sorted((folder / "pictures").glob("*.png"))
     archive = folder / f"{folder.name}.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:  # PNGs are compressed already
