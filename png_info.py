@@ -127,24 +127,25 @@ def png_info_tab(studio: Studio, receivers: list[Receivers], tabs: gr.Tabs) -> N
             fields = gr.JSON(label="Parameters")
             raw = gr.Textbox(label="Parameters text", lines=6, elem_id="png_info-text")
 
-    def infotext(path) -> Infotext:
+    def infotext(path) -> tuple[str, Infotext]:
+        """The PNG's parameters text (read once: only its text chunks, never its pixels) and what it says."""
         if path is None:
             raise gr.Error("Drop a PNG first.", print_exception=False)
-        text = read_parameters(path)
-        return parse_parameters(text or "")
+        text = read_parameters(path) or ""
+        return text, parse_parameters(text)
 
     @friendly(studio)
     def do_read(path):
         if path is None:
             return None, "", gr.skip()
-        info = infotext(path)
-        return summary(info), read_parameters(path), suggested_tab(info)
+        text, info = infotext(path)
+        return summary(info), text, suggested_tab(info)
 
     @friendly(studio)
     def do_send(path, key):
         if key not in by_key:
             raise InputError(f"Unknown tab {key!r}; send to one of {', '.join(by_key)}.")
-        info = infotext(path)
+        _, info = infotext(path)
         values = []
         for r in receivers:
             values += send_values(info, r) if r.key == key else [gr.skip()] * len(r.outputs)

@@ -27,7 +27,7 @@ from cldm.images import save_png
 from cldm.lora import prompt_tags
 from cldm.manager import ModelManager
 from cldm.model_card import ModelCard, card_for
-from cldm.request import ControlUnit, GenerationRequest, ImagePrompt, LoraUnit, ReferenceUnit
+from cldm.request import MAX_PROMPT_CHARS, ControlUnit, GenerationRequest, ImagePrompt, LoraUnit, ReferenceUnit
 from cldm.samplers import SAMPLERS, sampler_class
 from conditions import ANNOTATOR_NONE, BY_KEY, Condition
 from hints import fitted_hint
@@ -138,13 +138,11 @@ class Studio:
     def check_work(self, units: list[UnitSettings], s: Settings, extras: PassSettings | None = None) -> None:
         """Refuse a request over the work budget, or a prompt over the length limit as sent (LoRA tags included),
         before any preprocessor or model runs (a hires pass counts at its size)."""
-        from cldm.request import MAX_PROMPT_CHARS
-
         texts = {"prompt": s.prompt, "added prompt": s.added_prompt, "negative prompt": s.negative_prompt}
         for name, text in texts.items():
             if len(text or "") > MAX_PROMPT_CHARS:
                 raise InputError(
-                    f"The {name} is {len(text)} characters long, tags included; at most {MAX_PROMPT_CHARS}."
+                    f"The {name} is {len(text)} characters long, tags included; at most {MAX_PROMPT_CHARS}. Shorten it."
                 )
         img2img = any(u.cond.img2img or u.cond.inpaint for u in units) or (extras and extras.init_image is not None)
         partial = img2img and float(s.denoise) < 1

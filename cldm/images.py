@@ -14,6 +14,7 @@ from PIL import Image, ImageOps, PngImagePlugin
 
 from .errors import InputError
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_PIXELS = 40_000_000  # larger images are refused before they are decoded (decompression bombs)
 # Every picture (hint, init, mask, canvas) is refused before any preprocessor or resize works on it when a side is
 # outside these bounds or it is too elongated: preprocessors scale the short side up to their resolution, so a
@@ -186,12 +187,19 @@ def save_png(img: np.ndarray, path: str | os.PathLike, parameters: str | None = 
 
 def read_parameters(source: str | os.PathLike | bytes) -> str | None:
     """The A1111 `parameters` text a PNG carries (None when it has none); any file that is not a picture is an
-    InputError. Only the header is read, not the pixels."""
+    InputError. Only the header and the text chunks before the pixels are read: a PNG is read by Pillow's PNG reader
+    itself, without `Image.open`'s check of the size the header claims (it guards decoding the pixels, which never
+    happens here), so a picture of any size shows its parameters."""
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source)) as img:
-            text = img.info.get("parameters")
+        with io.BytesIO(source) if isinstance(source, bytes) else open(Path(source), "rb") as fp:
+            is_png = fp.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+            fp.seek(0)
+            with PngImagePlugin.PngImageFile(fp) if is_png else Image.open(fp) as img:
+                text = img.info.get("parameters")
     except FileNotFoundError as e:
         raise InputError(f"Image not found: {_name(source)}") from e
+    except Image.DecompressionBombError as e:  # another format (PNG never gets here): its size is checked on opening
+        raise InputError(f"The picture is too large to open ({e}). Drop a PNG made by this app or by A1111.") from e
     except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise InputError(
             f"Cannot read the picture ({type(e).__name__}). Drop a PNG made by this app or by A1111."

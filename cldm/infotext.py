@@ -18,9 +18,10 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from . import key_values
 from .errors import InputError
 from .fit import RESIZE_MODE_LABELS
-from .request import ControlUnit, GenerationRequest, stem
+from .request import MAX_PROMPT_CHARS, ControlUnit, GenerationRequest, stem
 from .samplers import A1111_AUTOMATIC, SAMPLER_LABELS
 
 HIRES_UPSCALER_LABELS = {"latent": "Latent", "lanczos": "Lanczos"}  # A1111's upscaler names
@@ -29,19 +30,18 @@ CONTROL_MODE_LABELS = {
     "prompt": "My prompt is more important",
     "control": "ControlNet is more important",
 }  # A1111's names, as its PNG parameters write them
-MAX_TEXT = 12_000  # characters of a parameters text that are read (A1111's own run to a few thousand)
+# Characters of a parameters text that are read: what this app writes at most (two prompts at their limit, LoRA
+# tags and the fields), with room; A1111's own texts run to a few thousand.
+MAX_TEXT = 2 * MAX_PROMPT_CHARS + 10_000
 _FLAT_KEY = re.compile(r"ControlNet-(\d{1,3}) (.+)", re.IGNORECASE)
 NO_PARAMETERS = "This picture carries no generation parameters (a PNG written by this app or by A1111 has them)"
 MIN_FIELDS = 3  # A1111's rule: the last line is the key-value line only with at least this many "Key: value"s
 
-# One "Key: value" of the key-value line: the value is a JSON-quoted string (it may hold commas) or runs to a comma.
-_PARAM = re.compile(r'\s*(\w[\w /-]+):\s*("(?:[^"\\]|\\.)+"|[^,]*)(?:,|$)')
-# One "Key: value" inside a ControlNet unit; the old extension wrote tuples such as "starting/ending: (0, 1)".
-_UNIT_PAIR = re.compile(r'\s*([^:,]+?)\s*:\s*(\([^()]*\)|"(?:[^"\\]|\\.)*"|[^,]*)(?:,|$)')
 # A unit's key: "ControlNet 0", "ControlNet-1", or "ControlNet" alone (unit 0) from old extension versions.
 _UNIT_KEY = re.compile(r"ControlNet(?:[ -]([0-9]{1,3}))?", re.IGNORECASE)
 _SIZE = re.compile(r"([0-9]{1,6})\s*x\s*([0-9]{1,6})")
-_HASH = re.compile(r"\s*\[[0-9A-Za-z]+\]$")  # "control_v11p_sd15_canny [d14c016b]": the model's short hash
+# "control_v11p_sd15_canny [d14c016b]": the model's short hash (a match starts only where a run of spaces does)
+_HASH = re.compile(r"(?<!\s)\s*\[[0-9A-Za-z]+\]$")
 _ENUM_PREFIX = re.compile(r"^(?:resize|control)mode\.")  # some extension versions wrote "ResizeMode.INNER_FIT"
 
 _SAMPLER_KEYS = {label.lower(): key for key, label in SAMPLER_LABELS.items()}
@@ -141,12 +141,13 @@ def parse_parameters(text: str) -> Infotext:
     """Read a "parameters" text by A1111's rules; InputError when it has no key-value line."""
     if not isinstance(text, str):
         raise InputError(f"The generation parameters must be text (got {type(text).__name__})")
-    if len(text) > MAX_TEXT:  # A1111's field pattern takes time quadratic in the line's length: refused first
-        raise InputError(f"The parameters text is {len(text)} characters long; at most {MAX_TEXT} are read.")
+    if len(text) > MAX_TEXT:
+        raise InputError(f"The parameters text is {len(text)} characters long; at most {MAX_TEXT} are read (this app "
+                         "and A1111 write far less). Use a PNG made by this app or by A1111.")  # fmt: skip
     if not text.strip():
         raise InputError(NO_PARAMETERS)
     *lines, last = text.replace("\r\n", "\n").replace("\r", "\n").strip().split("\n")
-    pairs = _PARAM.findall(last)
+    pairs = key_values.line_pairs(last)
     if len(pairs) < MIN_FIELDS:  # A1111: no key-value line, so it is all prompt
         lines, pairs = [*lines, last], []
     prompt: list[str] = []
@@ -177,7 +178,7 @@ def parse_parameters(text: str) -> Infotext:
 def _parse_unit(index: int, text: str) -> UnitInfo | None:
     """One unit from its "Key: value, ..." list, current ("Module: canny, Guidance Start: 0") or old ("preprocessor:
     canny, starting/ending: (0, 1), preprocessor params: (512, 100, 200)"); None when it holds no pair at all."""
-    raw = {key: _unquote(value) for key, value in _UNIT_PAIR.findall(text)}
+    raw = {key: _unquote(value) for key, value in key_values.unit_pairs(text)}
     if not raw:
         return None
     low = {key.lower(): value for key, value in raw.items()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import torch
 
 from . import keymaps
 from .errors import InputError
+from .request import MAX_PROMPT_CHARS, MAX_REQUEST_LORAS
 
 log = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
@@ -30,7 +32,19 @@ _SUFFIXES = {  # key ending -> role
     ".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
     ".lora.down.weight": "down", ".lora.up.weight": "up", ".alpha": "alpha",
 }  # fmt: skip
-_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)((?::[^:>]*)*)>", re.IGNORECASE)
+# A tag's parts stop at '<' too, so each try scans at most to the next tag: linear in the prompt's length.
+_TAG = re.compile(r"<(?:lora|lyco):([^:<>]+)((?::[^:<>]*)*)>", re.IGNORECASE)
+# The clean-up after the tags go. A match may start only where a run of spaces does (`(?<!\s)`): without it every
+# position inside a long run is tried again and the time grows with the run's length squared.
+_EMPTY_ITEMS = re.compile(r"(?<!\s)\s*,\s*(?:,\s*)+")  # ", ," left between commas -> one ", "
+_SPACE_COMMA = re.compile(r"(?<!\s)\s+,")
+_SPACES = re.compile(r"\s{2,}")
+# alpha / rank: trainers write alpha between 1 and a few times the rank (rsLoRA's alpha / sqrt(rank) stays in the
+# tens); past this the file is damaged (an alpha of 1e30 merges to weights that overflow every activation).
+MAX_LORA_SCALE = 1000.0
+# float16's largest value: SD1.5 weights ship in half precision, and a merged weight past it cannot be stored there
+# (nor be right in float32: it overflows the activations into NaN pictures).
+MAX_MERGED_WEIGHT = 65504.0
 
 
 @dataclass
@@ -83,7 +97,7 @@ def _family(names: Iterable[str]) -> str | None:
     return None
 
 
-def _peft_alphas(metadata: dict[str, str] | None) -> dict[str, tuple[float, float]]:
+def _peft_alphas(metadata: dict[str, str] | None, name: str) -> dict[str, tuple[float, float]]:
     """diffusers' `lora_adapter_metadata` (the PEFT config it saves beside the weights): part -> (alpha, rank)."""
     if not metadata or "lora_adapter_metadata" not in metadata:
         return {}
@@ -91,16 +105,31 @@ def _peft_alphas(metadata: dict[str, str] | None) -> dict[str, tuple[float, floa
         config = json.loads(metadata["lora_adapter_metadata"])
     except ValueError:
         return {}
+    if not isinstance(config, dict):
+        return {}
     out = {}
     for part in ("unet", "text_encoder"):
         if config.get(f"{part}.use_dora"):
             raise InputError("DoRA LoRAs (use_dora) are not supported; use a plain LoRA.")
         if f"{part}.lora_alpha" in config and f"{part}.r" in config:
-            alpha, rank = float(config[f"{part}.lora_alpha"]), float(config[f"{part}.r"])
+            alpha, rank = _number(config[f"{part}.lora_alpha"]), _number(config[f"{part}.r"])
+            if alpha is None or rank is None or rank <= 0:
+                raise InputError(f"{name}: its lora_adapter_metadata gives lora_alpha {config[f'{part}.lora_alpha']!r}"
+                                 f" and r {config[f'{part}.r']!r} for the {part}, which no LoRA has: the file is "
+                                 "damaged. Use another copy of the file or another LoRA.")  # fmt: skip
             if config.get(f"{part}.use_rslora"):  # rank-stabilised: the scale is alpha / sqrt(r), not alpha / r
                 alpha *= rank**0.5
             out[part] = (alpha, rank)
     return out
+
+
+def _number(value) -> float | None:
+    """A finite number from a JSON value, else None."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
 
 
 def parse(state: StateDict, sd, name: str, metadata: dict[str, str] | None = None) -> Lora:
@@ -131,7 +160,7 @@ def parse(state: StateDict, sd, name: str, metadata: dict[str, str] | None = Non
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise InputError(f"{name} holds NaN or infinite values (in {bad[0]}): the file is damaged.")
-    lora, alphas = Lora(name), _peft_alphas(metadata)
+    lora, alphas = Lora(name), _peft_alphas(metadata, name)
     lora.skipped = len(unknown)
     for group, parts in groups.items():
         if group in unknown:
@@ -140,7 +169,12 @@ def parse(state: StateDict, sd, name: str, metadata: dict[str, str] | None = Non
             raise InputError(f"{name}: layer {group} lacks its {'up' if 'down' in parts else 'down'} weight.")
         part, key = table[group]
         down, up = parts["down"], parts["up"]
-        rank = down.shape[0]
+        rank = down.shape[0] if down.ndim >= 2 else 0
+        if rank == 0 or up.ndim < 2 or "alpha" in parts and parts["alpha"].numel() != 1:
+            shapes = f"up {tuple(up.shape)} x down {tuple(down.shape)}"
+            shapes += f", alpha {tuple(parts['alpha'].shape)}" if "alpha" in parts else ""
+            raise InputError(f"{name}: layer {group} is damaged ({shapes}; a LoRA layer has a rank of 1 or more "
+                             "and one alpha). Use another copy of the file or another LoRA.")  # fmt: skip
         target = params[part][key]
         if up.shape[0] != target.shape[0] or down.flatten(1).shape[1] != target[0].numel() or up.shape[1] != rank:
             width = down.flatten(1).shape[1]
@@ -155,6 +189,10 @@ def parse(state: StateDict, sd, name: str, metadata: dict[str, str] | None = Non
             alpha = peft[0] * rank / peft[1]
         else:
             alpha = float(rank)
+        if not abs(alpha / rank) <= MAX_LORA_SCALE:  # not finite, or absurd
+            raise InputError(f"{name}: layer {group} has alpha {alpha:g} for rank {rank} (a scale of "
+                             f"{alpha / rank:g}; LoRAs use at most {MAX_LORA_SCALE:g}): the file is damaged. Use "
+                             "another copy or another LoRA.")  # fmt: skip
         lora.layers.append(LoraLayer(part, key, down, up, alpha / rank))
     return lora
 
@@ -165,6 +203,7 @@ def apply(sd, loras: Iterable[tuple]) -> dict[tuple[str, str], torch.Tensor]:
     modules = {"unet": sd.unet, "text": sd.text}
     originals: dict[tuple[str, str], torch.Tensor] = {}
     params = {part: dict(m.named_parameters()) for part, m in modules.items()}
+    sane: list[tuple[torch.Tensor, str, float, LoraLayer]] = []  # per merge: is every weight finite and in range
     try:
         with torch.no_grad():
             for lora, weight, *text in loras:
@@ -176,10 +215,23 @@ def apply(sd, loras: Iterable[tuple]) -> dict[tuple[str, str], torch.Tensor]:
                     originals.setdefault((layer.part, layer.key), p.detach().clone())
                     delta = layer.delta(p.shape).to(p.device)
                     p.copy_((p.float() + w * delta).to(p.dtype))
+                    sane.append(((p.abs() <= MAX_MERGED_WEIGHT).all(), lora.name, w, layer))  # NaN fails too
+            _check_merged(sane)
     except BaseException:
         restore(sd, originals)  # all or nothing: a merge that fails halfway leaves the base as it was
         raise
     return originals
+
+
+def _check_merged(sane: list[tuple[torch.Tensor, str, float, LoraLayer]]) -> None:
+    """InputError naming the first LoRA whose merge left a weight non-finite or past MAX_MERGED_WEIGHT."""
+    bad = next((item for item in sane if not bool(item[0])), None)  # the first read waits for every merge
+    if bad is None:
+        return
+    _, name, w, layer = bad
+    raise InputError(f"LoRA {name} at weight {w:g} makes the {'text encoder' if layer.part == 'text' else 'UNet'}'s "
+                     f"{layer.key} infinite, NaN or past {MAX_MERGED_WEIGHT:g}: the file is damaged (its values or "
+                     "alpha are absurd). Use another copy of the file or another LoRA.")  # fmt: skip
 
 
 def restore(sd, originals: dict[tuple[str, str], torch.Tensor]) -> None:
@@ -195,8 +247,13 @@ def prompt_tags(prompt: str) -> tuple[str, list[tuple[str, float, float]]]:
 
     `<lora:name>` (weight 1), `<lora:name:0.8>`, `<lora:name:te:unet>` (A1111's order: the first number is the text
     encoder's, the second the UNet's, which defaults to the first), named `te=`/`unet=` (`dyn=` is ignored), and the
-    `<lyco:...>` spelling."""
-    tags = []
+    `<lyco:...>` spelling. A name given twice is one LoRA whose weights are the sums (what two merges of it would
+    give, for the cost of one). The prompt as written, tags included, may be at most MAX_PROMPT_CHARS long and name
+    at most MAX_REQUEST_LORAS LoRAs; InputError otherwise."""
+    if len(prompt) > MAX_PROMPT_CHARS:  # before any pattern runs: the tags count, as everything the user sent
+        raise InputError(f"The prompt is {len(prompt)} characters long (LoRA tags included); at most "
+                         f"{MAX_PROMPT_CHARS}. Shorten it.")  # fmt: skip
+    tags: dict[str, tuple[float, float]] = {}  # name -> (UNet weight, text-encoder weight), in the prompt's order
     for m in _TAG.finditer(prompt):
         positional, named = [], {}
         try:
@@ -210,9 +267,14 @@ def prompt_tags(prompt: str) -> tuple[str, list[tuple[str, float, float]]]:
             raise InputError(f"{m.group(0)}: the LoRA weights must be numbers, e.g. <lora:name:0.8>.") from e
         te = named.get("te", positional[0] if positional else 1.0)
         unet = named.get("unet", positional[1] if len(positional) > 1 else te)
-        tags.append((m.group(1).strip(), unet, te))
+        name = m.group(1).strip()
+        unet_sum, te_sum = tags.get(name, (0.0, 0.0))
+        tags[name] = (unet_sum + unet, te_sum + te)
+    if len(tags) > MAX_REQUEST_LORAS:
+        raise InputError(f"The prompt names {len(tags)} LoRAs; at most {MAX_REQUEST_LORAS} per picture. Leave some "
+                         "out.")  # fmt: skip
     if not tags:
         return prompt, []
-    clean = re.sub(r"\s*,\s*(?:,\s*)+", ", ", _TAG.sub("", prompt))  # no empty items left between commas
-    clean = re.sub(r"\s+,", ",", clean)
-    return re.sub(r"\s{2,}", " ", clean).strip(" ,"), tags
+    clean = _EMPTY_ITEMS.sub(", ", _TAG.sub("", prompt))  # no empty items left between commas
+    clean = _SPACES.sub(" ", _SPACE_COMMA.sub(",", clean))
+    return clean.strip(" ,"), [(name, unet, te) for name, (unet, te) in tags.items()]

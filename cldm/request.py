@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from . import prompt_weights
 from .controlnet import ControlNet
 from .errors import InputError
 from .fit import RESIZE_MODES
@@ -20,6 +21,7 @@ from .request_parts import (  # noqa: F401 (the request's optional parts, import
     MAX_HIRES_SIZE,
     MAX_IP_SCALE,
     MAX_LORA_WEIGHT,
+    MAX_REQUEST_LORAS,
     MAX_STEPS,
     HiresFix,
     ImagePrompt,
@@ -182,7 +184,9 @@ class GenerationRequest:
                 problems += self.reference.problems()
             else:
                 problems.append(f"reference must be a ReferenceUnit (got {type(self.reference).__name__})")
-        for i, u in enumerate(self.loras):
+        if len(self.loras) > MAX_REQUEST_LORAS:
+            problems.append(f"at most {MAX_REQUEST_LORAS} LoRAs per request (got {len(self.loras)}); leave some out")
+        for i, u in enumerate(self.loras[:MAX_REQUEST_LORAS]):
             problems += u.problems(i) if isinstance(u, LoraUnit) else [f"loras[{i}] must be a LoraUnit"]
         if self.hires is not None:
             if not isinstance(self.hires, HiresFix):
@@ -203,6 +207,11 @@ class GenerationRequest:
         for name in ("prompt", "negative_prompt"):
             if len(getattr(self, name)) > MAX_PROMPT_CHARS:
                 out.append(f"{name} is {len(getattr(self, name))} characters long; at most {MAX_PROMPT_CHARS}")
+            elif self.emphasis:  # weights past prompt_weights.MAX_WEIGHT: before anything is loaded
+                try:
+                    prompt_weights.parse(getattr(self, name))
+                except InputError as e:
+                    out.append(f"{name}: {e}")
         if not 1 <= self.steps <= MAX_STEPS:
             out.append(f"steps must be 1..{MAX_STEPS} (got {self.steps})")
         if not 0 <= self.cfg_scale <= MAX_CFG:

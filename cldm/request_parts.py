@@ -20,6 +20,8 @@ MAX_IP_SCALE = 5.0
 MAX_HIRES_SIZE = 2048  # the hires pass's largest side
 HIRES_UPSCALERS = ("latent", "lanczos")  # A1111's "Latent" (bilinear on the latents) and a picture upscaler
 MAX_LORA_WEIGHT = 10.0
+# LoRAs in one request: A1111 prompts use a handful; each one merged costs a pass over most of the model's weights.
+MAX_REQUEST_LORAS = 16
 
 
 @dataclass(frozen=True)

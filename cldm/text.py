@@ -15,7 +15,7 @@ from torch import nn
 from . import prompt_weights
 from .config import TextConfig
 from .embeddings import Embedding, substitute, used
-from .errors import MissingWeightsError
+from .errors import InputError, MissingWeightsError
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 # The real SD1.5 tokenizer: 256 byte symbols, the same with "</w>", 48894 merges, 2 specials.
 CLIP_VOCAB_SIZE = 49408
 CLIP_MERGES = CLIP_VOCAB_SIZE - 2 * 256 - 2
+# Chunks one prompt may take. Every chunk adds 77 keys to each cross-attention of every step, so a prompt's chunks
+# are work as its pixels are; A1111 has no cap, a shared server needs one. A 10,000-character prompt of ordinary words
+# is about 32 chunks; more come from runs of BREAK (each starts a chunk) or of symbols that are a token each.
+MAX_CHUNKS = 40
 
 
 class TextEncoder(nn.Module):
@@ -132,6 +136,9 @@ class TextEncoder(nn.Module):
             else:  # A1111's chunking (BREAK, the comma backtrack, embeddings kept whole)
                 chunks.append(prompt_weights.chunked(pieces, tokenize, per, self._comma()))
         n_chunks = max(1, max(len(c) for c in chunks))
+        if n_chunks > MAX_CHUNKS:
+            raise InputError(f"A prompt is {n_chunks} chunks of {per} tokens (each BREAK starts one); at most "
+                             f"{MAX_CHUNKS} are encoded. Shorten it, or use fewer BREAKs.")  # fmt: skip
         tok = self.tokenizer
         bos, eos = tok.bos_token_id, tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
