@@ -7,16 +7,19 @@ model manager (or its Ray Serve replicas), one row after the other.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import uuid
 import zipfile
+import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import gradio as gr
 
 from cldm.errors import InputError
-from cldm.images import write_atomic
+from cldm.images import MAX_PIXELS
 from cldm.samplers import SAMPLER_LABELS, SAMPLERS
 from conditions import ADDED_PROMPT, CONDITIONS, NEGATIVE_PROMPT
 from forms import BasePanel
@@ -29,53 +32,110 @@ from studio import MAX_SEED_INPUT, Studio
 
 MAX_PICTURES = 500  # one batch on a shared server
 KEEP_BATCHES = 20  # batch folders (inputs, PNGs, zip) kept in the output folder; none older than the limits say
-MAX_ZIP_BYTES = 1024**3  # uncompressed, all pictures together
+MAX_ZIP_BYTES = 1024**3  # uncompressed, all pictures together (the bytes really unpacked, not what a zip claims)
+# One picture: the largest the image loader reads (MAX_PIXELS) as an uncompressed 8-bit RGBA file. A zip entry
+# larger than this is no picture we could use, and unpacking stops there (a zip bomb costs this much disk, briefly).
+MAX_PICTURE_BYTES = MAX_PIXELS * 4
+COPY_CHUNK = 1024**2  # bytes unpacked at a time: memory holds one piece, whatever the zip holds
+# A picture's stem in UTF-8 bytes: a 255-byte file name keeps room for `-<n>`, the suffix and write_atomic's
+# `.<name>.<pid>.<thread>.part` (the stem becomes the row id, which scale.jobs shortens again for the PNGs).
+MAX_STEM_BYTES = 120
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+ZIP_ENCRYPTED = 0x1  # the general-purpose flag bit of an encrypted zip entry
+# zipfile's errors for an entry it cannot unpack: damaged data, a compression method it lacks, data cut short
+ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError)
+SHOWN_NAME = 80  # characters of a file name an error message shows
+
+
+def _shown(name: str) -> str:
+    return name if len(name) <= SHOWN_NAME else f"{name[: SHOWN_NAME - 3]}..."
+
+
+class _Unpacked:
+    """Pictures copied into a folder a piece at a time, under unique short names, within the batch's limits."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.files, self.taken, self.total = folder, [], set(), 0
+
+    def name(self, name: str) -> str:
+        """The file name only (a zip's folders and `..` dropped), its stem at most MAX_STEM_BYTES, unique ignoring
+        case."""
+        name = Path(name.replace("\\", "/")).name
+        suffix = Path(name).suffix.lower()
+        stem = Path(name).stem.encode("utf-8", "surrogatepass")[:MAX_STEM_BYTES].decode("utf-8", "ignore")
+        stem = stem or "picture"
+        unique, n = f"{stem}{suffix}", 1
+        while unique.lower() in self.taken:
+            n += 1
+            unique = f"{stem}-{n}{suffix}"
+        self.taken.add(unique.lower())
+        return unique
+
+    def copy(self, source: BinaryIO, name: str, what: str) -> None:
+        """`source` to the folder as `name` (made unique); InputError, and nothing left, past a limit."""
+        if len(self.files) >= MAX_PICTURES:
+            raise InputError(f"At most {MAX_PICTURES} pictures per batch.")
+        target = self.folder / self.name(name)
+        part, size = self.folder / ".unpacking.part", 0
+        try:
+            with open(part, "wb") as f:
+                while chunk := source.read(COPY_CHUNK):
+                    size += len(chunk)
+                    self.total += len(chunk)
+                    if size > MAX_PICTURE_BYTES:
+                        raise InputError(f"{what} is larger than {MAX_PICTURE_BYTES // 1024**2} MB: no picture this "
+                                         "app reads is that large. Leave it out.")  # fmt: skip
+                    if self.total > MAX_ZIP_BYTES:
+                        raise InputError(f"Too much to unpack: at most {MAX_PICTURES} pictures and "
+                                         f"{MAX_ZIP_BYTES // 1024**2} MB in all per batch.")  # fmt: skip
+                    f.write(chunk)
+            os.replace(part, target)
+        finally:
+            part.unlink(missing_ok=True)
+        self.files.append(target)
+
+    def unzip(self, path: Path) -> None:
+        try:
+            with zipfile.ZipFile(path) as z:
+                for info in z.infolist():
+                    name = info.filename
+                    if info.is_dir() or Path(name).name.startswith(".") or not name.lower().endswith(
+                            PICTURE_SUFFIXES):  # fmt: skip
+                        continue
+                    what = f"{_shown(Path(name).name)} in {_shown(path.name)}"
+                    if info.flag_bits & ZIP_ENCRYPTED:
+                        raise InputError(f"{what} is encrypted: zip the pictures without a password.")
+                    try:
+                        with z.open(info) as entry:
+                            self.copy(entry, name, what)
+                    except ZIP_READ_ERRORS as e:
+                        raise InputError(f"{what} cannot be unpacked ({type(e).__name__}: {e}).") from None
+        except (zipfile.BadZipFile, ValueError, EOFError):
+            raise InputError(f"{path.name} is not a readable zip file.") from None
 
 
 def unpack(uploads: list[str], folder: Path) -> list[Path]:
     """The uploaded pictures (and those inside uploaded zips) copied into `folder`, by file name only (a zip's
-    folders and `..` are dropped), names made unique, other files skipped."""
+    folders and `..` are dropped), names shortened and made unique, other files skipped. A file that is not a
+    picture under a picture's name is copied: its row fails with the loader's message. Past a limit (a picture
+    larger than any we read, too much in all, a damaged zip): InputError, and nothing copied is left."""
     folder.mkdir(parents=True, exist_ok=True)
-    out: list[Path] = []
-    taken: set[str] = set()
-
-    def keep(name: str, data: bytes) -> None:
-        name = Path(name.replace("\\", "/")).name
-        stem, suffix = Path(name).stem or "picture", Path(name).suffix.lower()
-        unique, n = f"{stem}{suffix}", 1
-        while unique.lower() in taken:
-            n += 1
-            unique = f"{stem}-{n}{suffix}"
-        taken.add(unique.lower())
-        write_atomic(data, folder / unique)
-        out.append(folder / unique)
-
-    total = 0
-    for upload in uploads or []:
-        path = Path(upload)
-        if path.suffix.lower() == ".zip":
-            try:
-                with zipfile.ZipFile(path) as z:
-                    for info in z.infolist():
-                        name = info.filename
-                        if info.is_dir() or Path(name).name.startswith(".") or not name.lower().endswith(
-                                PICTURE_SUFFIXES):  # fmt: skip
-                            continue
-                        total += info.file_size
-                        if total > MAX_ZIP_BYTES or len(out) >= MAX_PICTURES:
-                            raise InputError(f"Too much in the zip: at most {MAX_PICTURES} pictures and "
-                                             f"{MAX_ZIP_BYTES // 1024**2} MB in all per batch.")  # fmt: skip
-                        keep(name, z.read(info))
-            except zipfile.BadZipFile:
-                raise InputError(f"{path.name} is not a readable zip file.") from None
-        elif path.suffix.lower() in PICTURE_SUFFIXES:
-            if len(out) >= MAX_PICTURES:
-                raise InputError(f"At most {MAX_PICTURES} pictures per batch.")
-            keep(path.name, path.read_bytes())
-    if not out:
+    unpacked = _Unpacked(folder)
+    try:
+        for upload in uploads or []:
+            path = Path(upload)
+            if path.suffix.lower() == ".zip":
+                unpacked.unzip(path)
+            elif path.suffix.lower() in PICTURE_SUFFIXES:
+                with open(path, "rb") as f:
+                    unpacked.copy(f, path.name, _shown(path.name))
+    except BaseException:
+        for f in unpacked.files:
+            f.unlink(missing_ok=True)
+        raise
+    if not unpacked.files:
         raise InputError("Upload pictures (PNG, JPEG, WebP, BMP) or a .zip of them first.")
-    return sorted(out)
+    return sorted(unpacked.files)
 
 
 def prune_batches(out_dir: Path, keep: int, hours: float) -> None:

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         elif a.command == "convert":
             cli.cmd_convert(a)
         elif a.command == "batch":
-            _batch().cmd_batch(a)
+            return _batch().cmd_batch(a)  # 1 when a row failed
         elif a.command == "bench":
             _bench().cmd_bench(a)
         elif a.command == "train":

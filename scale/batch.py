@@ -4,19 +4,24 @@ The output folder holds one PNG per picture (`<id>.png`, or `<id>-<i>.png` for s
 parameters and the row's fingerprint, and `manifest.jsonl`: one record per row and run (done, skipped or failed,
 with the error). A rerun skips every row whose pictures are all there, whole and made from the same settings; so
 after a crash, a kill or a fix to a bad row, running the same command again does exactly the missing rows.
+
+The jobs file is streamed: the first row runs as soon as it is read, whatever the file's length, and memory holds
+one row at a time (and 8 bytes per row for `Names`). The command exits with 1 when a row failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,11 +30,13 @@ from cldm.errors import CldmError, InputError
 from cldm.images import write_atomic
 from cldm.model_card import card_for
 from cldm.samplers import SAMPLERS
-from scale.jobs import SETTINGS, Job, RowError, read_jobs
+from scale.jobs import SETTINGS, Job, Names, RowError, iter_jobs
 from scale.render import Prepared, Rendered, Setup, is_complete, prepare, render, worker_name
 
 log = logging.getLogger("batch")
 MANIFEST = "manifest.jsonl"
+SHOWN_ERRORS = 20  # failed rows printed at the end; the manifest has them all
+KEPT_ERRORS = 100  # failed rows a Summary keeps the message of (memory stays bounded whatever the file)
 
 
 def describe(error: BaseException) -> str:
@@ -50,23 +57,27 @@ class Manifest:
         self._lock = threading.Lock()
         self.run = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{uuid.uuid4().hex[:6]}"  # this run's records
 
-    def add(self, record: dict) -> None:
+    def add(self, record: dict, sync: bool = True) -> None:
+        """Append a record; `sync`: on the disk before this returns (a skipped row's record need not be: a rerun
+        writes it again)."""
         line = json.dumps({**record, "run": self.run}, sort_keys=True) + "\n"
         with self._lock, open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
 
     def latest(self) -> dict[str, dict]:
-        """Each id's last record (what the folder holds now)."""
+        """Each id's last record (what the folder holds now), the file read a line at a time."""
         out = {}
         if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a kill
-                out[rec.get("id")] = rec
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut short by a kill
+                    out[rec.get("id")] = rec
         return out
 
 
@@ -77,11 +88,15 @@ class Summary:
     failed: int = 0
     pictures: int = 0
     seconds: float = 0.0
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the first KEPT_ERRORS failed rows
 
     @property
     def per_minute(self) -> float:
         return 60 * self.pictures / self.seconds if self.seconds else 0.0
+
+    @property
+    def rows(self) -> int:
+        return self.done + self.skipped + self.failed
 
     def line(self) -> str:
         return (f"{self.done} rows done ({self.pictures} pictures, {self.per_minute:.1f}/min), {self.skipped} skipped "
@@ -89,31 +104,39 @@ class Summary:
 
 
 class Batch:
-    """A job list against an output folder: which rows are still to do, and recording each row's outcome."""
+    """Rows against an output folder: which are still to do, and recording each row's outcome. `jobs` (Jobs, and
+    RowErrors where a row is bad) and `bad` (RowErrors) are each in row order; either may be a stream (`iter_jobs`),
+    read as the rows run. `total` is the number of Jobs when `jobs` is a list, else None."""
 
-    def __init__(self, jobs: list[Job], bad: list[RowError], out: str | Path, setup: Setup):
-        self.jobs, self.bad, self.out, self.setup = jobs, bad, Path(out), setup
+    def __init__(self, jobs: Iterable[Job | RowError], bad: Iterable[RowError], out: str | Path, setup: Setup):
+        self.total = len(jobs) if isinstance(jobs, Sized) else None
+        self._rows = heapq.merge(jobs, bad, key=lambda item: item.row)
+        self.out, self.setup = Path(out), setup
         self.manifest = Manifest(self.out)
         self.summary = Summary()
 
-    def pending(self) -> list[Job]:
-        """The rows to run; the others are recorded as skipped. Bad rows are recorded as failed."""
-        todo = []
-        for job in self.jobs:
-            fp = job.fingerprint(self.setup.base)
-            if all(is_complete(self.out / name, fp) for name in job.file_names()):
-                self.manifest.add({"id": job.id, "row": job.row, "status": "skipped", "files": job.file_names()})
+    def pending(self) -> Iterator[Job]:
+        """The rows to run, one at a time, each with a file name no other row has (`Names`); the others are
+        recorded as they come: skipped (their pictures are there) or failed (a bad row)."""
+        names = Names()
+        for item in self._rows:
+            item = names.assign(item)
+            if isinstance(item, RowError):
+                self.failed(item.row, item.id, item.error)
+                continue
+            fp = item.fingerprint(self.setup.base)
+            if all(is_complete(self.out / name, fp) for name in item.file_names()):
+                record = {"id": item.id, "row": item.row, "status": "skipped", "files": item.file_names()}
+                self.manifest.add(record, sync=False)
                 self.summary.skipped += 1
             else:
-                todo.append(job)
-        for row in self.bad:
-            self.failed(row.row, row.id, row.error)
-        return todo
+                yield item
 
     def failed(self, row: int, ident: str, error: str) -> None:
         self.manifest.add({"id": ident, "row": row, "status": "failed", "error": error, "worker": worker_name()})
         self.summary.failed += 1
-        self.summary.errors.append(f"row {row} ({ident}): {error}")
+        if len(self.summary.errors) < KEPT_ERRORS:
+            self.summary.errors.append(f"row {row} ({ident}): {error}")
 
     def record(self, job: Job, result: Rendered | str) -> None:
         """A row's outcome: its pictures, or the error that stopped it."""
@@ -123,28 +146,37 @@ class Batch:
             self.failed(job.row, job.id, result)
 
     def finished(self, r: Rendered) -> None:
-        """Write the row's PNGs (each atomically), then its manifest line."""
+        """Write the row's PNGs (each atomically), then its manifest line; a file that cannot be written fails
+        the row (the disk full, the folder gone), not the batch."""
         for name, data in r.files:
-            write_atomic(data, self.out / name)
+            try:
+                write_atomic(data, self.out / name)
+            except OSError as e:
+                self.failed(r.job.row, r.job.id, f"cannot write {name}: {e.strerror or e}")
+                return
         self.manifest.add({"id": r.job.id, "row": r.job.row, "status": "done", "files": [n for n, _ in r.files],
                            "seeds": r.seeds, "seconds": round(r.seconds, 3), "worker": r.worker})  # fmt: skip
         self.summary.done += 1
         self.summary.pictures += len(r.files)
 
 
-def run_local(batch: Batch, progress: Callable[[int, int], None] | None = None, stop: threading.Event | None = None,
+def run_local(batch: Batch, progress: Callable[[int, int | None], None] | None = None, stop: threading.Event | None = None,
               manager=None) -> Summary:  # fmt: skip
-    """Every pending row in this process, one after the other, on one model manager (`manager`, or a new one)."""
+    """Every pending row in this process, one after the other, on one model manager (`manager`, or a new one made
+    for the first row to run). `progress(i, n)`: i rows run of n (None when the rows are a stream)."""
     t = time.perf_counter()
-    todo = batch.pending()
-    manager = manager or (batch.setup.manager() if todo else None)
+    todo, total = batch.pending(), None
+    if batch.total is not None:  # a list: count what is left to do (the Batch tab's bar)
+        todo = list(todo)
+        total = len(todo)
     for i, job in enumerate(todo):
         if stop is not None and stop.is_set():
             break
+        manager = manager or batch.setup.manager()
         prepared = prepare_or_error(job, batch.setup)
         batch.record(job, render_or_error(prepared, manager) if isinstance(prepared, Prepared) else prepared)
         if progress is not None:
-            progress(i + 1, len(todo))
+            progress(i + 1, total)
     batch.summary.seconds = time.perf_counter() - t
     return batch.summary
 
@@ -207,22 +239,21 @@ def defaults_from_args(a: argparse.Namespace) -> dict[str, object]:
     return {k: getattr(a, k) for k in SETTINGS if getattr(a, k, None) is not None}
 
 
-def _bar(total_rows: int):
+def _bar(total_rows: int | None):
     from tqdm import tqdm
 
     return tqdm(total=total_rows, unit="row", desc="batch")
 
 
-def cmd_batch(a: argparse.Namespace) -> None:
-    jobs, bad = read_jobs(a.jobs, defaults_from_args(a))
-    if not jobs and not bad:
-        raise InputError(f"jobs file {a.jobs} has no rows")
-    batch = Batch(jobs, bad, a.out, setup_from_args(a))
+def cmd_batch(a: argparse.Namespace) -> int:
+    """The batch; the exit status: 0 when every row was done or skipped, 1 when a row failed."""
+    batch = Batch(iter_jobs(a.jobs, defaults_from_args(a)), [], a.out, setup_from_args(a))
     bar = None
 
-    def progress(i: int, n: int) -> None:
+    def progress(i: int, n: int | None) -> None:
         nonlocal bar
-        bar = bar or _bar(n)
+        if bar is None:  # (a tqdm with no total has no truth value)
+            bar = _bar(n)
         bar.update(1)
 
     if a.ray:
@@ -234,8 +265,14 @@ def cmd_batch(a: argparse.Namespace) -> None:
         summary = run_local(batch, progress)
     if bar is not None:
         bar.close()
+    if not summary.rows:
+        raise InputError(f"jobs file {a.jobs} has no rows")
     print(summary.line())
-    for e in summary.errors[:20]:
+    for e in summary.errors[:SHOWN_ERRORS]:
         print(f"  failed: {e}")
-    if len(summary.errors) > 20:
-        print(f"  ... and {len(summary.errors) - 20} more (see {batch.manifest.path})")
+    if summary.failed > SHOWN_ERRORS:
+        print(f"  ... and {summary.failed - SHOWN_ERRORS} more (see {batch.manifest.path})")
+    if summary.failed:
+        print(f"error: {summary.failed} of {summary.rows} rows failed (see {batch.manifest.path})", file=sys.stderr)
+        return 1
+    return 0

@@ -7,18 +7,24 @@ line's). A cell that cannot be read (a word where a number belongs) makes that r
 on. Columns that are not settings are kept as words for the prompt template: `{name}` in a prompt is replaced by
 the row's `name` column, `{stem}` by the picture's file name without extension, `{id}` by the row's id.
 Relative paths are relative to the jobs file's folder.
+
+The file is read as a stream (`scale.rows`): a row that cannot be read is that row's RowError, and memory does not
+grow with the file. `Names` gives each row file names that no other row has.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import re
+import reprlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from cldm.errors import InputError
+from cldm.request import MAX_BATCH
+from scale.rows import iter_rows
 
 # setting -> (type, default); the defaults are the CLI's (`python -m cldm generate`)
 SETTINGS: dict[str, tuple[type, object]] = {
@@ -53,8 +59,14 @@ ALIASES = {
     "module": "preprocessor", "model": "controlnet",
 }  # fmt: skip
 PATHS = ("hint", "image", "init_image")
-MAX_ROWS = 1_000_000
-_ID = re.compile(r"[^A-Za-z0-9._-]+")
+# File names: `<id>.png` or `<id>-<i>.png`, and write_atomic's `.<name>.<pid>.<thread id>.part` beside it. 255
+# bytes is the name limit of common file systems; MAX_ID leaves room for `~<row>`, `-<i>.png` and those 35 bytes.
+MAX_ID = 120
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".bin")
+_ID = re.compile(r"[^A-Za-z0-9._-]+")  # ids keep these (ASCII: one byte each); the rest becomes `_`
+ROW_MARK = "~"  # never in a sanitised id, so `<id>~<row>` cannot be another row's name
+_PICTURE = re.compile(r"(.+)-(0|[1-9][0-9]*)")  # `a-1`: also the second picture of a row `a` with several
+WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"{p}{i}" for p in ("COM", "LPT") for i in range(1, 10))}
 _FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -109,52 +121,34 @@ class RowError:
     error: str
 
 
-def read_rows(path: str | Path) -> list[dict[str, object]]:
-    """The file's rows as dicts: CSV (.csv, .tsv, with a header row) or JSON Lines (.jsonl, .json: one object per
-    line)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise InputError(f"jobs file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"jobs file {path} cannot be read as UTF-8 text: {e}") from None
-    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                row = {"__error__": f"line {n} is not JSON: {e.msg}"}
-            rows.append(row if isinstance(row, dict) else {"__error__": f"line {n} is not a JSON object"})
-    elif path.suffix.lower() in (".csv", ".tsv", ".txt"):
-        reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        if not reader.fieldnames:
-            raise InputError(f"jobs file {path} has no header row (e.g. hint,controlnet,prompt,seed)")
-        rows = [{k.strip(): v for k, v in r.items() if k is not None} for r in reader]
-    else:
-        raise InputError(f"jobs file {path}: give a .csv, .tsv or .jsonl file (got {path.suffix or 'no extension'})")
-    if len(rows) > MAX_ROWS:
-        raise InputError(f"jobs file {path} has {len(rows)} rows; split it into files of at most {MAX_ROWS}")
-    return rows
-
-
 def _value(name: str, kind: type, raw: object) -> object:
     if kind is str:
         return str(raw)
     if isinstance(raw, bool) or (isinstance(raw, str) and not raw.strip()):
         raise ValueError
+    number = float(raw)  # OverflowError for an integer too large for a float
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ValueError
     if kind is int:
-        number = float(raw)
         if number != int(number):
             raise ValueError
         return int(number)
-    number = float(raw)
-    if number != number or number in (float("inf"), float("-inf")):
-        raise ValueError
     return number
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long for the file system
+        return False
+
+
+def _path(folder: Path, value: str, column: str) -> str:
+    """A path cell made absolute (relative to the jobs file's folder)."""
+    try:
+        return str((folder / value).resolve())
+    except (OSError, ValueError) as e:  # a NUL character, a name too long
+        raise InputError(f"{column} is not a usable path ({type(e).__name__}: {reprlib.repr(value)})") from None
 
 
 def _template(text: str, words: dict[str, str]) -> str:
@@ -176,14 +170,16 @@ def make_job(row: int, raw: dict[str, object], defaults: dict[str, object], fold
             continue
         try:
             values[name] = _value(name, SETTINGS[name][0], cell)
-        except (TypeError, ValueError):
-            kind = "a whole number" if SETTINGS[name][0] is int else "a number"
-            problems.append(f"{key} must be {kind} (got {cell!r})")
+        except (TypeError, ValueError, OverflowError):
+            kind = "a whole number" if SETTINGS[name][0] is int else "a finite number"
+            problems.append(f"{key} must be {kind} (got {reprlib.repr(cell)})")
     if problems:
         raise InputError("; ".join(problems))
+    if not 1 <= int(values["pictures"]) <= MAX_BATCH:
+        raise InputError(f"pictures must be 1..{MAX_BATCH} (got {values['pictures']})")
     for name in PATHS:
         if values[name]:
-            values[name] = str((folder / str(values[name])).resolve())
+            values[name] = _path(folder, str(values[name]), name)
     if values["hint"] and values["image"]:
         raise InputError("give a hint or an image (with its preprocessor), not both")
     if not (values["hint"] or values["image"]):
@@ -193,11 +189,10 @@ def make_job(row: int, raw: dict[str, object], defaults: dict[str, object], fold
     if not values["controlnet"]:
         raise InputError("no ControlNet: give a controlnet column (a file, a folder or a condition such as canny)")
     controlnet = str(values["controlnet"])
-    if "/" in controlnet or "\\" in controlnet or (folder / controlnet).exists() or controlnet.endswith(
-            (".safetensors", ".pth", ".ckpt", ".bin")):  # fmt: skip
-        values["controlnet"] = str((folder / controlnet).resolve())
+    if "/" in controlnet or "\\" in controlnet or controlnet.endswith(WEIGHT_SUFFIXES) or _exists(folder / controlnet):
+        values["controlnet"] = _path(folder, controlnet, "controlnet")
     stem = Path(str(values["image"])).stem
-    ident = _ID.sub("_", str(values["id"]) or f"{row:05d}").strip("._") or f"{row:05d}"
+    ident = safe_id(values["id"], row)
     words.update(id=ident, stem=stem)
     values.update(id=ident, prompt=_template(str(values["prompt"]), words),
                   negative_prompt=_template(str(values["negative_prompt"]), words))  # fmt: skip
@@ -205,21 +200,77 @@ def make_job(row: int, raw: dict[str, object], defaults: dict[str, object], fold
     return Job(row=row, words=tuple(sorted(words.items())), **{k: values[k] for k in names})
 
 
-def read_jobs(path: str | Path, defaults: dict[str, object] | None = None) -> tuple[list[Job], list[RowError]]:
-    """Every row of the jobs file as a Job, or a RowError saying what is wrong with it. Two rows with the same id
-    would write the same file: the later ones get `-2`, `-3`... added."""
+def safe_id(raw: object, row: int) -> str:
+    """A row's id as a file name stem: letters, digits, `.`, `_`, `-` (others become `_`), at most MAX_ID bytes (a
+    longer one keeps its start and gets a hash of the whole), no Windows device name; "" becomes the row number."""
+    text = "" if raw is None else str(raw)
+    ident = _ID.sub("_", text).strip("._")
+    if len(ident) > MAX_ID:
+        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=4).hexdigest()
+        ident = f"{ident[: MAX_ID - len(digest) - 1]}_{digest}"
+    if ident.split(".")[0].upper() in WINDOWS_DEVICES:
+        ident = f"_{ident}"
+    return ident or f"{row:05d}"
+
+
+def job_or_error(row: int, raw: dict[str, object] | str, defaults: dict[str, object], folder: Path) -> Job | RowError:
+    """`make_job`, or the RowError saying why the row (or the line, when `raw` is that) cannot be one."""
+    if isinstance(raw, str):
+        return RowError(row, f"{row:05d}", raw)
+    try:
+        return make_job(row, raw, defaults, folder)
+    except InputError as e:
+        return RowError(row, safe_id(raw.get("id"), row), str(e))
+
+
+def iter_jobs(path: str | Path, defaults: dict[str, object] | None = None) -> Iterator[Job | RowError]:
+    """Every row of the jobs file as a Job, or a RowError saying what is wrong with it, one at a time (the file
+    is checked now, read as the rows are asked for). Ids are not yet unique: `Names` makes them so."""
     folder = Path(path).resolve().parent
-    jobs, bad, seen = [], [], {}
-    for i, raw in enumerate(read_rows(path)):
-        fallback = _ID.sub("_", str(raw.get("id") or "")).strip("._") or f"{i:05d}"
-        if "__error__" in raw:
-            bad.append(RowError(i, fallback, str(raw["__error__"])))
-            continue
-        try:
-            job = make_job(i, raw, defaults or {}, folder)
-        except InputError as e:
-            bad.append(RowError(i, fallback, str(e)))
-            continue
-        seen[job.id] = seen.get(job.id, 0) + 1
-        jobs.append(job if seen[job.id] == 1 else replace(job, id=f"{job.id}-{seen[job.id]}"))
+    rows = iter_rows(path)
+    return (job_or_error(i, raw, defaults or {}, folder) for i, raw in enumerate(rows))
+
+
+def read_jobs(path: str | Path, defaults: dict[str, object] | None = None) -> tuple[list[Job], list[RowError]]:
+    """The whole jobs file at once (small files): its Jobs and RowErrors, ids made unique by `Names`."""
+    jobs, bad, names = [], [], Names()
+    for item in iter_jobs(path, defaults):
+        item = names.assign(item)
+        (jobs if isinstance(item, Job) else bad).append(item)
     return jobs, bad
+
+
+def _key(stem: str) -> int:
+    """A stem as file systems that ignore case (macOS, Windows) compare it, hashed to 8 bytes."""
+    return int.from_bytes(hashlib.blake2b(stem.lower().encode(), digest_size=8).digest(), "little")
+
+
+class Names:
+    """Each row's id made unique as a file name: a row whose file names an earlier row has (ignoring case) gets
+    `~<row>` added. Decided row by row from the ids and picture counts alone, so a rerun of the same file gives each
+    row the same names. The names kept are 8-byte hashes; a false match only adds `~<row>`, the same on every run."""
+
+    def __init__(self) -> None:
+        self._taken: set[int] = set()  # every row's stem
+        self._several: dict[int, int] = {}  # stems of rows with several pictures -> how many (`<stem>-<i>.png`)
+
+    def assign(self, item: Job | RowError) -> Job | RowError:
+        """The row with its unique id; rows must come in file order. A RowError takes its name too: fixing it
+        changes no other row's name."""
+        stem, pictures = item.id, item.pictures if isinstance(item, Job) else 1
+        if ROW_MARK in stem:  # made unique already (read_jobs): no other row can have it
+            return item
+        if self._clashes(stem, pictures):
+            return replace(item, id=f"{stem}{ROW_MARK}{item.row}")
+        self._taken.add(_key(stem))
+        if pictures > 1:
+            self._several[_key(stem)] = pictures
+        return item
+
+    def _clashes(self, stem: str, pictures: int) -> bool:
+        if _key(stem) in self._taken:
+            return True
+        if pictures > 1:  # `<stem>-<i>.png` may be an earlier row's `<stem>-<i>`
+            return any(_key(f"{stem}-{i}") in self._taken for i in range(pictures))
+        m = _PICTURE.fullmatch(stem)  # `a-1` may be the second picture of an earlier row `a`
+        return m is not None and self._several.get(_key(m[1]), 0) > int(m[2])

@@ -6,6 +6,9 @@ wherever it ran. Ray Data restarts a replica that dies and retries its rows; wha
 driver killed, the cluster gone) a rerun of the same command completes, skipping the rows already written.
 The driver alone writes the output folder, so workers on other machines need no shared disk for it; they do need
 the jobs' pictures and the models at the same paths (a shared disk or the same image on every node).
+
+The jobs file is streamed: Ray Data gets the pending rows RAY_WINDOW at a time, one dataset each, so the driver
+holds one window of rows whatever the file's length.
 """
 
 from __future__ import annotations
@@ -14,18 +17,24 @@ import logging
 import os
 import pickle
 import time
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 from cldm.errors import InputError
 from scale.batch import Batch, Summary, prepare_or_error, render_or_error
+from scale.jobs import Job
 from scale.render import Prepared, Setup
 
 log = logging.getLogger("batch.ray")
 ROOT = Path(__file__).resolve().parents[1]  # the project: on every worker's import path
 DEFAULT_CPU_WORKERS = 2
 PREPROCESS_MEMORY = 1024**3  # bytes a preprocessing task reserves (the largest annotator models, e.g. depth)
+# Rows per dataset. Each starts its model replicas again and drains at its end: at several seconds a row, a model
+# load and the last rows' wait are well under 1% of a window this long; its rows take a few MB on the driver.
+RAY_WINDOW = 5_000
 
 
 def connect(address: str = "local", num_cpus: int | None = None) -> None:
@@ -89,30 +98,43 @@ def plan(workers: int | None, cpus_per_worker: float, gpus_per_worker: float | N
     return workers, gpus_per_worker
 
 
+def windows(rows: Iterable[Job], size: int) -> Iterator[list[Job]]:
+    """`rows` in lists of `size` (the last one shorter), read as they are asked for."""
+    rows = iter(rows)
+    while window := list(islice(rows, size)):
+        yield window
+
+
 def run_ray(batch: Batch, address: str = "local", workers: int | None = None, cpus_per_worker: float = 1.0,
             gpus_per_worker: float | None = None, progress=None) -> Summary:  # fmt: skip
-    """Every pending row of `batch` on Ray; the results are written here as they arrive."""
+    """Every pending row of `batch` on Ray; the results are written here as they arrive. `progress(i, n)`: i rows
+    run of n (None: the rows are a stream)."""
     t = time.perf_counter()
-    todo = batch.pending()
-    if todo:
+    todo, total = batch.pending(), None
+    if batch.total is not None:  # a list: count what is left to do
+        todo = list(todo)
+        total = len(todo)
+    n = 0
+    for i, window in enumerate(windows(todo, RAY_WINDOW)):
         import ray
 
-        # a local cluster gets one CPU more than the replicas take, so preprocessing always has a slot
-        local_cpus = int((workers or DEFAULT_CPU_WORKERS) * cpus_per_worker) + 1 if address == "local" else None
-        connect(address, local_cpus)
-        workers, gpus_per_worker = plan(workers, cpus_per_worker, gpus_per_worker)
-        log.info("Ray: %d replicas x (%g CPU, %g GPU) for %d rows", workers, cpus_per_worker, gpus_per_worker,
-                 len(todo))  # fmt: skip
+        if i == 0:  # a local cluster gets one CPU more than the replicas take: preprocessing always has a slot
+            local_cpus = int((workers or DEFAULT_CPU_WORKERS) * cpus_per_worker) + 1 if address == "local" else None
+            connect(address, local_cpus)
+            workers, gpus_per_worker = plan(workers, cpus_per_worker, gpus_per_worker)
+            log.info("Ray: %d replicas x (%g CPU, %g GPU), %d rows at a time", workers, cpus_per_worker,
+                     gpus_per_worker, RAY_WINDOW)  # fmt: skip
         setup = batch.setup
-        ds = ray.data.from_items([{"job": pickle.dumps(job)} for job in todo], override_num_blocks=len(todo))
+        ds = ray.data.from_items([{"job": pickle.dumps(job)} for job in window], override_num_blocks=len(window))
         # preprocessing: CPU tasks with room for an annotator model (their own stage: the replicas never wait on it)
         ds = ds.map(_prepare_row, fn_kwargs={"setup": setup}, num_cpus=1, memory=PREPROCESS_MEMORY)
         ds = ds.map_batches(Replica, fn_constructor_kwargs={"setup": setup}, batch_size=1,
                             compute=ray.data.ActorPoolStrategy(size=workers),
                             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)  # fmt: skip
-        for n, row in enumerate(ds.iter_rows(), 1):
+        for row in ds.iter_rows():
             batch.record(pickle.loads(row["job"]), pickle.loads(row["result"]))
+            n += 1
             if progress is not None:
-                progress(n, len(todo))
+                progress(n, total)
     batch.summary.seconds = time.perf_counter() - t
     return batch.summary

@@ -73,9 +73,9 @@ def test_jobs_files_are_read_as_documented(tmp_path):
     assert (a.prompt, a.seed, a.steps, a.cfg, a.scale) == ("a red circle", 5, 30, 7.0, 0.5)
     # row 1: the defaults fill the empty cells; the template gets the picture's name and the row's column
     assert (b.id, b.prompt, b.steps, b.cfg, b.preprocessor, b.scale) == ("00001", "b in blue", 10, 4.0, "canny", 1.0)
-    # a repeated id gets a suffix; a ControlNet given as a path is made absolute; unknown {words} stay
-    assert dup.id == "first-2" and dup.controlnet == str(tmp_path / "my/cn.safetensors")
-    assert dup.prompt == "{missing} star" and dup.file_names() == ["first-2.png"]
+    # a repeated id gets its row number; a ControlNet given as a path is made absolute; unknown {words} stay
+    assert dup.id == "first~4" and dup.controlnet == str(tmp_path / "my/cn.safetensors")
+    assert dup.prompt == "{missing} star" and dup.file_names() == ["first~4.png"]
     assert [(r.row, r.id) for r in bad] == [(2, "bad"), (3, "both"), (5, "00005")]
     assert (
         "seed must be a whole number (got 'seven')" in bad[0].error and "steps must be a whole number" in bad[0].error
@@ -126,7 +126,8 @@ def test_bad_rows_are_recorded_and_a_rerun_does_exactly_the_missing_rows(tmp_pat
     jobs.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "out"
     args = ("--jobs", str(jobs), "--out", str(out), "--controlnet", "canny", "--steps", "8", "--prompt", "a shape")
-    assert _batch(*args) == 0
+    assert _batch(*args) == 1  # rows failed: the exit status says so
+    assert "error: 6 of 10 rows failed" in capsys.readouterr().err
     first = _runs(out)[0]
     state = {r["id"]: r for r in first}
     assert {k for k, r in state.items() if r["status"] == "done"} == {"a", "b", "c", "d"}
@@ -141,7 +142,7 @@ def test_bad_rows_are_recorded_and_a_rerun_does_exactly_the_missing_rows(tmp_pat
 
     # nothing changed: every good row is skipped, no file is written again
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
-    assert _batch(*args) == 0
+    assert _batch(*args) == 1
     second = _runs(out)[1]
     assert {r["id"] for r in second if r["status"] == "skipped"} == {"a", "b", "c", "d"}
     assert not [r for r in second if r["status"] == "done"]
@@ -152,7 +153,7 @@ def test_bad_rows_are_recorded_and_a_rerun_does_exactly_the_missing_rows(tmp_pat
     (out / "c.png").write_bytes(made["c.png"][: len(made["c.png"]) // 2])
     next(r for r in rows if r["id"] == "d")["prompt"] = "a green square on a white background"
     jobs.write_text("\n".join(json.dumps(r) for r in rows))
-    assert _batch(*args) == 0
+    assert _batch(*args) == 1
     third = _runs(out)[2]
     assert {r["id"] for r in third if r["status"] == "done"} == {"b", "c", "d"}
     assert {r["id"] for r in third if r["status"] == "skipped"} == {"a"}
