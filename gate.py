@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from starlette.middleware import Middleware
+from starlette.requests import cookie_parser
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -66,8 +67,6 @@ def logged_in(app: Any, cookies: dict[str, str]) -> bool:
 
 
 def _cookies(scope: Scope) -> dict[str, str]:
-    from starlette.requests import cookie_parser
-
     for name, value in scope.get("headers", []):
         if name == b"cookie":
             return cookie_parser(value.decode("latin-1"))
