@@ -159,28 +159,31 @@ def run_batch(studio: Studio, uploads: list[str], key: str, preprocessor: str, t
     base_path = studio.base_path(base)
     prune_batches(studio.out_dir, KEEP_BATCHES - 1, studio.limits.keep_hours)  # room for this one
     folder = studio.out_dir / f"batch-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    pictures = unpack(uploads, folder / "inputs")
-    defaults = dict(controlnet=key, preprocessor=preprocessor, prompt=template, negative_prompt=negative, seed=seed,
-                    steps=steps, cfg=cfg, sampler=sampler, width=width, height=height, scale=scale)  # fmt: skip
-    if cond.img2img:  # tile: each picture is also its own init picture
-        defaults["strength"] = strength
-    jobs, bad = [], []
-    for i, picture in enumerate(pictures):
-        row = {"image": picture.name, "id": picture.stem, "seed": int(seed) + i}
-        if cond.img2img:
-            row["init_image"] = picture.name
+    try:  # the unpacked copies of the uploads go when the batch ends: a small zip may unpack to a gigabyte
+        pictures = unpack(uploads, folder / "inputs")
+        defaults = dict(controlnet=key, preprocessor=preprocessor, prompt=template, negative_prompt=negative, seed=seed,
+                        steps=steps, cfg=cfg, sampler=sampler, width=width, height=height, scale=scale)  # fmt: skip
+        if cond.img2img:  # tile: each picture is also its own init picture
+            defaults["strength"] = strength
+        jobs, bad = [], []
+        for i, picture in enumerate(pictures):
+            row = {"image": picture.name, "id": picture.stem, "seed": int(seed) + i}
+            if cond.img2img:
+                row["init_image"] = picture.name
+            try:
+                jobs.append(make_job(i, row, defaults, folder / "inputs"))
+            except InputError as e:
+                bad.append(RowError(i, picture.stem, str(e)))
+        batch = Batch(jobs, bad, folder / "pictures", Setup(base_path, studio.models_dir))
+        flag = studio.stops.start(who, sent_at)
+        progress(0, desc=f"batch: {len(jobs)} pictures")
         try:
-            jobs.append(make_job(i, row, defaults, folder / "inputs"))
-        except InputError as e:
-            bad.append(RowError(i, picture.stem, str(e)))
-    batch = Batch(jobs, bad, folder / "pictures", Setup(base_path, studio.models_dir))
-    flag = studio.stops.start(who, sent_at)
-    progress(0, desc=f"batch: {len(jobs)} pictures")
-    try:
-        summary = run_local(batch, lambda i, n: progress(i / n, desc=f"batch: {i}/{n} pictures"), flag,
-                            manager=studio.manager)  # fmt: skip
+            summary = run_local(batch, lambda i, n: progress(i / n, desc=f"batch: {i}/{n} pictures"), flag,
+                                manager=studio.manager)  # fmt: skip
+        finally:
+            studio.stops.release(who, flag)
     finally:
-        studio.stops.release(who)
+        shutil.rmtree(folder / "inputs", ignore_errors=True)
     made = sorted((folder / "pictures").glob("*.png"))
     archive = folder / f"{folder.name}.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:  # PNGs are compressed already

@@ -20,10 +20,11 @@ MAX_REMEMBERED_STOPS = 10_000  # sessions; the oldest are forgotten first
 
 
 class Stops:
-    """Each session's running generation's Stop flag, and when each session last pressed Stop."""
+    """The Stop flags of each session's running generations (a page may run a Batch and a tab's Generate at once:
+    Stop ends both), and when each session last pressed Stop."""
 
     def __init__(self) -> None:
-        self._flags: dict[str, threading.Event] = {}  # session -> its running generation's Stop flag
+        self._flags: dict[str, list[threading.Event]] = {}  # session -> its running generations' Stop flags
         self._stopped_at: OrderedDict[str, float] = OrderedDict()  # session -> when its Stop was last pressed
         self._lock = threading.Lock()
 
@@ -32,29 +33,36 @@ class Stops:
         has not started yet (waiting in the queue) does not start."""
         now = time.monotonic()
         with self._lock:
-            event = self._flags.get(session or "")
+            running = list(self._flags.get(session or "", ()))
             self._stopped_at[session or ""] = now
             self._stopped_at.move_to_end(session or "")
             oldest = next(iter(self._stopped_at.values()))
             while len(self._stopped_at) > MAX_REMEMBERED_STOPS or oldest < now - STOP_MEMORY_S:
                 self._stopped_at.popitem(last=False)
                 oldest = next(iter(self._stopped_at.values()))
-        if event is None:
+        if not running:
             log.info("stop: nothing running yet for session %s", session)
             return "Nothing is running (a generation already sent will not start)."
-        event.set()
+        for flag in running:
+            flag.set()
         return "Stopping at the next step..."
 
     def start(self, session: str | None, sent_at: float | None = None) -> threading.Event:
-        """The session's Stop flag for a generation sent at `sent_at` (time.monotonic(); None: now), set by the Stop
-        button until `release(session)`: already set if Stop was pressed after the generation was sent."""
+        """A Stop flag for one generation of the session, sent at `sent_at` (time.monotonic(); None: now), set by the
+        session's Stop button until `release(session, flag)`: already set if Stop was pressed after it was sent."""
+        flag = threading.Event()
         with self._lock:
-            flag = self._flags[session or ""] = threading.Event()
+            self._flags.setdefault(session or "", []).append(flag)
             stopped = self._stopped_at.get(session or "")
             if sent_at is not None and stopped is not None and stopped >= sent_at:
                 flag.set()
             return flag
 
-    def release(self, session: str | None) -> None:
+    def release(self, session: str | None, flag: threading.Event) -> None:
+        """The generation that `start` gave `flag` ended: Stop no longer reaches it."""
         with self._lock:
-            self._flags.pop(session or "", None)
+            flags = self._flags.get(session or "", [])
+            if flag in flags:
+                flags.remove(flag)
+            if not flags:
+                self._flags.pop(session or "", None)

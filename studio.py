@@ -336,7 +336,7 @@ class Studio:
             every = 0 if extras is None or preview is None else int(extras.preview_every)
             result = self.manager.run(request, callback=step, preview=preview, preview_every=every)
         finally:
-            self.stops.release(session)
+            self.stops.release(session, flag)
         files = []
         for i, img in enumerate(result.images):
             path = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{result.seeds[i]}-{uuid.uuid4().hex[:6]}.png"

@@ -252,3 +252,24 @@ def test_long_names_and_fake_pictures_in_a_zip_are_rows(tmp_path):
         results[picture.stem] = prepare_or_error(item, setup)
     assert "Cannot read the image" in results.pop("fake")
     assert isinstance(results.popitem()[1], Prepared)
+
+
+def test_the_batch_tab_deletes_the_unpacked_uploads_when_the_batch_ends(tmp_path):
+    """Review of issue 24: a zip of ~1 MB may unpack to ~1 GB under the per-picture and per-batch caps, and the
+    last 20 batch folders are kept: the unpacked copies go when the batch ends (its PNGs and zip stay)."""
+    import torch
+
+    from batch_tab import run_batch
+    from studio import Studio
+
+    manager = type("M", (), {"device": torch.device("cpu"), "base_path": "sd"})()  # no row reaches the model
+    studio = Studio(manager, str(tmp_path / "models"), str(tmp_path / "out"))
+    with zipfile.ZipFile(tmp_path / "up.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        for i in range(3):
+            z.writestr(f"p{i}.png", b"\0" * 4_000_000)  # not pictures: each row fails alone
+    gallery, status, archive = run_batch(studio, [str(tmp_path / "up.zip")], "canny", "none", "x", "", 1, 2, 5.0,
+                                         "ddim", 64, 64, 1.0, 0.75, lambda *a, **k: None)  # fmt: skip
+    assert "3 failed" in status and gallery == []
+    folder = Path(archive[0]).parent
+    assert folder.name.startswith("batch-") and not (folder / "inputs").exists()
+    assert zipfile.ZipFile(archive[0]).namelist() == ["manifest.jsonl"]
