@@ -156,7 +156,7 @@ def run_batch(studio: Studio, uploads: list[str], key: str, preprocessor: str, t
     cond = next((c for c in CONDITIONS if c.key == key), None)
     if cond is None or cond.inpaint or not studio.available(cond):
         raise InputError(f"{key!r} cannot run as a batch here; choose one of the listed conditions.")
-    base_path = studio.base_path(base)
+    base_path = studio.base_for(base)
     prune_batches(studio.out_dir, KEEP_BATCHES - 1, studio.limits.keep_hours)  # room for this one
     folder = studio.out_dir / f"batch-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     try:  # the unpacked copies of the uploads go when the batch ends: a small zip may unpack to a gigabyte

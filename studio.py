@@ -105,7 +105,7 @@ class Studio:
             bases.update({k: v for k, v in weights.list_bases(self.models_dir).items() if k not in bases})
         return bases
 
-    def base_path(self, name: str | None) -> str:
+    def base_for(self, name: str | None) -> str:
         """The base a request names (a key of `bases`), or the first one: what the page shows by default."""
         if name is None or name == "":
             return next(iter(self.bases.values()))
@@ -316,7 +316,7 @@ class Studio:
         button ends it at the next step boundary, or before it starts if pressed after `sent_at` (Stopped is raised;
         nothing is written). `preview(pictures)` gets the live previews (every `extras.preview_every` steps)."""
         self.check_work(units, s, extras)
-        base_path = self.base_path(base)
+        base_path = self.base_for(base)
         flag = self.stops.start(session, sent_at)  # from now on, Stop ends this request (preparing the hints included)
 
         def step(i: int, n: int) -> None:
