@@ -10,7 +10,7 @@ from annotators.errors import AnnotatorError
 MIN_RESOLUTION = 64
 MAX_RESOLUTION = 2048
 # Detectors scale the short side up to the resolution: a 60000x8 strip would become gigapixels. The same bounds as
-# cldm.images (kept apart: the annotators never import cldm).
+# cldm.io.images (kept apart: the annotators never import cldm).
 MIN_SIDE, MAX_SIDE, MAX_ASPECT = 1, 16384, 8.0
 
 

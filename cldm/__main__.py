@@ -1,33 +1,36 @@
 """Command line: `python -m cldm generate|convert|batch|bench|train|demo-eval ...`.
 
-generate and convert live in `cldm.cli`, bench in `cldm.bench` (imported when it runs), batch in
-`scale.batch`; train and demo-eval in `cldm.training.cli`, imported only when one of
-them runs (inference never loads the training code).
+generate and convert live in `cldm.cli`; the wings are imported only when their command runs: bench in
+`cldm.bench.command`, batch in `cldm.scale.batch`, train and demo-eval in `cldm.training.cli` (inference never
+loads the training code, diffusers or the preprocessors).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
-from . import cli
-from .errors import CldmError
-
-TRAINING = "cldm.training.cli"
+from cldm import cli
+from cldm.errors import CldmError
 
 
 def _training():
-    return importlib.import_module(TRAINING)
+    from cldm.training import cli as training
+
+    return training
 
 
 def _bench():
-    return importlib.import_module("cldm.bench")
+    from cldm.bench import command
+
+    return command
 
 
 def _batch():
-    return importlib.import_module("scale.batch")  # the app layer (preprocessors); Ray only with --ray
+    from cldm.scale import batch  # the preprocessors; Ray only with --ray
+
+    return batch
 
 
 def main(argv: list[str] | None = None) -> int:

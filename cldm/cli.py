@@ -6,14 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import checkpoints, weights, writers
-from .errors import InputError
-from .fit import RESIZE_MODES
-from .images import load_rgb, save_png
-from .lora import prompt_tags
-from .manager import ModelManager
-from .model_card import ModelCard, card_for
-from .request import (
+from cldm.adapters.lora import prompt_tags
+from cldm.errors import InputError
+from cldm.io import checkpoints, writers
+from cldm.io import locate as weights
+from cldm.io.images import load_rgb, save_png
+from cldm.io.model_card import ModelCard, card_for
+from cldm.pipeline.fit import RESIZE_MODES
+from cldm.pipeline.request import (
     HIRES_UPSCALERS,
     INPAINT_MODES,
     ControlUnit,
@@ -23,7 +23,8 @@ from .request import (
     LoraUnit,
     ReferenceUnit,
 )
-from .samplers import SAMPLERS
+from cldm.runtime.manager import ModelManager
+from cldm.sampling.samplers import SAMPLERS
 
 DEFAULT_SIZE = 512  # SD1.5's native size, for a base without a model card
 

@@ -26,7 +26,7 @@ def tiny_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ours(tiny_dirs):
-    from cldm import checkpoints
+    from cldm.io import checkpoints
 
     sd_dir, cn_dir = tiny_dirs
     return checkpoints.load_sd(sd_dir), checkpoints.load_controlnet(cn_dir)
@@ -69,7 +69,7 @@ def misfit_controlnet(ours):
     """A ControlNet of another family than the tiny base: twice the channel widths and an SD2-like text context."""
     from dataclasses import replace
 
-    from cldm.controlnet import ControlNet
+    from cldm.models.controlnet import ControlNet
 
     cfg = ours[1].cfg
     torch.manual_seed(5)
@@ -81,9 +81,9 @@ def running_app(tiny_dirs, ours, other_controlnet, misfit_controlnet, tmp_path_f
     """The real app on 127.0.0.1 with tiny weights: (url, manager, output folder)."""
     import shutil
 
-    import app
-    from cldm import checkpoints, writers
-    from cldm.manager import ModelManager
+    from cldm.io import checkpoints, writers
+    from cldm.runtime.manager import ModelManager
+    from studio import launch, page, service
 
     sd_dir, cn_dir = tiny_dirs
     _, cn = ours
@@ -117,11 +117,11 @@ def running_app(tiny_dirs, ours, other_controlnet, misfit_controlnet, tmp_path_f
     manager = ModelManager(str(sd_dir), device="cpu", dtype="fp32")
     (models / "embeddings").mkdir()
     manager.load_embeddings(models / "embeddings")  # empty until a test adds one (and presses Refresh)
-    studio = app.Studio(manager, str(models), str(tmp_path_factory.mktemp("out")))
-    demo = app.build_app(studio)
+    studio = service.Studio(manager, str(models), str(tmp_path_factory.mktemp("out")))
+    demo = page.build_app(studio)
     demo.queue(max_size=8, default_concurrency_limit=4)  # requests really overlap: the manager's lock must hold
     port = _free_port()
-    app.serve(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+    launch.serve(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                 allowed_paths=[str(studio.out_dir)])  # fmt: skip
     yield f"http://127.0.0.1:{port}/", manager, studio.out_dir, models
     demo.close()
@@ -133,17 +133,17 @@ DEMO_DIR = Path(__file__).parents[1] / "assets" / "demo"
 @pytest.fixture(scope="session")
 def demo_app(tmp_path_factory):
     """The real app in demo mode on the shipped demo model: (url, manager)."""
-    import app
-    from cldm.manager import ModelManager
-    from cldm.model_card import card_for
+    from cldm.io.model_card import card_for
+    from cldm.runtime.manager import ModelManager
+    from studio import launch, page, service
 
     manager = ModelManager(str(DEMO_DIR / "shapes_sd.safetensors"), device="cpu", dtype="fp32")
-    studio = app.Studio(
+    studio = service.Studio(
         manager, str(DEMO_DIR), str(tmp_path_factory.mktemp("out")), card=card_for(DEMO_DIR / "shapes_sd.safetensors")
     )
-    blocks = app.build_app(studio, banner="demo")
+    blocks = page.build_app(studio, banner="demo")
     blocks.queue(max_size=8)
     port = _free_port()
-    app.serve(blocks, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    launch.serve(blocks, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", manager
     blocks.close()

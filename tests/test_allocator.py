@@ -7,8 +7,8 @@ import sys
 import pytest
 from test_offload import _request
 
-from cldm import allocator
-from cldm.manager import ModelManager
+from cldm.runtime import allocator
+from cldm.runtime.manager import ModelManager
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")

@@ -46,7 +46,7 @@ def _unit(image, annotator, params=()):
 def _multi(enabled, key, image, annotator, scale=1.0, start=0.0, end=1.0, resolution=SIZE, **params):
     """One Multi unit: on/off, condition, then the same panel as a tab (every preprocessor's sliders, table order)."""
     import annotators
-    from conditions import CONDITIONS
+    from cldm.hints.conditions import CONDITIONS
 
     names = dict.fromkeys(a for c in CONDITIONS if not c.inpaint for a in c.annotators)
     sliders = [params.get(p.name, p.default) if n == annotator else p.default
@@ -276,7 +276,7 @@ def test_a_controlnet_of_another_family_is_refused_with_both_shapes(client, squa
     from gradio_client import handle_file
 
     import annotators
-    from conditions import BY_KEY
+    from cldm.hints.conditions import BY_KEY
 
     params = [p.default for a in BY_KEY["lineart"].annotators for p in annotators.ANNOTATORS[a].params]
     loads = running_app[1].controlnet_loads

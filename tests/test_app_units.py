@@ -58,7 +58,7 @@ def test_resize_modes_reach_the_hint(client, wide):
 
 def test_pixel_perfect_sets_the_detection_resolution(client, wide):
     """Pixel perfect: canny runs at the extension's resolution (here 64 for crop, 32 for fill), not the slider's."""
-    from cldm.fit import pixel_perfect_resolution
+    from cldm.pipeline.fit import pixel_perfect_resolution
 
     assert pixel_perfect_resolution(2 * SIZE, SIZE, SIZE, SIZE, "crop") == SIZE
     assert pixel_perfect_resolution(2 * SIZE, SIZE, SIZE, SIZE, "fill") == SIZE // 2
@@ -120,7 +120,7 @@ def test_outpaint_with_resize_and_fill(client, wide):
     the picture's own pixels are kept exactly where the mask is 0."""
     from gradio_client import handle_file
 
-    from cldm.fit import fit_rgb
+    from cldm.pipeline.fit import fit_rgb
 
     src = np.asarray(Image.open(wide).convert("RGB"))
     editor = {"background": handle_file(wide), "layers": [], "composite": handle_file(wide)}
@@ -162,7 +162,7 @@ def test_png_info_round_trip(client, running_app, tmp_path):
     """A generated PNG's parameters back into the Canny tab's fields, and an A1111 PNG's."""
     from gradio_client import handle_file
 
-    from cldm.images import save_png
+    from cldm.io.images import save_png
 
     img = np.zeros((SIZE, SIZE, 3), np.uint8)
     img[16:48, 16:48] = 255
@@ -319,8 +319,8 @@ def test_refresh_model_lists_without_a_restart(client, running_app, tmp_path):
 
 
 def test_refresh_lists_what_the_folder_holds(tiny_dirs, tmp_path):
-    import app
-    from cldm.manager import ModelManager
+    from cldm.runtime.manager import ModelManager
+    from studio import service
 
     (tmp_path / "loras" / "sub").mkdir(parents=True)
     (tmp_path / "loras" / "sub" / "a.safetensors").write_bytes(b"")
@@ -330,7 +330,7 @@ def test_refresh_lists_what_the_folder_holds(tiny_dirs, tmp_path):
     (tmp_path / "embeddings" / "bad.pt").write_bytes(b"not a checkpoint")
     manager = ModelManager(str(tiny_dirs[0]), device="cpu", dtype="fp32")
     manager.load_embeddings(tmp_path / "embeddings")
-    studio = app.Studio(manager, str(tmp_path), str(tmp_path / "out"))
+    studio = service.Studio(manager, str(tmp_path), str(tmp_path / "out"))
     lists = studio.refresh_models()
     assert lists.loras == ["a"] and lists.vaes == ["v.safetensors"] and lists.bases == [Path(str(tiny_dirs[0])).name]
     assert lists.embeddings == 0 and "bad" in lists.refused_embeddings

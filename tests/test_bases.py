@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from cldm import checkpoints, file_hashes, writers
 from cldm.errors import CldmError
-from cldm.request import GenerationRequest
+from cldm.io import checkpoints, writers
+from cldm.io import hashes as file_hashes
+from cldm.pipeline.request import GenerationRequest
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def _req(base, seed=1):
 
 
 def test_switching_bases_one_in_memory(tiny_dirs, second_base, tmp_path):
-    from cldm.manager import ModelManager
+    from cldm.runtime.manager import ModelManager
 
     first = str(tiny_dirs[0])
     manager = ModelManager(first, device="cpu", dtype="fp32")
@@ -58,7 +59,7 @@ def test_switching_bases_one_in_memory(tiny_dirs, second_base, tmp_path):
 
 def test_two_clients_on_two_bases(tiny_dirs, second_base):
     """Requests for different bases from two threads, interleaved: each gets exactly the pictures it gets alone."""
-    from cldm.manager import ModelManager
+    from cldm.runtime.manager import ModelManager
 
     first = str(tiny_dirs[0])
     manager = ModelManager(first, device="cpu", dtype="fp32")

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from cldm.__main__ import main as cldm_main
-from scale.batch import MANIFEST
-from scale.jobs import read_jobs
+from cldm.scale.batch import MANIFEST
+from cldm.scale.jobs import read_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "assets" / "demo"
@@ -229,7 +229,7 @@ def test_the_batch_tab(demo_app, tmp_path):
 
 def test_old_batch_folders_are_pruned(tmp_path):
     """A shared server keeps its output folder bounded: the newest batch folders, none older than the limit."""
-    from batch_tab import prune_batches
+    from studio.batch_tab import prune_batches
 
     now = time.time()
     for i in range(6):

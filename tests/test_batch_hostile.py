@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from cldm.__main__ import main as cldm_main
-from scale.batch import MANIFEST, Batch, prepare_or_error, run_local
-from scale.jobs import Job, make_job, read_jobs
-from scale.render import Prepared, Setup
+from cldm.scale.batch import MANIFEST, Batch, prepare_or_error, run_local
+from cldm.scale.jobs import Job, make_job, read_jobs
+from cldm.scale.render import Prepared, Setup
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "assets" / "demo"
@@ -70,7 +70,7 @@ def test_rows_that_used_to_break_the_batch_fail_alone(tmp_path, capsys):
     assert on_disk == set(files)
     assert max(len(f.encode()) for f in files) + TEMP_NAME_EXTRA <= NAME_LIMIT
     assert {"dup.png", "dup-2.png", "b-0.png", "b-1.png", "_con.png", "after.png"} <= on_disk
-    from scale.jobs import MAX_ID
+    from cldm.scale.jobs import MAX_ID
 
     longs = [f for f in files if f.startswith("xxxx")]  # shortened, and still two names
     assert len(set(longs)) == 2 and all(len(f) == MAX_ID + len(".png") for f in longs)
@@ -116,7 +116,7 @@ def test_unreadable_lines_and_cells_are_their_rows_errors(tmp_path):
 def test_a_million_row_file_gives_its_first_picture_before_it_is_read(tmp_path):
     """The jobs file is a pipe fed a million rows: the first picture is made while the writer has put in only a
     few of them (the file is read as the rows run, not first), and stopping the batch stops the reading."""
-    from scale.jobs import iter_jobs
+    from cldm.scale.jobs import iter_jobs
 
     _edges(tmp_path, 1)
     fifo = tmp_path / "jobs.jsonl"
@@ -148,7 +148,7 @@ def test_streaming_keeps_memory_flat(tmp_path):
     """Reading 10,000 rows holds one row at a time: after the first thousand, the memory held grows no more."""
     import pathlib
 
-    from scale.jobs import iter_jobs
+    from cldm.scale.jobs import iter_jobs
 
     line = json.dumps({"hint": "a.png", "controlnet": "canny", "prompt": "a red circle on a blue background"})
     (tmp_path / "jobs.jsonl").write_text("".join(f'{{"id": "r{i}", {line[1:]}\n' for i in range(10_000)))
@@ -169,7 +169,7 @@ def test_streaming_keeps_memory_flat(tmp_path):
 
 def test_ray_gets_the_rows_a_window_at_a_time():
     """Ray Data is given the pending rows in windows, each read only when the one before is done."""
-    from scale.ray_batch import windows
+    from cldm.scale.ray_batch import windows
 
     assert list(windows(list(range(7)), 3)) == [[0, 1, 2], [3, 4, 5], [6]]  # a list: each row once
     read = []
@@ -187,8 +187,8 @@ def test_a_rerun_knows_a_whole_picture_without_decoding_it(tmp_path):
     changed, its row runs again."""
     import numpy as np
 
-    from cldm.images import encode_png
-    from scale.render import JOB_CHUNK, is_complete
+    from cldm.io.images import encode_png
+    from cldm.scale.render import JOB_CHUNK, is_complete
 
     rng = np.random.default_rng(0)
     data = encode_png((rng.random((64, 64, 3)) * 255).astype(np.uint8), "x", {JOB_CHUNK: "abc"})
@@ -205,8 +205,8 @@ def test_a_rerun_knows_a_whole_picture_without_decoding_it(tmp_path):
 def test_a_zip_bomb_is_refused_with_bounded_memory_and_leaves_nothing(tmp_path):
     """A zip of under 1 MB holding 200 MiB of zeros named bomb.png: unpacking stops past the largest picture the
     loader reads, in pieces (memory traced stays far under the entry's size), says which entry, leaves no file."""
-    from batch_tab import unpack
     from cldm.errors import InputError
+    from studio.batch_tab import unpack
 
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
     with zipfile.ZipFile(tmp_path / "bomb.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
@@ -225,7 +225,7 @@ def test_a_zip_bomb_is_refused_with_bounded_memory_and_leaves_nothing(tmp_path):
         tracemalloc.stop()
     assert peak < 32 * 2**20, peak
     assert list(folder.iterdir()) == []
-    from batch_tab import MAX_PICTURE_BYTES
+    from studio.batch_tab import MAX_PICTURE_BYTES
 
     assert MAX_PICTURE_BYTES < BOMB_MIB * 2**20  # the bomb is over the limit (not refused for its total)
 
@@ -234,7 +234,7 @@ def test_long_names_and_fake_pictures_in_a_zip_are_rows(tmp_path):
     """A picture whose name has 240 characters (its temporary and its PNG's names would pass the 255-byte limit),
     and text named fake.png: both unpack; the long one is prepared as any row, the fake one fails as its row, with
     the loader's message."""
-    from batch_tab import unpack
+    from studio.batch_tab import unpack
 
     _edges(tmp_path, 1)
     with zipfile.ZipFile(tmp_path / "in.zip", "w") as z:
@@ -259,8 +259,8 @@ def test_the_batch_tab_deletes_the_unpacked_uploads_when_the_batch_ends(tmp_path
     last 20 batch folders are kept: the unpacked copies go when the batch ends (its PNGs and zip stay)."""
     import torch
 
-    from batch_tab import run_batch
-    from studio import Studio
+    from studio.batch_tab import run_batch
+    from studio.service import Studio
 
     manager = type("M", (), {"device": torch.device("cpu"), "base_path": "sd"})()  # no row reaches the model
     studio = Studio(manager, str(tmp_path / "models"), str(tmp_path / "out"))

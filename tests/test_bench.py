@@ -28,7 +28,7 @@ def test_bench_runs_every_part_beside_diffusers(tmp_path):
     for row in r["step"]:
         assert row["flops"] > 1e6 and 0 < row["ours"]["median_s"] and 0 < row["diffusers"]["median_s"]
         assert row["ours"]["min_s"] <= row["ours"]["median_s"] <= row["ours"]["max_s"]
-    from cldm import prepack
+    from cldm.runtime import prepack
 
     if prepack.available():  # bf16 on the CPU: the packing measured against a --no-prepack manager, in pairs
         bf16 = r["step"][1]
@@ -56,7 +56,7 @@ def test_bench_runs_every_part_beside_diffusers(tmp_path):
 
 def test_the_same_weights_give_the_same_step(tmp_path):
     """The bench compares like with like: its two step closures compute the same function on the same weights."""
-    from cldm import bench_parts as bp
+    from cldm.bench import measure as bp
 
     paths = bp.write_models(tmp_path, tiny=True, controlnets=1)
     sd, cn = bp.ours(paths, torch.device("cpu"), torch.float32)
@@ -64,7 +64,7 @@ def test_the_same_weights_give_the_same_step(tmp_path):
     ours, theirs = bp.our_step(sd, cn, 64)(), bp.their_step(pipe, sd.config, 64)()
     assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-4
     assert bp.step_flops(bp.our_step(sd, cn, 64)) > 0
-    from cldm import prepack
+    from cldm.runtime import prepack
 
     packed_models = bp.ours(paths, torch.device("cpu"), torch.bfloat16)
     plain_models = bp.ours(paths, torch.device("cpu"), torch.bfloat16, prepack_cpu=False)
@@ -76,14 +76,14 @@ def test_the_same_weights_give_the_same_step(tmp_path):
 
 
 def test_auto_dtype_follows_the_cpu(monkeypatch):
-    from cldm import manager
+    from cldm.runtime import devices
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(manager, "cpu_has_bf16", lambda: True)
-    assert manager.resolve_dtype("auto", cpu) == torch.bfloat16
-    monkeypatch.setattr(manager, "cpu_has_bf16", lambda: False)
-    assert manager.resolve_dtype("auto", cpu) == torch.float32
-    assert manager.resolve_dtype("fp32", cpu) == torch.float32  # asked for: kept
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    assert devices.resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
+    assert devices.resolve_dtype("auto", cpu) == torch.float32
+    assert devices.resolve_dtype("fp32", cpu) == torch.float32  # asked for: kept
 
 
 @pytest.mark.slow
@@ -102,7 +102,7 @@ def test_step_flops_count_the_cpu_attention_kernel():
     """torch's counter alone misses the CPU flash-attention op; the bench's count has it, at 2 * 2 b h s^2 d."""
     import torch.nn.functional as F
 
-    from cldm import bench_parts as bp
+    from cldm.bench import measure as bp
 
     b, h, s, d = 2, 4, 64, 16
     q, k, v = (torch.randn(b, h, s, d) for _ in range(3))
@@ -111,7 +111,7 @@ def test_step_flops_count_the_cpu_attention_kernel():
 
 def test_paired_timing_alternates_and_takes_the_median_ratio(monkeypatch):
     """A slow moment of the machine slows one pair, not one side: the ratio is the median of the pairs' ratios."""
-    from cldm import bench_parts as bp
+    from cldm.bench import measure as bp
 
     calls = []
     # ours takes 1 unit and theirs 4, except in one slow pair (10 and 40)

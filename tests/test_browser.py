@@ -179,17 +179,17 @@ def test_browser_logs_in_through_the_gate(browser, tmp_path):
 
     import torch
 
-    import app
-    from cldm.manager import ModelManager
-    from studio import Studio
+    from cldm.runtime.manager import ModelManager
+    from studio import launch, page
+    from studio.service import Studio
 
     manager = ModelManager.__new__(ModelManager)  # no model is needed to check the door
     manager.device, manager.base_path = torch.device("cpu"), "sd"
-    blocks = app.build_app(Studio(manager, None, str(tmp_path)))
+    blocks = page.build_app(Studio(manager, None, str(tmp_path)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app.serve(blocks, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+    launch.serve(blocks, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
               auth=[("ana", "s3cret")])  # fmt: skip
     pg = browser.new_page(viewport={"width": 1400, "height": 1000})
     pg.set_default_timeout(60_000)

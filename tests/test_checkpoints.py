@@ -8,9 +8,9 @@ import struct
 import pytest
 import torch
 
-from cldm import checkpoints, writers
-from cldm.checkpoints import CONTROL_PREFIX
 from cldm.errors import CheckpointError, MissingWeightsError
+from cldm.io import checkpoints, writers
+from cldm.io.checkpoints import CONTROL_PREFIX
 
 
 def _probe(sd, cn):

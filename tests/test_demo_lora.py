@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cldm import checkpoints, lora
-from cldm.request import GenerationRequest, LoraUnit
+from cldm.adapters import lora
+from cldm.io import checkpoints
+from cldm.pipeline.request import GenerationRequest, LoraUnit
 
 DEMO = Path(__file__).parent.parent / "assets" / "demo"
 
@@ -39,7 +40,7 @@ def test_shipped_lora_is_a_kohya_file_for_the_demo_model():
 
 
 def generate_one(sd, prompt, loras, kw):
-    from cldm.pipeline import generate
+    from cldm.pipeline.stages import generate
 
     return generate(sd, GenerationRequest(prompt, loras=loras, **kw)).images[0]
 

@@ -42,7 +42,7 @@ def test_demo_files_are_small():
 
 
 def test_offline_app_falls_back_to_the_demo_model(monkeypatch):
-    import studio
+    from studio import service as studio
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     base, card, banner = studio.choose_base("stable-diffusion-v1-5/stable-diffusion-v1-5", demo=False)

@@ -8,10 +8,10 @@ import hashlib
 import pytest
 import torch
 
-from cldm import checkpoints
-from cldm.embeddings import from_state
+from cldm.adapters.embeddings import from_state
 from cldm.errors import InputError
-from cldm.request import GenerationRequest
+from cldm.io import checkpoints
+from cldm.pipeline.request import GenerationRequest
 
 
 @pytest.fixture()
@@ -81,7 +81,7 @@ def test_an_embedding_is_never_split_between_chunks(ours):
 def test_manager_loads_an_embeddings_folder(tiny_dirs, tmp_path):
     from safetensors.torch import save_file
 
-    from cldm.manager import ModelManager
+    from cldm.runtime.manager import ModelManager
 
     manager = ModelManager(str(tiny_dirs[0]), device="cpu", dtype="fp32")
     width = manager.sd.text.cfg.hidden_size

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from cldm.errors import CheckpointError, InputError
-from cldm.images import load_rgb, save_png
+from cldm.io.images import load_rgb, save_png
 
 SIZE = 64
 SETTINGS = dict(prompt="a red square", added_prompt="", negative_prompt="", batch=1, width=SIZE, height=SIZE, steps=2,
@@ -52,7 +52,7 @@ def test_degenerate_shapes_are_refused_before_any_work(size):
     with pytest.raises(annotators.AnnotatorError, match=r"at most 8:1"):
         annotators.run("canny", np.zeros((size[1], size[0], 3), np.uint8), resolution=512)
     with pytest.raises(InputError, match=r"8:1"):
-        from cldm.images import array_to_rgb
+        from cldm.io.images import array_to_rgb
 
         array_to_rgb(np.zeros((size[1], size[0]), np.uint8))
 
@@ -88,7 +88,7 @@ def test_16_bit_pictures_are_16_bit_whatever_their_values():
     buf = io.BytesIO()
     Image.fromarray(dark).save(buf, "PNG")
     assert (load_rgb(buf.getvalue()) == 1).all()  # 200 / 65535 * 255 = 0.78 -> 1; was 200
-    from cldm.images import array_to_rgb
+    from cldm.io.images import array_to_rgb
 
     assert (array_to_rgb(dark) == 1).all()
     assert (array_to_rgb(np.full((8, 8, 3), 0.5)) == 128).all()
@@ -98,7 +98,7 @@ def test_16_bit_pictures_are_16_bit_whatever_their_values():
 def test_a_pickle_named_safetensors_says_what_it_is(tmp_path):
     import pickle
 
-    from cldm.checkpoints import read_file
+    from cldm.io.checkpoints import read_file
 
     path = tmp_path / "model.safetensors"
     path.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=2))
@@ -111,8 +111,8 @@ def test_a_pickle_named_safetensors_says_what_it_is(tmp_path):
 def test_a_shard_index_may_not_name_files_outside_its_folder(tmp_path):
     import json
 
-    from cldm.checkpoints import read_folder
-    from cldm.writers import save_file
+    from cldm.io.checkpoints import read_folder
+    from cldm.io.writers import save_file
 
     outside = tmp_path / "secret.safetensors"
     save_file({"w": torch.zeros(2)}, outside)
@@ -132,9 +132,9 @@ def test_a_shard_index_may_not_name_files_outside_its_folder(tmp_path):
 
 # ----------------------------------------------------------------------------------- manager and pipeline
 def test_a_tiny_cache_never_drops_what_the_request_just_loaded(tiny_dirs, ours, other_controlnet, tmp_path):
-    from cldm import writers
-    from cldm.manager import ModelManager
-    from cldm.request import ControlUnit, GenerationRequest
+    from cldm.io import writers
+    from cldm.pipeline.request import ControlUnit, GenerationRequest
+    from cldm.runtime.manager import ModelManager
 
     sd_dir, _ = tiny_dirs
     paths = []
@@ -149,8 +149,8 @@ def test_a_tiny_cache_never_drops_what_the_request_just_loaded(tiny_dirs, ours, 
 
 
 def test_1000_steps_is_a_clear_message_not_an_index_error(ours):
-    from cldm.pipeline import generate
-    from cldm.request import GenerationRequest
+    from cldm.pipeline.request import GenerationRequest
+    from cldm.pipeline.stages import generate
 
     with pytest.raises(InputError, match=r"steps must be 1..999"):
         generate(ours[0], GenerationRequest("a", steps=1000, width=SIZE, height=SIZE))
@@ -234,7 +234,7 @@ def test_output_folder_is_bounded_and_cleared_of_partial_files(tmp_path):
     import os
     import time
 
-    from studio import Limits, Studio
+    from studio.service import Limits, Studio
 
     (tmp_path / ".half.png.1.2.part").write_bytes(b"x")
     manager = type("M", (), {"device": torch.device("cpu"), "base_path": "sd"})()
@@ -353,11 +353,11 @@ def test_a_request_over_the_work_budget_is_refused_at_once(client, tmp_path):
 def test_user_errors_log_one_line_internal_errors_one_traceback(caplog):
     import gradio as gr
 
-    import app
-    from studio import Studio
+    from studio import handlers
+    from studio.service import Studio
 
     manager = type("M", (), {"device": torch.device("cpu"), "base_path": "sd"})()
-    wrap = app.friendly(Studio(manager, "/srv/models"))
+    wrap = handlers.friendly(Studio(manager, "/srv/models"))
 
     @wrap
     def user_error():
@@ -380,14 +380,14 @@ def test_user_errors_log_one_line_internal_errors_one_traceback(caplog):
 
 
 def test_auth_pairs_and_file(tmp_path):
-    import app
+    from studio import launch
 
     (tmp_path / "users").write_text("# team\nana:s3cret\n\nbo:pa:ss\n")
-    assert app.read_auth(["x:y"], str(tmp_path / "users")) == [("x", "y"), ("ana", "s3cret"), ("bo", "pa:ss")]
+    assert launch.read_auth(["x:y"], str(tmp_path / "users")) == [("x", "y"), ("ana", "s3cret"), ("bo", "pa:ss")]
     with pytest.raises(SystemExit, match="user:password"):
-        app.read_auth(["nopassword"], None)
+        launch.read_auth(["nopassword"], None)
     with pytest.raises(SystemExit, match="cannot read the auth file"):
-        app.read_auth([], str(tmp_path / "missing"))
+        launch.read_auth([], str(tmp_path / "missing"))
 
 
 def _every_route(routes):
@@ -408,20 +408,20 @@ def test_a_server_with_auth_refuses_anonymous_clients(ours, tmp_path):
     from gradio_client import Client
     from starlette.routing import Mount
 
-    import app
-    from cldm.manager import ModelManager
-    from gate import OPEN_PATHS
-    from studio import Studio
+    from cldm.runtime.manager import ModelManager
+    from studio import launch, page
+    from studio.gate import OPEN_PATHS
+    from studio.service import Studio
 
     manager = ModelManager.__new__(ModelManager)  # no model is needed to check the door
     manager.device, manager.base_path = torch.device("cpu"), "sd"
-    blocks = app.build_app(Studio(manager, None, str(tmp_path)))
+    blocks = page.build_app(Studio(manager, None, str(tmp_path)))
     assert blocks.delete_cache == (3600, 86400)  # Gradio's upload copies go once a day old
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    app.serve(blocks, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+    launch.serve(blocks, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
               auth=[("ana", "s3cret")])  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
@@ -482,8 +482,8 @@ def test_sharing_without_auth_warns(monkeypatch, caplog):
 def test_the_work_budget_counts_dpmpp_sde_twice(tmp_path):
     """DPM++ SDE calls the model twice per step: 512 px x 20 steps x 4 pictures fits the default budget (21 of 32
     megapixel-steps) with one call per step and not with two."""
-    from settings import Settings
-    from studio import Studio
+    from studio.service import Studio
+    from studio.settings import Settings
 
     manager = type("M", (), {"device": torch.device("cpu"), "base_path": "sd"})()
     studio = Studio(manager, str(tmp_path), str(tmp_path / "out"))

@@ -21,9 +21,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cldm import infotext, key_values, lora, prompt_weights
+from cldm.adapters import emphasis as prompt_weights
+from cldm.adapters import lora
 from cldm.errors import InputError
-from cldm.request import MAX_PROMPT_CHARS, MAX_REQUEST_LORAS, GenerationRequest, LoraUnit
+from cldm.pipeline import infotext, key_values
+from cldm.pipeline.request import MAX_PROMPT_CHARS, MAX_REQUEST_LORAS, GenerationRequest, LoraUnit
 
 DEADLINE_S = 5.0  # the new code takes milliseconds on every input here; the old one took minutes
 
@@ -81,8 +83,8 @@ def test_a_repeated_lora_is_one_merge_and_distinct_ones_are_capped():
 
 
 def test_the_studio_refuses_a_long_prompt_before_any_work(tmp_path):
-    from settings import Settings
-    from studio import Studio
+    from studio.service import Studio
+    from studio.settings import Settings
 
     manager = type("M", (), {"device": torch.device("cpu"), "base_path": "sd"})()
     studio = Studio(manager, str(tmp_path), str(tmp_path / "out"))
@@ -117,7 +119,7 @@ def test_the_longest_parameters_this_app_writes_are_read_back():
     """Two prompts at the length limit, of the characters the patterns care about (quotes, backslashes, colons,
     brackets, commas, runs of spaces), written by `parameters` and read back whole: the old 12,000-character cap
     refused what the app itself wrote."""
-    from cldm.pipeline import parameters
+    from cldm.pipeline.stages import parameters
 
     rng = random.Random(7)
     prompt, negative = ("".join(rng.choice('a (b:1.2) \\"c", :: ((d)) [e]  ') for _ in range(MAX_PROMPT_CHARS))
@@ -161,7 +163,7 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 def test_png_info_reads_the_text_of_a_picture_claiming_20000x20000():
     """Only the text chunks are read, never the pixels: a header's huge size is no reason to refuse (it answered
     "Internal error (DecompressionBombError)")."""
-    from cldm.images import read_parameters
+    from cldm.io.images import read_parameters
 
     text = HEAD + "Seed: 1"
     data = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
@@ -190,7 +192,7 @@ def test_unclosed_brackets_cannot_weigh_a_word_to_infinity():
 def test_a_prompt_may_take_at_most_max_chunks(ours):
     """BREAK x 1663 made 1663 chunks of 77 tokens (a 13-18x slower picture); the text encoder refuses past
     MAX_CHUNKS, with how many there were."""
-    from cldm.text import MAX_CHUNKS
+    from cldm.models.text import MAX_CHUNKS
 
     text = ours[0].text
     assert text.weighted_chunks(["a BREAK " * (MAX_CHUNKS - 1) + "a"])[0].shape[1] == MAX_CHUNKS
@@ -203,7 +205,7 @@ def _read_back(state: dict, tmp_path, name: str) -> dict:
     """The state dict written as a .safetensors file and read as the manager reads one."""
     from safetensors.torch import save_file
 
-    from cldm import checkpoints
+    from cldm.io import checkpoints
 
     path = tmp_path / f"{name}.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))

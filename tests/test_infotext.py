@@ -1,4 +1,4 @@
-"""cldm.infotext: our own parameters text read back, and A1111's as its webui and ControlNet extension write it."""
+"""cldm.pipeline.infotext: our own parameters text read back, and A1111's as its webui and ControlNet extension write it."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from cldm.errors import InputError
-from cldm.infotext import NO_PARAMETERS, Infotext, UnitInfo, parse_parameters
-from cldm.pipeline import parameters
-from cldm.request import ControlUnit, GenerationRequest
+from cldm.pipeline.infotext import NO_PARAMETERS, Infotext, UnitInfo, parse_parameters
+from cldm.pipeline.request import ControlUnit, GenerationRequest
+from cldm.pipeline.stages import parameters
 
 MODEL = SimpleNamespace(source="models/stable-diffusion-v1-5/", latent_factor=8)  # all parameters() reads of a model
 HINT = np.zeros((8, 8, 3), np.uint8)

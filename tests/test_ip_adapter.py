@@ -12,8 +12,8 @@ from tiny import ENC, adapter_state
 from tiny import nested_adapter as _nested
 
 from cldm.errors import CheckpointError, InputError
-from cldm.pipeline import generate
-from cldm.request import ControlUnit, GenerationRequest, ImagePrompt
+from cldm.pipeline.request import ControlUnit, GenerationRequest, ImagePrompt
+from cldm.pipeline.stages import generate
 
 SIZE = 64
 PIXEL_TOL = 2  # out of 255, per pixel, as the other whole-picture comparisons
@@ -65,8 +65,8 @@ def _diffusers(ref_pipe, adapter_path, encoder_dir, controlnet=None):
 
 
 def _ours(adapter_path, encoder_dir, images, scale):
-    from cldm.image_encoder import load_image_encoder
-    from cldm.ip_adapter import load_ip_adapter
+    from cldm.adapters.ip_adapter import load_ip_adapter
+    from cldm.models.image_encoder import load_image_encoder
 
     return ImagePrompt(load_ip_adapter(adapter_path), tuple(images), load_image_encoder(encoder_dir), scale)
 
@@ -134,7 +134,7 @@ def test_with_a_controlnet_matches_diffusers(adapter_file, ours, ref_pipe, encod
 
 
 def test_the_manager_adds_and_drops_an_adapter_without_touching_the_base(adapter_file, tiny_dirs, encoder_dir):
-    from cldm.manager import ModelManager
+    from cldm.runtime.manager import ModelManager
 
     _, path = adapter_file
     m = ModelManager(str(tiny_dirs[0]), device="cpu", dtype="fp32")
@@ -153,7 +153,7 @@ def test_the_manager_adds_and_drops_an_adapter_without_touching_the_base(adapter
 
 
 def test_an_adapter_for_another_family_is_refused_before_sampling(ours, tmp_path, tiny_dirs, encoder_dir):
-    from cldm.manager import ModelManager
+    from cldm.runtime.manager import ModelManager
 
     state = {k: v for k, v in adapter_state(ours[0].unet, "plain").items() if k.startswith("ip_adapter.")}
     ctx = 64  # an adapter made for a text context twice as wide (SD2's is 1024 to SD1.5's 768)
@@ -182,7 +182,7 @@ def test_scale_zero_is_the_plain_picture_and_the_base_is_untouched(adapter_file,
 
 
 def test_per_block_scales_follow_diffusers_layout():
-    from cldm.ip_adapter import layer_scales
+    from cldm.adapters.ip_adapter import layer_scales
 
     s = layer_scales({"down": {"block_2": [0.0, 1.0]}, "up": {"block_1": [0.0, 1.0, 0.0]}})
     assert s == [0, 0, 0, 0, 0, 1.0] + [0, 1.0, 0] + [0] * 6 + [0]
@@ -193,7 +193,7 @@ def test_per_block_scales_follow_diffusers_layout():
 
 
 def test_several_pictures_average_their_embeddings(adapter_file, ours, encoder_dir):
-    from cldm.ip_adapter import prompt_tokens
+    from cldm.adapters.ip_adapter import prompt_tokens
 
     _, path = adapter_file
     a, b = _picture(0), _picture(5)
@@ -205,7 +205,7 @@ def test_several_pictures_average_their_embeddings(adapter_file, ours, encoder_d
 def test_published_layouts_load_and_wrong_files_are_named(ours, tmp_path, tiny_dirs):
     from safetensors.torch import save_file
 
-    from cldm.ip_adapter import load_ip_adapter
+    from cldm.adapters.ip_adapter import load_ip_adapter
 
     state = adapter_state(ours[0].unet, "plain")
     save_file(state, tmp_path / "ip-adapter_sd15.safetensors")  # flat keys

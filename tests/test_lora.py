@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from cldm import checkpoints, lora
+from cldm.adapters import lora
 from cldm.errors import InputError
-from cldm.request import GenerationRequest, LoraUnit
+from cldm.io import checkpoints
+from cldm.pipeline.request import GenerationRequest, LoraUnit
 
 RANK, ALPHA = 4, 2.0
 
@@ -196,7 +197,7 @@ def test_lora_hash_is_a1111s(tmp_path):
     """The addnet hash ignores the header (metadata edits keep it); kohya's saved sshs_model_hash wins."""
     from safetensors.torch import save_file
 
-    from cldm.file_hashes import lora_hash
+    from cldm.io.hashes import lora_hash
 
     t = {"lora_unet_x.lora_down.weight": torch.ones(2, 3)}
     save_file(t, str(tmp_path / "a.safetensors"))
@@ -214,7 +215,7 @@ def test_lora_hash_is_a1111s(tmp_path):
 def test_lora_through_the_manager_changes_the_picture_and_leaves_the_base(tiny_dirs, pair, tmp_path):
     from safetensors.torch import save_file
 
-    from cldm.manager import ModelManager
+    from cldm.runtime.manager import ModelManager
 
     pipe, _ = pair
     save_file(_kohya_state(pipe, seed=1), str(tmp_path / "ink.safetensors"))

@@ -109,12 +109,12 @@ def test_real_sd15_unet_and_controlnet_match_at_small_latent():
     """The full SD1.5 UNet and ControlNet config (860M + 361M random parameters) at an 8x8 latent."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from cldm import keymaps
-    from cldm.assemble import build, our_keys
-    from cldm.config import UNetConfig
-    from cldm.controlnet import ControlNet
-    from cldm.keymaps import from_diffusers
-    from cldm.unet import UNet
+    from cldm.io import keymaps
+    from cldm.io.assemble import build, our_keys
+    from cldm.io.keymaps import from_diffusers
+    from cldm.models.config import UNetConfig
+    from cldm.models.controlnet import ControlNet
+    from cldm.models.unet import UNet
 
     torch.manual_seed(0)
     unet_ref = UNet2DConditionModel(

@@ -16,9 +16,9 @@ import tiny
 import torch
 from safetensors.torch import save_file
 
-from cldm.manager import ModelManager, module_bytes
-from cldm.offload import Offloader
-from cldm.request import ControlUnit, GenerationRequest, ImagePrompt, LoraUnit
+from cldm.pipeline.request import ControlUnit, GenerationRequest, ImagePrompt, LoraUnit
+from cldm.runtime.manager import ModelManager, module_bytes
+from cldm.runtime.offload import Offloader
 
 SIZE = 64
 
@@ -151,7 +151,7 @@ def test_the_view_answers_the_compute_device(ours):
 
 
 def test_low_vram_on_the_cpu_does_nothing_and_says_so(tiny_dirs, caplog):
-    with caplog.at_level(logging.INFO, logger="cldm.manager"):
+    with caplog.at_level(logging.INFO, logger="cldm.runtime.manager"):
         m = ModelManager(str(tiny_dirs[0]), device="cpu", dtype="fp32", low_vram=True)
     assert m.offloader is None and "nothing to do (the model already runs on the CPU)" in caplog.text
 
@@ -163,7 +163,7 @@ def test_the_cli_flag(tiny_dirs, tmp_path, caplog):
 
     base = ["generate", "--base", str(tiny_dirs[0]), "--prompt", "a", "--steps", "1", "--width", "64", "--height", "64",
             "--device", "cpu", "--dtype", "fp32"]  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="cldm.manager"):
+    with caplog.at_level(logging.INFO, logger="cldm.runtime.manager"):
         assert main([*base, "--low-vram", "--out", str(tmp_path / "low.png")]) == 0
     assert "low VRAM asked for on cpu: nothing to do" in caplog.text
     assert main([*base, "--out", str(tmp_path / "plain.png")]) == 0

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cldm import checkpoints
 from cldm.__main__ import main
-from cldm.pipeline import generate
-from cldm.request import ControlUnit, GenerationRequest
-from cldm.samplers import SAMPLER_LABELS
+from cldm.io import checkpoints
+from cldm.pipeline.request import ControlUnit, GenerationRequest
+from cldm.pipeline.stages import generate
+from cldm.sampling.samplers import SAMPLER_LABELS
 
 SIZE = 64
 PIXEL_TOL = 2  # out of 255, per pixel
@@ -228,7 +228,7 @@ def test_inpaint_keeps_the_unmasked_pixels(ours):
 
 def test_zero_controlnet_changes_nothing_until_trained(ours):
     """The paper's argument: zero convs start at zero so the UNet is untouched, yet their gradient is not zero."""
-    from cldm.controlnet import ControlNet
+    from cldm.models.controlnet import ControlNet
 
     sd, _ = ours
     torch.manual_seed(0)
@@ -301,7 +301,7 @@ def test_control_modes_follow_a1111(mode):
     """The extension's rules (soft_injection = mode != Balanced, cfg_injection = mode == ControlNet is more important):
     Balanced: the scale on both halves. My prompt is more important: 0.825 ** (12 - i) on both halves. ControlNet is
     more important: the same decay, on the conditional half only (the CFG scale then multiplies its effect)."""
-    from cldm.pipeline import Conditioning, control_residuals
+    from cldm.pipeline.stages import Conditioning, control_residuals
 
     x = torch.zeros(1, 4, 2, 2)
     ctx = Conditioning(
@@ -349,7 +349,7 @@ def test_control_mode_in_pictures_and_cli(ours, tiny_dirs, tmp_path):
 def test_dpmpp_sde_progress_counts_model_calls(ours):
     """DPM++ SDE calls the model twice per step but once on the last: the progress counts calls, through both
     passes of a hires fix, and ends exactly at its total."""
-    from cldm.request_parts import HiresFix
+    from cldm.pipeline.extras import HiresFix
 
     sd, cn = ours
     seen = []

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cldm import prepack
+from cldm.runtime import prepack
 
 pytestmark = pytest.mark.skipif(not prepack.available(), reason="this PyTorch build has no oneDNN")
 
@@ -77,8 +77,8 @@ def test_a_whole_unet_stays_within_bf16_rounding(ours):
 
 
 def test_the_manager_packs_on_a_bf16_cpu_only(tiny_dirs):
-    from cldm.manager import ModelManager
-    from cldm.request import GenerationRequest
+    from cldm.pipeline.request import GenerationRequest
+    from cldm.runtime.manager import ModelManager
 
     bf16 = ModelManager(str(tiny_dirs[0]), device="cpu", dtype="bf16")
     fp32 = ModelManager(str(tiny_dirs[0]), device="cpu", dtype="fp32")
@@ -92,7 +92,7 @@ def test_the_manager_packs_on_a_bf16_cpu_only(tiny_dirs):
 
 def test_the_packed_copies_count_in_the_controlnet_cache():
     """The packed copies are as large as the convolutions' weights again: the cache's memory bound counts them."""
-    from cldm.manager import module_bytes
+    from cldm.runtime.manager import module_bytes
 
     m = nn.Sequential(_conv(), nn.ReLU(), _conv(16, 16))
     plain = sum(p.numel() * p.element_size() for p in m.parameters())
@@ -109,10 +109,10 @@ def test_no_prepack_reaches_the_manager_from_the_cli(tiny_dirs, tmp_path, monkey
     """`generate --no-prepack` runs bf16 on plain convolutions: the picture of ModelManager(prepack_cpu=False)."""
     from PIL import Image
 
-    from cldm import manager as manager_module
     from cldm.__main__ import main
-    from cldm.manager import ModelManager
-    from cldm.request import GenerationRequest
+    from cldm.pipeline.request import GenerationRequest
+    from cldm.runtime import manager as manager_module
+    from cldm.runtime.manager import ModelManager
 
     made = []
     real = manager_module.ModelManager.__init__

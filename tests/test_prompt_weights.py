@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cldm.prompt_weights import parse
+from cldm.adapters.emphasis import parse
 
 # A1111's documented examples (modules/prompt_parser.py, parse_prompt_attention), as (prompt, pieces)
 EXAMPLES = [

@@ -19,9 +19,9 @@ from PIL import Image
 
 ray = pytest.importorskip("ray")
 
-from scale.batch import MANIFEST, Batch, run_local  # noqa: E402
-from scale.jobs import read_jobs  # noqa: E402
-from scale.render import Setup  # noqa: E402
+from cldm.scale.batch import MANIFEST, Batch, run_local  # noqa: E402
+from cldm.scale.jobs import read_jobs  # noqa: E402
+from cldm.scale.render import Setup  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "assets" / "demo"
@@ -32,7 +32,7 @@ BAD = {"nofile", "badcfg", "nodepth"}
 
 @pytest.fixture(scope="module")
 def cluster():
-    from scale.ray_batch import connect
+    from cldm.scale.ray_batch import connect
 
     connect("local", num_cpus=3)  # two replicas and a preprocessing slot
     yield
@@ -97,7 +97,7 @@ def in_process(jobs_file, tmp_path_factory):
 
 
 def test_ray_batch_gives_the_in_process_bytes(cluster, jobs_file, in_process, tmp_path):
-    from scale.ray_batch import run_ray
+    from cldm.scale.ray_batch import run_ray
 
     out = tmp_path / "ray"
     summary = run_ray(_batch(jobs_file, out), workers=2)
@@ -128,7 +128,7 @@ def _replica_pids() -> list[int]:
 def test_a_replica_killed_mid_job_loses_nothing(cluster, jobs_file, in_process, tmp_path):
     """One model replica gets SIGKILL after about ten rows. Ray Data restarts it and retries its rows; the job
     finishes with every picture (or, were it to fail, a rerun completes exactly the missing rows)."""
-    from scale.ray_batch import run_ray
+    from cldm.scale.ray_batch import run_ray
 
     out = tmp_path / "killed"
     killed = []
@@ -166,17 +166,17 @@ def test_two_clients_through_a_two_replica_deployment(cluster, tmp_path):
     ModelManager makes for their request, from two different replicas whose work overlapped in time."""
     from gradio_client import Client, handle_file
 
-    import app
-    from cldm.manager import ModelManager
-    from cldm.model_card import card_for
+    from cldm.io.model_card import card_for
+    from cldm.runtime.manager import ModelManager
+    from cldm.scale.serve import start
     from cldm.training.shapes import make_sample
-    from scale.serve import start
+    from studio import launch, page, service
 
     remote = start(BASE, replicas=2)
-    studio = app.Studio(remote, str(DEMO), str(tmp_path / "out"), card=card_for(BASE))
-    blocks = app.build_app(studio, banner="served")
+    studio = service.Studio(remote, str(DEMO), str(tmp_path / "out"), card=card_for(BASE))
+    blocks = page.build_app(studio, banner="served")
     blocks.queue(max_size=8, default_concurrency_limit=2)
-    _, url, _ = app.serve(blocks, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    _, url, _ = launch.serve(blocks, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
         samples = [make_sample(9_000 + i, 64) for i in range(2)]
         for i, s in enumerate(samples):
@@ -199,8 +199,8 @@ def test_two_clients_through_a_two_replica_deployment(cluster, tmp_path):
         assert len({s.replica for s in served}) == 2
         assert max(s.start for s in served) < min(s.end for s in served)  # both replicas worked at once
         local = ModelManager(BASE, prepack_cpu=False)
-        serial = app.Studio(local, str(DEMO), str(tmp_path / "serial"), card=card_for(BASE))
-        from studio import Settings, UnitSettings, condition
+        serial = service.Studio(local, str(DEMO), str(tmp_path / "serial"), card=card_for(BASE))
+        from studio.service import Settings, UnitSettings, condition
 
         for i, s in enumerate(samples):
             unit = UnitSettings(condition("canny"), str(tmp_path / f"c{i}.png"), "none", 64, {})

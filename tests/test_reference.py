@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from cldm.errors import InputError
-from cldm.pipeline import generate
-from cldm.request import ControlUnit, GenerationRequest, ReferenceUnit
+from cldm.pipeline.request import ControlUnit, GenerationRequest, ReferenceUnit
+from cldm.pipeline.stages import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 KW = dict(steps=12, cfg_scale=5.0, width=64, height=64, sampler="ddim")
@@ -20,7 +20,7 @@ SEEDS = range(4)
 
 @pytest.fixture(scope="module")
 def demo():
-    from cldm import checkpoints
+    from cldm.io import checkpoints
 
     return checkpoints.load_sd(ROOT / "assets" / "demo" / "shapes_sd.safetensors").freeze()
 
@@ -60,7 +60,7 @@ def test_no_reference_changes_nothing_and_adain_changes_something(demo, referenc
 
 
 def test_reference_with_a_controlnet_and_bad_values(demo, reference):
-    from cldm import checkpoints
+    from cldm.io import checkpoints
 
     cn = checkpoints.load_controlnet(ROOT / "assets" / "demo" / "control_v11p_sd15_canny.safetensors")
     hint = np.zeros((64, 64, 3), np.uint8)

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from cldm.errors import InputError
-from cldm.images import load_rgb
-from cldm.samplers import DDIM, EulerAncestral, make_sampler
+from cldm.io.images import load_rgb
+from cldm.sampling.samplers import DDIM, EulerAncestral, make_sampler
 
 SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
@@ -58,7 +58,7 @@ def test_unipc_schedule_matches_diffusers(steps):
     """UniPC spaces its leading timesteps over steps + 1 intervals (diffusers' rule), ending at sigma 0."""
     from diffusers import UniPCMultistepScheduler
 
-    from cldm.samplers import UniPC
+    from cldm.sampling.samplers import UniPC
 
     ref = UniPCMultistepScheduler(**SD15, timestep_spacing="leading")
     ref.set_timesteps(steps)
@@ -106,7 +106,7 @@ def test_every_schedule_matches_diffusers(key, steps):
 
 
 def test_sampler_labels_are_a1111s():
-    from cldm.samplers import SAMPLER_LABELS
+    from cldm.sampling.samplers import SAMPLER_LABELS
 
     assert SAMPLER_LABELS["dpmpp_sde_karras"] == "DPM++ SDE Karras"
     assert SAMPLER_LABELS["dpmpp_2m_sde_exponential"] == "DPM++ 2M SDE Exponential"
@@ -120,7 +120,7 @@ def test_unknown_sampler():
 
 
 def test_offline_sd15_tokenizer(tmp_path):
-    from cldm.text import sd15_tokenizer
+    from cldm.models.text import sd15_tokenizer
 
     tok = sd15_tokenizer(tmp_path / "tok")
     assert len(tok) == 49408
@@ -171,9 +171,9 @@ def test_huge_image_refused_before_decoding():
 
 
 def test_manager_loads_base_once_and_swaps(tiny_dirs, ours, other_controlnet, tmp_path):
-    from cldm import writers
-    from cldm.manager import ModelManager
-    from cldm.request import ControlUnit, GenerationRequest
+    from cldm.io import writers
+    from cldm.pipeline.request import ControlUnit, GenerationRequest
+    from cldm.runtime.manager import ModelManager
 
     sd_dir, cn_dir = tiny_dirs
     _, cn = ours

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from cldm import checkpoints
-from cldm.config import SDConfig
-from cldm.model_card import card_for
-from cldm.pipeline import generate
-from cldm.request import ControlUnit, GenerationRequest
-from cldm.schedules import TRAIN_STEPS, alphas_cumprod
+from cldm.io import checkpoints
+from cldm.io.model_card import card_for
+from cldm.models.config import SDConfig
+from cldm.pipeline.request import ControlUnit, GenerationRequest
+from cldm.pipeline.stages import generate
+from cldm.sampling.schedules import TRAIN_STEPS, alphas_cumprod
 from cldm.training.charts import line_chart
 from cldm.training.export import demo_card, export
 from cldm.training.metrics import canny_edges, edge_f1
@@ -142,7 +142,7 @@ def test_half_the_pictures_hold_one_shape():
 
 
 def test_demo_text_context_is_32_tokens_with_30_token_chunks():
-    from cldm.sd import random_sd
+    from cldm.models.sd import random_sd
 
     fam = family("tiny")
     assert fam.text.max_length == 32
@@ -269,10 +269,10 @@ def test_base_loss_goes_down(tmp_path):
 def test_demo_ip_adapter_trains_and_is_found_where_the_app_looks(tmp_path):
     """A few steps of `train ip-adapter` on the shipped demo model: the files come out in the published layouts,
     load like any SD1.5 adapter, and the app's lookup finds them beside the model."""
-    from cldm import weights
-    from cldm.image_encoder import load_image_encoder
-    from cldm.ip_adapter import load_ip_adapter
-    from cldm.request import ImagePrompt
+    from cldm.adapters.ip_adapter import load_ip_adapter
+    from cldm.io import locate as weights
+    from cldm.models.image_encoder import load_image_encoder
+    from cldm.pipeline.request import ImagePrompt
     from cldm.training.ip_train import train_ip_adapter
 
     demo = Path(__file__).parents[1] / "assets" / "demo"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-import stops
+from studio import stops
 
 
 def test_a_stop_before_the_generation_started_stops_it_and_an_older_stop_does_not():

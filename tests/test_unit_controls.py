@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from cldm.errors import InputError
-from cldm.fit import fit_mask, fit_rgb, fit_tensor, geometry, picture_size, pixel_perfect_resolution
-from cldm.images import image_to_tensor, mask_to_tensor, resize_rgb, soft_mask
-from cldm.infotext import parse_parameters
-from cldm.pipeline import decode, fit_pictures, generate, latent_mask
-from cldm.preview import approx_rgb
-from cldm.request import ControlUnit, GenerationRequest, HiresFix
+from cldm.io.images import image_to_tensor, mask_to_tensor, resize_rgb, soft_mask
+from cldm.pipeline.fit import fit_mask, fit_rgb, fit_tensor, geometry, picture_size, pixel_perfect_resolution
+from cldm.pipeline.infotext import parse_parameters
+from cldm.pipeline.request import ControlUnit, GenerationRequest, HiresFix
+from cldm.pipeline.stages import decode, fit_pictures, generate, latent_mask
+from cldm.sampling.preview import approx_rgb
 
 SIZE = 64
 MODES = ("just", "crop", "fill")
@@ -474,8 +474,8 @@ def test_seed_per_picture_holds_with_a_reference(ours):
     """Reference-only draws its own noise: with one seed per picture, each picture's from its own seed too."""
     from dataclasses import replace as _replace
 
-    from cldm.pipeline import generate
-    from cldm.request import GenerationRequest, ReferenceUnit
+    from cldm.pipeline.request import GenerationRequest, ReferenceUnit
+    from cldm.pipeline.stages import generate
 
     sd, _ = ours
     ref = np.zeros((64, 64, 3), np.uint8)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cldm import checkpoints
 from cldm.errors import CheckpointError
-from cldm.request import GenerationRequest
+from cldm.io import checkpoints
+from cldm.pipeline.request import GenerationRequest
 
 
 def _other_vae_state(sd, scale=1.5):
@@ -38,7 +38,7 @@ def test_vae_formats_load_the_same_weights(tiny_dirs, ours, tmp_path):
 
 
 def test_a_request_with_another_vae(tiny_dirs, ours, tmp_path):
-    from cldm.manager import ModelManager
+    from cldm.runtime.manager import ModelManager
 
     sd, _ = ours
     save_file(_other_vae_state(sd), str(tmp_path / "bright-vae.safetensors"))
@@ -113,8 +113,8 @@ def test_tiled_decode_matches_diffusers(tiny_dirs, ours, monkeypatch):
 
 @torch.no_grad()
 def test_decode_tiles_only_above_the_memory_cap(ours, monkeypatch):
-    from cldm.config import VAEConfig
-    from cldm.vae import TILE_PX_ENV, VAE_TILE_PX, AutoencoderKL
+    from cldm.models.config import VAEConfig
+    from cldm.models.vae import TILE_PX_ENV, VAE_TILE_PX, AutoencoderKL
 
     monkeypatch.delenv(TILE_PX_ENV, raising=False)
     with torch.device("meta"):

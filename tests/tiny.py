@@ -190,7 +190,7 @@ def lora_state(sd, seed: int = 0, rank: int = 4) -> dict:
     """A kohya-named LoRA over every layer a LoRA may change in `sd` (random weights, alpha = rank / 2)."""
     import torch
 
-    from cldm import lora
+    from cldm.adapters import lora
 
     g = torch.Generator().manual_seed(seed)
     params = {"unet": sd.unet.state_dict(), "text": sd.text.state_dict()}

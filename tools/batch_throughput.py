@@ -20,11 +20,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cldm.scale.batch import Batch, run_local  # noqa: E402
+from cldm.scale.jobs import read_jobs  # noqa: E402
+from cldm.scale.ray_batch import connect, run_ray  # noqa: E402
+from cldm.scale.render import Setup  # noqa: E402
 from cldm.training.shapes import make_sample  # noqa: E402
-from scale.batch import Batch, run_local  # noqa: E402
-from scale.jobs import read_jobs  # noqa: E402
-from scale.ray_batch import connect, run_ray  # noqa: E402
-from scale.render import Setup  # noqa: E402
 
 
 def main() -> None:

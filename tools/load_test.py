@@ -93,7 +93,7 @@ def _canvas(path: Path):
 def params(key: str) -> list:
     """The default slider values of every preprocessor of a condition's tab, in the API's order."""
     import annotators
-    from conditions import BY_KEY
+    from cldm.hints.conditions import BY_KEY
 
     return [p.default for a in BY_KEY[key].annotators for p in annotators.ANNOTATORS[a].params]
 

@@ -19,8 +19,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cldm.manager import ModelManager  # noqa: E402
-from cldm.request import GenerationRequest  # noqa: E402
+from cldm.pipeline.request import GenerationRequest  # noqa: E402
+from cldm.runtime.manager import ModelManager  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
     # the preview's own work, timed alone (robust to a busy machine): one call per preview
     import torch
 
-    from cldm.preview import approx_rgb, predicted_x0
+    from cldm.sampling.preview import approx_rgb, predicted_x0
 
     f = manager.sd.latent_factor
     x = torch.randn(1, manager.sd.config.unet.in_channels, a.size // f, a.size // f)

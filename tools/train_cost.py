@@ -31,12 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def one(kind: str, size: int, batch: int, iters: int, device: str, dtype: str) -> dict:
     import torch
 
-    from cldm.bench_parts import rss_peak, sync
-    from cldm.config import SDConfig
-    from cldm.controlnet import ControlNet
+    from cldm.bench.measure import rss_peak, sync
+    from cldm.models.config import SDConfig
+    from cldm.models.controlnet import ControlNet
+    from cldm.models.unet import UNet
     from cldm.training.train import eps_loss
     from cldm.training.trainer import GRAD_CLIP, make_optimizer
-    from cldm.unet import UNet
 
     dev, dt = torch.device(device), {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     torch.manual_seed(0)

@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import InputError
-from . import demo_eval
-from .shapes import HINTS
+from cldm.errors import InputError
+from cldm.training import demo_eval
+from cldm.training.shapes import HINTS
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    from .train import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_WARMUP, DEMO_SCHEDULE
+    from cldm.training.train import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_WARMUP, DEMO_SCHEDULE
 
     p.add_argument(
         "stage",
@@ -51,7 +51,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(a: argparse.Namespace) -> None:
     import torch
 
-    from . import export, train
+    from cldm.training import export, train
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -65,7 +65,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         eval_samples=a.eval_samples, sample_steps=a.sample_steps, cfg_scale=a.cfg, fresh=a.fresh,
     )  # fmt: skip
     if a.stage == "lora":
-        from . import lora_train
+        from cldm.training import lora_train
 
         if not a.export:
             raise InputError("give --export FOLDER (the exported demo model; the LoRA is written into its loras/)")
@@ -76,7 +76,7 @@ def cmd_train(a: argparse.Namespace) -> None:
               f"colour in {r.asked_with:.0%} (without {r.asked_without:.0%}) on {r.n} pictures")  # fmt: skip
         return
     if a.stage == "ip-adapter":
-        from . import ip_train
+        from cldm.training import ip_train
 
         if not a.export:
             raise InputError("give --export FOLDER (the exported demo model; the adapter is written beside it)")

@@ -18,13 +18,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..controlnet import ControlNet
-from ..pipeline import generate
-from ..request import ControlUnit, GenerationRequest
-from ..sd import StableDiffusion
-from .charts import image_grid
-from .metrics import canny_edges, edge_f1
-from .shapes import COLORS, HINTS, SHAPES, Shape, caption, make_sample
+from cldm.models.controlnet import ControlNet
+from cldm.models.sd import StableDiffusion
+from cldm.pipeline.request import ControlUnit, GenerationRequest
+from cldm.pipeline.stages import generate
+from cldm.training.charts import image_grid
+from cldm.training.metrics import canny_edges, edge_f1
+from cldm.training.shapes import COLORS, HINTS, SHAPES, Shape, caption, make_sample
 
 # Training draws seeds from 0 up and the periodic evaluations from 1e9 up: these were never seen.
 UNSEEN_SEED = 2_000_000_000
@@ -50,7 +50,7 @@ class Report:
 
 def load_demo(folder: str | Path, dtype: str = "fp32") -> tuple[StableDiffusion, dict[str, ControlNet]]:
     """The demo model as the app serves it, on the CPU in `dtype` (bf16: with the manager's packed convolutions)."""
-    from ..manager import ModelManager
+    from cldm.runtime.manager import ModelManager
 
     folder = Path(folder)
     manager = ModelManager(str(folder / DEMO_BASE), device="cpu", dtype=dtype)

@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..controlnet import ControlNet
-from ..pipeline import generate
-from ..request import ControlUnit, GenerationRequest
-from ..sd import StableDiffusion
-from ..vae import AutoencoderKL
-from .charts import image_grid
-from .latent_pool import images_to_tensor
-from .metrics import canny_edges, edge_f1
-from .shapes import make_batch
+from cldm.models.controlnet import ControlNet
+from cldm.models.sd import StableDiffusion
+from cldm.models.vae import AutoencoderKL
+from cldm.pipeline.request import ControlUnit, GenerationRequest
+from cldm.pipeline.stages import generate
+from cldm.training.charts import image_grid
+from cldm.training.latent_pool import images_to_tensor
+from cldm.training.metrics import canny_edges, edge_f1
+from cldm.training.shapes import make_batch
 
 MIN_GENERATE_SIZE = 64  # pipeline.generate's smallest size; the models are convolutional, so smaller ones sample at 64
 

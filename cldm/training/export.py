@@ -1,6 +1,6 @@
 """The shipped demo model: fp16 weight files, their tokenizer, the training curves and the model card.
 
-The card (`cldm.model_card`) is how the app and the CLI learn the demo model's size, settings, conditions, examples
+The card (`cldm.io.model_card`) is how the app and the CLI learn the demo model's size, settings, conditions, examples
 and vocabulary at run time; it is made here from the training code's own constants, so it cannot drift from them.
 """
 
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoints, writers
-from ..model_card import ModelCard
-from .demo_eval import CFG, DEMO_BASE, DEMO_CONTROLNET, SAMPLER, STEPS
-from .shapes import CAPTION_WORDS, HINTS
-from .train import CONTROLNET_FILE, SD_FILE, family
-from .vocab import shapes_tokenizer
+from cldm.io import checkpoints, writers
+from cldm.io.model_card import ModelCard
+from cldm.training.demo_eval import CFG, DEMO_BASE, DEMO_CONTROLNET, SAMPLER, STEPS
+from cldm.training.shapes import CAPTION_WORDS, HINTS
+from cldm.training.train import CONTROLNET_FILE, SD_FILE, family
+from cldm.training.vocab import shapes_tokenizer
 
 log = logging.getLogger(__name__)
 

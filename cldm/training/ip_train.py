@@ -20,18 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import checkpoints, writers
-from ..attention import PromptContext
-from ..image_encoder import ImageEncoder
-from ..ip_adapter import IPAdapter, IPAdapterConfig
-from ..pipeline import generate
-from ..request import GenerationRequest, ImagePrompt
-from .demo_eval import CFG, DEMO_BASE, SAMPLER, STEPS, UNSEEN_SEED, nearest_colour
-from .latent_pool import LatentPool
-from .shapes import make_batch, make_sample
-from .train import _noisy, eps_loss
-from .trainer import make_optimizer, step_generator
-from .vocab import shapes_tokenizer
+from cldm.adapters.ip_adapter import IPAdapter, IPAdapterConfig
+from cldm.io import checkpoints, writers
+from cldm.models.attention import PromptContext
+from cldm.models.image_encoder import ImageEncoder
+from cldm.pipeline.request import GenerationRequest, ImagePrompt
+from cldm.pipeline.stages import generate
+from cldm.training.demo_eval import CFG, DEMO_BASE, SAMPLER, STEPS, UNSEEN_SEED, nearest_colour
+from cldm.training.latent_pool import LatentPool
+from cldm.training.shapes import make_batch, make_sample
+from cldm.training.train import _noisy, eps_loss
+from cldm.training.trainer import make_optimizer, step_generator
+from cldm.training.vocab import shapes_tokenizer
 
 log = logging.getLogger(__name__)
 IP_FILE, ENCODER_DIR = "ip-adapter_sd15.safetensors", "image_encoder"
@@ -140,8 +140,8 @@ def _colours(pic: np.ndarray) -> tuple[str, set[str]]:
 def evaluate(demo: str | Path, n: int = 24, scale: float = 1.0) -> IPReport:
     """Empty text prompt, the picture as image prompt: does the result take the picture's background colour and
     its shape's colour? The same seeds without the image prompt give the chance level."""
-    from ..image_encoder import load_image_encoder
-    from ..ip_adapter import load_ip_adapter
+    from cldm.adapters.ip_adapter import load_ip_adapter
+    from cldm.models.image_encoder import load_image_encoder
 
     demo = Path(demo)
     sd = checkpoints.load_sd(demo / DEMO_BASE).freeze()

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..vae import AutoencoderKL
-from .shapes import Sample, make_batch
+from cldm.models.vae import AutoencoderKL
+from cldm.training.shapes import Sample, make_batch
 
 ENCODE_BATCH = 64
 

@@ -18,14 +18,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import checkpoints, lora, writers
-from ..pipeline import generate
-from ..request import GenerationRequest, LoraUnit
-from .demo_eval import CFG, DEMO_BASE, SAMPLER, STEPS, UNSEEN_SEED, nearest_colour
-from .latent_pool import ENCODE_BATCH, images_to_tensor
-from .shapes import COLORS, make_batch, make_sample
-from .train import _noisy, eps_loss
-from .trainer import make_optimizer, step_generator
+from cldm.adapters import lora
+from cldm.io import checkpoints, writers
+from cldm.pipeline.request import GenerationRequest, LoraUnit
+from cldm.pipeline.stages import generate
+from cldm.training.demo_eval import CFG, DEMO_BASE, SAMPLER, STEPS, UNSEEN_SEED, nearest_colour
+from cldm.training.latent_pool import ENCODE_BATCH, images_to_tensor
+from cldm.training.shapes import COLORS, make_batch, make_sample
+from cldm.training.train import _noisy, eps_loss
+from cldm.training.trainer import make_optimizer, step_generator
 
 log = logging.getLogger(__name__)
 LORA_FILE = "loras/red.safetensors"

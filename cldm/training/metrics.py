@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .shapes import CANNY_HIGH, CANNY_LOW
+from cldm.training.shapes import CANNY_HIGH, CANNY_LOW
 
 EDGE_TOLERANCE_PX = 2  # an edge pixel counts as matched when one of the other side lies within this distance
 

@@ -17,19 +17,19 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoints, writers
-from ..assemble import build
-from ..config import SDConfig, TextConfig, UNetConfig, VAEConfig
-from ..controlnet import ControlNet
-from ..model_configs import CONFIG_METADATA_KEY
-from ..schedules import TRAIN_STEPS, alphas_cumprod
-from ..sd import StableDiffusion, random_sd
-from ..vae import AutoencoderKL
-from .evaluation import ControlEval, sample_base, vae_eval
-from .latent_pool import LatentPool, images_to_tensor
-from .shapes import HINTS, make_batch
-from .trainer import GRAD_CLIP, Run, lr_at, make_optimizer, run_loop, step_generator
-from .vocab import MAX_LENGTH, shapes_tokenizer, vocab_size
+from cldm.io import checkpoints, writers
+from cldm.io.assemble import build
+from cldm.io.model_configs import CONFIG_METADATA_KEY
+from cldm.models.config import SDConfig, TextConfig, UNetConfig, VAEConfig
+from cldm.models.controlnet import ControlNet
+from cldm.models.sd import StableDiffusion, random_sd
+from cldm.models.vae import AutoencoderKL
+from cldm.sampling.schedules import TRAIN_STEPS, alphas_cumprod
+from cldm.training.evaluation import ControlEval, sample_base, vae_eval
+from cldm.training.latent_pool import LatentPool, images_to_tensor
+from cldm.training.shapes import HINTS, make_batch
+from cldm.training.trainer import GRAD_CLIP, Run, lr_at, make_optimizer, run_loop, step_generator
+from cldm.training.vocab import MAX_LENGTH, shapes_tokenizer, vocab_size
 
 log = logging.getLogger(__name__)
 

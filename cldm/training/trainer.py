@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .charts import line_chart, smooth
+from cldm.training.charts import line_chart, smooth
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections import Counter
 from functools import lru_cache
 
-from ..text import _bytes_to_unicode
-from .shapes import CAPTION_WORDS
+from cldm.models.text import _bytes_to_unicode
+from cldm.training.shapes import CAPTION_WORDS
 
 END_OF_WORD = "</w>"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"

@@ -1,0 +1,389 @@
+"""`python -m cldm bench`: our model beside diffusers on the same random SD1.5 weights, in one run.
+
+Parts (all by default; `--parts` picks some):
+- peak: the machine's matmul rate per dtype (the physical limit the step's FLOPs are measured against);
+- step: one sampling step (ControlNet + UNet, guidance batch 2) per size and dtype, with its FLOPs;
+- quality: the same picture (256 px, 20 steps, a ControlNet) in fp32 and in `--dtype auto`, pixel differences;
+- vae: the VAE decode of one 512 px (or the largest size's) picture;
+- generate: a whole generation (20 steps + decode) at the largest size, in our default mode and diffusers' fp32;
+- load: a ControlNet from .safetensors, cold and warm, against diffusers' `from_pretrained`; the base;
+- switch: changing ControlNets in a running model manager (warm: from its cache);
+- memory: peak resident memory (peak VRAM on CUDA) with the base and 1 or 3 ControlNets, each in a fresh process.
+Writes `<out>/bench.json` and `<out>/bench.md` (the README's table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cldm.bench import measure as bp
+from cldm.io import checkpoints
+from cldm.runtime import prepack
+from cldm.runtime.devices import DTYPES, cpu_has_bf16, resolve_device, resolve_dtype
+
+PARTS = ("peak", "step", "quality", "vae", "generate", "load", "switch", "memory")
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="picture sizes for the step (px)")
+    p.add_argument(
+        "--dtypes", nargs="+", default=None, help="default: fp32 and bf16 on a CPU with bf16; fp16, bf16 on CUDA"
+    )
+    p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up")
+    p.add_argument("--steps", type=int, default=20, help="steps of the whole generation")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--out", default="docs/bench", help="folder for bench.json and bench.md")
+    p.add_argument(
+        "--models", default=None, help="folder for the random weights (kept between runs); default: a temp folder"
+    )
+    p.add_argument("--no-diffusers", action="store_true", help="ours only")
+    p.add_argument("--tiny", action="store_true", help="a tiny model of the same layout (checks the bench itself)")
+    p.add_argument("--memory-child", nargs=3, metavar=("IMPL", "DTYPE", "N"), help=argparse.SUPPRESS)
+
+
+def packs(d: str, device: torch.device) -> bool:
+    """Whether the manager packs the convolutions for this dtype on this device (bf16 on the CPU)."""
+    return d == "bf16" and device.type == "cpu" and prepack.available()
+
+
+def default_dtypes(device: torch.device) -> list[str]:
+    if device.type == "cuda":
+        return ["fp16", "bf16"] if torch.cuda.is_bf16_supported() else ["fp16"]
+    return ["fp32", "bf16"] if cpu_has_bf16() else ["fp32"]
+
+
+def machine(device: torch.device) -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
+            "cpu_bf16": cpu_has_bf16(), "python": platform.python_version()}  # fmt: skip
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import diffusers
+
+        info["diffusers"] = diffusers.__version__
+    except ImportError:
+        info["diffusers"] = None
+    return info
+
+
+def run(a: argparse.Namespace) -> dict:
+    device = resolve_device(a.device)
+    dtypes = a.dtypes or default_dtypes(device)
+    folder = Path(a.models or tempfile.mkdtemp(prefix="cldm-bench-"))
+    t = time.perf_counter()
+    paths = bp.write_models(folder, a.tiny)
+    print(f"random {'tiny' if a.tiny else 'SD1.5'} weights in {folder} ({time.perf_counter() - t:.0f}s)", flush=True)
+    cfg = bp.bench_config(a.tiny)
+    out = {"machine": machine(device), "config": "tiny" if a.tiny else "sd15", "runs": a.runs, "dtype_auto": str(
+        resolve_dtype("auto", device)).removeprefix("torch."), "results": {}}  # fmt: skip
+    res = out["results"]
+    if "peak" in a.parts:
+        res["peak_flops"] = {d: bp.peak_matmul(device, DTYPES[d], n=256 if a.tiny else 2048) for d in dtypes}
+        print("peak matmul:", {d: f"{v / 1e9:.0f} GFLOP/s" for d, v in res["peak_flops"].items()}, flush=True)
+    for d in dtypes:
+        dtype = DTYPES[d]
+        need_models = any(p in a.parts for p in ("step", "vae"))
+        if not need_models:
+            break
+        sd, cn = bp.ours(paths, device, dtype)
+        pipe = None if a.no_diffusers else bp.theirs(paths, device, dtype)
+        # What the packing gives: a second manager without it (the app's --no-prepack), stepping in turn with ours.
+        plain = bp.ours(paths, device, dtype, prepack_cpu=False) if "step" in a.parts and packs(d, device) else None
+        if "step" in a.parts:
+            for size in a.sizes:
+                step = bp.our_step(sd, cn, size)
+                plain_step = None if plain is None else bp.our_step(*plain, size)
+                row = {"size": size, "dtype": d}
+                if pipe is None:
+                    row["ours"] = bp.timed(step, device, a.runs).as_dict()
+                else:
+                    mine, theirs, ratio = bp.timed_pair(step, bp.their_step(pipe, cfg, size), device, a.runs)
+                    row.update(ours=mine.as_dict(), diffusers=theirs.as_dict(), ratio=ratio)
+                # torch's flop counter does not see the packed convolutions: it counts the plain manager's step
+                row["flops"] = bp.step_flops(step if plain_step is None else plain_step)
+                if plain_step is not None:
+                    _, unpacked, ratio = bp.timed_pair(step, plain_step, device, a.runs)
+                    row.update(ours_unpacked=unpacked.as_dict(), packed_ratio=ratio)
+                if "peak" in a.parts:  # this VM's speed drifts: the peak is the best seen, measured again here
+                    again = bp.peak_matmul(device, dtype, n=256 if a.tiny else 2048)
+                    res["peak_flops"][d] = max(res["peak_flops"].get(d, 0), again)
+                res.setdefault("step", []).append(row)
+                print("step", json.dumps(row), flush=True)
+        if "vae" in a.parts:
+            res.setdefault("vae", []).append(vae_row(sd, pipe, max(a.sizes), d, device, a.runs))
+            print("vae", json.dumps(res["vae"][-1]), flush=True)
+        del sd, cn, pipe, plain
+        gc.collect()
+    if "quality" in a.parts:
+        res["quality"] = quality_row(paths, device, 64 if a.tiny else 256)
+    if "generate" in a.parts:
+        res["generate"] = generate_rows(paths, device, max(a.sizes), a.steps, a.no_diffusers, a.runs)
+    if "load" in a.parts:
+        res["load"] = load_rows(paths, device, a.no_diffusers, a.runs)
+    if "switch" in a.parts:
+        res["switch"] = switch_rows(paths, device)
+    if "memory" in a.parts:
+        res["memory"] = memory_rows(folder, a, dtypes)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- parts
+def vae_row(sd, pipe, size: int, d: str, device: torch.device, runs: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    f = sd.latent_factor
+    z = torch.randn(1, sd.config.vae.z_channels, size // f, size // f, generator=gen).to(device, sd.dtype)
+    row = {"size": size, "dtype": d}
+    with torch.no_grad():
+        if pipe is None:
+            row["ours"] = bp.timed(lambda: sd.vae.decode(z), device, runs).as_dict()
+        else:
+            scaled = z / pipe.vae.config.scaling_factor
+            mine, theirs, ratio = bp.timed_pair(lambda: sd.vae.decode(z), lambda: pipe.vae.decode(scaled), device, runs)
+            row.update(ours=mine.as_dict(), diffusers=theirs.as_dict(), ratio=ratio)
+    return row
+
+
+def quality_row(paths: dict, device: torch.device, size: int) -> dict:
+    """How far `--dtype auto`'s pictures are from fp32's: one request, both dtypes, the same seed."""
+    import numpy as np
+
+    from cldm.pipeline.request import ControlUnit, GenerationRequest
+    from cldm.runtime.manager import ModelManager
+
+    hint = (np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8)
+    r = GenerationRequest("a photo of a cat", units=(ControlUnit(str(paths["cn0_file"]), hint),), steps=20,
+                          width=size, height=size, sampler="dpmpp_2m_karras", seed=1)  # fmt: skip
+    pictures = {}
+    for d in ("fp32", "auto"):
+        manager = ModelManager(str(paths["base_folder"]), device=str(device), dtype=d)
+        pictures[d] = manager.run(r).images.astype(np.float64)
+        name = str(manager.dtype).removeprefix("torch.")
+        del manager
+        gc.collect()
+    diff = np.abs(pictures["fp32"] - pictures["auto"])
+    row = {"size": size, "auto": name, "mean_abs": float(diff.mean()), "p99_abs": float(np.percentile(diff, 99)),
+           "max_abs": float(diff.max()), "fp32_std": float(pictures["fp32"].std())}  # fmt: skip
+    print("quality", json.dumps(row), flush=True)
+    return row
+
+
+def _their_generation(paths: dict, device: torch.device, dtype: str, hint, size: int, steps: int):
+    """diffusers' whole generation (DPM++ 2M Karras, as ours), warmed up; None without diffusers."""
+    from PIL import Image
+
+    pipe = bp.theirs(paths, device, getattr(torch, dtype))
+    if pipe is None:
+        return None
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    kw = dict(prompt="a photo of a cat", image=Image.fromarray(hint), width=size, height=size, output_type="np")
+    pipe(**kw, num_inference_steps=1)  # warm-up
+    return lambda: pipe(**kw, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(1))
+
+
+def _generation_pairs(paths: dict, device: torch.device, hint, size: int, steps: int, no_diffusers: bool, runs: int):
+    """Ours in its default dtype and diffusers in the same dtype, generating in turn."""
+    from cldm.pipeline.request import ControlUnit, GenerationRequest
+    from cldm.runtime.manager import ModelManager
+
+    manager = ModelManager(str(paths["base_folder"]), device=str(device), dtype="auto")
+    d = str(manager.dtype).removeprefix("torch.")
+    request = GenerationRequest("a photo of a cat", units=(ControlUnit(str(paths["cn0_file"]), hint),), steps=steps,
+                                width=size, height=size, sampler="dpmpp_2m_karras", seed=1)  # fmt: skip
+    manager.run(GenerationRequest("warm", steps=1, width=size, height=size, units=request.units))  # packs at size
+    timings = {}
+
+    def ours():
+        timings.update(manager.run(request).timings)
+
+    same = None if no_diffusers else _their_generation(paths, device, d, hint, size, steps)
+    if same is None:
+        mine, pair = bp.timed(ours, device, runs, warmup=0), None
+    else:
+        mine, pair, ratio = bp.timed_pair(ours, same, device, runs, warmup=0)
+    rows = [{"impl": "ours", "dtype": d, "size": size, "steps": steps, "seconds": mine.median, "min_s": mine.low,
+             "max_s": mine.high, "timings": timings}]  # fmt: skip
+    if pair is not None:
+        rows.append({"impl": "diffusers", "dtype": d, "size": size, "steps": steps, "seconds": pair.median,
+                     "min_s": pair.low, "max_s": pair.high, "ours_ratio": ratio})  # fmt: skip
+    return rows
+
+
+def generate_rows(
+    paths: dict, device: torch.device, size: int, steps: int, no_diffusers: bool, runs: int = 3
+) -> list[dict]:
+    """Whole generations: ours in its default dtype and diffusers in the same dtype, in turn (`runs` pairs; the
+    ratio is the median of the pairs': this VM's speed drifts), then diffusers in its own default (fp32) once, where
+    that differs."""
+    import numpy as np
+
+    hint = (np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8)
+    rows = _generation_pairs(paths, device, hint, size, steps, no_diffusers, runs)
+    for row in rows:
+        print("generate", json.dumps(row), flush=True)
+    gc.collect()
+    if rows[0]["dtype"] != "float32" and not no_diffusers:
+        fp32 = _their_generation(paths, device, "float32", hint, size, steps)
+        if fp32 is not None:
+            t = bp.timed(fp32, device, 1, warmup=0)
+            rows.append({"impl": "diffusers", "dtype": "float32", "size": size, "steps": steps, "seconds": t.median})
+            print("generate", json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def load_rows(paths: dict, device: torch.device, no_diffusers: bool, runs: int) -> list[dict]:
+    """ControlNet loading: cold (the file's pages dropped from the OS cache first) and warm; then the base."""
+    rows = []
+    dtype = resolve_dtype("auto", device)
+    d = str(dtype).removeprefix("torch.")
+
+    def ours_cn(i):
+        return checkpoints.load_controlnet(paths[f"cn{i}_file"], dtype=dtype).to(device)
+
+    def theirs_cn(i):
+        from diffusers import ControlNetModel
+
+        return ControlNetModel.from_pretrained(paths[f"cn{i}_folder"], torch_dtype=dtype).to(device)
+
+    impls = [("ours", ours_cn, "cn{}_file")] + ([] if no_diffusers else [("diffusers", theirs_cn, "cn{}_folder")])
+    for name, load, key in impls:
+        cold = []
+        for i in range(min(runs, 3)):
+            dropped = bp.drop_file_cache(Path(paths[key.format(i)]))
+            t = time.perf_counter()
+            load(i)
+            bp.sync(device)
+            cold.append(time.perf_counter() - t)
+        warm = bp.timed(lambda load=load: load(0), device, runs)
+        rows.append({"what": "controlnet", "impl": name, "dtype": d, "cold_s": sorted(cold)[len(cold) // 2],
+                     "cold_dropped_cache": dropped, "warm": warm.as_dict()})  # fmt: skip
+        print("load", json.dumps(rows[-1]), flush=True)
+
+    def ours_base():
+        return checkpoints.load_sd(paths["base_file"], dtype=dtype).to(device)
+
+    def theirs_base():
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline.from_pretrained(paths["base_folder"], torch_dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False).to(device)  # fmt: skip
+
+    bases = [("base (.safetensors)", "ours", ours_base, "base_file")]
+    bases += [] if no_diffusers else [("base (folder)", "diffusers", theirs_base, "base_folder")]
+    for what, name, load, key in bases:
+        dropped = bp.drop_file_cache(Path(paths[key]))
+        t = time.perf_counter()
+        model = load()
+        cold = time.perf_counter() - t
+        del model
+        gc.collect()
+        t = time.perf_counter()
+        model = load()
+        rows.append({"what": what, "impl": name, "dtype": d, "cold_s": cold, "cold_dropped_cache": dropped,
+                     "warm_s": time.perf_counter() - t})  # fmt: skip
+        del model
+        gc.collect()
+        print("load", json.dumps(rows[-1]), flush=True)
+    gc.collect()
+    return rows
+
+
+def switch_rows(paths: dict, device: torch.device) -> list[dict]:
+    """The `swap` timing of a running manager: a ControlNet loaded for the first time, then one from its cache."""
+    import numpy as np
+
+    from cldm.pipeline.request import ControlUnit, GenerationRequest
+    from cldm.runtime.manager import ModelManager
+
+    manager = ModelManager(str(paths["base_file"]), device=str(device), dtype="auto")
+    hint = np.zeros((64, 64, 3), np.uint8)
+    swaps = {}
+    for label, i in (("first", 0), ("cold", 1), ("warm", 0), ("warm again", 1)):
+        r = GenerationRequest("x", units=(ControlUnit(str(paths[f"cn{i}_file"]), hint),), steps=1, width=64, height=64)
+        swaps[label] = manager.run(r).timings["swap"]
+    row = {"cold_s": swaps["cold"], "warm_s": min(swaps["warm"], swaps["warm again"]), "dtype": str(manager.dtype)}
+    print("switch", json.dumps(row), flush=True)
+    return [row]
+
+
+def memory_rows(folder: Path, a: argparse.Namespace, dtypes: list[str]) -> list[dict]:
+    """Each configuration in a fresh process (peak memory is per process)."""
+    rows = []
+    for d in dtypes:
+        plain = ["ours-no-prepack"] if packs(d, resolve_device(a.device)) else []
+        impls = ["ours", *plain] + ([] if a.no_diffusers else ["diffusers"])
+        for n in (1, 3):
+            for impl in impls:
+                cmd = [sys.executable, "-m", "cldm", "bench", "--models", str(folder), "--device", a.device,
+                       "--memory-child", impl, d, str(n)] + (["--tiny"] if a.tiny else [])  # fmt: skip
+                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+                if done.returncode != 0 or not lines:
+                    print(f"memory {impl} {d} {n}: failed: {done.stderr[-500:]}", flush=True)
+                    continue
+                rows.append(json.loads(lines[-1]))
+                print("memory", lines[-1], flush=True)
+    return rows
+
+
+def memory_child(a: argparse.Namespace) -> None:
+    """Hold the base and N ControlNets and run one 256 px step with each; print the peak as JSON."""
+    impl, d, n = a.memory_child[0], a.memory_child[1], int(a.memory_child[2])
+    device, dtype = resolve_device(a.device), DTYPES[d]
+    paths = bp.write_models(Path(a.models), a.tiny)
+    size = 64 if a.tiny else 256
+    # both sides hold exactly N ControlNets, ours in the manager's cache (packed for bf16 on the CPU, as the app has
+    # them unless it runs with --no-prepack)
+    if impl.startswith("ours"):
+        manager = bp.our_manager(paths, device, dtype, prepack_cpu=impl == "ours", cache_bytes=1 << 50)  # all N stay
+        cns = [manager.controlnet(str(paths[f"cn{i}_file"])).to(device).eval() for i in range(n)]
+        for cn in cns:
+            bp.our_step(manager.sd, cn, size)()
+    else:
+        from diffusers import ControlNetModel
+
+        pipe = bp.theirs(paths, device, dtype)
+        more = [ControlNetModel.from_pretrained(paths[f"cn{i}_folder"], torch_dtype=dtype) for i in range(1, n)]
+        cns = [pipe.controlnet, *(c.to(device) for c in more)]
+        for cn in cns:
+            pipe.controlnet = cn
+            bp.their_step(pipe, bp.bench_config(a.tiny), size)()
+    bp.sync(device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else bp.rss_peak()
+    print(json.dumps({"impl": impl, "dtype": d, "controlnets": n, "peak_bytes": peak,
+                      "kind": "vram" if device.type == "cuda" else "rss"}))  # fmt: skip
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    if a.memory_child:
+        memory_child(a)
+        return
+    from cldm.bench.report import markdown
+
+    out = run(a)
+    folder = Path(a.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bench.json").write_text(json.dumps(out, indent=2), encoding="utf-8")
+    table = markdown(out)
+    (folder / "bench.md").write_text(table, encoding="utf-8")
+    print(table)

@@ -1,0 +1,103 @@
+"""The condition table: one frozen row per ControlNet 1.1 SD1.5 model. The app builds every tab from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# The ControlNet 1.1 apps' defaults (gradio_*.py in ControlNet-v1-1-nightly).
+ADDED_PROMPT = "best quality"
+NEGATIVE_PROMPT = "lowres, bad anatomy, bad hands, cropped, worst quality"
+ORIGINAL_REPO = "lllyasviel/ControlNet-v1-1"  # the .pth files
+ANNOTATOR_NONE = "none"
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"  # drawn by assets/make_examples.py
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One ControlNet: where its weights are, which annotators make its hint, and its special rules."""
+
+    key: str
+    label: str
+    model_file: str  # file name in lllyasviel/ControlNet-v1-1 (and in --models-dir)
+    diffusers_repo: str  # the same weights as a diffusers folder (safetensors)
+    annotators: tuple[str, ...]  # registry names; the first is the default; "none" = my image is the hint
+    sketch: bool = False  # offer a drawing canvas
+    clip_skip: int = 1
+    global_average_pooling: bool = False  # shuffle: residuals pooled, ControlNet on the conditional half only
+    img2img: bool = False  # tile: the input is also the init image, with a denoising slider
+    inpaint: bool = False  # paint a mask; masked hint pixels are -1; unmasked area kept
+    prompt_hint: str = ""
+    example: tuple[str, str, str] = ("house.png", "none", "")  # picture in assets/examples, annotator, prompt
+
+    @property
+    def stem(self) -> str:
+        return self.model_file.rsplit(".", 1)[0]
+
+
+CONDITIONS: tuple[Condition, ...] = (
+    Condition(
+        "canny", "Canny", "control_v11p_sd15_canny.pth", "lllyasviel/control_v11p_sd15_canny", ("canny", "none", "invert"),
+        example=("house.png", "canny", "a cozy cottage in a meadow, sunny day"),
+    ),
+    Condition(
+        "mlsd", "MLSD lines", "control_v11p_sd15_mlsd.pth", "lllyasviel/control_v11p_sd15_mlsd", ("mlsd", "none"),
+        example=("house.png", "mlsd", "a modern house, architecture photo"),
+    ),
+    Condition(
+        "depth", "Depth", "control_v11f1p_sd15_depth.pth", "lllyasviel/control_v11f1p_sd15_depth",
+        ("depth_midas", "depth_zoe", "depth_leres", "none"), example=("house.png", "depth_midas", "a stone house in a garden"),
+    ),
+    Condition(
+        "normalbae", "Normal (BAE)", "control_v11p_sd15_normalbae.pth", "lllyasviel/control_v11p_sd15_normalbae",
+        ("normal_bae", "none"), example=("house.png", "normal_bae", "a wooden cabin, warm light"),
+    ),
+    Condition(
+        "seg", "Segmentation", "control_v11p_sd15_seg.pth", "lllyasviel/control_v11p_sd15_seg", ("seg_ade20k", "none"),
+        example=("house.png", "seg_ade20k", "a farmhouse under a blue sky"),
+    ),
+    Condition(
+        "openpose", "OpenPose", "control_v11p_sd15_openpose.pth", "lllyasviel/control_v11p_sd15_openpose",
+        ("openpose", "openpose_hand", "openpose_face", "openpose_full", "none"),
+        example=("pose.png", "none", "a dancer on a stage, spotlight"),
+    ),
+    Condition(
+        "scribble", "Scribble", "control_v11p_sd15_scribble.pth", "lllyasviel/control_v11p_sd15_scribble",
+        ("scribble_sketch", "scribble_hed", "scribble_pidinet", "none", "invert"), sketch=True,
+        example=("house_sketch.png", "scribble_sketch", "a house by a lake, watercolor"),
+    ),
+    Condition(
+        "softedge", "Soft edge", "control_v11p_sd15_softedge.pth", "lllyasviel/control_v11p_sd15_softedge",
+        ("softedge_pidinet", "softedge_pidisafe", "softedge_hed", "softedge_hedsafe", "none"),
+        example=("house.png", "softedge_pidinet", "a cottage in autumn"),
+    ),
+    Condition(
+        "lineart", "Lineart", "control_v11p_sd15_lineart.pth", "lllyasviel/control_v11p_sd15_lineart",
+        ("lineart", "lineart_coarse", "none", "invert"),
+        example=("house_sketch.png", "invert", "a house, detailed ink illustration"),
+    ),
+    Condition(
+        "lineart_anime", "Lineart (anime)", "control_v11p_sd15s2_lineart_anime.pth",
+        "lllyasviel/control_v11p_sd15s2_lineart_anime", ("lineart_anime", "none", "invert"), clip_skip=2,
+        prompt_hint="Trained with clip skip 2 on anime models; an anime base model gives the best results.",
+        example=("house_sketch.png", "invert", "anime style house, clear sky"),
+    ),
+    Condition(
+        "shuffle", "Shuffle", "control_v11e_sd15_shuffle.pth", "lllyasviel/control_v11e_sd15_shuffle", ("shuffle", "none"),
+        global_average_pooling=True, example=("house.png", "shuffle", "a house in winter"),
+    ),
+    Condition(
+        "ip2p", "Instruct pix2pix", "control_v11e_sd15_ip2p.pth", "lllyasviel/control_v11e_sd15_ip2p", ("none",),
+        prompt_hint='Write an instruction, e.g. "make it winter".', example=("house.png", "none", "make it winter"),
+    ),
+    Condition(
+        "tile", "Tile", "control_v11f1e_sd15_tile.pth", "lllyasviel/control_v11f1e_sd15_tile", ("none",), img2img=True,
+        example=("house.png", "none", "a house, highly detailed"),
+    ),
+    Condition(
+        "inpaint", "Inpaint", "control_v11p_sd15_inpaint.pth", "lllyasviel/control_v11p_sd15_inpaint", ("none",),
+        inpaint=True, example=("house.png", "none", "a red sports car"),
+    ),
+)  # fmt: skip
+
+BY_KEY = {c.key: c for c in CONDITIONS}

@@ -1,0 +1,202 @@
+"""Finding weights: a local models folder first, then the Hugging Face hub (its standard cache), never silently.
+
+Only locates files; reading them is `checkpoints.py`'s job.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from pathlib import Path
+
+from cldm.errors import InputError, MissingWeightsError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+BASE_PATTERNS = [
+    "model_index.json",
+    "scheduler/*.json",
+    "tokenizer/*",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+]
+CONTROLNET_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
+LOCAL_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".bin")
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _download(repo: str, patterns: list[str], what: str, where_to_put: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=offline()))
+    except Exception as e:  # offline, no such repo, network error: all mean "not here"
+        raise MissingWeightsError(
+            f"The {what} weights are not on this machine and could not be downloaded from the Hugging Face hub "
+            f"({repo}: {type(e).__name__}). Put them in {where_to_put}, or connect to the internet and retry."
+        ) from e
+
+
+def locate_controlnet(stem: str, diffusers_repo: str, models_dir: str | os.PathLike | None) -> Path:
+    """`models_dir/<stem>.{safetensors,pth,...}` or `models_dir/<stem>/` (diffusers), else the hub's diffusers repo."""
+    if models_dir:
+        base = Path(models_dir)
+        for suffix in LOCAL_SUFFIXES:
+            if (base / f"{stem}{suffix}").is_file():
+                return base / f"{stem}{suffix}"
+        if (base / stem / "config.json").is_file():
+            return base / stem
+    where = f"{Path(models_dir or 'models') / (stem + '.safetensors')} (or .pth from lllyasviel/ControlNet-v1-1)"
+    return _download(diffusers_repo, CONTROLNET_PATTERNS, f"ControlNet {stem}", where)
+
+
+def locate_base(base: str) -> Path:
+    """A local file or folder as given, else a hub repo id (downloaded once into the hub cache)."""
+    path = Path(base)
+    if path.exists():
+        return path
+    if base.count("/") == 1 and not base.startswith((".", "/")):
+        return _download(base, BASE_PATTERNS, "base model", "a local folder or .safetensors file passed with --base")
+    raise MissingWeightsError(
+        f"Base model not found: {base}. Pass a .safetensors file, a diffusers folder or a hub id."
+    )
+
+
+def base_available(base: str, timeout: float = 5.0) -> bool:
+    """Whether `base` is a local path, a hub repo already in the cache, or a hub repo that can be reached now."""
+    if Path(base).exists():
+        return True
+    if base.count("/") != 1 or base.startswith((".", "/")):
+        return False
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(base, allow_patterns=["model_index.json"], local_files_only=True)
+        return True
+    except Exception:
+        if offline():
+            return False
+    try:  # one quick look, so that an unreachable hub does not cost each request a long time-out
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(base, timeout=timeout)
+        return True
+    except Exception as e:
+        log.warning("the hub cannot be reached for %s (%s)", base, type(e).__name__)
+        return False
+
+
+IP_ADAPTER_REPO = "h94/IP-Adapter"  # models/ip-adapter*_sd15.* and models/image_encoder/ (CLIP ViT-H/14)
+IP_ADAPTERS = ("ip-adapter_sd15", "ip-adapter-plus_sd15", "ip-adapter-plus-face_sd15", "ip-adapter_sd15_light")
+IMAGE_ENCODER = "image_encoder"
+
+
+def locate_ip_adapter(stem: str, models_dir: str | os.PathLike | None) -> Path:
+    """`models_dir/<stem>.{safetensors,bin}`, else `models/<stem>.safetensors` of h94/IP-Adapter from the hub."""
+    if models_dir:
+        for suffix in (".safetensors", ".bin"):
+            if (Path(models_dir) / f"{stem}{suffix}").is_file():
+                return Path(models_dir) / f"{stem}{suffix}"
+    where = f"{Path(models_dir or 'models') / (stem + '.safetensors')} (from {IP_ADAPTER_REPO}, folder models/)"
+    folder = _download(IP_ADAPTER_REPO, [f"models/{stem}.safetensors"], f"IP-Adapter {stem}", where)
+    return folder / "models" / f"{stem}.safetensors"
+
+
+def locate_image_encoder(models_dir: str | os.PathLike | None) -> Path:
+    """`models_dir/image_encoder/` (config.json + weights), else `models/image_encoder` of h94/IP-Adapter."""
+    if models_dir and (Path(models_dir) / IMAGE_ENCODER / "config.json").is_file():
+        return Path(models_dir) / IMAGE_ENCODER
+    where = f"{Path(models_dir or 'models') / IMAGE_ENCODER}/ (models/image_encoder of {IP_ADAPTER_REPO})"
+    patterns = [f"models/{IMAGE_ENCODER}/config.json", f"models/{IMAGE_ENCODER}/model.safetensors"]
+    return _download(IP_ADAPTER_REPO, patterns, "IP-Adapter image encoder", where) / "models" / IMAGE_ENCODER
+
+
+LORA_FOLDERS = ("loras", "Lora")  # models_dir/loras (ours), models_dir/Lora (A1111's models/Lora)
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+
+
+def _plain_name(name: str, what: str) -> None:
+    """A name picked from a models-folder list (or sent through the API): a file name, never a path."""
+    if "/" in name or "\\" in name or name.startswith("."):
+        raise InputError(f"{what} name {name!r}: give the file's name without folders.")
+
+
+def list_loras(models_dir: str | os.PathLike | None) -> list[str]:
+    """The LoRA names (file stems) in the models folder's LoRA folders, sorted."""
+    names = set()
+    for folder in LORA_FOLDERS:
+        d = Path(models_dir or "models") / folder
+        if d.is_dir():  # subfolders too, as A1111 looks for them
+            names |= {p.stem for p in d.rglob("*") if p.suffix in LORA_SUFFIXES and p.is_file()}
+    return sorted(names)
+
+
+def locate_lora(name: str, models_dir: str | os.PathLike | None) -> Path:
+    """A `<lora:name:w>` tag's file: `models_dir/loras/<name>.safetensors` (or .pt/.ckpt, or A1111's `Lora/`
+    folder). LoRAs are the user's own files: there is nothing to download."""
+    _plain_name(name, "LoRA")
+    for folder in LORA_FOLDERS:
+        for suffix in LORA_SUFFIXES:
+            d = Path(models_dir or "models") / folder
+            path = d / f"{name}{suffix}"
+            if path.is_file():
+                return path
+            if d.is_dir():  # in a subfolder (the first one in sorted order)
+                found = sorted(p for p in d.rglob(glob.escape(f"{name}{suffix}")) if p.is_file())
+                if found:
+                    return found[0]
+    known = list_loras(models_dir)
+    raise MissingWeightsError(
+        f"LoRA {name!r} not found: put {name}.safetensors in {Path(models_dir or 'models') / LORA_FOLDERS[0]}/"
+        + (f" (found: {', '.join(known[:10])})" if known else "")
+    )
+
+
+VAE_FOLDER = "vae"  # models_dir/vae: VAE files (A1111's models/VAE)
+VAE_FROM_CHECKPOINT = "From the checkpoint"
+
+
+def list_vaes(models_dir: str | os.PathLike | None) -> list[str]:
+    """The VAE file names in `models_dir/vae/` (A1111's `models/VAE/` too), sorted."""
+    names = set()
+    for folder in (VAE_FOLDER, "VAE"):
+        d = Path(models_dir or "models") / folder
+        if d.is_dir():
+            names |= {p.name for p in d.iterdir() if p.suffix in (*LOCAL_SUFFIXES, ".pt") and p.is_file()}
+    return sorted(names)
+
+
+def locate_vae(name: str, models_dir: str | os.PathLike | None) -> Path:
+    """A VAE chosen by file name in the models folder's `vae/` (or `VAE/`)."""
+    _plain_name(name, "VAE")
+    for folder in (VAE_FOLDER, "VAE"):
+        path = Path(models_dir or "models") / folder / name
+        if path.is_file():
+            return path
+    raise MissingWeightsError(f"VAE {name!r} not found: put it in {Path(models_dir or 'models') / VAE_FOLDER}/.")
+
+
+BASE_FOLDERS = ("checkpoints", "Stable-diffusion")  # models_dir/checkpoints (ours), A1111's models/Stable-diffusion
+
+
+def list_bases(models_dir: str | os.PathLike | None) -> dict[str, str]:
+    """Base models in the models folder: name -> file or diffusers folder (`checkpoints/*.safetensors|.ckpt` and
+    folders with a model_index.json)."""
+    found = {}
+    for folder in BASE_FOLDERS:
+        d = Path(models_dir or "models") / folder
+        if not d.is_dir():
+            continue
+        for p in sorted(d.iterdir()):
+            if (p.is_file() and p.suffix in (".safetensors", ".ckpt")) or (p / "model_index.json").is_file():
+                found.setdefault(p.name, str(p))
+    return found

@@ -1,0 +1,201 @@
+"""The SD1.5 denoising UNet with LDM module names, and the encoder builder it shares with ControlNet."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cldm.models.attention import BasicTransformerBlock, PromptContext, SpatialTransformer
+from cldm.models.config import UNetConfig
+from cldm.adapters.reference import assign_weights as assign_reference_weights
+
+MAX_PERIOD = 10000  # sinusoidal timestep embedding, as in "Attention is all you need"
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding [cos | sin] of (possibly fractional) timesteps, in fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (b,) -> (b, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the timestep embedding added in between."""
+
+    def __init__(self, channels: int, emb_dim: int, out_channels: int, groups: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(groups, out_channels),
+            nn.SiLU(),
+            nn.Identity(),  # dropout in the original
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest x2 (or to the skip's size, for sizes that are not powers of two) then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A Sequential that hands each layer what it needs: the time embedding, the text context or nothing."""
+
+    def forward(self, x, emb, context, upsample_size=None):  # noqa: D102
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
+            else:
+                x = layer(x)
+        if isinstance(context, PromptContext) and context.reference is not None:  # reference AdaIN
+            x = context.reference.block_output(self, x)
+        return x
+
+
+def _transformer(cfg: UNetConfig, channels: int) -> SpatialTransformer:
+    return SpatialTransformer(
+        channels, cfg.num_heads, cfg.transformer_depth, cfg.context_dim, cfg.norm_groups, cfg.use_linear_in_transformer
+    )
+
+
+def build_time_embed(cfg: UNetConfig) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(cfg.model_channels, cfg.time_embed_dim), nn.SiLU(), nn.Linear(cfg.time_embed_dim, cfg.time_embed_dim)
+    )
+
+
+def build_encoder(cfg: UNetConfig) -> tuple[nn.ModuleList, TimestepEmbedSequential, list[int]]:
+    """The encoder half shared by UNet and ControlNet: input blocks, middle block, and each input block's width."""
+    ch = cfg.model_channels
+    blocks = [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))]
+    widths = [ch]
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            layers: list[nn.Module] = [ResBlock(ch, cfg.time_embed_dim, mult * cfg.model_channels, cfg.norm_groups)]
+            ch = mult * cfg.model_channels
+            if level in cfg.attention_levels:
+                layers.append(_transformer(cfg, ch))
+            blocks.append(TimestepEmbedSequential(*layers))
+            widths.append(ch)
+        if level != len(cfg.channel_mult) - 1:
+            blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            widths.append(ch)
+    middle = TimestepEmbedSequential(
+        ResBlock(ch, cfg.time_embed_dim, ch, cfg.norm_groups),
+        _transformer(cfg, ch),
+        ResBlock(ch, cfg.time_embed_dim, ch, cfg.norm_groups),
+    )
+    return nn.ModuleList(blocks), middle, widths
+
+
+def build_decoder(cfg: UNetConfig, skip_widths: list[int]) -> nn.ModuleList:
+    """Output blocks: each takes the previous output concatenated with one encoder skip."""
+    skips = list(skip_widths)
+    ch = cfg.model_channels * cfg.channel_mult[-1]
+    blocks = []
+    for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+        for i in range(cfg.num_res_blocks + 1):
+            out_ch = cfg.model_channels * mult
+            layers: list[nn.Module] = [ResBlock(ch + skips.pop(), cfg.time_embed_dim, out_ch, cfg.norm_groups)]
+            ch = out_ch
+            if level in cfg.attention_levels:
+                layers.append(_transformer(cfg, ch))
+            if level and i == cfg.num_res_blocks:
+                layers.append(Upsample(ch))
+            blocks.append(TimestepEmbedSequential(*layers))
+    return nn.ModuleList(blocks)
+
+
+class UNet(nn.Module):
+    """The SD UNet; `control` residuals (12 skips + middle) from ControlNets are added when given."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.time_embed = build_time_embed(cfg)
+        self.input_blocks, self.middle_block, widths = build_encoder(cfg)
+        self.output_blocks = build_decoder(cfg, widths)
+        self.out = nn.Sequential(
+            nn.GroupNorm(cfg.norm_groups, cfg.model_channels),
+            nn.SiLU(),
+            nn.Conv2d(cfg.model_channels, cfg.out_channels, 3, padding=1),
+        )
+        for i, attn in enumerate(self.cross_attentions()):
+            attn.ip_index = i
+        assign_reference_weights(self)
+
+    def cross_attentions(self) -> list[nn.Module]:
+        """The text cross-attention layers in diffusers' attention-processor order (down, up, then mid blocks), the
+        order IP-Adapter files number their `ip_adapter.N` keys in."""
+        blocks = [*self.input_blocks, *self.output_blocks, self.middle_block]
+        return [m.attn2 for b in blocks for m in b.modules() if isinstance(m, BasicTransformerBlock)]
+
+    def time_emb(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
+        emb = timestep_embedding(t, self.cfg.model_channels)
+        return self.time_embed(emb.to(self.time_embed[0].weight.dtype))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        control: list[torch.Tensor] | None = None,
+        only_mid_control: bool = False,
+    ) -> torch.Tensor:
+        emb = self.time_emb(t, x.shape[0])
+        hs = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            hs.append(h)
+        h = self.middle_block(h, emb, context)
+        control = list(control) if control is not None else None
+        if control is not None:
+            h = h + control.pop()
+        for block in self.output_blocks:
+            skip = hs.pop()
+            if control is not None and not only_mid_control:
+                skip = skip + control.pop()
+            h = torch.cat([h, skip], dim=1)
+            # The next skip's size tells an Upsample where to land (odd latent sizes).
+            h = block(h, emb, context, upsample_size=hs[-1].shape[-2:] if hs else None)
+        return self.out(h)

@@ -1,0 +1,293 @@
+"""What one generation asks for: a GenerationRequest with its ControlUnits, validated in one place.
+
+The CLI, the app, the model manager and `pipeline.generate` all speak these two types; nothing else describes a
+request or a ControlNet in it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from cldm.adapters import emphasis as prompt_weights
+from cldm.errors import InputError
+from cldm.models.controlnet import ControlNet
+from cldm.pipeline.extras import (  # noqa: F401 (the request's optional parts, importable from here too)
+    HIRES_UPSCALERS,
+    MAX_HIRES_SIZE,
+    MAX_IP_SCALE,
+    MAX_LORA_WEIGHT,
+    MAX_REQUEST_LORAS,
+    MAX_STEPS,
+    HiresFix,
+    ImagePrompt,
+    LoraUnit,
+    ReferenceUnit,
+    _number_problems,
+    stem,
+)  # fmt: skip
+from cldm.pipeline.fit import RESIZE_MODES
+from cldm.sampling.samplers import SAMPLERS
+
+# A1111's control modes, by the names its API uses for them: Balanced, My prompt is more important, ControlNet is
+# more important.
+CONTROL_MODES = ("balanced", "prompt", "control")
+# diffusers' guess mode spaces the 13 scales logarithmically from 0.1 to 1 instead of the original 0.825 decay.
+GUESS_STYLES = ("original", "diffusers")
+MAX_CFG = 100.0
+MIN_SIZE, MAX_SIZE = 64, 4096
+MAX_BATCH = 64
+MAX_CONTROL_SCALE = 10.0
+INPAINT_MODES = ("only", "global")  # the extension's inpaint_only and inpaint_global_harmonious
+MAX_MASK_BLUR = 64.0
+MAX_PROMPT_CHARS = 10_000  # about 30 chunks of 75 tokens
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet in a request: which weights, which hint, how strongly and when.
+
+    `model` is a weight file or folder (the model manager loads it) or an already loaded ControlNet.
+    """
+
+    model: str | os.PathLike | ControlNet
+    hint: np.ndarray | torch.Tensor  # HxWx3 uint8, or (1, 3, H, W) float in [0, 1] (-1 marks inpaint holes)
+    scale: float = 1.0
+    start: float = 0.0  # fraction of the steps before which this ControlNet is off
+    end: float = 1.0  # fraction of the steps after which it is off
+    global_average_pooling: bool | None = None  # None: as the weights say (the original shuffle .pth cannot say)
+    name: str = ""  # shown in the parameters; by default the weight file's stem
+    # A1111's control mode: "balanced"; "prompt" (My prompt is more important: residuals scaled 0.825 ** (12 - i) on
+    # both guidance halves); "control" (ControlNet is more important: the conditional half only, so the CFG scale
+    # multiplies its effect)
+    mode: str = "balanced"
+    resize_mode: str = "crop"  # how a hint of another shape becomes the picture size (`cldm.pipeline.fit`)
+    # what made the hint, for the parameters text only (A1111's Module, Processor Res, Pixel Perfect)
+    preprocessor: str = ""
+    processor_res: int | None = None
+    pixel_perfect: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return "controlnet" if isinstance(self.model, ControlNet) else stem(self.model)
+
+    def problems(self, i: int) -> list[str]:
+        """What is wrong with this unit (`i` numbers it in messages); empty when it is fine."""
+        who = f"ControlNet {i + 1} ({self.label})"
+        out = [f"{who}: {p}" for p in _number_problems(self, ("scale", "start", "end"))]
+        if out:
+            return out
+        if not 0 <= self.scale <= MAX_CONTROL_SCALE:
+            out.append(f"{who}: scale must be 0..{MAX_CONTROL_SCALE:g} (got {self.scale})")
+        if not 0 <= self.start < self.end <= 1:
+            out.append(f"{who}: need 0 <= start < end <= 1 (got start {self.start}, end {self.end})")
+        if self.mode not in CONTROL_MODES:
+            out.append(f"{who}: mode must be one of {', '.join(CONTROL_MODES)} (got {self.mode!r})")
+        if self.resize_mode not in RESIZE_MODES:
+            out.append(f"{who}: resize_mode must be one of {', '.join(RESIZE_MODES)} (got {self.resize_mode!r})")
+        if not isinstance(self.model, (ControlNet, str, os.PathLike)):
+            out.append(
+                f"{who}: model must be a weight file, a folder or a ControlNet (got {type(self.model).__name__})"
+            )
+        hint = self.hint
+        if isinstance(hint, np.ndarray):
+            if hint.ndim != 3 or hint.shape[2] != 3 or hint.dtype != np.uint8 or 0 in hint.shape:
+                out.append(f"{who}: hint must be an HxWx3 uint8 picture (got {hint.dtype} {hint.shape})")
+        elif isinstance(hint, torch.Tensor):
+            if hint.ndim != 4 or hint.shape[:2] != (1, 3) or 0 in hint.shape:
+                out.append(f"{who}: hint tensor must be (1, 3, H, W) (got {tuple(hint.shape)})")
+        else:
+            out.append(f"{who}: hint is missing: give a picture (got {type(hint).__name__})")
+        return out
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything one call of `pipeline.generate` takes, besides the model.
+
+    Classifier-free guidance runs the negative and positive prompt in one batch (off when cfg_scale <= 1). Guess
+    mode runs ControlNets on the conditional half only, with the residual scales of `guess_style`. `init_image`
+    (HxWx3 uint8) with `strength` < 1 is img2img; adding `mask` (HxW, 1 or 255 = repaint) inpaints and, with
+    `inpaint_mode` "only", keeps the unmasked pixels. A batch shares one noise generator (diffusers) unless
+    `seed_per_picture` gives picture i the seed `seed + i` (A1111).
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    units: tuple[ControlUnit, ...] = ()
+    steps: int = 20
+    cfg_scale: float = 7.5
+    sampler: str = "ddim"
+    eta: float = 0.0
+    seed: int = 0
+    width: int = 512
+    height: int = 512
+    batch: int = 1
+    guess_mode: bool = False
+    guess_style: str = "original"
+    clip_skip: int = 1
+    init_image: np.ndarray | None = None
+    strength: float = 1.0
+    mask: np.ndarray | None = None
+    image_prompt: ImagePrompt | None = None
+    reference: ReferenceUnit | None = None
+    resize_mode: str = "crop"  # how the init picture and the mask become the picture size (`cldm.pipeline.fit`)
+    mask_blur: float = 0.0  # Gaussian sigma in px for the mask's edge (the 1.1 inpaint app's default is 5)
+    inpaint_mode: str = "only"  # "only": the unmasked area is kept exactly; "global": the whole picture is redrawn
+    seed_per_picture: bool = False  # A1111: picture i has its own noise from seed + i (reproducible alone)
+    hires: HiresFix | None = None
+    emphasis: bool = True  # A1111's (word:1.2) / [word] / BREAK syntax; False: the prompt is taken literally
+    loras: tuple[LoraUnit, ...] = ()  # merged into the UNet and text encoder for this request only
+    vae: object = None  # another VAE (file, folder or loaded module) for this request; None: the checkpoint's
+    base: str | None = None  # the base model this request asks for (the model manager switches); None: the current
+
+    @property
+    def vae_label(self) -> str | None:
+        if self.vae is None:
+            return None
+        source = getattr(self.vae, "source", None)  # A1111 names the VAE by its file name, extension included
+        return str(source if isinstance(source, str) else self.vae).rstrip("/").split("/")[-1]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "units", tuple(self.units))  # a list given by a caller stays immutable here
+        object.__setattr__(self, "loras", tuple(self.loras))
+
+    @property
+    def use_cfg(self) -> bool:
+        return self.cfg_scale > 1.0
+
+    def validate(self, latent_factor: int = 8) -> GenerationRequest:
+        """Raise InputError naming every field that is wrong (and what is allowed); return self when all is well."""
+        problems = _text_problems(self) + _number_problems(
+            self,
+            ("steps", "cfg_scale", "eta", "seed", "width", "height", "batch", "clip_skip", "strength", "mask_blur"),
+        )
+        if not problems:
+            problems += self._range_problems(latent_factor)
+        for i, unit in enumerate(self.units):
+            if not isinstance(unit, ControlUnit):
+                problems.append(f"units[{i}] must be a ControlUnit (got {type(unit).__name__})")
+            else:
+                problems += unit.problems(i)
+        if self.image_prompt is not None:
+            if isinstance(self.image_prompt, ImagePrompt):
+                problems += self.image_prompt.problems()
+            else:
+                problems.append(f"image_prompt must be an ImagePrompt (got {type(self.image_prompt).__name__})")
+        if self.reference is not None:
+            if isinstance(self.reference, ReferenceUnit):
+                problems += self.reference.problems()
+            else:
+                problems.append(f"reference must be a ReferenceUnit (got {type(self.reference).__name__})")
+        if len(self.loras) > MAX_REQUEST_LORAS:
+            problems.append(f"at most {MAX_REQUEST_LORAS} LoRAs per request (got {len(self.loras)}); leave some out")
+        for i, u in enumerate(self.loras[:MAX_REQUEST_LORAS]):
+            problems += u.problems(i) if isinstance(u, LoraUnit) else [f"loras[{i}] must be a LoraUnit"]
+        if self.hires is not None:
+            if not isinstance(self.hires, HiresFix):
+                problems.append(f"hires must be a HiresFix (got {type(self.hires).__name__})")
+            elif not any(p.startswith(("width", "height")) for p in problems):
+                problems += self.hires.problems(self.width, self.height, latent_factor, int(self.steps))
+                if self.mask is not None:
+                    problems.append("hires: the hires fix does not combine with inpainting; leave one out")
+        if problems:
+            raise InputError("; ".join(problems))
+        return self
+
+    def _range_problems(self, f: int) -> list[str]:
+        out = []
+        for name in ("steps", "seed", "width", "height", "batch", "clip_skip"):
+            if getattr(self, name) != int(getattr(self, name)):
+                out.append(f"{name} must be a whole number (got {getattr(self, name)})")
+        for name in ("prompt", "negative_prompt"):
+            if len(getattr(self, name)) > MAX_PROMPT_CHARS:
+                out.append(f"{name} is {len(getattr(self, name))} characters long; at most {MAX_PROMPT_CHARS}")
+            elif self.emphasis:  # weights past prompt_weights.MAX_WEIGHT: before anything is loaded
+                try:
+                    prompt_weights.parse(getattr(self, name))
+                except InputError as e:
+                    out.append(f"{name}: {e}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            out.append(f"steps must be 1..{MAX_STEPS} (got {self.steps})")
+        if not 0 <= self.cfg_scale <= MAX_CFG:
+            out.append(f"cfg_scale (guidance scale) must be 0..{MAX_CFG:g} (got {self.cfg_scale})")
+        if not (MIN_SIZE <= self.width <= MAX_SIZE and MIN_SIZE <= self.height <= MAX_SIZE):
+            out.append(f"width and height must be {MIN_SIZE}..{MAX_SIZE} px (got {self.width}x{self.height})")
+        elif self.width % f or self.height % f:
+            out.append(f"width and height must be multiples of {f} (got {self.width}x{self.height})")
+        if not 1 <= self.batch <= MAX_BATCH:
+            out.append(f"batch must be 1..{MAX_BATCH} (got {self.batch})")
+        if not 0 < self.strength <= 1:
+            out.append(f"strength (denoising strength) must be in (0, 1] (got {self.strength})")
+        if not -(2**63) <= self.seed < 2**64:
+            out.append(f"seed must fit in 64 bits (got {self.seed})")
+        elif self.seed_per_picture and self.seed + self.batch - 1 >= 2**64:
+            out.append(f"seed + picture number must fit in 64 bits with seed_per_picture (got {self.seed})")
+        if self.eta < 0:
+            out.append(f"eta must be 0 or more (got {self.eta})")
+        if self.clip_skip < 1:
+            out.append(f"clip_skip must be 1 or more (1 = the last CLIP layer; got {self.clip_skip})")
+        if self.sampler not in SAMPLERS:
+            out.append(f"sampler must be one of {', '.join(sorted(SAMPLERS))} (got {self.sampler!r})")
+        if self.guess_style not in GUESS_STYLES:
+            out.append(f"guess_style must be one of {', '.join(GUESS_STYLES)} (got {self.guess_style!r})")
+        for name in ("init_image", "mask"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, np.ndarray) or value.ndim not in (2, 3) or 0 in value.shape
+            ):
+                out.append(f"{name} must be a picture array (got {type(value).__name__})")
+        if self.init_image is not None and isinstance(self.init_image, np.ndarray) and self.init_image.ndim == 3:
+            if self.init_image.shape[2] != 3 or self.init_image.dtype != np.uint8:
+                out.append(f"init_image must be HxWx3 uint8 (got {self.init_image.dtype} {self.init_image.shape})")
+        if self.resize_mode not in RESIZE_MODES:
+            out.append(f"resize_mode must be one of {', '.join(RESIZE_MODES)} (got {self.resize_mode!r})")
+        if self.inpaint_mode not in INPAINT_MODES:
+            out.append(f"inpaint_mode must be one of {', '.join(INPAINT_MODES)} (got {self.inpaint_mode!r})")
+        if not 0 <= self.mask_blur <= MAX_MASK_BLUR:
+            out.append(f"mask_blur must be 0..{MAX_MASK_BLUR:g} px (got {self.mask_blur})")
+        if self.mask is not None and self.init_image is None:
+            out.append("mask: inpainting needs an init_image as well as the mask")
+        return out
+
+    def summary(self) -> dict:
+        """The fields as plain values (pictures by their shape), for logs and job manifests."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, np.ndarray):
+                v = f"array{v.shape}"
+            elif f.name == "units":
+                v = [{"model": u.label, "scale": u.scale, "start": u.start, "end": u.end} for u in v]
+            elif f.name == "reference" and v is not None:
+                v = {"mode": v.mode, "style_fidelity": v.style_fidelity, "weight": v.weight}
+            elif f.name == "hires" and v is not None:
+                v = {"scale": v.scale, "steps": v.steps, "strength": v.strength, "upscaler": v.upscaler}
+            elif f.name == "image_prompt" and v is not None:
+                v = {"adapter": v.label, "images": len(v.images), "scale": v.scale}
+            out[f.name] = v
+        return out
+
+
+def _text_problems(r: GenerationRequest) -> list[str]:
+    out = []
+    for name in ("prompt", "negative_prompt"):
+        if not isinstance(getattr(r, name), str):
+            out.append(f"{name} must be text (got {type(getattr(r, name)).__name__})")
+    for name in ("sampler", "guess_style"):
+        if not isinstance(getattr(r, name), str):
+            out.append(f"{name} must be a name (got {type(getattr(r, name)).__name__})")
+    for name in ("guess_mode", "seed_per_picture", "emphasis"):
+        if not isinstance(getattr(r, name), bool | np.bool_):
+            out.append(f"{name} must be true or false (got {getattr(r, name)!r})")
+    if r.base is not None and not isinstance(r.base, str | os.PathLike):
+        out.append(f"base must be a file, folder or hub id (got {type(r.base).__name__})")
+    for name in ("resize_mode", "inpaint_mode"):
+        if not isinstance(getattr(r, name), str):
+            out.append(f"{name} must be a name (got {type(getattr(r, name)).__name__})")
+    return out

@@ -1,0 +1,293 @@
+"""The app's panels as records: each panel names its widgets, and `read` turns the values Gradio passes by
+position back into one record (`studio.UnitSettings`, `studio.Settings`), naming any value that is missing."""
+
+from __future__ import annotations
+
+import html
+import itertools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+
+import gradio as gr
+
+from cldm.errors import InputError
+from cldm.hints.conditions import Condition
+from studio.service import (
+    CONTROL_MODES,
+    INPAINT_MODES,
+    RESIZE_MODES,
+    UPSCALERS,
+    ImagePromptSettings,
+    PassSettings,
+    ReferenceSettings,
+    Settings,
+    UnitSettings,
+    condition,
+)  # fmt: skip
+
+
+class Form:
+    """Panels whose widgets a handler takes as inputs: Gradio passes their values by position, `read` gives them
+    back as one record per panel."""
+
+    def __init__(self, *panels):
+        self.panels = panels
+        for widget in self.inputs:
+            _pass_none(widget)
+
+    @property
+    def inputs(self) -> list:
+        return [w for p in self.panels for w in p.inputs]
+
+    def read(self, values) -> tuple:
+        it = iter(values)
+        records = tuple(p.read(it) for p in self.panels)
+        if next(it, None) is not None:
+            raise InputError("Too many values for this endpoint: check the API's parameter list.")
+        return records
+
+
+def _pass_none(widget) -> None:
+    """Let a missing value (null through the API) reach `read`, which names the field, instead of Gradio's
+    preprocessing error ("Could not preprocess input component at index 14"); Gradio's own range and choice errors
+    name the widget, are escaped, and print no traceback (they are the user's errors, not the server's)."""
+    if getattr(widget, "_passes_none", False):
+        return
+    original = widget.preprocess
+
+    def preprocess(payload):
+        if payload is None:
+            return None
+        try:
+            return original(payload)
+        except gr.Error as e:
+            name = getattr(widget, "label", None) or type(widget).__name__
+            raise gr.Error(html.escape(f"{name}: {e.message}", quote=False), print_exception=False) from e
+
+    widget.preprocess = preprocess
+    widget._passes_none = True
+
+
+def _numbers(values: dict, names: tuple[str, ...]) -> None:
+    """Sliders and number boxes must hold finite numbers (the API may send NaN, infinity or text)."""
+    for name in names:
+        v = values[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise InputError(f"{name} must be a finite number (got {v!r}).")
+
+
+def _flags(values: dict, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not isinstance(values[name], bool):
+            raise InputError(f"{name} must be true or false (got {values[name]!r}).")
+
+
+def missing_value(names: list[str]) -> InputError:
+    """The error for values that came as null through the API, naming them."""
+    return InputError(f"Missing value for {', '.join(names)}: give a value (null is not one).")
+
+
+def _take(it: Iterator, names: list[str], optional: tuple[str, ...] = ()) -> dict:
+    """The next len(names) values by name; a missing one (None through the API) is named in the error."""
+    got = list(itertools.islice(it, len(names)))
+    if len(got) != len(names):
+        raise InputError(f"Missing values for this endpoint: expected {', '.join(names)}.")
+    missing = [n for n, v in zip(names, got) if v is None and n not in optional]
+    if missing:
+        raise missing_value(missing)
+    return dict(zip(names, got))
+
+
+@dataclass
+class SettingsPanel:
+    """The shared generation settings: one widget per field of `studio.Settings`."""
+
+    widgets: dict[str, gr.components.Component]
+
+    @property
+    def inputs(self) -> list:
+        return [self.widgets[f.name] for f in fields(Settings)]
+
+    def read(self, it: Iterator) -> Settings:
+        v = _take(it, [f.name for f in fields(Settings)])
+        _numbers(v, ("batch", "width", "height", "steps", "cfg", "seed", "denoise"))
+        _flags(v, ("randomize", "guess_mode"))
+        return Settings(**v)
+
+
+@dataclass
+class SizePanel:
+    """Width and height only (what the hint preview needs of the settings)."""
+
+    width: gr.Slider
+    height: gr.Slider
+
+    @property
+    def inputs(self) -> list:
+        return [self.width, self.height]
+
+    def read(self, it: Iterator) -> tuple[int, int]:
+        v = _take(it, ["width", "height"])
+        return int(v["height"]), int(v["width"])
+
+
+UNIT_FIELDS = ("image", "annotator", "resolution", "scale", "start", "end")
+
+
+@dataclass
+class UnitPanel:
+    """One ControlNet's widgets: picture, preprocessor with its sliders, resolution, strength, start and end.
+
+    A condition tab's panel has one condition; the Multi tab's panels add an on/off box and a condition choice.
+    """
+
+    image: gr.components.Component
+    annotator: gr.Dropdown
+    resolution: gr.Slider
+    scale: gr.Slider
+    start: gr.Slider
+    end: gr.Slider
+    params: dict[tuple[str, str], gr.Slider] = field(default_factory=dict)  # (preprocessor, parameter) -> slider
+    cond: Condition | None = None  # fixed condition (a condition tab)
+    # the control mode, resize mode and pixel perfect (read through a UnitOptionsPanel, not with the unit)
+    mode: gr.Radio | None = None
+    resize: gr.Radio | None = None
+    pixel_perfect: gr.Checkbox | None = None
+    enabled: gr.Checkbox | None = None  # Multi
+    choice: gr.Dropdown | None = None  # Multi: the condition
+
+    @property
+    def inputs(self) -> list:
+        head = [] if self.choice is None else [self.enabled, self.choice]
+        return head + [getattr(self, k) for k in UNIT_FIELDS] + list(self.params.values())
+
+    def read(self, it: Iterator) -> UnitSettings | None:
+        """The unit's settings, or None for a Multi unit that is switched off (its other values may be anything)."""
+        head = {} if self.choice is None else _take(it, ["enabled", "condition"], optional=("condition",))
+        off = bool(head) and not head["enabled"]
+        names = [*UNIT_FIELDS, *(f"{a}:{p}" for a, p in self.params)]
+        # no picture is not an error here: the handler says to upload one; of the sliders, only the chosen
+        # preprocessor's are needed
+        v = _take(it, names, optional=tuple(names) if off else ("image", *names[len(UNIT_FIELDS) :]))
+        if off:
+            return None
+        if head and head["condition"] is None:
+            raise missing_value(["condition"])
+        cond = self.cond or condition(head["condition"])
+        chosen = {p: v[f"{a}:{p}"] for a, p in self.params if a == v["annotator"]}
+        missing = [f"{v['annotator']}:{p}" for p, value in chosen.items() if value is None]
+        if missing:
+            raise missing_value(missing)
+        return UnitSettings(cond, v["image"], v["annotator"], v["resolution"], chosen, v["scale"], v["start"], v["end"])
+
+
+def _choice(value, labels: dict[str, str], what: str) -> str:
+    if value not in labels:
+        raise InputError(f"Unknown {what} {value!r}; choose one of {', '.join(labels)}.")
+    return labels[value]
+
+
+@dataclass
+class UnitOptionsPanel:
+    """Each unit's control mode, resize mode and pixel perfect (widgets inside each unit panel, read as their own
+    record so that the older `/<tab>_run` endpoints keep their parameters): a dict of UnitSettings fields per unit."""
+
+    units: list[UnitPanel]
+
+    @property
+    def inputs(self) -> list:
+        return [w for u in self.units for w in (u.mode, u.resize, u.pixel_perfect)]
+
+    def read(self, it: Iterator) -> list[dict]:
+        out = []
+        for i in range(len(self.units)):
+            v = _take(it, [f"control_mode_{i + 1}", f"resize_mode_{i + 1}", f"pixel_perfect_{i + 1}"])
+            mode, resize, perfect = v.values()
+            out.append({"mode": _choice(mode, CONTROL_MODES, "control mode"),
+                        "resize_mode": _choice(resize, RESIZE_MODES, "resize mode"), "pixel_perfect": bool(perfect)})  # fmt: skip
+        return out
+
+
+PASS_FIELDS = ("init_image", "mask_blur", "inpaint_mode", "hires", "hires_scale", "hires_steps", "hires_strength",
+               "hires_upscaler", "seed_per_picture", "preview_every", "clip_skip", "vae")  # fmt: skip
+
+
+@dataclass
+class PassPanel:
+    """Around the units: an init picture (img2img on any tab), the inpaint options, the hires fix, one seed per
+    picture and the live preview; one widget per field of `studio.PassSettings`."""
+
+    widgets: dict[str, gr.components.Component]
+
+    @property
+    def inputs(self) -> list:
+        return [self.widgets[k] for k in PASS_FIELDS]
+
+    def read(self, it: Iterator) -> PassSettings:
+        v = _take(it, list(PASS_FIELDS), optional=("init_image",))
+        _numbers(v, ("mask_blur", "hires_scale", "hires_steps", "hires_strength", "preview_every", "clip_skip"))
+        _flags(v, ("hires", "seed_per_picture"))
+        v["inpaint_mode"] = _choice(v["inpaint_mode"], INPAINT_MODES, "inpaint mode")
+        v["hires_upscaler"] = _choice(v["hires_upscaler"], UPSCALERS, "hires upscaler")
+        return PassSettings(**v)
+
+
+@dataclass
+class BasePanel:
+    """The base-model choice at the top of the page (a name of `studio.Studio.bases`; null: the current one)."""
+
+    choice: gr.Dropdown
+
+    @property
+    def inputs(self) -> list:
+        return [self.choice]
+
+    def read(self, it: Iterator) -> str | None:
+        return _take(it, ["base"], optional=("base",))["base"]
+
+
+@dataclass
+class ImagePromptPanel:
+    """The Image prompt accordion: picture (optional), adapter, scale."""
+
+    image: gr.components.Component
+    adapter: gr.Dropdown
+    scale: gr.Slider
+
+    @property
+    def inputs(self) -> list:
+        return [self.image, self.adapter, self.scale]
+
+    def read(self, it: Iterator) -> ImagePromptSettings | None:
+        v = _take(it, ["image_prompt", "ip_adapter", "ip_scale"], optional=("image_prompt", "ip_adapter", "ip_scale"))
+        if v["image_prompt"] is None:
+            return None
+        missing = [k for k in ("ip_adapter", "ip_scale") if v[k] is None]
+        if missing:
+            raise missing_value(missing)
+        return ImagePromptSettings(v["image_prompt"], v["ip_adapter"], v["ip_scale"])
+
+
+@dataclass
+class ReferencePanel:
+    """Reference-only: picture, preprocessor (reference_only / reference_adain / reference_adain+attn), fidelity,
+    weight."""
+
+    image: gr.components.Component
+    preprocessor: gr.Dropdown
+    style_fidelity: gr.Slider
+    weight: gr.Slider
+
+    @property
+    def inputs(self) -> list:
+        return [self.image, self.preprocessor, self.style_fidelity, self.weight]
+
+    def read(self, it: Iterator) -> ReferenceSettings | None:
+        names = ["reference", "reference_preprocessor", "style_fidelity", "reference_weight"]
+        v = _take(it, names, optional=("reference",))
+        if v["reference"] is None:
+            return None
+        return ReferenceSettings(
+            v["reference"], v["reference_preprocessor"], v["style_fidelity"], v["reference_weight"]
+        )

@@ -1,0 +1,116 @@
+"""What wraps every click handler: errors shown the user's way, the Stop button, and the live preview stream."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+
+import gradio as gr
+import numpy as np
+import torch
+
+import annotators
+from cldm.errors import CldmError
+from studio.service import Studio
+
+log = logging.getLogger("app")
+PREVIEW_SIDE = 256  # live previews (latent-sized) are enlarged to at least this short side, nearest-neighbour
+
+
+def _shown(studio: Studio, fn, e: Exception) -> gr.Error:
+    """The error the browser gets for `e`: our errors by their message (no server paths, escaped), anything else
+    by its type only, with the traceback in the log."""
+    if isinstance(e, (CldmError, annotators.AnnotatorError)):
+        message = studio.public(str(e))
+        log.info("refused %s: %s", fn.__name__, message)
+        return gr.Error(message, print_exception=False)
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        log.warning("out of GPU memory in %s", fn.__name__)
+        return gr.Error("Out of GPU memory: lower the resolution or the number of images.", print_exception=False)
+    if isinstance(e, gr.Error):
+        return e
+    log.error("unexpected error in %s", fn.__name__, exc_info=e)
+    return gr.Error(f"Internal error ({type(e).__name__}); the server log has the details.", print_exception=False)
+
+
+def friendly(studio: Studio):
+    """Handler wrapper (plain functions and generators): errors become a message in the UI and one log line."""
+
+    def wrap(fn):
+        if inspect.isgeneratorfunction(fn):
+
+            @functools.wraps(fn)  # Gradio reads the signature (the progress parameter) through __wrapped__
+            def streaming(*args, **kwargs):
+                try:
+                    yield from fn(*args, **kwargs)
+                except Exception as e:
+                    raise _shown(studio, fn, e) from e
+
+            return streaming
+
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                raise _shown(studio, fn, e) from e
+
+        return wrapped
+
+    return wrap
+
+
+def session(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None)
+
+
+def stop_button(studio: Studio, stop: gr.Button, key: str) -> None:
+    """Stop: this browser session's running generation ends at its next step boundary and frees the model lock (it
+    runs outside the queue's one-at-a-time limit, so it is answered while the generation runs)."""
+
+    def do_stop(request: gr.Request = None):
+        gr.Info(studio.stops.stop(session(request)))
+
+    stop.click(do_stop, None, None, api_name=f"{key}_stop", concurrency_limit=None, queue=False)
+
+
+def preview_picture(p: np.ndarray) -> np.ndarray:
+    k = max(1, -(-PREVIEW_SIDE // max(1, min(p.shape[:2]))))
+    return np.repeat(np.repeat(p, k, axis=0), k, axis=1)
+
+
+def streamed(studio: Studio, work: Callable, progress, who: str | None) -> Iterator:
+    """Run `work(progress, preview)` (a `studio.generate` call) in a worker thread; yield the live previews to the
+    gallery while it samples, then its result. Gradio's progress bar is driven from the handler's own thread. A
+    browser that goes away stops the generation at its next step (nobody would see the pictures)."""
+    events: queue.Queue = queue.Queue()
+    box: dict = {}
+
+    def target():
+        try:
+            box["out"] = work(
+                lambda f, desc="": events.put(("progress", f, desc)), lambda p: events.put(("preview", p))
+            )
+        except BaseException as e:  # handed to the handler's thread, which raises it
+            box["err"] = e
+        finally:
+            events.put(None)
+
+    worker = threading.Thread(target=target, daemon=True, name="generate")
+    worker.start()
+    try:
+        while (event := events.get()) is not None:
+            if event[0] == "progress":
+                progress(event[1], desc=event[2])
+            else:
+                yield [(preview_picture(p), "preview") for p in event[1]], "Sampling (live preview)...", gr.skip()
+    finally:
+        if worker.is_alive():  # the generator was closed: the client left
+            studio.stops.stop(who)
+    if "err" in box:
+        raise box["err"]
+    yield box["out"]

@@ -1,0 +1,283 @@
+"""The page: one tab per condition (built from `cldm.hints.conditions.CONDITIONS`), a Multi tab and the others.
+
+Only the layout lives here: every panel is a record of named widgets whose values come back to the handlers as
+records (`settings.UnitSettings`, `settings.Settings`); what a click does is in `service.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import gradio as gr
+
+from cldm.errors import CldmError, InputError
+from cldm.hints.conditions import CONDITIONS, EXAMPLES_DIR, Condition
+from cldm.io.locate import VAE_FROM_CHECKPOINT
+from cldm.pipeline.fit import picture_size
+from studio.batch_tab import batch_tab
+from studio.canvas import editor_image
+from studio.forms import BasePanel, Form, SizePanel, UnitOptionsPanel
+from studio.gate import arrived
+from studio.handlers import friendly, session, stop_button, streamed
+from studio.panels import (
+    LORA_LIST,
+    MAX_UI_SIZE,
+    VAE_LIST,
+    image_prompt_panel,
+    pass_panel,
+    reference_panel,
+    settings_panel,
+    unit_panel,
+)
+from studio.png_info import Receivers, png_info_tab
+from studio.service import Studio, condition
+
+log = logging.getLogger("app")
+MAX_UNITS = 3  # ControlNets in the Multi tab
+MULTI_DEFAULTS = ("canny", "depth", "openpose")  # the Multi tab's first conditions (a model card names its own)
+
+
+def _example(studio: Studio, cond: Condition) -> tuple[str, str, str]:
+    if studio.card is not None and cond.key in studio.card.examples:
+        e = studio.card.examples[cond.key]
+        return e["image"], e["preprocessor"], e["prompt"]
+    return cond.example
+
+
+def size_button(button: gr.Button, image, settings) -> None:
+    """ "Use the picture's size": width and height from the picture, its aspect ratio kept, multiples of 8."""
+
+    def use_size(value):
+        img = editor_image(value)
+        if img is None:
+            gr.Info("Upload a picture first.")
+            return gr.skip(), gr.skip()
+        return picture_size(img.shape[1], img.shape[0], MAX_UI_SIZE)
+
+    outputs = [settings.widgets["width"], settings.widgets["height"]]
+    button.click(friendly_size(use_size), image, outputs, queue=False, api_name=False)
+
+
+def friendly_size(fn):
+    def wrapped(value):
+        try:
+            return fn(value)
+        except CldmError as e:
+            raise gr.Error(str(e), print_exception=False) from e
+
+    return wrapped
+
+
+def condition_tab(studio: Studio, cond: Condition, base: BasePanel) -> Receivers:
+    """One tab, for any row of the condition table."""
+    with gr.Row():
+        with gr.Column():
+            unit = unit_panel(studio, [cond], elem_id=f"{cond.key}-image")
+            use_size = gr.Button("Use the picture's size", size="sm", elem_id=f"{cond.key}-size")
+            settings = settings_panel(studio, cond)
+            extras = pass_panel(cond, cond.key, studio.models_dir)
+            ip = image_prompt_panel(studio, cond.key)
+            with gr.Row():
+                preview = gr.Button("Preview hint", elem_id=f"{cond.key}-preview")
+                run = gr.Button("Generate", variant="primary", elem_id=f"{cond.key}-run")
+                stop = gr.Button("Stop", variant="stop", elem_id=f"{cond.key}-stop")
+        with gr.Column():
+            hint_view = gr.Image(
+                label="Hint", type="numpy", interactive=False, format="png", elem_id=f"{cond.key}-hint"
+            )
+            gallery = gr.Gallery(label="Results", columns=2, format="png", elem_id=f"{cond.key}-gallery")
+            status = gr.Markdown(elem_id=f"{cond.key}-status")
+            files = gr.Files(label="Download PNGs (with parameters)")
+    picture, annotator, prompt = _example(studio, cond)
+    gr.Examples([[str(EXAMPLES_DIR / picture), annotator, prompt]], [unit.image, unit.annotator, settings.widgets["prompt"]],
+                label="Example")  # fmt: skip
+    size_button(use_size, unit.image, settings)
+    size = SizePanel(settings.widgets["width"], settings.widgets["height"])
+    preview_form, hint_form = Form(unit, size), Form(unit, size, UnitOptionsPanel([unit]))
+    run_form = Form(unit, settings)
+    gen_form = Form(unit, settings, UnitOptionsPanel([unit]), extras, ip, base)
+
+    @friendly(studio)
+    def do_preview(*values):
+        u, size = preview_form.read(values)
+        return studio.shown(studio.hint(u, size))
+
+    @friendly(studio)
+    def do_hint(*values):
+        u, size, (options,) = hint_form.read(values)
+        return studio.shown(studio.hint(replace(u, **options), size))
+
+    @friendly(studio)
+    def do_run(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's progress bar)
+        u, s = run_form.read(values)
+        return studio.generate([u], s, progress, session=session(request), sent_at=arrived(request))
+
+    @friendly(studio)
+    def do_generate(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008
+        u, s, (options,), more, image_prompt, base_name = gen_form.read(values)
+        who, sent = session(request), arrived(request)
+
+        def work(prog, show):
+            return studio.generate([replace(u, **options)], s, prog, image_prompt, session=who, extras=more,
+                                   preview=show, base=base_name, sent_at=sent)  # fmt: skip
+
+        yield from streamed(studio, work, progress, who)
+
+    # the buttons send everything the tab shows; `/<key>_run` and `/<key>_preview` keep the parameters API callers
+    # know
+    preview.click(do_hint, hint_form.inputs, hint_view, api_name=f"{cond.key}_hint")
+    run.click(do_generate, gen_form.inputs, [gallery, status, files], api_name=f"{cond.key}_generate")
+    api_only = gr.Button(visible=False)
+    api_only.click(do_run, run_form.inputs, [gallery, status, files], api_name=f"{cond.key}_run")
+    api_only.click(do_preview, preview_form.inputs, hint_view, api_name=f"{cond.key}_preview")
+    stop_button(studio, stop, cond.key)
+    return Receivers(cond.key, settings, [unit])
+
+
+def multi_tab(studio: Studio, base: BasePanel) -> Receivers:
+    """Up to three ControlNets at once, each with the same panel as a condition tab (preprocessor sliders included)."""
+    choices = [c for c in CONDITIONS if not c.inpaint]
+    defaults = studio.card.conditions if studio.card else MULTI_DEFAULTS
+    units = []
+    with gr.Row():
+        with gr.Column():
+            for i in range(MAX_UNITS):
+                first = condition(defaults[i % len(defaults)])
+                with gr.Group():
+                    enabled = gr.Checkbox(value=i < 2, label=f"ControlNet {i + 1}")
+                    choice = gr.Dropdown(
+                        [c.key for c in choices], value=first.key, label="Condition", allow_custom_value=True
+                    )
+                    panel = unit_panel(studio, choices, first, label="Picture")
+                    # the preprocessors follow the condition in the browser; the panel holds every one's sliders
+                    choice.change(lambda k: gr.update(choices=list(condition(k).annotators),
+                                                      value=condition(k).annotators[0]), choice, panel.annotator)  # fmt: skip
+                panel.enabled, panel.choice = enabled, choice
+                units.append(panel)
+            settings = settings_panel(studio, None)
+            extras = pass_panel(None, "multi", studio.models_dir)
+            ip = image_prompt_panel(studio, "multi")
+            with gr.Row():
+                run = gr.Button("Generate", variant="primary")
+                stop = gr.Button("Stop", variant="stop")
+        with gr.Column():
+            gallery = gr.Gallery(label="Hints and results", columns=2, format="png")
+            status = gr.Markdown()
+            files = gr.Files(label="Download PNGs (with parameters)")
+    form, gen_form = Form(*units, settings), Form(*units, settings, UnitOptionsPanel(units), extras, ip, base)
+
+    def chosen_units(records, options) -> list:
+        chosen = [replace(u, **o) for u, o in zip(records[: len(units)], options) if u is not None]
+        if not chosen:
+            raise InputError("Enable at least one ControlNet.")
+        return chosen
+
+    @friendly(studio)
+    def do_run(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's progress bar)
+        records = form.read(values)
+        chosen = chosen_units(records, [{}] * len(units))
+        return studio.generate(chosen, records[len(units)], progress, session=session(request),
+                               sent_at=arrived(request))  # fmt: skip
+
+    @friendly(studio)
+    def do_generate(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008
+        records = gen_form.read(values)
+        s, options, more, image_prompt, base_name = records[len(units) :]
+        chosen, who, sent = chosen_units(records, options), session(request), arrived(request)
+
+        def work(prog, show):
+            return studio.generate(chosen, s, prog, image_prompt, session=who, extras=more, preview=show,
+                                   base=base_name, sent_at=sent)  # fmt: skip
+
+        yield from streamed(studio, work, progress, who)
+
+    run.click(do_generate, gen_form.inputs, [gallery, status, files], api_name="multi_generate")
+    api_only = gr.Button(visible=False)
+    api_only.click(do_run, form.inputs, [gallery, status, files], api_name="multi_run")
+    stop_button(studio, stop, "multi")
+    return Receivers("multi", settings, units)
+
+
+def picture_prompt_tab(studio: Studio, base: BasePanel) -> None:
+    """Pictures from a prompt and a picture, no ControlNet: an IP-Adapter image prompt, a reference, or both."""
+    with gr.Row():
+        with gr.Column():
+            ip = image_prompt_panel(studio, "image_prompt", open_=True)
+            with gr.Accordion("Reference (reference_only, no weights needed)", open=True):
+                ref = reference_panel("image_prompt")
+            settings = settings_panel(studio, None, key="image_prompt")
+            extras = pass_panel(None, "image_prompt", studio.models_dir)
+            with gr.Row():
+                run = gr.Button("Generate", variant="primary", elem_id="image_prompt-run")
+                stop = gr.Button("Stop", variant="stop", elem_id="image_prompt-stop")
+        with gr.Column():
+            gallery = gr.Gallery(label="Results", columns=2, format="png", elem_id="image_prompt-gallery")
+            status = gr.Markdown(elem_id="image_prompt-status")
+            files = gr.Files(label="Download PNGs (with parameters)")
+    form, gen_form = Form(ip, ref, settings), Form(ip, ref, settings, extras, base)
+
+    @friendly(studio)
+    def do_run(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's progress bar)
+        image_prompt, reference, s = form.read(values)
+        return studio.generate([], s, progress, image_prompt, reference, session=session(request),
+                               sent_at=arrived(request))  # fmt: skip
+
+    @friendly(studio)
+    def do_generate(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008
+        image_prompt, reference, s, more, base_name = gen_form.read(values)
+        who, sent = session(request), arrived(request)
+
+        def work(prog, show):
+            return studio.generate([], s, prog, image_prompt, reference, session=who, extras=more, preview=show,
+                                   base=base_name, sent_at=sent)  # fmt: skip
+
+        yield from streamed(studio, work, progress, who)
+
+    # the button sends everything the tab shows (img2img, hires fix, the base); `/image_prompt_run` keeps the
+    # parameters API callers know
+    run.click(do_generate, gen_form.inputs, [gallery, status, files], api_name="image_prompt_generate")
+    api_only = gr.Button(visible=False)
+    api_only.click(do_run, form.inputs, [gallery, status, files], api_name="image_prompt_run")
+    stop_button(studio, stop, "image_prompt")
+
+
+def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | None = (3600, 86400)) -> gr.Blocks:
+    """The whole UI. Gradio's copies of uploads and results are deleted once a day old (checked hourly)."""
+    with gr.Blocks(title="ControlNet studio", delete_cache=delete_cache) as demo:
+        gr.Markdown("# ControlNet studio\nStable Diffusion 1.5 + ControlNet 1.1. " + banner)
+        # every Generate names its base: a switch loads it (freeing the other) and the ControlNets stay
+        with gr.Row():
+            base = BasePanel(gr.Dropdown(list(studio.bases), value=next(iter(studio.bases)), label="Base model",
+                                         allow_custom_value=True, elem_id="base-model", scale=4))  # fmt: skip
+            refresh = gr.Button("↻ Refresh model lists", elem_id="refresh-models", scale=1)
+        with gr.Tabs() as tabs:
+            receivers = []
+            for cond in CONDITIONS:
+                with gr.Tab(cond.label, id=cond.key):
+                    receivers.append(condition_tab(studio, cond, base))
+            with gr.Tab("Multi", id="multi"):
+                receivers.append(multi_tab(studio, base))
+            with gr.Tab("Image prompt", id="image_prompt"):
+                picture_prompt_tab(studio, base)
+            with gr.Tab("Batch", id="batch"):
+                batch_tab(studio, base)
+            with gr.Tab("PNG info", id="png_info"):
+                png_info_tab(studio, receivers, tabs)
+        refresh_lists(studio, demo, base, refresh)
+    return demo
+
+
+def refresh_lists(studio: Studio, demo: gr.Blocks, base: BasePanel, button: gr.Button) -> None:
+    """The Refresh button: the models folder read again (bases, LoRAs, VAEs, embeddings) into every list on the page,
+    without a restart; the choices made stay where they still exist."""
+    tagged = lambda cls: [b for b in demo.blocks.values() if cls in (getattr(b, "elem_classes", None) or [])]  # noqa: E731
+    loras, vaes = tagged(LORA_LIST), tagged(VAE_LIST)
+
+    def do_refresh():
+        lists = studio.refresh_models()
+        gr.Info(f"Found {lists.summary}.")
+        return (gr.update(choices=lists.bases), *[gr.update(choices=lists.loras, visible=bool(lists.loras))] * len(loras),
+                *[gr.update(choices=[VAE_FROM_CHECKPOINT, *lists.vaes])] * len(vaes))  # fmt: skip
+
+    button.click(friendly(studio)(do_refresh), None, [base.choice, *loras, *vaes], api_name="refresh_models")

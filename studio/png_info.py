@@ -1,0 +1,155 @@
+"""The PNG info tab: drop a PNG made by this app or by A1111, see its parameters, and send them to a tab (prompt,
+negative prompt, sampler, steps, CFG, seed, size and each ControlNet unit)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from cldm.errors import InputError
+from cldm.hints.conditions import CONDITIONS, Condition
+from cldm.io.images import read_parameters
+from cldm.pipeline.infotext import Infotext, UnitInfo, parse_parameters
+from cldm.pipeline.request import stem
+from studio.forms import SettingsPanel, UnitPanel
+from studio.handlers import friendly
+from studio.service import CONTROL_MODES, RESIZE_MODES, Studio
+
+SETTINGS_SENT = ("prompt", "negative_prompt", "sampler", "steps", "cfg", "seed", "randomize", "width", "height",
+                 "denoise")  # fmt: skip
+UNIT_SENT = ("annotator", "resolution", "scale", "start", "end", "mode", "resize", "pixel_perfect")
+
+
+@dataclass
+class Receivers:
+    """A tab's widgets that "send to" fills: its settings and its units (a Multi tab's with on/off and condition)."""
+
+    key: str
+    settings: SettingsPanel
+    units: list[UnitPanel]
+
+    @property
+    def outputs(self) -> list:
+        out = [self.settings.widgets[k] for k in SETTINGS_SENT]
+        for u in self.units:
+            out += ([u.enabled, u.choice] if u.choice is not None else []) + [getattr(u, k) for k in UNIT_SENT]
+        return out
+
+
+def match_condition(model: str) -> Condition | None:
+    """The condition a ControlNet model name stands for: its file stem, else the longest condition key in it
+    (control_sd15_canny, diffusers names ...)."""
+    name = stem(model.split(" [")[0]).lower()
+    for c in CONDITIONS:
+        if c.stem == name:
+            return c
+    for c in sorted(CONDITIONS, key=lambda c: -len(c.key)):
+        if c.key in name:
+            return c
+    return None
+
+
+def _clamp(widget, value):
+    lo, hi = getattr(widget, "minimum", None), getattr(widget, "maximum", None)
+    if value is None:
+        return gr.skip()
+    if lo is not None and value < lo:
+        return type(value)(lo)
+    if hi is not None and value > hi:
+        return type(value)(hi)
+    return value
+
+
+def _label(labels: dict[str, str], key: str) -> str:
+    return next(label for label, k in labels.items() if k == key)
+
+
+def _unit_values(panel: UnitPanel, u: UnitInfo | None, cond: Condition | None) -> list:
+    head = []
+    if panel.choice is not None:
+        if u is None or cond is None:
+            return [False, gr.skip()] + [gr.skip()] * len(UNIT_SENT)
+        head = [True, cond.key]
+    if u is None:
+        return head + [gr.skip()] * len(UNIT_SENT)
+    module = u.module if cond is not None and u.module in cond.annotators else gr.skip()
+    if panel.choice is not None and module is gr.skip() and cond is not None:
+        module = cond.annotators[0]
+    return head + [
+        module, _clamp(panel.resolution, u.processor_res), _clamp(panel.scale, u.weight), _clamp(panel.start, u.start),
+        _clamp(panel.end, u.end), _label(CONTROL_MODES, u.control_mode), _label(RESIZE_MODES, u.resize_mode),
+        u.pixel_perfect,
+    ]  # fmt: skip
+
+
+def send_values(info: Infotext, r: Receivers) -> list:
+    """The values for `r.outputs` (gr.skip() where the picture says nothing), clamped to the widgets' ranges."""
+    w = r.settings.widgets
+    values = [info.prompt, info.negative_prompt, info.sampler or gr.skip(), _clamp(w["steps"], info.steps),
+              _clamp(w["cfg"], info.cfg_scale), _clamp(w["seed"], info.seed), False if info.seed is not None else gr.skip(),
+              _clamp(w["width"], info.width), _clamp(w["height"], info.height),
+              _clamp(w["denoise"], info.denoising_strength)]  # fmt: skip
+    for i, panel in enumerate(r.units):
+        u = info.units[i] if i < len(info.units) else None
+        cond = (match_condition(u.model) if u is not None else None) if panel.cond is None else panel.cond
+        values += _unit_values(panel, u, cond)
+    return values
+
+
+def suggested_tab(info: Infotext) -> str:
+    if len(info.units) > 1:
+        return "multi"
+    cond = match_condition(info.units[0].model) if info.units else None
+    return cond.key if cond is not None else CONDITIONS[0].key
+
+
+def summary(info: Infotext) -> dict:
+    out = {"prompt": info.prompt, "negative prompt": info.negative_prompt, "steps": info.steps,
+           "sampler": info.sampler or info.sampler_label, "CFG scale": info.cfg_scale, "seed": info.seed,
+           "size": f"{info.width}x{info.height}" if info.width else None}  # fmt: skip
+    for u in info.units:
+        out[f"ControlNet {u.index}"] = {"model": u.model, "module": u.module, "weight": u.weight, "start": u.start,
+                                        "end": u.end, "control mode": u.control_mode, "resize mode": u.resize_mode,
+                                        "pixel perfect": u.pixel_perfect}  # fmt: skip
+    return out
+
+
+def png_info_tab(studio: Studio, receivers: list[Receivers], tabs: gr.Tabs) -> None:
+    by_key = {r.key: r for r in receivers}
+    with gr.Row():
+        with gr.Column():
+            png = gr.File(label="A PNG made by this app or by A1111", file_types=[".png"], type="filepath",
+                          elem_id="png_info-file")  # fmt: skip
+            target = gr.Dropdown(list(by_key), value=receivers[0].key, label="Send to", elem_id="png_info-target")
+            send = gr.Button("Send to tab", variant="primary", elem_id="png_info-send")
+        with gr.Column():
+            fields = gr.JSON(label="Parameters")
+            raw = gr.Textbox(label="Parameters text", lines=6, elem_id="png_info-text")
+
+    def infotext(path) -> tuple[str, Infotext]:
+        """The PNG's parameters text (read once: only its text chunks, never its pixels) and what it says."""
+        if path is None:
+            raise gr.Error("Drop a PNG first.", print_exception=False)
+        text = read_parameters(path) or ""
+        return text, parse_parameters(text)
+
+    @friendly(studio)
+    def do_read(path):
+        if path is None:
+            return None, "", gr.skip()
+        text, info = infotext(path)
+        return summary(info), text, suggested_tab(info)
+
+    @friendly(studio)
+    def do_send(path, key):
+        if key not in by_key:
+            raise InputError(f"Unknown tab {key!r}; send to one of {', '.join(by_key)}.")
+        _, info = infotext(path)
+        values = []
+        for r in receivers:
+            values += send_values(info, r) if r.key == key else [gr.skip()] * len(r.outputs)
+        return [*values, gr.Tabs(selected=key)]
+
+    png.change(do_read, png, [fields, raw, target], api_name="png_info_read")
+    send.click(do_send, [png, target], [o for r in receivers for o in r.outputs] + [tabs], api_name="png_info_send")

@@ -1,0 +1,391 @@
+"""What the app does, without Gradio: the user's settings as records, hints, requests for the model manager.
+
+`app.py` lays out the widgets and turns their values into the records here; everything a click does is here.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import random
+import re
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+import annotators
+import annotators.cache
+from cldm.adapters.lora import prompt_tags
+from cldm.errors import InputError, Stopped
+from cldm.hints.conditions import ANNOTATOR_NONE, BY_KEY, Condition
+from cldm.hints.fitted import fitted_hint
+from cldm.io import locate as weights
+from cldm.io.images import save_png
+from cldm.io.model_card import ModelCard, card_for
+from cldm.pipeline.request import MAX_PROMPT_CHARS, ControlUnit, GenerationRequest, ImagePrompt, LoraUnit, ReferenceUnit
+from cldm.runtime.manager import ModelManager
+from cldm.sampling.samplers import SAMPLERS, sampler_class
+from studio.canvas import editor_image, inpaint_hint
+from studio.settings import (  # noqa: F401 (the records app.py and forms.py read through here)
+    CONTROL_MODES,
+    INPAINT_MODES,
+    MAX_SEED,
+    MAX_SEED_INPUT,
+    REFERENCE_PREPROCESSORS,
+    RESIZE_MODES,
+    UPSCALERS,
+    Defaults,
+    ImagePromptSettings,
+    ModelLists,
+    PassSettings,
+    ReferenceSettings,
+    Settings,
+    UnitSettings,
+)  # fmt: skip
+from studio.stops import Stops
+
+log = logging.getLogger("studio")
+DEMO_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo"
+DEMO_BASE = "shapes_sd.safetensors"
+Progress = Callable[..., None]  # progress(fraction, desc=...), as gr.Progress takes it
+SHOWN_DIR = "shown"  # hints shown in the page, one file per request (pruned like the results)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of a shared server, and how much output it keeps.
+
+    `max_work` is in megapixel-steps: width x height x steps actually run x pictures / 1e6. 512x512, 20 steps, one
+    picture is 5.2; the default (32) allows 512 px x 20 steps x 4 pictures or one 1024 px picture with 30 steps,
+    minutes each on a 2-core CPU. A GPU server can allow far more (`python app.py --max-work`).
+    """
+
+    max_work: float = 32.0
+    keep_outputs: int = 500  # result PNGs kept in the output folder (the oldest go first)
+    keep_hours: float = 24.0  # and none older than this
+
+    @classmethod
+    def for_device(cls, device_type: str) -> Limits:
+        return cls(max_work=400.0) if device_type == "cuda" else cls()
+
+
+class Studio:
+    """What the handlers share: the model manager, the models folder, the base's model card, the output folder and
+    the per-request limits."""
+
+    def __init__(
+        self, manager: ModelManager, models_dir: str | None, out_dir: str | None = None, card: ModelCard | None = None,
+        limits: Limits | None = None,
+    ):  # fmt: skip
+        self.manager = manager
+        # the hint extractors run where the model runs (in the front end when the model is served by Ray)
+        annotators.cache.use_device(getattr(manager, "annotator_device", manager.device))
+        self.models_dir = models_dir
+        self.card = card  # a small model (the demo model): only its conditions work, at its size
+        self.defaults = Defaults.for_card(card)
+        self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="cldm-out-"))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in [*self.out_dir.glob(".*.part"), *(self.out_dir / SHOWN_DIR).glob(".*.part")]:  # a PNG being
+            # written when the server was killed
+            stale.unlink(missing_ok=True)
+        self.limits = limits or Limits.for_device(manager.device.type)
+        self.bases = self._find_bases(manager.base_path)
+        self.stops = Stops()  # each browser session's Stop button
+
+    def _find_bases(self, first: str) -> dict[str, str]:
+        """The bases a request may name: the one the server started with, then the models folder's (not in demo
+        mode)."""
+        bases = {Path(first).name or first: first}
+        if self.card is None:
+            bases.update({k: v for k, v in weights.list_bases(self.models_dir).items() if k not in bases})
+        return bases
+
+    def base_for(self, name: str | None) -> str:
+        """The base a request names (a key of `bases`), or the first one: what the page shows by default."""
+        if name is None or name == "":
+            return next(iter(self.bases.values()))
+        if name not in self.bases:
+            raise InputError(f"Unknown base model {name!r}; choose one of {', '.join(self.bases)}.")
+        return self.bases[name]
+
+    def refresh_models(self) -> ModelLists:
+        """The models folder read again, as A1111's refresh buttons do: new or removed bases, LoRAs and VAEs show in
+        the lists, and the embeddings folder is read again. Nothing loaded is dropped."""
+        self.bases = self._find_bases(next(iter(self.bases.values())))
+        refused = self.manager.reload_embeddings()
+        lists = ModelLists(list(self.bases), weights.list_loras(self.models_dir), weights.list_vaes(self.models_dir),
+                           self.manager.embedding_count, refused)  # fmt: skip
+        log.info("model lists refreshed: %s", lists.summary)
+        return lists
+
+    # ------------------------------------------------------------------------------------------------ messages
+    def public(self, message: str) -> str:
+        """An error message as a user may see it: no server paths (the models folder, upload folders, this
+        program's folders), and HTML-escaped, since it may repeat what the user sent."""
+        folders = [f for f in (self.models_dir, self.out_dir) if f]
+        for folder in sorted(
+            {str(Path(f).resolve()) for f in folders} | {str(f) for f in folders}, key=len, reverse=True
+        ):
+            message = message.replace(folder.rstrip("/") + "/", "")
+        message = _ABSOLUTE_PATH.sub(lambda m: m.group(1) + Path(m.group(2)).name, message)
+        return html.escape(message, quote=False)
+
+    def check_work(self, units: list[UnitSettings], s: Settings, extras: PassSettings | None = None) -> None:
+        """Refuse a request over the work budget, or a prompt over the length limit as sent (LoRA tags included),
+        before any preprocessor or model runs (a hires pass counts at its size)."""
+        texts = {"prompt": s.prompt, "added prompt": s.added_prompt, "negative prompt": s.negative_prompt}
+        for name, text in texts.items():
+            if len(text or "") > MAX_PROMPT_CHARS:
+                raise InputError(
+                    f"The {name} is {len(text)} characters long, tags included; at most {MAX_PROMPT_CHARS}. Shorten it."
+                )
+        img2img = any(u.cond.img2img or u.cond.inpaint for u in units) or (extras and extras.init_image is not None)
+        partial = img2img and float(s.denoise) < 1
+        steps = max(1, int(int(s.steps) * float(s.denoise))) if partial else int(s.steps)
+        work = int(s.width) * int(s.height) * steps * int(s.batch) / 1e6
+        what = f"{int(s.width)}x{int(s.height)} px x {steps} steps x {int(s.batch)} pictures"
+        hires = extras.hires_fix if extras is not None else None
+        if hires is not None:
+            w2, h2 = hires.size(int(s.width), int(s.height))
+            steps2 = hires.schedule(int(s.steps))[0]
+            work += w2 * h2 * steps2 * int(s.batch) / 1e6
+            what += f" + hires {w2}x{h2} px x {steps2} steps"
+        order = sampler_class(s.sampler).order if s.sampler in SAMPLERS else 1
+        if order > 1:  # DPM++ SDE calls the model twice per step
+            work *= order
+            what += f", {order} model calls per step ({s.sampler})"
+        if work > self.limits.max_work:
+            raise InputError(
+                f"This request is {work:.0f} megapixel-steps ({what}); this server allows {self.limits.max_work:g} "
+                "per request. Lower the size, the steps or the number of pictures."
+            )
+
+    def _prune_outputs(self, folder: Path | None = None) -> None:
+        """Keep the output folder (or its `shown/`) bounded: at most `keep_outputs` PNGs, none older than
+        `keep_hours`. Another request may prune at the same time: a file already gone is skipped."""
+        dated = []
+        for path in (folder or self.out_dir).glob("*.png"):
+            try:
+                dated.append((path.stat().st_mtime, path))
+            except FileNotFoundError:
+                continue
+        cutoff = time.time() - self.limits.keep_hours * 3600
+        for i, (mtime, path) in enumerate(sorted(dated, reverse=True)):
+            if i >= self.limits.keep_outputs or mtime < cutoff:
+                path.unlink(missing_ok=True)
+
+    def shown(self, picture: np.ndarray) -> str:
+        """A picture to show (a hint), as a PNG of its own under the output folder's `shown/`. Gradio's cache names a
+        picture by its content and rewrites that file in place, so two users shown the same hint at once could
+        download it while it was being rewritten (an empty answer); a file per request cannot be."""
+        path = self.out_dir / SHOWN_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}.png"
+        save_png(picture, path)
+        self._prune_outputs(path.parent)
+        return str(path)
+
+    @property
+    def size(self) -> int:
+        return self.defaults.size
+
+    def available(self, cond: Condition) -> bool:
+        return self.card is None or cond.key in self.card.conditions
+
+    # ------------------------------------------------------------------------------------------------ hints
+    def hint(self, unit: UnitSettings, size: tuple[int, int]) -> np.ndarray:
+        """The hint for one ControlNet, at the size of the pictures to generate (height, width)."""
+        img = editor_image(unit.image)
+        if img is None:
+            raise InputError("Upload an image (or draw on the canvas) first.")
+        if unit.annotator not in unit.cond.annotators:
+            raise InputError(f"{unit.annotator!r} is not a preprocessor for {unit.cond.label}.")
+        resolution = unit.detection_resolution(img, size)
+        return fitted_hint(unit.annotator, img, size[1], size[0], unit.resize_mode, resolution, self.models_dir,
+                           **unit.params)  # fmt: skip
+
+    def _control(self, unit: UnitSettings, s: Settings, progress: Progress, extras: PassSettings | None = None):
+        """(ControlUnit, the hint to show, init picture, mask, strength) for one unit."""
+        cond = unit.cond
+        if not self.available(cond):
+            raise InputError(
+                f"The {self.card.name} model only has ControlNets for {', '.join(self.card.conditions)}. For "
+                f"{cond.label}, start the app with SD1.5 weights (python app.py --base <file or folder>) and put "
+                f"{cond.model_file} in the models folder (it is downloaded from {cond.diffusers_repo} when the hub "
+                "can be reached)."
+            )
+        img = editor_image(unit.image)
+        if img is None:
+            raise InputError(f"{cond.label}: upload an image (or draw on the canvas) first.")
+        progress(0, desc=f"{cond.label}: preparing the hint")
+        init, mask, strength = None, None, None
+        w, h = int(s.width), int(s.height)
+        if cond.inpaint:
+            init, mask, hint = inpaint_hint(unit.image, w, h, unit.resize_mode)
+            strength = float(s.denoise)
+        else:
+            hint = self.hint(unit, (h, w))
+            if cond.img2img:
+                init, strength = img, float(s.denoise)
+            elif extras is not None and (picture := editor_image(extras.init_image)) is not None:
+                init, strength = picture, float(s.denoise)  # img2img on any tab
+        shown = hint if isinstance(hint, np.ndarray) else (hint[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy()
+        path = weights.locate_controlnet(cond.stem, cond.diffusers_repo, self.models_dir)
+        res = None if cond.inpaint or unit.annotator == ANNOTATOR_NONE else unit.detection_resolution(img, (h, w))
+        control = ControlUnit(
+            str(path), hint, unit.scale, unit.start, unit.end, cond.global_average_pooling or None, mode=unit.mode,
+            resize_mode=unit.resize_mode, preprocessor="" if cond.inpaint else unit.annotator, processor_res=res,
+            pixel_perfect=unit.pixel_perfect,
+        )  # fmt: skip
+        return control, shown, init, mask, strength
+
+    # --------------------------------------------------------------------------------------------- generate
+    def image_prompt(self, ip: ImagePromptSettings | None) -> ImagePrompt | None:
+        """The accordion's image prompt (None when no picture was given), with the adapter and encoder located."""
+        img = None if ip is None else editor_image(ip.image)
+        if img is None:
+            return None
+        if ip.adapter not in weights.IP_ADAPTERS:
+            raise InputError(f"Unknown IP-Adapter {ip.adapter!r}; choose one of {', '.join(weights.IP_ADAPTERS)}.")
+        adapter = weights.locate_ip_adapter(ip.adapter, self.models_dir)
+        return ImagePrompt(str(adapter), (img,), str(weights.locate_image_encoder(self.models_dir)), float(ip.scale))
+
+    @staticmethod
+    def reference(ref: ReferenceSettings | None) -> ReferenceUnit | None:
+        img = None if ref is None else editor_image(ref.image)
+        if img is None:
+            return None
+        if ref.preprocessor not in REFERENCE_PREPROCESSORS:
+            raise InputError(
+                f"{ref.preprocessor!r} is not a reference preprocessor; choose {', '.join(REFERENCE_PREPROCESSORS)}."
+            )
+        mode = REFERENCE_PREPROCESSORS[ref.preprocessor]
+        return ReferenceUnit(img, mode, float(ref.style_fidelity), float(ref.weight))
+
+    def request(self, units: list[UnitSettings], s: Settings, seed: int, progress: Progress,
+                ip: ImagePromptSettings | None = None, ref: ReferenceSettings | None = None,
+                extras: PassSettings | None = None):  # fmt: skip
+        """(GenerationRequest, hints to show, a note for the status line) for these units and settings."""
+        controls, shown, init, mask, strength, resize = [], [], None, None, 1.0, "crop"
+        for unit in units:
+            control, hint, u_init, u_mask, u_strength = self._control(unit, s, progress, extras)
+            controls.append(control)
+            shown.append(hint)
+            if u_strength is not None:  # the last img2img / inpaint unit gives the init picture, fitted its way
+                init, mask, strength, resize = u_init, u_mask, u_strength, unit.resize_mode
+        if init is None and extras is not None and (picture := editor_image(extras.init_image)) is not None:
+            init, strength = picture, float(s.denoise)  # img2img with no unit (the Image prompt tab)
+        prompt = ", ".join(p for p in (s.prompt.strip(), s.added_prompt.strip()) if p)
+        prompt, tags = prompt_tags(prompt)  # A1111's <lora:name:weight>, found in the models folder's loras/
+        loras = tuple(LoraUnit(str(weights.locate_lora(name, self.models_dir)), w, te) for name, w, te in tags)
+        negative, note = s.negative_prompt, ""
+        if self.card is not None and self.card.words:  # unknown words would reach the model as letters it never saw
+            (prompt, unknown), (negative, unknown_neg) = self.card.split_known(prompt), self.card.split_known(negative)
+            if unknown or unknown_neg:
+                note = (
+                    f" | left out (not in the {self.card.name} model's vocabulary): {', '.join(unknown + unknown_neg)}"
+                )
+        request = GenerationRequest(
+            prompt, negative, tuple(controls), steps=int(s.steps), cfg_scale=float(s.cfg), sampler=s.sampler,
+            seed=seed, width=int(s.width), height=int(s.height), batch=int(s.batch), guess_mode=bool(s.guess_mode),
+            clip_skip=(int(extras.clip_skip) if extras is not None and extras.clip_skip else None)
+            or max([1, *(u.cond.clip_skip for u in units)]), init_image=init, strength=strength, mask=mask,
+            image_prompt=self.image_prompt(ip), reference=self.reference(ref), resize_mode=resize, loras=loras,
+            vae=None if extras is None or extras.vae in ("", weights.VAE_FROM_CHECKPOINT) else str(
+                weights.locate_vae(extras.vae, self.models_dir)),
+            **({} if extras is None else dict(
+                mask_blur=float(extras.mask_blur), inpaint_mode=extras.inpaint_mode, hires=extras.hires_fix,
+                seed_per_picture=bool(extras.seed_per_picture))),
+        )  # fmt: skip
+        if not units and request.image_prompt is None and request.reference is None:
+            raise InputError("Give a picture: an image prompt or a reference.")
+        return request, shown, note
+
+    def generate(self, units: list[UnitSettings], s: Settings, progress: Progress,
+                 ip: ImagePromptSettings | None = None, ref: ReferenceSettings | None = None,
+                 session: str | None = None, extras: PassSettings | None = None,
+                 preview: Callable[[np.ndarray], None] | None = None, base: str | None = None,
+                 sent_at: float | None = None):  # fmt: skip
+        """Run one request: (gallery items: hints then pictures, status line, PNG files with their parameters).
+
+        `base` names one of `self.bases` (None: the first, the one the page shows until the user picks another):
+        every request runs on the base it names, whatever another user's request loaded before it. The session's Stop
+        button ends it at the next step boundary, or before it starts if pressed after `sent_at` (Stopped is raised;
+        nothing is written). `preview(pictures)` gets the live previews (every `extras.preview_every` steps)."""
+        self.check_work(units, s, extras)
+        base_path = self.base_for(base)
+        flag = self.stops.start(session, sent_at)  # from now on, Stop ends this request (preparing the hints included)
+
+        def step(i: int, n: int) -> None:
+            if flag.is_set():
+                raise Stopped(f"Stopped after {i} of {n} steps; nothing was saved.")
+            progress(i / n, desc=f"sampling {i}/{n}")
+
+        try:
+            seed = random.randint(0, MAX_SEED) if s.randomize else int(s.seed)
+            if flag.is_set():
+                raise Stopped("Stopped before it started; nothing was saved.")
+            request, shown, note = self.request(units, s, seed, progress, ip, ref, extras)
+            request = replace(request, base=base_path)
+            if flag.is_set():
+                raise Stopped("Stopped before sampling; nothing was saved.")
+            t0 = time.perf_counter()
+            every = 0 if extras is None or preview is None else int(extras.preview_every)
+            result = self.manager.run(request, callback=step, preview=preview, preview_every=every)
+        finally:
+            self.stops.release(session, flag)
+        files = []
+        for i, img in enumerate(result.images):
+            path = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{result.seeds[i]}-{uuid.uuid4().hex[:6]}.png"
+            save_png(img, path, result.text(i))  # each picture with its own seed
+            files.append(str(path))
+        self._prune_outputs()
+        t = result.timings
+        names = ", ".join(str(u.model).rstrip("/").split("/")[-1] for u in request.units) or "none"
+        if request.image_prompt is not None:
+            names += f" | IP-Adapter: {request.image_prompt.label} ({request.image_prompt.scale:g})"
+        if request.reference is not None:
+            names += f" | reference: {request.reference.mode}"
+        if request.vae is not None:
+            names += f" | VAE: {request.vae_label}"
+        if request.loras:
+            names += " | LoRA: " + ", ".join(f"{u.label} ({u.weight:g})" for u in request.loras)
+        status = (
+            f"Base: {result.base.rstrip('/').split('/')[-1]} | ControlNet: {names} | seed {seed} | "
+            f"swap {t['swap']:.2f}s, sampling {t['sampling']:.2f}s, decode {t['decode']:.2f}s, "
+            f"total {time.perf_counter() - t0:.1f}s on {self.manager.device} "
+            f"{str(self.manager.dtype).removeprefix('torch.')}{note}"
+        )
+        pictures = [(f, f"seed {s_}") for f, s_ in zip(files, result.seeds)]
+        return [(self.shown(hh), "hint") for hh in shown] + pictures, status, files
+
+
+# an absolute path (after a space, quote, bracket or the start): shown as its file name only
+_ABSOLUTE_PATH = re.compile(r"""(^|[\s'"(\[=])(/(?:[^\s'"():,;\]]+/)+[^\s'"():,;\]]*)""")
+
+
+def choose_base(base: str, demo: bool) -> tuple[str, ModelCard | None, str]:
+    """(base, its model card, banner): the demo model when asked for, or when the SD1.5 weights cannot be had."""
+    if not demo and weights.base_available(base):
+        card = card_for(base)
+        return base, card, f"Base model: `{base}`." + (f" {card.description}" if card else "")
+    if not (DEMO_DIR / DEMO_BASE).is_file():
+        return base, None, f"Base model: `{base}` (not available here, and the demo model is missing too)."
+    card = card_for(DEMO_DIR / DEMO_BASE)
+    why = "as asked (--demo)" if demo else f"because `{base}` is not on this machine and the hub cannot be reached"
+    banner = (
+        f"**Demo model** ({why}): {card.description} The {', '.join(card.conditions)} tabs run on it, e.g. "
+        '"a green triangle on a white background" with a sketched triangle. The other tabs need SD1.5 weights: '
+        "`python app.py --base FILE`."
+    )
+    return str(DEMO_DIR / DEMO_BASE), card, banner
+
+
+def condition(key: str) -> Condition:
+    """The condition table's row for `key`, or a clear error (API callers may send anything)."""
+    if key not in BY_KEY:
+        raise InputError(f"Unknown condition {key!r}; choose one of {', '.join(BY_KEY)}.")
+    return BY_KEY[key]

@@ -1,0 +1,152 @@
+"""The user's settings as records: one per panel of the app (a unit, the shared settings, the extras around the
+units, the image prompt, the reference), the labels the app shows for their choices, and where the widgets start.
+
+`forms.py` reads the widgets' values into these records; `service.py` turns them into requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cldm.hints.conditions import Condition
+from cldm.hints.fitted import pixel_perfect
+from cldm.io.model_card import ModelCard
+from cldm.pipeline.request import HiresFix
+
+MAX_SEED = 2**31 - 1  # random seeds are drawn below this
+MAX_SEED_INPUT = 2**32 + 63  # a seed typed or sent from a PNG: A1111's 32-bit seeds, plus a batch's seed + i
+SD15_SIZE = 512
+
+
+@dataclass(frozen=True)
+class UnitSettings:
+    """What the user set for one ControlNet: its condition, picture, preprocessor and control sliders."""
+
+    cond: Condition
+    image: object  # a file path, an array, or an ImageEditor dict (background, layers, composite)
+    annotator: str
+    resolution: int
+    params: dict[str, float] = field(default_factory=dict)  # the chosen preprocessor's sliders
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: str = "balanced"  # control mode: balanced, prompt (My prompt is more important), control
+    resize_mode: str = "crop"  # how the picture becomes the picture size: just, crop, fill (`cldm.pipeline.fit`)
+    pixel_perfect: bool = False  # the preprocessor resolution from the picture and the target size
+
+    def detection_resolution(self, img: np.ndarray, size: tuple[int, int]) -> int:
+        """The slider's resolution, or with pixel perfect the extension's (within the preprocessors' range)."""
+        if not self.pixel_perfect:
+            return int(self.resolution)
+        return pixel_perfect(img, size[1], size[0], self.resize_mode)
+
+
+# A1111's control-mode and resize-mode labels, as the app shows them
+CONTROL_MODES = {"Balanced": "balanced", "My prompt is more important": "prompt",
+                 "ControlNet is more important": "control"}  # fmt: skip
+RESIZE_MODES = {"Crop and Resize": "crop", "Just Resize": "just", "Resize and Fill": "fill"}
+INPAINT_MODES = {"Only the painted area (inpaint_only)": "only", "Whole picture (inpaint_global_harmonious)": "global"}
+UPSCALERS = {"Latent": "latent", "Lanczos": "lanczos"}
+
+
+@dataclass(frozen=True)
+class PassSettings:
+    """What a tab adds around its units: an init picture (img2img on any tab), the inpaint options, the hires fix,
+    one seed per picture and the live preview."""
+
+    init_image: object = None  # a file path or an array; None: text to image (tile and inpaint bring their own)
+    mask_blur: float = 0.0  # px (the 1.1 inpaint app's default is 5)
+    inpaint_mode: str = "only"
+    hires: bool = False
+    hires_scale: float = 2.0
+    hires_steps: int = 0
+    hires_strength: float = 0.7
+    hires_upscaler: str = "latent"
+    seed_per_picture: bool = False  # A1111: picture i is made by seed + i alone
+    preview_every: int = 0  # steps between live previews; 0: none
+    clip_skip: int = 0  # 0: the condition's own (2 for lineart anime, else 1)
+    vae: str = "From the checkpoint"  # or a file name in the models folder's vae/
+
+    @property
+    def hires_fix(self) -> HiresFix | None:
+        if not self.hires:
+            return None
+        return HiresFix(float(self.hires_scale), int(self.hires_steps), float(self.hires_strength), self.hires_upscaler)
+
+
+@dataclass(frozen=True)
+class ImagePromptSettings:
+    """The Image prompt accordion: a picture, which IP-Adapter (a `weights.IP_ADAPTERS` name) and its strength."""
+
+    image: object  # a file path or an array; None: no image prompt
+    adapter: str = "ip-adapter_sd15"
+    scale: float = 0.6
+
+
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """Reference-only as the A1111 extension's preprocessors name it: reference_only, reference_adain(+attn)."""
+
+    image: object
+    preprocessor: str = "reference_only"
+    style_fidelity: float = 0.5
+    weight: float = 1.0
+
+
+REFERENCE_PREPROCESSORS = {"reference_only": "only", "reference_adain": "adain", "reference_adain+attn": "adain+attn"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The generation settings every tab shares."""
+
+    prompt: str = ""
+    added_prompt: str = ""
+    negative_prompt: str = ""
+    batch: int = 1
+    width: int = SD15_SIZE
+    height: int = SD15_SIZE
+    steps: int = 20
+    cfg: float = 7.5
+    sampler: str = "dpmpp_2m_karras"
+    seed: int = 12345
+    randomize: bool = True
+    guess_mode: bool = False
+    denoise: float = 1.0
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Where the widgets start: the model card's settings for a model that has one, A1111-like ones for SD1.5."""
+
+    size: int = SD15_SIZE
+    steps: int = 20
+    cfg: float = 7.5
+    sampler: str = "dpmpp_2m_karras"
+    quality_words: bool = True  # the ControlNet 1.1 apps' added / negative prompt
+
+    @classmethod
+    def for_card(cls, card: ModelCard | None) -> Defaults:
+        if card is None:
+            return cls()
+        return cls(card.size, card.steps, card.cfg, card.sampler, quality_words=not card.words)
+
+
+@dataclass(frozen=True)
+class ModelLists:
+    """What the models folder holds, as the Refresh button shows it."""
+
+    bases: list[str]
+    loras: list[str]
+    vaes: list[str]
+    embeddings: int  # loaded
+    refused_embeddings: dict[str, str]
+
+    @property
+    def summary(self) -> str:
+        parts = [f"{len(self.bases)} base models", f"{len(self.loras)} LoRAs", f"{len(self.vaes)} VAEs",
+                 f"{self.embeddings} embeddings"]  # fmt: skip
+        refused = "; ".join(f"{n}: {why}" for n, why in self.refused_embeddings.items())
+        return ", ".join(parts) + (f" (left out: {refused})" if refused else "")
