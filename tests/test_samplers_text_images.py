@@ -11,7 +11,9 @@ from PIL import Image
 
 from cldm.errors import InputError
 from cldm.io.images import load_rgb
-from cldm.sampling.samplers import DDIM, EulerAncestral, make_sampler
+from cldm.sampling.ddim import DDIM
+from cldm.sampling.euler import EulerAncestral
+from cldm.sampling.samplers import make_sampler
 
 SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
@@ -58,7 +60,7 @@ def test_unipc_schedule_matches_diffusers(steps):
     """UniPC spaces its leading timesteps over steps + 1 intervals (diffusers' rule), ending at sigma 0."""
     from diffusers import UniPCMultistepScheduler
 
-    from cldm.sampling.samplers import UniPC
+    from cldm.sampling.unipc import UniPC
 
     ref = UniPCMultistepScheduler(**SD15, timestep_spacing="leading")
     ref.set_timesteps(steps)
@@ -120,7 +122,7 @@ def test_unknown_sampler():
 
 
 def test_offline_sd15_tokenizer(tmp_path):
-    from cldm.models.text import sd15_tokenizer
+    from cldm.io.tokenizer import sd15_tokenizer
 
     tok = sd15_tokenizer(tmp_path / "tok")
     assert len(tok) == 49408

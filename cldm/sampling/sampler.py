@@ -8,10 +8,10 @@ from cldm.sampling import schedules
 from cldm.sampling.schedules import alphas_cumprod, leading_timesteps
 
 
-def _randn(shape, generator, like: torch.Tensor) -> torch.Tensor:
+def noise_like(shape, generator, like: torch.Tensor) -> torch.Tensor:
     """Noise shaped like `shape`: from one generator, or row by row from a list of them (one seed per picture)."""
     if isinstance(generator, (list, tuple)):
-        return torch.cat([_randn((1, *shape[1:]), g, like) for g in generator])
+        return torch.cat([noise_like((1, *shape[1:]), g, like) for g in generator])
     device = generator.device if generator is not None else torch.device("cpu")
     return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device, like.dtype)
 
@@ -63,7 +63,7 @@ def log_snr(s: torch.Tensor) -> torch.Tensor:
     return alpha.log() - sigma.log()
 
 
-class _SigmaSampler(Sampler):
+class SigmaSampler(Sampler):
     """Samplers that think in sigma = sqrt((1 - a) / a), on a schedule of `schedules.SCHEDULES`."""
 
     def __init__(self, steps: int, schedule: str = ""):
@@ -72,7 +72,7 @@ class _SigmaSampler(Sampler):
         self.schedule = schedule
 
 
-class _VPSampler(_SigmaSampler):
+class VPSampler(SigmaSampler):
     """Sigma samplers that keep x in the VP scale (x = alpha x0 + sigma' noise), as diffusers' DPM-Solver and UniPC."""
 
     _alpha_sigma = staticmethod(alpha_sigma)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from cldm.sampling import schedules
-from cldm.sampling.sampler import _VPSampler
+from cldm.sampling.sampler import VPSampler
 
 
-class UniPC(_VPSampler):
+class UniPC(VPSampler):
     """UniPC (Zhao et al.), diffusers' UniPCMultistepScheduler defaults: order 2, the B(h) = e^h - 1 variant ("bh2"),
     predicting x0, lower order at the start and on the last step. Each step first corrects the previous step's result
     with the new model output (UniC), then predicts the next (UniP). Leading spacing over steps + 1 intervals, as

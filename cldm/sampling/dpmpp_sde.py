@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from cldm.sampling import schedules
-from cldm.sampling.sampler import _SigmaSampler
+from cldm.sampling.sampler import SigmaSampler
 
 
 class _BrownianNoise:
@@ -53,7 +53,7 @@ def _seeds(generator) -> int | list[int]:
     return int(generator.initial_seed()) if generator is not None else int(torch.randint(0, 2**63 - 1, ()).item())
 
 
-class DPMPPSDE(_SigmaSampler):
+class DPMPPSDE(SigmaSampler):
     """DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde, diffusers' DPMSolverSDEScheduler): two model calls per step,
     the second at the midpoint in log sigma, with Brownian-tree noise seeded from the picture's seed. The loop's
     entries alternate: even ones start a step, odd ones finish it at the midpoint; the last step is one Euler call."""
