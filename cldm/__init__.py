@@ -1,0 +1,97 @@
+"""Stable Diffusion 1.5 + ControlNet on the project's own model code: the library's public names.
+
+A `ModelManager` holds the base model and loads ControlNets, LoRAs, IP-Adapters and VAEs as requests name them;
+`ModelManager.run(GenerationRequest)` makes the pictures and returns a `Result` (pictures, A1111 parameters text,
+seeds, timings). A request's parts:
+
+- `ControlUnit`: one ControlNet (weight file or folder, hint picture, weight, start/end, control and resize mode);
+- `ImagePrompt` (IP-Adapter), `ReferenceUnit` (reference-only), `LoraUnit` (a LoRA for this request), `HiresFix`;
+- the choices, as enums whose values are A1111's labels: `ControlMode`, `ResizeMode`, `InpaintMode`, `Upscaler`,
+  `Sampler`. `ModelFamily` says what a family of models (SD1.5, ...) is made of; `SD15` is the one this runs.
+
+Pictures: `load_rgb` reads a file, bytes or an array as HxWx3 uint8; `save_png` writes one with its parameters
+text (`Result.text(i)`), as A1111 does, and `read_parameters` reads that text back. Errors a caller can cause are
+`CldmError`s: `InputError` (a bad value or picture), `CheckpointError` (an unusable weight file),
+`MissingWeightsError` (weights not on this machine); `Stopped`, raised from `run`'s step callback, ends a
+generation at a step boundary.
+
+The names that need torch load on first use, so `import cldm` (and `python -m cldm --help`) stays cheap; the
+`TYPE_CHECKING` block below says where each one lives.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from cldm.errors import CheckpointError, CldmError, InputError, MissingWeightsError, Stopped
+
+if TYPE_CHECKING:
+    from cldm.io.images import load_rgb, read_parameters, save_png
+    from cldm.models.family import SD15, ModelFamily
+    from cldm.pipeline.extras import HiresFix, ImagePrompt, LoraUnit, ReferenceUnit
+    from cldm.pipeline.request import ControlUnit, GenerationRequest
+    from cldm.pipeline.stages import Result
+    from cldm.pipeline.vocabulary import ControlMode, InpaintMode, ResizeMode, Sampler, Upscaler
+    from cldm.runtime.manager import ModelManager
+
+# public name -> the module that defines it (imported when the name is first used)
+_HOMES = {
+    "ModelManager": "cldm.runtime.manager",
+    "GenerationRequest": "cldm.pipeline.request",
+    "ControlUnit": "cldm.pipeline.request",
+    "ImagePrompt": "cldm.pipeline.extras",
+    "ReferenceUnit": "cldm.pipeline.extras",
+    "LoraUnit": "cldm.pipeline.extras",
+    "HiresFix": "cldm.pipeline.extras",
+    "Result": "cldm.pipeline.stages",
+    "ControlMode": "cldm.pipeline.vocabulary",
+    "ResizeMode": "cldm.pipeline.vocabulary",
+    "InpaintMode": "cldm.pipeline.vocabulary",
+    "Upscaler": "cldm.pipeline.vocabulary",
+    "Sampler": "cldm.pipeline.vocabulary",
+    "ModelFamily": "cldm.models.family",
+    "SD15": "cldm.models.family",
+    "load_rgb": "cldm.io.images",
+    "save_png": "cldm.io.images",
+    "read_parameters": "cldm.io.images",
+}
+
+__all__ = [
+    "ModelManager",
+    "GenerationRequest",
+    "ControlUnit",
+    "ImagePrompt",
+    "ReferenceUnit",
+    "LoraUnit",
+    "HiresFix",
+    "Result",
+    "ControlMode",
+    "ResizeMode",
+    "InpaintMode",
+    "Upscaler",
+    "Sampler",
+    "ModelFamily",
+    "SD15",
+    "load_rgb",
+    "save_png",
+    "read_parameters",
+    "CldmError",
+    "InputError",
+    "CheckpointError",
+    "MissingWeightsError",
+    "Stopped",
+]
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'cldm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # later uses find it without coming here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -12,10 +12,8 @@ from cldm.io import checkpoints, writers
 from cldm.io import locate as weights
 from cldm.io.images import load_rgb, save_png
 from cldm.io.model_card import ModelCard, card_for
-from cldm.pipeline.fit import RESIZE_MODES
+from cldm.models.family import SD15
 from cldm.pipeline.request import (
-    HIRES_UPSCALERS,
-    INPAINT_MODES,
     ControlUnit,
     GenerationRequest,
     HiresFix,
@@ -23,10 +21,11 @@ from cldm.pipeline.request import (
     LoraUnit,
     ReferenceUnit,
 )
+from cldm.pipeline.vocabulary import ControlMode, InpaintMode, ResizeMode, Upscaler
 from cldm.runtime.manager import ModelManager
 from cldm.sampling.samplers import SAMPLERS
 
-DEFAULT_SIZE = 512  # SD1.5's native size, for a base without a model card
+DEFAULT_SIZE = SD15.native_size  # for a base without a model card
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -36,10 +35,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-scale", action="append", type=float, default=[], help="strength per ControlNet (1.0)")
     p.add_argument("--control-start", action="append", type=float, default=[], help="start fraction per ControlNet (0)")
     p.add_argument("--control-end", action="append", type=float, default=[], help="end fraction per ControlNet (1)")
-    p.add_argument("--control-mode", action="append", default=[], choices=["balanced", "prompt", "control"],
+    p.add_argument("--control-mode", action="append", default=[], choices=ControlMode.keys(),
                    help="per ControlNet: balanced; prompt (My prompt is more important); control (ControlNet is more "
                    "important)")  # fmt: skip
-    p.add_argument("--resize-mode", action="append", default=[], choices=RESIZE_MODES,
+    p.add_argument("--resize-mode", action="append", default=[], choices=ResizeMode.keys(),
                    help="per ControlNet (the first also for --init-image/--mask): just (stretch), crop (default: cover, "
                    "cut the centre), fill (fit inside, pad; with --mask the border is outpainted)")  # fmt: skip
     p.add_argument("--guess-mode", action="store_true", help="ControlNet on the conditional half only, decaying scales")
@@ -74,12 +73,12 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", type=float, default=1.0, help="denoising strength with --init-image")
     p.add_argument("--mask", help="inpaint mask: white = repaint")
     p.add_argument("--mask-blur", type=float, default=0.0, help="inpaint mask edge blur, Gaussian sigma in px (0)")
-    p.add_argument("--inpaint-mode", choices=INPAINT_MODES, default="only",
+    p.add_argument("--inpaint-mode", choices=InpaintMode.keys(), default=InpaintMode.ONLY.key,
                    help="only: keep the unmasked pixels exactly; global: redraw the whole picture")  # fmt: skip
     p.add_argument("--hires-scale", type=float, help="hires fix: upscale by this factor, then denoise again")
     p.add_argument("--hires-steps", type=int, default=0, help="hires pass steps (0: as many as --steps)")
     p.add_argument("--hires-strength", type=float, default=0.7, help="hires pass denoising strength")
-    p.add_argument("--hires-upscaler", choices=HIRES_UPSCALERS, default="latent")
+    p.add_argument("--hires-upscaler", choices=Upscaler.keys(), default=Upscaler.LATENT.key)
     p.add_argument("--seed-per-picture", action="store_true",
                    help="a batch's picture i gets seed + i (A1111; each reproducible alone)")  # fmt: skip
     p.add_argument("--ip-adapter", help="IP-Adapter file (ip-adapter_sd15.bin/.safetensors, ip-adapter-plus_sd15, ...)")
@@ -117,11 +116,12 @@ def request_from_args(a: argparse.Namespace, card: ModelCard | None = None) -> G
     scales = _per_control(a.control_scale, n, 1.0, "--control-scale")
     starts = _per_control(a.control_start, n, 0.0, "--control-start")
     ends = _per_control(a.control_end, n, 1.0, "--control-end")
-    modes = a.control_mode or ["balanced"]
+    modes = [ControlMode.parse(m) for m in a.control_mode] or [ControlMode.BALANCED]
     modes = modes * n if len(modes) == 1 else modes
     if len(modes) != n and n:
         raise InputError(f"give --control-mode once, or once per --controlnet ({n}); got {len(a.control_mode)}")
-    resizes = a.resize_mode or ["crop"]
+    resizes = [ResizeMode.parse(m) for m in a.resize_mode] or [ResizeMode.CROP]
+    init_resize = resizes[0]  # the first also fits --init-image and --mask
     resizes = resizes * n if len(resizes) == 1 else resizes
     if len(resizes) != n and n:
         raise InputError(f"give --resize-mode once, or once per --controlnet ({n}); got {len(a.resize_mode)}")
@@ -153,10 +153,10 @@ def request_from_args(a: argparse.Namespace, card: ModelCard | None = None) -> G
         seed=a.seed, width=width, height=height, batch=a.batch, guess_mode=a.guess_mode,
         clip_skip=a.clip_skip, init_image=load_rgb(a.init_image) if a.init_image else None, strength=a.strength,
         mask=load_rgb(a.mask)[..., 0] if a.mask else None, image_prompt=image_prompt, reference=reference,
-        resize_mode=(a.resize_mode or ["crop"])[0], mask_blur=a.mask_blur, inpaint_mode=a.inpaint_mode,
+        resize_mode=init_resize, mask_blur=a.mask_blur, inpaint_mode=InpaintMode.parse(a.inpaint_mode),
         seed_per_picture=a.seed_per_picture, emphasis=not a.no_emphasis, loras=tuple(loras), vae=a.vae,
         hires=None if a.hires_scale is None else HiresFix(a.hires_scale, a.hires_steps, a.hires_strength,
-                                                          a.hires_upscaler),
+                                                          Upscaler.parse(a.hires_upscaler)),
     )  # fmt: skip
 
 
@@ -198,7 +198,8 @@ def cmd_convert(a: argparse.Namespace) -> None:
         if src.is_dir():
             kind = "sd" if (src / "model_index.json").is_file() else "controlnet"
         else:
-            kind = "sd" if checkpoints.describe(checkpoints.read_file(src)) == "an SD base model" else "controlnet"
+            found = checkpoints.weight_kind(checkpoints.read_file(src))
+            kind = "sd" if found is checkpoints.WeightKind.SD_BASE else "controlnet"
     if kind == "sd":
         if a.to == "bare":
             raise InputError("--to bare is for ControlNets; a base model converts to original or diffusers")

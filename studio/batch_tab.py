@@ -25,9 +25,8 @@ from cldm.sampling.samplers import SAMPLER_LABELS, SAMPLERS
 from cldm.scale.batch import Batch, run_local
 from cldm.scale.jobs import RowError, make_job
 from cldm.scale.render import Setup
-from studio.forms import BasePanel
-from studio.gate import arrived
-from studio.handlers import friendly, session, stop_button
+from studio.forms import BasePanel, FieldsPanel, Form
+from studio.handlers import Call, tab_endpoints
 from studio.service import MAX_SEED_INPUT, Studio
 
 MAX_PICTURES = 500  # one batch on a shared server
@@ -147,24 +146,25 @@ def prune_batches(out_dir: Path, keep: int, hours: float) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_batch(studio: Studio, uploads: list[str], key: str, preprocessor: str, template: str, negative: str,
-              seed: int, steps: int, cfg: float, sampler: str, width: int, height: int, scale: float,
-              strength: float, progress, who: str | None = None, base: str | None = None,
+def run_batch(studio: Studio, uploads: list[str], condition: str, preprocessor: str, prompt_template: str,
+              negative_prompt: str, seed: int, steps: int, cfg: float, sampler: str, width: int, height: int,
+              scale: float, denoise: float, progress, who: str | None = None, base: str | None = None,
               sent_at: float | None = None):  # fmt: skip
     """(gallery, status line, [zip]) for one batch on the base it names (`studio.bases`; None: the page's first);
     the session's Stop ends it after the current picture."""
-    cond = next((c for c in CONDITIONS if c.key == key), None)
+    cond = next((c for c in CONDITIONS if c.key == condition), None)
     if cond is None or cond.inpaint or not studio.available(cond):
-        raise InputError(f"{key!r} cannot run as a batch here; choose one of the listed conditions.")
+        raise InputError(f"{condition!r} cannot run as a batch here; choose one of the listed conditions.")
     base_path = studio.base_for(base)
     prune_batches(studio.out_dir, KEEP_BATCHES - 1, studio.limits.keep_hours)  # room for this one
     folder = studio.out_dir / f"batch-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     try:  # the unpacked copies of the uploads go when the batch ends: a small zip may unpack to a gigabyte
         pictures = unpack(uploads, folder / "inputs")
-        defaults = dict(controlnet=key, preprocessor=preprocessor, prompt=template, negative_prompt=negative, seed=seed,
-                        steps=steps, cfg=cfg, sampler=sampler, width=width, height=height, scale=scale)  # fmt: skip
+        defaults = dict(controlnet=condition, preprocessor=preprocessor, prompt=prompt_template,
+                        negative_prompt=negative_prompt, seed=seed, steps=steps, cfg=cfg, sampler=sampler, width=width,
+                        height=height, scale=scale)  # fmt: skip
         if cond.img2img:  # tile: each picture is also its own init picture
-            defaults["strength"] = strength
+            defaults["strength"] = denoise
         jobs, bad = [], []
         for i, picture in enumerate(pictures):
             row = {"image": picture.name, "id": picture.stem, "seed": int(seed) + i}
@@ -236,12 +236,14 @@ def batch_tab(studio: Studio, base: BasePanel) -> None:
                                     value=next(c for c in conds if c.key == k).annotators[0]),
                 cond, pre, api_name=False)  # fmt: skip
 
-    @friendly(studio)
-    def do_batch(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's progress bar)
-        *settings, base_name = values
-        return run_batch(studio, *settings, progress, who=session(request), base=base_name, sent_at=arrived(request))
+    def job(records, call: Call):
+        values, base_name = records
+        return run_batch(studio, **values, progress=call.progress, who=call.session, base=base_name,
+                         sent_at=call.sent_at)  # fmt: skip
 
-    inputs = [uploads, cond, pre, prompt, negative, seed, steps, cfg, sampler, width, height, scale, strength,
-              base.choice]  # fmt: skip
-    run.click(do_batch, inputs, [gallery, status, archive], api_name="batch_run")
-    stop_button(studio, stop, "batch")
+    fields = FieldsPanel(dict(uploads=uploads, condition=cond, preprocessor=pre, prompt_template=prompt,
+                              negative_prompt=negative, seed=seed, steps=steps, cfg=cfg, sampler=sampler, width=width,
+                              height=height, scale=scale, denoise=strength), optional=("uploads",))  # fmt: skip
+    tab_endpoints(studio, "batch", Form(fields, base), job, [gallery, status, archive], run, stop,
+                  "Batch: one picture per uploaded picture (or per picture in an uploaded zip), one condition and "
+                  "prompt template; a zip of the PNGs and the manifest.", api_name="batch_run")  # fmt: skip

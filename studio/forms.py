@@ -1,5 +1,6 @@
-"""The app's panels as records: each panel names its widgets, and `read` turns the values Gradio passes by
-position back into one record (`studio.UnitSettings`, `studio.Settings`), naming any value that is missing."""
+"""The app's panels as records: each panel names its widgets (the names are the API's parameter names), and `read`
+turns their values back into one record (`studio.UnitSettings`, `studio.Settings`), naming any value that is
+missing."""
 
 from __future__ import annotations
 
@@ -28,24 +29,22 @@ from studio.service import (
 
 
 class Form:
-    """Panels whose widgets a handler takes as inputs: Gradio passes their values by position, `read` gives them
-    back as one record per panel."""
+    """Panels whose widgets a handler takes as inputs, by name (Gradio's `inputs_kwargs`: the names are the API's
+    parameter names, in the panels' order); `read` gives the values back as one record per panel."""
 
     def __init__(self, *panels):
         self.panels = panels
-        for widget in self.inputs:
-            _pass_none(widget)
+        self.named: dict[str, gr.components.Component] = {}
+        for p in panels:
+            for name, widget in p.named.items():
+                if name in self.named:
+                    raise ValueError(f"two widgets named {name!r} in one form")
+                self.named[name] = widget
+                _pass_none(widget)
 
-    @property
-    def inputs(self) -> list:
-        return [w for p in self.panels for w in p.inputs]
-
-    def read(self, values) -> tuple:
-        it = iter(values)
-        records = tuple(p.read(it) for p in self.panels)
-        if next(it, None) is not None:
-            raise InputError("Too many values for this endpoint: check the API's parameter list.")
-        return records
+    def read(self, values: dict) -> tuple:
+        it = iter([values[name] for name in self.named])
+        return tuple(p.read(it) for p in self.panels)
 
 
 def _pass_none(widget) -> None:
@@ -88,12 +87,13 @@ def missing_value(names: list[str]) -> InputError:
     return InputError(f"Missing value for {', '.join(names)}: give a value (null is not one).")
 
 
-def _take(it: Iterator, names: list[str], optional: tuple[str, ...] = ()) -> dict:
-    """The next len(names) values by name; a missing one (None through the API) is named in the error."""
+def _take(it: Iterator, names: list[str], optional: tuple[str, ...] = (), tag: str = "") -> dict:
+    """The next len(names) values by name; a missing one (None through the API) is named in the error (with the
+    panel's `tag`, as the API names it)."""
     got = list(itertools.islice(it, len(names)))
     if len(got) != len(names):
-        raise InputError(f"Missing values for this endpoint: expected {', '.join(names)}.")
-    missing = [n for n, v in zip(names, got) if v is None and n not in optional]
+        raise InputError(f"Missing values for this endpoint: expected {', '.join(n + tag for n in names)}.")
+    missing = [n + tag for n, v in zip(names, got) if v is None and n not in optional]
     if missing:
         raise missing_value(missing)
     return dict(zip(names, got))
@@ -106,13 +106,13 @@ class SettingsPanel:
     widgets: dict[str, gr.components.Component]
 
     @property
-    def inputs(self) -> list:
-        return [self.widgets[f.name] for f in fields(Settings)]
+    def named(self) -> dict:
+        return {f.name: self.widgets[f.name] for f in fields(Settings)}
 
     def read(self, it: Iterator) -> Settings:
         v = _take(it, [f.name for f in fields(Settings)])
         _numbers(v, ("batch", "width", "height", "steps", "cfg", "seed", "denoise"))
-        _flags(v, ("randomize", "guess_mode"))
+        _flags(v, ("randomize",))
         return Settings(**v)
 
 
@@ -124,8 +124,8 @@ class SizePanel:
     height: gr.Slider
 
     @property
-    def inputs(self) -> list:
-        return [self.width, self.height]
+    def named(self) -> dict:
+        return {"width": self.width, "height": self.height}
 
     def read(self, it: Iterator) -> tuple[int, int]:
         v = _take(it, ["width", "height"])
@@ -139,7 +139,8 @@ UNIT_FIELDS = ("image", "annotator", "resolution", "scale", "start", "end")
 class UnitPanel:
     """One ControlNet's widgets: picture, preprocessor with its sliders, resolution, strength, start and end.
 
-    A condition tab's panel has one condition; the Multi tab's panels add an on/off box and a condition choice.
+    A condition tab's panel has one condition; the Multi tab's panels add an on/off box and a condition choice, and
+    a `tag` ("_1", "_2", ...) that their parameter names end with.
     """
 
     image: gr.components.Component
@@ -156,27 +157,30 @@ class UnitPanel:
     pixel_perfect: gr.Checkbox | None = None
     enabled: gr.Checkbox | None = None  # Multi
     choice: gr.Dropdown | None = None  # Multi: the condition
+    tag: str = ""  # Multi: "_1", "_2", ... after each parameter name
 
     @property
-    def inputs(self) -> list:
-        head = [] if self.choice is None else [self.enabled, self.choice]
-        return head + [getattr(self, k) for k in UNIT_FIELDS] + list(self.params.values())
+    def named(self) -> dict:
+        head = {} if self.choice is None else {"enabled": self.enabled, "condition": self.choice}
+        own = {**head, **{k: getattr(self, k) for k in UNIT_FIELDS}}
+        own.update((f"{a}_{p}", w) for (a, p), w in self.params.items())
+        return {name + self.tag: w for name, w in own.items()}
 
     def read(self, it: Iterator) -> UnitSettings | None:
         """The unit's settings, or None for a Multi unit that is switched off (its other values may be anything)."""
-        head = {} if self.choice is None else _take(it, ["enabled", "condition"], optional=("condition",))
+        head = {} if self.choice is None else _take(it, ["enabled", "condition"], ("condition",), self.tag)
         off = bool(head) and not head["enabled"]
-        names = [*UNIT_FIELDS, *(f"{a}:{p}" for a, p in self.params)]
+        names = [*UNIT_FIELDS, *(f"{a}_{p}" for a, p in self.params)]
         # no picture is not an error here: the handler says to upload one; of the sliders, only the chosen
         # preprocessor's are needed
-        v = _take(it, names, optional=tuple(names) if off else ("image", *names[len(UNIT_FIELDS) :]))
+        v = _take(it, names, tuple(names) if off else ("image", *names[len(UNIT_FIELDS) :]), self.tag)
         if off:
             return None
         if head and head["condition"] is None:
-            raise missing_value(["condition"])
+            raise missing_value(["condition" + self.tag])
         cond = self.cond or condition(head["condition"])
-        chosen = {p: v[f"{a}:{p}"] for a, p in self.params if a == v["annotator"]}
-        missing = [f"{v['annotator']}:{p}" for p, value in chosen.items() if value is None]
+        chosen = {p: v[f"{a}_{p}"] for a, p in self.params if a == v["annotator"]}
+        missing = [f"{v['annotator']}_{p}{self.tag}" for p, value in chosen.items() if value is None]
         if missing:
             raise missing_value(missing)
         return UnitSettings(cond, v["image"], v["annotator"], v["resolution"], chosen, v["scale"], v["start"], v["end"])
@@ -190,19 +194,20 @@ def _choice(value, labels: dict[str, str], what: str) -> str:
 
 @dataclass
 class UnitOptionsPanel:
-    """Each unit's control mode, resize mode and pixel perfect (widgets inside each unit panel, read as their own
-    record so that the older `/<tab>_run` endpoints keep their parameters): a dict of UnitSettings fields per unit."""
+    """Each unit's control mode, resize mode and pixel perfect (widgets inside each unit panel, taken after the
+    settings, every unit's in turn): a dict of UnitSettings fields per unit."""
 
     units: list[UnitPanel]
 
     @property
-    def inputs(self) -> list:
-        return [w for u in self.units for w in (u.mode, u.resize, u.pixel_perfect)]
+    def named(self) -> dict:
+        widgets = lambda u: {"control_mode": u.mode, "resize_mode": u.resize, "pixel_perfect": u.pixel_perfect}  # noqa: E731
+        return {name + u.tag: w for u in self.units for name, w in widgets(u).items()}
 
     def read(self, it: Iterator) -> list[dict]:
         out = []
-        for i in range(len(self.units)):
-            v = _take(it, [f"control_mode_{i + 1}", f"resize_mode_{i + 1}", f"pixel_perfect_{i + 1}"])
+        for u in self.units:
+            v = _take(it, ["control_mode", "resize_mode", "pixel_perfect"], tag=u.tag)
             mode, resize, perfect = v.values()
             out.append({"mode": _choice(mode, CONTROL_MODES, "control mode"),
                         "resize_mode": _choice(resize, RESIZE_MODES, "resize mode"), "pixel_perfect": bool(perfect)})  # fmt: skip
@@ -221,8 +226,8 @@ class PassPanel:
     widgets: dict[str, gr.components.Component]
 
     @property
-    def inputs(self) -> list:
-        return [self.widgets[k] for k in PASS_FIELDS]
+    def named(self) -> dict:
+        return {k: self.widgets[k] for k in PASS_FIELDS}
 
     def read(self, it: Iterator) -> PassSettings:
         v = _take(it, list(PASS_FIELDS), optional=("init_image",))
@@ -240,8 +245,8 @@ class BasePanel:
     choice: gr.Dropdown
 
     @property
-    def inputs(self) -> list:
-        return [self.choice]
+    def named(self) -> dict:
+        return {"base": self.choice}
 
     def read(self, it: Iterator) -> str | None:
         return _take(it, ["base"], optional=("base",))["base"]
@@ -256,8 +261,8 @@ class ImagePromptPanel:
     scale: gr.Slider
 
     @property
-    def inputs(self) -> list:
-        return [self.image, self.adapter, self.scale]
+    def named(self) -> dict:
+        return {"image_prompt": self.image, "ip_adapter": self.adapter, "ip_scale": self.scale}
 
     def read(self, it: Iterator) -> ImagePromptSettings | None:
         v = _take(it, ["image_prompt", "ip_adapter", "ip_scale"], optional=("image_prompt", "ip_adapter", "ip_scale"))
@@ -280,14 +285,30 @@ class ReferencePanel:
     weight: gr.Slider
 
     @property
-    def inputs(self) -> list:
-        return [self.image, self.preprocessor, self.style_fidelity, self.weight]
+    def named(self) -> dict:
+        return {"reference": self.image, "reference_preprocessor": self.preprocessor,
+                "style_fidelity": self.style_fidelity, "reference_weight": self.weight}  # fmt: skip
 
     def read(self, it: Iterator) -> ReferenceSettings | None:
-        names = ["reference", "reference_preprocessor", "style_fidelity", "reference_weight"]
-        v = _take(it, names, optional=("reference",))
+        v = _take(it, list(self.named), optional=("reference",))
         if v["reference"] is None:
             return None
         return ReferenceSettings(
             v["reference"], v["reference_preprocessor"], v["style_fidelity"], v["reference_weight"]
         )
+
+
+@dataclass
+class FieldsPanel:
+    """Widgets whose values a handler takes as they are, by name (the Batch tab's: the batch checks them itself);
+    none may be missing but those named `optional`."""
+
+    widgets: dict[str, gr.components.Component]
+    optional: tuple[str, ...] = ()
+
+    @property
+    def named(self) -> dict:
+        return dict(self.widgets)
+
+    def read(self, it: Iterator) -> dict:
+        return _take(it, list(self.widgets), self.optional)

@@ -1,4 +1,5 @@
-"""What wraps every click handler: errors shown the user's way, the Stop button, and the live preview stream."""
+"""What wraps every click handler: errors shown the user's way, the Stop button, the live preview stream, and the
+one way a tab's buttons become its API (`tab_endpoints`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import gradio as gr
 import numpy as np
@@ -15,6 +17,8 @@ import torch
 
 import annotators
 from cldm.errors import CldmError
+from studio.forms import Form
+from studio.gate import arrived
 from studio.service import Studio
 
 log = logging.getLogger("app")
@@ -75,7 +79,8 @@ def stop_button(studio: Studio, stop: gr.Button, key: str) -> None:
     def do_stop(request: gr.Request = None):
         gr.Info(studio.stops.stop(session(request)))
 
-    stop.click(do_stop, None, None, api_name=f"{key}_stop", concurrency_limit=None, queue=False)
+    stop.click(do_stop, None, None, api_name=f"{key}_stop", concurrency_limit=None, queue=False,
+               api_description="Stop this client session's running generation (at its next step).")  # fmt: skip
 
 
 def preview_picture(p: np.ndarray) -> np.ndarray:
@@ -114,3 +119,49 @@ def streamed(studio: Studio, work: Callable, progress, who: str | None) -> Itera
     if "err" in box:
         raise box["err"]
     yield box["out"]
+
+
+@dataclass(frozen=True)
+class Call:
+    """One Generate as its job sees it: who sent it and when (for Stop), where its progress and live previews go."""
+
+    session: str | None
+    sent_at: float | None
+    progress: Callable[..., None]
+    preview: Callable[[np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class Hint:
+    """A tab's hint button: `make(records)` gives the picture for `output` from the form's records."""
+
+    button: gr.Button
+    form: Form
+    make: Callable[[tuple], object]
+    output: gr.components.Component
+
+
+def tab_endpoints(studio: Studio, key: str, form: Form, job: Callable[[tuple, Call], object], outputs: list,
+                  run: gr.Button, stop: gr.Button, about: str, hint: Hint | None = None,
+                  api_name: str | None = None) -> None:  # fmt: skip
+    """A tab's API, the same for every kind of tab: `/<key>_generate` (or `api_name`) takes the form's widgets by
+    name and runs `job(records, call)` in a worker thread, streaming its live previews; `/<key>_hint` where the tab
+    has a hint; `/<key>_stop`. `about` is the generate endpoint's description in the API page."""
+
+    @friendly(studio)
+    def generate(request: gr.Request, progress=gr.Progress(), **values):  # noqa: B008 (Gradio's progress bar)
+        records, who, sent = form.read(values), session(request), arrived(request)
+        yield from streamed(studio, lambda prog, show: job(records, Call(who, sent, prog, show)), progress, who)
+
+    run.click(generate, None, outputs, inputs_kwargs=form.named, api_name=api_name or f"{key}_generate",
+              api_description=about)  # fmt: skip
+    if hint is not None:
+
+        @friendly(studio)
+        def make_hint(**values):
+            return hint.make(hint.form.read(values))
+
+        hint.button.click(make_hint, None, hint.output, inputs_kwargs=hint.form.named, api_name=f"{key}_hint",
+                          api_description="The hint the tab's preprocessor makes of the picture, at the picture "
+                          "size.")  # fmt: skip
+    stop_button(studio, stop, key)

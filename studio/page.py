@@ -18,8 +18,7 @@ from cldm.pipeline.fit import picture_size
 from studio.batch_tab import batch_tab
 from studio.canvas import editor_image
 from studio.forms import BasePanel, Form, SizePanel, UnitOptionsPanel
-from studio.gate import arrived
-from studio.handlers import friendly, session, stop_button, streamed
+from studio.handlers import Call, Hint, friendly, tab_endpoints
 from studio.panels import (
     LORA_LIST,
     MAX_UI_SIZE,
@@ -94,45 +93,29 @@ def condition_tab(studio: Studio, cond: Condition, base: BasePanel) -> Receivers
                 label="Example")  # fmt: skip
     size_button(use_size, unit.image, settings)
     size = SizePanel(settings.widgets["width"], settings.widgets["height"])
-    preview_form, hint_form = Form(unit, size), Form(unit, size, UnitOptionsPanel([unit]))
-    run_form = Form(unit, settings)
-    gen_form = Form(unit, settings, UnitOptionsPanel([unit]), extras, ip, base)
 
-    @friendly(studio)
-    def do_preview(*values):
-        u, size = preview_form.read(values)
-        return studio.shown(studio.hint(u, size))
-
-    @friendly(studio)
-    def do_hint(*values):
-        u, size, (options,) = hint_form.read(values)
+    def hint(records) -> str:
+        u, size, (options,) = records
         return studio.shown(studio.hint(replace(u, **options), size))
 
-    @friendly(studio)
-    def do_run(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's progress bar)
-        u, s = run_form.read(values)
-        return studio.generate([u], s, progress, session=session(request), sent_at=arrived(request))
+    def job(records, call: Call):
+        u, s, (options,), more, image_prompt, base_name = records
+        return generated(studio, call, [replace(u, **options)], s, more, base_name, image_prompt)
 
-    @friendly(studio)
-    def do_generate(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008
-        u, s, (options,), more, image_prompt, base_name = gen_form.read(values)
-        who, sent = session(request), arrived(request)
-
-        def work(prog, show):
-            return studio.generate([replace(u, **options)], s, prog, image_prompt, session=who, extras=more,
-                                   preview=show, base=base_name, sent_at=sent)  # fmt: skip
-
-        yield from streamed(studio, work, progress, who)
-
-    # the buttons send everything the tab shows; `/<key>_run` and `/<key>_preview` keep the parameters API callers
-    # know
-    preview.click(do_hint, hint_form.inputs, hint_view, api_name=f"{cond.key}_hint")
-    run.click(do_generate, gen_form.inputs, [gallery, status, files], api_name=f"{cond.key}_generate")
-    api_only = gr.Button(visible=False)
-    api_only.click(do_run, run_form.inputs, [gallery, status, files], api_name=f"{cond.key}_run")
-    api_only.click(do_preview, preview_form.inputs, hint_view, api_name=f"{cond.key}_preview")
-    stop_button(studio, stop, cond.key)
+    # each button sends everything the tab shows, by name
+    tab_endpoints(studio, cond.key, Form(unit, settings, UnitOptionsPanel([unit]), extras, ip, base), job,
+                  [gallery, status, files], run, stop, f"{cond.label}: pictures from the prompt, controlled by the "
+                  "hint of the picture (the unit, the settings, its control options, img2img / hires fix / preview, "
+                  "the image prompt, the base).",
+                  hint=Hint(preview, Form(unit, size, UnitOptionsPanel([unit])), hint, hint_view))  # fmt: skip
     return Receivers(cond.key, settings, [unit])
+
+
+def generated(studio: Studio, call: Call, units: list, s, more, base_name: str | None, image_prompt=None,
+              reference=None):  # fmt: skip
+    """What a tab's Generate runs: `studio.generate` with the call's session, arrival, progress and previews."""
+    return studio.generate(units, s, call.progress, image_prompt, reference, session=call.session, extras=more,
+                           preview=call.preview, base=base_name, sent_at=call.sent_at)  # fmt: skip
 
 
 def multi_tab(studio: Studio, base: BasePanel) -> Receivers:
@@ -152,8 +135,9 @@ def multi_tab(studio: Studio, base: BasePanel) -> Receivers:
                     panel = unit_panel(studio, choices, first, label="Picture")
                     # the preprocessors follow the condition in the browser; the panel holds every one's sliders
                     choice.change(lambda k: gr.update(choices=list(condition(k).annotators),
-                                                      value=condition(k).annotators[0]), choice, panel.annotator)  # fmt: skip
-                panel.enabled, panel.choice = enabled, choice
+                                                      value=condition(k).annotators[0]), choice, panel.annotator,
+                                  api_name=False)  # fmt: skip
+                panel.enabled, panel.choice, panel.tag = enabled, choice, f"_{i + 1}"
                 units.append(panel)
             settings = settings_panel(studio, None)
             extras = pass_panel(None, "multi", studio.models_dir)
@@ -165,37 +149,17 @@ def multi_tab(studio: Studio, base: BasePanel) -> Receivers:
             gallery = gr.Gallery(label="Hints and results", columns=2, format="png")
             status = gr.Markdown()
             files = gr.Files(label="Download PNGs (with parameters)")
-    form, gen_form = Form(*units, settings), Form(*units, settings, UnitOptionsPanel(units), extras, ip, base)
 
-    def chosen_units(records, options) -> list:
+    def job(records, call: Call):
+        s, options, more, image_prompt, base_name = records[len(units) :]
         chosen = [replace(u, **o) for u, o in zip(records[: len(units)], options) if u is not None]
         if not chosen:
             raise InputError("Enable at least one ControlNet.")
-        return chosen
+        return generated(studio, call, chosen, s, more, base_name, image_prompt)
 
-    @friendly(studio)
-    def do_run(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's progress bar)
-        records = form.read(values)
-        chosen = chosen_units(records, [{}] * len(units))
-        return studio.generate(chosen, records[len(units)], progress, session=session(request),
-                               sent_at=arrived(request))  # fmt: skip
-
-    @friendly(studio)
-    def do_generate(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008
-        records = gen_form.read(values)
-        s, options, more, image_prompt, base_name = records[len(units) :]
-        chosen, who, sent = chosen_units(records, options), session(request), arrived(request)
-
-        def work(prog, show):
-            return studio.generate(chosen, s, prog, image_prompt, session=who, extras=more, preview=show,
-                                   base=base_name, sent_at=sent)  # fmt: skip
-
-        yield from streamed(studio, work, progress, who)
-
-    run.click(do_generate, gen_form.inputs, [gallery, status, files], api_name="multi_generate")
-    api_only = gr.Button(visible=False)
-    api_only.click(do_run, form.inputs, [gallery, status, files], api_name="multi_run")
-    stop_button(studio, stop, "multi")
+    tab_endpoints(studio, "multi", Form(*units, settings, UnitOptionsPanel(units), extras, ip, base), job,
+                  [gallery, status, files], run, stop, "Multi: pictures controlled by up to three ControlNets at once "
+                  "(each unit's parameters end with _1, _2, _3; a unit switched off may leave its values null).")  # fmt: skip
     return Receivers("multi", settings, units)
 
 
@@ -215,31 +179,14 @@ def picture_prompt_tab(studio: Studio, base: BasePanel) -> None:
             gallery = gr.Gallery(label="Results", columns=2, format="png", elem_id="image_prompt-gallery")
             status = gr.Markdown(elem_id="image_prompt-status")
             files = gr.Files(label="Download PNGs (with parameters)")
-    form, gen_form = Form(ip, ref, settings), Form(ip, ref, settings, extras, base)
 
-    @friendly(studio)
-    def do_run(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's progress bar)
-        image_prompt, reference, s = form.read(values)
-        return studio.generate([], s, progress, image_prompt, reference, session=session(request),
-                               sent_at=arrived(request))  # fmt: skip
+    def job(records, call: Call):
+        image_prompt, reference, s, more, base_name = records
+        return generated(studio, call, [], s, more, base_name, image_prompt, reference)
 
-    @friendly(studio)
-    def do_generate(request: gr.Request, *values, progress=gr.Progress()):  # noqa: B008
-        image_prompt, reference, s, more, base_name = gen_form.read(values)
-        who, sent = session(request), arrived(request)
-
-        def work(prog, show):
-            return studio.generate([], s, prog, image_prompt, reference, session=who, extras=more, preview=show,
-                                   base=base_name, sent_at=sent)  # fmt: skip
-
-        yield from streamed(studio, work, progress, who)
-
-    # the button sends everything the tab shows (img2img, hires fix, the base); `/image_prompt_run` keeps the
-    # parameters API callers know
-    run.click(do_generate, gen_form.inputs, [gallery, status, files], api_name="image_prompt_generate")
-    api_only = gr.Button(visible=False)
-    api_only.click(do_run, form.inputs, [gallery, status, files], api_name="image_prompt_run")
-    stop_button(studio, stop, "image_prompt")
+    tab_endpoints(studio, "image_prompt", Form(ip, ref, settings, extras, base), job, [gallery, status, files], run,
+                  stop, "Image prompt: pictures from the prompt and a picture, no ControlNet (an IP-Adapter image "
+                  "prompt, a reference, or both).")  # fmt: skip
 
 
 def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | None = (3600, 86400)) -> gr.Blocks:

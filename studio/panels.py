@@ -66,8 +66,6 @@ def settings_panel(studio: Studio, cond: Condition | None, key: str = "") -> Set
         with gr.Row():
             c["seed"] = gr.Number(value=12345, precision=0, minimum=0, maximum=MAX_SEED_INPUT, label="Seed")
             c["randomize"] = gr.Checkbox(value=True, label="Randomize seed")
-            # per unit now ("ControlNet is more important" is the original guess mode); kept for `/<tab>_run` callers
-            c["guess_mode"] = gr.Checkbox(value=False, label="Guess mode (every unit)", visible=False)
         c["denoise"] = gr.Slider(0.05, 1.0, value=1.0 if cond and cond.inpaint else 0.75, step=0.05,
                                  label="Denoising strength (img2img, inpaint)", elem_id=f"{key}-denoise")  # fmt: skip
     return SettingsPanel(c)
@@ -124,7 +122,8 @@ def unit_panel(
         resize = gr.Radio(list(RESIZE_MODES), value="Crop and Resize", label="Resize mode")
         perfect = gr.Checkbox(value=True, label="Pixel perfect (preprocessor resolution from the picture and size)")
     keys = list(params)
-    annotator.change(lambda a: [gr.update(visible=k[0] == a) for k in keys], annotator, [params[k] for k in keys])
+    annotator.change(lambda a: [gr.update(visible=k[0] == a) for k in keys], annotator, [params[k] for k in keys],
+                     api_name=False)  # fmt: skip
     return UnitPanel(image, annotator, resolution, scale, start, end, params, cond=first if len(conds) == 1 else None,
                      mode=mode, resize=resize, pixel_perfect=perfect)  # fmt: skip
 

@@ -14,7 +14,7 @@ from cldm.pipeline.infotext import Infotext, UnitInfo, parse_parameters
 from cldm.pipeline.request import stem
 from studio.forms import SettingsPanel, UnitPanel
 from studio.handlers import friendly
-from studio.service import CONTROL_MODES, RESIZE_MODES, Studio
+from studio.service import Studio
 
 SETTINGS_SENT = ("prompt", "negative_prompt", "sampler", "steps", "cfg", "seed", "randomize", "width", "height",
                  "denoise")  # fmt: skip
@@ -61,10 +61,6 @@ def _clamp(widget, value):
     return value
 
 
-def _label(labels: dict[str, str], key: str) -> str:
-    return next(label for label, k in labels.items() if k == key)
-
-
 def _unit_values(panel: UnitPanel, u: UnitInfo | None, cond: Condition | None) -> list:
     head = []
     if panel.choice is not None:
@@ -77,8 +73,8 @@ def _unit_values(panel: UnitPanel, u: UnitInfo | None, cond: Condition | None) -
     if panel.choice is not None and module is gr.skip() and cond is not None:
         module = cond.annotators[0]
     return head + [
-        module, _clamp(panel.resolution, u.processor_res), _clamp(panel.scale, u.weight), _clamp(panel.start, u.start),
-        _clamp(panel.end, u.end), _label(CONTROL_MODES, u.control_mode), _label(RESIZE_MODES, u.resize_mode),
+        module, _clamp(panel.resolution, u.processor_res), _clamp(panel.scale, u.scale), _clamp(panel.start, u.start),
+        _clamp(panel.end, u.end), u.control_mode.value, u.resize_mode.value,
         u.pixel_perfect,
     ]  # fmt: skip
 
@@ -109,8 +105,8 @@ def summary(info: Infotext) -> dict:
            "sampler": info.sampler or info.sampler_label, "CFG scale": info.cfg_scale, "seed": info.seed,
            "size": f"{info.width}x{info.height}" if info.width else None}  # fmt: skip
     for u in info.units:
-        out[f"ControlNet {u.index}"] = {"model": u.model, "module": u.module, "weight": u.weight, "start": u.start,
-                                        "end": u.end, "control mode": u.control_mode, "resize mode": u.resize_mode,
+        out[f"ControlNet {u.index}"] = {"model": u.model, "module": u.module, "weight": u.scale, "start": u.start,
+                                        "end": u.end, "control mode": u.control_mode.key, "resize mode": u.resize_mode.key,
                                         "pixel perfect": u.pixel_perfect}  # fmt: skip
     return out
 

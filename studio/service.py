@@ -290,7 +290,7 @@ class Studio:
                 )
         request = GenerationRequest(
             prompt, negative, tuple(controls), steps=int(s.steps), cfg_scale=float(s.cfg), sampler=s.sampler,
-            seed=seed, width=int(s.width), height=int(s.height), batch=int(s.batch), guess_mode=bool(s.guess_mode),
+            seed=seed, width=int(s.width), height=int(s.height), batch=int(s.batch),
             clip_skip=(int(extras.clip_skip) if extras is not None and extras.clip_skip else None)
             or max([1, *(u.cond.clip_skip for u in units)]), init_image=init, strength=strength, mask=mask,
             image_prompt=self.image_prompt(ip), reference=self.reference(ref), resize_mode=resize, loras=loras,

@@ -13,11 +13,13 @@ import numpy as np
 from cldm.hints.conditions import Condition
 from cldm.hints.fitted import pixel_perfect
 from cldm.io.model_card import ModelCard
+from cldm.models.family import SD15
 from cldm.pipeline.request import HiresFix
+from cldm.pipeline.vocabulary import ControlMode, InpaintMode, ResizeMode, Upscaler
 
 MAX_SEED = 2**31 - 1  # random seeds are drawn below this
 MAX_SEED_INPUT = 2**32 + 63  # a seed typed or sent from a PNG: A1111's 32-bit seeds, plus a batch's seed + i
-SD15_SIZE = 512
+SD15_SIZE = SD15.native_size
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,8 @@ class UnitSettings:
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
-    mode: str = "balanced"  # control mode: balanced, prompt (My prompt is more important), control
-    resize_mode: str = "crop"  # how the picture becomes the picture size: just, crop, fill (`cldm.pipeline.fit`)
+    mode: ControlMode = ControlMode.BALANCED
+    resize_mode: ResizeMode = ResizeMode.CROP  # how the picture becomes the picture size (`cldm.pipeline.fit`)
     pixel_perfect: bool = False  # the preprocessor resolution from the picture and the target size
 
     def detection_resolution(self, img: np.ndarray, size: tuple[int, int]) -> int:
@@ -43,12 +45,11 @@ class UnitSettings:
         return pixel_perfect(img, size[1], size[0], self.resize_mode)
 
 
-# A1111's control-mode and resize-mode labels, as the app shows them
-CONTROL_MODES = {"Balanced": "balanced", "My prompt is more important": "prompt",
-                 "ControlNet is more important": "control"}  # fmt: skip
-RESIZE_MODES = {"Crop and Resize": "crop", "Just Resize": "just", "Resize and Fill": "fill"}
-INPAINT_MODES = {"Only the painted area (inpaint_only)": "only", "Whole picture (inpaint_global_harmonious)": "global"}
-UPSCALERS = {"Latent": "latent", "Lanczos": "lanczos"}
+# The choices as the app lists them: label -> member, the default first
+CONTROL_MODES = {m.value: m for m in ControlMode}
+RESIZE_MODES = {m.value: m for m in (ResizeMode.CROP, ResizeMode.JUST, ResizeMode.FILL)}
+INPAINT_MODES = {m.value: m for m in InpaintMode}
+UPSCALERS = {m.value: m for m in Upscaler}
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,12 @@ class PassSettings:
 
     init_image: object = None  # a file path or an array; None: text to image (tile and inpaint bring their own)
     mask_blur: float = 0.0  # px (the 1.1 inpaint app's default is 5)
-    inpaint_mode: str = "only"
+    inpaint_mode: InpaintMode = InpaintMode.ONLY
     hires: bool = False
     hires_scale: float = 2.0
     hires_steps: int = 0
     hires_strength: float = 0.7
-    hires_upscaler: str = "latent"
+    hires_upscaler: Upscaler = Upscaler.LATENT
     seed_per_picture: bool = False  # A1111: picture i is made by seed + i alone
     preview_every: int = 0  # steps between live previews; 0: none
     clip_skip: int = 0  # 0: the condition's own (2 for lineart anime, else 1)
@@ -81,7 +82,7 @@ class ImagePromptSettings:
     """The Image prompt accordion: a picture, which IP-Adapter (a `weights.IP_ADAPTERS` name) and its strength."""
 
     image: object  # a file path or an array; None: no image prompt
-    adapter: str = "ip-adapter_sd15"
+    adapter: str = SD15.ip_adapters[0]
     scale: float = 0.6
 
 
@@ -113,7 +114,6 @@ class Settings:
     sampler: str = "dpmpp_2m_karras"
     seed: int = 12345
     randomize: bool = True
-    guess_mode: bool = False
     denoise: float = 1.0
 
 

@@ -17,6 +17,18 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 import tiny  # noqa: E402
 
+# Fixtures that start something outside the test's own process or run for long: a server (the app), a browser, a
+# Ray cluster, a training run. Every test that uses one, directly or through another fixture, is an integration test.
+INTEGRATION_FIXTURES = {"running_app", "demo_app", "browser", "cluster", "trained"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests that use an integration fixture, so that `pytest` (the fast tier) leaves them out."""
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):

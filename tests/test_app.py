@@ -8,7 +8,7 @@ from PIL import Image
 
 SIZE = 64
 SETTINGS = dict(prompt="a red square", added_prompt="best quality", negative_prompt="lowres", batch=1, width=SIZE,
-                height=SIZE, steps=2, cfg=5.0, sampler="ddim", seed=7, randomize=False, guess_mode=False, denoise=0.75)  # fmt: skip
+                height=SIZE, steps=2, cfg=5.0, sampler="ddim", seed=7, randomize=False, denoise=0.75)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,16 @@ def _extras(mode="Balanced", resize="Crop and Resize", perfect=False, **changes)
     return [mode, resize, perfect, *dict(PASS, **changes).values()]
 
 
+def _rest(**changes) -> list:
+    """What `/<tab>_generate` takes after the unit and the settings, with the page's plain choices: Balanced, Crop and
+    Resize, no pixel perfect, the img2img / hires / preview panel (`PASS`), no image prompt, the page's first base."""
+    return [*_extras(**changes), None, "ip-adapter_sd15", 0.6, None]
+
+
+HINT = ["Balanced", "Crop and Resize", False]  # what `/<tab>_hint` takes after the unit and the size
+MULTI_REST = [*HINT * 3, *PASS.values(), None, "ip-adapter_sd15", 0.6, None]  # `/multi_generate` after the settings
+
+
 def _unit(image, annotator, params=()):
     # image, annotator, resolution, scale, start, end, then the tab's annotator sliders
     return [image, annotator, SIZE, 1.0, 0.0, 1.0, *params]
@@ -57,11 +67,11 @@ def _multi(enabled, key, image, annotator, scale=1.0, start=0.0, end=1.0, resolu
 def test_canny_preview_and_generate(client, square, running_app):
     from gradio_client import handle_file
 
-    hint = client.predict(*_unit(handle_file(square), "canny", (100, 200)), SIZE, SIZE, api_name="/canny_preview")
+    hint = client.predict(*_unit(handle_file(square), "canny", (100, 200)), SIZE, SIZE, *HINT, api_name="/canny_hint")
     edges = np.asarray(Image.open(hint))
     assert edges.shape[:2] == (SIZE, SIZE) and edges.max() == 255 and edges.mean() < 60  # edges only
     gallery, status, files = client.predict(
-        *_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values(), api_name="/canny_run"
+        *_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values(), *_rest(), api_name="/canny_generate"
     )
     assert len(gallery) == 2 and len(files) == 1  # the hint, then one picture
     png = Image.open(files[0])
@@ -82,19 +92,21 @@ def test_scribble_canvas_shuffle_and_multi(client, square, tmp_path, running_app
         "composite": handle_file(str(tmp_path / "sketch.png")),
     }
     hint = np.asarray(
-        Image.open(client.predict(*_unit(canvas, "scribble_sketch"), SIZE, SIZE, api_name="/scribble_preview"))
+        Image.open(client.predict(*_unit(canvas, "scribble_sketch"), SIZE, SIZE, *HINT, api_name="/scribble_hint"))
     )
     assert hint[30, 31].max() == 255 and hint[5, 5].max() == 0  # white stroke on black
-    _, status, _ = client.predict(*_unit(canvas, "scribble_sketch"), *SETTINGS.values(), api_name="/scribble_run")
+    _, status, _ = client.predict(
+        *_unit(canvas, "scribble_sketch"), *SETTINGS.values(), *_rest(), api_name="/scribble_generate"
+    )
     assert "scribble" in status
     _, status, _ = client.predict(
-        *_unit(handle_file(square), "shuffle", (3,)), *SETTINGS.values(), api_name="/shuffle_run"
+        *_unit(handle_file(square), "shuffle", (3,)), *SETTINGS.values(), *_rest(), api_name="/shuffle_generate"
     )
     assert "shuffle" in status
     units = [*_multi(True, "canny", handle_file(square), "canny"),
              *_multi(True, "scribble", handle_file(str(tmp_path / "sketch.png")), "none", 0.5, 0.2, 0.8),
              *_multi(False, "depth", None, "depth_midas")]  # fmt: skip
-    gallery, status, files = client.predict(*units, *SETTINGS.values(), api_name="/multi_run")
+    gallery, status, files = client.predict(*units, *SETTINGS.values(), *MULTI_REST, api_name="/multi_generate")
     assert len(gallery) == 3 and "canny" in status and "scribble" in status
     assert running_app[1].base_loads == 1
 
@@ -111,7 +123,7 @@ def test_multi_units_have_their_own_preprocessor_sliders_and_resolution(client, 
 
     def hint(**canny):
         units = [*_multi(True, "canny", handle_file(str(tmp_path / "noisy.png")), "canny", **canny), *off, *off]
-        gallery, _, _ = client.predict(*units, *SETTINGS.values(), api_name="/multi_run")
+        gallery, _, _ = client.predict(*units, *SETTINGS.values(), *MULTI_REST, api_name="/multi_generate")
         return np.asarray(Image.open(gallery[0]["image"]))[..., 0] > 127  # the first gallery item is the hint
 
     default = hint()
@@ -120,7 +132,7 @@ def test_multi_units_have_their_own_preprocessor_sliders_and_resolution(client, 
     assert not np.array_equal(hint(resolution=256), default)  # detected at 256 px, then resized: other edges
     with pytest.raises(Exception, match="Canny high threshold: Value 999 is greater than maximum value 255"):
         client.predict(*_multi(True, "canny", handle_file(str(tmp_path / "noisy.png")), "canny", high_threshold=999),
-                       *off, *off, *SETTINGS.values(), api_name="/multi_run")  # fmt: skip
+                       *off, *off, *SETTINGS.values(), *MULTI_REST, api_name="/multi_generate")  # fmt: skip
 
 
 def test_bad_inputs_get_clear_messages_and_the_server_keeps_going(client, square, tmp_path):
@@ -132,7 +144,8 @@ def test_bad_inputs_get_clear_messages_and_the_server_keeps_going(client, square
             *_unit(handle_file(str(tmp_path / "broken.png")), "canny", (100, 200)),
             SIZE,
             SIZE,
-            api_name="/canny_preview",
+            *HINT,
+            api_name="/canny_hint",
         )
     with pytest.raises(Exception, match="(?i)draw something|empty"):
         blank = np.full((SIZE, SIZE, 3), 255, np.uint8)
@@ -142,15 +155,19 @@ def test_bad_inputs_get_clear_messages_and_the_server_keeps_going(client, square
             "layers": [],
             "composite": handle_file(str(tmp_path / "blank.png")),
         }
-        client.predict(*_unit(canvas, "scribble_sketch"), SIZE, SIZE, api_name="/scribble_preview")
+        client.predict(*_unit(canvas, "scribble_sketch"), SIZE, SIZE, *HINT, api_name="/scribble_hint")
     with pytest.raises(Exception, match="(?i)not on this machine|put them in"):
-        client.predict(*_unit(handle_file(square), "none", (0.1, 0.1)), *SETTINGS.values(), api_name="/mlsd_run")
+        client.predict(
+            *_unit(handle_file(square), "none", (0.1, 0.1)), *SETTINGS.values(), *_rest(), api_name="/mlsd_generate"
+        )
     bad = dict(SETTINGS, steps=0)
     with pytest.raises(Exception, match="(?i)steps|minimum"):
-        client.predict(*_unit(handle_file(square), "canny", (100, 200)), *bad.values(), api_name="/canny_run")
+        client.predict(
+            *_unit(handle_file(square), "canny", (100, 200)), *bad.values(), *_rest(), api_name="/canny_generate"
+        )
     # and the next request works
     _, status, _ = client.predict(
-        *_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values(), api_name="/canny_run"
+        *_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values(), *_rest(), api_name="/canny_generate"
     )
     assert "seed 7" in status
 
@@ -168,20 +185,20 @@ def test_concurrent_requests_give_the_sequential_images(client, square, tmp_path
         "composite": handle_file(str(tmp_path / "sk.png")),
     }
     requests = [
-        ("/canny_run", _unit(handle_file(square), "canny", (50, 150)), 11),
-        ("/scribble_run", _unit(canvas, "scribble_sketch"), 12),
-        ("/shuffle_run", _unit(handle_file(square), "shuffle", (5,)), 13),
+        ("/canny_generate", _unit(handle_file(square), "canny", (50, 150)), 11),
+        ("/scribble_generate", _unit(canvas, "scribble_sketch"), 12),
+        ("/shuffle_generate", _unit(handle_file(square), "shuffle", (5,)), 13),
         # the same hint and seed through two ControlNets with different weights
-        ("/canny_run", _unit(handle_file(square), "none", (100, 200)), 14),
+        ("/canny_generate", _unit(handle_file(square), "none", (100, 200)), 14),
         (
-            "/scribble_run",
+            "/scribble_generate",
             _unit({"background": handle_file(square), "layers": [], "composite": handle_file(square)}, "none"),
             14,
         ),
     ]
 
     def args(unit, seed):
-        return [*unit, *dict(SETTINGS, seed=seed, batch=2).values()]
+        return [*unit, *dict(SETTINGS, seed=seed, batch=2).values(), *_rest()]
 
     alone = [client.predict(*args(u, seed), api_name=api)[2] for api, u, seed in requests]
     jobs = [client.submit(*args(u, seed), api_name=api) for api, u, seed in requests]
@@ -218,7 +235,8 @@ def test_awkward_and_huge_uploads(client, tmp_path):
                     *_unit(handle_file(str(tmp_path / name)), "canny", (100, 200)),
                     SIZE,
                     SIZE,
-                    api_name="/canny_preview",
+                    *HINT,
+                    api_name="/canny_hint",
                 )
             )
         )
@@ -226,7 +244,11 @@ def test_awkward_and_huge_uploads(client, tmp_path):
     Image.new("L", (9000, 5000)).save(tmp_path / "huge.png", compress_level=1)
     with pytest.raises(Exception, match="(?i)too large"):
         client.predict(
-            *_unit(handle_file(str(tmp_path / "huge.png")), "canny", (100, 200)), SIZE, SIZE, api_name="/canny_preview"
+            *_unit(handle_file(str(tmp_path / "huge.png")), "canny", (100, 200)),
+            SIZE,
+            SIZE,
+            *HINT,
+            api_name="/canny_hint",
         )
     with pytest.raises(Exception, match="(?i)strength|maximum|control scale"):
         client.predict(
@@ -239,7 +261,8 @@ def test_awkward_and_huge_uploads(client, tmp_path):
             100,
             200,
             *SETTINGS.values(),
-            api_name="/canny_run",
+            *_rest(),
+            api_name="/canny_generate",
         )
 
 
@@ -255,16 +278,19 @@ def test_inpaint_keeps_the_unpainted_area_and_tile_is_img2img(client, tmp_path):
     editor = {"background": handle_file(str(tmp_path / "pic.png")), "layers": [handle_file(str(tmp_path / "layer.png"))],
               "composite": handle_file(str(tmp_path / "pic.png"))}  # fmt: skip
     settings = dict(SETTINGS, denoise=1.0)
-    _, status, files = client.predict(editor, "none", SIZE, 1.0, 0.0, 1.0, *settings.values(), api_name="/inpaint_run")
+    _, status, files = client.predict(
+        editor, "none", SIZE, 1.0, 0.0, 1.0, *settings.values(), *_rest(), api_name="/inpaint_generate"
+    )
     out = np.asarray(Image.open(files[0]))
     painted = layer[..., 3] > 0
     assert np.array_equal(out[~painted], picture[~painted])
     assert np.abs(out[painted].astype(int) - picture[painted].astype(int)).mean() > 10
     empty = dict(editor, layers=[])
     with pytest.raises(Exception, match="mask is empty"):
-        client.predict(empty, "none", SIZE, 1.0, 0.0, 1.0, *settings.values(), api_name="/inpaint_run")
+        client.predict(empty, "none", SIZE, 1.0, 0.0, 1.0, *settings.values(), *_rest(), api_name="/inpaint_generate")
     _, status, files = client.predict(handle_file(str(tmp_path / "pic.png")), "none", SIZE, 1.0, 0.0, 1.0,
-                                      *dict(SETTINGS, denoise=0.5).values(), api_name="/tile_run")  # fmt: skip
+                                      *dict(SETTINGS, denoise=0.5).values(), *_rest(),
+                                      api_name="/tile_generate")  # fmt: skip
     tile = np.asarray(Image.open(files[0]))
     assert "Denoising strength: 0.5" in Image.open(files[0]).text["parameters"]
     assert tile.shape == (SIZE, SIZE, 3) and "tile" in status
@@ -281,10 +307,12 @@ def test_a_controlnet_of_another_family_is_refused_with_both_shapes(client, squa
     params = [p.default for a in BY_KEY["lineart"].annotators for p in annotators.ANNOTATORS[a].params]
     loads = running_app[1].controlnet_loads
     with pytest.raises(Exception, match=r"does not fit the base model.*block widths.*text context.*block widths"):
-        client.predict(*_unit(handle_file(square), "invert", params), *SETTINGS.values(), api_name="/lineart_run")
+        client.predict(
+            *_unit(handle_file(square), "invert", params), *SETTINGS.values(), *_rest(), api_name="/lineart_generate"
+        )
     assert running_app[1].controlnet_loads == loads  # refused, not cached
-    _, status, _ = client.predict(*_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values(),
-                                  api_name="/canny_run")  # fmt: skip
+    _, status, _ = client.predict(*_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values(), *_rest(),
+                                  api_name="/canny_generate")  # fmt: skip
     assert "seed 7" in status
 
 
@@ -296,7 +324,7 @@ def test_image_prompt_accordion_and_tab(client, square, tmp_path):
     Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(tmp_path / "style.png")
     style = handle_file(str(tmp_path / "style.png"))
     args = [*_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values()]
-    plain = client.predict(*args, api_name="/canny_run")  # the API without the accordion, as before
+    plain = client.predict(*args, *_rest(), api_name="/canny_generate")  # no image prompt
     with_ip = client.predict(*args, *_extras(), style, "ip-adapter_sd15", 1.0, None, api_name="/canny_generate")
     assert "IP-Adapter: ip-adapter_sd15 (1)" in with_ip[1]
     a, b = (np.asarray(Image.open(r[2][0])) for r in (plain, with_ip))
@@ -305,24 +333,34 @@ def test_image_prompt_accordion_and_tab(client, square, tmp_path):
     settings = list(SETTINGS.values())
     # the Image prompt tab: IP-Adapter only, reference only, both; no ControlNet
     ip_only = client.predict(style, "ip-adapter_sd15", 0.8, None, "reference_only", 0.5, 1.0, *settings,
-                             api_name="/image_prompt_run")  # fmt: skip
+                             *PASS.values(), None, api_name="/image_prompt_generate")  # fmt: skip
     assert "ControlNet: none | IP-Adapter" in ip_only[1] and len(ip_only[2]) == 1
     ref_only = client.predict(None, "ip-adapter_sd15", 0.8, style, "reference_adain+attn", 0.5, 1.0, *settings,
-                              api_name="/image_prompt_run")  # fmt: skip
+                              *PASS.values(), None, api_name="/image_prompt_generate")  # fmt: skip
     assert "reference: adain+attn" in ref_only[1]
     both = client.predict(style, "ip-adapter_sd15", 0.8, style, "reference_only", 1.0, 1.0, *settings,
-                          api_name="/image_prompt_run")  # fmt: skip
+                          *PASS.values(), None, api_name="/image_prompt_generate")  # fmt: skip
     assert "IP-Adapter" in both[1] and "reference: only" in both[1]
     with pytest.raises(Exception, match="Give a picture"):
         client.predict(None, "ip-adapter_sd15", 0.8, None, "reference_only", 0.5, 1.0, *settings,
-                       api_name="/image_prompt_run")  # fmt: skip
+                       *PASS.values(), None, api_name="/image_prompt_generate")  # fmt: skip
     with pytest.raises(
         Exception, match=r"ip-adapter-plus_sd15.*not on this machine.*ip-adapter-plus_sd15\.safetensors"
     ):
         client.predict(*args, *_extras(), style, "ip-adapter-plus_sd15", 1.0, None, api_name="/canny_generate")
     with pytest.raises(Exception, match="is not a reference preprocessor"):
         client.predict(
-            None, "ip-adapter_sd15", 0.8, style, "<i>x</i>", 0.5, 1.0, *settings, api_name="/image_prompt_run"
+            None,
+            "ip-adapter_sd15",
+            0.8,
+            style,
+            "<i>x</i>",
+            0.5,
+            1.0,
+            *settings,
+            *PASS.values(),
+            None,
+            api_name="/image_prompt_generate",
         )
 
 
@@ -340,8 +378,10 @@ def test_control_mode_per_unit(client, square):
         text = Image.open(files[0]).text["parameters"]
         assert (f"Control Mode: {mode}" in text) == (mode != "Balanced")
     assert len({p.tobytes() for p in pics.values()}) == 3  # three modes, three pictures
-    plain = client.predict(*args, api_name="/canny_run")[2][0]
-    assert np.array_equal(np.asarray(Image.open(plain)), pics["Balanced"])  # /canny_run is Balanced, as before
+    # by name, the control mode left out: the page's default, Balanced
+    plain = client.predict(*args, resize_mode="Crop and Resize", pixel_perfect=False, **PASS, image_prompt=None,
+                           api_name="/canny_generate")[2][0]  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(plain)), pics["Balanced"])
     with pytest.raises(Exception, match="Control mode"):
         client.predict(*args, *_extras("Guess"), None, "ip-adapter_sd15", 0.6, None, api_name="/canny_generate")
     off = _multi(False, "depth", None, "depth_midas")
@@ -352,39 +392,33 @@ def test_control_mode_per_unit(client, square):
     assert np.array_equal(np.asarray(Image.open(files[0])), pics["ControlNet is more important"])
 
 
-@pytest.mark.parametrize("endpoint", ["/canny_run", "/canny_generate"])
-def test_stop_ends_the_generation_at_a_step_and_frees_the_model(client, square, running_app, endpoint):
-    """Stop during a long generation: it ends at the next step with nothing saved, and the next request runs (the
-    page's endpoint samples in a worker thread and streams live previews: Stop reaches it the same way)."""
+@pytest.mark.parametrize("preview_every", [0, 5])
+def test_stop_ends_the_generation_at_a_step_and_frees_the_model(client, square, running_app, preview_every):
+    """Stop during a long generation, with and without live previews: it ends at the next step with nothing saved,
+    and the next request runs (the endpoint samples in a worker thread and streams the previews)."""
     import time
 
     from gradio_client import handle_file
-    from gradio_client.utils import Status
+    from waits import wait_for_sampling_step
 
     out_dir = running_app[2]
     before = set(out_dir.glob("*.png"))
     long = dict(SETTINGS, steps=100, batch=4, width=128, height=128)
-    args = [*_unit(handle_file(square), "canny", (100, 200)), *long.values()]
-    if endpoint == "/canny_generate":
-        args += [*_extras(preview_every=5), None, "ip-adapter_sd15", 0.6, None]
-    job = client.submit(*args, api_name=endpoint)
-    t0 = time.time()
-    while job.status().code not in (Status.PROCESSING, Status.PROGRESS) and time.time() - t0 < 60:
-        time.sleep(0.05)
-    time.sleep(0.5)
+    args = [*_unit(handle_file(square), "canny", (100, 200)), *long.values(), *_rest(preview_every=preview_every)]
+    job = client.submit(*args, api_name="/canny_generate")
+    wait_for_sampling_step(job, 1)  # Stop lands inside the sampling loop
     t_stop = time.time()
     client.predict(api_name="/canny_stop")
     with pytest.raises(Exception, match=r"Stopped (after \d+ of 100 steps|before sampling); nothing was saved"):
         job.result(timeout=120)
     assert time.time() - t_stop < 30  # at the next step, not at the end
     assert set(out_dir.glob("*.png")) == before
-    _, status, files = client.predict(*_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values(),
-                                      api_name="/canny_run")  # fmt: skip
+    _, status, files = client.predict(*_unit(handle_file(square), "canny", (100, 200)), *SETTINGS.values(), *_rest(),
+                                      api_name="/canny_generate")  # fmt: skip
     assert "seed 7" in status and len(files) == 1
 
 
-@pytest.mark.parametrize("endpoint", ["/canny_run", "/canny_generate"])
-def test_stop_pressed_while_the_generate_waits_in_the_queue_is_not_lost(client, square, running_app, endpoint):
+def test_stop_pressed_while_the_generate_waits_in_the_queue_is_not_lost(client, square, running_app):
     """Issue 24: a Stop sent after Generate but before its handler ran (here: while it waits in the queue behind
     four others) stops it; before, Stop answered "Nothing is running" and the generation ran to its end. A Stop
     pressed before a Generate was sent does not stop that Generate."""
@@ -393,9 +427,10 @@ def test_stop_pressed_while_the_generate_waits_in_the_queue_is_not_lost(client, 
     from gradio_client import Client, handle_file
     from gradio_client.utils import Status
 
+    endpoint = "/canny_generate"
+
     def args(settings: dict) -> list:
-        out = [*_unit(handle_file(square), "canny", (100, 200)), *settings.values()]
-        return out + ([*_extras(), None, "ip-adapter_sd15", 0.6, None] if endpoint == "/canny_generate" else [])
+        return [*_unit(handle_file(square), "canny", (100, 200)), *settings.values(), *_rest()]
 
     def wait(job, codes) -> None:
         t0 = time.time()
@@ -418,3 +453,32 @@ def test_stop_pressed_while_the_generate_waits_in_the_queue_is_not_lost(client, 
     assert all(len(b.result(timeout=120)[2]) == 1 for b in blockers)  # the other client's requests are not stopped
     _, status, files = client.predict(*args(SETTINGS), api_name=endpoint)[-3:]  # the Stop before it: no effect
     assert "seed 7" in status and len(files) == 1
+
+
+def test_each_tab_has_one_labelled_endpoint_set(client):
+    """The API lists, per tab, exactly its generate / hint / stop endpoints (and the Batch and PNG info ones), every
+    parameter named and labelled, and none of the older endpoints or the hidden guess-mode box."""
+    from cldm.hints.conditions import CONDITIONS
+
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    expected = {f"/{c.key}_{kind}" for c in CONDITIONS for kind in ("generate", "hint", "stop")}
+    expected |= {"/multi_generate", "/multi_stop", "/image_prompt_generate", "/image_prompt_stop", "/batch_run",
+                 "/batch_stop", "/png_info_read", "/png_info_send", "/refresh_models"}  # fmt: skip
+    assert set(api) == expected
+    assert not [name for name in api if name.endswith(("_run", "_preview")) and name != "/batch_run"]
+    for name, endpoint in api.items():
+        names = [p["parameter_name"] for p in endpoint["parameters"]]
+        assert len(set(names)) == len(names), name
+        for p in endpoint["parameters"]:
+            assert p["label"] and not p["parameter_name"].startswith("param_"), (name, p)
+        assert "guess_mode" not in names, name
+    canny = [p["parameter_name"] for p in api["/canny_generate"]["parameters"]]
+    assert canny[:8] == ["image", "annotator", "resolution", "scale", "start", "end", "canny_low_threshold",
+                         "canny_high_threshold"] and canny[-1] == "base"  # fmt: skip
+    hint = [p["parameter_name"] for p in api["/canny_hint"]["parameters"]]
+    assert hint[-5:] == ["width", "height", "control_mode", "resize_mode", "pixel_perfect"]
+    multi = [p["parameter_name"] for p in api["/multi_generate"]["parameters"]]
+    assert {"enabled_1", "image_2", "control_mode_3", "prompt", "base"} <= set(multi)
+    assert [p["parameter_name"] for p in api["/image_prompt_generate"]["parameters"]][-1] == "base"
+    assert [p["parameter_name"] for p in api["/batch_run"]["parameters"]][-1] == "base"
+    assert all(api[f"/{c.key}_generate"]["description"] for c in CONDITIONS)

@@ -49,11 +49,12 @@ def test_resize_modes_reach_the_hint(client, wide):
     assert fill[SIZE // 2, 2].tolist()[0] > 200 and fill[SIZE // 2, -3].tolist()[2] > 200
     border = np.concatenate([fill[0], fill[-1]])
     assert (border == border[0]).all() and fill[SIZE // 4 - 2 :, :].shape[0] > 0
-    # the old endpoint (no options) crops by default too
+    # the resize mode left out (the parameters by name): the page's default, Crop and Resize
     from gradio_client import handle_file
 
-    old = client.predict(*_unit(handle_file(wide), "none", (100, 200)), SIZE, SIZE, api_name="/canny_preview")
-    assert np.array_equal(np.asarray(Image.open(old).convert("RGB")), crop)
+    unit = _unit(handle_file(wide), "none", (100, 200))
+    default = client.predict(*unit, SIZE, SIZE, control_mode="Balanced", pixel_perfect=False, api_name="/canny_hint")
+    assert np.array_equal(np.asarray(Image.open(default).convert("RGB")), crop)
 
 
 def test_pixel_perfect_sets_the_detection_resolution(client, wide):
@@ -361,8 +362,8 @@ def test_image_prompt_tab_names_its_base_and_takes_img2img(client, running_app, 
 
 
 def test_every_request_runs_on_the_base_it_names_whatever_another_client_loaded(running_app, tmp_path):
-    """Issue 24: client X works on `other.safetensors` while client Y uses the tabs' old endpoint (no base: the
-    page's first base) and the Batch tab (its base from the page). Run at once through the queue, every picture is
+    """Issue 24: client X works on `other.safetensors` while client Y names no base (a null base: the page's
+    first base) and the Batch tab (its base from the page). Run at once through the queue, every picture is
     the one it is alone, byte for byte, and says its base; before, Y's pictures came out on X's base."""
     import threading
     import zipfile
@@ -377,7 +378,7 @@ def test_every_request_runs_on_the_base_it_names_whatever_another_client_loaded(
     picture = handle_file(str(tmp_path / "shape.png"))
     unit = _unit(picture, "canny", (100, 200))
     on_other = [*unit, *SETTINGS.values(), *_extras(), None, "ip-adapter_sd15", 0.6, "other.safetensors"]
-    old = [*unit, *SETTINGS.values()]
+    null = [*unit, *SETTINGS.values(), *_extras(), None, "ip-adapter_sd15", 0.6, None]  # no base named: the first
     batch = [[picture], "canny", "none", "a {stem} shape", "", 100, 2, 5.0, "ddim", SIZE, SIZE, 1.0, 0.75]
 
     def pixels(path) -> bytes:
@@ -392,18 +393,18 @@ def test_every_request_runs_on_the_base_it_names_whatever_another_client_loaded(
 
     calls = {
         "x": lambda c: pixels(c.predict(*on_other, api_name="/canny_generate")[2][0]),
-        "y_old": lambda c: pixels(c.predict(*old, api_name="/canny_run")[2][0]),
+        "y_null": lambda c: pixels(c.predict(*null, api_name="/canny_generate")[2][0]),
         "y_batch": lambda c: batch_pixels(c.predict(*batch, api_name="/batch_run")[2][0]),
         "y_batch_other": lambda c: batch_pixels(c.predict(*batch, "other.safetensors", api_name="/batch_run")[2][0]),
     }
     x, y = Client(url, verbose=False), Client(url, verbose=False)
     try:
         calls["x"](x)  # X loads the other base: what Y's next requests find loaded
-        serial = {k: calls[k](y if k.startswith("y") else x) for k in ("y_old", "x", "y_batch", "x", "y_batch_other")}
-        assert serial["y_old"] != serial["x"] and serial["y_batch"] != serial["y_batch_other"]  # the bases differ
-        text = Image.open(y.predict(*old, api_name="/canny_run")[2][0]).text["parameters"]
+        serial = {k: calls[k](y if k.startswith("y") else x) for k in ("y_null", "x", "y_batch", "x", "y_batch_other")}
+        assert serial["y_null"] != serial["x"] and serial["y_batch"] != serial["y_batch_other"]  # the bases differ
+        text = Image.open(y.predict(*null, api_name="/canny_generate")[2][0]).text["parameters"]
         assert f"Model: {Path(start).stem}" in text or f"Model: {start}" in text
-        for order in (["x", "y_old", "y_batch", "y_batch_other"], ["y_batch", "x", "y_batch_other", "y_old"]):
+        for order in (["x", "y_null", "y_batch", "y_batch_other"], ["y_batch", "x", "y_batch_other", "y_null"]):
             out: dict[str, bytes] = {}  # interleaved through the queue (4 at once), in two orders
 
             def call(k: str, out: dict = out) -> None:

@@ -162,6 +162,7 @@ def test_bad_rows_are_recorded_and_a_rerun_does_exactly_the_missing_rows(tmp_pat
     assert "failed: row 5 (missing)" in capsys.readouterr().out
 
 
+@pytest.mark.integration  # `python -m cldm batch` as subprocesses, one of them killed
 @pytest.mark.parametrize("rows", [12])
 def test_a_killed_batch_completes_on_rerun(tmp_path, rows):
     """SIGKILL in the middle of a run, then the same command again: the missing rows are made, the others kept,

@@ -48,6 +48,12 @@ def page(browser, running_app):
     pg.close()
 
 
+def _picture(page, img) -> np.ndarray:
+    """The RGB pixels an <img> on the page shows, fetched as the browser fetched them."""
+    body = page.request.get(img.get_attribute("src")).body()
+    return np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
+
+
 def _small_and_fast(page, key: str) -> None:
     page.locator(f"#{key}-settings").get_by_text("Settings").first.click()
     for name, value in (("width", "64"), ("height", "64"), ("steps", "2")):
@@ -82,9 +88,19 @@ def test_browser_switch_tab_draw_on_sketch_canvas(page):
     page.locator("#scribble-preview").click()
     # a blank canvas would give "The sketch is empty" instead of a hint
     page.locator("#scribble-hint img").wait_for()
+    strokes = _picture(page, page.locator("#scribble-hint img")).max(axis=2) > 127  # white strokes on black
+    assert 0 < strokes.mean() < 0.2, strokes.mean()  # a stroke, not an empty or a filled picture
+    ys, xs = np.nonzero(strokes)
+    assert np.corrcoef(xs, ys)[0, 1] > 0.9  # the line drawn from top left to bottom right, where it was drawn
     _small_and_fast(page, "scribble")
     page.locator("#scribble-run").click()
-    page.locator("#scribble-gallery img").nth(1).wait_for(timeout=120_000)
+    page.locator("#scribble-status").get_by_text("seed").wait_for(timeout=120_000)
+    gallery = page.locator("#scribble-gallery img")
+    assert gallery.count() == 2  # the hint the model saw, then the one picture asked for
+    hint, picture = _picture(page, gallery.nth(0)), _picture(page, gallery.nth(1))
+    assert hint.shape == picture.shape == (64, 64, 3)  # the size set in Settings
+    assert np.corrcoef(*np.nonzero(hint.max(axis=2) > 127))[0, 1] > 0.9  # the same stroke, fitted to 64 px
+    assert picture.std() > 0  # a picture, not a blank
 
 
 # ------------------------------------------------------------------------------------ the demo model, for real
@@ -179,12 +195,11 @@ def test_browser_logs_in_through_the_gate(browser, tmp_path):
 
     import torch
 
-    from cldm.runtime.manager import ModelManager
     from studio import launch, page
     from studio.service import Studio
 
-    manager = ModelManager.__new__(ModelManager)  # no model is needed to check the door
-    manager.device, manager.base_path = torch.device("cpu"), "sd"
+    # no model is needed to check the door
+    manager = type("M", (), {"device": torch.device("cpu"), "base_path": "sd"})()
     blocks = page.build_app(Studio(manager, None, str(tmp_path)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,13 +11,14 @@ import torch
 from cldm.errors import CheckpointError, MissingWeightsError
 from cldm.io import checkpoints, writers
 from cldm.io.checkpoints import CONTROL_PREFIX
+from cldm.pipeline import prompts
 
 
 def _probe(sd, cn):
     """UNet + ControlNet output on fixed inputs: a fingerprint of all the weights that matter."""
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([500])
-    ctx = sd.text.encode(["a red square"])
+    ctx = prompts.encode(sd.text, ["a red square"])
     hint = torch.rand(1, 3, 32, 32, generator=g)
     with torch.no_grad():
         out = sd.unet(x, t, ctx, control=cn(x, t, ctx, cn.embed_hint(hint)))

@@ -58,27 +58,28 @@ def test_swapping_controlnets_in_the_running_demo_app(demo_app, tmp_path):
     from gradio_client import Client, handle_file
 
     from cldm.training.shapes import make_sample
+    from tools.load_test import PLAIN
 
     url, manager = demo_app
     client = Client(url, verbose=False)
     sample = make_sample(2_000_123_456, 64)
     for name in ("canny", "scribble", "seg"):
         Image.fromarray(sample.hint(name)).save(tmp_path / f"{name}.png")
-    settings = [sample.caption, "", "", 1, 64, 64, 20, 5.0, "ddim", 3, False, False, 1.0]
+    settings = [sample.caption, "", "", 1, 64, 64, 20, 5.0, "ddim", 3, False, 1.0]
 
     def run(cond: str, params=()) -> np.ndarray:
         picture = handle_file(str(tmp_path / f"{cond}.png"))
         if cond == "scribble":  # the sketch canvas
             picture = {"background": picture, "layers": [], "composite": picture}
         unit = [picture, "none", 64, 1.0, 0.0, 1.0, *params]
-        _, status, files = client.predict(*unit, *settings, api_name=f"/{cond}_run")
+        _, status, files = client.predict(*unit, *settings, **PLAIN, api_name=f"/{cond}_generate")
         assert f"control_v11p_sd15_{cond}" in status
         return np.asarray(Image.open(files[0]))
 
     first = run("canny", (100, 200))
     settings[0] = sample.caption + ", masterpiece"  # not a word the demo model knows: left out, and said so
     _, status, files = client.predict(handle_file(str(tmp_path / "canny.png")), "none", 64, 1.0, 0.0, 1.0, 100, 200,
-                                      *settings, api_name="/canny_run")  # fmt: skip
+                                      *settings, **PLAIN, api_name="/canny_generate")  # fmt: skip
     assert "left out (not in the demo model's vocabulary): masterpiece" in status
     assert np.array_equal(np.asarray(Image.open(files[0])), first)  # the same prompt once the word is gone
     settings[0] = sample.caption
@@ -90,7 +91,7 @@ def test_swapping_controlnets_in_the_running_demo_app(demo_app, tmp_path):
     assert manager.base_loads == 1
     with pytest.raises(Exception, match="demo model only has ControlNets"):
         client.predict(handle_file(str(tmp_path / "canny.png")), "none", 64, 1.0, 0.0, 1.0, 0.1, 0.1, *settings,
-                       api_name="/mlsd_run")  # fmt: skip
+                       **PLAIN, api_name="/mlsd_generate")  # fmt: skip
 
 
 @pytest.mark.slow

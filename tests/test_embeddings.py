@@ -11,6 +11,7 @@ import torch
 from cldm.adapters.embeddings import from_state
 from cldm.errors import InputError
 from cldm.io import checkpoints
+from cldm.pipeline import prompts
 from cldm.pipeline.request import GenerationRequest
 
 
@@ -41,13 +42,13 @@ def test_a1111_embedding_matches_diffusers(fresh, tmp_path):
     ids = pipe.tokenizer(converted, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         ref = pipe.text_encoder(ids)[0]
-    got = sd.text.encode([prompt])
+    got = prompts.encode(sd.text, [prompt])
     assert got.shape == ref.shape
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
-    plain = sd.text.encode([prompt], emphasis=False)
+    plain = prompts.encode(sd.text, [prompt], emphasis=False)
     assert torch.equal(got, plain)  # the embedding does not depend on the emphasis switch
     sd.text.embeddings.clear()
-    assert not torch.allclose(sd.text.encode([prompt]), ref, atol=1e-3)  # without it the word is only letters
+    assert not torch.allclose(prompts.encode(sd.text, [prompt]), ref, atol=1e-3)  # without it the word is only letters
 
 
 def test_formats_and_refusals(ours):
@@ -67,12 +68,12 @@ def test_formats_and_refusals(ours):
 
 def test_an_embedding_is_never_split_between_chunks(ours):
     text = ours[0].text
-    per = text.chunk_tokens
+    per = prompts.chunk_tokens(text)
     width = text.cfg.hidden_size
     text.embeddings["wide"] = from_state({"emb_params": torch.randn(4, width)}, "wide", width)
     try:
         filler = " ".join(["a"] * (per - 2))  # leaves 2 places: the 4 vectors go to the next chunk
-        ids, _, vectors = text.weighted_chunks([f"{filler} wide"])
+        ids, _, vectors = prompts.weighted_chunks(text, [f"{filler} wide"])
         assert ids.shape[1] == 2 and {(c, place) for _, c, place, _ in vectors} == {(1, 1), (1, 2), (1, 3), (1, 4)}
     finally:
         text.embeddings.clear()

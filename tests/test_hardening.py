@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_app import HINT, _rest
 
 from cldm.errors import CheckpointError, InputError
 from cldm.io.images import load_rgb, save_png
 
 SIZE = 64
 SETTINGS = dict(prompt="a red square", added_prompt="", negative_prompt="", batch=1, width=SIZE, height=SIZE, steps=2,
-                cfg=5.0, sampler="ddim", seed=7, randomize=False, guess_mode=False, denoise=0.75)  # fmt: skip
+                cfg=5.0, sampler="ddim", seed=7, randomize=False, denoise=0.75)  # fmt: skip
 
 
 def _png(img: Image.Image) -> bytes:
@@ -263,25 +264,30 @@ def _unit(image, annotator, params=(100, 200)):
 
 def test_messages_show_no_server_paths_and_escape_user_text(client, tmp_path):
     from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
 
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    with pytest.raises(Exception) as e:
+    with pytest.raises(AppError, match=r"Cannot read the image \(.*\)\. Use a PNG, JPEG or WebP file") as e:
         client.predict(
-            *_unit(handle_file(str(tmp_path / "broken.png")), "canny"), SIZE, SIZE, api_name="/canny_preview"
+            *_unit(handle_file(str(tmp_path / "broken.png")), "canny"), SIZE, SIZE, *HINT, api_name="/canny_hint"
         )
-    assert "Cannot read the image" in str(e.value) and "/tmp" not in str(e.value) and "gradio" not in str(e.value)
-    with pytest.raises(Exception) as e:  # a missing ControlNet: named relative to the models folder
+    assert "/tmp" not in str(e.value) and "gradio" not in str(e.value)
+    with pytest.raises(AppError, match="Cannot read the image") as e:  # the picture is read before the ControlNet
         client.predict(*_unit(handle_file(str(tmp_path / "broken.png")), "none", (0.1, 0.1)), *SETTINGS.values(),
-                       api_name="/mlsd_run")  # fmt: skip
+                       *_rest(), api_name="/mlsd_generate")  # fmt: skip
+    assert "/tmp" not in str(e.value) and "mlsd" not in str(e.value)
     good = tmp_path / "ok.png"
     Image.new("RGB", (SIZE, SIZE), (200, 30, 30)).save(good)
-    with pytest.raises(Exception) as e:
-        client.predict(*_unit(handle_file(str(good)), "none", (0.1, 0.1)), *SETTINGS.values(), api_name="/mlsd_run")
-    assert "control_v11p_sd15_mlsd" in str(e.value) and "/tmp" not in str(e.value)
-    with pytest.raises(Exception) as e:
-        client.predict(*_unit(handle_file(str(good)), "<img src=x onerror=alert(1)>"), SIZE, SIZE,
-                       api_name="/canny_preview")  # fmt: skip
-    assert "&lt;img src=x onerror=alert(1)&gt;" in str(e.value) and "<img" not in str(e.value)
+    # a missing ControlNet: named relative to the models folder
+    with pytest.raises(AppError, match=r"ControlNet control_v11p_sd15_mlsd weights are not on this machine") as e:
+        client.predict(
+            *_unit(handle_file(str(good)), "none", (0.1, 0.1)), *SETTINGS.values(), *_rest(), api_name="/mlsd_generate"
+        )
+    assert "/tmp" not in str(e.value)
+    with pytest.raises(AppError, match=r"'&lt;img src=x onerror=alert\(1\)&gt;' is not a preprocessor for Canny") as e:
+        client.predict(*_unit(handle_file(str(good)), "<img src=x onerror=alert(1)>"), SIZE, SIZE, *HINT,
+                       api_name="/canny_hint")  # fmt: skip
+    assert "<img" not in str(e.value)
 
 
 def test_a_path_that_was_not_uploaded_is_refused_without_naming_server_folders(running_app):
@@ -294,8 +300,8 @@ def test_a_path_that_was_not_uploaded_is_refused_without_naming_server_folders(r
     url = running_app[0]
     for path in ("file:/etc/passwd", "/etc/passwd", "../../etc/passwd"):
         picture = {"path": path, "meta": {"_type": "gradio.FileData"}}
-        r = httpx.post(url + "gradio_api/call/canny_preview", json={"data": _unit(picture, "canny") + [SIZE, SIZE]})
-        answer = httpx.get(url + f"gradio_api/call/canny_preview/{r.json()['event_id']}", timeout=60).text
+        r = httpx.post(url + "gradio_api/call/canny_hint", json={"data": [*_unit(picture, "canny"), SIZE, SIZE, *HINT]})
+        answer = httpx.get(url + f"gradio_api/call/canny_hint/{r.json()['event_id']}", timeout=60).text
         assert answer.startswith("event: error") and os.getcwd() not in answer and "passwd" not in answer
 
 
@@ -330,10 +336,10 @@ def test_missing_values_through_the_api_are_named(client, tmp_path):
     Image.new("RGB", (SIZE, SIZE), (200, 30, 30)).save(good)
     for field in ("steps", "prompt", "sampler"):
         with pytest.raises(Exception, match=f"Missing value for {field}"):
-            client.predict(*_unit(handle_file(str(good)), "canny"), *dict(SETTINGS, **{field: None}).values(),
-                           api_name="/canny_run")  # fmt: skip
+            client.predict(*_unit(handle_file(str(good)), "canny"), *dict(SETTINGS, **{field: None}).values(), *_rest(),
+                           api_name="/canny_generate")  # fmt: skip
     with pytest.raises(Exception, match="Missing value for annotator"):
-        client.predict(*_unit(handle_file(str(good)), None), SIZE, SIZE, api_name="/canny_preview")
+        client.predict(*_unit(handle_file(str(good)), None), SIZE, SIZE, *HINT, api_name="/canny_hint")
 
 
 def test_a_request_over_the_work_budget_is_refused_at_once(client, tmp_path):
@@ -346,7 +352,7 @@ def test_a_request_over_the_work_budget_is_refused_at_once(client, tmp_path):
     huge = dict(SETTINGS, width=1024, height=1024, steps=100, batch=4)
     t0 = time.perf_counter()
     with pytest.raises(Exception, match=r"419 megapixel-steps .*this server allows 32"):
-        client.predict(*_unit(handle_file(str(good)), "canny"), *huge.values(), api_name="/canny_run")
+        client.predict(*_unit(handle_file(str(good)), "canny"), *huge.values(), *_rest(), api_name="/canny_generate")
     assert time.perf_counter() - t0 < 5  # refused before any preprocessor or model ran
 
 
@@ -397,6 +403,7 @@ def _every_route(routes):
         yield from _every_route(inner.routes) if inner is not None else [route]
 
 
+@pytest.mark.integration  # starts a server of its own
 def test_a_server_with_auth_refuses_anonymous_clients(ours, tmp_path):
     """Issue 24: under --auth no route answers without a login but the login page and the login form's handler.
     Gradio alone served its page config (every endpoint, the model lists) on `/`, the heartbeat, and `/cancel`,
@@ -408,13 +415,12 @@ def test_a_server_with_auth_refuses_anonymous_clients(ours, tmp_path):
     from gradio_client import Client
     from starlette.routing import Mount
 
-    from cldm.runtime.manager import ModelManager
     from studio import launch, page
     from studio.gate import OPEN_PATHS
     from studio.service import Studio
 
-    manager = ModelManager.__new__(ModelManager)  # no model is needed to check the door
-    manager.device, manager.base_path = torch.device("cpu"), "sd"
+    # no model is needed to check the door
+    manager = type("M", (), {"device": torch.device("cpu"), "base_path": "sd"})()
     blocks = page.build_app(Studio(manager, None, str(tmp_path)))
     assert blocks.delete_cache == (3600, 86400)  # Gradio's upload copies go once a day old
     s = socket.socket()

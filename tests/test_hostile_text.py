@@ -24,7 +24,7 @@ import torch
 from cldm.adapters import emphasis as prompt_weights
 from cldm.adapters import lora
 from cldm.errors import InputError
-from cldm.pipeline import infotext, key_values
+from cldm.pipeline import infotext, key_values, prompts
 from cldm.pipeline.request import MAX_PROMPT_CHARS, MAX_REQUEST_LORAS, GenerationRequest, LoraUnit
 
 DEADLINE_S = 5.0  # the new code takes milliseconds on every input here; the old one took minutes
@@ -192,12 +192,12 @@ def test_unclosed_brackets_cannot_weigh_a_word_to_infinity():
 def test_a_prompt_may_take_at_most_max_chunks(ours):
     """BREAK x 1663 made 1663 chunks of 77 tokens (a 13-18x slower picture); the text encoder refuses past
     MAX_CHUNKS, with how many there were."""
-    from cldm.models.text import MAX_CHUNKS
+    from cldm.pipeline.prompts import MAX_CHUNKS
 
     text = ours[0].text
-    assert text.weighted_chunks(["a BREAK " * (MAX_CHUNKS - 1) + "a"])[0].shape[1] == MAX_CHUNKS
+    assert prompts.weighted_chunks(text, ["a BREAK " * (MAX_CHUNKS - 1) + "a"])[0].shape[1] == MAX_CHUNKS
     with pytest.raises(InputError, match=rf"A prompt is 1663 chunks .*at most {MAX_CHUNKS}.*fewer BREAKs"):
-        text.encode(["a", "BREAK " * 1663])
+        prompts.encode(text, ["a", "BREAK " * 1663])
 
 
 # ---------------------------------------------------------------------------------------- damaged LoRA files

@@ -11,6 +11,7 @@ from cldm.errors import InputError
 from cldm.pipeline.infotext import NO_PARAMETERS, Infotext, UnitInfo, parse_parameters
 from cldm.pipeline.request import ControlUnit, GenerationRequest
 from cldm.pipeline.stages import parameters
+from cldm.pipeline.vocabulary import ControlMode, ResizeMode
 
 MODEL = SimpleNamespace(source="models/stable-diffusion-v1-5/", latent_factor=8)  # all parameters() reads of a model
 HINT = np.zeros((8, 8, 3), np.uint8)
@@ -92,10 +93,10 @@ def test_round_trip_of_our_own_parameters():
     assert info.fields["Size"] == "512x768"
     assert len(info.units) == 2
     u0, u1 = info.units
-    assert (u0.index, u0.model, u0.weight, u0.start, u0.end) == (0, "control_v11p_sd15_canny", 0.8, 0.1, 0.9)
-    assert (u0.control_mode, u0.resize_mode, u0.pixel_perfect) == ("balanced", "crop", False)
-    assert (u1.index, u1.model, u1.weight, u1.start, u1.end) == (1, "control_v11f1p_sd15_depth", 1.25, 0.0, 0.6)
-    assert u1.control_mode == "prompt"
+    assert (u0.index, u0.model, u0.scale, u0.start, u0.end) == (0, "control_v11p_sd15_canny", 0.8, 0.1, 0.9)
+    assert (u0.control_mode, u0.resize_mode, u0.pixel_perfect) == (ControlMode.BALANCED, ResizeMode.CROP, False)
+    assert (u1.index, u1.model, u1.scale, u1.start, u1.end) == (1, "control_v11f1p_sd15_depth", 1.25, 0.0, 0.6)
+    assert u1.control_mode == ControlMode.PROMPT
     assert u1.raw["Control Mode"] == "My prompt is more important"
     assert info.fields["ControlNet 1"].startswith("Model: control_v11f1p_sd15_depth, Weight: 1.25")
 
@@ -122,10 +123,15 @@ def test_round_trip_of_the_unit_settings_a1111_writes():
     )  # fmt: skip
     info = parse_parameters(parameters(MODEL, _request(units=(unit,), resize_mode="fill")))
     (u,) = info.units
-    assert (u.module, u.model, u.weight, u.start, u.end) == ("canny", "control_v11p_sd15_canny", 0.7, 0.05, 0.95)
-    assert (u.resize_mode, u.processor_res, u.pixel_perfect, u.control_mode) == ("just", 768, True, "control")
+    assert (u.module, u.model, u.scale, u.start, u.end) == ("canny", "control_v11p_sd15_canny", 0.7, 0.05, 0.95)
+    assert (u.resize_mode, u.processor_res, u.pixel_perfect, u.control_mode) == (
+        ResizeMode.JUST,
+        768,
+        True,
+        ControlMode.CONTROL,
+    )
     assert (u.threshold_a, u.threshold_b) == (None, None)
-    assert info.resize_mode == "fill"
+    assert info.resize_mode == ResizeMode.FILL
 
 
 def test_a1111_110_with_schedule_type_and_two_units():
@@ -140,17 +146,22 @@ def test_a1111_110_with_schedule_type_and_two_units():
     assert info.fields["Hires upscaler"] == "R-ESRGAN 4x+ Anime6B"
     assert info.fields["Version"] == "v1.10.1"
     assert info.units[0] == UnitInfo(
-        index=0, module="canny", model="control_v11p_sd15_canny", weight=0.85, start=0.0, end=0.8,
-        resize_mode="crop", pixel_perfect=False, control_mode="balanced", processor_res=512, threshold_a=100.0,
-        threshold_b=200.0, raw=info.units[0].raw,
+        index=0, module="canny", model="control_v11p_sd15_canny", scale=0.85, start=0.0, end=0.8,
+        resize_mode=ResizeMode.CROP, pixel_perfect=False, control_mode=ControlMode.BALANCED, processor_res=512,
+        threshold_a=100.0, threshold_b=200.0, raw=info.units[0].raw,
     )  # fmt: skip
     assert info.units[0].raw["Model"] == "control_v11p_sd15_canny [d14c016b]"
     assert info.units[0].raw["Hr Option"] == "Both"
     u1 = info.units[1]
-    assert (u1.index, u1.module, u1.model, u1.weight, u1.start, u1.end) == (
+    assert (u1.index, u1.module, u1.model, u1.scale, u1.start, u1.end) == (
         1, "depth_midas", "control_v11f1p_sd15_depth", 0.5, 0.1, 1.0,
     )  # fmt: skip
-    assert (u1.resize_mode, u1.pixel_perfect, u1.control_mode, u1.processor_res) == ("just", True, "control", 384)
+    assert (u1.resize_mode, u1.pixel_perfect, u1.control_mode, u1.processor_res) == (
+        ResizeMode.JUST,
+        True,
+        ControlMode.CONTROL,
+        384,
+    )
     assert (u1.threshold_a, u1.threshold_b) == (None, None)
 
 
@@ -167,8 +178,13 @@ def test_a1111_16_with_multi_line_prompts_and_escaped_quotes():
     assert info.fields["ADetailer confidence"] == "0.3"
     assert info.fields["Lora hashes"] == "epiNoiseoffset_v2: d1131f7207d6, add_detail: 7c6bad76eb54"
     (u,) = info.units
-    assert (u.module, u.model, u.weight, u.start, u.end) == ("openpose_full", "control_v11p_sd15_openpose", 1.0, 0, 1)
-    assert (u.resize_mode, u.pixel_perfect, u.control_mode, u.processor_res) == ("fill", True, "prompt", 512)
+    assert (u.module, u.model, u.scale, u.start, u.end) == ("openpose_full", "control_v11p_sd15_openpose", 1.0, 0, 1)
+    assert (u.resize_mode, u.pixel_perfect, u.control_mode, u.processor_res) == (
+        ResizeMode.FILL,
+        True,
+        ControlMode.PROMPT,
+        512,
+    )
     assert u.raw["Save Detected Map"] == "True" and u.raw["Low Vram"] == "False"
 
 
@@ -178,8 +194,8 @@ def test_old_lower_case_extension_format():
     assert (info.sampler, info.steps, info.seed, info.denoising_strength) == ("dpmpp_2m_karras", 20, 42, 0.75)
     (u,) = info.units
     assert u == UnitInfo(
-        index=0, module="canny", model="control_v11p_sd15_canny", weight=1.0, start=0.2, end=0.9, resize_mode="crop",
-        pixel_perfect=False, control_mode="balanced", processor_res=512, threshold_a=100.0, threshold_b=200.0,
+        index=0, module="canny", model="control_v11p_sd15_canny", scale=1.0, start=0.2, end=0.9, resize_mode=ResizeMode.CROP,
+        pixel_perfect=False, control_mode=ControlMode.BALANCED, processor_res=512, threshold_a=100.0, threshold_b=200.0,
         raw=u.raw,
     )  # fmt: skip
     assert u.raw["starting/ending"] == "(0.2, 0.9)"
@@ -191,12 +207,12 @@ def test_old_numbered_units_are_sorted_and_old_names_mapped():
     assert (info.prompt, info.negative_prompt, info.sampler) == ("a castle on a hill", "", "ddim")
     assert info.model is None and (info.width, info.height) == (640, 448)
     u0, u1 = info.units
-    assert (u0.index, u0.module, u0.model, u0.weight, u0.start, u0.end) == (0, "mlsd", "control_sd15_mlsd", 1.2, 0, 1)
-    assert (u0.resize_mode, u0.control_mode, u0.pixel_perfect) == ("crop", "control", False)
+    assert (u0.index, u0.module, u0.model, u0.scale, u0.start, u0.end) == (0, "mlsd", "control_sd15_mlsd", 1.2, 0, 1)
+    assert (u0.resize_mode, u0.control_mode, u0.pixel_perfect) == (ResizeMode.CROP, ControlMode.CONTROL, False)
     assert (u0.processor_res, u0.threshold_a, u0.threshold_b) == (384, 0.1, 0.1)
-    assert (u1.index, u1.module, u1.model, u1.weight) == (1, "none", "control_sd15_depth", 0.6)
+    assert (u1.index, u1.module, u1.model, u1.scale) == (1, "none", "control_sd15_depth", 0.6)
     assert (u1.start, u1.end) == (0.0, 0.5)
-    assert (u1.resize_mode, u1.control_mode, u1.pixel_perfect) == ("fill", "control", True)
+    assert (u1.resize_mode, u1.control_mode, u1.pixel_perfect) == (ResizeMode.FILL, ControlMode.CONTROL, True)
     assert (u1.processor_res, u1.threshold_a, u1.threshold_b) == (None, None, None)  # -1: the slider was not used
 
 
@@ -239,7 +255,7 @@ def test_sampler_labels_map_to_our_keys(sampler, schedule, key):
 )  # fmt: skip
 def test_resize_mode_names(written, key):
     info = parse_parameters(f'x\nSteps: 1, Seed: 2, ControlNet 0: "Model: m, Resize Mode: {written}"')
-    assert info.units[0].resize_mode == key
+    assert info.units[0].resize_mode is ResizeMode(key)
 
 
 def test_unreadable_numbers_are_skipped_and_kept_as_text():
@@ -251,7 +267,7 @@ Guidance Start: soon, Processor Res: 51x, Model: m [abc]"'
     )  # fmt: skip
     assert (info.fields["Steps"], info.fields["Size"], info.fields["Clip skip"]) == ("many", "big", "two")
     (u,) = info.units
-    assert (u.model, u.weight, u.start, u.end, u.processor_res) == ("m", 1.0, 0.0, 1.0, None)
+    assert (u.model, u.scale, u.start, u.end, u.processor_res) == ("m", 1.0, 0.0, 1.0, None)
     assert u.raw == {"Weight": "heavy", "Guidance Start": "soon", "Processor Res": "51x", "Model": "m [abc]"}
 
 
@@ -295,7 +311,7 @@ def test_long_texts_and_the_first_extension_format():
         "ControlNet-0 Guidance End: 0.8"
     )
     (u,) = info.units
-    assert (u.module, u.model, u.weight, u.start, u.end) == ("canny", "control_sd15_canny", 0.7, 0.0, 0.8)
+    assert (u.module, u.model, u.scale, u.start, u.end) == ("canny", "control_sd15_canny", 0.7, 0.0, 0.8)
 
 
 @pytest.mark.parametrize("value", [None, b"Steps: 20, Seed: 1, Size: 8x8", 42])

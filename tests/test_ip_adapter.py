@@ -166,7 +166,7 @@ def test_an_adapter_for_another_family_is_refused_before_sampling(ours, tmp_path
     with pytest.raises(CheckpointError, match="sd2-ish.bin does not fit the base model.*text context"):
         m.run(GenerationRequest("a", image_prompt=ImagePrompt(str(tmp_path / "sd2-ish.bin"), (_picture(),), str(encoder_dir)),
                                 steps=2, width=SIZE, height=SIZE), callback=lambda i, n: steps.append(i))  # fmt: skip
-    assert steps == [] and m._ip is None
+    assert steps == [] and m.ip_loads == 0  # refused, so not kept
 
 
 def test_scale_zero_is_the_plain_picture_and_the_base_is_untouched(adapter_file, ours, encoder_dir):
@@ -179,6 +179,42 @@ def test_scale_zero_is_the_plain_picture_and_the_base_is_untouched(adapter_file,
     assert np.array_equal(plain, zero.images)
     after = sd.unet.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _plain_unet(unet) -> bool:
+    """Every attention layer computes with the plain processor and no block carries a hook."""
+    from cldm.models.attention import sdpa_attention
+
+    layers = [*unet.cross_attentions(), *unet.self_attentions()]
+    return all(a.processor is sdpa_attention for a in layers) and not any(m._forward_hooks for m in unet.modules())
+
+
+def test_adapters_attach_for_one_request_and_leave_the_unet_plain(adapter_file, ours, encoder_dir, monkeypatch):
+    """The image prompt and the reference act through processors and hooks set for the request only: afterwards
+    (and after a request that fails halfway) the UNet is the plain model again."""
+    from cldm.pipeline import stages
+    from cldm.pipeline.request import ReferenceUnit
+
+    _, path = adapter_file
+    sd, _ = ours
+    seen = []
+    real = sd.unet.forward
+
+    def spy(*args, **kwargs):
+        seen.append({type(a.processor).__name__ for a in sd.unet.cross_attentions()})
+        return real(*args, **kwargs)
+
+    r = GenerationRequest("a cat", steps=2, cfg_scale=5.0, seed=3, width=SIZE, height=SIZE,
+                          image_prompt=_ours(path, encoder_dir, [_picture()], 0.7),
+                          reference=ReferenceUnit(_picture(1), mode="adain+attn"))  # fmt: skip
+    monkeypatch.setattr(sd.unet, "forward", spy)
+    generate(sd, r)
+    assert seen and all(names == {"ImagePromptAttention"} for names in seen)
+    assert _plain_unet(sd.unet)
+    monkeypatch.setattr(stages, "approx_rgb", lambda *a: 1 / 0)  # the preview fails after the first step
+    with pytest.raises(ZeroDivisionError):
+        generate(sd, r, preview=lambda p: None, preview_every=1)
+    assert _plain_unet(sd.unet)
 
 
 def test_per_block_scales_follow_diffusers_layout():

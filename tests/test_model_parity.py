@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cldm.pipeline import prompts
+
 TOL = 1e-4
 
 
@@ -79,28 +81,28 @@ def test_vae_encode_decode_match(ours, ref_models):
 def test_text_encoder_matches_and_clip_skip(ours, ref_models, ref_pipe):  # noqa: D103
     sd, _ = ours
     text_ref = ref_models[3]
-    ids = sd.text.token_chunks(["a photo of a cat"])[:, 0]
+    ids = prompts.token_chunks(sd.text, ["a photo of a cat"])[:, 0]
     ref_ids = ref_pipe.tokenizer("a photo of a cat", padding="max_length", max_length=77, return_tensors="pt").input_ids
     assert torch.equal(ids, ref_ids)
     assert (sd.text(ids) - text_ref(ids).last_hidden_state).abs().max() <= TOL
     # A1111 clip skip 2 == diffusers clip_skip=1: the penultimate layer, then the final layer norm
     # (diffusers' own encode_prompt(clip_skip=...) breaks on transformers 5, so the rule is written out here)
-    ours_skip = sd.text.encode(["a photo of a cat"], clip_skip=2)
+    ours_skip = prompts.encode(sd.text, ["a photo of a cat"], clip_skip=2)
     hidden = text_ref(ids, output_hidden_states=True).hidden_states[-2]
     ref_skip = text_ref.final_layer_norm(hidden)
     assert (ours_skip - ref_skip).abs().max() <= TOL
-    assert (ours_skip - sd.text.encode(["a photo of a cat"])).abs().max() > 1e-3
+    assert (ours_skip - prompts.encode(sd.text, ["a photo of a cat"])).abs().max() > 1e-3
 
 
 def test_long_prompts_are_chunked_not_cut(ours):
     sd, _ = ours
     long = " ".join(["a"] * 100)  # "a" is one token, even in the tiny vocabulary
-    ctx = sd.text.encode([long, "dog"])
+    ctx = prompts.encode(sd.text, [long, "dog"])
     assert ctx.shape[:2] == (2, 154)  # two 77-token chunks each; the short prompt is padded with an empty chunk
-    ids = sd.text.token_chunks([long])
+    ids = prompts.token_chunks(sd.text, [long])
     assert (ids[0, 1] == ids[0, 0, 1]).sum() == 25  # the 25 tokens past the first 75 are in the second chunk
     # changing a word past token 77 changes the context (diffusers would have cut it off)
-    other = sd.text.encode([" ".join(["a"] * 99 + ["dog"])])
+    other = prompts.encode(sd.text, [" ".join(["a"] * 99 + ["dog"])])
     assert (other[0, 77:] - ctx[0, 77:]).abs().max() > 1e-4
 
 

@@ -128,7 +128,7 @@ def test_img2img_and_an_image_prompt_switch_back_and_forth(managers, tiny_dirs, 
     assert [name for name, onto, _, _ in moves if onto] == ["text", "image", "unet", "vae", "unet", "vae"]
     assert all(not onto for _, onto, _, _ in moves[1::2]) and len(moves) == 12
     assert moves[4][2] == ["UNet", "ControlNet", "IPAdapter"]
-    _nothing_left(low, low._ip[1], low._encoder[1])
+    _nothing_left(low, low.ip_adapter(ip.adapter), low.image_encoder(ip.encoder))  # the kept ones, not loaded again
 
 
 def test_an_error_halfway_leaves_nothing_on_the_device(managers, tiny_dirs, moves):
@@ -190,4 +190,4 @@ def test_cuda_peak_memory_is_lower_with_low_vram(tiny_dirs, ours, tmp_path):
     assert result.timings["peak_gib"] < expected.timings["peak_gib"]
     assert low.offloader.moves >= 8 and result.timings["offload"] > 0
     assert torch.cuda.memory_allocated() - base < module_bytes(low.sd.vae)  # no module's weights left on the GPU
-    _nothing_left(low, low.controlnet(str(tiny_dirs[1])), low._ip[1], low._encoder[1])
+    _nothing_left(low, low.controlnet(str(tiny_dirs[1])), low.ip_adapter(ip.adapter), low.image_encoder(ip.encoder))

@@ -12,6 +12,7 @@ import torch
 from cldm.io import checkpoints
 from cldm.io.model_card import card_for
 from cldm.models.config import SDConfig
+from cldm.pipeline import prompts
 from cldm.pipeline.request import ControlUnit, GenerationRequest
 from cldm.pipeline.stages import generate
 from cldm.sampling.schedules import TRAIN_STEPS, alphas_cumprod
@@ -148,10 +149,10 @@ def test_demo_text_context_is_32_tokens_with_30_token_chunks():
     assert fam.text.max_length == 32
     sd = random_sd(SDConfig(fam.unet, fam.vae, fam.text), shapes_tokenizer())
     longest = "a purple diamond, an orange triangle and a yellow square on a white and black background"
-    ids = sd.text.token_chunks([longest])
+    ids = prompts.token_chunks(sd.text, [longest])
     assert ids.shape == (1, 1, 32) and ids[0, 0, 20] == shapes_tokenizer().eos_token_id  # 19 words + BOS + EOS
-    assert sd.text.token_chunks(["a red circle " * 12]).shape == (1, 2, 32)  # 36 tokens: two chunks of 30
-    assert sd.text.encode(["a red circle " * 12]).shape == (1, 64, fam.text.hidden_size)
+    assert prompts.token_chunks(sd.text, ["a red circle " * 12]).shape == (1, 2, 32)  # 36 tokens: two chunks of 30
+    assert prompts.encode(sd.text, ["a red circle " * 12]).shape == (1, 64, fam.text.hidden_size)
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -251,6 +252,7 @@ def test_resume_continues_from_the_saved_step(trained):
     assert state["step"] == 6
 
 
+@pytest.mark.integration  # a training run
 def test_base_loss_goes_down(tmp_path):
     """Thirty steps on one repeated small pool: the eps loss must fall well below its start."""
     torch.manual_seed(0)
@@ -266,6 +268,7 @@ def test_base_loss_goes_down(tmp_path):
     assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:4])
 
 
+@pytest.mark.integration  # a training run
 def test_demo_ip_adapter_trains_and_is_found_where_the_app_looks(tmp_path):
     """A few steps of `train ip-adapter` on the shipped demo model: the files come out in the published layouts,
     load like any SD1.5 adapter, and the app's lookup finds them beside the model."""

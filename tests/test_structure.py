@@ -14,52 +14,185 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-WINGS = ("training", "scale", "bench")
-CORE = sorted(p for p in (ROOT / "cldm").rglob("*.py") if p.relative_to(ROOT / "cldm").parts[0] not in WINGS
-              and p.name != "__main__.py")  # fmt: skip
+FILES = sorted([ROOT / "app.py", *(ROOT / "cldm").rglob("*.py"), *(ROOT / "studio").rglob("*.py"),
+                *(ROOT / "annotators").rglob("*.py")])  # fmt: skip
+WINGS = ("cldm.scale", "cldm.bench", "cldm.training")
+CORE_FILES = [p for p in FILES if p.is_relative_to(ROOT / "cldm") and p.name not in ("__main__.py", "cli.py")
+              and not any(p.is_relative_to(ROOT / w.replace(".", "/")) for w in WINGS)]  # fmt: skip
 APP = [ROOT / "app.py", *sorted((ROOT / "studio").glob("*.py"))]
 SCALE = sorted((ROOT / "cldm" / "scale").glob("*.py"))  # batch and Ray: Ray only in two of them
 
+# ------------------------------------------------------------------------------------------ the import rules
+# Who may import whom, one row per package (ARCHITECTURE.md's arrows, read from the code). `cldm.errors` is open to
+# every module and imports nothing. The core is listed bottom up: each row may use only rows above it (sampling
+# sits below io: io writes the schedule's constants into a diffusers folder's scheduler config).
+MODELS, SAMPLING, IO, ADAPTERS = "cldm.models", "cldm.sampling", "cldm.io", "cldm.adapters"
+PIPELINE, HINTS, RUNTIME = "cldm.pipeline", "cldm.hints", "cldm.runtime"
+CORE = (MODELS, SAMPLING, IO, ADAPTERS, PIPELINE, HINTS, RUNTIME, "cldm")  # "cldm": the public surface, __init__.py
+MAY_IMPORT: dict[str, set[str]] = {
+    "cldm.errors": set(),
+    MODELS: set(),  # the networks only: no adapter, no file, no request
+    SAMPLING: {MODELS},
+    IO: {MODELS, SAMPLING},  # builds the networks from files
+    ADAPTERS: {MODELS, IO},  # LoRA key maps and IP-Adapter files are read by io, the one reader of weight files
+    PIPELINE: {MODELS, IO, SAMPLING, ADAPTERS},
+    HINTS: {MODELS, IO, SAMPLING, ADAPTERS, PIPELINE, "annotators"},  # the one core package over the annotators
+    RUNTIME: {MODELS, IO, SAMPLING, ADAPTERS, PIPELINE, HINTS},
+    "cldm": {*CORE},
+    "cldm.cli": {*CORE},  # `python -m cldm generate`: the core only
+    "cldm.__main__": {*CORE, "cldm.cli", *WINGS},  # the command line dispatches to the wings
+    "cldm.scale": {*CORE, "annotators"},  # a row's preprocessor failure is reported per row
+    "cldm.bench": {*CORE},
+    "cldm.training": {*CORE},
+    "studio": {*CORE, "annotators", "cldm.scale"},  # the Batch tab runs the batch
+    "app": {*CORE, "studio", "cldm.scale"},  # --serve starts the Ray Serve deployment
+    "annotators": set(),
+}
+OURS = {"cldm", "studio", "app", "annotators"}
+NO_LIBRARIES = {"gradio", "ray", "diffusers"}  # the UI, the optional Ray extra, the test-only reference
+LIBRARIES_REFUSED = {
+    **{unit: NO_LIBRARIES for unit in (*CORE, "cldm.errors", "cldm.cli", "cldm.__main__")},
+    "cldm.scale": {"gradio", "diffusers"},
+    "cldm.bench": {"gradio", "ray"},  # diffusers: the bench measures ours beside it
+    "cldm.training": NO_LIBRARIES,
+    "studio": {"diffusers"},
+    "app": {"diffusers"},
+    "annotators": {"gradio"},
+}
 
-def _imports(path: Path) -> set[str]:
-    """Every module a file imports, at the top or inside a function (relative imports made absolute)."""
-    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_module(name: str) -> bool:
+    where = ROOT.joinpath(*name.split("."))
+    return where.with_suffix(".py").is_file() or (where / "__init__.py").is_file()
+
+
+def _imports_in(source: str, module: str, is_package: bool = False) -> dict[str, list[str]]:
+    """Every module the source imports, at the top or inside a function, relative imports made absolute and
+    `importlib.import_module("...")` counted: {module: [the names taken from it]}."""
+    package = module if is_package else module.rpartition(".")[0]
+    out: dict[str, list[str]] = {}
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
+            for a in node.names:
+                out.setdefault(a.name, [])
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(p for p in [*parts, base] if p)
-            out |= {base} | {f"{base}.{a.name}" for a in node.names}
+            for a in node.names:
+                if _is_module(f"{base}.{a.name}"):  # `from cldm.io import checkpoints`: the module itself
+                    out.setdefault(f"{base}.{a.name}", [])
+                else:
+                    out.setdefault(base, []).append(a.name)
+        elif (
+            isinstance(node, ast.Call)
+            and ast.unparse(node.func) in ("importlib.import_module", "import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            out.setdefault(node.args[0].value, [])
     return out
 
 
-def test_rules_hold_on_these_files():
-    """The checker itself: it sees relative, absolute and in-function imports."""
-    assert "cldm.training.cli" in _imports(ROOT / "cldm" / "__main__.py")
-    assert {"cldm.io.checkpoints", "cldm.io.writers"} <= _imports(ROOT / "cldm" / "training" / "export.py")
-    assert "cldm.training.shapes" in _imports(ROOT / "cldm" / "training" / "vocab.py")
-    assert "annotators" in _imports(ROOT / "cldm" / "hints" / "fitted.py")
+def _unit(module: str) -> str:
+    """The package a module belongs to, as the table names it (a library: its top-level name)."""
+    parts = module.split(".")
+    if parts[0] == "cldm" and len(parts) > 1:
+        return f"cldm.{parts[1]}"
+    return parts[0]
 
 
-@pytest.mark.parametrize("path", CORE + APP, ids=lambda p: p.name)
-def test_core_and_app_never_import_training(path):
-    bad = {m for m in _imports(path) if m.startswith("cldm.training")}
-    assert not bad, f"{path.name} imports {bad}"
+def violations(source: str, module: str, is_package: bool = False) -> list[str]:
+    """What the table forbids in this source: imports of our packages it may not use, refused libraries, and
+    private names (`_x`) taken from another package."""
+    me = _unit(module)
+    allowed, refused = MAY_IMPORT[me] | {me, "cldm.errors"}, LIBRARIES_REFUSED[me]
+    found = []
+    for name, taken in _imports_in(source, module, is_package).items():
+        unit = _unit(name)
+        if (name.split(".")[0] in OURS and unit not in allowed) or name.split(".")[0] in refused:
+            found.append(f"{module} imports {name}")
+        found += [f"{module} imports the private {t} from {name}" for t in taken if t.startswith("_") and unit != me]
+    return sorted(found)
 
 
-@pytest.mark.parametrize("path", CORE, ids=lambda p: p.name)
-def test_core_imports_neither_the_ui_nor_the_annotators(path):
-    allowed = ("annotators",) if path.parent.name == "hints" else ()  # the one core package over the annotators
-    bad = {m for m in _imports(path) if m.split(".")[0] in ("gradio", "annotators", "app", "studio")}
-    bad = {m for m in bad if m.split(".")[0] not in allowed}
-    assert not bad, f"{path.name} imports {bad}"
+def test_the_checker_catches_forbidden_imports_anywhere():
+    top = "import torch\nfrom cldm.adapters.lora import Lora\n"
+    assert violations(top, "cldm.models.unet") == ["cldm.models.unet imports cldm.adapters.lora"]
+    inside = "def f():\n    import gradio as gr\n    from ..runtime import manager\n    return gr, manager\n"
+    assert violations(inside, "cldm.pipeline.stages") == [
+        "cldm.pipeline.stages imports cldm.runtime.manager", "cldm.pipeline.stages imports gradio"
+    ]  # fmt: skip
+    hidden = "import importlib\nimportlib.import_module('cldm.training.cli')\nfrom cldm.sampling.x import _randn\n"
+    assert violations(hidden, "cldm.scale.batch") == [
+        "cldm.scale.batch imports cldm.training.cli", "cldm.scale.batch imports the private _randn from cldm.sampling.x"
+    ]  # fmt: skip
+    assert violations("from . import keymaps\nfrom .. import errors\n", "cldm.io", is_package=True) == []
+    assert violations("from cldm.models.unet import UNet\nimport ray\n", "cldm.scale.serve") == []
+    assert violations("import cldm.io.checkpoints\n", "annotators.registry") == [
+        "annotators.registry imports cldm.io.checkpoints"
+    ]
 
 
-@pytest.mark.parametrize("path", CORE + APP + SCALE, ids=lambda p: p.name)
+def test_every_package_has_a_row_and_the_core_points_down():
+    assert {_unit(_module_name(p)) for p in FILES} == set(MAY_IMPORT)
+    for i, unit in enumerate(CORE):
+        assert MAY_IMPORT[unit] - {"annotators", unit} <= set(CORE[:i]), unit
+
+
+# Other engineers' work in progress on issue 25: each case flips (XPASS fails) once its import is gone.
+KNOWN = {
+    "cldm/models/image_encoder.py": "models/image_encoder.py loads its files through cldm.io: that belongs in io",
+    "cldm/adapters/lora.py": "adapters/lora.py imports cldm.pipeline.request's limits (upward)",
+}
+
+
+def _cases(files: list[Path], known: dict[str, str]) -> list:
+    ids = [str(p.relative_to(ROOT)) for p in files]
+    return [pytest.param(p, id=i, marks=[pytest.mark.xfail(strict=True, reason=known[i])] if i in known else [])
+            for p, i in zip(files, ids)]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", _cases(FILES, KNOWN))
+def test_imports_follow_the_table(path):
+    found = violations(path.read_text(encoding="utf-8"), _module_name(path), path.name == "__init__.py")
+    assert not found, "\n".join(found)
+
+
+READS = {"open", "read_text", "read_bytes", "safe_open", "load_file", "torch.load", "json.load"}
+
+
+def _file_reads(source: str) -> list[str]:
+    """Calls that read a file: open(), gzip.open(), Path.read_*, safetensors, torch.load."""
+    calls = (ast.unparse(n.func) for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call))
+    return sorted(c for c in calls if c in READS or c.rpartition(".")[2] in READS - {"load"})
+
+
+def test_the_file_check_sees_reads():
+    source = "import gzip\ndef f(p):\n    return gzip.open(p).read(), p.read_text(), torch.load(p), open(p)\n"
+    assert _file_reads(source) == ["gzip.open", "open", "p.read_text", "torch.load"]
+    assert _file_reads("x = model.load_state_dict(sd)\ny = json.loads(text)\n") == []
+
+
+MODEL_READS = {
+    "cldm/models/image_encoder.py": "models/image_encoder.py reads its config.json: that belongs in io",
+}
+
+
+@pytest.mark.parametrize("path", _cases(sorted((ROOT / "cldm" / "models").glob("*.py")), MODEL_READS))
+def test_models_read_no_files(path):
+    """cldm/io builds the networks from files; cldm/models only defines them."""
+    assert not _file_reads(path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("path", CORE_FILES + APP + SCALE, ids=lambda p: p.name)
 def test_ray_is_imported_only_by_the_ray_modules(path):
     """Ray is an optional extra: nothing but scale/ray_batch.py and scale/serve.py may import it at the top."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -67,7 +200,8 @@ def test_ray_is_imported_only_by_the_ray_modules(path):
     top |= {n.module or "" for n in tree.body if isinstance(n, ast.ImportFrom)}
     assert not {m for m in top if m.split(".")[0] == "ray"}
     if path.name not in ("ray_batch.py", "serve.py"):
-        assert "ray" not in {m.split(".")[0] for m in _imports(path)}, f"{path.name} imports ray"
+        imported = _imports_in(path.read_text(encoding="utf-8"), _module_name(path), path.name == "__init__.py")
+        assert "ray" not in {m.split(".")[0] for m in imported}, f"{path.name} imports ray"
 
 
 def _loaded_after(imports: str, prefix: str, setup: str = "") -> str:
@@ -83,7 +217,9 @@ def _loaded_after(imports: str, prefix: str, setup: str = "") -> str:
 def test_the_app_and_the_batch_command_run_without_ray():
     # with ray made unimportable, importing these must succeed (check=True) and load nothing of it
     assert (
-        _loaded_after("app, cldm.scale.batch, studio.batch_tab, cldm.__main__", "ray", setup="sys.modules['ray'] = None; ")
+        _loaded_after(
+            "app, cldm.scale.batch, studio.batch_tab, cldm.__main__", "ray", setup="sys.modules['ray'] = None; "
+        )
         == "[]"
     )
 
@@ -93,7 +229,7 @@ def test_importing_the_app_and_the_cli_loads_no_training_code():
 
 
 def test_only_checkpoints_reads_weight_files():
-    for path in CORE + APP:
+    for path in CORE_FILES + APP:
         text = path.read_text(encoding="utf-8")
         calls = {c for c in ("safe_open(", "torch.load(", "load_file(", "load_state_dict(torch") if c in text}
         assert path.name == "checkpoints.py" or not calls, f"{path.name} reads weights itself: {calls}"
@@ -101,7 +237,7 @@ def test_only_checkpoints_reads_weight_files():
 
 
 def test_no_module_is_longer_than_400_lines():
-    files = CORE + APP + SCALE + sorted((ROOT / "cldm" / "training").glob("*.py"))
+    files = CORE_FILES + APP + SCALE + sorted((ROOT / "cldm" / "training").glob("*.py"))
     files += sorted((ROOT / "annotators").glob("*.py"))
     long = {p.name: n for p in files if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400}
     assert not long

@@ -17,6 +17,7 @@ from cldm.pipeline.fit import fit_mask, fit_rgb, fit_tensor, geometry, picture_s
 from cldm.pipeline.infotext import parse_parameters
 from cldm.pipeline.request import ControlUnit, GenerationRequest, HiresFix
 from cldm.pipeline.stages import decode, fit_pictures, generate, latent_mask
+from cldm.pipeline.vocabulary import ResizeMode
 from cldm.sampling.preview import approx_rgb
 
 SIZE = 64
@@ -457,7 +458,7 @@ def test_unit_settings_are_written_and_read_back(ours):
         assert part in text, part
     (u,) = parse_parameters(text).units
     assert (u.module, u.model, u.resize_mode, u.processor_res, u.pixel_perfect) == (
-        "canny", "control_v11p_sd15_canny", "fill", 384, True,
+        "canny", "control_v11p_sd15_canny", ResizeMode.FILL, 384, True,
     )  # fmt: skip
     default = generate(sd, GenerationRequest("a cat", units=(ControlUnit(cn, _hint()),), steps=1, cfg_scale=5.0,
                                              width=SIZE, height=SIZE))  # fmt: skip
@@ -467,7 +468,7 @@ def test_unit_settings_are_written_and_read_back(ours):
     for key in ("Module", "Resize Mode", "Processor Res", "Pixel Perfect"):
         assert key not in default.parameters, key
     (d,) = parse_parameters(default.parameters).units
-    assert (d.module, d.resize_mode, d.processor_res, d.pixel_perfect) == ("", "crop", None, False)
+    assert (d.module, d.resize_mode, d.processor_res, d.pixel_perfect) == ("", ResizeMode.CROP, None, False)
 
 
 def test_seed_per_picture_holds_with_a_reference(ours):

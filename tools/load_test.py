@@ -98,9 +98,15 @@ def params(key: str) -> list:
     return [p.default for a in BY_KEY[key].annotators for p in annotators.ANNOTATORS[a].params]
 
 
+# `/<tab>_generate` after the unit and the settings, by name (the rest keep the page's values): the unit's picture
+# cropped at the detection resolution given, no init picture, no live previews, no image prompt, the page's base
+PLAIN = dict(control_mode="Balanced", resize_mode="Crop and Resize", pixel_perfect=False, init_image=None,
+             preview_every=0, image_prompt=None)  # fmt: skip
+
+
 def _settings(prompt: str, seed: int, **kw) -> list:
     s = dict(prompt=prompt, added_prompt="", negative_prompt="", batch=1, width=SIZE, height=SIZE, steps=STEPS, cfg=5.0,
-             sampler="ddim", seed=seed, randomize=False, guess_mode=False, denoise=1.0)  # fmt: skip
+             sampler="ddim", seed=seed, randomize=False, denoise=1.0)  # fmt: skip
     s.update(kw)
     return list(s.values())
 
@@ -111,11 +117,11 @@ def good_requests() -> list[tuple[str, str, list]]:
 
     out = []
     for seed in (1, 2, 3):
-        out.append((f"canny-{seed}", "/canny_run", [handle_file(str(EXAMPLES / "shapes.png")), "canny", SIZE, 1.0, 0.0,
+        out.append((f"canny-{seed}", "/canny_generate", [handle_file(str(EXAMPLES / "shapes.png")), "canny", SIZE, 1.0, 0.0,
                     1.0, *params("canny"), *_settings("a blue circle and a yellow star on a pink background", seed)]))  # fmt: skip
-        out.append((f"scribble-{seed}", "/scribble_run", [_canvas(EXAMPLES / "triangle_sketch.png"), "scribble_sketch",
+        out.append((f"scribble-{seed}", "/scribble_generate", [_canvas(EXAMPLES / "triangle_sketch.png"), "scribble_sketch",
                     SIZE, 1.0, 0.0, 1.0, *_settings("a green triangle on a white background", seed)]))  # fmt: skip
-        out.append((f"seg-{seed}", "/seg_run", [handle_file(str(EXAMPLES / "shapes_seg.png")), "none", SIZE, 1.0, 0.0,
+        out.append((f"seg-{seed}", "/seg_generate", [handle_file(str(EXAMPLES / "shapes_seg.png")), "none", SIZE, 1.0, 0.0,
                     1.0, *_settings("a blue circle and a yellow star on a pink background", seed)]))  # fmt: skip
     return out
 
@@ -130,15 +136,15 @@ def bad_requests(folder: Path) -> list[tuple[str, str, list, str]]:
     Image.new("L", (60000, 8)).save(strip)
     shapes = handle_file(str(EXAMPLES / "shapes.png"))
     return [
-        ("broken", "/canny_run", [handle_file(str(broken)), "canny", SIZE, 1.0, 0.0, 1.0, *params("canny"),
+        ("broken", "/canny_generate", [handle_file(str(broken)), "canny", SIZE, 1.0, 0.0, 1.0, *params("canny"),
                                   *_settings("a red square", 1)], "Cannot read the image"),  # fmt: skip
-        ("strip", "/canny_run", [handle_file(str(strip)), "canny", SIZE, 1.0, 0.0, 1.0, *params("canny"),
+        ("strip", "/canny_generate", [handle_file(str(strip)), "canny", SIZE, 1.0, 0.0, 1.0, *params("canny"),
                                  *_settings("a red square", 1)], "8:1"),  # fmt: skip
-        ("budget", "/canny_run", [shapes, "canny", SIZE, 1.0, 0.0, 1.0, *params("canny"),
+        ("budget", "/canny_generate", [shapes, "canny", SIZE, 1.0, 0.0, 1.0, *params("canny"),
                                   *_settings("a", 1, width=1024, height=1024, steps=100, batch=4)], "megapixel-steps"),
-        ("preprocessor", "/canny_run", [shapes, "<b>x</b>", SIZE, 1.0, 0.0, 1.0, *params("canny"), *_settings("a", 1)],
+        ("preprocessor", "/canny_generate", [shapes, "<b>x</b>", SIZE, 1.0, 0.0, 1.0, *params("canny"), *_settings("a", 1)],
          "&lt;b&gt;x&lt;/b&gt;' is not a preprocessor"),
-        ("no-model", "/depth_run", [shapes, "none", SIZE, 1.0, 0.0, 1.0, *params("depth"), *_settings("a", 1)], "only has ControlNets"),
+        ("no-model", "/depth_generate", [shapes, "none", SIZE, 1.0, 0.0, 1.0, *params("depth"), *_settings("a", 1)], "only has ControlNets"),
     ]  # fmt: skip
 
 
@@ -189,7 +195,7 @@ def run(clients: int, seconds: float, queue_size: int = 16, bad_share: float = 0
         goods, bads = good_requests(), bad_requests(tmp)
         with serve_demo(tmp / "out", "--queue-size", str(queue_size), *server_args, env=env) as (url, proc):
             first = Client(url, verbose=False)
-            serial = {name: pixels(first.predict(*args, api_name=api)[2]) for name, api, args in goods}
+            serial = {name: pixels(first.predict(*args, **PLAIN, api_name=api)[2]) for name, api, args in goods}
             report.rss_start_mb = rss_mb(proc.pid)
             lock = threading.Lock()
             deadline = time.time() + seconds
@@ -202,7 +208,7 @@ def run(clients: int, seconds: float, queue_size: int = 16, bad_share: float = 0
                     name, api, args, expect = rng.choice(bads) if bad else (*rng.choice(goods), "")
                     t0 = time.perf_counter()
                     try:
-                        result = c.predict(*args, api_name=api)
+                        result = c.predict(*args, **PLAIN, api_name=api)
                     except Exception as e:  # noqa: BLE001 (every answer is sorted below)
                         took, msg = time.perf_counter() - t0, str(e)
                         with lock:

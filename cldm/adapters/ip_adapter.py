@@ -3,14 +3,16 @@
 A frozen CLIP image encoder gives an embedding (plain adapter) or its penultimate hidden states ("plus"); the
 projection turns that into a few tokens of the text-context width (plain: Linear + LayerNorm, 4 tokens; plus: a
 perceiver Resampler, 16 tokens); every cross-attention layer of the UNet adds `scale * attention(q, to_k_ip(tokens),
-to_v_ip(tokens))` to its text attention (`attention.CrossAttention`). The text path and the ControlNets are
-unchanged. Module names follow the published files (`image_proj.*`, `ip_adapter.N.to_k_ip/to_v_ip` with N the
-odd numbers of diffusers' attention-processor order), so a file loads with a prefix strip only.
+to_v_ip(tokens))` to its text attention (an attention processor, `attached` for one request). The text path and the
+ControlNets are unchanged. Module names follow the published files (`image_proj.*`, `ip_adapter.N.to_k_ip/to_v_ip`
+with N the odd numbers of diffusers' attention-processor order), so a file loads with a prefix strip only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from torch import nn
 from cldm.errors import CheckpointError, InputError
 from cldm.io import checkpoints
 from cldm.io.assemble import build
-from cldm.models.attention import PromptContext
+from cldm.models.attention import processors_set
 from cldm.models.image_encoder import ImageEncoder
 
 
@@ -145,8 +147,30 @@ class IPAdapter(nn.Module):
     def tokens(self, features: torch.Tensor) -> torch.Tensor:
         return self.image_proj(features.to(next(self.image_proj.parameters()).dtype))
 
-    def context(self, text: torch.Tensor, tokens: torch.Tensor, scales: list[float]) -> PromptContext:
-        return PromptContext(text, tokens.to(text.dtype), self.layers, scales)
+
+class ImagePromptAttention:
+    """A cross-attention processor: the text attention plus `scale * softmax(q k_ip^T) v_ip` over the image-prompt
+    tokens (batch, tokens, context width; the UNet's guidance batch), before the output projection."""
+
+    def __init__(self, layer: IPLayer, tokens: torch.Tensor, scale: float):
+        self.layer, self.tokens, self.scale = layer, tokens, scale
+
+    def __call__(self, attn: nn.Module, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        q, out = attn.attend(x, context)
+        if self.scale != 0:
+            b = x.shape[0]
+            k, v = (attn.split_heads(f(self.tokens), b) for f in (self.layer.to_k_ip, self.layer.to_v_ip))
+            out = out + self.scale * F.scaled_dot_product_attention(q, k, v).to(q.dtype)
+        return attn.project_out(out)
+
+
+@contextlib.contextmanager
+def attached(unet, adapter: IPAdapter, tokens: torch.Tensor, scales: Sequence[float]) -> Iterator[None]:
+    """The adapter's processors on the UNet's cross-attention layers (one scale each, `layer_scales`), for the
+    block's duration; the layers' own processors come back after."""
+    processors = [ImagePromptAttention(layer, tokens, s) for layer, s in zip(adapter.layers, scales, strict=True)]
+    with processors_set(unet.cross_attentions(), processors):
+        yield
 
 
 # ------------------------------------------------------------------------------------------------- scales

@@ -21,18 +21,30 @@ main noise stream, and every picture made without a reference, is unchanged.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from cldm.models.attention import processors_set
+
 MODES = ("only", "adain", "adain+attn")
 EPS = 1e-6
 
 
+def uses_attention(mode: str) -> bool:
+    return mode in ("only", "adain+attn")
+
+
+def uses_adain(mode: str) -> bool:
+    return mode in ("adain", "adain+attn")
+
+
 @dataclass
 class ReferenceState:
-    """What one step's write and read passes share (module -> banks), created by the pipeline per step."""
+    """What one step's write and read passes share (layer or block -> banks)."""
 
     mode: str
     style_fidelity: float
@@ -44,34 +56,33 @@ class ReferenceState:
 
     @property
     def attention(self) -> bool:
-        return self.mode in ("only", "adain+attn")
+        return uses_attention(self.mode)
 
     @property
     def adain(self) -> bool:
-        return self.mode in ("adain", "adain+attn")
+        return uses_adain(self.mode)
 
-    def self_attention(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        """A transformer block's self-attention on its normalised input `h`, writing or reading the bank."""
-        weight = getattr(block, "ref_weight", None)
-        if not self.attention or weight is None:
-            return block.attn1(h)
+    def self_attention(self, attn: nn.Module, plain, h: torch.Tensor, weight: float) -> torch.Tensor:
+        """A self-attention layer's output on its normalised input `h` (`plain`: the layer's own processor), writing
+        or reading the bank."""
+        if not self.attention:
+            return plain(attn, h, None)
         if self.writing:
             if self.weight > weight:
-                self.attn_bank[id(block)] = h.detach()
-            return block.attn1(h)
-        ref = self.attn_bank.pop(id(block), None)
+                self.attn_bank[id(attn)] = h.detach()
+            return plain(attn, h, None)
+        ref = self.attn_bank.pop(id(attn), None)
         if ref is None:
-            return block.attn1(h)
-        with_ref = block.attn1(h, torch.cat([h, ref], dim=1))
+            return plain(attn, h, None)
+        with_ref = plain(attn, h, torch.cat([h, ref], dim=1))
         out = with_ref.clone()
         if self.uncond and self.style_fidelity > 1e-5:
-            out[: self.uncond] = block.attn1(h[: self.uncond])
+            out[: self.uncond] = plain(attn, h[: self.uncond], None)
         return self.style_fidelity * out + (1.0 - self.style_fidelity) * with_ref
 
-    def block_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def block_output(self, block: nn.Module, x: torch.Tensor, weight: float) -> torch.Tensor:
         """An AdaIN block's output, writing or reading its statistics."""
-        weight = getattr(block, "ref_gn_weight", None)
-        if not self.adain or weight is None:
+        if not self.adain:
             return x
         if self.writing:
             if self.weight > weight:
@@ -92,30 +103,88 @@ class ReferenceState:
         return (self.style_fidelity * out + (1.0 - self.style_fidelity) * styled).to(x.dtype)
 
 
-def assign_weights(unet) -> None:
-    """Give the UNet's transformer blocks and AdaIN blocks the extension's participation weights."""
-    from cldm.models.attention import BasicTransformerBlock
+def attention_weights(unet) -> list[float]:
+    """The extension's participation weight of each self-attention layer, in `unet.self_attentions()` order: rank
+    over the count, widest first (stable within a width)."""
+    layers = unet.self_attentions()
+    order = sorted(range(len(layers)), key=lambda i: -layers[i].to_q.in_features)
+    weights = [0.0] * len(layers)
+    for rank, i in enumerate(order):
+        weights[i] = rank / len(layers)
+    return weights
 
-    blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
-    blocks = sorted(blocks, key=lambda b: -b.norm1.normalized_shape[0])  # widest first, stable within a width
-    for i, b in enumerate(blocks):
-        b.ref_weight = i / len(blocks)
+
+def adain_weights(unet) -> list[tuple[nn.Module, float]]:
+    """The AdaIN blocks and their participation weights: the middle block, the input blocks below the first level,
+    the first two thirds of the output blocks."""
     cfg = unet.cfg
-    per_level = cfg.num_res_blocks
     inputs, index = [], 1  # input_blocks[0] is conv_in
     for level in range(len(cfg.channel_mult)):
-        for _ in range(per_level):
+        for _ in range(cfg.num_res_blocks):
             if level >= 1:
                 inputs.append(index)
             index += 1
         if level != len(cfg.channel_mult) - 1:
             index += 1  # the downsample
     outputs = list(range(round(len(unet.output_blocks) * 2 / 3)))
-    unet.middle_block.ref_gn_weight = 0.0
-    for w, i in enumerate(inputs):
-        unet.input_blocks[i].ref_gn_weight = 2 * (1.0 - w / len(inputs))
-    for w, i in enumerate(outputs):
-        unet.output_blocks[i].ref_gn_weight = 2 * (w / len(outputs))
+    return [
+        (unet.middle_block, 0.0),
+        *((unet.input_blocks[i], 2 * (1.0 - w / len(inputs))) for w, i in enumerate(inputs)),
+        *((unet.output_blocks[i], 2 * (w / len(outputs))) for w, i in enumerate(outputs)),
+    ]
+
+
+class Reference:
+    """A reference unit attached to a UNet: `state` is the step's (None: the reference does not act this step)."""
+
+    def __init__(self, mode: str, style_fidelity: float, weight: float, uncond: int):
+        self.mode, self.style_fidelity, self.weight, self.uncond = mode, style_fidelity, weight, uncond
+        self.state: ReferenceState | None = None
+
+    def write(self) -> None:
+        """The next UNet call runs the noised reference: its layers and blocks fill fresh banks."""
+        self.state = ReferenceState(self.mode, self.style_fidelity, self.weight, self.uncond)
+
+    def read(self) -> None:
+        """The next UNet call is the real one: it reads what the write pass kept."""
+        self.state.writing = False
+
+    def off(self) -> None:
+        self.state = None
+
+    def processor(self, plain, weight: float):
+        """A self-attention processor over `plain` (the layer's processor before this one)."""
+
+        def attend(attn: nn.Module, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+            if self.state is None or context is not None:
+                return plain(attn, x, context)
+            return self.state.self_attention(attn, plain, x, weight)
+
+        return attend
+
+    def hook(self, weight: float):
+        """A forward hook on an AdaIN block's output."""
+
+        def on_output(block: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
+            return out if self.state is None else self.state.block_output(block, out, weight)
+
+        return on_output
+
+
+@contextlib.contextmanager
+def attached(unet, mode: str, style_fidelity: float, weight: float, uncond: int) -> Iterator[Reference]:
+    """The reference's processors on the UNet's self-attention layers and its hooks on the AdaIN blocks, for the
+    block's duration; the caller drives `write()` / `read()` / `off()` step by step."""
+    ref = Reference(mode, style_fidelity, weight, uncond)
+    layers = unet.self_attentions() if uses_attention(mode) else []
+    processors = [ref.processor(a.processor, w) for a, w in zip(layers, attention_weights(unet))]
+    handles = [b.register_forward_hook(ref.hook(w)) for b, w in adain_weights(unet)] if uses_adain(mode) else []
+    try:
+        with processors_set(layers, processors):
+            yield ref
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def noised_reference(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, generator) -> torch.Tensor:

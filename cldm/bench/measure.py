@@ -111,7 +111,7 @@ def random_controlnet(sd: StableDiffusion, seed: int) -> ControlNet:
 def write_models(folder: Path, tiny: bool, controlnets: int = 3) -> dict[str, Path]:
     """The random base (diffusers folder and one original .safetensors) and ControlNets (diffusers folders and
     1.1-style .safetensors), written once and reused by every measurement."""
-    from cldm.models.text import sd15_tokenizer
+    from cldm.io.tokenizer import sd15_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"base_folder": folder / "sd", "base_file": folder / "sd.safetensors"}

@@ -8,7 +8,6 @@ from pathlib import Path
 # The ControlNet 1.1 apps' defaults (gradio_*.py in ControlNet-v1-1-nightly).
 ADDED_PROMPT = "best quality"
 NEGATIVE_PROMPT = "lowres, bad anatomy, bad hands, cropped, worst quality"
-ORIGINAL_REPO = "lllyasviel/ControlNet-v1-1"  # the .pth files
 ANNOTATOR_NONE = "none"
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"  # drawn by assets/make_examples.py
 

@@ -12,6 +12,7 @@ Loading is strict: every key must be used (deliberate skips are listed below) an
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import pickle
@@ -27,20 +28,21 @@ from cldm.errors import CheckpointError, MissingWeightsError
 from cldm.io import keymaps
 from cldm.io import model_configs as mc
 from cldm.io.assemble import POSITION_IDS, build, build_text, our_keys, text_from_diffusers
+from cldm.io.tokenizer import check_tokenizer, sd15_tokenizer
 from cldm.models.config import SDConfig, TextConfig, UNetConfig, VAEConfig
 from cldm.models.controlnet import ControlNet
+from cldm.models.family import SD15
 from cldm.models.sd import StableDiffusion
-from cldm.models.text import check_tokenizer, sd15_tokenizer
 from cldm.models.unet import UNet
 from cldm.models.vae import AutoencoderKL
 
 log = logging.getLogger(__name__)
 
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, CONTROL_PREFIX = (
-    "model.diffusion_model.",
-    "first_stage_model.",
-    "cond_stage_model.",
-    "control_model.",
+    SD15.unet_prefix,
+    SD15.vae_prefix,
+    SD15.text_prefix,
+    SD15.control_prefix,
 )
 # Keys of original files that we do not use, on purpose: the training schedule buffers (samplers.py recomputes
 # them), EMA copies, the VAE training loss and CLIP's position ids (a constant we rebuild).
@@ -301,22 +303,40 @@ def _load_sd_diffusers(folder: Path, dtype: torch.dtype, tokenizer) -> StableDif
     )
 
 
-def describe(state: StateDict) -> str:
-    """A few words on what a state dict holds, for error messages."""
+class WeightKind(enum.Enum):
+    """What a state dict holds, told from its keys; the value is how messages name it."""
+
+    IP_ADAPTER = "an IP-Adapter"
+    CONTROLNET = "a ControlNet"  # original layout: a 1.0 full file, a 1.1 control-only file or a bare extract
+    DIFFUSERS_CONTROLNET = "a diffusers ControlNet"
+    SD_BASE = "an SD base model"
+    LORA = "a LoRA"
+    DIFFUSERS_UNET = "a diffusers UNet"
+    UNKNOWN = "an unknown model"
+
+
+def weight_kind(state: StateDict) -> WeightKind:
+    """What a state dict holds, from its keys (never the file name)."""
     keys = list(state)
     if any(k.startswith(("image_proj.", "ip_adapter.")) for k in keys):
-        return "an IP-Adapter"
+        return WeightKind.IP_ADAPTER
     if any(k.startswith(CONTROL_PREFIX) for k in keys) or "input_hint_block.0.weight" in state:
-        return "a ControlNet"
+        return WeightKind.CONTROLNET
     if "controlnet_cond_embedding.conv_in.weight" in state:
-        return "a diffusers ControlNet"
+        return WeightKind.DIFFUSERS_CONTROLNET
     if any(k.startswith(UNET_PREFIX) for k in keys):
-        return "an SD base model"
+        return WeightKind.SD_BASE
     if any("lora" in k for k in keys[:50]):
-        return "a LoRA"
+        return WeightKind.LORA
     if "conv_in.weight" in state and any(k.startswith("down_blocks.") for k in keys):
-        return "a diffusers UNet"
-    return f"an unknown model (keys like {keys[:3]})"
+        return WeightKind.DIFFUSERS_UNET
+    return WeightKind.UNKNOWN
+
+
+def describe(state: StateDict) -> str:
+    """A few words on what a state dict holds, for error messages only (branch on `weight_kind`)."""
+    kind = weight_kind(state)
+    return f"{kind.value} (keys like {list(state)[:3]})" if kind is WeightKind.UNKNOWN else kind.value
 
 
 def load_controlnet(
@@ -337,15 +357,15 @@ def load_controlnet(
     else:
         state = read_file(path)
         meta = read_metadata(path)
-        kind = describe(state)
+        kind = weight_kind(state)
         if any(k.startswith(CONTROL_PREFIX) for k in state):
             state = _strip(state, CONTROL_PREFIX)
-        elif kind == "a diffusers ControlNet":
+        elif kind is WeightKind.DIFFUSERS_CONTROLNET:
             cfg = mc.config_from_metadata(meta, UNetConfig, "controlnet") or base or UNetConfig()
             state = keymaps.from_diffusers(state, keymaps.controlnet_modules(cfg), our_keys(ControlNet, cfg))
-        elif kind != "a ControlNet":
+        elif kind is not WeightKind.CONTROLNET:
             raise CheckpointError(
-                f"{path} is {kind}, not a ControlNet. Pick a ControlNet file (e.g. control_v11p_sd15_canny)."
+                f"{path} is {describe(state)}, not a ControlNet. Pick a ControlNet file (e.g. control_v11p_sd15_canny)."
             )
         cfg = mc.config_from_metadata(meta, UNetConfig, "controlnet") or mc.infer_unet_config(state, base)
     if global_average_pooling is not None:

@@ -11,10 +11,11 @@ import os
 from pathlib import Path
 
 from cldm.errors import InputError, MissingWeightsError
+from cldm.models.family import SD15
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_BASE_REPO = SD15.base_repo
 BASE_PATTERNS = [
     "model_index.json",
     "scheduler/*.json",
@@ -55,7 +56,7 @@ def locate_controlnet(stem: str, diffusers_repo: str, models_dir: str | os.PathL
                 return base / f"{stem}{suffix}"
         if (base / stem / "config.json").is_file():
             return base / stem
-    where = f"{Path(models_dir or 'models') / (stem + '.safetensors')} (or .pth from lllyasviel/ControlNet-v1-1)"
+    where = f"{Path(models_dir or 'models') / (stem + '.safetensors')} (or .pth from {SD15.controlnet_repo})"
     return _download(diffusers_repo, CONTROLNET_PATTERNS, f"ControlNet {stem}", where)
 
 
@@ -95,8 +96,8 @@ def base_available(base: str, timeout: float = 5.0) -> bool:
         return False
 
 
-IP_ADAPTER_REPO = "h94/IP-Adapter"  # models/ip-adapter*_sd15.* and models/image_encoder/ (CLIP ViT-H/14)
-IP_ADAPTERS = ("ip-adapter_sd15", "ip-adapter-plus_sd15", "ip-adapter-plus-face_sd15", "ip-adapter_sd15_light")
+IP_ADAPTER_REPO = SD15.ip_adapter_repo  # models/ip-adapter*_sd15.* and models/image_encoder/ (CLIP ViT-H/14)
+IP_ADAPTERS = SD15.ip_adapters
 IMAGE_ENCODER = "image_encoder"
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from cldm.errors import CheckpointError, MissingWeightsError
 from cldm.models.config import TextConfig, UNetConfig, VAEConfig
 
-CONFIG_METADATA_KEY = "cldm.models.config"  # our safetensors files carry their config in the header metadata
+CONFIG_METADATA_KEY = "cldm.config"  # a file-format key, not a module path: our safetensors files carry their config in the header metadata
 
 StateDict = dict
 
@@ -222,7 +222,7 @@ def read_json(path: Path) -> dict:
 
 
 def config_from_metadata(meta: dict[str, str], cls, section: str):
-    """A config written into our safetensors metadata (`cldm.models.config`), or None."""
+    """A config written into our safetensors metadata (under `CONFIG_METADATA_KEY`), or None."""
     if CONFIG_METADATA_KEY not in meta:
         return None
     data = json.loads(meta[CONFIG_METADATA_KEY]).get(section)

@@ -2,37 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+# An attention processor computes a CrossAttention layer's output from its input x (batch, tokens, width) and its
+# context (None: self-attention), reading the layer's own projections. Adapters that change attention (a second
+# key/value path, extra tokens to attend to) set their processors on the layers from outside, for one request.
+AttentionProcessor = Callable[["CrossAttention", torch.Tensor, torch.Tensor | None], torch.Tensor]
 
-@dataclass
-class PromptContext:
-    """What the UNet's cross-attention layers read: the text tokens and, with an IP-Adapter, the image-prompt
-    tokens, the adapter's key/value projections (one pair per cross-attention layer, in diffusers' order) and a
-    scale per layer. The UNet passes it down untouched; only `CrossAttention` looks inside. A plain tensor means
-    text only."""
 
-    text: torch.Tensor
-    image: torch.Tensor | None = None  # (batch, tokens, context width), the guidance batch like `text`
-    ip_layers: Sequence[nn.Module] = ()  # each with to_k_ip, to_v_ip
-    scales: Sequence[float] = ()
-    reference: object = None  # reference.ReferenceState during a reference-only step
+def sdpa_attention(attn: CrossAttention, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    """The plain processor: softmax(q k^T / sqrt(d)) v through torch's SDPA."""
+    _, out = attn.attend(x, context)
+    return attn.project_out(out)
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention; self-attention when no context is given.
-
-    A cross-attention layer of the UNet has an `ip_index` (its place in diffusers' attention-processor order among
-    the cross-attention layers): with a PromptContext that carries image tokens it adds the decoupled attention over
-    them, `scale * softmax(q k_ip^T) v_ip`, to the text attention before the output projection (IP-Adapter).
-    """
-
-    ip_index: int | None = None
+    """Multi-head attention; self-attention when no context is given. `processor` computes it (default: plain SDPA);
+    it is a function, not a module, so it never enters the state dict."""
 
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
         super().__init__()
@@ -42,24 +33,40 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())  # .1 was dropout
+        self.processor: AttentionProcessor = sdpa_attention
 
-    def _heads(self, t: torch.Tensor, b: int) -> torch.Tensor:
+    def split_heads(self, t: torch.Tensor, b: int) -> torch.Tensor:
         return t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)  # (b, n, h*d) -> (b, h, n, d)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | PromptContext | None = None) -> torch.Tensor:
-        prompt = context if isinstance(context, PromptContext) else None
-        context = x if context is None else prompt.text if prompt is not None else context
-        b, n, _ = x.shape
-        q = self._heads(self.to_q(x), b)
-        out = F.scaled_dot_product_attention(q, self._heads(self.to_k(context), b), self._heads(self.to_v(context), b))
-        if prompt is not None and prompt.image is not None and self.ip_index is not None:
-            scale = prompt.scales[self.ip_index]
-            if scale != 0:
-                layer = prompt.ip_layers[self.ip_index]
-                k, v = (self._heads(f(prompt.image), b) for f in (layer.to_k_ip, layer.to_v_ip))
-                out = out + scale * F.scaled_dot_product_attention(q, k, v).to(q.dtype)
-        out = out.transpose(1, 2).reshape(b, n, -1)  # (b, h, n, d) -> (b, n, h*d)
-        return self.to_out(out)
+    def attend(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries of x and their attention over the context (x itself without one), both (b, h, n, d)."""
+        context = x if context is None else context
+        b = x.shape[0]
+        q = self.split_heads(self.to_q(x), b)
+        k, v = self.split_heads(self.to_k(context), b), self.split_heads(self.to_v(context), b)
+        return q, F.scaled_dot_product_attention(q, k, v)
+
+    def project_out(self, out: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))  # (b, h, n, d) -> (b, n, h*d) -> (b, n, query)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.processor(self, x, context)
+
+
+@contextlib.contextmanager
+def processors_set(layers: Sequence[CrossAttention], processors: Sequence[AttentionProcessor]) -> Iterator[None]:
+    """Within the block, each layer computes with its processor; the layers' former processors come back after."""
+    if len(layers) != len(processors):
+        raise ValueError(f"{len(processors)} attention processors for {len(layers)} layers")
+    former = [a.processor for a in layers]
+    for a, p in zip(layers, processors):
+        a.processor = p
+    try:
+        yield
+    finally:
+        for a, p in zip(layers, former):
+            a.processor = p
 
 
 class GEGLU(nn.Module):
@@ -97,10 +104,8 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | PromptContext) -> torch.Tensor:
-        ref = context.reference if isinstance(context, PromptContext) else None
-        h = self.norm1(x)
-        x = x + (self.attn1(h) if ref is None else ref.self_attention(self, h))
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# SD1.5 latents are multiplied by this before diffusion (it brings their std near 1).
-LATENT_SCALE = 0.18215
-# The VAE downsamples by 2 at each level but the last: 512 px -> 64 latent pixels.
-VAE_FACTOR = 8
+from cldm.models.family import SD15
+
+LATENT_SCALE = SD15.latent_scale
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from cldm.models.config import UNetConfig
+from cldm.models.family import family_name_for_context
 from cldm.models.unet import build_encoder, build_time_embed, timestep_embedding
 
 # Guess mode ("no prompt") in the original ControlNet: deeper residuals count more, shallow ones fade,
@@ -106,13 +107,9 @@ class ControlNet(nn.Module):
         return outs
 
 
-# Text-context widths of the families a ControlNet may have been trained for, to name them in messages.
-FAMILY_BY_CONTEXT = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
-
-
 def _shape(cfg: UNetConfig, hint_factor: int) -> str:
     widths = [cfg.model_channels * m for m in cfg.channel_mult]
-    family = FAMILY_BY_CONTEXT.get(cfg.context_dim, "an unknown family")
+    family = family_name_for_context(cfg.context_dim)
     return (
         f"{cfg.in_channels} latent channels, block widths {widths} with {cfg.num_res_blocks} blocks each, "
         f"{cfg.context_dim}-wide text context ({family}), hint downsampled {hint_factor}x"

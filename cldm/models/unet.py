@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cldm.models.attention import BasicTransformerBlock, PromptContext, SpatialTransformer
+from cldm.models.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
 from cldm.models.config import UNetConfig
-from cldm.adapters.reference import assign_weights as assign_reference_weights
 
 MAX_PERIOD = 10000  # sinusoidal timestep embedding, as in "Attention is all you need"
 
@@ -85,8 +84,6 @@ class TimestepEmbedSequential(nn.Sequential):
                 x = layer(x, upsample_size)
             else:
                 x = layer(x)
-        if isinstance(context, PromptContext) and context.reference is not None:  # reference AdaIN
-            x = context.reference.block_output(self, x)
         return x
 
 
@@ -145,7 +142,13 @@ def build_decoder(cfg: UNetConfig, skip_widths: list[int]) -> nn.ModuleList:
 
 
 class UNet(nn.Module):
-    """The SD UNet; `control` residuals (12 skips + middle) from ControlNets are added when given."""
+    """The SD UNet; `control` residuals (12 skips + middle) from ControlNets are added when given.
+
+    Adapters change it from outside, never through flags in here: an attention layer computes with its `processor`
+    (`cross_attentions()` and `self_attentions()` list the layers in a fixed order, `attention.processors_set` sets
+    processors for a while), and each block of `input_blocks`, `middle_block`, `output_blocks` takes torch forward
+    hooks on its output.
+    """
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -158,15 +161,18 @@ class UNet(nn.Module):
             nn.SiLU(),
             nn.Conv2d(cfg.model_channels, cfg.out_channels, 3, padding=1),
         )
-        for i, attn in enumerate(self.cross_attentions()):
-            attn.ip_index = i
-        assign_reference_weights(self)
 
-    def cross_attentions(self) -> list[nn.Module]:
+    def _transformer_blocks(self, blocks: list[nn.Module]) -> list[BasicTransformerBlock]:
+        return [m for b in blocks for m in b.modules() if isinstance(m, BasicTransformerBlock)]
+
+    def cross_attentions(self) -> list[CrossAttention]:
         """The text cross-attention layers in diffusers' attention-processor order (down, up, then mid blocks), the
-        order IP-Adapter files number their `ip_adapter.N` keys in."""
-        blocks = [*self.input_blocks, *self.output_blocks, self.middle_block]
-        return [m.attn2 for b in blocks for m in b.modules() if isinstance(m, BasicTransformerBlock)]
+        order in which adapter files with weights per layer number them."""
+        return [m.attn2 for m in self._transformer_blocks([*self.input_blocks, *self.output_blocks, self.middle_block])]
+
+    def self_attentions(self) -> list[CrossAttention]:
+        """The self-attention layers in the order they run (input blocks, middle block, output blocks)."""
+        return [m.attn1 for m in self._transformer_blocks([*self.input_blocks, self.middle_block, *self.output_blocks])]
 
     def time_emb(self, t: torch.Tensor, batch: int) -> torch.Tensor:
         t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
@@ -179,7 +185,6 @@ class UNet(nn.Module):
         t: torch.Tensor,
         context: torch.Tensor,
         control: list[torch.Tensor] | None = None,
-        only_mid_control: bool = False,
     ) -> torch.Tensor:
         emb = self.time_emb(t, x.shape[0])
         hs = []
@@ -193,7 +198,7 @@ class UNet(nn.Module):
             h = h + control.pop()
         for block in self.output_blocks:
             skip = hs.pop()
-            if control is not None and not only_mid_control:
+            if control is not None:
                 skip = skip + control.pop()
             h = torch.cat([h, skip], dim=1)
             # The next skip's size tells an Upsample where to land (odd latent sizes).

@@ -13,12 +13,12 @@ import numpy as np
 from cldm.adapters.ip_adapter import layer_scales
 from cldm.adapters.reference import MODES as REFERENCE_MODES
 from cldm.errors import InputError
+from cldm.pipeline.vocabulary import Upscaler
 
 # SD's schedule has 1000 noise levels; with its "leading" spacing and offset 1, 1000 steps would ask for level 1000.
 MAX_STEPS = 999
 MAX_IP_SCALE = 5.0
 MAX_HIRES_SIZE = 2048  # the hires pass's largest side
-HIRES_UPSCALERS = ("latent", "lanczos")  # A1111's "Latent" (bilinear on the latents) and a picture upscaler
 MAX_LORA_WEIGHT = 10.0
 # LoRAs in one request: A1111 prompts use a handful; each one merged costs a pass over most of the model's weights.
 MAX_REQUEST_LORAS = 16
@@ -126,7 +126,10 @@ class HiresFix:
     scale: float = 2.0
     steps: int = 0
     strength: float = 0.7
-    upscaler: str = "latent"  # "latent": bilinear on the latents; "lanczos": decode, resize the pictures, encode
+    upscaler: Upscaler = Upscaler.LATENT  # or any name `Upscaler.parse` reads ("lanczos")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "upscaler", Upscaler.coerce(self.upscaler))
 
     def size(self, width: int, height: int, f: int = 8) -> tuple[int, int]:
         """The second pass's size: the first pass's times `scale`, cut down to multiples of `f` (A1111 truncates)."""
@@ -155,8 +158,8 @@ class HiresFix:
             steps = int(self.steps or first_steps)
             out.append(f"hires: {steps} steps at strength {self.strength} need a schedule of over {MAX_STEPS} steps; "
                        "raise the hires strength or lower the hires steps")  # fmt: skip
-        if self.upscaler not in HIRES_UPSCALERS:
-            out.append(f"hires.upscaler must be one of {', '.join(HIRES_UPSCALERS)} (got {self.upscaler!r})")
+        if not isinstance(self.upscaler, Upscaler):
+            out.append(f"hires.upscaler must be one of {', '.join(Upscaler.keys())} (got {self.upscaler!r})")
         return out
 
 

@@ -9,7 +9,7 @@
 
 The same mode is applied to a request's hints, init picture and mask, so their pixels stay in register. Sizes after
 scaling are rounded as the extension rounds them (`round(side * k)`); when the shape already matches, every mode is a
-plain resize, the same call as before resize modes existed.
+plain resize.
 """
 
 from __future__ import annotations
@@ -20,27 +20,29 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cldm.io.images import mask_values, resize_rgb
+from cldm.pipeline.vocabulary import ResizeMode
 
-RESIZE_MODES = ("just", "crop", "fill")
-RESIZE_MODE_LABELS = {"just": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}  # A1111's names
+# Every function takes a ResizeMode or any name `ResizeMode.parse` reads ("crop", "Crop and Resize").
+Mode = ResizeMode | str
 
 
-def geometry(src_w: int, src_h: int, width: int, height: int, mode: str) -> tuple[int, int, int, int]:
+def geometry(src_w: int, src_h: int, width: int, height: int, mode: Mode) -> tuple[int, int, int, int]:
     """(scaled width, scaled height, x offset, y offset) of the source inside the target.
 
     "crop": the offsets are where the cut starts in the scaled picture; "fill": where it sits on the canvas."""
-    if mode == "just":
+    mode = ResizeMode.parse(mode)
+    if mode is ResizeMode.JUST:
         return width, height, 0, 0
     k0, k1 = height / src_h, width / src_w
-    k = max(k0, k1) if mode == "crop" else min(k0, k1)
+    k = max(k0, k1) if mode is ResizeMode.CROP else min(k0, k1)
     w, h = max(1, int(round(src_w * k))), max(1, int(round(src_h * k)))
-    if mode == "crop":
+    if mode is ResizeMode.CROP:
         return w, h, max(0, (w - width) // 2), max(0, (h - height) // 2)
     return w, h, max(0, (width - w) // 2), max(0, (height - h) // 2)
 
 
-def _place(scaled: np.ndarray, width: int, height: int, mode: str, ox: int, oy: int, background) -> np.ndarray:
-    if mode == "crop":
+def _place(scaled: np.ndarray, width: int, height: int, mode: Mode, ox: int, oy: int, background) -> np.ndarray:
+    if ResizeMode.parse(mode) is ResizeMode.CROP:
         return scaled[oy : oy + height, ox : ox + width]
     if isinstance(background, str):  # "edge": the border pixels repeated outwards
         h, w = scaled.shape[:2]
@@ -58,7 +60,7 @@ def border_median(img: np.ndarray) -> np.ndarray:
     return np.median(borders, axis=0).astype(img.dtype)
 
 
-def fit_rgb(img: np.ndarray, width: int, height: int, mode: str = "crop", fill: str = "median") -> np.ndarray:
+def fit_rgb(img: np.ndarray, width: int, height: int, mode: Mode = ResizeMode.CROP, fill: str = "median") -> np.ndarray:
     """HxWx3 uint8 -> height x width x 3 by `mode`; `fill` is "median" (hints) or "edge" (init pictures)."""
     src_h, src_w = img.shape[:2]
     w, h, ox, oy = geometry(src_w, src_h, width, height, mode)
@@ -68,7 +70,7 @@ def fit_rgb(img: np.ndarray, width: int, height: int, mode: str = "crop", fill: 
     return np.ascontiguousarray(_place(resize_rgb(img, w, h), width, height, mode, ox, oy, background))
 
 
-def fit_mask(mask: np.ndarray, width: int, height: int, mode: str = "crop", outside: int = 255) -> np.ndarray:
+def fit_mask(mask: np.ndarray, width: int, height: int, mode: Mode = ResizeMode.CROP, outside: int = 255) -> np.ndarray:
     """HxW mask (any scale, white = repaint) -> height x width uint8 0/255; "fill" marks the new border `outside`
     (255: painted, so inpainting with "Resize and Fill" outpaints)."""
     m = mask_values(mask)
@@ -81,7 +83,9 @@ def fit_mask(mask: np.ndarray, width: int, height: int, mode: str = "crop", outs
     return np.ascontiguousarray(_place(scaled, width, height, mode, ox, oy, np.uint8(outside)))
 
 
-def fit_tensor(t: torch.Tensor, width: int, height: int, mode: str = "crop", outside: float = -1.0) -> torch.Tensor:
+def fit_tensor(
+    t: torch.Tensor, width: int, height: int, mode: Mode = ResizeMode.CROP, outside: float = -1.0
+) -> torch.Tensor:
     """(1, C, H, W) float hint (an inpaint hint: -1 marks the pixels to paint) -> (1, C, height, width), bilinear;
     "fill" fills the new border with `outside` (-1: to be painted)."""
     src_h, src_w = t.shape[-2:]
@@ -89,19 +93,19 @@ def fit_tensor(t: torch.Tensor, width: int, height: int, mode: str = "crop", out
     scaled = t if (src_h, src_w) == (h, w) else F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
     if (w, h) == (width, height):
         return scaled
-    if mode == "crop":
+    if ResizeMode.parse(mode) is ResizeMode.CROP:
         return scaled[..., oy : oy + height, ox : ox + width]
     out = torch.full((*t.shape[:-2], height, width), outside, dtype=t.dtype)
     out[..., oy : oy + h, ox : ox + w] = scaled
     return out
 
 
-def pixel_perfect_resolution(src_w: int, src_h: int, width: int, height: int, mode: str = "crop") -> int:
+def pixel_perfect_resolution(src_w: int, src_h: int, width: int, height: int, mode: Mode = ResizeMode.CROP) -> int:
     """The preprocessor resolution (its short side) at which the hint comes out at the picture's own scale: the
     extension's rule, `round(k * short side)` with k the factor the resize mode applies ("fill" the smaller of the
     two, the others the larger)."""
     k0, k1 = height / src_h, width / src_w
-    k = min(k0, k1) if mode == "fill" else max(k0, k1)
+    k = min(k0, k1) if ResizeMode.parse(mode) is ResizeMode.FILL else max(k0, k1)
     return int(np.round(k * min(src_w, src_h)))
 
 

@@ -6,8 +6,8 @@ ControlNet extension, which writes the same layout:
     Negative prompt: negative prompt (any number of lines)
     Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, ControlNet 0: "Module: canny, Weight: 1, ..."
 
-`parse_parameters` turns it into an Infotext whose typed fields speak our names (sampler keys, "crop"/"just"/"fill",
-"balanced"/"prompt"/"control"), so a tab can take them back. Whatever cannot be read stays, as text, in `fields` and
+`parse_parameters` turns it into an Infotext whose typed fields speak our vocabulary (sampler keys, ResizeMode,
+ControlMode: `cldm.pipeline.vocabulary`), so a tab can take them back. Whatever cannot be read stays, as text, in `fields` and
 in each unit's `raw`; only a text without the key-value line at all is an InputError.
 """
 
@@ -20,16 +20,10 @@ from dataclasses import dataclass, field
 
 from cldm.errors import InputError
 from cldm.pipeline import key_values
-from cldm.pipeline.fit import RESIZE_MODE_LABELS
+from cldm.pipeline.prompts import embeddings_used
 from cldm.pipeline.request import MAX_PROMPT_CHARS, ControlUnit, GenerationRequest, stem
-from cldm.sampling.samplers import A1111_AUTOMATIC, SAMPLER_LABELS
+from cldm.pipeline.vocabulary import Choice, ControlMode, InpaintMode, ResizeMode, Sampler
 
-HIRES_UPSCALER_LABELS = {"latent": "Latent", "lanczos": "Lanczos"}  # A1111's upscaler names
-CONTROL_MODE_LABELS = {
-    "balanced": "Balanced",
-    "prompt": "My prompt is more important",
-    "control": "ControlNet is more important",
-}  # A1111's names, as its PNG parameters write them
 # Characters of a parameters text that are read: what this app writes at most (two prompts at their limit, LoRA
 # tags and the fields), with room; A1111's own texts run to a few thousand.
 MAX_TEXT = 2 * MAX_PROMPT_CHARS + 10_000
@@ -42,21 +36,6 @@ _UNIT_KEY = re.compile(r"ControlNet(?:[ -]([0-9]{1,3}))?", re.IGNORECASE)
 _SIZE = re.compile(r"([0-9]{1,6})\s*x\s*([0-9]{1,6})")
 # "control_v11p_sd15_canny [d14c016b]": the model's short hash (a match starts only where a run of spaces does)
 _HASH = re.compile(r"(?<!\s)\s*\[[0-9A-Za-z]+\]$")
-_ENUM_PREFIX = re.compile(r"^(?:resize|control)mode\.")  # some extension versions wrote "ResizeMode.INNER_FIT"
-
-_SAMPLER_KEYS = {label.lower(): key for key, label in SAMPLER_LABELS.items()}
-# A1111 >= 1.9 writes the schedule apart ("Sampler: DPM++ 2M, Schedule type: Karras"); these add nothing to a label.
-_PLAIN_SCHEDULES = ("", "automatic", "uniform")
-_RESIZE_MODES = {
-    "just resize": "just", "resize": "just", "just": "just", "0": "just",
-    "crop and resize": "crop", "scale to fit (inner fit)": "crop", "inner_fit": "crop", "crop": "crop", "1": "crop",
-    "resize and fill": "fill", "envelope (outer fit)": "fill", "outer_fit": "fill", "fill": "fill", "2": "fill",
-}  # fmt: skip
-_CONTROL_MODES = {
-    "balanced": "balanced", "0": "balanced",
-    "my prompt is more important": "prompt", "prompt": "prompt", "1": "prompt",
-    "controlnet is more important": "control", "control": "control", "2": "control",
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -66,12 +45,12 @@ class UnitInfo:
     index: int
     module: str = ""  # the preprocessor ("canny", "depth_midas", "none"); "" when not written
     model: str = ""  # without the " [hash]" A1111 appends
-    weight: float = 1.0
+    scale: float = 1.0  # A1111's "Weight"
     start: float = 0.0
     end: float = 1.0
-    resize_mode: str = "crop"  # "just", "crop" or "fill"
+    resize_mode: ResizeMode = ResizeMode.CROP
     pixel_perfect: bool = False
-    control_mode: str = "balanced"  # "balanced", "prompt" or "control"
+    control_mode: ControlMode = ControlMode.BALANCED
     processor_res: int | None = None
     threshold_a: float | None = None
     threshold_b: float | None = None
@@ -100,7 +79,13 @@ class Infotext:
     @property
     def sampler(self) -> str | None:
         """Our sampler key ("ddim", "euler_a", "dpmpp_2m_karras"); None for a sampler this app does not have."""
-        return _sampler_key(self.fields.get("Sampler"), self.fields.get("Schedule type"))
+        label = self.fields.get("Sampler")
+        if label is None:
+            return None
+        try:
+            return Sampler.from_a1111(label, self.fields.get("Schedule type")).key
+        except ValueError:
+            return None
 
     @property
     def cfg_scale(self) -> float | None:
@@ -132,9 +117,9 @@ class Infotext:
         return self.fields.get("Model")
 
     @property
-    def resize_mode(self) -> str:
-        """How img2img's picture was fitted ("just", "crop" or "fill"); "crop" when the text does not say."""
-        return _RESIZE_MODES.get(_enum(self.fields.get("Resize mode")), "crop")
+    def resize_mode(self) -> ResizeMode:
+        """How img2img's picture was fitted; CROP when the text does not say."""
+        return _choice(ResizeMode, self.fields.get("Resize mode"), ResizeMode.CROP)
 
 
 def parse_parameters(text: str) -> Infotext:
@@ -188,12 +173,12 @@ def _parse_unit(index: int, text: str) -> UnitInfo | None:
         index=index,
         module=_first(low.get("module"), low.get("preprocessor"), ""),
         model=_HASH.sub("", low.get("model", "")),
-        weight=_first(_float(low.get("weight")), 1.0),
+        scale=_first(_float(low.get("weight")), 1.0),
         start=_first(_float(low.get("guidance start")), _float(_at(span, 0)), 0.0),
         end=_first(_float(low.get("guidance end")), _float(_at(span, 1)), 1.0),
-        resize_mode=_RESIZE_MODES.get(_enum(low.get("resize mode")), "crop"),
+        resize_mode=_choice(ResizeMode, low.get("resize mode"), ResizeMode.CROP),
         pixel_perfect=low.get("pixel perfect", "").lower() == "true",
-        control_mode=_CONTROL_MODES.get(_enum(low.get("control mode")), "balanced"),
+        control_mode=_choice(ControlMode, low.get("control mode"), ControlMode.BALANCED),
         processor_res=_unset(_first(_int(low.get("processor res")), _int(_at(params, 0)))),
         threshold_a=_unset(_first(_float(low.get("threshold a")), _float(_at(params, 1)))),
         threshold_b=_unset(_first(_float(low.get("threshold b")), _float(_at(params, 2)))),
@@ -201,16 +186,12 @@ def _parse_unit(index: int, text: str) -> UnitInfo | None:
     )
 
 
-def _sampler_key(label: str | None, schedule: str | None) -> str | None:
-    if label is None:
-        return None
-    name, schedule = label.strip().lower(), (schedule or "").strip().lower()
-    if schedule not in _PLAIN_SCHEDULES and not name.endswith(f" {schedule}"):
-        name = f"{name} {schedule}"  # "DPM++ 2M" + "Karras" -> "DPM++ 2M Karras"
-    key = _SAMPLER_KEYS.get(name)
-    if schedule == "automatic":  # A1111 >= 1.9: the sampler's own default schedule (Karras for DPM++ 2M)
-        key = A1111_AUTOMATIC.get(key, key)
-    return key
+def _choice(enum: type[Choice], value: str | None, default: Choice) -> Choice:
+    """The member a written value names; `default` when it is missing or names none."""
+    try:
+        return enum(value) if value is not None else default
+    except ValueError:
+        return default
 
 
 def _unquote(value: str) -> str:
@@ -222,10 +203,6 @@ def _unquote(value: str) -> str:
         return json.loads(value)
     except ValueError:  # not valid JSON (our own writer does not escape): take what is between the quotes
         return value[1:-1].replace('\\"', '"')
-
-
-def _enum(value: str | None) -> str:
-    return _ENUM_PREFIX.sub("", (value or "").strip().lower())
 
 
 def _float(value: str | None) -> float | None:
@@ -278,7 +255,7 @@ def parameters(model, r: GenerationRequest) -> str:
     if r.negative_prompt:
         lines.append(f"Negative prompt: {r.negative_prompt}")
     fields_ = [
-        f"Steps: {r.steps}", f"Sampler: {SAMPLER_LABELS[r.sampler]}", f"CFG scale: {r.cfg_scale}", f"Seed: {r.seed}",
+        f"Steps: {r.steps}", f"Sampler: {Sampler(r.sampler).value}", f"CFG scale: {r.cfg_scale}", f"Seed: {r.seed}",
         f"Size: {r.width}x{r.height}",
         *([f"Model hash: {model.hash}"] if getattr(model, "hash", "") else []),
         f"Model: {stem(model.source)}",  # A1111 names the checkpoint without its extension
@@ -288,17 +265,17 @@ def parameters(model, r: GenerationRequest) -> str:
         fields_ += [*([f"VAE hash: {vae_hash}"] if vae_hash else []), f"VAE: {r.vae_label}"]  # A1111's keys
     if r.init_image is not None:
         fields_.append(f"Denoising strength: {r.strength}")
-        if r.resize_mode != "crop":
-            fields_.append(f"Resize mode: {RESIZE_MODE_LABELS[r.resize_mode]}")
+        if r.resize_mode is not ResizeMode.CROP:
+            fields_.append(f"Resize mode: {r.resize_mode.value}")
     if r.mask is not None and r.mask_blur > 0:
         fields_.append(f"Mask blur: {r.mask_blur:g}")
-    if r.mask is not None and r.inpaint_mode != "only":
-        fields_.append("Inpaint mode: global")
+    if r.mask is not None and r.inpaint_mode is not InpaintMode.ONLY:
+        fields_.append(f"Inpaint mode: {r.inpaint_mode.key}")
     if r.hires is not None:
         h = r.hires  # A1111's keys (its txt2img has no other denoising strength)
         key = "Denoising strength" if r.init_image is None else "Hires denoising strength"
         fields_.append(f"{key}: {h.strength}, Hires upscale: {h.scale:g}, Hires steps: {h.steps}, "
-                       f"Hires upscaler: {HIRES_UPSCALER_LABELS[h.upscaler]}")  # fmt: skip
+                       f"Hires upscaler: {h.upscaler.value}")  # fmt: skip
     if r.clip_skip > 1:
         fields_.append(f"Clip skip: {r.clip_skip}")
     if r.guess_mode:
@@ -326,7 +303,7 @@ def _hashes(model, r: GenerationRequest) -> list[str]:
     loras = [(u.label, getattr(u.model, "hash", "")) for u in r.loras]
     texts = [r.prompt, r.negative_prompt]
     text = getattr(model, "text", None)  # a model without a text encoder (a stand-in) calls no embeddings
-    tis = [(e.name, e.hash) for e in text.embeddings_used(texts, r.emphasis)] if text is not None else []
+    tis = [(e.name, e.hash) for e in embeddings_used(text, texts, r.emphasis)] if text is not None else []
     for key, items in (("Lora hashes", loras), ("TI hashes", tis)):
         named = [f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in items if h]
         if named:
@@ -344,13 +321,13 @@ def _unit_text(u: ControlUnit) -> str:
     """One unit in A1111's words and order; settings at their defaults are left out (A1111's readers assume them)."""
     parts = [f"Module: {u.preprocessor}"] if u.preprocessor else []
     parts += [f"Model: {u.label}", f"Weight: {u.scale}"]
-    if u.resize_mode != "crop":
-        parts.append(f"Resize Mode: {RESIZE_MODE_LABELS[u.resize_mode]}")
+    if u.resize_mode is not ResizeMode.CROP:
+        parts.append(f"Resize Mode: {u.resize_mode.value}")
     if u.processor_res:
         parts.append(f"Processor Res: {u.processor_res}")
     parts += [f"Guidance Start: {u.start}", f"Guidance End: {u.end}"]
     if u.pixel_perfect:
         parts.append("Pixel Perfect: True")
-    if u.mode != "balanced":
-        parts.append(f"Control Mode: {CONTROL_MODE_LABELS[u.mode]}")
+    if u.mode is not ControlMode.BALANCED:
+        parts.append(f"Control Mode: {u.mode.value}")
     return ", ".join(parts)

@@ -16,7 +16,6 @@ from cldm.adapters import emphasis as prompt_weights
 from cldm.errors import InputError
 from cldm.models.controlnet import ControlNet
 from cldm.pipeline.extras import (  # noqa: F401 (the request's optional parts, importable from here too)
-    HIRES_UPSCALERS,
     MAX_HIRES_SIZE,
     MAX_IP_SCALE,
     MAX_LORA_WEIGHT,
@@ -29,19 +28,15 @@ from cldm.pipeline.extras import (  # noqa: F401 (the request's optional parts, 
     _number_problems,
     stem,
 )  # fmt: skip
-from cldm.pipeline.fit import RESIZE_MODES
+from cldm.pipeline.vocabulary import Choice, ControlMode, InpaintMode, ResizeMode
 from cldm.sampling.samplers import SAMPLERS
 
-# A1111's control modes, by the names its API uses for them: Balanced, My prompt is more important, ControlNet is
-# more important.
-CONTROL_MODES = ("balanced", "prompt", "control")
 # diffusers' guess mode spaces the 13 scales logarithmically from 0.1 to 1 instead of the original 0.825 decay.
 GUESS_STYLES = ("original", "diffusers")
 MAX_CFG = 100.0
 MIN_SIZE, MAX_SIZE = 64, 4096
 MAX_BATCH = 64
 MAX_CONTROL_SCALE = 10.0
-INPAINT_MODES = ("only", "global")  # the extension's inpaint_only and inpaint_global_harmonious
 MAX_MASK_BLUR = 64.0
 MAX_PROMPT_CHARS = 10_000  # about 30 chunks of 75 tokens
 
@@ -60,15 +55,17 @@ class ControlUnit:
     end: float = 1.0  # fraction of the steps after which it is off
     global_average_pooling: bool | None = None  # None: as the weights say (the original shuffle .pth cannot say)
     name: str = ""  # shown in the parameters; by default the weight file's stem
-    # A1111's control mode: "balanced"; "prompt" (My prompt is more important: residuals scaled 0.825 ** (12 - i) on
-    # both guidance halves); "control" (ControlNet is more important: the conditional half only, so the CFG scale
-    # multiplies its effect)
-    mode: str = "balanced"
-    resize_mode: str = "crop"  # how a hint of another shape becomes the picture size (`cldm.pipeline.fit`)
+    # the modes take a member or any name `parse` reads ("prompt", "My prompt is more important")
+    mode: ControlMode = ControlMode.BALANCED
+    resize_mode: ResizeMode = ResizeMode.CROP  # how a hint of another shape becomes the picture size
     # what made the hint, for the parameters text only (A1111's Module, Processor Res, Pixel Perfect)
     preprocessor: str = ""
     processor_res: int | None = None
     pixel_perfect: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", ControlMode.coerce(self.mode))
+        object.__setattr__(self, "resize_mode", ResizeMode.coerce(self.resize_mode))
 
     @property
     def label(self) -> str:
@@ -86,10 +83,7 @@ class ControlUnit:
             out.append(f"{who}: scale must be 0..{MAX_CONTROL_SCALE:g} (got {self.scale})")
         if not 0 <= self.start < self.end <= 1:
             out.append(f"{who}: need 0 <= start < end <= 1 (got start {self.start}, end {self.end})")
-        if self.mode not in CONTROL_MODES:
-            out.append(f"{who}: mode must be one of {', '.join(CONTROL_MODES)} (got {self.mode!r})")
-        if self.resize_mode not in RESIZE_MODES:
-            out.append(f"{who}: resize_mode must be one of {', '.join(RESIZE_MODES)} (got {self.resize_mode!r})")
+        out += [f"{who}: {p}" for p in _choice_problems(self, {"mode": ControlMode, "resize_mode": ResizeMode})]
         if not isinstance(self.model, (ControlNet, str, os.PathLike)):
             out.append(
                 f"{who}: model must be a weight file, a folder or a ControlNet (got {type(self.model).__name__})"
@@ -136,9 +130,9 @@ class GenerationRequest:
     mask: np.ndarray | None = None
     image_prompt: ImagePrompt | None = None
     reference: ReferenceUnit | None = None
-    resize_mode: str = "crop"  # how the init picture and the mask become the picture size (`cldm.pipeline.fit`)
+    resize_mode: ResizeMode = ResizeMode.CROP  # how the init picture and the mask become the picture size
     mask_blur: float = 0.0  # Gaussian sigma in px for the mask's edge (the 1.1 inpaint app's default is 5)
-    inpaint_mode: str = "only"  # "only": the unmasked area is kept exactly; "global": the whole picture is redrawn
+    inpaint_mode: InpaintMode = InpaintMode.ONLY  # ONLY: the unmasked area is kept exactly; GLOBAL: all is redrawn
     seed_per_picture: bool = False  # A1111: picture i has its own noise from seed + i (reproducible alone)
     hires: HiresFix | None = None
     emphasis: bool = True  # A1111's (word:1.2) / [word] / BREAK syntax; False: the prompt is taken literally
@@ -156,6 +150,8 @@ class GenerationRequest:
     def __post_init__(self) -> None:
         object.__setattr__(self, "units", tuple(self.units))  # a list given by a caller stays immutable here
         object.__setattr__(self, "loras", tuple(self.loras))
+        object.__setattr__(self, "resize_mode", ResizeMode.coerce(self.resize_mode))
+        object.__setattr__(self, "inpaint_mode", InpaintMode.coerce(self.inpaint_mode))
 
     @property
     def use_cfg(self) -> bool:
@@ -245,10 +241,7 @@ class GenerationRequest:
         if self.init_image is not None and isinstance(self.init_image, np.ndarray) and self.init_image.ndim == 3:
             if self.init_image.shape[2] != 3 or self.init_image.dtype != np.uint8:
                 out.append(f"init_image must be HxWx3 uint8 (got {self.init_image.dtype} {self.init_image.shape})")
-        if self.resize_mode not in RESIZE_MODES:
-            out.append(f"resize_mode must be one of {', '.join(RESIZE_MODES)} (got {self.resize_mode!r})")
-        if self.inpaint_mode not in INPAINT_MODES:
-            out.append(f"inpaint_mode must be one of {', '.join(INPAINT_MODES)} (got {self.inpaint_mode!r})")
+        out += _choice_problems(self, {"resize_mode": ResizeMode, "inpaint_mode": InpaintMode})
         if not 0 <= self.mask_blur <= MAX_MASK_BLUR:
             out.append(f"mask_blur must be 0..{MAX_MASK_BLUR:g} px (got {self.mask_blur})")
         if self.mask is not None and self.init_image is None:
@@ -262,12 +255,19 @@ class GenerationRequest:
             v = getattr(self, f.name)
             if isinstance(v, np.ndarray):
                 v = f"array{v.shape}"
+            elif isinstance(v, Choice):
+                v = v.key
             elif f.name == "units":
                 v = [{"model": u.label, "scale": u.scale, "start": u.start, "end": u.end} for u in v]
             elif f.name == "reference" and v is not None:
                 v = {"mode": v.mode, "style_fidelity": v.style_fidelity, "weight": v.weight}
             elif f.name == "hires" and v is not None:
-                v = {"scale": v.scale, "steps": v.steps, "strength": v.strength, "upscaler": v.upscaler}
+                v = {
+                    "scale": v.scale,
+                    "steps": v.steps,
+                    "strength": v.strength,
+                    "upscaler": getattr(v.upscaler, "key", v.upscaler),
+                }
             elif f.name == "image_prompt" and v is not None:
                 v = {"adapter": v.label, "images": len(v.images), "scale": v.scale}
             out[f.name] = v
@@ -287,7 +287,13 @@ def _text_problems(r: GenerationRequest) -> list[str]:
             out.append(f"{name} must be true or false (got {getattr(r, name)!r})")
     if r.base is not None and not isinstance(r.base, str | os.PathLike):
         out.append(f"base must be a file, folder or hub id (got {type(r.base).__name__})")
-    for name in ("resize_mode", "inpaint_mode"):
-        if not isinstance(getattr(r, name), str):
-            out.append(f"{name} must be a name (got {type(getattr(r, name)).__name__})")
+    return out
+
+
+def _choice_problems(obj, choices: dict[str, type[Choice]]) -> list[str]:
+    """Fields that name no member of their enum (`__post_init__` turned every name it could read into one)."""
+    out = []
+    for name, enum in choices.items():
+        if not isinstance(getattr(obj, name), enum):
+            out.append(f"{name} must be one of {', '.join(enum.keys())} (got {getattr(obj, name)!r})")
     return out

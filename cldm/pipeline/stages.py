@@ -15,20 +15,21 @@ import torch
 import torch.nn.functional as F
 
 from cldm.adapters import lora
-from cldm.adapters.ip_adapter import image_prompt_problem, layer_scales, prompt_tokens
-from cldm.adapters.reference import ReferenceState, noised_reference
+from cldm.adapters.ip_adapter import image_prompt_problem, prompt_tokens
 from cldm.errors import InputError
 from cldm.io.images import image_to_tensor, mask_to_tensor, resize_rgb, soft_mask
-from cldm.models.attention import PromptContext
 from cldm.models.controlnet import ControlNet, fit_problem, guess_mode_scales
 from cldm.models.sd import StableDiffusion
 from cldm.models.vae import AutoencoderKL
 from cldm.pipeline.fit import fit_mask, fit_rgb, fit_tensor
 from cldm.pipeline.infotext import parameters
+from cldm.pipeline.picture_prompts import attached, reference_latent, reference_pass
+from cldm.pipeline.prompts import encode
 from cldm.pipeline.request import ControlUnit, GenerationRequest
+from cldm.pipeline.vocabulary import ControlMode, InpaintMode, Upscaler
 from cldm.sampling.preview import approx_rgb, predicted_x0
-from cldm.sampling.samplers import Sampler, _randn, make_sampler, sampler_class
-from cldm.sampling.schedules import alphas_cumprod
+from cldm.sampling.sampler import Sampler, noise_like
+from cldm.sampling.samplers import make_sampler, sampler_class
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
 PreviewCallback = Callable[[np.ndarray], None]  # (b, h, w, 3) uint8 at the latent size: A1111's "Approx cheap"
@@ -53,12 +54,12 @@ class Result:
 
 @dataclass
 class Conditioning:
-    """The text context: the negative and positive halves (batch-sized) and what the UNet reads."""
+    """The text context: the negative and positive halves (batch-sized), both together, the image-prompt tokens."""
 
     uncond: torch.Tensor
     cond: torch.Tensor
-    full: torch.Tensor  # [uncond, cond] with guidance, cond alone without (what the ControlNets read)
-    unet: torch.Tensor | PromptContext | None = None  # `full`, plus the image-prompt tokens with an IP-Adapter
+    full: torch.Tensor  # [uncond, cond] with guidance, cond alone without (what the UNet and ControlNets read)
+    image_tokens: torch.Tensor | None = None  # the IP-Adapter's tokens for the UNet's batch, with an image prompt
 
 
 @dataclass
@@ -103,17 +104,13 @@ def check(model: StableDiffusion, request: GenerationRequest) -> None:
 
 def encode_prompts(model: StableDiffusion, r: GenerationRequest) -> Conditioning:
     """The text context, and with an image prompt the IP-Adapter's tokens beside it (for the UNet only)."""
-    ctx = model.text.encode([r.negative_prompt, r.prompt], clip_skip=r.clip_skip, emphasis=r.emphasis).to(
+    ctx = encode(model.text, [r.negative_prompt, r.prompt], clip_skip=r.clip_skip, emphasis=r.emphasis).to(
         model.dtype
     )  # (2, 77*k, w)
     uncond, cond = (c.expand(r.batch, -1, -1) for c in ctx.chunk(2))
     full = torch.cat([uncond, cond]) if r.use_cfg else cond
-    unet: torch.Tensor | PromptContext = full
-    if r.image_prompt is not None:
-        ip = r.image_prompt
-        tokens = prompt_tokens(ip, r.batch, r.use_cfg)
-        unet = ip.adapter.context(full, tokens, layer_scales(ip.scale, len(model.unet.cross_attentions())))
-    return Conditioning(uncond, cond, full, unet)
+    image = None if r.image_prompt is None else prompt_tokens(r.image_prompt, r.batch, r.use_cfg).to(full.dtype)
+    return Conditioning(uncond, cond, full, image)
 
 
 def fit_pictures(r: GenerationRequest) -> GenerationRequest:
@@ -182,10 +179,10 @@ def prepare_latents(model: StableDiffusion, r: GenerationRequest, s: Sampler, ge
         start = r.steps - min(int(r.steps * r.strength), r.steps)
         if start >= r.steps:
             raise InputError("strength (denoising strength) too low: no step would run. Raise it or add steps.")
-    noise = _randn(shape, generator, torch.empty((), dtype=torch.float32)).to(device, dtype)
+    noise = noise_like(shape, generator, torch.empty((), dtype=torch.float32)).to(device, dtype)
     # img2img noises the init latent even at strength 1 (diffusers, A1111); inpainting at strength 1 starts from
     # pure noise (diffusers' inpaint pipeline), the mask blend brings the known area back.
-    masked = r.mask is not None and r.inpaint_mode == "only"  # "global": the mask shapes the hint only
+    masked = r.mask is not None and r.inpaint_mode is InpaintMode.ONLY  # GLOBAL: the mask shapes the hint only
     from_noise = x0 is None or (masked and r.strength >= 1)
     x = s.init_noise(noise) if from_noise else s.add_noise(x0, noise, s.index(start))
     mask = latent_mask(r, shape[-2:]).to(device, dtype) if masked else None
@@ -213,11 +210,11 @@ def control_residuals(
         n_res = len(cn.zero_convs) + 1  # 13 for SD1.5
         if r.guess_mode and not pooled:
             scales = guess_mode_scales(u.scale, n_res, style=r.guess_style)
-        elif u.mode in ("prompt", "control"):  # A1111's soft injection, on every ControlNet
+        elif u.mode in (ControlMode.PROMPT, ControlMode.CONTROL):  # A1111's soft injection, on every ControlNet
             scales = guess_mode_scales(u.scale, n_res)
         else:
             scales = [u.scale] * n_res
-        if r.use_cfg and (r.guess_mode or pooled or u.mode == "control"):
+        if r.use_cfg and (r.guess_mode or pooled or u.mode is ControlMode.CONTROL):
             res = _residuals(cn, emb, x_in, t, ctx.cond, scales)
             res = [torch.cat([torch.zeros_like(a), a]) for a in res]
         else:
@@ -241,55 +238,28 @@ def denoise(
     first, end = s.index(lat.start), len(s.timesteps)  # loop entries: one per model call
     x, n = lat.x, end - first
     ref = reference_latent(model, r)
-    for k, i in enumerate(range(first, end)):
-        t = s.timesteps[i].to(model.device)
-        x_in = s.scale_input(x, i)
-        x_full = torch.cat([x_in, x_in]) if r.use_cfg else x_in  # the guidance batch: [uncond, cond]
-        control = control_residuals(r, hints, x_in, x_full, t, ctx, k, n)
-        context = ctx.unet if ref is None else reference_pass(model, r, ref, x_full, t, ctx, k, n)
-        eps = model.unet(x_full, t, context, control=control)
-        if r.use_cfg:
-            e_u, e_c = eps.chunk(2)
-            eps = e_u + r.cfg_scale * (e_c - e_u)
-        if preview is not None and preview_every and (k + 1) % preview_every == 0 and k + 1 < n:
-            preview(approx_rgb(predicted_x0(x_in, eps, t)))
-        x = s.step(x, eps, i, generator)
-        if lat.mask is not None:  # inpainting: the known area, noised to the next step, goes back in
-            known = s.add_noise(lat.x0, lat.noise, i + 1) if i + 1 < end else lat.x0
-            x = (1 - lat.mask) * known + lat.mask * x
-        if callback is not None:
-            callback(k + 1, n)
+    with attached(model, r, ctx.image_tokens) as hooks:
+        for k, i in enumerate(range(first, end)):
+            t = s.timesteps[i].to(model.device)
+            x_in = s.scale_input(x, i)
+            x_full = torch.cat([x_in, x_in]) if r.use_cfg else x_in  # the guidance batch: [uncond, cond]
+            control = control_residuals(r, hints, x_in, x_full, t, ctx, k, n)
+            if ref is not None:
+                on = active(k, n, r.reference.start, r.reference.end)
+                reference_pass(model, ref, hooks, x_full, t, ctx.full, on)
+            eps = model.unet(x_full, t, ctx.full, control=control)
+            if r.use_cfg:
+                e_u, e_c = eps.chunk(2)
+                eps = e_u + r.cfg_scale * (e_c - e_u)
+            if preview is not None and preview_every and (k + 1) % preview_every == 0 and k + 1 < n:
+                preview(approx_rgb(predicted_x0(x_in, eps, t)))
+            x = s.step(x, eps, i, generator)
+            if lat.mask is not None:  # inpainting: the known area, noised to the next step, goes back in
+                known = s.add_noise(lat.x0, lat.noise, i + 1) if i + 1 < end else lat.x0
+                x = (1 - lat.mask) * known + lat.mask * x
+            if callback is not None:
+                callback(k + 1, n)
     return x
-
-
-def reference_latent(model: StableDiffusion, r: GenerationRequest):
-    """(the reference picture's latent, its own noise generator, the noise schedule), or None without one."""
-    if r.reference is None:
-        return None
-    image = image_to_tensor(resize_rgb(r.reference.image, r.width, r.height)).to(model.device, model.dtype) * 2 - 1
-    if r.seed_per_picture and r.batch > 1:  # each picture's reference noise from its own seed, as it would be alone
-        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds(r)]
-        return [model.vae.encode(image, g) for g in gens], gens, alphas_cumprod()
-    generator = torch.Generator("cpu").manual_seed(int(r.seed))  # apart from the main stream
-    return model.vae.encode(image, generator), generator, alphas_cumprod()
-
-
-def reference_pass(model, r: GenerationRequest, ref, x_full: torch.Tensor, t, ctx: Conditioning, k: int, n: int):
-    """Run the noised reference through the UNet ("write"), and return the context for the real call ("read")."""
-    u = r.reference
-    if not active(k, n, u.start, u.end):
-        return ctx.unet
-    x0, generator, schedule = ref
-    state = ReferenceState(u.mode, u.style_fidelity, u.weight, uncond=x_full.shape[0] // 2 if r.use_cfg else 0)
-    base = ctx.unet if isinstance(ctx.unet, PromptContext) else PromptContext(ctx.unet)
-    if isinstance(generator, list):  # one seed per picture: (b, ...) noised references, the same on both halves
-        noised = torch.cat([noised_reference(x, t, schedule, g) for x, g in zip(x0, generator)])
-        noised = torch.cat([noised] * (x_full.shape[0] // noised.shape[0]))
-    else:
-        noised = noised_reference(x0, t, schedule, generator).expand_as(x_full)
-    model.unet(noised, t, replace(base, reference=state))
-    state.writing = False
-    return replace(base, reference=state)
 
 
 def decode(model: StableDiffusion, r: GenerationRequest, x: torch.Tensor) -> np.ndarray:
@@ -299,7 +269,7 @@ def decode(model: StableDiffusion, r: GenerationRequest, x: torch.Tensor) -> np.
         img = model.vae.decode(x[b : b + 1]).float()
         images.append(((img / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy())
     out = np.stack(images)
-    if r.mask is not None and r.inpaint_mode == "only":
+    if r.mask is not None and r.inpaint_mode is InpaintMode.ONLY:
         if r.mask_blur > 0:
             keep = soft_mask(r.mask, r.mask_blur)[..., None]
         else:
@@ -322,7 +292,7 @@ def hires_pass(
     steps, schedule = h.schedule(r.steps)
     r2 = replace(r, width=width, height=height, steps=schedule, init_image=None, mask=None, strength=h.strength)
     f = model.latent_factor
-    if h.upscaler == "latent":
+    if h.upscaler is Upscaler.LATENT:
         x0 = F.interpolate(x.float(), size=(height // f, width // f), mode="bilinear", align_corners=False)
     else:
         pictures = [resize_rgb(p, width, height) for p in decode(model, r, x)]
@@ -332,7 +302,7 @@ def hires_pass(
     x0 = x0.to(model.device, model.dtype)
     s = make_sampler(r.sampler, schedule, r.eta)
     start = schedule - steps
-    noise = _randn(x0.shape, generator, torch.empty((), dtype=torch.float32)).to(model.device, model.dtype)
+    noise = noise_like(x0.shape, generator, torch.empty((), dtype=torch.float32)).to(model.device, model.dtype)
     lat = Latents(s.add_noise(x0, noise, s.index(start)), start, noise, x0)
     x2 = denoise(model, r2, s, ctx, embed_hints(model, r2), lat, generator, callback, preview, preview_every)
     return r2, x2

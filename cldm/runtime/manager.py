@@ -1,26 +1,26 @@
 """ModelManager: one frozen SD on the device, ControlNets cached in CPU memory and swapped in per request.
 
-Devices and dtypes are chosen by `devices.py`, the only place that decides them.
+The manager uses the runtime's parts: `devices.py` chooses the device and dtype, `cache.py` is the keyed LRU every
+loaded model is kept in, `base_slot.py` holds the one base model and switches it, `offload.py` and `prepack.py` are
+the low-VRAM and bf16-on-CPU paths. What stays here is what ties them: one lock, loading each kind of model, and
+`run()`.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from cldm.adapters.embeddings import from_state as embedding_from
 from cldm.adapters.ip_adapter import IPAdapter, load_ip_adapter
 from cldm.adapters.ip_adapter import fit_problem as ip_fit_problem
 from cldm.adapters.lora import Lora
 from cldm.adapters.lora import parse as lora_parse
-from cldm.errors import CheckpointError, InputError
+from cldm.errors import CheckpointError
 from cldm.io import checkpoints
 from cldm.io import hashes as file_hashes
 from cldm.io import locate as weights
@@ -31,6 +31,8 @@ from cldm.models.vae import AutoencoderKL
 from cldm.pipeline.request import ControlUnit, GenerationRequest, ImagePrompt
 from cldm.pipeline.stages import PreviewCallback, Result, StepCallback, generate
 from cldm.runtime import allocator, offload, prepack
+from cldm.runtime.base_slot import BaseSlot
+from cldm.runtime.cache import LRUCache
 from cldm.runtime.devices import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -62,11 +64,9 @@ class ModelManager:
         low_vram: bool = False,
         trim_memory: bool = True,
     ):
-        self.base_path = base
         self.trim_memory = trim_memory  # freed memory back to the system after each request (allocator.py)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.cache_bytes = cache_bytes
         # bf16 on the CPU: convolutions on weights reordered once for oneDNN (prepack.py; about 1.3x per step)
         self.prepack_cpu = prepack_cpu and self.device.type == "cpu" and self.dtype == torch.bfloat16
         self.lock = threading.RLock()
@@ -76,36 +76,39 @@ class ModelManager:
             log.info("low VRAM asked for on %s: nothing to do (%s)", self.device, why)
         elif low_vram:
             self.offloader = offload.Offloader(self.device)
-        self._sd: StableDiffusion | None = None
-        self._cache: OrderedDict[tuple, ControlNet] = OrderedDict()  # on the CPU, most recent last
+        self._base = BaseSlot(base, self._load_base, self.device)
+        # ControlNets by (path, global_average_pooling), on the CPU; the request's ones leave it for `_on_device`
+        self._controlnets: LRUCache[tuple, ControlNet] = LRUCache(
+            "ControlNet", max_bytes=cache_bytes, size_of=module_bytes
+        )
         self._on_device: dict[tuple, ControlNet] = {}
-        # the image prompt's modules: one IP-Adapter and one image encoder, on the device, (path, module)
-        self._ip: tuple[str, IPAdapter] | None = None
-        self._encoder: tuple[str, ImageEncoder] | None = None
-        self._loras: OrderedDict[tuple, Lora] = OrderedDict()  # parsed LoRAs, by (path, mtime)
-        self._vae: tuple[str, AutoencoderKL] | None = None  # the last VAE a request chose
-        self._embeddings_dir: Path | None = None
-        self.base_loads = 0
+        self._loras: LRUCache[tuple, Lora] = LRUCache("LoRA", max_items=MAX_LORAS)  # parsed, by (path, mtime)
+        # one of each, on the device (with low VRAM, in CPU memory): another one replaces it
+        self._ip_adapters: LRUCache[str, IPAdapter] = LRUCache("IP-Adapter", max_items=1)
+        self._image_encoders: LRUCache[str, ImageEncoder] = LRUCache("image encoder", max_items=1)
+        self._vaes: LRUCache[str, AutoencoderKL] = LRUCache("VAE", max_items=1)
         self.controlnet_loads = 0
         self.ip_loads = 0
 
     @property
+    def base_path(self) -> str:
+        """The base model's file, folder or hub id."""
+        return self._base.path
+
+    @property
+    def base_loads(self) -> int:
+        return self._base.loads
+
+    @property
+    def cache_bytes(self) -> int:
+        """CPU memory for the ControlNets not in use (`--cache-gb`); the most recent one stays even if larger."""
+        return self._controlnets.max_bytes
+
+    @property
     def sd(self) -> StableDiffusion:
+        """The base model, loaded on first use."""
         with self.lock:
-            if self._sd is None:
-                t = time.perf_counter()
-                path = weights.locate_base(self.base_path)
-                sd = checkpoints.load_sd(path, dtype=self.dtype)
-                sd.hash = file_hashes.short_hash(path)
-                self._sd = sd.to(self._rest).freeze()
-                self._fast(self._sd.unet, self._sd.vae)
-                self.base_loads += 1
-                if self._embeddings_dir is not None:  # the textual inversions belong to the text encoder
-                    self._read_embeddings(self._sd.text, self._embeddings_dir)
-                log.info(
-                    "loaded base %s on %s/%s in %.1fs", self.base_path, self.device, self.dtype, time.perf_counter() - t
-                )
-            return self._sd
+            return self._base.model
 
     def use_base(self, base: str) -> StableDiffusion:
         """Make `base` the base model. The current one is freed first, so only one base is ever in memory;
@@ -113,25 +116,17 @@ class ModelManager:
         embeddings folder is read again. If `base` cannot be loaded, the previous base is loaded back and the error
         is raised: the server keeps a working model."""
         with self.lock:
-            if not str(base).strip():
-                raise InputError("base is empty: give a file, a folder or a hub id")
-            if _same_place(str(base), self.base_path) and self._sd is not None:
-                return self._sd
-            weights.locate_base(str(base))  # a missing file or an unreachable hub id is refused before any unload
-            previous, had = self.base_path, self._sd is not None
-            self._sd = None
-            self._loras.clear()
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self.base_path = str(base)
-            try:
-                return self.sd
-            except Exception:
-                self.base_path = previous
-                if had:
-                    self.sd  # noqa: B018 (loads the previous base back)
-                raise
+            return self._base.switch(str(base), unload=self._loras.clear)  # LoRAs are matched to the base's layers
+
+    def _load_base(self, path: str) -> StableDiffusion:
+        t = time.perf_counter()
+        found = weights.locate_base(path)
+        sd = checkpoints.load_sd(found, dtype=self.dtype)
+        sd.hash = file_hashes.short_hash(found)
+        sd = sd.to(self._rest).freeze()
+        self._fast(sd.unet, sd.vae)
+        log.info("loaded base %s on %s/%s in %.1fs", path, self.device, self.dtype, time.perf_counter() - t)
+        return sd
 
     def controlnet(self, path: str, global_average_pooling: bool | None = None) -> ControlNet:
         """A ControlNet from the cache, loading it (on the CPU) on first use; one that does not fit the base is
@@ -140,9 +135,8 @@ class ModelManager:
         with self.lock:
             if key in self._on_device:
                 return self._on_device[key]
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
+            if (cached := self._controlnets.get(key)) is not None:
+                return cached
             sd = self.sd
             cn = checkpoints.load_controlnet(
                 path, dtype=self.dtype, base=sd.config.unet, global_average_pooling=global_average_pooling
@@ -155,25 +149,25 @@ class ModelManager:
                 )
             self.controlnet_loads += 1
             self._fast(cn)
-            self._cache[key] = cn
-            self._evict()
+            self._controlnets.put(key, cn)
             return cn
 
     def ip_adapter(self, path: str) -> IPAdapter:
         """The IP-Adapter at `path` on the device (one at a time: another one replaces it). One that does not fit the
         base is refused and not kept; the base model is never touched (the adapter only adds tokens)."""
         with self.lock:
-            if self._ip is not None and self._ip[0] == str(path):
-                return self._ip[1]
+            if (cached := self._ip_adapters.get(str(path))) is not None:
+                return cached
             sd = self.sd
             adapter = load_ip_adapter(path, dtype=self.dtype)
             why = ip_fit_problem(adapter, sd.unet)
             if why is not None:
                 raise CheckpointError(f"{_name(path)} does not fit the base model {_name(sd.source)}: {why}.")
-            self._ip = None  # the old one goes before the new one is on the device
-            self._ip = (str(path), adapter.to(self._rest))
+            self._ip_adapters.clear()  # the old one goes before the new one is on the device
+            adapter = adapter.to(self._rest)
+            self._ip_adapters.put(str(path), adapter)
             self.ip_loads += 1
-            return self._ip[1]
+            return adapter
 
     def lora(self, path: str) -> Lora:
         """The LoRA file at `path`, read and matched to the base's layers (the last few are kept, by path and
@@ -181,35 +175,32 @@ class ModelManager:
         with self.lock:
             p = Path(path)
             key = (str(p), p.stat().st_mtime_ns if p.is_file() else 0)
-            if key in self._loras:
-                self._loras.move_to_end(key)
-                return self._loras[key]
+            if (cached := self._loras.get(key)) is not None:
+                return cached
             state, meta = checkpoints.read_file(p), checkpoints.read_metadata(p)
             found = lora_parse(state, self.sd, _name(path).rsplit(".", 1)[0], meta)
             found.hash = file_hashes.lora_hash(p, meta)
-            self._loras[key] = found
-            while len(self._loras) > MAX_LORAS:
-                self._loras.popitem(last=False)
+            self._loras.put(key, found)
             return found
 
     def vae(self, path: str) -> AutoencoderKL:
         """The VAE file or folder at `path` on the device (one kept: another one replaces it)."""
         with self.lock:
-            if self._vae is not None and self._vae[0] == str(path):
-                return self._vae[1]
+            if (cached := self._vaes.get(str(path))) is not None:
+                return cached
             vae = checkpoints.load_vae(path, self.sd.config.vae, dtype=self.dtype)
             vae.hash = file_hashes.short_hash(path)  # A1111's "VAE hash"
-            self._vae = None  # the old one goes before the new one is on the device
-            self._vae = (str(path), vae.to(self._rest))
+            self._vaes.clear()  # the old one goes before the new one is on the device
+            vae = vae.to(self._rest)
+            self._vaes.put(str(path), vae)
             self._fast(vae)
-            return self._vae[1]
+            return vae
 
     def load_embeddings(self, folder: str | Path) -> dict[str, str]:
         """Every textual-inversion file in `folder` (.pt, .safetensors, .bin), usable by its file name in any prompt
         (A1111's embeddings folder). Returns the refused ones with why; the others are loaded."""
         with self.lock:
-            self._embeddings_dir = Path(folder)
-            return self._read_embeddings(self.sd.text, Path(folder))
+            return self._base.load_embeddings(Path(folder))
 
     @property
     def embedding_count(self) -> int:
@@ -218,40 +209,24 @@ class ModelManager:
     def reload_embeddings(self) -> dict[str, str]:
         """The embeddings folder read again (files added, changed or removed since); refused ones with why."""
         with self.lock:
-            if self._embeddings_dir is None:
-                return {}
-            self.sd.text.embeddings.clear()
-            return self._read_embeddings(self.sd.text, self._embeddings_dir)
-
-    @staticmethod
-    def _read_embeddings(text, folder: Path) -> dict[str, str]:
-        refused = {}
-        for path in sorted(folder.glob("*")) if folder.is_dir() else []:
-            if path.suffix not in (".pt", ".safetensors", ".bin") or not path.is_file():
-                continue
-            try:
-                state = checkpoints.read_file(path)
-                text.embeddings[path.stem] = embedding_from(state, path.stem, text.cfg.hidden_size)
-                text.embeddings[path.stem].hash = file_hashes.file_sha256(path)[:12]  # A1111's "TI hashes"
-            except (InputError, CheckpointError) as e:
-                refused[path.stem] = str(e)
-                log.warning("embedding %s refused: %s", path.name, e)
-        return refused
+            return self._base.reload_embeddings()
 
     def image_encoder(self, path: str) -> ImageEncoder:
         """The CLIP image encoder folder at `path` on the device (one at a time)."""
         with self.lock:
-            if self._encoder is not None and self._encoder[0] == str(path):
-                return self._encoder[1]
+            if (cached := self._image_encoders.get(str(path))) is not None:
+                return cached
             encoder = load_image_encoder(path, dtype=self.dtype)
-            self._encoder = None
-            self._encoder = (str(path), encoder.to(self._rest))
-            return self._encoder[1]
+            self._image_encoders.clear()  # the old one goes before the new one is on the device
+            encoder = encoder.to(self._rest)
+            self._image_encoders.put(str(path), encoder)
+            return encoder
 
     def drop_image_prompt(self) -> None:
         """Free the IP-Adapter and its encoder (the base model is as it was: nothing of them was put into it)."""
         with self.lock:
-            self._ip = self._encoder = None
+            self._ip_adapters.clear()
+            self._image_encoders.clear()
 
     def _loaded_prompt(self, ip: ImagePrompt | None) -> ImagePrompt | None:
         if ip is None:
@@ -270,11 +245,6 @@ class ModelManager:
             for m in modules:
                 prepack.enable(m)
 
-    def _evict(self) -> None:
-        while len(self._cache) > 1 and sum(module_bytes(m) for m in self._cache.values()) > self.cache_bytes:
-            key, _ = self._cache.popitem(last=False)
-            log.info("dropped ControlNet %s from the cache", key[0])
-
     def _swap_in(self, keys: list[tuple]) -> None:
         """Put the request's ControlNets on the device (loading them if needed) and the others back in the CPU cache.
 
@@ -282,12 +252,12 @@ class ModelManager:
         as soon as it is loaded, so loading the next one cannot evict it.
         """
         for key in [k for k in self._on_device if k not in keys]:
-            self._cache[key] = self._on_device.pop(key).to("cpu")
+            self._controlnets.put(key, self._on_device.pop(key).to("cpu"), evict=False)
         for key in keys:
             if key not in self._on_device:
                 self.controlnet(*key)
-                self._on_device[key] = self._cache.pop(key).to(self._rest)
-        self._evict()
+                self._on_device[key] = self._controlnets.pop(key).to(self._rest)
+        self._controlnets.evict()
 
     def run(
         self, request: GenerationRequest, callback: StepCallback | None = None,
@@ -308,7 +278,6 @@ class ModelManager:
             sd = self.sd
             keys = [_key(u) for u in request.units]
             self._swap_in([k for k in keys if k is not None])
-            swap = time.perf_counter() - t0
             units = tuple(
                 u if k is None else replace(u, model=self._on_device[k], name=u.label)
                 for u, k in zip(request.units, keys)
@@ -343,14 +312,6 @@ class ModelManager:
             result = generate(off.view(sd), request, *args)
         result.timings["offload"] = off.seconds - seconds  # the copies between the CPU and the device
         return result
-
-
-def _same_place(a: str, b: str) -> bool:
-    """The same base, however spelled (a trailing slash, a relative path)."""
-    if a == b:
-        return True
-    pa, pb = Path(a), Path(b)
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def _key(u: ControlUnit) -> tuple | None:

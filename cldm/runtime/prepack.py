@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from contextlib import contextmanager
 from types import MethodType
 
 import torch
@@ -99,19 +98,6 @@ def disable(module: nn.Module) -> None:
         if "_cldm_packed_key" in m.__dict__:
             for name in ("forward", "_cldm_packed", "_cldm_packed_key"):
                 m.__dict__.pop(name, None)
-
-
-@contextmanager
-def disabled(*modules: nn.Module):
-    """Plain convolutions for a while (the bench's comparison, torch's flop counter), packed again after."""
-    was = [m for m in modules if is_enabled(m)]
-    for m in was:
-        disable(m)
-    try:
-        yield
-    finally:
-        for m in was:
-            enable(m)
 
 
 def packed_bytes(module: nn.Module) -> int:

@@ -29,6 +29,7 @@ from annotators import AnnotatorError
 from cldm.errors import CldmError, InputError
 from cldm.io.images import write_atomic
 from cldm.io.model_card import card_for
+from cldm.pipeline.vocabulary import ControlMode, ResizeMode
 from cldm.sampling.samplers import SAMPLERS
 from cldm.scale.jobs import SETTINGS, Job, Names, RowError, iter_jobs
 from cldm.scale.render import Prepared, Rendered, Setup, is_complete, prepare, render, worker_name
@@ -66,19 +67,6 @@ class Manifest:
             f.flush()
             if sync:
                 os.fsync(f.fileno())
-
-    def latest(self) -> dict[str, dict]:
-        """Each id's last record (what the folder holds now), the file read a line at a time."""
-        out = {}
-        if self.path.is_file():
-            with open(self.path, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut short by a kill
-                    out[rec.get("id")] = rec
-        return out
 
 
 @dataclass
@@ -218,8 +206,8 @@ def add_batch_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--width", type=int)
     d.add_argument("--height", type=int)
     d.add_argument("--control-scale", dest="scale", type=float)
-    d.add_argument("--control-mode", choices=["balanced", "prompt", "control"])
-    d.add_argument("--resize-mode", choices=["just", "crop", "fill"])
+    d.add_argument("--control-mode", choices=ControlMode.keys())
+    d.add_argument("--resize-mode", choices=ResizeMode.keys())
     d.add_argument("--pictures", type=int, help="pictures per row (seed, seed + 1, ...)")
     r = p.add_argument_group("Ray (pip install -r requirements-scale.txt)")
     r.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",

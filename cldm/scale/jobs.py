@@ -24,6 +24,7 @@ from pathlib import Path
 
 from cldm.errors import InputError
 from cldm.pipeline.request import MAX_BATCH
+from cldm.pipeline.vocabulary import Choice, ControlMode, ResizeMode
 from cldm.scale.rows import iter_rows
 
 # setting -> (type, default); the defaults are the CLI's (`python -m cldm generate`)
@@ -45,8 +46,8 @@ SETTINGS: dict[str, tuple[type, object]] = {
     "scale": (float, 1.0),
     "start": (float, 0.0),
     "end": (float, 1.0),
-    "control_mode": (str, "balanced"),
-    "resize_mode": (str, "crop"),
+    "control_mode": (ControlMode, ControlMode.BALANCED),  # a key ("prompt") or A1111's label
+    "resize_mode": (ResizeMode, ResizeMode.CROP),
     "clip_skip": (int, 0),  # 0 = the condition's own (2 for lineart anime), else 1
     "pictures": (int, 1),  # pictures per row: seed, seed + 1, ... (one seed per picture)
     "init_image": (str, ""),
@@ -92,8 +93,8 @@ class Job:
     scale: float
     start: float
     end: float
-    control_mode: str
-    resize_mode: str
+    control_mode: ControlMode
+    resize_mode: ResizeMode
     clip_skip: int
     pictures: int
     init_image: str
@@ -103,7 +104,7 @@ class Job:
     def fingerprint(self, base: str = "") -> str:
         """What decides the pictures: every setting and the base, not the row number. A rerun regenerates a row
         whose fingerprint changed."""
-        d = asdict(self)
+        d = {k: v.key if isinstance(v, Choice) else v for k, v in asdict(self).items()}  # the keys: stable names
         d.pop("row")
         d["base"] = base
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -124,6 +125,8 @@ class RowError:
 def _value(name: str, kind: type, raw: object) -> object:
     if kind is str:
         return str(raw)
+    if issubclass(kind, Choice):
+        return kind(str(raw))  # ValueError for a name it does not know
     if isinstance(raw, bool) or (isinstance(raw, str) and not raw.strip()):
         raise ValueError
     number = float(raw)  # OverflowError for an integer too large for a float
@@ -171,8 +174,15 @@ def make_job(row: int, raw: dict[str, object], defaults: dict[str, object], fold
         try:
             values[name] = _value(name, SETTINGS[name][0], cell)
         except (TypeError, ValueError, OverflowError):
-            kind = "a whole number" if SETTINGS[name][0] is int else "a finite number"
+            kind = {int: "a whole number", float: "a finite number"}.get(SETTINGS[name][0])
+            if kind is None:
+                kind = f"one of {', '.join(SETTINGS[name][0].keys())}"
             problems.append(f"{key} must be {kind} (got {reprlib.repr(cell)})")
+    for name in ("control_mode", "resize_mode"):  # the command line's defaults come as keys
+        try:
+            values[name] = SETTINGS[name][0](values[name])
+        except ValueError:
+            problems.append(f"{name} must be one of {', '.join(SETTINGS[name][0].keys())} (got {values[name]!r})")
     if problems:
         raise InputError("; ".join(problems))
     if not 1 <= int(values["pictures"]) <= MAX_BATCH:

@@ -22,13 +22,14 @@ from cldm.hints.fitted import fitted_hint, pixel_perfect
 from cldm.io import locate as weights
 from cldm.io.images import encode_png, load_rgb
 from cldm.io.model_card import ModelCard, card_for
-from cldm.pipeline.fit import RESIZE_MODES
+from cldm.models.family import SD15
 from cldm.pipeline.request import ControlUnit, GenerationRequest
+from cldm.pipeline.vocabulary import ResizeMode
 from cldm.runtime.manager import ModelManager
 from cldm.scale.jobs import Job
 
 JOB_CHUNK = "cldm-job"  # the PNG text chunk holding the row's fingerprint: a rerun knows the file is this row's
-DEFAULT_SIZE = 512
+DEFAULT_SIZE = SD15.native_size  # for a base without a model card
 
 
 @dataclass(frozen=True)
@@ -96,25 +97,24 @@ def prepare(job: Job, setup: Setup) -> Prepared:
     path, clip_skip, pooling = _controlnet(job, setup, card)
     cond = BY_KEY.get(job.controlnet)
     preprocessor = job.preprocessor or (cond.annotators[0] if cond else "none")
-    if job.resize_mode not in RESIZE_MODES:
-        raise InputError(f"resize_mode must be one of {', '.join(RESIZE_MODES)} (got {job.resize_mode!r})")
+    resize_mode = ResizeMode.parse(job.resize_mode)  # a Job from `make_job` holds members already
     img = load_rgb(job.image)
     native = card.size if card else DEFAULT_SIZE
     width, height = job.width or native, job.height or native
     prompt, negative = job.prompt, job.negative_prompt
     if card is not None and card.words:  # words the demo model never saw would reach it as letters
         prompt, negative = card.split_known(prompt)[0], card.split_known(negative)[0]
-    resolution = job.resolution or pixel_perfect(img, width, height, job.resize_mode)
+    resolution = job.resolution or pixel_perfect(img, width, height, resize_mode)
     unit = ControlUnit(path, img, job.scale, job.start, job.end, pooling or None, mode=job.control_mode,
-                       resize_mode=job.resize_mode, preprocessor=preprocessor, processor_res=resolution,
+                       resize_mode=resize_mode, preprocessor=preprocessor, processor_res=resolution,
                        pixel_perfect=not job.resolution)  # fmt: skip
     request = GenerationRequest(
         prompt, negative, (unit,), steps=job.steps, cfg_scale=job.cfg, sampler=job.sampler, seed=job.seed,
         width=width, height=height, batch=job.pictures, clip_skip=job.clip_skip or clip_skip,
         init_image=load_rgb(job.init_image) if job.init_image else None, strength=job.strength,
-        resize_mode=job.resize_mode, seed_per_picture=True, base=setup.base,
+        resize_mode=resize_mode, seed_per_picture=True, base=setup.base,
     ).validate()  # every field checked before the preprocessor runs  # fmt: skip
-    hint = fitted_hint(preprocessor, img, width, height, job.resize_mode, resolution, setup.models_dir)
+    hint = fitted_hint(preprocessor, img, width, height, resize_mode, resolution, setup.models_dir)
     request = replace(request, units=(replace(unit, hint=hint),))
     return Prepared(job, request, job.fingerprint(setup.base), time.perf_counter() - t)
 

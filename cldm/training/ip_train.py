@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cldm.adapters import ip_adapter
 from cldm.adapters.ip_adapter import IPAdapter, IPAdapterConfig
 from cldm.io import checkpoints, writers
-from cldm.models.attention import PromptContext
 from cldm.models.image_encoder import ImageEncoder
+from cldm.pipeline.prompts import token_chunks
 from cldm.pipeline.request import GenerationRequest, ImagePrompt
 from cldm.pipeline.stages import generate
 from cldm.training.demo_eval import CFG, DEMO_BASE, SAMPLER, STEPS, UNSEEN_SEED, nearest_colour
@@ -86,13 +87,13 @@ def train_ip_adapter(demo: str | Path, out: str | Path, steps: int = 1200, batch
         keep_image = (torch.rand(batch, generator=g) >= DROP_IMAGE).float()[:, None]
         captions = ["" if d else c for c, d in zip(captions, drop_text.tolist())]
         with torch.no_grad():
-            text = sd.text(sd.text.token_chunks(captions)[:, 0])
+            text = sd.text(token_chunks(sd.text, captions)[:, 0])
         image = encoder.embeds(torch.stack([pixels[i] for i in idx])) * keep_image
-        context = PromptContext(text, adapter.tokens(image), adapter.layers, scales)
         cur = lr * min(1.0, step / 50)  # 50 warm-up steps, then constant
         for group in opt.param_groups:
             group["lr"] = cur
-        loss = eps_loss(sd.unet(x_t, t, context), eps, t)
+        with ip_adapter.attached(sd.unet, adapter, adapter.tokens(image), scales):
+            loss = eps_loss(sd.unet(x_t, t, text), eps, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

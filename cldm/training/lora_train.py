@@ -20,6 +20,7 @@ from torch import nn
 
 from cldm.adapters import lora
 from cldm.io import checkpoints, writers
+from cldm.pipeline.prompts import token_chunks
 from cldm.pipeline.request import GenerationRequest, LoraUnit
 from cldm.pipeline.stages import generate
 from cldm.training.demo_eval import CFG, DEMO_BASE, SAMPLER, STEPS, UNSEEN_SEED, nearest_colour
@@ -105,7 +106,7 @@ def train_lora(demo: str | Path, steps: int = 300, batch: int = 16, lr: float = 
         pair = torch.stack([latents[i] for i in idx])
         x_t, t, eps = _noisy(pair[:, 0], pair[:, 1], g)
         with torch.no_grad():
-            text = sd.text(sd.text.token_chunks([captions[i] for i in idx])[:, 0])
+            text = sd.text(token_chunks(sd.text, [captions[i] for i in idx])[:, 0])
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, step / 30)
         loss = eps_loss(sd.unet(x_t, t, text), eps, t)

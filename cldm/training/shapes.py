@@ -33,8 +33,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "gray": (128, 128, 128),
     "black": (20, 20, 20),
 }
-BACKGROUND_CLASS = 0  # class k > 0 is SHAPES[k - 1]
-CLASS_NAMES = ("background", *SHAPES)
+CLASS_NAMES = ("background", *SHAPES)  # class 0 is the background, class k > 0 is SHAPES[k - 1]
 SEG_PALETTE = np.array(
     [(80, 80, 80), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180), (245, 130, 48)],
     dtype=np.uint8,

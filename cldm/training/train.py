@@ -24,6 +24,7 @@ from cldm.models.config import SDConfig, TextConfig, UNetConfig, VAEConfig
 from cldm.models.controlnet import ControlNet
 from cldm.models.sd import StableDiffusion, random_sd
 from cldm.models.vae import AutoencoderKL
+from cldm.pipeline.prompts import token_chunks
 from cldm.sampling.schedules import TRAIN_STEPS, alphas_cumprod
 from cldm.training.evaluation import ControlEval, sample_base, vae_eval
 from cldm.training.latent_pool import LatentPool, images_to_tensor
@@ -285,7 +286,7 @@ def train_base(o: TrainOptions) -> Path:
         g = step_generator(o.seed, step)
         mean, std, captions, _ = pool.get(_batch_indices(batch, pool, g))
         x_t, t, eps = _noisy(mean, std, g)
-        ids = model.text.token_chunks(_drop_captions(captions, EMPTY_CAPTION_P["base"], g))[:, 0]
+        ids = token_chunks(model.text, _drop_captions(captions, EMPTY_CAPTION_P["base"], g))[:, 0]
         loss = eps_loss(model.unet(x_t, t, model.text(ids)), eps, t)
         cur = _lr(o, "base", step, lr)
         _optimizer_step(opt, loss, params, cur)
@@ -337,7 +338,7 @@ def train_controlnet(o: TrainOptions, hint: str, pool: LatentPool | None = None)
         mean, std, captions, hints = pool.get(_batch_indices(batch, pool, g), hint)
         x_t, t, eps = _noisy(mean, std, g, cubic=True)
         with torch.no_grad():
-            ctx = base.text(base.text.token_chunks(_drop_captions(captions, EMPTY_CAPTION_P["controlnet"], g))[:, 0])
+            ctx = base.text(token_chunks(base.text, _drop_captions(captions, EMPTY_CAPTION_P["controlnet"], g))[:, 0])
         control = cn(x_t, t, ctx, cn.embed_hint(hints))
         loss = eps_loss(base.unet(x_t, t, ctx, control=control), eps, t)
         cur = _lr(o, "controlnet", step, lr)

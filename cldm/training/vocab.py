@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from functools import lru_cache
 
-from cldm.models.text import _bytes_to_unicode
+from cldm.io.tokenizer import bytes_to_unicode
 from cldm.training.shapes import CAPTION_WORDS
 
 END_OF_WORD = "</w>"
@@ -54,7 +54,7 @@ def learn_merges(words: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
 
 def vocabulary(words: tuple[str, ...] | list[str] = CAPTION_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """(token -> id, merges) for the given words; the ids of the byte symbols are the same as CLIP's."""
-    alphabet = _bytes_to_unicode()
+    alphabet = bytes_to_unicode()
     merges = learn_merges(words)
     tokens = alphabet + [a + END_OF_WORD for a in alphabet]
     tokens += [a + b for a, b in merges if a + b not in tokens]
