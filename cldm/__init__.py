@@ -9,7 +9,8 @@ seeds, timings). A request's parts:
 - the choices, as enums whose values are A1111's labels: `ControlMode`, `ResizeMode`, `InpaintMode`, `Upscaler`,
   `Sampler`. `ModelFamily` says what a family of models (SD1.5, ...) is made of; `SD15` is the one this runs.
 
-Pictures: `load_rgb` reads a file, bytes or an array as HxWx3 uint8; `save_png` writes one with its parameters
+Hints: `fitted_hint(preprocessor, picture, width, height)` runs a preprocessor (canny, depth, scribble, ...) and
+fits its hint to the picture size, as the app does. Pictures: `load_rgb` reads a file, bytes or an array as HxWx3 uint8; `save_png` writes one with its parameters
 text (`Result.text(i)`), as A1111 does, and `read_parameters` reads that text back. Errors a caller can cause are
 `CldmError`s: `InputError` (a bad value or picture), `CheckpointError` (an unusable weight file),
 `MissingWeightsError` (weights not on this machine); `Stopped`, raised from `run`'s step callback, ends a
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 from cldm.errors import CheckpointError, CldmError, InputError, MissingWeightsError, Stopped
 
 if TYPE_CHECKING:
+    from cldm.hints.fitted import fitted_hint
     from cldm.io.images import load_rgb, read_parameters, save_png
     from cldm.models.family import SD15, ModelFamily
     from cldm.pipeline.extras import HiresFix, ImagePrompt, LoraUnit, ReferenceUnit
@@ -52,6 +54,7 @@ _HOMES = {
     "Sampler": "cldm.pipeline.vocabulary",
     "ModelFamily": "cldm.models.family",
     "SD15": "cldm.models.family",
+    "fitted_hint": "cldm.hints.fitted",
     "load_rgb": "cldm.io.images",
     "save_png": "cldm.io.images",
     "read_parameters": "cldm.io.images",
@@ -73,6 +76,7 @@ __all__ = [
     "Sampler",
     "ModelFamily",
     "SD15",
+    "fitted_hint",
     "load_rgb",
     "save_png",
     "read_parameters",

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from cldm.adapters.lora import prompt_tags
 from cldm.errors import InputError
-from cldm.io import checkpoints, writers
-from cldm.io import locate as weights
+from cldm.io import checkpoints, locate, writers
 from cldm.io.images import load_rgb, save_png
 from cldm.io.model_card import ModelCard, card_for
 from cldm.models.family import SD15
@@ -139,7 +138,7 @@ def request_from_args(a: argparse.Namespace, card: ModelCard | None = None) -> G
     if a.reference:
         reference = ReferenceUnit(load_rgb(a.reference), a.reference_mode, a.style_fidelity, a.reference_weight)
     prompt, tags = prompt_tags(a.prompt)
-    loras = [LoraUnit(str(weights.locate_lora(name, a.lora_dir)), w, te) for name, w, te in tags]
+    loras = [LoraUnit(str(locate.locate_lora(name, a.lora_dir)), w, te) for name, w, te in tags]
     for spec in a.lora:
         path, _, weight = spec.rpartition(":")
         try:

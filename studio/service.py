@@ -20,14 +20,15 @@ import numpy as np
 
 import annotators
 import annotators.cache
+from cldm.adapters.emphasis import MAX_PROMPT_CHARS
 from cldm.adapters.lora import prompt_tags
 from cldm.errors import InputError, Stopped
 from cldm.hints.conditions import ANNOTATOR_NONE, BY_KEY, Condition
 from cldm.hints.fitted import fitted_hint
-from cldm.io import locate as weights
+from cldm.io import locate
 from cldm.io.images import save_png
 from cldm.io.model_card import ModelCard, card_for
-from cldm.pipeline.request import MAX_PROMPT_CHARS, ControlUnit, GenerationRequest, ImagePrompt, LoraUnit, ReferenceUnit
+from cldm.pipeline.request import ControlUnit, GenerationRequest, ImagePrompt, LoraUnit, ReferenceUnit
 from cldm.runtime.manager import ModelManager
 from cldm.sampling.samplers import SAMPLERS, sampler_class
 from studio.canvas import editor_image, inpaint_hint
@@ -102,7 +103,7 @@ class Studio:
         mode)."""
         bases = {Path(first).name or first: first}
         if self.card is None:
-            bases.update({k: v for k, v in weights.list_bases(self.models_dir).items() if k not in bases})
+            bases.update({k: v for k, v in locate.list_bases(self.models_dir).items() if k not in bases})
         return bases
 
     def base_for(self, name: str | None) -> str:
@@ -118,7 +119,7 @@ class Studio:
         the lists, and the embeddings folder is read again. Nothing loaded is dropped."""
         self.bases = self._find_bases(next(iter(self.bases.values())))
         refused = self.manager.reload_embeddings()
-        lists = ModelLists(list(self.bases), weights.list_loras(self.models_dir), weights.list_vaes(self.models_dir),
+        lists = ModelLists(list(self.bases), locate.list_loras(self.models_dir), locate.list_vaes(self.models_dir),
                            self.manager.embedding_count, refused)  # fmt: skip
         log.info("model lists refreshed: %s", lists.summary)
         return lists
@@ -233,7 +234,7 @@ class Studio:
             elif extras is not None and (picture := editor_image(extras.init_image)) is not None:
                 init, strength = picture, float(s.denoise)  # img2img on any tab
         shown = hint if isinstance(hint, np.ndarray) else (hint[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy()
-        path = weights.locate_controlnet(cond.stem, cond.diffusers_repo, self.models_dir)
+        path = locate.locate_controlnet(cond.stem, cond.diffusers_repo, self.models_dir)
         res = None if cond.inpaint or unit.annotator == ANNOTATOR_NONE else unit.detection_resolution(img, (h, w))
         control = ControlUnit(
             str(path), hint, unit.scale, unit.start, unit.end, cond.global_average_pooling or None, mode=unit.mode,
@@ -248,10 +249,10 @@ class Studio:
         img = None if ip is None else editor_image(ip.image)
         if img is None:
             return None
-        if ip.adapter not in weights.IP_ADAPTERS:
-            raise InputError(f"Unknown IP-Adapter {ip.adapter!r}; choose one of {', '.join(weights.IP_ADAPTERS)}.")
-        adapter = weights.locate_ip_adapter(ip.adapter, self.models_dir)
-        return ImagePrompt(str(adapter), (img,), str(weights.locate_image_encoder(self.models_dir)), float(ip.scale))
+        if ip.adapter not in locate.IP_ADAPTERS:
+            raise InputError(f"Unknown IP-Adapter {ip.adapter!r}; choose one of {', '.join(locate.IP_ADAPTERS)}.")
+        adapter = locate.locate_ip_adapter(ip.adapter, self.models_dir)
+        return ImagePrompt(str(adapter), (img,), str(locate.locate_image_encoder(self.models_dir)), float(ip.scale))
 
     @staticmethod
     def reference(ref: ReferenceSettings | None) -> ReferenceUnit | None:
@@ -280,7 +281,7 @@ class Studio:
             init, strength = picture, float(s.denoise)  # img2img with no unit (the Image prompt tab)
         prompt = ", ".join(p for p in (s.prompt.strip(), s.added_prompt.strip()) if p)
         prompt, tags = prompt_tags(prompt)  # A1111's <lora:name:weight>, found in the models folder's loras/
-        loras = tuple(LoraUnit(str(weights.locate_lora(name, self.models_dir)), w, te) for name, w, te in tags)
+        loras = tuple(LoraUnit(str(locate.locate_lora(name, self.models_dir)), w, te) for name, w, te in tags)
         negative, note = s.negative_prompt, ""
         if self.card is not None and self.card.words:  # unknown words would reach the model as letters it never saw
             (prompt, unknown), (negative, unknown_neg) = self.card.split_known(prompt), self.card.split_known(negative)
@@ -294,8 +295,8 @@ class Studio:
             clip_skip=(int(extras.clip_skip) if extras is not None and extras.clip_skip else None)
             or max([1, *(u.cond.clip_skip for u in units)]), init_image=init, strength=strength, mask=mask,
             image_prompt=self.image_prompt(ip), reference=self.reference(ref), resize_mode=resize, loras=loras,
-            vae=None if extras is None or extras.vae in ("", weights.VAE_FROM_CHECKPOINT) else str(
-                weights.locate_vae(extras.vae, self.models_dir)),
+            vae=None if extras is None or extras.vae in ("", locate.VAE_FROM_CHECKPOINT) else str(
+                locate.locate_vae(extras.vae, self.models_dir)),
             **({} if extras is None else dict(
                 mask_blur=float(extras.mask_blur), inpaint_mode=extras.inpaint_mode, hires=extras.hires_fix,
                 seed_per_picture=bool(extras.seed_per_picture))),
@@ -369,7 +370,7 @@ _ABSOLUTE_PATH = re.compile(r"""(^|[\s'"(\[=])(/(?:[^\s'"():,;\]]+/)+[^\s'"():,;
 
 def choose_base(base: str, demo: bool) -> tuple[str, ModelCard | None, str]:
     """(base, its model card, banner): the demo model when asked for, or when the SD1.5 weights cannot be had."""
-    if not demo and weights.base_available(base):
+    if not demo and locate.base_available(base):
         card = card_for(base)
         return base, card, f"Base model: `{base}`." + (f" {card.description}" if card else "")
     if not (DEMO_DIR / DEMO_BASE).is_file():

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from cldm.errors import CldmError
-from cldm.io import checkpoints, writers
-from cldm.io import hashes as file_hashes
+from cldm.io import checkpoints, hashes, writers
 from cldm.pipeline.request import GenerationRequest
 
 
@@ -47,8 +46,8 @@ def test_switching_bases_one_in_memory(tiny_dirs, second_base, tmp_path):
     gc.collect()
     assert old() is None  # the first base was freed before the second was loaded: one base in memory
     assert not np.array_equal(a.images, b.images)
-    assert b.parameters.endswith(f"Model hash: {file_hashes.short_hash(second_base)}, Model: other")
-    assert len(file_hashes.short_hash(second_base)) == 10 and "Model hash" not in a.parameters  # a folder: no hash
+    assert b.parameters.endswith(f"Model hash: {hashes.short_hash(second_base)}, Model: other")
+    assert len(hashes.short_hash(second_base)) == 10 and "Model hash" not in a.parameters  # a folder: no hash
     assert np.array_equal(manager.run(_req(first)).images, a.images)  # back: the same pictures
     # a bad file: refused, and the base that was loaded is loaded again
     (tmp_path / "bad.safetensors").write_bytes(b"not weights")

@@ -56,22 +56,22 @@ def test_bench_runs_every_part_beside_diffusers(tmp_path):
 
 def test_the_same_weights_give_the_same_step(tmp_path):
     """The bench compares like with like: its two step closures compute the same function on the same weights."""
-    from cldm.bench import measure as bp
+    from cldm.bench import measure
 
-    paths = bp.write_models(tmp_path, tiny=True, controlnets=1)
-    sd, cn = bp.ours(paths, torch.device("cpu"), torch.float32)
-    pipe = bp.theirs(paths, torch.device("cpu"), torch.float32)
-    ours, theirs = bp.our_step(sd, cn, 64)(), bp.their_step(pipe, sd.config, 64)()
+    paths = measure.write_models(tmp_path, tiny=True, controlnets=1)
+    sd, cn = measure.ours(paths, torch.device("cpu"), torch.float32)
+    pipe = measure.theirs(paths, torch.device("cpu"), torch.float32)
+    ours, theirs = measure.our_step(sd, cn, 64)(), measure.their_step(pipe, sd.config, 64)()
     assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-4
-    assert bp.step_flops(bp.our_step(sd, cn, 64)) > 0
+    assert measure.step_flops(measure.our_step(sd, cn, 64)) > 0
     from cldm.runtime import prepack
 
-    packed_models = bp.ours(paths, torch.device("cpu"), torch.bfloat16)
-    plain_models = bp.ours(paths, torch.device("cpu"), torch.bfloat16, prepack_cpu=False)
+    packed_models = measure.ours(paths, torch.device("cpu"), torch.bfloat16)
+    plain_models = measure.ours(paths, torch.device("cpu"), torch.bfloat16, prepack_cpu=False)
     unet_and_controlnet = [(sd.unet, cn) for sd, cn in (packed_models, plain_models)]
     assert not any(prepack.is_enabled(m) for m in unet_and_controlnet[1])  # the pair's plain side really is plain
     assert all(prepack.is_enabled(m) for m in unet_and_controlnet[0]) or not prepack.available()
-    packed, plain = bp.our_step(*packed_models, 64)(), bp.our_step(*plain_models, 64)()
+    packed, plain = measure.our_step(*packed_models, 64)(), measure.our_step(*plain_models, 64)()
     assert torch.equal(packed.contiguous(), plain.contiguous())  # the packing's pair: the same step, the same bits
 
 
@@ -102,22 +102,22 @@ def test_step_flops_count_the_cpu_attention_kernel():
     """torch's counter alone misses the CPU flash-attention op; the bench's count has it, at 2 * 2 b h s^2 d."""
     import torch.nn.functional as F
 
-    from cldm.bench import measure as bp
+    from cldm.bench import measure
 
     b, h, s, d = 2, 4, 64, 16
     q, k, v = (torch.randn(b, h, s, d) for _ in range(3))
-    assert bp.step_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 2 * (2 * b * h * s * s * d)
+    assert measure.step_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 2 * (2 * b * h * s * s * d)
 
 
 def test_paired_timing_alternates_and_takes_the_median_ratio(monkeypatch):
     """A slow moment of the machine slows one pair, not one side: the ratio is the median of the pairs' ratios."""
-    from cldm.bench import measure as bp
+    from cldm.bench import measure
 
     calls = []
     # ours takes 1 unit and theirs 4, except in one slow pair (10 and 40)
     ticks = iter([0, 1, 1, 5, 5, 15, 15, 55, 55, 56, 56, 60])
-    monkeypatch.setattr(bp.time, "perf_counter", lambda: next(ticks))
-    mine, theirs, ratio = bp.timed_pair(
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(ticks))
+    mine, theirs, ratio = measure.timed_pair(
         lambda: calls.append("ours"), lambda: calls.append("theirs"), torch.device("cpu"), runs=3, warmup=1
     )
     assert calls == ["ours", "theirs"] * 4  # a warm-up pair, then three timed pairs, alternating

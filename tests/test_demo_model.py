@@ -20,6 +20,7 @@ def demo():
     return demo_eval.load_demo(DEMO)
 
 
+@pytest.mark.integration  # the training wing's evaluation of the shipped model: 36 generations, about 40 s
 def test_demo_model_follows_hints_and_prompts(demo):
     """What the shipped model measured at N=12 (canny F1 0.73 vs 0.36 off, scribble 0.64, seg 0.83; prompt colour,
     hinted shape and both 11/12; sketched triangle in the named colours 10/12), held with a margin of about two

@@ -21,11 +21,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cldm.adapters import emphasis as prompt_weights
-from cldm.adapters import lora
+from cldm.adapters import emphasis, lora
+from cldm.adapters.emphasis import MAX_PROMPT_CHARS
+from cldm.adapters.lora import MAX_REQUEST_LORAS
 from cldm.errors import InputError
 from cldm.pipeline import infotext, key_values, prompts
-from cldm.pipeline.request import MAX_PROMPT_CHARS, MAX_REQUEST_LORAS, GenerationRequest, LoraUnit
+from cldm.pipeline.request import GenerationRequest, LoraUnit
 
 DEADLINE_S = 5.0  # the new code takes milliseconds on every input here; the old one took minutes
 
@@ -180,12 +181,12 @@ def test_unclosed_brackets_cannot_weigh_a_word_to_infinity():
     rescale made the picture NaN. The weight is refused with what to do, by the request check before any model
     runs."""
     with deadline(), pytest.raises(InputError, match=r'emphasis on "a cat" comes to inf; at most 100.*close it'):
-        prompt_weights.parse("(" * 9985 + "a cat")
+        emphasis.parse("(" * 9985 + "a cat")
     with pytest.raises(InputError, match="prompt: The emphasis"):
         GenerationRequest("(" * 9985 + "a cat", units=()).validate()
     with pytest.raises(InputError, match=r"negative_prompt: The emphasis on .ugly. comes to 1e\+06"):
         GenerationRequest("a", "(ugly:1000000)", units=()).validate()
-    assert prompt_weights.parse("(" * 48 + "a") == [("a", pytest.approx(1.1**48))]  # 97: still allowed
+    assert emphasis.parse("(" * 48 + "a") == [("a", pytest.approx(1.1**48))]  # 97: still allowed
     GenerationRequest("(" * 9985 + "a cat", units=(), emphasis=False).validate()  # taken literally: no weights
 
 

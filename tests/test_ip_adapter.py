@@ -66,7 +66,7 @@ def _diffusers(ref_pipe, adapter_path, encoder_dir, controlnet=None):
 
 def _ours(adapter_path, encoder_dir, images, scale):
     from cldm.adapters.ip_adapter import load_ip_adapter
-    from cldm.models.image_encoder import load_image_encoder
+    from cldm.io.image_encoder import load_image_encoder
 
     return ImagePrompt(load_ip_adapter(adapter_path), tuple(images), load_image_encoder(encoder_dir), scale)
 

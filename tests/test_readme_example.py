@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +39,10 @@ def test_the_example_is_short_and_uses_only_public_names():
             assert node.attr in cldm.__all__, ast.unparse(node)
 
 
-def test_the_example_writes_a_picture_of_the_native_size(tmp_path, monkeypatch):
+def test_the_example_writes_a_picture_that_follows_the_hint_and_the_prompt(tmp_path, monkeypatch):
+    """The picture has the model card's size, its parameters, the hint's shapes (a circle below a star) and the
+    prompt's colours (a green circle and a red star on white), where the example picture (shapes.png) has a blue
+    circle and a yellow star on pink."""
     import cldm
 
     (tmp_path / "assets").symlink_to(ROOT / "assets")  # the example names the shipped files by relative path
@@ -51,3 +55,11 @@ def test_the_example_writes_a_picture_of_the_native_size(tmp_path, monkeypatch):
         assert img.size == (size, size) and img.mode == "RGB"
     text = cldm.read_parameters(pictures[0])
     assert text and "Model: shapes_sd" in text and "control_v11p_sd15_" in text, text
+    rgb = np.asarray(Image.open(pictures[0]).convert("RGB")).astype(int)
+    circle, star = rgb[32:44, 26:42], rgb[8:20, 32:44]
+    border = np.concatenate([rgb[:4], rgb[-4:], rgb[:, :4].transpose(1, 0, 2), rgb[:, -4:].transpose(1, 0, 2)], 1)
+    r, g, b = (circle[..., c].mean() for c in range(3))
+    assert g > r + 40 and g > b + 40, ("the circle is not green", r, g, b)
+    r, g, b = (star[..., c].mean() for c in range(3))
+    assert r > g + 40 and r > b + 40, ("the star is not red", r, g, b)
+    assert border.mean(axis=(0, 1)).min() > 225, ("the background is not white", border.mean(axis=(0, 1)))

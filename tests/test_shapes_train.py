@@ -273,15 +273,15 @@ def test_demo_ip_adapter_trains_and_is_found_where_the_app_looks(tmp_path):
     """A few steps of `train ip-adapter` on the shipped demo model: the files come out in the published layouts,
     load like any SD1.5 adapter, and the app's lookup finds them beside the model."""
     from cldm.adapters.ip_adapter import load_ip_adapter
-    from cldm.io import locate as weights
-    from cldm.models.image_encoder import load_image_encoder
+    from cldm.io import locate
+    from cldm.io.image_encoder import load_image_encoder
     from cldm.pipeline.request import ImagePrompt
     from cldm.training.ip_train import train_ip_adapter
 
     demo = Path(__file__).parents[1] / "assets" / "demo"
     adapter_path, encoder_dir = train_ip_adapter(demo, tmp_path, steps=2, batch=4, pool=8)
-    assert weights.locate_ip_adapter("ip-adapter_sd15", tmp_path) == adapter_path
-    assert weights.locate_image_encoder(tmp_path) == encoder_dir
+    assert locate.locate_ip_adapter("ip-adapter_sd15", tmp_path) == adapter_path
+    assert locate.locate_image_encoder(tmp_path) == encoder_dir
     keys = checkpoints.read_file(adapter_path)
     assert "image_proj.proj.weight" in keys and "ip_adapter.1.to_k_ip.weight" in keys
     sd = checkpoints.load_sd(demo / "shapes_sd.safetensors")

@@ -21,6 +21,7 @@ import torch
 from cldm.errors import InputError
 
 BREAK = "BREAK"
+MAX_PROMPT_CHARS = 10_000  # the longest prompt (LoRA tags included) any parser here takes: about 30 chunks of 75 tokens
 EMPHASIS = 1.1
 # The largest weight a piece may come to. Prompts weigh words 0.5..1.5, rarely past 2; 48 nested or unclosed brackets
 # pass 100, and 9985 unclosed ones make 1.1 ** 9985 = inf, which the chunk's rescale turns into a NaN picture.

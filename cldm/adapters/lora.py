@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cldm.adapters.emphasis import MAX_PROMPT_CHARS
 from cldm.errors import InputError
 from cldm.io import keymaps
-from cldm.pipeline.request import MAX_PROMPT_CHARS, MAX_REQUEST_LORAS
 
 log = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
@@ -41,6 +41,8 @@ _SPACE_COMMA = re.compile(r"(?<!\s)\s+,")
 _SPACES = re.compile(r"\s{2,}")
 # alpha / rank: trainers write alpha between 1 and a few times the rank (rsLoRA's alpha / sqrt(rank) stays in the
 # tens); past this the file is damaged (an alpha of 1e30 merges to weights that overflow every activation).
+# LoRAs in one request: A1111 prompts use a handful; each one merged costs a pass over most of the model's weights.
+MAX_REQUEST_LORAS = 16
 MAX_LORA_SCALE = 1000.0
 # float16's largest value: SD1.5 weights ship in half precision, and a merged weight past it cannot be stored there
 # (nor be right in float32: it overflows the activations into NaN pictures).

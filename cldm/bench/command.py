@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from cldm.bench import measure as bp
+from cldm.bench import measure
 from cldm.io import checkpoints
 from cldm.runtime import prepack
 from cldm.runtime.devices import DTYPES, cpu_has_bf16, resolve_device, resolve_dtype
@@ -90,41 +90,43 @@ def run(a: argparse.Namespace) -> dict:
     dtypes = a.dtypes or default_dtypes(device)
     folder = Path(a.models or tempfile.mkdtemp(prefix="cldm-bench-"))
     t = time.perf_counter()
-    paths = bp.write_models(folder, a.tiny)
+    paths = measure.write_models(folder, a.tiny)
     print(f"random {'tiny' if a.tiny else 'SD1.5'} weights in {folder} ({time.perf_counter() - t:.0f}s)", flush=True)
-    cfg = bp.bench_config(a.tiny)
+    cfg = measure.bench_config(a.tiny)
     out = {"machine": machine(device), "config": "tiny" if a.tiny else "sd15", "runs": a.runs, "dtype_auto": str(
         resolve_dtype("auto", device)).removeprefix("torch."), "results": {}}  # fmt: skip
     res = out["results"]
     if "peak" in a.parts:
-        res["peak_flops"] = {d: bp.peak_matmul(device, DTYPES[d], n=256 if a.tiny else 2048) for d in dtypes}
+        res["peak_flops"] = {d: measure.peak_matmul(device, DTYPES[d], n=256 if a.tiny else 2048) for d in dtypes}
         print("peak matmul:", {d: f"{v / 1e9:.0f} GFLOP/s" for d, v in res["peak_flops"].items()}, flush=True)
     for d in dtypes:
         dtype = DTYPES[d]
         need_models = any(p in a.parts for p in ("step", "vae"))
         if not need_models:
             break
-        sd, cn = bp.ours(paths, device, dtype)
-        pipe = None if a.no_diffusers else bp.theirs(paths, device, dtype)
+        sd, cn = measure.ours(paths, device, dtype)
+        pipe = None if a.no_diffusers else measure.theirs(paths, device, dtype)
         # What the packing gives: a second manager without it (the app's --no-prepack), stepping in turn with ours.
-        plain = bp.ours(paths, device, dtype, prepack_cpu=False) if "step" in a.parts and packs(d, device) else None
+        plain = (
+            measure.ours(paths, device, dtype, prepack_cpu=False) if "step" in a.parts and packs(d, device) else None
+        )
         if "step" in a.parts:
             for size in a.sizes:
-                step = bp.our_step(sd, cn, size)
-                plain_step = None if plain is None else bp.our_step(*plain, size)
+                step = measure.our_step(sd, cn, size)
+                plain_step = None if plain is None else measure.our_step(*plain, size)
                 row = {"size": size, "dtype": d}
                 if pipe is None:
-                    row["ours"] = bp.timed(step, device, a.runs).as_dict()
+                    row["ours"] = measure.timed(step, device, a.runs).as_dict()
                 else:
-                    mine, theirs, ratio = bp.timed_pair(step, bp.their_step(pipe, cfg, size), device, a.runs)
+                    mine, theirs, ratio = measure.timed_pair(step, measure.their_step(pipe, cfg, size), device, a.runs)
                     row.update(ours=mine.as_dict(), diffusers=theirs.as_dict(), ratio=ratio)
                 # torch's flop counter does not see the packed convolutions: it counts the plain manager's step
-                row["flops"] = bp.step_flops(step if plain_step is None else plain_step)
+                row["flops"] = measure.step_flops(step if plain_step is None else plain_step)
                 if plain_step is not None:
-                    _, unpacked, ratio = bp.timed_pair(step, plain_step, device, a.runs)
+                    _, unpacked, ratio = measure.timed_pair(step, plain_step, device, a.runs)
                     row.update(ours_unpacked=unpacked.as_dict(), packed_ratio=ratio)
                 if "peak" in a.parts:  # this VM's speed drifts: the peak is the best seen, measured again here
-                    again = bp.peak_matmul(device, dtype, n=256 if a.tiny else 2048)
+                    again = measure.peak_matmul(device, dtype, n=256 if a.tiny else 2048)
                     res["peak_flops"][d] = max(res["peak_flops"].get(d, 0), again)
                 res.setdefault("step", []).append(row)
                 print("step", json.dumps(row), flush=True)
@@ -154,10 +156,12 @@ def vae_row(sd, pipe, size: int, d: str, device: torch.device, runs: int) -> dic
     row = {"size": size, "dtype": d}
     with torch.no_grad():
         if pipe is None:
-            row["ours"] = bp.timed(lambda: sd.vae.decode(z), device, runs).as_dict()
+            row["ours"] = measure.timed(lambda: sd.vae.decode(z), device, runs).as_dict()
         else:
             scaled = z / pipe.vae.config.scaling_factor
-            mine, theirs, ratio = bp.timed_pair(lambda: sd.vae.decode(z), lambda: pipe.vae.decode(scaled), device, runs)
+            mine, theirs, ratio = measure.timed_pair(
+                lambda: sd.vae.decode(z), lambda: pipe.vae.decode(scaled), device, runs
+            )
             row.update(ours=mine.as_dict(), diffusers=theirs.as_dict(), ratio=ratio)
     return row
 
@@ -190,7 +194,7 @@ def _their_generation(paths: dict, device: torch.device, dtype: str, hint, size:
     """diffusers' whole generation (DPM++ 2M Karras, as ours), warmed up; None without diffusers."""
     from PIL import Image
 
-    pipe = bp.theirs(paths, device, getattr(torch, dtype))
+    pipe = measure.theirs(paths, device, getattr(torch, dtype))
     if pipe is None:
         return None
     from diffusers import DPMSolverMultistepScheduler
@@ -218,9 +222,9 @@ def _generation_pairs(paths: dict, device: torch.device, hint, size: int, steps:
 
     same = None if no_diffusers else _their_generation(paths, device, d, hint, size, steps)
     if same is None:
-        mine, pair = bp.timed(ours, device, runs, warmup=0), None
+        mine, pair = measure.timed(ours, device, runs, warmup=0), None
     else:
-        mine, pair, ratio = bp.timed_pair(ours, same, device, runs, warmup=0)
+        mine, pair, ratio = measure.timed_pair(ours, same, device, runs, warmup=0)
     rows = [{"impl": "ours", "dtype": d, "size": size, "steps": steps, "seconds": mine.median, "min_s": mine.low,
              "max_s": mine.high, "timings": timings}]  # fmt: skip
     if pair is not None:
@@ -245,7 +249,7 @@ def generate_rows(
     if rows[0]["dtype"] != "float32" and not no_diffusers:
         fp32 = _their_generation(paths, device, "float32", hint, size, steps)
         if fp32 is not None:
-            t = bp.timed(fp32, device, 1, warmup=0)
+            t = measure.timed(fp32, device, 1, warmup=0)
             rows.append({"impl": "diffusers", "dtype": "float32", "size": size, "steps": steps, "seconds": t.median})
             print("generate", json.dumps(rows[-1]), flush=True)
     return rows
@@ -269,12 +273,12 @@ def load_rows(paths: dict, device: torch.device, no_diffusers: bool, runs: int) 
     for name, load, key in impls:
         cold = []
         for i in range(min(runs, 3)):
-            dropped = bp.drop_file_cache(Path(paths[key.format(i)]))
+            dropped = measure.drop_file_cache(Path(paths[key.format(i)]))
             t = time.perf_counter()
             load(i)
-            bp.sync(device)
+            measure.sync(device)
             cold.append(time.perf_counter() - t)
-        warm = bp.timed(lambda load=load: load(0), device, runs)
+        warm = measure.timed(lambda load=load: load(0), device, runs)
         rows.append({"what": "controlnet", "impl": name, "dtype": d, "cold_s": sorted(cold)[len(cold) // 2],
                      "cold_dropped_cache": dropped, "warm": warm.as_dict()})  # fmt: skip
         print("load", json.dumps(rows[-1]), flush=True)
@@ -291,7 +295,7 @@ def load_rows(paths: dict, device: torch.device, no_diffusers: bool, runs: int) 
     bases = [("base (.safetensors)", "ours", ours_base, "base_file")]
     bases += [] if no_diffusers else [("base (folder)", "diffusers", theirs_base, "base_folder")]
     for what, name, load, key in bases:
-        dropped = bp.drop_file_cache(Path(paths[key]))
+        dropped = measure.drop_file_cache(Path(paths[key]))
         t = time.perf_counter()
         model = load()
         cold = time.perf_counter() - t
@@ -350,26 +354,28 @@ def memory_child(a: argparse.Namespace) -> None:
     """Hold the base and N ControlNets and run one 256 px step with each; print the peak as JSON."""
     impl, d, n = a.memory_child[0], a.memory_child[1], int(a.memory_child[2])
     device, dtype = resolve_device(a.device), DTYPES[d]
-    paths = bp.write_models(Path(a.models), a.tiny)
+    paths = measure.write_models(Path(a.models), a.tiny)
     size = 64 if a.tiny else 256
     # both sides hold exactly N ControlNets, ours in the manager's cache (packed for bf16 on the CPU, as the app has
     # them unless it runs with --no-prepack)
     if impl.startswith("ours"):
-        manager = bp.our_manager(paths, device, dtype, prepack_cpu=impl == "ours", cache_bytes=1 << 50)  # all N stay
+        manager = measure.our_manager(
+            paths, device, dtype, prepack_cpu=impl == "ours", cache_bytes=1 << 50
+        )  # all N stay
         cns = [manager.controlnet(str(paths[f"cn{i}_file"])).to(device).eval() for i in range(n)]
         for cn in cns:
-            bp.our_step(manager.sd, cn, size)()
+            measure.our_step(manager.sd, cn, size)()
     else:
         from diffusers import ControlNetModel
 
-        pipe = bp.theirs(paths, device, dtype)
+        pipe = measure.theirs(paths, device, dtype)
         more = [ControlNetModel.from_pretrained(paths[f"cn{i}_folder"], torch_dtype=dtype) for i in range(1, n)]
         cns = [pipe.controlnet, *(c.to(device) for c in more)]
         for cn in cns:
             pipe.controlnet = cn
-            bp.their_step(pipe, bp.bench_config(a.tiny), size)()
-    bp.sync(device)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else bp.rss_peak()
+            measure.their_step(pipe, measure.bench_config(a.tiny), size)()
+    measure.sync(device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else measure.rss_peak()
     print(json.dumps({"impl": impl, "dtype": d, "controlnets": n, "peak_bytes": peak,
                       "kind": "vram" if device.type == "cuda" else "rss"}))  # fmt: skip
 

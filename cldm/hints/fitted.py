@@ -11,9 +11,10 @@ import numpy as np
 import annotators
 from annotators.images import MAX_RESOLUTION, MIN_RESOLUTION
 from cldm.pipeline.fit import fit_rgb, geometry, pixel_perfect_resolution
+from cldm.pipeline.vocabulary import ResizeMode
 
 
-def pixel_perfect(img: np.ndarray, width: int, height: int, resize_mode: str) -> int:
+def pixel_perfect(img: np.ndarray, width: int, height: int, resize_mode: ResizeMode | str) -> int:
     """A1111's pixel-perfect preprocessor resolution for this picture and size, within the preprocessors' range."""
     res = pixel_perfect_resolution(img.shape[1], img.shape[0], width, height, resize_mode)
     return min(MAX_RESOLUTION, max(MIN_RESOLUTION, res))
@@ -24,12 +25,17 @@ def fitted_hint(
     img: np.ndarray,
     width: int,
     height: int,
-    resize_mode: str,
-    resolution: int,
-    models_dir: str | os.PathLike[str] | None,
+    resize_mode: ResizeMode | str = ResizeMode.CROP,
+    resolution: int | None = None,
+    models_dir: str | os.PathLike[str] | None = None,
     **params: float,
 ) -> np.ndarray:
-    """`preprocessor` on `img` at `resolution`, as a width x height RGB hint fitted by `resize_mode`."""
+    """`preprocessor` (an `annotators` name: "canny", "depth_midas", "scribble_sketch", ...) on `img` (HxWx3 uint8)
+    at `resolution` (None: A1111's pixel-perfect one), as a width x height RGB hint fitted by `resize_mode`;
+    `params` are the preprocessor's sliders (canny: low_threshold, high_threshold). Weights the preprocessor needs
+    come from `models_dir/annotators/` or the Hugging Face cache."""
+    if resolution is None:
+        resolution = pixel_perfect(img, width, height, resize_mode)
     w, h, _, _ = geometry(img.shape[1], img.shape[0], width, height, resize_mode)
     hint = annotators.run(preprocessor, img, resolution=resolution, models_dir=models_dir, size=(h, w), **params)
     return fit_rgb(hint, width, height, resize_mode)

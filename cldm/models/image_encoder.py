@@ -1,22 +1,15 @@
 """The CLIP image encoder of IP-Adapter (`transformers.CLIPVisionModelWithProjection`; ViT-H/14 for the SD1.5
 adapters) and its input preprocessing, done exactly as transformers' `CLIPImageProcessor` does it: the short side
 resized to 224 (8-bit bicubic with antialiasing), the centre 224x224 cut out, then
-(x - 255 * mean) / (255 * std) with CLIP's mean and std."""
+(x - 255 * mean) / (255 * std) with CLIP's mean and std. `cldm.io.image_encoder` reads the published folder into it."""
 
 from __future__ import annotations
-
-import json
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cldm.io import checkpoints
-from cldm.io.assemble import build
-from cldm.errors import CheckpointError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -71,24 +64,3 @@ class ImageEncoder(nn.Module):
         n = emb.position_embedding.weight.shape[0]
         ids = torch.arange(n, device=emb.position_embedding.weight.device)[None]
         emb.register_buffer("position_ids", ids, persistent=False)
-
-
-def load_image_encoder(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> ImageEncoder:
-    """The image-encoder folder as published beside the adapters (config.json + model.safetensors)."""
-    from transformers import CLIPVisionConfig
-
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(
-            f"{folder.name}/ is not an image-encoder folder (no config.json): use the `models/image_encoder` folder "
-            "of h94/IP-Adapter (CLIP ViT-H/14 for the SD1.5 adapters)."
-        )
-    try:
-        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        config = CLIPVisionConfig.from_dict(data.get("vision_config", data) if "vision_config" in data else data)
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder.name}/config.json is not a CLIP vision config ({e}).") from e
-    state = {f"clip.{k}": v for k, v in checkpoints.read_folder(folder).items() if "position_ids" not in k}
-    encoder = build(ImageEncoder, config, state, "image encoder", dtype)
-    encoder.reset_buffers()
-    return encoder

@@ -20,8 +20,6 @@ MAX_STEPS = 999
 MAX_IP_SCALE = 5.0
 MAX_HIRES_SIZE = 2048  # the hires pass's largest side
 MAX_LORA_WEIGHT = 10.0
-# LoRAs in one request: A1111 prompts use a handful; each one merged costs a pass over most of the model's weights.
-MAX_REQUEST_LORAS = 16
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ class ReferenceUnit:
     end: float = 1.0
 
     def problems(self) -> list[str]:
-        out = [f"reference: {p}" for p in _number_problems(self, ("style_fidelity", "weight", "start", "end"))]
+        out = [f"reference: {p}" for p in number_problems(self, ("style_fidelity", "weight", "start", "end"))]
         if out:
             return out
         if self.mode not in REFERENCE_MODES:
@@ -109,7 +107,7 @@ class LoraUnit:
 
     def problems(self, i: int) -> list[str]:
         names = ("weight",) if self.text_weight is None else ("weight", "text_weight")
-        out = [f"LoRA {i + 1}: {p}" for p in _number_problems(self, names)]
+        out = [f"LoRA {i + 1}: {p}" for p in number_problems(self, names)]
         for name in names if not out else ():
             if not -MAX_LORA_WEIGHT <= getattr(self, name) <= MAX_LORA_WEIGHT:
                 out.append(f"LoRA {i + 1} ({self.label}): {name} must be -{MAX_LORA_WEIGHT:g}..{MAX_LORA_WEIGHT:g} "
@@ -141,7 +139,7 @@ class HiresFix:
         return steps, int(steps / min(self.strength, 0.999))
 
     def problems(self, width: int, height: int, f: int, first_steps: int = 1) -> list[str]:
-        out = [f"hires: {p}" for p in _number_problems(self, ("scale", "steps", "strength"))]
+        out = [f"hires: {p}" for p in number_problems(self, ("scale", "steps", "strength"))]
         if out:
             return out
         if not 1 <= self.scale <= 4:
@@ -163,7 +161,7 @@ class HiresFix:
         return out
 
 
-def _number_problems(obj, names: tuple[str, ...]) -> list[str]:
+def number_problems(obj, names: tuple[str, ...]) -> list[str]:
     """Fields that are missing, not numbers (booleans are not numbers here) or not finite."""
     out = []
     for name in names:

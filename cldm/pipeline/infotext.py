@@ -18,10 +18,11 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from cldm.adapters.emphasis import MAX_PROMPT_CHARS
 from cldm.errors import InputError
 from cldm.pipeline import key_values
 from cldm.pipeline.prompts import embeddings_used
-from cldm.pipeline.request import MAX_PROMPT_CHARS, ControlUnit, GenerationRequest, stem
+from cldm.pipeline.request import ControlUnit, GenerationRequest, stem
 from cldm.pipeline.vocabulary import Choice, ControlMode, InpaintMode, ResizeMode, Sampler
 
 # Characters of a parameters text that are read: what this app writes at most (two prompts at their limit, LoRA

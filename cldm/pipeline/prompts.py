@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from cldm.adapters import emphasis as prompt_weights
+from cldm.adapters import emphasis as emphasis_syntax  # `emphasis` is the on/off argument here
 from cldm.adapters.embeddings import Embedding, substitute, used
 from cldm.errors import InputError, MissingWeightsError
 from cldm.models.text import TextEncoder
@@ -51,7 +51,7 @@ def embeddings_used(text: TextEncoder, prompts: list[str], emphasis: bool = True
     spelled = {tuple(tokenize(text, name)): e for name, e in text.embeddings.items()}
     found: list[Embedding] = []
     for p in prompts:
-        for piece, _ in prompt_weights.parse(p) if emphasis else [(p, 1.0)]:
+        for piece, _ in emphasis_syntax.parse(p) if emphasis else [(p, 1.0)]:
             found += [e for e in used(tokenize(text, piece), spelled) if all(e is not f for f in found)]
     return found
 
@@ -80,12 +80,12 @@ def weighted_chunks(
 
     chunks = []  # per prompt: [(tokens, weights) per chunk]
     for p in prompts:
-        pieces = prompt_weights.parse(p) if emphasis else [(p, 1.0)]
-        toks = tokenize(text, pieces[0][0]) if prompt_weights.is_plain(pieces) and not spelled else None
+        pieces = emphasis_syntax.parse(p) if emphasis else [(p, 1.0)]
+        toks = tokenize(text, pieces[0][0]) if emphasis_syntax.is_plain(pieces) and not spelled else None
         if toks is not None and len(toks) <= per:  # one chunk, literally
             chunks.append([(toks, [1.0] * len(toks))])
         else:  # A1111's chunking (BREAK, the comma backtrack, embeddings kept whole)
-            chunks.append(prompt_weights.chunked(pieces, tokens_of, per, _comma(text.tokenizer)))
+            chunks.append(emphasis_syntax.chunked(pieces, tokens_of, per, _comma(text.tokenizer)))
     n_chunks = max(1, max(len(c) for c in chunks))
     if n_chunks > MAX_CHUNKS:
         raise InputError(f"A prompt is {n_chunks} chunks of {per} tokens (each BREAK starts one); at most "
@@ -127,6 +127,6 @@ def encode(
     if weights is not None:
         flat = weights.reshape(b * c, n)
         hidden = torch.stack([
-            prompt_weights.apply(z, w) if bool((w != 1).any()) else z for z, w in zip(hidden, flat)
+            emphasis_syntax.apply(z, w) if bool((w != 1).any()) else z for z, w in zip(hidden, flat)
         ])  # fmt: skip
     return hidden.reshape(b, c * n, -1)

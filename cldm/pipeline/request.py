@@ -12,22 +12,11 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from cldm.adapters import emphasis as prompt_weights
+from cldm.adapters import emphasis
+from cldm.adapters.lora import MAX_REQUEST_LORAS
 from cldm.errors import InputError
 from cldm.models.controlnet import ControlNet
-from cldm.pipeline.extras import (  # noqa: F401 (the request's optional parts, importable from here too)
-    MAX_HIRES_SIZE,
-    MAX_IP_SCALE,
-    MAX_LORA_WEIGHT,
-    MAX_REQUEST_LORAS,
-    MAX_STEPS,
-    HiresFix,
-    ImagePrompt,
-    LoraUnit,
-    ReferenceUnit,
-    _number_problems,
-    stem,
-)  # fmt: skip
+from cldm.pipeline.extras import MAX_STEPS, HiresFix, ImagePrompt, LoraUnit, ReferenceUnit, number_problems, stem
 from cldm.pipeline.vocabulary import Choice, ControlMode, InpaintMode, ResizeMode
 from cldm.sampling.samplers import SAMPLERS
 
@@ -38,7 +27,6 @@ MIN_SIZE, MAX_SIZE = 64, 4096
 MAX_BATCH = 64
 MAX_CONTROL_SCALE = 10.0
 MAX_MASK_BLUR = 64.0
-MAX_PROMPT_CHARS = 10_000  # about 30 chunks of 75 tokens
 
 
 @dataclass(frozen=True)
@@ -76,7 +64,7 @@ class ControlUnit:
     def problems(self, i: int) -> list[str]:
         """What is wrong with this unit (`i` numbers it in messages); empty when it is fine."""
         who = f"ControlNet {i + 1} ({self.label})"
-        out = [f"{who}: {p}" for p in _number_problems(self, ("scale", "start", "end"))]
+        out = [f"{who}: {p}" for p in number_problems(self, ("scale", "start", "end"))]
         if out:
             return out
         if not 0 <= self.scale <= MAX_CONTROL_SCALE:
@@ -159,7 +147,7 @@ class GenerationRequest:
 
     def validate(self, latent_factor: int = 8) -> GenerationRequest:
         """Raise InputError naming every field that is wrong (and what is allowed); return self when all is well."""
-        problems = _text_problems(self) + _number_problems(
+        problems = _text_problems(self) + number_problems(
             self,
             ("steps", "cfg_scale", "eta", "seed", "width", "height", "batch", "clip_skip", "strength", "mask_blur"),
         )
@@ -201,11 +189,11 @@ class GenerationRequest:
             if getattr(self, name) != int(getattr(self, name)):
                 out.append(f"{name} must be a whole number (got {getattr(self, name)})")
         for name in ("prompt", "negative_prompt"):
-            if len(getattr(self, name)) > MAX_PROMPT_CHARS:
-                out.append(f"{name} is {len(getattr(self, name))} characters long; at most {MAX_PROMPT_CHARS}")
-            elif self.emphasis:  # weights past prompt_weights.MAX_WEIGHT: before anything is loaded
+            if len(getattr(self, name)) > emphasis.MAX_PROMPT_CHARS:
+                out.append(f"{name} is {len(getattr(self, name))} characters long; at most {emphasis.MAX_PROMPT_CHARS}")
+            elif self.emphasis:  # weights past emphasis.MAX_WEIGHT: before anything is loaded
                 try:
-                    prompt_weights.parse(getattr(self, name))
+                    emphasis.parse(getattr(self, name))
                 except InputError as e:
                     out.append(f"{name}: {e}")
         if not 1 <= self.steps <= MAX_STEPS:

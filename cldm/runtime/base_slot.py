@@ -12,9 +12,7 @@ import torch
 
 from cldm.adapters.embeddings import from_state as embedding_from
 from cldm.errors import CheckpointError, InputError
-from cldm.io import checkpoints
-from cldm.io import hashes as file_hashes
-from cldm.io import locate as weights
+from cldm.io import checkpoints, hashes, locate
 from cldm.models.sd import StableDiffusion
 
 log = logging.getLogger(__name__)
@@ -51,7 +49,7 @@ class BaseSlot:
             raise InputError("base is empty: give a file, a folder or a hub id")
         if _same_place(path, self.path) and self._sd is not None:
             return self._sd
-        weights.locate_base(path)  # a missing file or an unreachable hub id is refused before any unload
+        locate.locate_base(path)  # a missing file or an unreachable hub id is refused before any unload
         previous, had = self.path, self._sd is not None
         self._sd = None
         unload()
@@ -91,7 +89,7 @@ def read_embeddings(text, folder: Path) -> dict[str, str]:
         try:
             state = checkpoints.read_file(path)
             text.embeddings[path.stem] = embedding_from(state, path.stem, text.cfg.hidden_size)
-            text.embeddings[path.stem].hash = file_hashes.file_sha256(path)[:12]  # A1111's "TI hashes"
+            text.embeddings[path.stem].hash = hashes.file_sha256(path)[:12]  # A1111's "TI hashes"
         except (InputError, CheckpointError) as e:
             refused[path.stem] = str(e)
             log.warning("embedding %s refused: %s", path.name, e)

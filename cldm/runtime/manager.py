@@ -21,11 +21,10 @@ from cldm.adapters.ip_adapter import fit_problem as ip_fit_problem
 from cldm.adapters.lora import Lora
 from cldm.adapters.lora import parse as lora_parse
 from cldm.errors import CheckpointError
-from cldm.io import checkpoints
-from cldm.io import hashes as file_hashes
-from cldm.io import locate as weights
+from cldm.io import checkpoints, hashes, locate
+from cldm.io.image_encoder import load_image_encoder
 from cldm.models.controlnet import ControlNet, fit_problem
-from cldm.models.image_encoder import ImageEncoder, load_image_encoder
+from cldm.models.image_encoder import ImageEncoder
 from cldm.models.sd import StableDiffusion
 from cldm.models.vae import AutoencoderKL
 from cldm.pipeline.request import ControlUnit, GenerationRequest, ImagePrompt
@@ -120,9 +119,9 @@ class ModelManager:
 
     def _load_base(self, path: str) -> StableDiffusion:
         t = time.perf_counter()
-        found = weights.locate_base(path)
+        found = locate.locate_base(path)
         sd = checkpoints.load_sd(found, dtype=self.dtype)
-        sd.hash = file_hashes.short_hash(found)
+        sd.hash = hashes.short_hash(found)
         sd = sd.to(self._rest).freeze()
         self._fast(sd.unet, sd.vae)
         log.info("loaded base %s on %s/%s in %.1fs", path, self.device, self.dtype, time.perf_counter() - t)
@@ -179,7 +178,7 @@ class ModelManager:
                 return cached
             state, meta = checkpoints.read_file(p), checkpoints.read_metadata(p)
             found = lora_parse(state, self.sd, _name(path).rsplit(".", 1)[0], meta)
-            found.hash = file_hashes.lora_hash(p, meta)
+            found.hash = hashes.lora_hash(p, meta)
             self._loras.put(key, found)
             return found
 
@@ -189,7 +188,7 @@ class ModelManager:
             if (cached := self._vaes.get(str(path))) is not None:
                 return cached
             vae = checkpoints.load_vae(path, self.sd.config.vae, dtype=self.dtype)
-            vae.hash = file_hashes.short_hash(path)  # A1111's "VAE hash"
+            vae.hash = hashes.short_hash(path)  # A1111's "VAE hash"
             self._vaes.clear()  # the old one goes before the new one is on the device
             vae = vae.to(self._rest)
             self._vaes.put(str(path), vae)

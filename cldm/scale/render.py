@@ -19,7 +19,7 @@ from PIL import Image
 from cldm.errors import InputError
 from cldm.hints.conditions import BY_KEY
 from cldm.hints.fitted import fitted_hint, pixel_perfect
-from cldm.io import locate as weights
+from cldm.io import locate
 from cldm.io.images import encode_png, load_rgb
 from cldm.io.model_card import ModelCard, card_for
 from cldm.models.family import SD15
@@ -86,7 +86,7 @@ def _controlnet(job: Job, setup: Setup, card: ModelCard | None) -> tuple[str, in
         return job.controlnet, 1, False
     if card is not None and cond.key not in card.conditions:
         raise InputError(f"the {card.name} model has no {cond.key} ControlNet (it has {', '.join(card.conditions)})")
-    path = weights.locate_controlnet(cond.stem, cond.diffusers_repo, setup.models_dir)
+    path = locate.locate_controlnet(cond.stem, cond.diffusers_repo, setup.models_dir)
     return str(path), cond.clip_skip, cond.global_average_pooling
 
 

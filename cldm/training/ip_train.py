@@ -142,7 +142,7 @@ def evaluate(demo: str | Path, n: int = 24, scale: float = 1.0) -> IPReport:
     """Empty text prompt, the picture as image prompt: does the result take the picture's background colour and
     its shape's colour? The same seeds without the image prompt give the chance level."""
     from cldm.adapters.ip_adapter import load_ip_adapter
-    from cldm.models.image_encoder import load_image_encoder
+    from cldm.io.image_encoder import load_image_encoder
 
     demo = Path(demo)
     sd = checkpoints.load_sd(demo / DEMO_BASE).freeze()
