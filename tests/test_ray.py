@@ -205,7 +205,8 @@ def test_two_clients_through_a_two_replica_deployment(cluster, tmp_path):
 
         for i, s in enumerate(samples):
             unit = UnitSettings(condition("canny"), str(tmp_path / f"c{i}.png"), "none", 64, {})
-            settings = Settings(s.caption, "", "", 1, 64, 64, 40, 5.0, "ddim", 11 + i, False, False, 1.0)
+            settings = Settings(prompt=s.caption, width=64, height=64, steps=40, cfg=5.0, sampler="ddim", seed=11 + i,
+                                randomize=False, denoise=1.0)  # fmt: skip
             _, _, files = serial.generate([unit], settings, lambda *a, **k: None)
             assert np.array_equal(np.asarray(Image.open(files[0])), results[i][1]), i
         assert "seed 11" in results[0][0] and "seed 12" in results[1][0]

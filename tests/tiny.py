@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from cldm.io.tokenizer import bytes_to_unicode
+
 # A diffusers-style tiny SD with the SD1.5 shape: three levels, attention on all but the deepest, 2 blocks each.
 UNET_KW = dict(
     sample_size=16,
@@ -43,25 +45,13 @@ VAE_KW = dict(
 )
 
 
-def _bytes_to_unicode() -> list[str]:
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def write_tiny_tokenizer(folder: Path, n_merges: int = 300) -> int:
     """A real CLIP BPE tokenizer with a small vocabulary: the byte alphabet plus the first merges of CLIP's list."""
     import open_clip
 
     bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     merges = gzip.open(bpe, "rt", encoding="utf-8").read().split("\n")[1 : n_merges + 1]
-    alphabet = _bytes_to_unicode()
+    alphabet = bytes_to_unicode()
     vocab = alphabet + [a + "</w>" for a in alphabet] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)

@@ -49,13 +49,13 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from load_test import free_port  # tools/ is this script's folder
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout recorded (--root)
@@ -366,14 +366,6 @@ def record_batch(part: str, work: Path, inputs: dict[str, str], rec: dict) -> No
     missing = {row["id"] for row in JOB_ROWS} - {r.get("id") for r in rows}
     for m in sorted(missing):
         rec["errors"][f"{part}/{m}"] = "not in the manifest"
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def inpaint_demo(folder: Path) -> Path:

@@ -43,7 +43,10 @@ def leading_timesteps(steps: int) -> torch.Tensor:
 def solver_timesteps(steps: int) -> torch.Tensor:
     """[steps*r+1, .., r+1] with r = 1000 // (steps + 1): diffusers' leading spacing for DPM-Solver and UniPC."""
     ratio = TRAIN_STEPS // (steps + 1)
-    return torch.arange(steps, 0, -1, dtype=torch.int64) * ratio + STEPS_OFFSET
+    t = torch.arange(steps, 0, -1, dtype=torch.int64) * ratio + STEPS_OFFSET
+    # 999 steps would start at 1000, past the trained schedule (diffusers then repeats the last sigma and its
+    # solver divides by a zero step): the ramp moves down into it instead. Fewer steps never reach 1000.
+    return t - max(0, int(t[0]) - (TRAIN_STEPS - 1))
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, steps: int) -> torch.Tensor:
