@@ -19,7 +19,7 @@ log = logging.getLogger("app")
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="ControlNet studio web app")
     p.add_argument("--base", default=DEFAULT_BASE_REPO, help="hub id, .safetensors/.ckpt file or diffusers folder")
-    p.add_argument("--models-dir", default="models", help="local ControlNet (and annotator) weights")
+    p.add_argument("--models-dir", default="models", help="local ControlNet (and preprocessor) weights")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--cache-gb", type=float, default=4.0, help="CPU memory for cached ControlNets")

@@ -132,7 +132,7 @@ def run(
     """
     annotator = ANNOTATORS.get(name)
     if annotator is None or annotator._fn is None:
-        raise AnnotatorError(f"Unknown annotator '{name}'. Known: {', '.join(sorted(ANNOTATORS))}.")
+        raise AnnotatorError(f"Unknown preprocessor '{name}'. Known: {', '.join(sorted(ANNOTATORS))}.")
     values = _check_params(annotator, params)
     rgb = as_rgb(image)
     detect = check_resolution(resolution)

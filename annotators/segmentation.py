@@ -205,7 +205,7 @@ def _build_model(source: str) -> Any:
 def _missing_model_message(models_dir: str | os.PathLike[str] | None, exc: Exception) -> str:
     hub = "HF_HUB_OFFLINE is set, so nothing is downloaded automatically. " if hub_is_offline() else ""
     return (
-        f"The 'seg_ade20k' annotator needs the transformers model '{SEG_REPO}' "
+        f"The 'seg_ade20k' preprocessor needs the transformers model '{SEG_REPO}' "
         f"(https://huggingface.co/{SEG_REPO}: config.json and model.safetensors or pytorch_model.bin). "
         f"Put those files in {where_to_put(models_dir, SEG_LOCAL_NAME)}/ or into the Hugging Face cache "
         f"(huggingface-cli download {SEG_REPO}). {hub}(transformers: {str(exc).splitlines()[0]})"

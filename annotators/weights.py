@@ -89,7 +89,7 @@ def missing_message(
     annotator: str, missing: Sequence[tuple[WeightFile, str]], models_dir: str | os.PathLike[str] | None
 ) -> str:
     """The message that tells the user which file of which repo to download and where to put it."""
-    lines = [f"The '{annotator}' annotator needs weights that are not available here:"]
+    lines = [f"The '{annotator}' preprocessor needs weights that are not available here:"]
     for item, reason in missing:
         lines.append(
             f"- '{item.filename}' from the Hugging Face repo '{item.repo}' "

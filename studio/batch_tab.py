@@ -207,7 +207,7 @@ def batch_tab(studio: Studio, base: BasePanel) -> None:
             with gr.Row():
                 cond = gr.Dropdown([(c.label, c.key) for c in conds], value=first.key, label="Condition",
                                    elem_id="batch-condition")  # fmt: skip
-                pre = gr.Dropdown(list(first.annotators), value=example.get("preprocessor", first.annotators[0]),
+                pre = gr.Dropdown(list(first.preprocessors), value=example.get("preprocessor", first.preprocessors[0]),
                                   label="Preprocessor", elem_id="batch-preprocessor")  # fmt: skip
             words = example.get("prompt", first.example[2]) + (f", {ADDED_PROMPT}" if d.quality_words else "")
             prompt = gr.Textbox(words, label="Prompt template", lines=2,
@@ -232,8 +232,8 @@ def batch_tab(studio: Studio, base: BasePanel) -> None:
             gallery = gr.Gallery(label="Results", columns=4, format="png", elem_id="batch-gallery")
             status = gr.Markdown(elem_id="batch-status")
             archive = gr.Files(label="Download all (zip: PNGs with parameters + manifest.jsonl)")
-    cond.change(lambda k: gr.update(choices=list(next(c for c in conds if c.key == k).annotators),
-                                    value=next(c for c in conds if c.key == k).annotators[0]),
+    cond.change(lambda k: gr.update(choices=list(next(c for c in conds if c.key == k).preprocessors),
+                                    value=next(c for c in conds if c.key == k).preprocessors[0]),
                 cond, pre, api_name=False)  # fmt: skip
 
     def job(records, call: Call):

@@ -129,10 +129,10 @@ class SizePanel:
 
     def read(self, it: Iterator) -> tuple[int, int]:
         v = _take(it, ["width", "height"])
-        return int(v["height"]), int(v["width"])
+        return int(v["width"]), int(v["height"])
 
 
-UNIT_FIELDS = ("image", "annotator", "resolution", "scale", "start", "end")
+UNIT_FIELDS = ("image", "preprocessor", "resolution", "scale", "start", "end")
 
 
 @dataclass
@@ -144,7 +144,7 @@ class UnitPanel:
     """
 
     image: gr.components.Component
-    annotator: gr.Dropdown
+    preprocessor: gr.Dropdown
     resolution: gr.Slider
     scale: gr.Slider
     start: gr.Slider
@@ -179,11 +179,13 @@ class UnitPanel:
         if head and head["condition"] is None:
             raise missing_value(["condition" + self.tag])
         cond = self.cond or condition(head["condition"])
-        chosen = {p: v[f"{a}_{p}"] for a, p in self.params if a == v["annotator"]}
-        missing = [f"{v['annotator']}_{p}{self.tag}" for p, value in chosen.items() if value is None]
+        chosen = {p: v[f"{a}_{p}"] for a, p in self.params if a == v["preprocessor"]}
+        missing = [f"{v['preprocessor']}_{p}{self.tag}" for p, value in chosen.items() if value is None]
         if missing:
             raise missing_value(missing)
-        return UnitSettings(cond, v["image"], v["annotator"], v["resolution"], chosen, v["scale"], v["start"], v["end"])
+        return UnitSettings(
+            cond, v["image"], v["preprocessor"], v["resolution"], chosen, v["scale"], v["start"], v["end"]
+        )
 
 
 def _choice(value, labels: dict[str, str], what: str) -> str:

@@ -88,8 +88,8 @@ def condition_tab(studio: Studio, cond: Condition, base: BasePanel) -> Receivers
             gallery = gr.Gallery(label="Results", columns=2, format="png", elem_id=f"{cond.key}-gallery")
             status = gr.Markdown(elem_id=f"{cond.key}-status")
             files = gr.Files(label="Download PNGs (with parameters)")
-    picture, annotator, prompt = _example(studio, cond)
-    gr.Examples([[str(EXAMPLES_DIR / picture), annotator, prompt]], [unit.image, unit.annotator, settings.widgets["prompt"]],
+    picture, preprocessor, prompt = _example(studio, cond)
+    gr.Examples([[str(EXAMPLES_DIR / picture), preprocessor, prompt]], [unit.image, unit.preprocessor, settings.widgets["prompt"]],
                 label="Example")  # fmt: skip
     size_button(use_size, unit.image, settings)
     size = SizePanel(settings.widgets["width"], settings.widgets["height"])
@@ -134,8 +134,8 @@ def multi_tab(studio: Studio, base: BasePanel) -> Receivers:
                     )
                     panel = unit_panel(studio, choices, first, label="Picture")
                     # the preprocessors follow the condition in the browser; the panel holds every one's sliders
-                    choice.change(lambda k: gr.update(choices=list(condition(k).annotators),
-                                                      value=condition(k).annotators[0]), choice, panel.annotator,
+                    choice.change(lambda k: gr.update(choices=list(condition(k).preprocessors),
+                                                      value=condition(k).preprocessors[0]), choice, panel.preprocessor,
                                   api_name=False)  # fmt: skip
                 panel.enabled, panel.choice, panel.tag = enabled, choice, f"_{i + 1}"
                 units.append(panel)

@@ -103,14 +103,14 @@ def unit_panel(
     image = _picture(first if len(conds) == 1 else None, studio.size, label, elem_id)
     # a Multi panel's choices follow its condition in the browser; API callers may name any preprocessor of it
     # the handler checks the name (and says so, escaped) rather than Gradio's unescaped "not in the list of choices"
-    annotator = gr.Dropdown(list(first.annotators), value=first.annotators[0], label="Preprocessor",
+    preprocessor = gr.Dropdown(list(first.preprocessors), value=first.preprocessors[0], label="Preprocessor",
                             allow_custom_value=True)  # fmt: skip
     # detection at the picture size by default (512 for SD1.5; the demo model's canny edges were found at 64 px)
     resolution = gr.Slider(64, 1024, value=studio.size, step=64, label="Preprocessor resolution")
-    names = list(dict.fromkeys(a for c in conds for a in c.annotators))  # every preprocessor the panel may show
+    names = list(dict.fromkeys(a for c in conds for a in c.preprocessors))  # every preprocessor the panel may show
     params = {
         (name, p.name): gr.Slider(p.minimum, p.maximum, value=p.default, step=p.step, label=p.label,
-                                  visible=name == first.annotators[0])
+                                  visible=name == first.preprocessors[0])
         for name in names for p in annotators.ANNOTATORS[name].params
     }  # fmt: skip
     with gr.Row():
@@ -122,9 +122,9 @@ def unit_panel(
         resize = gr.Radio(list(RESIZE_MODES), value="Crop and Resize", label="Resize mode")
         perfect = gr.Checkbox(value=True, label="Pixel perfect (preprocessor resolution from the picture and size)")
     keys = list(params)
-    annotator.change(lambda a: [gr.update(visible=k[0] == a) for k in keys], annotator, [params[k] for k in keys],
+    preprocessor.change(lambda a: [gr.update(visible=k[0] == a) for k in keys], preprocessor, [params[k] for k in keys],
                      api_name=False)  # fmt: skip
-    return UnitPanel(image, annotator, resolution, scale, start, end, params, cond=first if len(conds) == 1 else None,
+    return UnitPanel(image, preprocessor, resolution, scale, start, end, params, cond=first if len(conds) == 1 else None,
                      mode=mode, resize=resize, pixel_perfect=perfect)  # fmt: skip
 
 

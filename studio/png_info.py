@@ -18,7 +18,7 @@ from studio.service import Studio
 
 SETTINGS_SENT = ("prompt", "negative_prompt", "sampler", "steps", "cfg", "seed", "randomize", "width", "height",
                  "denoise")  # fmt: skip
-UNIT_SENT = ("annotator", "resolution", "scale", "start", "end", "mode", "resize", "pixel_perfect")
+UNIT_SENT = ("preprocessor", "resolution", "scale", "start", "end", "mode", "resize", "pixel_perfect")
 
 
 @dataclass
@@ -69,9 +69,9 @@ def _unit_values(panel: UnitPanel, u: UnitInfo | None, cond: Condition | None) -
         head = [True, cond.key]
     if u is None:
         return head + [gr.skip()] * len(UNIT_SENT)
-    module = u.module if cond is not None and u.module in cond.annotators else gr.skip()
+    module = u.module if cond is not None and u.module in cond.preprocessors else gr.skip()
     if panel.choice is not None and module is gr.skip() and cond is not None:
-        module = cond.annotators[0]
+        module = cond.preprocessors[0]
     return head + [
         module, _clamp(panel.resolution, u.processor_res), _clamp(panel.scale, u.scale), _clamp(panel.start, u.start),
         _clamp(panel.end, u.end), u.control_mode.value, u.resize_mode.value,

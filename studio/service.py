@@ -23,7 +23,7 @@ import annotators.cache
 from cldm.adapters.emphasis import MAX_PROMPT_CHARS
 from cldm.adapters.lora import prompt_tags
 from cldm.errors import InputError, Stopped
-from cldm.hints.conditions import ANNOTATOR_NONE, BY_KEY, Condition
+from cldm.hints.conditions import BY_KEY, PREPROCESSOR_NONE, Condition
 from cldm.hints.fitted import fitted_hint
 from cldm.io import locate
 from cldm.io.images import save_png
@@ -198,14 +198,14 @@ class Studio:
 
     # ------------------------------------------------------------------------------------------------ hints
     def hint(self, unit: UnitSettings, size: tuple[int, int]) -> np.ndarray:
-        """The hint for one ControlNet, at the size of the pictures to generate (height, width)."""
+        """The hint for one ControlNet, at the size of the pictures to generate (width, height)."""
         img = editor_image(unit.image)
         if img is None:
             raise InputError("Upload an image (or draw on the canvas) first.")
-        if unit.annotator not in unit.cond.annotators:
-            raise InputError(f"{unit.annotator!r} is not a preprocessor for {unit.cond.label}.")
+        if unit.preprocessor not in unit.cond.preprocessors:
+            raise InputError(f"{unit.preprocessor!r} is not a preprocessor for {unit.cond.label}.")
         resolution = unit.detection_resolution(img, size)
-        return fitted_hint(unit.annotator, img, size[1], size[0], unit.resize_mode, resolution, self.models_dir,
+        return fitted_hint(unit.preprocessor, img, *size, unit.resize_mode, resolution, self.models_dir,
                            **unit.params)  # fmt: skip
 
     def _control(self, unit: UnitSettings, s: Settings, progress: Progress, extras: PassSettings | None = None):
@@ -228,17 +228,17 @@ class Studio:
             init, mask, hint = inpaint_hint(unit.image, w, h, unit.resize_mode)
             strength = float(s.denoise)
         else:
-            hint = self.hint(unit, (h, w))
+            hint = self.hint(unit, (w, h))
             if cond.img2img:
                 init, strength = img, float(s.denoise)
             elif extras is not None and (picture := editor_image(extras.init_image)) is not None:
                 init, strength = picture, float(s.denoise)  # img2img on any tab
         shown = hint if isinstance(hint, np.ndarray) else (hint[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy()
         path = locate.locate_controlnet(cond.stem, cond.diffusers_repo, self.models_dir)
-        res = None if cond.inpaint or unit.annotator == ANNOTATOR_NONE else unit.detection_resolution(img, (h, w))
+        res = None if cond.inpaint or unit.preprocessor == PREPROCESSOR_NONE else unit.detection_resolution(img, (w, h))
         control = ControlUnit(
             str(path), hint, unit.scale, unit.start, unit.end, cond.global_average_pooling or None, mode=unit.mode,
-            resize_mode=unit.resize_mode, preprocessor="" if cond.inpaint else unit.annotator, processor_res=res,
+            resize_mode=unit.resize_mode, preprocessor="" if cond.inpaint else unit.preprocessor, processor_res=res,
             pixel_perfect=unit.pixel_perfect,
         )  # fmt: skip
         return control, shown, init, mask, strength

@@ -28,7 +28,7 @@ class UnitSettings:
 
     cond: Condition
     image: object  # a file path, an array, or an ImageEditor dict (background, layers, composite)
-    annotator: str
+    preprocessor: str
     resolution: int
     params: dict[str, float] = field(default_factory=dict)  # the chosen preprocessor's sliders
     scale: float = 1.0
@@ -39,10 +39,11 @@ class UnitSettings:
     pixel_perfect: bool = False  # the preprocessor resolution from the picture and the target size
 
     def detection_resolution(self, img: np.ndarray, size: tuple[int, int]) -> int:
-        """The slider's resolution, or with pixel perfect the extension's (within the preprocessors' range)."""
+        """The slider's resolution, or with pixel perfect the extension's for a picture of `size` (width, height),
+        within the preprocessors' range."""
         if not self.pixel_perfect:
             return int(self.resolution)
-        return pixel_perfect(img, size[1], size[0], self.resize_mode)
+        return pixel_perfect(img, *size, self.resize_mode)
 
 
 # The choices as the app lists them: label -> member, the default first

@@ -87,7 +87,7 @@ def test_importing_annotators_pulls_in_neither_cldm_nor_gradio():
 
 def test_unknown_name_and_bad_params_raise():
     img = square(64)
-    with pytest.raises(AnnotatorError, match="Unknown annotator 'cany'"):
+    with pytest.raises(AnnotatorError, match="Unknown preprocessor 'cany'"):
         run("cany", img)
     with pytest.raises(AnnotatorError, match="low_threshold.*between 1 and 255"):
         run("canny", img, resolution=64, low_threshold=0)

@@ -48,20 +48,20 @@ HINT = ["Balanced", "Crop and Resize", False]  # what `/<tab>_hint` takes after 
 MULTI_REST = [*HINT * 3, *PASS.values(), None, "ip-adapter_sd15", 0.6, None]  # `/multi_generate` after the settings
 
 
-def _unit(image, annotator, params=()):
-    # image, annotator, resolution, scale, start, end, then the tab's annotator sliders
-    return [image, annotator, SIZE, 1.0, 0.0, 1.0, *params]
+def _unit(image, preprocessor, params=()):
+    # image, preprocessor, resolution, scale, start, end, then the tab's preprocessor sliders
+    return [image, preprocessor, SIZE, 1.0, 0.0, 1.0, *params]
 
 
-def _multi(enabled, key, image, annotator, scale=1.0, start=0.0, end=1.0, resolution=SIZE, **params):
+def _multi(enabled, key, image, preprocessor, scale=1.0, start=0.0, end=1.0, resolution=SIZE, **params):
     """One Multi unit: on/off, condition, then the same panel as a tab (every preprocessor's sliders, table order)."""
     import annotators
     from cldm.hints.conditions import CONDITIONS
 
-    names = dict.fromkeys(a for c in CONDITIONS if not c.inpaint for a in c.annotators)
-    sliders = [params.get(p.name, p.default) if n == annotator else p.default
+    names = dict.fromkeys(a for c in CONDITIONS if not c.inpaint for a in c.preprocessors)
+    sliders = [params.get(p.name, p.default) if n == preprocessor else p.default
                for n in names for p in annotators.ANNOTATORS[n].params]  # fmt: skip
-    return [enabled, key, image, annotator, resolution, scale, start, end, *sliders]
+    return [enabled, key, image, preprocessor, resolution, scale, start, end, *sliders]
 
 
 def test_canny_preview_and_generate(client, square, running_app):
@@ -304,7 +304,7 @@ def test_a_controlnet_of_another_family_is_refused_with_both_shapes(client, squa
     import annotators
     from cldm.hints.conditions import BY_KEY
 
-    params = [p.default for a in BY_KEY["lineart"].annotators for p in annotators.ANNOTATORS[a].params]
+    params = [p.default for a in BY_KEY["lineart"].preprocessors for p in annotators.ANNOTATORS[a].params]
     loads = running_app[1].controlnet_loads
     with pytest.raises(Exception, match=r"does not fit the base model.*block widths.*text context.*block widths"):
         client.predict(
@@ -473,7 +473,7 @@ def test_each_tab_has_one_labelled_endpoint_set(client):
             assert p["label"] and not p["parameter_name"].startswith("param_"), (name, p)
         assert "guess_mode" not in names, name
     canny = [p["parameter_name"] for p in api["/canny_generate"]["parameters"]]
-    assert canny[:8] == ["image", "annotator", "resolution", "scale", "start", "end", "canny_low_threshold",
+    assert canny[:8] == ["image", "preprocessor", "resolution", "scale", "start", "end", "canny_low_threshold",
                          "canny_high_threshold"] and canny[-1] == "base"  # fmt: skip
     hint = [p["parameter_name"] for p in api["/canny_hint"]["parameters"]]
     assert hint[-5:] == ["width", "height", "control_mode", "resize_mode", "pixel_perfect"]

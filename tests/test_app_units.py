@@ -30,10 +30,10 @@ def wide(tmp_path):
     return str(path)
 
 
-def _hint(client, path, resize, perfect=False, annotator="none"):
+def _hint(client, path, resize, perfect=False, preprocessor="none"):
     from gradio_client import handle_file
 
-    out = client.predict(*_unit(handle_file(path), annotator, (100, 200)), SIZE, SIZE, "Balanced", resize, perfect,
+    out = client.predict(*_unit(handle_file(path), preprocessor, (100, 200)), SIZE, SIZE, "Balanced", resize, perfect,
                          api_name="/canny_hint")  # fmt: skip
     return np.asarray(Image.open(out).convert("RGB"))
 

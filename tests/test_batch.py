@@ -134,7 +134,7 @@ def test_bad_rows_are_recorded_and_a_rerun_does_exactly_the_missing_rows(tmp_pat
     errors = {k: r["error"] for k, r in state.items() if r["status"] == "failed"}
     assert "Image not found: nowhere.png" in errors["missing"]
     assert "Cannot read the image" in errors["unreadable"]
-    assert "ControlNetHED.pth" in errors["hed"]  # the annotator's weights are missing here: it says which file
+    assert "ControlNetHED.pth" in errors["hed"]  # the preprocessor's weights are missing here: it says which file
     assert "no depth ControlNet" in errors["depth"] and "cfg" in errors["huge"] and "sampler" in errors["sampler"]
     made = {p.name: p.read_bytes() for p in out.glob("*.png")}
     assert set(made) == {"a.png", "b-0.png", "b-1.png", "c.png", "d.png"}

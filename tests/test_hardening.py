@@ -268,8 +268,8 @@ def client(running_app):
     return Client(running_app[0], verbose=False)
 
 
-def _unit(image, annotator, params=(100, 200)):
-    return [image, annotator, SIZE, 1.0, 0.0, 1.0, *params]
+def _unit(image, preprocessor, params=(100, 200)):
+    return [image, preprocessor, SIZE, 1.0, 0.0, 1.0, *params]
 
 
 def test_messages_show_no_server_paths_and_escape_user_text(client, tmp_path):
@@ -348,7 +348,7 @@ def test_missing_values_through_the_api_are_named(client, tmp_path):
         with pytest.raises(Exception, match=f"Missing value for {field}"):
             client.predict(*_unit(handle_file(str(good)), "canny"), *dict(SETTINGS, **{field: None}).values(), *_rest(),
                            api_name="/canny_generate")  # fmt: skip
-    with pytest.raises(Exception, match="Missing value for annotator"):
+    with pytest.raises(Exception, match="Missing value for preprocessor"):
         client.predict(*_unit(handle_file(str(good)), None), SIZE, SIZE, *HINT, api_name="/canny_hint")
 
 

@@ -95,7 +95,7 @@ def params(key: str) -> list:
     import annotators
     from cldm.hints.conditions import BY_KEY
 
-    return [p.default for a in BY_KEY[key].annotators for p in annotators.ANNOTATORS[a].params]
+    return [p.default for a in BY_KEY[key].preprocessors for p in annotators.ANNOTATORS[a].params]
 
 
 # `/<tab>_generate` after the unit and the settings, by name (the rest keep the page's values): the unit's picture

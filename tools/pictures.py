@@ -217,8 +217,8 @@ def app_cases(i: dict[str, str]) -> list[dict]:
     no_ip = [None, "ip-adapter_sd15", 0.6]  # image prompt, IP-Adapter, strength (the accordion on each tab)
     base = ["shapes_sd.safetensors"]
 
-    def unit(image, annotator, scale=1.0, start=0.0, end=1.0) -> list:
-        return [image, annotator, SIZE, scale, start, end]  # picture, preprocessor, resolution, strength, start, end
+    def unit(image, preprocessor, scale=1.0, start=0.0, end=1.0) -> list:
+        return [image, preprocessor, SIZE, scale, start, end]  # picture, preprocessor, resolution, strength, start, end
 
     # a Multi unit: on, condition, picture, preprocessor, resolution, strength, start, end, then every preprocessor's
     # sliders: canny low/high, MLSD value/distance, remove near %, remove background %, shuffle seed

@@ -8,26 +8,26 @@ from pathlib import Path
 # The ControlNet 1.1 apps' defaults (gradio_*.py in ControlNet-v1-1-nightly).
 ADDED_PROMPT = "best quality"
 NEGATIVE_PROMPT = "lowres, bad anatomy, bad hands, cropped, worst quality"
-ANNOTATOR_NONE = "none"
+PREPROCESSOR_NONE = "none"
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"  # drawn by assets/make_examples.py
 
 
 @dataclass(frozen=True)
 class Condition:
-    """One ControlNet: where its weights are, which annotators make its hint, and its special rules."""
+    """One ControlNet: where its weights are, which preprocessors make its hint, and its special rules."""
 
     key: str
     label: str
     model_file: str  # file name in lllyasviel/ControlNet-v1-1 (and in --models-dir)
     diffusers_repo: str  # the same weights as a diffusers folder (safetensors)
-    annotators: tuple[str, ...]  # registry names; the first is the default; "none" = my image is the hint
+    preprocessors: tuple[str, ...]  # registry names; the first is the default; "none" = my image is the hint
     sketch: bool = False  # offer a drawing canvas
     clip_skip: int = 1
     global_average_pooling: bool = False  # shuffle: residuals pooled, ControlNet on the conditional half only
     img2img: bool = False  # tile: the input is also the init image, with a denoising slider
     inpaint: bool = False  # paint a mask; masked hint pixels are -1; unmasked area kept
     prompt_hint: str = ""
-    example: tuple[str, str, str] = ("house.png", "none", "")  # picture in assets/examples, annotator, prompt
+    example: tuple[str, str, str] = ("house.png", "none", "")  # picture in assets/examples, preprocessor, prompt
 
     @property
     def stem(self) -> str:

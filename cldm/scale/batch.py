@@ -189,14 +189,14 @@ def add_batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", required=True, help="a .csv (header row) or .jsonl file, one job per row")
     p.add_argument("--out", required=True, help="output folder: PNGs and manifest.jsonl (a rerun skips done rows)")
     p.add_argument("--base", required=True, help="SD1.5 file or folder (assets/demo/shapes_sd.safetensors: demo)")
-    p.add_argument("--models-dir", help="ControlNets named by condition, annotator weights (default: models, or "
+    p.add_argument("--models-dir", help="ControlNets named by condition, preprocessor weights (default: models, or "
                    "the demo model's folder)")  # fmt: skip
     p.add_argument("--embeddings", metavar="DIR", help="textual-inversion files, used by name in the prompts")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     d = p.add_argument_group("defaults for the rows (a row's own column wins; any setting can be a column)")
     d.add_argument("--controlnet", help="file, folder or condition (canny, depth, scribble, ...)")
-    d.add_argument("--preprocessor", help="annotator for `image` columns (default: the condition's first)")
+    d.add_argument("--preprocessor", help="preprocessor for `image` columns (default: the condition's first)")
     d.add_argument("--prompt", help="prompt template: {column}, {stem} (picture name), {id} are filled in")
     d.add_argument("--negative-prompt")
     d.add_argument("--steps", type=int)

@@ -37,7 +37,7 @@ class Setup:
     """What every worker needs to know to run a job list: the base, where the models are, device and dtype."""
 
     base: str
-    models_dir: str | None = None  # ControlNets named by condition and annotator weights; the card's folder for demo
+    models_dir: str | None = None  # ControlNets named by condition and preprocessor weights; the card's folder for demo
     device: str = "auto"
     dtype: str = "auto"
     embeddings: str | None = None
@@ -96,7 +96,7 @@ def prepare(job: Job, setup: Setup) -> Prepared:
     card = setup.card
     path, clip_skip, pooling = _controlnet(job, setup, card)
     cond = BY_KEY.get(job.controlnet)
-    preprocessor = job.preprocessor or (cond.annotators[0] if cond else "none")
+    preprocessor = job.preprocessor or (cond.preprocessors[0] if cond else "none")
     resize_mode = ResizeMode.parse(job.resize_mode)  # a Job from `make_job` holds members already
     img = load_rgb(job.image)
     native = card.size if card else DEFAULT_SIZE
