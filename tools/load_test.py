@@ -52,16 +52,16 @@ def rss_mb(pid: int) -> float:
 
 @contextlib.contextmanager
 def serve_demo(out_dir: str | os.PathLike, *args: str, port: int | None = None, timeout: float = 120,
-               env: dict[str, str] | None = None):  # fmt: skip
-    """`python app.py --demo` on 127.0.0.1 in a child process (`env` added to its environment): yields (url,
-    process); killed on exit."""
+               env: dict[str, str] | None = None, model: tuple[str, ...] = ("--demo",), root: Path = ROOT):  # fmt: skip
+    """`python app.py --demo` (or the `model` flags) of the checkout `root` on 127.0.0.1 in a child process (`env`
+    added to its environment): yields (url, process); killed on exit."""
     import httpx
 
     port = port or free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env or {}))
-    cmd = [sys.executable, str(ROOT / "app.py"), "--demo", "--port", str(port), "--out-dir", str(out_dir), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+    cmd = [sys.executable, str(root / "app.py"), *model, "--port", str(port), "--out-dir", str(out_dir), *args]
     log = open(Path(out_dir).parent / f"server-{port}.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         t0 = time.time()
