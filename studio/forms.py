@@ -242,7 +242,7 @@ class PassPanel:
 
 @dataclass
 class BasePanel:
-    """The base-model choice at the top of the page (a name of `studio.Studio.bases`; null: the current one)."""
+    """The base-model choice at the top of the page (a name of `Studio.bases`; null: the page's first base)."""
 
     choice: gr.Dropdown
 
