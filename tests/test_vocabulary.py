@@ -93,3 +93,15 @@ def test_the_parameters_text_writes_the_labels():
     info = parse_parameters(text)
     assert (info.sampler, info.resize_mode) == ("dpmpp_2m_karras", ResizeMode.FILL)
     assert (info.units[0].control_mode, info.units[0].resize_mode) == (ControlMode.CONTROL, ResizeMode.JUST)
+
+
+def test_a_request_takes_the_sampler_as_member_label_or_key():
+    """The library takes a Sampler as it takes the other choices; the request keeps our key, so the text and the
+    sampler it runs are the same whichever spelling came in; a name that is none of them is refused by name."""
+    from cldm.pipeline.request import GenerationRequest
+
+    spellings = (Sampler.DPMPP_2M_KARRAS, "DPM++ 2M Karras", "dpmpp_2m_karras")
+    assert {GenerationRequest("a", sampler=s).sampler for s in spellings} == {"dpmpp_2m_karras"}
+    assert GenerationRequest("a", sampler="Euler a").sampler == "euler_a"
+    with pytest.raises(InputError, match=r"sampler must be one of .*\(got 'DPM\+\+ 9M'\)"):
+        GenerationRequest("a", sampler="DPM++ 9M").validate()

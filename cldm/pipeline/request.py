@@ -17,7 +17,7 @@ from cldm.adapters.lora import MAX_REQUEST_LORAS
 from cldm.errors import InputError
 from cldm.models.controlnet import ControlNet
 from cldm.pipeline.extras import MAX_STEPS, HiresFix, ImagePrompt, LoraUnit, ReferenceUnit, number_problems, stem
-from cldm.pipeline.vocabulary import Choice, ControlMode, InpaintMode, ResizeMode
+from cldm.pipeline.vocabulary import Choice, ControlMode, InpaintMode, ResizeMode, Sampler
 from cldm.sampling.samplers import SAMPLERS
 
 # diffusers' guess mode spaces the 13 scales logarithmically from 0.1 to 1 instead of the original 0.825 decay.
@@ -104,7 +104,7 @@ class GenerationRequest:
     units: tuple[ControlUnit, ...] = ()
     steps: int = 20
     cfg_scale: float = 7.5
-    sampler: str = "ddim"
+    sampler: str = "ddim"  # our key ("dpmpp_2m_karras"); a Sampler member or A1111's label is turned into it
     eta: float = 0.0
     seed: int = 0
     width: int = 512
@@ -140,6 +140,9 @@ class GenerationRequest:
         object.__setattr__(self, "loras", tuple(self.loras))
         object.__setattr__(self, "resize_mode", ResizeMode.coerce(self.resize_mode))
         object.__setattr__(self, "inpaint_mode", InpaintMode.coerce(self.inpaint_mode))
+        sampler = Sampler.coerce(self.sampler)  # a Sampler, A1111's label or our key: kept as our key
+        if isinstance(sampler, Sampler):
+            object.__setattr__(self, "sampler", sampler.key)
 
     @property
     def use_cfg(self) -> bool:
