@@ -55,11 +55,24 @@ def _picture(page, img) -> np.ndarray:
 
 
 def _small_and_fast(page, key: str) -> None:
+    """64 x 64 px, 2 steps in the tab's Settings; each number is typed again until the page holds it (a value typed
+    while the accordion is still opening can be lost, and the picture is then 512 px wide)."""
+    from playwright.sync_api import expect
+
     page.locator(f"#{key}-settings").get_by_text("Settings").first.click()
     for name, value in (("width", "64"), ("height", "64"), ("steps", "2")):
         box = page.locator(f"#{key}-{name} input[type=number]")
-        box.fill(value)
-        box.press("Enter")
+        for attempt in range(3):
+            box.fill(value)
+            box.press("Enter")
+            try:
+                expect(box).to_have_value(value, timeout=2_000)
+                break
+            except AssertionError:
+                if attempt == 2:
+                    raise
+    for name, value in (("width", "64"), ("height", "64"), ("steps", "2")):  # none undone by a later one
+        expect(page.locator(f"#{key}-{name} input[type=number]")).to_have_value(value)
 
 
 def test_browser_canny_upload_preview_generate(page):
