@@ -232,9 +232,10 @@ def batch_tab(studio: Studio, base: BasePanel) -> None:
             gallery = gr.Gallery(label="Results", columns=4, format="png", elem_id="batch-gallery")
             status = gr.Markdown(elem_id="batch-status")
             archive = gr.Files(label="Download all (zip: PNGs with parameters + manifest.jsonl)")
-    cond.change(lambda k: gr.update(choices=list(next(c for c in conds if c.key == k).preprocessors),
-                                    value=next(c for c in conds if c.key == k).preprocessors[0]),
-                cond, pre, api_name=False)  # fmt: skip
+    preprocessors_of = {c.key: c.preprocessors for c in conds}  # condition -> its preprocessors, the default first
+    cond.change(
+        lambda k: gr.update(choices=list(preprocessors_of[k]), value=preprocessors_of[k][0]), cond, pre, api_name=False
+    )
 
     def job(records, call: Call):
         values, base_name = records
