@@ -108,3 +108,15 @@ def test_full_demo_eval_gives_the_readme_figures(demo):
     for got, want in ((report.colour_rate, 0.83), (report.shape_rate, 0.92), (report.both_rate, 0.79),
                       (report.sketch_rate, 0.88)):  # fmt: skip
         assert abs(got - want) <= 1.5 / 24, report
+
+
+def test_the_shipped_files_configs_are_read():
+    """Our safetensors carry their configs under a file-format key ("cldm.config", not a module path): the demo
+    VAE's own latent scale comes from it (a key renamed by a refactor once gave SD1.5's 0.18215 and other pictures)."""
+    from cldm.io import checkpoints
+    from cldm.io.model_configs import CONFIG_METADATA_KEY
+
+    assert CONFIG_METADATA_KEY == "cldm.config"
+    assert CONFIG_METADATA_KEY in checkpoints.read_metadata(DEMO / "shapes_sd.safetensors")
+    sd = checkpoints.load_sd(str(DEMO / "shapes_sd.safetensors"))
+    assert abs(sd.vae.cfg.scale_factor - 0.5603) < 1e-3 and sd.vae.cfg.norm_groups == 8
