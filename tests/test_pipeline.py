@@ -292,7 +292,7 @@ class _Ones:
         self.cfg = type("Cfg", (), {"global_average_pooling": pooled})()
         self.zero_convs = [None] * 12
 
-    def __call__(self, x, t, ctx, emb):
+    def __call__(self, x, t, ctx, emb, y=None):
         return [torch.ones_like(x) for _ in range(13)]
 
 

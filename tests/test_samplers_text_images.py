@@ -121,15 +121,15 @@ def test_unknown_sampler():
         make_sampler("plms", 10)
 
 
-def test_offline_sd15_tokenizer(tmp_path):
-    from cldm.io.tokenizer import sd15_tokenizer
+def test_offline_clip_tokenizer(tmp_path):
+    from cldm.io.tokenizer import clip_tokenizer
 
-    tok = sd15_tokenizer(tmp_path / "tok")
+    tok = clip_tokenizer(tmp_path / "tok")
     assert len(tok) == 49408
     assert tok("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
     # built once, then read from the cache folder
     assert (tmp_path / "tok" / "vocab.json").exists()
-    assert sd15_tokenizer(tmp_path / "tok")("a dog")["input_ids"] == tok("a dog")["input_ids"]
+    assert clip_tokenizer(tmp_path / "tok")("a dog")["input_ids"] == tok("a dog")["input_ids"]
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -111,7 +111,7 @@ def random_controlnet(sd: StableDiffusion, seed: int) -> ControlNet:
 def write_models(folder: Path, tiny: bool, controlnets: int = 3) -> dict[str, Path]:
     """The random base (diffusers folder and one original .safetensors) and ControlNets (diffusers folders and
     1.1-style .safetensors), written once and reused by every measurement."""
-    from cldm.io.tokenizer import sd15_tokenizer
+    from cldm.io.tokenizer import clip_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"base_folder": folder / "sd", "base_file": folder / "sd.safetensors"}
@@ -119,7 +119,7 @@ def write_models(folder: Path, tiny: bool, controlnets: int = 3) -> dict[str, Pa
     paths |= {f"cn{i}_file": folder / f"control_{i}.safetensors" for i in range(controlnets)}
     if all(p.exists() for p in paths.values()):
         return paths
-    sd = random_sd(bench_config(tiny), tokenizer=sd15_tokenizer(), seed=0).freeze()
+    sd = random_sd(bench_config(tiny), tokenizer=clip_tokenizer(), seed=0).freeze()
     writers.save_sd(sd, paths["base_folder"], fmt="diffusers")
     writers.save_sd(sd, paths["base_file"])
     for i in range(controlnets):

@@ -79,10 +79,14 @@ def our_keys(cls, cfg, *args) -> list[str]:
 
 
 def text_from_diffusers(state: StateDict) -> StateDict:
-    """A diffusers text-encoder state dict -> our keys (`transformer.text_model.*`)."""
+    """A diffusers text-encoder state dict -> our keys (`transformer.text_model.*`, and `text_projection.weight` of
+    CLIPTextModelWithProjection as it is)."""
     # transformers 4 wrote `text_model.*`; transformers 5 may write the inner names directly.
     out = {}
     for k, v in state.items():
+        if k.startswith("text_projection."):
+            out[k] = v
+            continue
         out["transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
     out.pop(POSITION_IDS, None)
     return out

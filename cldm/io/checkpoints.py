@@ -16,6 +16,7 @@ import enum
 import logging
 import os
 import pickle
+import re
 import struct
 import zipfile
 from dataclasses import replace
@@ -28,10 +29,10 @@ from cldm.errors import CheckpointError, MissingWeightsError
 from cldm.io import keymaps
 from cldm.io import model_configs as mc
 from cldm.io.assemble import POSITION_IDS, build, build_text, our_keys, text_from_diffusers
-from cldm.io.tokenizer import check_tokenizer, sd15_tokenizer
+from cldm.io.tokenizer import check_tokenizer, clip_tokenizer
 from cldm.models.config import SDConfig, TextConfig, UNetConfig, VAEConfig
 from cldm.models.controlnet import ControlNet
-from cldm.models.family import SD15
+from cldm.models.family import SD2, SD15, SDXL, family
 from cldm.models.sd import StableDiffusion
 from cldm.models.unet import UNet
 from cldm.models.vae import AutoencoderKL
@@ -191,7 +192,7 @@ def _strip(state: StateDict, prefix: str) -> StateDict:
 
 
 # -------------------------------------------------------------------------------------------------- loaders
-def _tokenizer_for(text_cfg: TextConfig, folder: Path | None):
+def _tokenizer_for(text_cfg: TextConfig, folder: Path | None, pad_token: str = "<|endoftext|>"):
     from transformers import CLIPTokenizer
 
     if folder is not None and folder.is_dir():
@@ -199,58 +200,148 @@ def _tokenizer_for(text_cfg: TextConfig, folder: Path | None):
         check_tokenizer(tok, text_cfg.vocab_size)
         return tok
     if text_cfg.vocab_size == TextConfig.vocab_size:
-        return sd15_tokenizer()
+        return clip_tokenizer(pad_token=pad_token)
     raise MissingWeightsError(
         f"This model's text encoder has a {text_cfg.vocab_size}-token vocabulary but no tokenizer came with it. "
         "Use the model's diffusers folder (with tokenizer/) instead."
     )
 
 
+# SDXL's single file keeps its two text encoders under these prefixes (SGM's "conditioner"): CLIP ViT-L in the
+# transformers layout, OpenCLIP ViT-bigG in OpenCLIP's.
+SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.", "conditioner.embedders.1.model.")
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD2's OpenCLIP ViT-H
+V_PRED_KEY = "v_pred"  # a marker some tools (ComfyUI) write into v-prediction files
+
+
+def single_file_family(state: StateDict) -> str:
+    """The family of a base model's single file, from its keys: SDXL's conditioner or vector conditioning, SD2's
+    OpenCLIP text tower or linear projections, else SD1.5."""
+    keys = list(state)
+    if any(k.startswith("conditioner.embedders.") for k in keys) or f"{UNET_PREFIX}label_emb.0.0.weight" in state:
+        return SDXL.name
+    proj = state.get(f"{UNET_PREFIX}input_blocks.1.1.proj_in.weight", state.get(f"{UNET_PREFIX}input_blocks.4.1.proj_in.weight"))
+    if any(k.startswith(OPEN_CLIP_PREFIX) for k in keys) or (proj is not None and proj.ndim == 2):
+        return SD2.name
+    return SD15.name
+
+
+def _texts_of_file(state: StateDict, fam: str) -> list[tuple[StateDict, str]]:
+    """A single file's text encoder(s) in our keys, each with its activation (it cannot be seen in shapes)."""
+    if fam == SDXL.name:
+        clip_l = _strip(state, SDXL_TEXT_PREFIXES[0])
+        big_g = _strip(state, SDXL_TEXT_PREFIXES[1])
+        return [(clip_l, "quick_gelu"), (keymaps.from_open_clip(big_g), "gelu")]
+    if any(k.startswith(OPEN_CLIP_PREFIX) for k in state):
+        tower = _strip(state, OPEN_CLIP_PREFIX)
+        # SD2 reads the penultimate layer: the last layer is dropped (as diffusers' conversion does), so "the last
+        # layer, then the final norm" is SD2's rule here as it is in its diffusers folders.
+        text = keymaps.from_open_clip(tower, keymaps.open_clip_layers(tower) - 1)
+        text.pop("text_projection.weight", None)  # the contrastive head, unused for generation
+        return [(text, "gelu")]
+    return [(_strip(state, TEXT_PREFIX), "quick_gelu")]
+
+
+def _prediction_of_file(path: Path, state: StateDict, meta: dict, fam: str) -> str | None:
+    """What the file's UNet predicts when the file says so: our metadata, a `v_pred` marker key, or A1111's config
+    beside the file (`<name>.yaml` with `parameterization: "v"`). None: the file does not say."""
+    model = mc.metadata_section(meta, "model")
+    if model and model.get("prediction"):
+        return model["prediction"]
+    if V_PRED_KEY in state:
+        return "v"
+    yaml = path.with_suffix(".yaml")
+    if yaml.is_file():
+        text = yaml.read_text(encoding="utf-8", errors="replace")
+        return "v" if re.search(r"parameterization:\s*[\"']?v[\"']?\s*$", text, re.M) else "epsilon"
+    return None
+
+
+@torch.no_grad()
+def probe_v_prediction(unet: UNet) -> bool:
+    """Whether an SD2 UNet predicts v, told from what it does at the last timestep (the heuristic A1111 uses for SD2
+    files that do not say): fed a flat latent at t = 999, a noise predictor gives back about its input, a v predictor
+    about minus the picture, far below it."""
+    cfg = unet.cfg
+    p = next(unet.parameters())
+    x = torch.full((1, cfg.in_channels, 8, 8), 0.5, device=p.device, dtype=p.dtype)
+    ctx = torch.full((1, 2, cfg.context_dim), 0.5, device=p.device, dtype=p.dtype)
+    out = unet(x, torch.tensor([999], device=p.device), ctx)
+    return float((out - x).float().mean()) < -1
+
+
 def load_sd(
-    path: str | os.PathLike, dtype: torch.dtype = torch.float32, tokenizer=None, config: SDConfig | None = None
-) -> StableDiffusion:
-    """Load an SD1.5 base model: a single file (.safetensors/.ckpt) or a diffusers pipeline folder.
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, tokenizer=None, config: SDConfig | None = None,
+    prediction: str | None = None,
+) -> StableDiffusion:  # fmt: skip
+    """Load a base model (SD1.5, SD2.x or SDXL, told from its keys): a single file (.safetensors/.ckpt) or a
+    diffusers pipeline folder.
 
     A single file's config comes from `config`, else from our safetensors metadata, else from its shapes with the
-    SD1.5 head counts (shapes cannot tell heads apart). Raises CheckpointError for unusable files and MissingWeightsError for missing ones.
+    family's head rule (shapes cannot tell heads apart). What an SD2 UNet predicts comes from `prediction`, else the
+    file (metadata, marker key, A1111's .yaml beside it, a diffusers scheduler config), else a probe of the UNet.
+    Raises CheckpointError for unusable files and MissingWeightsError for missing ones.
     """
     path = Path(path)
     if path.is_dir():
-        return _load_sd_diffusers(path, dtype, tokenizer)
+        return _load_sd_diffusers(path, dtype, tokenizer, prediction)
     state = read_file(path)
     meta = read_metadata(path)
     if not any(k.startswith(UNET_PREFIX) for k in state):
         raise CheckpointError(f"{path} holds no SD UNet (`{UNET_PREFIX}*`): it is {describe(state)}, not a base model.")
-    known = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, CONTROL_PREFIX, *SKIP_PREFIXES)
-    ignored = [k for k in state if not k.startswith(known) and k not in SKIP_NAMES]
+    fam = config.family if config is not None else single_file_family(state)
+    said = prediction or _prediction_of_file(path, state, meta, fam)
+    known = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, "conditioner.", CONTROL_PREFIX, *SKIP_PREFIXES)
+    ignored = [k for k in state if not k.startswith(known) and k not in SKIP_NAMES and k != V_PRED_KEY]
     if ignored:
         log.warning("%s: ignoring %d keys outside the model, e.g. %s", path, len(ignored), ignored[:3])
     unet_sd, vae_sd = _strip(state, UNET_PREFIX), _strip(state, VAE_PREFIX)
-    text_sd = _strip(state, TEXT_PREFIX)
+    texts = _texts_of_file(state, fam)
     del state  # the parts hold the tensors now: build() frees each as it copies it
-    text_sd.pop(POSITION_IDS, None)
-    if not vae_sd or not text_sd:
+    for text_sd, _ in texts:
+        text_sd.pop(POSITION_IDS, None)
+    if not vae_sd or not all(t for t, _ in texts):
         raise CheckpointError(
-            f"{path} has a UNet but no {'VAE' if not vae_sd else 'text encoder'}: use a full SD1.5 file."
+            f"{path} has a UNet but no {'VAE' if not vae_sd else 'text encoder'}: use a full {fam} file."
         )
     if config is not None:
-        unet_cfg, vae_cfg, text_cfg = config.unet, config.vae, config.text
+        unet_cfg, vae_cfg, text_cfgs = config.unet, config.vae, [config.text, config.text_2][: len(texts)]
     else:
+        fam_rec = family(fam)
         unet_cfg = mc.config_from_metadata(meta, UNetConfig, "unet") or mc.infer_unet_config(unet_sd)
-        vae_cfg = mc.config_from_metadata(meta, VAEConfig, "vae") or mc.infer_vae_config(vae_sd)
-        text_cfg = mc.config_from_metadata(meta, TextConfig, "text") or mc.infer_text_config(text_sd)
-    # A model with its own vocabulary (like the shipped demo model) keeps its tokenizer in a folder beside the file.
-    beside = path.parent / "tokenizer"
-    own = beside if beside.is_dir() and text_cfg.vocab_size != TextConfig.vocab_size else None
-    tokenizer = tokenizer or _tokenizer_for(text_cfg, own)
-    cfg = SDConfig(unet_cfg, vae_cfg, text_cfg)
+        vae_cfg = mc.config_from_metadata(meta, VAEConfig, "vae") or mc.infer_vae_config(
+            vae_sd, VAEConfig(scale_factor=fam_rec.latent_scale)
+        )
+        text_cfgs = [
+            mc.config_from_metadata(meta, TextConfig, section) or mc.infer_text_config(sd, act)
+            for section, (sd, act) in zip(("text", "text_2"), texts)
+        ]
+    fam_rec = family(fam)
+    # A model with its own vocabulary (like the shipped demo model) keeps its tokenizers in folders beside the file.
+    toks = []
+    for i, (cfg_i, pad) in enumerate(zip(text_cfgs, fam_rec.text_pads)):
+        beside = path.parent / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}")
+        own = beside if beside.is_dir() and cfg_i.vocab_size != TextConfig.vocab_size else None
+        toks.append(tokenizer if (i == 0 and tokenizer is not None) else _tokenizer_for(cfg_i, own, pad))
+    unet = build(UNet, unet_cfg, unet_sd, "UNet", dtype)
+    if said is None:
+        said = "v" if fam == SD2.name and probe_v_prediction(unet) else "epsilon"
+    encoders = [build_text(c, sd, dtype, tok) for c, (sd, _), tok in zip(text_cfgs, texts, toks)]
+    cfg = SDConfig(unet_cfg, vae_cfg, text_cfgs[0], text_cfgs[1] if len(text_cfgs) > 1 else None, fam, _pred(said))
     return StableDiffusion(
-        build(UNet, unet_cfg, unet_sd, "UNet", dtype),
-        build(AutoencoderKL, vae_cfg, vae_sd, "VAE", dtype),
-        build_text(text_cfg, text_sd, dtype, tokenizer),
-        cfg,
-        source=str(path),
-    )
+        unet, build(AutoencoderKL, vae_cfg, vae_sd, "VAE", dtype), encoders[0], cfg, source=str(path),
+        text_2=encoders[1] if len(encoders) > 1 else None,
+    )  # fmt: skip
+
+
+def _pred(name: str) -> str:
+    """A prediction type by any of its names ("v", "v_prediction", "epsilon", "eps")."""
+    name = str(name).lower()
+    if name in ("v", "v_prediction", "v-prediction"):
+        return "v"
+    if name in ("epsilon", "eps", ""):
+        return "epsilon"
+    raise CheckpointError(f"Unknown prediction type {name!r}: this program runs epsilon and v prediction models.")
 
 
 def load_vae(path: str | os.PathLike, cfg: VAEConfig, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
@@ -270,36 +361,41 @@ def load_vae(path: str | os.PathLike, cfg: VAEConfig, dtype: torch.dtype = torch
     return vae
 
 
-def _load_sd_diffusers(folder: Path, dtype: torch.dtype, tokenizer) -> StableDiffusion:
+def _load_sd_diffusers(folder: Path, dtype: torch.dtype, tokenizer, prediction: str | None) -> StableDiffusion:
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{folder} is a folder but not a diffusers pipeline (no model_index.json).")
     sched = folder / "scheduler" / "scheduler_config.json"
+    said = prediction
     if sched.is_file():
         sc = mc.read_json(sched)
-        if (
-            sc.get("prediction_type", "epsilon") != "epsilon"
-            or sc.get("beta_schedule", "scaled_linear") != "scaled_linear"
-        ):
-            raise CheckpointError(
-                f"{folder}: only epsilon-prediction SD1.x models with the scaled-linear schedule work here."
-            )
+        if sc.get("beta_schedule", "scaled_linear") != "scaled_linear":
+            raise CheckpointError(f"{folder}: only models trained with the scaled-linear noise schedule work here.")
+        said = said or sc.get("prediction_type", "epsilon")
     unet_cfg = mc.config_file(mc.unet_config_from_diffusers, folder / "unet" / "config.json")
     vae_cfg = mc.config_file(mc.vae_config_from_diffusers, folder / "vae" / "config.json")
-    text_cfg = mc.config_file(mc.text_config_from_diffusers, folder / "text_encoder" / "config.json")
+    fam = family(mc.family_of_config(unet_cfg))
+    text_dirs = [folder / "text_encoder"] + ([folder / "text_encoder_2"] if fam.pooled else [])
+    text_cfgs = [mc.config_file(mc.text_config_from_diffusers, d / "config.json") for d in text_dirs]
     unet_sd = keymaps.from_diffusers(
         read_folder(folder / "unet"), keymaps.unet_modules(unet_cfg), our_keys(UNet, unet_cfg)
     )
     vae_sd = keymaps.from_diffusers(
         read_folder(folder / "vae"), keymaps.vae_modules(vae_cfg), our_keys(AutoencoderKL, vae_cfg)
     )
-    text_sd = text_from_diffusers(read_folder(folder / "text_encoder"))
-    tokenizer = tokenizer or _tokenizer_for(text_cfg, folder / "tokenizer")
+    encoders = []
+    for i, (d, cfg_i) in enumerate(zip(text_dirs, text_cfgs)):
+        tok_dir = folder / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}")
+        tok = tokenizer if (i == 0 and tokenizer is not None) else _tokenizer_for(cfg_i, tok_dir, fam.text_pads[i])
+        encoders.append(build_text(cfg_i, text_from_diffusers(read_folder(d)), dtype, tok))
+    second = text_cfgs[1] if len(text_cfgs) > 1 else None
+    cfg = SDConfig(unet_cfg, vae_cfg, text_cfgs[0], second, fam.name, _pred(said or "epsilon"))
     return StableDiffusion(
         build(UNet, unet_cfg, unet_sd, "UNet", dtype),
         build(AutoencoderKL, vae_cfg, vae_sd, "VAE", dtype),
-        build_text(text_cfg, text_sd, dtype, tokenizer),
-        SDConfig(unet_cfg, vae_cfg, text_cfg),
+        encoders[0],
+        cfg,
         source=str(folder),
+        text_2=encoders[1] if len(encoders) > 1 else None,
     )
 
 
@@ -360,8 +456,8 @@ def load_controlnet(
         kind = weight_kind(state)
         if any(k.startswith(CONTROL_PREFIX) for k in state):
             state = _strip(state, CONTROL_PREFIX)
-        elif kind is WeightKind.DIFFUSERS_CONTROLNET:
-            cfg = mc.config_from_metadata(meta, UNetConfig, "controlnet") or base or UNetConfig()
+        elif kind is WeightKind.DIFFUSERS_CONTROLNET:  # diffusers keys in one file (SDXL ControlNets mostly)
+            cfg = mc.config_from_metadata(meta, UNetConfig, "controlnet") or mc.diffusers_key_config(state)
             state = keymaps.from_diffusers(state, keymaps.controlnet_modules(cfg), our_keys(ControlNet, cfg))
         elif kind is not WeightKind.CONTROLNET:
             raise CheckpointError(

@@ -37,6 +37,9 @@ def _encoder_modules(cfg: UNetConfig) -> dict[str, tuple[str, dict[str, str]]]:
         "middle_block.1": ("mid_block.attentions.0", {}),
         "middle_block.2": ("mid_block.resnets.1", _UNET_RESNET),
     }
+    if cfg.adm_in_channels:  # SDXL's vector conditioning
+        m["label_emb.0.0"] = ("add_embedding.linear_1", {})
+        m["label_emb.0.2"] = ("add_embedding.linear_2", {})
     per_level = cfg.num_res_blocks + 1
     for level in range(len(cfg.channel_mult)):
         for j in range(cfg.num_res_blocks):
@@ -154,4 +157,92 @@ def to_diffusers(state: StateDict, modules: dict) -> StateDict:
         if is_vae_attn_linear(theirs) and value.ndim == 4:
             value = value[:, :, 0, 0]
         out[theirs] = value
+    return out
+
+
+# ------------------------------------------------------------------------------------------- OpenCLIP text towers
+# SD2's text encoder (`cond_stage_model.model.*`) and SDXL's second one (`conditioner.embedders.1.model.*`) are
+# OpenCLIP text towers in the original files; diffusers, transformers and we hold them as CLIP text models. The
+# tower's attention keeps q, k and v in one `in_proj` matrix, and its `text_projection` is applied as x @ P, so the
+# Linear layer's weight is P transposed.
+_OPEN_CLIP_LAYER = {
+    "ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+}  # fmt: skip
+_OPEN_CLIP_SKIP = ("logit_scale", "attn_mask")  # the contrastive loss's temperature; a constant mask
+HF_TEXT = "transformer.text_model."  # our (and the SD1.5 file's) prefix of a CLIP text model's keys
+
+
+def open_clip_layers(state: StateDict) -> int:
+    """The number of transformer layers (resblocks) of an OpenCLIP text tower's state dict."""
+    return len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")})
+
+
+def from_open_clip(state: StateDict, layers: int | None = None) -> StateDict:
+    """An OpenCLIP text tower (keys without the `model.` prefix) -> our text encoder's keys; only the first `layers`
+    transformer layers are kept when given (SD2 reads the penultimate layer: its last layer is never used)."""
+    out: StateDict = {}
+    keep = open_clip_layers(state) if layers is None else layers
+    for key, v in state.items():
+        if key in _OPEN_CLIP_SKIP:
+            continue
+        if key == "token_embedding.weight":
+            out[HF_TEXT + "embeddings.token_embedding.weight"] = v
+        elif key == "positional_embedding":
+            out[HF_TEXT + "embeddings.position_embedding.weight"] = v
+        elif key.startswith("ln_final."):
+            out[HF_TEXT + "final_layer_norm." + key.split(".", 1)[1]] = v
+        elif key == "text_projection":
+            out["text_projection.weight"] = v.t().contiguous()
+        elif key.startswith("transformer.resblocks."):
+            _, _, i, rest = key.split(".", 3)
+            if int(i) >= keep:
+                continue
+            layer = f"{HF_TEXT}encoder.layers.{i}."
+            if rest.startswith("attn.in_proj_"):
+                kind = rest.rsplit("_", 1)[1]  # weight / bias
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+                    out[f"{layer}self_attn.{name}.{kind}"] = part.contiguous()
+                continue
+            for theirs, ours in _OPEN_CLIP_LAYER.items():
+                if rest.startswith(theirs + "."):
+                    out[layer + ours + rest[len(theirs) :]] = v
+                    break
+            else:
+                out[key] = v  # unknown: kept, so the strict load names it
+        else:
+            out[key] = v
+    return out
+
+
+def to_open_clip(state: StateDict) -> StateDict:
+    """Our text encoder's keys -> an OpenCLIP text tower's (the inverse of `from_open_clip`)."""
+    out: StateDict = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in state.items():
+        if key == "text_projection.weight":
+            out["text_projection"] = v.t().contiguous()
+            continue
+        rest = key.removeprefix(HF_TEXT)
+        if rest == "embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = v
+        elif rest == "embeddings.position_embedding.weight":
+            out["positional_embedding"] = v
+        elif rest.startswith("final_layer_norm."):
+            out["ln_final." + rest.split(".", 1)[1]] = v
+        elif rest.startswith("encoder.layers."):
+            _, _, i, inner = rest.split(".", 3)
+            layer = f"transformer.resblocks.{i}."
+            if inner.startswith("self_attn.") and inner.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+                _, proj, kind = inner.split(".")
+                qkv.setdefault(f"{layer}attn.in_proj_{kind}", {})[proj] = v
+                continue
+            for theirs, ours in _OPEN_CLIP_LAYER.items():
+                if inner.startswith(ours + "."):
+                    out[layer + theirs + inner[len(ours) :]] = v
+                    break
+        elif rest != "embeddings.position_ids":
+            out[key] = v
+    for key, parts in qkv.items():
+        out[key] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
     return out

@@ -14,20 +14,26 @@ CONFIG_METADATA_KEY = "cldm.config"  # a file-format key, not a module path: our
 StateDict = dict
 
 
-def infer_unet_config(state: StateDict, base: UNetConfig | None = None) -> UNetConfig:
-    """Channels, levels, blocks, attention and context width of an original-format UNet/ControlNet from its shapes.
+# The head width of the families whose UNets fix it (SD2.x, SDXL: 64); shapes cannot tell heads apart.
+HEAD_CHANNELS = 64
 
-    Head count and GroupNorm groups cannot be seen in shapes: they come from `base` (SD1.5 defaults).
+
+def infer_unet_config(state: StateDict, base: UNetConfig | None = None) -> UNetConfig:
+    """Channels, levels, blocks, attention (levels and depth per level), context width, projection style and vector
+    conditioning of an original-format UNet/ControlNet from its shapes.
+
+    Head counts and GroupNorm groups cannot be seen in shapes: they come from `base` when it has the same projection
+    style (the UNet a ControlNet will drive), else from the family's rule (SD1.5: 8 heads; linear projections, SD2
+    and SDXL: 64-wide heads).
     """
-    base = base or UNetConfig()
     try:
         conv_in = state["input_blocks.0.0.weight"]
     except KeyError as e:
         raise CheckpointError("No `input_blocks.0.0.weight`: this is not an SD UNet or ControlNet.") from e
     mc = conv_in.shape[0]
-    mults, attn_levels, nrb, level, count, depth, context = [], [], 0, 0, 0, base.transformer_depth, base.context_dim
+    mults, attn_levels, depths, nrb, level, count = [], [], {}, 0, 0, 0
+    context, linear = (base or UNetConfig()).context_dim, (base or UNetConfig()).use_linear_in_transformer
     k = 1
-    linear = base.use_linear_in_transformer
     while f"input_blocks.{k}.0.op.weight" in state or f"input_blocks.{k}.0.in_layers.0.weight" in state:
         if f"input_blocks.{k}.0.op.weight" in state:
             nrb, level, count = count, level + 1, 0
@@ -38,33 +44,49 @@ def infer_unet_config(state: StateDict, base: UNetConfig | None = None) -> UNetC
             if f"input_blocks.{k}.1.proj_in.weight" in state:
                 if level not in attn_levels:
                     attn_levels.append(level)
-                depth = len(
-                    {key.split(".")[4] for key in state if key.startswith(f"input_blocks.{k}.1.transformer_blocks.")}
-                )
+                depths[level] = _blocks(state, f"input_blocks.{k}.1.transformer_blocks.")
                 context = state[f"input_blocks.{k}.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
                 linear = state[f"input_blocks.{k}.1.proj_in.weight"].ndim == 2
         k += 1
     nrb = nrb or count
+    middle = _blocks(state, "middle_block.1.transformer_blocks.")
+    levels = len(mults)
+    per_level = tuple(depths.get(i, 0) for i in range(levels))
+    same = set(depths.values()) <= {middle}
+    depth: int | tuple[int, ...] = middle if same else per_level
+    if not same and per_level[-1] != middle:  # the middle block follows the deepest level's count (SGM's rule)
+        depth = (*per_level[:-1], middle) if per_level[-1] == 0 else per_level
     hint = [state[f"input_hint_block.{i}.weight"] for i in range(0, 64, 2) if f"input_hint_block.{i}.weight" in state]
     extra = {}
     if hint:
         extra = dict(hint_channels=hint[0].shape[1], hint_block_channels=tuple(h.shape[0] for h in hint[:-1:2]))
     out = state.get("out.2.weight")
+    label = state.get("label_emb.0.0.weight")
+    heads = base if base is not None and base.use_linear_in_transformer == linear else None
+    d = base or UNetConfig()
     return UNetConfig(
         in_channels=conv_in.shape[1],
-        out_channels=out.shape[0] if out is not None else base.out_channels,
+        out_channels=out.shape[0] if out is not None else d.out_channels,
         model_channels=mc,
         channel_mult=tuple(mults),
         num_res_blocks=nrb,
         attention_levels=tuple(attn_levels),
-        num_heads=base.num_heads,
+        num_heads=heads.num_heads if heads else UNetConfig.num_heads,
+        head_channels=heads.head_channels if heads else (HEAD_CHANNELS if linear else 0),
+        upcast_attention=d.upcast_attention,
         transformer_depth=depth,
         context_dim=context,
-        norm_groups=base.norm_groups,
+        norm_groups=d.norm_groups,
         use_linear_in_transformer=linear,
-        global_average_pooling=base.global_average_pooling,
+        adm_in_channels=0 if label is None else label.shape[1],
+        global_average_pooling=d.global_average_pooling,
         **extra,
     )
+
+
+def _blocks(state: StateDict, prefix: str) -> int:
+    """How many transformer blocks are numbered under `prefix`."""
+    return len({key[len(prefix) :].split(".")[0] for key in state if key.startswith(prefix)})
 
 
 def infer_vae_config(state: StateDict, base: VAEConfig | None = None) -> VAEConfig:
@@ -85,30 +107,47 @@ def infer_vae_config(state: StateDict, base: VAEConfig | None = None) -> VAEConf
     )
 
 
-def infer_text_config(state: StateDict) -> TextConfig:
+def infer_text_config(state: StateDict, hidden_act: str = "quick_gelu", heads: int | None = None) -> TextConfig:
+    """A CLIP text tower's config from our keys' shapes. The activation cannot be seen (CLIP ViT-L: quick_gelu;
+    OpenCLIP's towers: gelu); heads are 64 wide unless `heads` says otherwise."""
     p = "transformer.text_model."
     tok = state[p + "embeddings.token_embedding.weight"]
     layers = len({k.split(".")[4] for k in state if k.startswith(p + "encoder.layers.")})
+    proj = state.get("text_projection.weight")
     return TextConfig(
         vocab_size=tok.shape[0],
         hidden_size=tok.shape[1],
         intermediate_size=state[p + "encoder.layers.0.mlp.fc1.weight"].shape[0],
         num_layers=layers,
-        num_heads=max(1, tok.shape[1] // 64),  # CLIP uses 64-wide heads
+        num_heads=heads or max(1, tok.shape[1] // 64),  # CLIP uses 64-wide heads
         max_length=state[p + "embeddings.position_embedding.weight"].shape[0],
+        hidden_act=hidden_act,
+        projection_dim=0 if proj is None else proj.shape[0],
     )
 
 
 def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
     boc = cfg["block_out_channels"]
-    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)  # diffusers' SD1.5 naming quirk
+    levels = len(boc)
+    # diffusers' SD configs call the head count `attention_head_dim` (a naming quirk); one count, or one per level
+    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+    head_channels, num_heads = 0, heads
     if isinstance(heads, (list, tuple)):
-        if len(set(heads)) != 1:
-            raise CheckpointError(f"Per-level head counts {heads} are not supported (SD1.5 uses one count).")
-        heads = heads[0]
+        widths = {w // h for w, h in zip(boc, heads)}
+        if len(set(heads)) == 1:
+            num_heads = heads[0]
+        elif len(widths) == 1:  # SD2, SDXL: the head width is fixed, the count follows the channels
+            head_channels, num_heads = widths.pop(), UNetConfig.num_heads
+        else:
+            raise CheckpointError(f"Per-level head counts {heads} with per-level head widths are not supported.")
     depth = cfg.get("transformer_layers_per_block", 1)
     if isinstance(depth, (list, tuple)):
-        depth = depth[0]
+        depth = tuple(int(d) for d in depth)
+        if len(set(depth)) == 1:
+            depth = depth[0]
+        elif len(depth) != levels:
+            raise CheckpointError(f"transformer_layers_per_block {depth} does not have one count per level.")
+    text_time = cfg.get("addition_embed_type") == "text_time"
     fields_ = dict(
         in_channels=cfg.get("in_channels", 4),
         out_channels=cfg.get("out_channels", 4),
@@ -116,35 +155,53 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
         channel_mult=tuple(c // boc[0] for c in boc),
         num_res_blocks=cfg.get("layers_per_block", 2),
         attention_levels=tuple(i for i, t in enumerate(cfg["down_block_types"]) if "CrossAttn" in t),
-        num_heads=heads,
+        num_heads=num_heads,
+        head_channels=head_channels,
         transformer_depth=depth,
         context_dim=cfg.get("cross_attention_dim", 768),
         norm_groups=cfg.get("norm_num_groups", 32),
         use_linear_in_transformer=cfg.get("use_linear_projection", False),
+        upcast_attention=bool(cfg.get("upcast_attention", False)),
+        adm_in_channels=int(cfg.get("projection_class_embeddings_input_dim") or 0) if text_time else 0,
         hint_channels=cfg.get("conditioning_channels", 3),
         hint_block_channels=tuple(cfg.get("conditioning_embedding_out_channels", (16, 32, 96, 256))),
         global_average_pooling=cfg.get("global_pool_conditions", False),
     )
+    if cfg.get("addition_embed_type") not in (None, "text_time"):
+        raise CheckpointError(f"addition_embed_type {cfg['addition_embed_type']!r} is not an SD family's.")
     return UNetConfig(**fields_)
+
+
+# SDXL's size embeddings: six numbers (original size, crop top-left, target size), each a 256-wide sinusoid.
+TIME_ID_DIM = 256
 
 
 def unet_config_to_diffusers(cfg: UNetConfig, controlnet: bool) -> dict:
     levels = range(len(cfg.channel_mult))
+    widths = [cfg.model_channels * m for m in cfg.channel_mult]
     down = ["CrossAttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in levels]
+    depth = cfg.transformer_depth if isinstance(cfg.transformer_depth, int) else list(cfg.transformer_depth)
     out = dict(
         _class_name="ControlNetModel" if controlnet else "UNet2DConditionModel",
         in_channels=cfg.in_channels,
-        block_out_channels=[cfg.model_channels * m for m in cfg.channel_mult],
+        block_out_channels=widths,
         layers_per_block=cfg.num_res_blocks,
         down_block_types=down,
-        attention_head_dim=cfg.num_heads,
+        attention_head_dim=[cfg.heads(w) for w in widths] if cfg.head_channels else cfg.num_heads,
         cross_attention_dim=cfg.context_dim,
         norm_num_groups=cfg.norm_groups,
         use_linear_projection=cfg.use_linear_in_transformer,
-        transformer_layers_per_block=cfg.transformer_depth,
+        upcast_attention=cfg.upcast_attention,
+        transformer_layers_per_block=depth,
         flip_sin_to_cos=True,
         freq_shift=0,
     )
+    if cfg.adm_in_channels:
+        out.update(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=TIME_ID_DIM,
+            projection_class_embeddings_input_dim=cfg.adm_in_channels,
+        )
     if controlnet:
         out.update(
             conditioning_channels=cfg.hint_channels,
@@ -183,6 +240,7 @@ def text_config_from_diffusers(cfg: dict) -> TextConfig:
         bos_token_id=cfg.get("bos_token_id", 49406),
         eos_token_id=cfg.get("eos_token_id", 49407),
         pad_token_id=cfg.get("pad_token_id", 49407),
+        projection_dim=cfg.get("projection_dim", 0) if "WithProjection" in str(cfg.get("architectures", "")) else 0,
     )
 
 
@@ -221,11 +279,20 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({e}).") from e
 
 
-def config_from_metadata(meta: dict[str, str], cls, section: str):
-    """A config written into our safetensors metadata (under `CONFIG_METADATA_KEY`), or None."""
+def metadata_section(meta: dict[str, str], section: str) -> dict | None:
+    """One section of the configs written into our safetensors metadata (under `CONFIG_METADATA_KEY`), or None."""
     if CONFIG_METADATA_KEY not in meta:
         return None
-    data = json.loads(meta[CONFIG_METADATA_KEY]).get(section)
+    try:
+        data = json.loads(meta[CONFIG_METADATA_KEY]).get(section)
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"The file's {CONFIG_METADATA_KEY} metadata is not a config ({e}).") from e
+    return data if isinstance(data, dict) else None
+
+
+def config_from_metadata(meta: dict[str, str], cls, section: str):
+    """A config written into our safetensors metadata (under `CONFIG_METADATA_KEY`), or None."""
+    data = metadata_section(meta, section)
     if data is None:
         return None
     return cls(
@@ -234,4 +301,33 @@ def config_from_metadata(meta: dict[str, str], cls, section: str):
             for f in fields(cls)
             if f.name in data
         }
+    )
+
+
+def family_of_config(cfg: UNetConfig) -> str:
+    """The family a UNet or ControlNet config belongs to, by its structure: SDXL's vector conditioning, SD2's linear
+    projections, SD1.5's 1x1 convolutions (the context width says the same for full-size models)."""
+    if cfg.adm_in_channels:
+        return "SDXL"
+    return "SD2.x" if cfg.use_linear_in_transformer else "SD1.5"
+
+
+def diffusers_key_config(state: StateDict) -> UNetConfig:
+    """Enough of a config to rename a diffusers UNet/ControlNet state dict that came without its config.json: the
+    levels, blocks per level, attention levels, vector conditioning and hint-block steps, read from its keys (the
+    shapes are read again from our keys after the rename)."""
+    levels = sorted({int(k.split(".")[1]) for k in state if k.startswith("down_blocks.")})
+    if not levels:
+        raise CheckpointError("No `down_blocks.*` keys: this is not a diffusers UNet or ControlNet.")
+    n = levels[-1] + 1
+    resnets = {k.split(".")[3] for k in state if k.startswith("down_blocks.0.resnets.")}
+    attn = tuple(i for i in range(n) if any(k.startswith(f"down_blocks.{i}.attentions.") for k in state))
+    steps = {k.split(".")[2] for k in state if k.startswith("controlnet_cond_embedding.blocks.")}
+    add = state.get("add_embedding.linear_1.weight")
+    return UNetConfig(
+        channel_mult=(1,) * n,
+        num_res_blocks=len(resnets),
+        attention_levels=attn,
+        adm_in_channels=0 if add is None else add.shape[1],
+        hint_block_channels=(16,) * (len(steps) // 2 + 1),
     )

@@ -35,8 +35,10 @@ def _default_cache() -> Path:
     return Path(base) / "cldm" / "clip-vit-large-patch14-tokenizer"
 
 
-def sd15_tokenizer(cache_dir: str | os.PathLike | None = None):
-    """The SD1.5 CLIP tokenizer, built offline from the BPE vocabulary that the open-clip-torch wheel ships."""
+def clip_tokenizer(cache_dir: str | os.PathLike | None = None, pad_token: str = "<|endoftext|>"):
+    """The CLIP tokenizer of SD1.5 (and of SDXL's first encoder), built offline from the BPE vocabulary that the
+    open-clip-torch wheel ships. The OpenCLIP encoders (SD2's, SDXL's second) pad with "!" (id 0) instead of the end
+    token: `pad_token` says which (the family's `text_pads`)."""
     from transformers import CLIPTokenizer
 
     folder = Path(cache_dir) if cache_dir else _default_cache()
@@ -62,7 +64,7 @@ def sd15_tokenizer(cache_dir: str | os.PathLike | None = None):
         os.replace(tmp / "vocab.json", vocab_file)
         os.replace(tmp / "merges.txt", merges_file)
         tmp.rmdir()
-    tok = CLIPTokenizer(str(vocab_file), str(merges_file), pad_token="<|endoftext|>", model_max_length=77)
+    tok = CLIPTokenizer(str(vocab_file), str(merges_file), pad_token=pad_token, model_max_length=77)
     check_tokenizer(tok, CLIP_VOCAB_SIZE)
     return tok
 

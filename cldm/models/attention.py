@@ -25,10 +25,13 @@ class CrossAttention(nn.Module):
     """Multi-head attention; self-attention when no context is given. `processor` computes it (default: plain SDPA);
     it is a function, not a module, so it never enters the state dict."""
 
-    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int, upcast: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
+        # SD2.1's `upcast_attention`: scores in fp32 when the model runs in half precision. CUDA's fused kernels
+        # accumulate in fp32 already; elsewhere the attention is computed in fp32 and cast back.
+        self.upcast = upcast
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
@@ -44,6 +47,8 @@ class CrossAttention(nn.Module):
         b = x.shape[0]
         q = self.split_heads(self.to_q(x), b)
         k, v = self.split_heads(self.to_k(context), b), self.split_heads(self.to_v(context), b)
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16) and q.device.type != "cuda":
+            return q, F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
         return q, F.scaled_dot_product_attention(q, k, v)
 
     def project_out(self, out: torch.Tensor) -> torch.Tensor:
@@ -95,11 +100,11 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention, cross-attention on the text, feed-forward."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, upcast: bool = False):
         super().__init__()
-        self.attn1 = CrossAttention(dim, None, heads, dim_head)
+        self.attn1 = CrossAttention(dim, None, heads, dim_head, upcast)
         self.ff = FeedForward(dim)
-        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, upcast)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
@@ -117,7 +122,9 @@ TRANSFORMER_NORM_EPS = 1e-6
 class SpatialTransformer(nn.Module):
     """Image features -> tokens -> transformer blocks -> image features, with a residual."""
 
-    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int, linear: bool):
+    def __init__(
+        self, channels: int, heads: int, depth: int, context_dim: int, groups: int, linear: bool, upcast: bool = False
+    ):
         super().__init__()
         self.linear = linear
         self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_NORM_EPS)
@@ -128,7 +135,7 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Conv2d(channels, channels, 1)
             self.proj_out = nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(channels, heads, channels // heads, context_dim) for _ in range(depth)
+            BasicTransformerBlock(channels, heads, channels // heads, context_dim, upcast) for _ in range(depth)
         )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

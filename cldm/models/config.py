@@ -1,4 +1,4 @@
-"""Frozen configs with the SD1.5 defaults, plus tiny ones for tests."""
+"""Frozen configs with the SD1.5 defaults; `model_configs` reads the other families' from files and shapes."""
 
 from __future__ import annotations
 
@@ -21,10 +21,15 @@ class UNetConfig:
     # Levels (0-based) that carry a SpatialTransformer after each ResBlock. SD1.5: all but the deepest.
     attention_levels: tuple[int, ...] = (0, 1, 2)
     num_heads: int = 8  # SD1.5 fixes the head count; the head width follows the channels
-    transformer_depth: int = 1
+    # Transformer blocks per SpatialTransformer: one count, or one per level (SDXL: (0, 2, 10)); the middle block
+    # takes the deepest level's count.
+    transformer_depth: int | tuple[int, ...] = 1
     context_dim: int = 768
     norm_groups: int = 32
     use_linear_in_transformer: bool = False  # SD2 style 1x1 projections as Linear
+    head_channels: int = 0  # SD2 and SDXL fix the head width (64) instead: heads = width // head_channels
+    upcast_attention: bool = False  # SD2.1: attention scores in fp32 even when the model runs in half precision
+    adm_in_channels: int = 0  # SDXL: width of the vector conditioning (pooled text + size embeddings); 0: none
     # ControlNet-only fields (ignored by the UNet).
     hint_channels: int = 3
     hint_block_channels: tuple[int, ...] = (16, 32, 96, 256)
@@ -33,6 +38,16 @@ class UNetConfig:
     @property
     def time_embed_dim(self) -> int:
         return self.model_channels * 4
+
+    def depth(self, level: int) -> int:
+        """Transformer blocks at `level` (0-based); `len(channel_mult)` is the middle block."""
+        if isinstance(self.transformer_depth, int):
+            return self.transformer_depth
+        return self.transformer_depth[min(level, len(self.transformer_depth) - 1)]
+
+    def heads(self, width: int) -> int:
+        """Attention heads at a block `width` channels wide."""
+        return width // self.head_channels if self.head_channels else self.num_heads
 
 
 @dataclass(frozen=True)
@@ -55,7 +70,9 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """CLIP ViT-L/14 text tower, as used by SD1.5."""
+    """A CLIP text tower; the defaults are CLIP ViT-L/14 as SD1.5 uses it. SD2's OpenCLIP ViT-H and SDXL's second
+    encoder, OpenCLIP ViT-bigG, are the same transformer with other sizes ("gelu"); bigG also projects its pooled
+    output (`projection_dim`)."""
 
     vocab_size: int = 49408
     hidden_size: int = 768
@@ -67,6 +84,7 @@ class TextConfig:
     bos_token_id: int = 49406
     eos_token_id: int = 49407
     pad_token_id: int = 49407
+    projection_dim: int = 0  # width of the pooled-output projection (SDXL's second encoder); 0: none
 
     def to_transformers(self):
         from transformers import CLIPTextConfig
@@ -82,13 +100,18 @@ class TextConfig:
             bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
+            **({"projection_dim": self.projection_dim} if self.projection_dim else {}),
         )
 
 
 @dataclass(frozen=True)
 class SDConfig:
-    """A whole Stable Diffusion model: UNet, VAE and text encoder."""
+    """A whole Stable Diffusion model: UNet, VAE, text encoder(s), its family (`cldm.models.family`) and what its
+    UNet predicts ("epsilon": the noise; "v": SD2's 768-v models)."""
 
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    text_2: TextConfig | None = None  # SDXL's second text encoder
+    family: str = "SD1.5"
+    prediction: str = "epsilon"

@@ -7,7 +7,7 @@ from torch import nn
 
 from cldm.models.config import UNetConfig
 from cldm.models.family import family_name_for_context
-from cldm.models.unet import build_encoder, build_time_embed, timestep_embedding
+from cldm.models.unet import build_encoder, build_label_emb, build_time_embed, embed_time
 
 # Guess mode ("no prompt") in the original ControlNet: deeper residuals count more, shallow ones fade,
 # scale_i = strength * 0.825 ** (12 - i) for the 13 outputs (i = 12 is the middle block).
@@ -59,6 +59,7 @@ class ControlNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.time_embed = build_time_embed(cfg)
+        self.label_emb = build_label_emb(cfg)
         self.input_hint_block = build_hint_block(cfg)
         self.input_blocks, self.middle_block, widths = build_encoder(cfg)
         self.zero_convs = nn.ModuleList(zero_conv(w) for w in widths)
@@ -88,11 +89,12 @@ class ControlNet(nn.Module):
         return self.input_hint_block(hint.to(self.input_hint_block[0].weight.dtype))
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, hint_emb: torch.Tensor
-    ) -> list[torch.Tensor]:
-        """Noisy latent + hint embedding -> 13 residuals (12 skips, then the middle)."""
-        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype))
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, hint_emb: torch.Tensor,
+        y: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:  # fmt: skip
+        """Noisy latent + hint embedding (+ SDXL's vector conditioning y) -> one residual per input block (12 for
+        SD1.5, 9 for SDXL), then the middle block's."""
+        emb = embed_time(self, t, x.shape[0], y)
         outs = []
         h = x
         for i, (block, zc) in enumerate(zip(self.input_blocks, self.zero_convs)):
@@ -129,6 +131,7 @@ def fit_problem(cn: ControlNet, base: UNetConfig, latent_factor: int) -> str | N
         and tuple(c.channel_mult) == tuple(base.channel_mult)
         and c.num_res_blocks == base.num_res_blocks
         and c.context_dim == base.context_dim
+        and c.adm_in_channels == base.adm_in_channels
         and cn.hint_factor == latent_factor
     )
     if same:

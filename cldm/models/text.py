@@ -1,5 +1,6 @@
-"""CLIP text encoder (via `transformers`): token ids -> hidden states, clip skip, learned word vectors in place of
-token embeddings. Turning prompts into ids and contexts is `cldm.pipeline.prompts`' work."""
+"""CLIP text encoder (via `transformers`): token ids -> hidden states of a chosen layer (clip skip), the pooled and
+projected output (SDXL's second encoder), learned word vectors in place of token embeddings. Turning prompts into
+ids and contexts is `cldm.pipeline.prompts`' work."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ Substitution = tuple[int, int, torch.Tensor]  # (row of the batch, token place, 
 
 
 class TextEncoder(nn.Module):
-    """CLIPTextModel, with the tokenizer and the learned words (textual inversions) that go with it."""
+    """CLIPTextModel (+ the pooled output's projection when the config has one), with the tokenizer and the learned
+    words (textual inversions) that go with it."""
 
     def __init__(self, cfg: TextConfig, tokenizer=None):
         super().__init__()
@@ -26,6 +28,10 @@ class TextEncoder(nn.Module):
         # file's keys after stripping `cond_stage_model.` (one prefix, as for every other component).
         self.transformer = nn.Module()
         self.transformer.text_model = CLIPTextModel(cfg.to_transformers())
+        # CLIPTextModelWithProjection's `text_projection` (diffusers' name and ours): pooled -> projection_dim
+        self.text_projection = (
+            nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False) if cfg.projection_dim else None
+        )
         self.tokenizer = tokenizer
         # textual inversions (`cldm.adapters.embeddings.Embedding`) by the word that calls them; prompts read them
         self.embeddings: dict[str, object] = {}
@@ -61,12 +67,30 @@ class TextEncoder(nn.Module):
         finally:
             handle.remove()
 
-    def forward(self, ids: torch.Tensor, clip_skip: int = 1, vectors: Sequence[Substitution] = ()) -> torch.Tensor:
-        """ids (batch, 77) -> hidden states (batch, 77, width). clip_skip=2 takes the penultimate layer (A1111).
-        `vectors` (row, place, vector) stand in for the token embeddings at those places (learned words)."""
+    def forward(
+        self, ids: torch.Tensor, clip_skip: int = 1, vectors: Sequence[Substitution] = (), layer: int = -1,
+        final_norm: bool = True,
+    ) -> torch.Tensor:  # fmt: skip
+        """ids (batch, 77) -> hidden states (batch, 77, width); see `encode`."""
+        return self.encode(ids, clip_skip, vectors, layer, final_norm)[0]
+
+    def encode(
+        self, ids: torch.Tensor, clip_skip: int = 1, vectors: Sequence[Substitution] = (), layer: int = -1,
+        final_norm: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """ids (batch, 77) -> (hidden states (batch, 77, width), projected pooled output (batch, projection_dim) or
+        None without a projection).
+
+        The hidden states are those of `layer` (-1: the last; SDXL reads -2), moved `clip_skip - 1` layers further
+        down (A1111's clip skip), then through the final layer norm when `final_norm` (SD1.5 and SD2 do, SDXL does
+        not). `vectors` (row, place, vector) stand in for the token embeddings at those places (learned words)."""
         with self._substituted(vectors):
             ids = ids.to(self.clip.embeddings.token_embedding.weight.device)
-            if clip_skip <= 1:
-                return self.clip(input_ids=ids).last_hidden_state
+            at = layer - (max(clip_skip, 1) - 1)
+            if at == -1 and final_norm and self.text_projection is None:
+                return self.clip(input_ids=ids).last_hidden_state, None
             out = self.clip(input_ids=ids, output_hidden_states=True)
-            return self.clip.final_layer_norm(out.hidden_states[-clip_skip])
+            hidden = out.hidden_states[at]
+            hidden = self.clip.final_layer_norm(hidden) if final_norm else hidden
+            pooled = None if self.text_projection is None else self.text_projection(out.pooler_output)
+            return hidden, pooled

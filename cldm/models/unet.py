@@ -1,4 +1,5 @@
-"""The SD1.5 denoising UNet with LDM module names, and the encoder builder it shares with ControlNet."""
+"""The SD denoising UNet (SD1.5, SD2.x, SDXL) with LDM/SGM module names, and the encoder builder it shares with
+ControlNet."""
 
 from __future__ import annotations
 
@@ -87,16 +88,39 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-def _transformer(cfg: UNetConfig, channels: int) -> SpatialTransformer:
+def _transformer(cfg: UNetConfig, channels: int, level: int) -> SpatialTransformer:
     return SpatialTransformer(
-        channels, cfg.num_heads, cfg.transformer_depth, cfg.context_dim, cfg.norm_groups, cfg.use_linear_in_transformer
-    )
+        channels, cfg.heads(channels), cfg.depth(level), cfg.context_dim, cfg.norm_groups,
+        cfg.use_linear_in_transformer, cfg.upcast_attention,
+    )  # fmt: skip
 
 
 def build_time_embed(cfg: UNetConfig) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(cfg.model_channels, cfg.time_embed_dim), nn.SiLU(), nn.Linear(cfg.time_embed_dim, cfg.time_embed_dim)
     )
+
+
+def build_label_emb(cfg: UNetConfig) -> nn.Sequential | None:
+    """SDXL's vector conditioning (pooled text and size embeddings) -> an addition to the time embedding (SGM's
+    `label_emb.0.0` / `label_emb.0.2`); None for families without one."""
+    if not cfg.adm_in_channels:
+        return None
+    ted = cfg.time_embed_dim
+    return nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted)))
+
+
+def embed_time(module: nn.Module, t: torch.Tensor, batch: int, y: torch.Tensor | None) -> torch.Tensor:
+    """The timestep embedding of a UNet or ControlNet (its `time_embed`, `label_emb` and config), plus the vector
+    conditioning `y` for the families that take one."""
+    t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
+    dtype = module.time_embed[0].weight.dtype
+    emb = module.time_embed(timestep_embedding(t, module.cfg.model_channels).to(dtype))
+    if module.label_emb is not None:
+        if y is None:
+            raise ValueError("this model needs its vector conditioning `y` (SDXL: pooled text + size embeddings)")
+        emb = emb + module.label_emb(y.to(dtype))
+    return emb
 
 
 def build_encoder(cfg: UNetConfig) -> tuple[nn.ModuleList, TimestepEmbedSequential, list[int]]:
@@ -109,7 +133,7 @@ def build_encoder(cfg: UNetConfig) -> tuple[nn.ModuleList, TimestepEmbedSequenti
             layers: list[nn.Module] = [ResBlock(ch, cfg.time_embed_dim, mult * cfg.model_channels, cfg.norm_groups)]
             ch = mult * cfg.model_channels
             if level in cfg.attention_levels:
-                layers.append(_transformer(cfg, ch))
+                layers.append(_transformer(cfg, ch, level))
             blocks.append(TimestepEmbedSequential(*layers))
             widths.append(ch)
         if level != len(cfg.channel_mult) - 1:
@@ -117,7 +141,7 @@ def build_encoder(cfg: UNetConfig) -> tuple[nn.ModuleList, TimestepEmbedSequenti
             widths.append(ch)
     middle = TimestepEmbedSequential(
         ResBlock(ch, cfg.time_embed_dim, ch, cfg.norm_groups),
-        _transformer(cfg, ch),
+        _transformer(cfg, ch, len(cfg.channel_mult)),
         ResBlock(ch, cfg.time_embed_dim, ch, cfg.norm_groups),
     )
     return nn.ModuleList(blocks), middle, widths
@@ -134,7 +158,7 @@ def build_decoder(cfg: UNetConfig, skip_widths: list[int]) -> nn.ModuleList:
             layers: list[nn.Module] = [ResBlock(ch + skips.pop(), cfg.time_embed_dim, out_ch, cfg.norm_groups)]
             ch = out_ch
             if level in cfg.attention_levels:
-                layers.append(_transformer(cfg, ch))
+                layers.append(_transformer(cfg, ch, level))
             if level and i == cfg.num_res_blocks:
                 layers.append(Upsample(ch))
             blocks.append(TimestepEmbedSequential(*layers))
@@ -154,6 +178,7 @@ class UNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.time_embed = build_time_embed(cfg)
+        self.label_emb = build_label_emb(cfg)
         self.input_blocks, self.middle_block, widths = build_encoder(cfg)
         self.output_blocks = build_decoder(cfg, widths)
         self.out = nn.Sequential(
@@ -174,10 +199,8 @@ class UNet(nn.Module):
         """The self-attention layers in the order they run (input blocks, middle block, output blocks)."""
         return [m.attn1 for m in self._transformer_blocks([*self.input_blocks, self.middle_block, *self.output_blocks])]
 
-    def time_emb(self, t: torch.Tensor, batch: int) -> torch.Tensor:
-        t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
-        emb = timestep_embedding(t, self.cfg.model_channels)
-        return self.time_embed(emb.to(self.time_embed[0].weight.dtype))
+    def time_emb(self, t: torch.Tensor, batch: int, y: torch.Tensor | None = None) -> torch.Tensor:
+        return embed_time(self, t, batch, y)
 
     def forward(
         self,
@@ -185,8 +208,11 @@ class UNet(nn.Module):
         t: torch.Tensor,
         context: torch.Tensor,
         control: list[torch.Tensor] | None = None,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        emb = self.time_emb(t, x.shape[0])
+        """Noisy latent x at timestep t, text context (b, n, context_dim), optional ControlNet residuals and, for
+        SDXL, the vector conditioning y (b, adm_in_channels) -> the UNet's prediction (noise or v)."""
+        emb = self.time_emb(t, x.shape[0], y)
         hs = []
         h = x
         for block in self.input_blocks:

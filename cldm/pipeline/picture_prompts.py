@@ -48,7 +48,7 @@ def reference_latent(model: StableDiffusion, r: GenerationRequest):
 
 def reference_pass(
     model: StableDiffusion, ref, hooks: reference.Reference, x_full: torch.Tensor, t: torch.Tensor,
-    context: torch.Tensor, on: bool,
+    context: torch.Tensor, on: bool, y: torch.Tensor | None = None,
 ) -> None:  # fmt: skip
     """With the reference acting at this step (`on`), run its noised latent through the UNet ("write") and set the
     hooks for the real call ("read"); else turn them off."""
@@ -62,5 +62,5 @@ def reference_pass(
     else:
         noised = reference.noised_reference(x0, t, schedule, generator).expand_as(x_full)
     hooks.write()
-    model.unet(noised, t, context)
+    model.unet(noised, t, context, y=y)
     hooks.read()

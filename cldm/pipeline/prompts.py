@@ -110,9 +110,41 @@ def weighted_chunks(
 
 @torch.no_grad()
 def encode(
-    text: TextEncoder, prompts: list[str], clip_skip: int = 1, n_chunks: int | None = None, emphasis: bool = True
-) -> torch.Tensor:
-    """Prompts -> context (batch, 77 * chunks, width); A1111's emphasis weights applied per chunk."""
+    text: TextEncoder, prompts: list[str], clip_skip: int = 1, n_chunks: int | None = None, emphasis: bool = True,
+    layer: int = -1, final_norm: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """Prompts -> context (batch, 77 * chunks, width); A1111's emphasis weights applied per chunk. `layer` and
+    `final_norm` say which hidden states the family reads (`TextEncoder.encode`)."""
+    return _encode(text, prompts, clip_skip, n_chunks, emphasis, layer, final_norm)[0]
+
+
+def chunks_needed(text: TextEncoder, prompts: list[str], emphasis: bool = True) -> int:
+    """How many chunks the longest of these prompts takes."""
+    return weighted_chunks(text, prompts, emphasis)[0].shape[1]
+
+
+@torch.no_grad()
+def encode_joined(
+    texts: list[TextEncoder], prompts: list[str], clip_skip: int = 1, emphasis: bool = True, layer: int = -1,
+    final_norm: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """Prompts -> (context (batch, 77 * chunks, total width), pooled output or None) through each text encoder,
+    their states joined along the width in order (SDXL: CLIP ViT-L's 768 then bigG's 1280 = 2048). Emphasis is
+    applied to each encoder's states on its own (A1111 weights each embedder); the pooled output is the projecting
+    encoder's at the first chunk (A1111's; with one chunk it is diffusers')."""
+    n = max(chunks_needed(t, prompts, emphasis) for t in texts) if len(texts) > 1 else None
+    states, pooled = [], None
+    for t in texts:
+        hidden, first = _encode(t, prompts, clip_skip, n, emphasis, layer, final_norm)
+        states.append(hidden)
+        pooled = first if first is not None else pooled
+    return torch.cat(states, dim=-1), pooled
+
+
+def _encode(
+    text: TextEncoder, prompts: list[str], clip_skip: int, n_chunks: int | None, emphasis: bool, layer: int,
+    final_norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     ids, weights, vectors = weighted_chunks(text, prompts, emphasis)
     if n_chunks is not None and n_chunks > ids.shape[1]:
         extra = token_chunks(text, [""] * len(prompts)).expand(-1, n_chunks - ids.shape[1], -1)
@@ -123,10 +155,11 @@ def encode(
         log.info("prompt longer than %d tokens: encoded in %d chunks", chunk_tokens(text), ids.shape[1])
     b, c, n = ids.shape
     rows = [(p * c + chunk, place, vec) for p, chunk, place, vec in vectors]  # places in the (b*c, 77) batch
-    hidden = text(ids.reshape(b * c, n), clip_skip, rows)  # (b*c, 77, w)
+    hidden, pooled = text.encode(ids.reshape(b * c, n), clip_skip, rows, layer, final_norm)  # (b*c, 77, w)
     if weights is not None:
         flat = weights.reshape(b * c, n)
         hidden = torch.stack([
             emphasis_syntax.apply(z, w) if bool((w != 1).any()) else z for z, w in zip(hidden, flat)
         ])  # fmt: skip
-    return hidden.reshape(b, c * n, -1)
+    first = None if pooled is None else pooled.reshape(b, c, -1)[:, 0]
+    return hidden.reshape(b, c * n, -1), first

@@ -18,13 +18,15 @@ from cldm.adapters import lora
 from cldm.adapters.ip_adapter import image_prompt_problem, prompt_tokens
 from cldm.errors import InputError
 from cldm.io.images import image_to_tensor, mask_to_tensor, resize_rgb, soft_mask
+from cldm.io.model_configs import TIME_ID_DIM
 from cldm.models.controlnet import ControlNet, fit_problem, guess_mode_scales
 from cldm.models.sd import StableDiffusion
+from cldm.models.unet import timestep_embedding
 from cldm.models.vae import AutoencoderKL
 from cldm.pipeline.fit import fit_mask, fit_rgb, fit_tensor
 from cldm.pipeline.infotext import parameters
 from cldm.pipeline.picture_prompts import attached, reference_latent, reference_pass
-from cldm.pipeline.prompts import encode
+from cldm.pipeline.prompts import encode_joined
 from cldm.pipeline.request import ControlUnit, GenerationRequest
 from cldm.pipeline.vocabulary import ControlMode, InpaintMode, Upscaler
 from cldm.sampling.preview import approx_rgb, predicted_x0
@@ -54,12 +56,16 @@ class Result:
 
 @dataclass
 class Conditioning:
-    """The text context: the negative and positive halves (batch-sized), both together, the image-prompt tokens."""
+    """The text context: the negative and positive halves (batch-sized), both together, the image-prompt tokens;
+    for SDXL also the vector conditioning (pooled text + size embeddings), of the full batch and the positive half."""
 
     uncond: torch.Tensor
     cond: torch.Tensor
     full: torch.Tensor  # [uncond, cond] with guidance, cond alone without (what the UNet and ControlNets read)
     image_tokens: torch.Tensor | None = None  # the IP-Adapter's tokens for the UNet's batch, with an image prompt
+    pooled: torch.Tensor | None = None  # (2, width): the negative and positive prompts' pooled text (SDXL)
+    y: torch.Tensor | None = None  # the vector conditioning for `full`'s rows
+    y_cond: torch.Tensor | None = None  # ... for `cond`'s rows
 
 
 @dataclass
@@ -103,14 +109,42 @@ def check(model: StableDiffusion, request: GenerationRequest) -> None:
 
 
 def encode_prompts(model: StableDiffusion, r: GenerationRequest) -> Conditioning:
-    """The text context, and with an image prompt the IP-Adapter's tokens beside it (for the UNet only)."""
-    ctx = encode(model.text, [r.negative_prompt, r.prompt], clip_skip=r.clip_skip, emphasis=r.emphasis).to(
-        model.dtype
-    )  # (2, 77*k, w)
+    """The text context through the family's encoders, and with an image prompt the IP-Adapter's tokens beside it
+    (for the UNet only). SDXL: an empty negative prompt is zeros, context and pooled text (its config's
+    force_zeros_for_empty_prompt), and the size embeddings are added by `sized`."""
+    fam = model.family
+    ctx, pooled = encode_joined(
+        model.texts, [r.negative_prompt, r.prompt], r.clip_skip, r.emphasis, fam.text_layer, fam.text_final_norm
+    )  # (2, 77*k, w), (2, p) or None
+    ctx = ctx.to(model.dtype)
+    if fam.zero_empty_negative and r.negative_prompt == "":
+        ctx[0] = 0
+        if pooled is not None:
+            pooled[0] = 0
     uncond, cond = (c.expand(r.batch, -1, -1) for c in ctx.chunk(2))
     full = torch.cat([uncond, cond]) if r.use_cfg else cond
     image = None if r.image_prompt is None else prompt_tokens(r.image_prompt, r.batch, r.use_cfg).to(full.dtype)
-    return Conditioning(uncond, cond, full, image)
+    out = Conditioning(uncond, cond, full, image, pooled)
+    return sized(model, out, r)
+
+
+def size_embedding(width: int, height: int, batch: int) -> torch.Tensor:
+    """SDXL's size conditioning for a picture of width x height: original size, crop top-left (0, 0) and target
+    size, (h, w, top, left, h, w), each number a 256-wide [cos | sin] sinusoid -> (batch, 1536)."""
+    ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)
+    return timestep_embedding(ids, TIME_ID_DIM).reshape(1, -1).expand(batch, -1)
+
+
+def sized(model: StableDiffusion, ctx: Conditioning, r: GenerationRequest) -> Conditioning:
+    """The conditioning with the vector conditioning of the request's picture size (SDXL; unchanged otherwise)."""
+    if not model.config.unet.adm_in_channels:
+        return ctx
+    if ctx.pooled is None:
+        raise InputError("this model takes a pooled text embedding, but its text encoders give none")
+    sizes = size_embedding(r.width, r.height, 2).to(ctx.pooled.device)
+    y = torch.cat([ctx.pooled.float(), sizes], dim=-1).to(model.dtype)  # diffusers' order: text, then sizes
+    y_u, y_c = (v.expand(r.batch, -1) for v in y.chunk(2))
+    return replace(ctx, y=torch.cat([y_u, y_c]) if r.use_cfg else y_c, y_cond=y_c)
 
 
 def fit_pictures(r: GenerationRequest) -> GenerationRequest:
@@ -215,16 +249,16 @@ def control_residuals(
         else:
             scales = [u.scale] * n_res
         if r.use_cfg and (r.guess_mode or pooled or u.mode is ControlMode.CONTROL):
-            res = _residuals(cn, emb, x_in, t, ctx.cond, scales)
+            res = _residuals(cn, emb, x_in, t, ctx.cond, scales, ctx.y_cond)
             res = [torch.cat([torch.zeros_like(a), a]) for a in res]
         else:
-            res = _residuals(cn, emb, x_full, t, ctx.full, scales)
+            res = _residuals(cn, emb, x_full, t, ctx.full, scales, ctx.y)
         total = res if total is None else [a + b for a, b in zip(total, res)]
     return total
 
 
-def _residuals(cn: ControlNet, emb: torch.Tensor, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, scales):
-    outs = cn(x, t, ctx, emb.expand(x.shape[0], -1, -1, -1))
+def _residuals(cn: ControlNet, emb: torch.Tensor, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, scales, y):
+    outs = cn(x, t, ctx, emb.expand(x.shape[0], -1, -1, -1), y)
     return [o * s for o, s in zip(outs, scales)]
 
 
@@ -246,11 +280,12 @@ def denoise(
             control = control_residuals(r, hints, x_in, x_full, t, ctx, k, n)
             if ref is not None:
                 on = active(k, n, r.reference.start, r.reference.end)
-                reference_pass(model, ref, hooks, x_full, t, ctx.full, on)
-            eps = model.unet(x_full, t, ctx.full, control=control)
+                reference_pass(model, ref, hooks, x_full, t, ctx.full, on, ctx.y)
+            out = model.unet(x_full, t, ctx.full, control=control, y=ctx.y)
             if r.use_cfg:
-                e_u, e_c = eps.chunk(2)
-                eps = e_u + r.cfg_scale * (e_c - e_u)
+                o_u, o_c = out.chunk(2)
+                out = o_u + r.cfg_scale * (o_c - o_u)
+            eps = s.noise_estimate(out, x_in, i, model.config.prediction)
             if preview is not None and preview_every and (k + 1) % preview_every == 0 and k + 1 < n:
                 preview(approx_rgb(predicted_x0(x_in, eps, t)))
             x = s.step(x, eps, i, generator)
@@ -291,6 +326,7 @@ def hires_pass(
     width, height = h.size(r.width, r.height, model.latent_factor)
     steps, schedule = h.schedule(r.steps)
     r2 = replace(r, width=width, height=height, steps=schedule, init_image=None, mask=None, strength=h.strength)
+    ctx = sized(model, ctx, r2)  # SDXL: the size embeddings of the new size
     f = model.latent_factor
     if h.upscaler is Upscaler.LATENT:
         x0 = F.interpolate(x.float(), size=(height // f, width // f), mode="bilinear", align_corners=False)

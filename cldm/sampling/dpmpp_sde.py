@@ -77,8 +77,11 @@ class DPMPPSDE(SigmaSampler):
     def init_noise(self, noise):
         return noise * (self.sigmas.max() ** 2 + 1) ** 0.5
 
+    def input_sigma(self, i):
+        return self.sigmas[i] if self.first_x is None else self.mid_sigma
+
     def scale_input(self, x, i):
-        sigma = self.sigmas[i] if self.first_x is None else self.mid_sigma
+        sigma = self.input_sigma(i)
         return x / (sigma**2 + 1) ** 0.5
 
     def add_noise(self, x0, noise, i):

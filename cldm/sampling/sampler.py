@@ -50,6 +50,20 @@ class Sampler:
     def step(self, x: torch.Tensor, eps: torch.Tensor, i: int, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def vp(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha, sigma') of the model's input at loop entry i: scale_input(x, i) = alpha x0 + sigma' noise."""
+        a = self.ac[int(self.timesteps[i])].double()
+        return a.sqrt(), (1 - a).sqrt()
+
+    def noise_estimate(self, out: torch.Tensor, x_in: torch.Tensor, i: int, prediction: str) -> torch.Tensor:
+        """The model's output at loop entry i as a noise estimate, the form every sampler steps with. A v model
+        predicts v = alpha noise - sigma' x0; with x_in = alpha x0 + sigma' noise and alpha^2 + sigma'^2 = 1 the noise
+        is sigma' x_in + alpha v (diffusers' schedulers reach the same x0 through their own forms)."""
+        if prediction == "epsilon":
+            return out
+        alpha, sigma = self.vp(i)
+        return (sigma * x_in.double() + alpha * out.double()).to(out.dtype)
+
 
 def alpha_sigma(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The VP form of noise level sigma: x = alpha x0 + sigma' noise with alpha = 1 / sqrt(sigma^2 + 1)."""
@@ -70,6 +84,13 @@ class SigmaSampler(Sampler):
         super().__init__(steps)
         self.train_sigmas = schedules.train_sigmas()
         self.schedule = schedule
+
+    def input_sigma(self, i: int) -> torch.Tensor:
+        """The sigma the model's input at loop entry i is scaled for."""
+        return self.sigmas[i]
+
+    def vp(self, i):
+        return alpha_sigma(self.input_sigma(i).double())
 
 
 class VPSampler(SigmaSampler):
