@@ -317,6 +317,8 @@ def load_sd(
             for section, (sd, act) in zip(("text", "text_2"), texts)
         ]
     fam_rec = family(fam)
+    if config is None and unet_cfg.adm_in_channels and text_cfgs[-1].projection_dim:  # SDXL: 6 sizes + pooled text
+        unet_cfg = replace(unet_cfg, size_embed_dim=(unet_cfg.adm_in_channels - text_cfgs[-1].projection_dim) // 6)
     # A model with its own vocabulary (like the shipped demo model) keeps its tokenizers in folders beside the file.
     toks = []
     for i, (cfg_i, pad) in enumerate(zip(text_cfgs, fam_rec.text_pads)):

@@ -7,7 +7,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from cldm.errors import CheckpointError, MissingWeightsError
-from cldm.models.config import TextConfig, UNetConfig, VAEConfig
+from cldm.models.config import TextConfig, UNetConfig, VAEConfig, family_of_config
 
 CONFIG_METADATA_KEY = "cldm.config"  # a file-format key, not a module path: our safetensors files carry their config in the header metadata
 
@@ -163,6 +163,7 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
         use_linear_in_transformer=cfg.get("use_linear_projection", False),
         upcast_attention=bool(cfg.get("upcast_attention", False)),
         adm_in_channels=int(cfg.get("projection_class_embeddings_input_dim") or 0) if text_time else 0,
+        size_embed_dim=int(cfg.get("addition_time_embed_dim") or UNetConfig.size_embed_dim),
         hint_channels=cfg.get("conditioning_channels", 3),
         hint_block_channels=tuple(cfg.get("conditioning_embedding_out_channels", (16, 32, 96, 256))),
         global_average_pooling=cfg.get("global_pool_conditions", False),
@@ -170,10 +171,6 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
     if cfg.get("addition_embed_type") not in (None, "text_time"):
         raise CheckpointError(f"addition_embed_type {cfg['addition_embed_type']!r} is not an SD family's.")
     return UNetConfig(**fields_)
-
-
-# SDXL's size embeddings: six numbers (original size, crop top-left, target size), each a 256-wide sinusoid.
-TIME_ID_DIM = 256
 
 
 def unet_config_to_diffusers(cfg: UNetConfig, controlnet: bool) -> dict:
@@ -199,7 +196,7 @@ def unet_config_to_diffusers(cfg: UNetConfig, controlnet: bool) -> dict:
     if cfg.adm_in_channels:
         out.update(
             addition_embed_type="text_time",
-            addition_time_embed_dim=TIME_ID_DIM,
+            addition_time_embed_dim=cfg.size_embed_dim,
             projection_class_embeddings_input_dim=cfg.adm_in_channels,
         )
     if controlnet:
@@ -302,14 +299,6 @@ def config_from_metadata(meta: dict[str, str], cls, section: str):
             if f.name in data
         }
     )
-
-
-def family_of_config(cfg: UNetConfig) -> str:
-    """The family a UNet or ControlNet config belongs to, by its structure: SDXL's vector conditioning, SD2's linear
-    projections, SD1.5's 1x1 convolutions (the context width says the same for full-size models)."""
-    if cfg.adm_in_channels:
-        return "SDXL"
-    return "SD2.x" if cfg.use_linear_in_transformer else "SD1.5"
 
 
 def diffusers_key_config(state: StateDict) -> UNetConfig:

@@ -30,6 +30,7 @@ class UNetConfig:
     head_channels: int = 0  # SD2 and SDXL fix the head width (64) instead: heads = width // head_channels
     upcast_attention: bool = False  # SD2.1: attention scores in fp32 even when the model runs in half precision
     adm_in_channels: int = 0  # SDXL: width of the vector conditioning (pooled text + size embeddings); 0: none
+    size_embed_dim: int = 256  # SDXL: each of the six size numbers becomes a sinusoid this wide
     # ControlNet-only fields (ignored by the UNet).
     hint_channels: int = 3
     hint_block_channels: tuple[int, ...] = (16, 32, 96, 256)
@@ -48,6 +49,14 @@ class UNetConfig:
     def heads(self, width: int) -> int:
         """Attention heads at a block `width` channels wide."""
         return width // self.head_channels if self.head_channels else self.num_heads
+
+
+def family_of_config(cfg: UNetConfig) -> str:
+    """The family a UNet or ControlNet config belongs to, by its structure: SDXL's vector conditioning, SD2's linear
+    projections, SD1.5's 1x1 convolutions (the context width says the same for full-size models)."""
+    if cfg.adm_in_channels:
+        return "SDXL"
+    return "SD2.x" if cfg.use_linear_in_transformer else "SD1.5"
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cldm.models.config import UNetConfig
-from cldm.models.family import family_name_for_context
+from cldm.models.config import UNetConfig, family_of_config
 from cldm.models.unet import build_encoder, build_label_emb, build_time_embed, embed_time
 
 # Guess mode ("no prompt") in the original ControlNet: deeper residuals count more, shallow ones fade,
@@ -111,10 +110,9 @@ class ControlNet(nn.Module):
 
 def _shape(cfg: UNetConfig, hint_factor: int) -> str:
     widths = [cfg.model_channels * m for m in cfg.channel_mult]
-    family = family_name_for_context(cfg.context_dim)
     return (
-        f"{cfg.in_channels} latent channels, block widths {widths} with {cfg.num_res_blocks} blocks each, "
-        f"{cfg.context_dim}-wide text context ({family}), hint downsampled {hint_factor}x"
+        f"{family_of_config(cfg)}: {cfg.in_channels} latent channels, block widths {widths} with "
+        f"{cfg.num_res_blocks} blocks each, {cfg.context_dim}-wide text context, hint downsampled {hint_factor}x"
     )
 
 
@@ -136,4 +134,4 @@ def fit_problem(cn: ControlNet, base: UNetConfig, latent_factor: int) -> str | N
     )
     if same:
         return None
-    return f"the ControlNet has {_shape(c, cn.hint_factor)}; the base model has {_shape(base, latent_factor)}"
+    return f"the ControlNet is {_shape(c, cn.hint_factor)}; the base model is {_shape(base, latent_factor)}"

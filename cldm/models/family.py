@@ -117,7 +117,6 @@ SDXL = ModelFamily(
                  "ip-adapter-plus-face_sdxl_vit-h"),
 )  # fmt: skip
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD15, SD2, SDXL)}
-OTHER_FAMILIES_BY_CONTEXT: dict[int, str] = {}  # families we do not run, by their text-context width (messages)
 
 
 def family(name: str) -> ModelFamily:
@@ -136,4 +135,4 @@ def family_name_for_context(context_dim: int) -> str:
     for f in FAMILIES.values():
         if f.context_dim == context_dim:
             return f.name
-    return OTHER_FAMILIES_BY_CONTEXT.get(context_dim, "an unknown family")
+    return "an unknown family"

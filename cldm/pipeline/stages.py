@@ -18,7 +18,6 @@ from cldm.adapters import lora
 from cldm.adapters.ip_adapter import image_prompt_problem, prompt_tokens
 from cldm.errors import InputError
 from cldm.io.images import image_to_tensor, mask_to_tensor, resize_rgb, soft_mask
-from cldm.io.model_configs import TIME_ID_DIM
 from cldm.models.controlnet import ControlNet, fit_problem, guess_mode_scales
 from cldm.models.sd import StableDiffusion
 from cldm.models.unet import timestep_embedding
@@ -96,7 +95,7 @@ def check(model: StableDiffusion, request: GenerationRequest) -> None:
             problems.append(f"ControlNet {i + 1} ({u.label}) is not loaded (the model manager loads files)")
         elif (why := fit_problem(u.model, model.config.unet, model.latent_factor)) is not None:
             problems.append(f"ControlNet {i + 1} ({u.label}) does not fit this base model: {why}. "
-                            "Use a ControlNet made for this base (SD1.5 ControlNets for SD1.5 models).")  # fmt: skip
+                            f"Use a ControlNet made for {model.family.name} models.")  # fmt: skip
     if request.vae is not None and not isinstance(request.vae, AutoencoderKL):
         problems.append("the VAE is not loaded (the model manager loads files)")
     for i, u in enumerate(request.loras):
@@ -128,11 +127,11 @@ def encode_prompts(model: StableDiffusion, r: GenerationRequest) -> Conditioning
     return sized(model, out, r)
 
 
-def size_embedding(width: int, height: int, batch: int) -> torch.Tensor:
+def size_embedding(width: int, height: int, batch: int, dim: int = 256) -> torch.Tensor:
     """SDXL's size conditioning for a picture of width x height: original size, crop top-left (0, 0) and target
-    size, (h, w, top, left, h, w), each number a 256-wide [cos | sin] sinusoid -> (batch, 1536)."""
+    size, (h, w, top, left, h, w), each number a `dim`-wide [cos | sin] sinusoid -> (batch, 6 * dim)."""
     ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)
-    return timestep_embedding(ids, TIME_ID_DIM).reshape(1, -1).expand(batch, -1)
+    return timestep_embedding(ids, dim).reshape(1, -1).expand(batch, -1)
 
 
 def sized(model: StableDiffusion, ctx: Conditioning, r: GenerationRequest) -> Conditioning:
@@ -141,7 +140,7 @@ def sized(model: StableDiffusion, ctx: Conditioning, r: GenerationRequest) -> Co
         return ctx
     if ctx.pooled is None:
         raise InputError("this model takes a pooled text embedding, but its text encoders give none")
-    sizes = size_embedding(r.width, r.height, 2).to(ctx.pooled.device)
+    sizes = size_embedding(r.width, r.height, 2, model.config.unet.size_embed_dim).to(ctx.pooled.device)
     y = torch.cat([ctx.pooled.float(), sizes], dim=-1).to(model.dtype)  # diffusers' order: text, then sizes
     y_u, y_c = (v.expand(r.batch, -1) for v in y.chunk(2))
     return replace(ctx, y=torch.cat([y_u, y_c]) if r.use_cfg else y_c, y_cond=y_c)
