@@ -11,7 +11,7 @@ from cldm.errors import InputError
 from cldm.io import checkpoints, locate, writers
 from cldm.io.images import load_rgb, save_png
 from cldm.io.model_card import ModelCard, card_for
-from cldm.models.family import SD15
+from cldm.models.family import SD15, family
 from cldm.pipeline.request import (
     ControlUnit,
     GenerationRequest,
@@ -64,7 +64,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--clip-skip", type=int, default=1, help="1 = last CLIP layer; 2 = penultimate (anime models)")
-    size_help = f"picture {{}} in px (default: the model card's size, else {DEFAULT_SIZE})"
+    size_help = "picture {} in px (default: the model card's size, else the base's native size: 512 SD1.5, 1024 SDXL)"
     p.add_argument("--width", type=int, help=size_help.format("width"))
     p.add_argument("--height", type=int, help=size_help.format("height"))
     p.add_argument("--batch", type=int, default=1)
@@ -107,6 +107,17 @@ def _per_control(values: list[float], n: int, default: float, name: str) -> list
     return values
 
 
+def native_size(base: str) -> int:
+    """The picture side a base was trained at, from its family (SDXL 1024, SD2 768-v 768, SD1.5 and SD2-base 512),
+    told from its weights without loading them; DEFAULT_SIZE for a hub id not downloaded yet."""
+    path = Path(base)
+    if not path.exists():
+        return DEFAULT_SIZE
+    name, prediction = checkpoints.peek_family(path)
+    fam = family(name)
+    return fam.alternate_size if prediction not in (fam.prediction, "?") else fam.native_size
+
+
 def request_from_args(a: argparse.Namespace, card: ModelCard | None = None) -> GenerationRequest:
     """The command line as a GenerationRequest (pictures read, sizes from the model card when not given)."""
     n = len(a.controlnet)
@@ -145,7 +156,7 @@ def request_from_args(a: argparse.Namespace, card: ModelCard | None = None) -> G
             loras.append(LoraUnit(path, float(weight)) if path else LoraUnit(spec))
         except ValueError:
             loras.append(LoraUnit(spec))  # a path with a colon in it, no weight
-    native = card.size if card else DEFAULT_SIZE
+    native = card.size if card else native_size(a.base)
     width, height = (native if v is None else v for v in (a.width, a.height))
     return GenerationRequest(
         prompt, a.negative_prompt, tuple(units), steps=a.steps, cfg_scale=a.cfg, sampler=a.sampler, eta=a.eta,
@@ -165,6 +176,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
     if card and (a.width is None or a.height is None):
         print(f"{card.name} model: its native size is {card.size} px (model card); "
               f"making {request.width}x{request.height}", file=sys.stderr)  # fmt: skip
+    elif a.width is None or a.height is None:
+        print(f"making {request.width}x{request.height} (the base's native size)", file=sys.stderr)
     manager = ModelManager(a.base, device=a.device, dtype=a.dtype, low_vram=a.low_vram, prepack_cpu=not a.no_prepack)
     print(f"{manager.device} {str(manager.dtype).removeprefix('torch.')}", file=sys.stderr)  # what auto chose
     if a.embeddings:

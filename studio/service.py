@@ -25,7 +25,7 @@ from cldm.adapters.lora import prompt_tags
 from cldm.errors import InputError, Stopped
 from cldm.hints.conditions import BY_KEY, PREPROCESSOR_NONE, Condition
 from cldm.hints.fitted import fitted_hint
-from cldm.io import locate
+from cldm.io import checkpoints, locate
 from cldm.io.images import save_png
 from cldm.io.model_card import ModelCard, card_for
 from cldm.pipeline.request import ControlUnit, GenerationRequest, ImagePrompt, LoraUnit, ReferenceUnit
@@ -208,9 +208,24 @@ class Studio:
         return fitted_hint(unit.preprocessor, img, *size, unit.resize_mode, resolution, self.models_dir,
                            **unit.params)  # fmt: skip
 
-    def _control(self, unit: UnitSettings, s: Settings, progress: Progress, extras: PassSettings | None = None):
-        """(ControlUnit, the hint to show, init picture, mask, strength) for one unit."""
+    def family_of(self, base_path: str | None = None) -> str:
+        """The model family of a base (default: the one loaded now), told from its weights without loading them."""
+        path = base_path or self.manager.base_path
+        if path == self.manager.base_path and self.manager.loaded:
+            return self.manager.sd.family.name
+        return checkpoints.peek_family(locate.locate_base(path))[0]
+
+    def _control(self, unit: UnitSettings, s: Settings, progress: Progress, extras: PassSettings | None = None,
+                 family: str = "SD1.5"):  # fmt: skip
+        """(ControlUnit, the hint to show, init picture, mask, strength) for one unit, with the condition's
+        ControlNet for a base of `family`."""
         cond = unit.cond
+        weights = cond.weights(family)
+        if weights is None:
+            raise InputError(
+                f"No {family} ControlNet is known for {cond.label}. Put one in the models folder (a .safetensors "
+                f"file or a diffusers folder named {cond.key}-{family.lower().replace('.', '')}), or pick an SD1.5 base."
+            )
         if not self.available(cond):
             raise InputError(
                 f"The {self.card.name} model only has ControlNets for {', '.join(self.card.conditions)}. For "
@@ -234,7 +249,7 @@ class Studio:
             elif extras is not None and (picture := editor_image(extras.init_image)) is not None:
                 init, strength = picture, float(s.denoise)  # img2img on any tab
         shown = hint if isinstance(hint, np.ndarray) else (hint[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy()
-        path = locate.locate_controlnet(cond.stem, cond.diffusers_repo, self.models_dir)
+        path = locate.locate_controlnet(weights.stem, weights.repo, self.models_dir, weights.file)
         res = None if cond.inpaint or unit.preprocessor == PREPROCESSOR_NONE else unit.detection_resolution(img, (w, h))
         control = ControlUnit(
             str(path), hint, unit.scale, unit.start, unit.end, cond.global_average_pooling or None, mode=unit.mode,
@@ -268,11 +283,13 @@ class Studio:
 
     def request(self, units: list[UnitSettings], s: Settings, seed: int, progress: Progress,
                 ip: ImagePromptSettings | None = None, ref: ReferenceSettings | None = None,
-                extras: PassSettings | None = None):  # fmt: skip
-        """(GenerationRequest, hints to show, a note for the status line) for these units and settings."""
+                extras: PassSettings | None = None, family: str | None = None):  # fmt: skip
+        """(GenerationRequest, hints to show, a note for the status line) for these units and settings, with the
+        ControlNets of the base's `family` (default: the loaded base's)."""
         controls, shown, init, mask, strength, resize = [], [], None, None, 1.0, "crop"
+        family = family or self.family_of()
         for unit in units:
-            control, hint, u_init, u_mask, u_strength = self._control(unit, s, progress, extras)
+            control, hint, u_init, u_mask, u_strength = self._control(unit, s, progress, extras, family)
             controls.append(control)
             shown.append(hint)
             if u_strength is not None:  # the last img2img / inpaint unit gives the init picture, fitted its way
@@ -329,7 +346,7 @@ class Studio:
             seed = random.randint(0, MAX_SEED) if s.randomize else int(s.seed)
             if flag.is_set():
                 raise Stopped("Stopped before it started; nothing was saved.")
-            request, shown, note = self.request(units, s, seed, progress, ip, ref, extras)
+            request, shown, note = self.request(units, s, seed, progress, ip, ref, extras, self.family_of(base_path))
             request = replace(request, base=base_path)
             if flag.is_set():
                 raise Stopped("Stopped before sampling; nothing was saved.")

@@ -19,7 +19,7 @@ import tiny  # noqa: E402
 
 # Fixtures that start something outside the test's own process or run for long: a server (the app), a browser, a
 # Ray cluster, a training run. Every test that uses one, directly or through another fixture, is an integration test.
-INTEGRATION_FIXTURES = {"running_app", "demo_app", "browser", "cluster", "trained"}
+INTEGRATION_FIXTURES = {"running_app", "demo_app", "browser", "cluster", "trained", "family_app"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark

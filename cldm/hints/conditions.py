@@ -1,4 +1,5 @@
-"""The condition table: one frozen row per ControlNet 1.1 SD1.5 model. The app builds every tab from it."""
+"""The condition table: one frozen row per ControlNet 1.1 SD1.5 model, plus the ControlNets of the other families
+for the same condition. The app builds every tab from it."""
 
 from __future__ import annotations
 
@@ -32,6 +33,49 @@ class Condition:
     @property
     def stem(self) -> str:
         return self.model_file.rsplit(".", 1)[0]
+
+    def weights(self, family: str) -> FamilyWeights | None:
+        """Where this condition's ControlNet for a base of `family` is (None: no known one for that family)."""
+        if family == "SD1.5":
+            return FamilyWeights(self.stem, self.diffusers_repo)
+        if family == "SDXL" and (repo := SDXL_CONTROLNETS.get(self.key)):
+            return FamilyWeights(repo.split("/")[1], repo)
+        if family == "SD2.x" and (file := SD21_CONTROLNETS.get(self.key)):
+            return FamilyWeights(file.rsplit(".", 1)[0], SD21_REPO, file)
+        return None
+
+
+@dataclass(frozen=True)
+class FamilyWeights:
+    """One ControlNet's weights: `stem` names it in the models folder (`<stem>.safetensors` or a `<stem>/` diffusers
+    folder); from the hub it is `repo` (a diffusers folder) or the file `file` of `repo` (original layout)."""
+
+    stem: str
+    repo: str
+    file: str = ""
+
+
+# The SDXL ControlNets users run, in diffusers' layout (config.json + diffusion_pytorch_model.safetensors): diffusers'
+# own and xinsir's. Conditions without one here have no SDXL ControlNet we know of: put one in the models folder.
+SDXL_CONTROLNETS = {
+    "canny": "diffusers/controlnet-canny-sdxl-1.0",
+    "depth": "diffusers/controlnet-depth-sdxl-1.0",
+    "openpose": "xinsir/controlnet-openpose-sdxl-1.0",
+    "scribble": "xinsir/controlnet-scribble-sdxl-1.0",
+    "tile": "xinsir/controlnet-tile-sdxl-1.0",
+}
+# The SD2.1 ControlNets (original layout, one file each) of thibaud/controlnet-sd21.
+SD21_REPO = "thibaud/controlnet-sd21"
+SD21_CONTROLNETS = {
+    "canny": "control_v11p_sd21_canny.safetensors",
+    "depth": "control_v11p_sd21_depth.safetensors",
+    "softedge": "control_v11p_sd21_hed.safetensors",
+    "openpose": "control_v11p_sd21_openpose.safetensors",
+    "scribble": "control_v11p_sd21_scribble.safetensors",
+    "lineart": "control_v11p_sd21_lineart.safetensors",
+    "normalbae": "control_v11p_sd21_normalbae.safetensors",
+    "seg": "control_v11p_sd21_ade20k.safetensors",
+}
 
 
 CONDITIONS: tuple[Condition, ...] = (

@@ -30,7 +30,7 @@ from cldm.io import keymaps
 from cldm.io import model_configs as mc
 from cldm.io.assemble import POSITION_IDS, build, build_text, our_keys, text_from_diffusers
 from cldm.io.tokenizer import check_tokenizer, clip_tokenizer
-from cldm.models.config import SDConfig, TextConfig, UNetConfig, VAEConfig
+from cldm.models.config import SDConfig, TextConfig, UNetConfig, VAEConfig, family_of_config
 from cldm.models.controlnet import ControlNet
 from cldm.models.family import SD2, SD15, SDXL, family
 from cldm.models.sd import StableDiffusion
@@ -220,10 +220,52 @@ def single_file_family(state: StateDict) -> str:
     keys = list(state)
     if any(k.startswith("conditioner.embedders.") for k in keys) or f"{UNET_PREFIX}label_emb.0.0.weight" in state:
         return SDXL.name
-    proj = state.get(f"{UNET_PREFIX}input_blocks.1.1.proj_in.weight", state.get(f"{UNET_PREFIX}input_blocks.4.1.proj_in.weight"))
+    proj = state.get(
+        f"{UNET_PREFIX}input_blocks.1.1.proj_in.weight", state.get(f"{UNET_PREFIX}input_blocks.4.1.proj_in.weight")
+    )
     if any(k.startswith(OPEN_CLIP_PREFIX) for k in keys) or (proj is not None and proj.ndim == 2):
         return SD2.name
     return SD15.name
+
+
+_peeked: dict[tuple[str, int], tuple[str, str]] = {}
+
+
+def peek_family(path: str | os.PathLike) -> tuple[str, str]:
+    """(family, prediction) of a base model without loading it: a diffusers folder's configs, a safetensors file's
+    header (key names and shapes) and metadata; other formats are read whole. Remembered by path and mtime."""
+    path = Path(path)
+    key = (str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0)
+    if key in _peeked:
+        return _peeked[key]
+    if path.is_dir():
+        fam = family_of_config(mc.config_file(mc.unet_config_from_diffusers, path / "unet" / "config.json"))
+        sched = path / "scheduler" / "scheduler_config.json"
+        pred = _pred(mc.read_json(sched).get("prediction_type", "epsilon")) if sched.is_file() else "epsilon"
+    else:
+        if _sniff(path) == "safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(path), "pt") as f:
+                    shapes = {k: _Shape(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{path} is a damaged safetensors file ({e}). Download it again.") from e
+        else:
+            shapes = read_file(path)
+        fam = single_file_family(shapes)
+        said = _prediction_of_file(path, shapes, read_metadata(path), fam)
+        pred = said or family(fam).prediction if fam != SD2.name else said or "?"  # an SD2 file that does not say
+    _peeked[key] = (fam, pred)
+    return fam, pred
+
+
+class _Shape:
+    """A tensor's shape from a file header, standing in for the tensor where only `ndim` / `shape` are read."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+        self.ndim = len(self.shape)
 
 
 def _texts_of_file(state: StateDict, fam: str) -> list[tuple[StateDict, str]]:
@@ -375,7 +417,7 @@ def _load_sd_diffusers(folder: Path, dtype: torch.dtype, tokenizer, prediction: 
         said = said or sc.get("prediction_type", "epsilon")
     unet_cfg = mc.config_file(mc.unet_config_from_diffusers, folder / "unet" / "config.json")
     vae_cfg = mc.config_file(mc.vae_config_from_diffusers, folder / "vae" / "config.json")
-    fam = family(mc.family_of_config(unet_cfg))
+    fam = family(family_of_config(unet_cfg))
     text_dirs = [folder / "text_encoder"] + ([folder / "text_encoder_2"] if fam.pooled else [])
     text_cfgs = [mc.config_file(mc.text_config_from_diffusers, d / "config.json") for d in text_dirs]
     unet_sd = keymaps.from_diffusers(

@@ -20,8 +20,11 @@ BASE_PATTERNS = [
     "model_index.json",
     "scheduler/*.json",
     "tokenizer/*",
+    "tokenizer_2/*",  # SDXL's second text encoder
     "text_encoder/config.json",
     "text_encoder/model.safetensors",
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.safetensors",
     "unet/config.json",
     "unet/diffusion_pytorch_model.safetensors",
     "vae/config.json",
@@ -47,8 +50,11 @@ def _download(repo: str, patterns: list[str], what: str, where_to_put: str) -> P
         ) from e
 
 
-def locate_controlnet(stem: str, diffusers_repo: str, models_dir: str | os.PathLike | None) -> Path:
-    """`models_dir/<stem>.{safetensors,pth,...}` or `models_dir/<stem>/` (diffusers), else the hub's diffusers repo."""
+def locate_controlnet(
+    stem: str, diffusers_repo: str, models_dir: str | os.PathLike | None, file: str = ""
+) -> Path:
+    """`models_dir/<stem>.{safetensors,pth,...}` or `models_dir/<stem>/` (diffusers), else the hub: the diffusers
+    repo, or one original-layout `file` of it (SD2.1's)."""
     if models_dir:
         base = Path(models_dir)
         for suffix in LOCAL_SUFFIXES:
@@ -56,7 +62,12 @@ def locate_controlnet(stem: str, diffusers_repo: str, models_dir: str | os.PathL
                 return base / f"{stem}{suffix}"
         if (base / stem / "config.json").is_file():
             return base / stem
+    if file:
+        where = f"{Path(models_dir or 'models') / file} (from {diffusers_repo})"
+        return _download(diffusers_repo, [file], f"ControlNet {stem}", where) / file
     where = f"{Path(models_dir or 'models') / (stem + '.safetensors')} (or .pth from {SD15.controlnet_repo})"
+    if not diffusers_repo.startswith("lllyasviel/"):
+        where = f"{Path(models_dir or 'models') / stem}/ (a diffusers folder: {diffusers_repo})"
     return _download(diffusers_repo, CONTROLNET_PATTERNS, f"ControlNet {stem}", where)
 
 

@@ -7,7 +7,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from cldm.errors import CheckpointError, MissingWeightsError
-from cldm.models.config import TextConfig, UNetConfig, VAEConfig, family_of_config
+from cldm.models.config import TextConfig, UNetConfig, VAEConfig
 
 CONFIG_METADATA_KEY = "cldm.config"  # a file-format key, not a module path: our safetensors files carry their config in the header metadata
 

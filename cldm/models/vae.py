@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -17,6 +18,8 @@ VAE_TILE_PX = 1024
 TILE_PX_ENV = "CLDM_VAE_TILE_PX"
 TILE_LATENT = 64  # tiles of 64 latent pixels (512 px for SD), overlapping by a quarter: diffusers' enable_tiling()
 TILE_OVERLAP = 0.25
+
+log = logging.getLogger(__name__)
 
 
 def tile_threshold_px() -> int:
@@ -231,9 +234,17 @@ class AutoencoderKL(nn.Module):
         False forces it either way (a latent that fits in one tile is always decoded whole)."""
         z = latent.to(self.post_quant_conv.weight.dtype) / self.cfg.scale_factor
         tiled = self.wants_tiles(z.shape) if tiled is None else tiled and max(z.shape[-2:]) > self.tile_latent_size
-        if tiled:
-            return self.tiled_decode(z)
-        return self.decoder(self.post_quant_conv(z))
+        out = self.tiled_decode(z) if tiled else self.decoder(self.post_quant_conv(z))
+        if out.dtype == torch.float16 and not bool(torch.isfinite(out).all()):
+            # SDXL's own VAE overflows in fp16 (the fp16-fix VAE does not): decode again in fp32, as A1111 reverts
+            # its VAE to 32-bit floats and diffusers upcasts it (force_upcast)
+            log.warning("the VAE overflowed in fp16: decoding in fp32 (use an fp16-fix VAE to stay in fp16)")
+            self.float()
+            try:
+                return self.decode(latent.float(), tiled).half()
+            finally:
+                self.half()
+        return out
 
     def tiled_decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latent -> image, as diffusers' tiled_decode: overlapping tiles of tile_latent_size latent pixels,

@@ -31,6 +31,15 @@ class BaseSlot:
         self._sd: StableDiffusion | None = None
 
     @property
+    def loaded(self) -> bool:
+        return self._sd is not None
+
+    @property
+    def family(self) -> str | None:
+        """The loaded base's family name (None before the first load)."""
+        return None if self._sd is None else self._sd.family.name
+
+    @property
     def model(self) -> StableDiffusion:
         """The base, loaded on first use."""
         if self._sd is None:

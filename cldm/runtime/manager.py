@@ -109,13 +109,38 @@ class ModelManager:
         with self.lock:
             return self._base.model
 
+    @property
+    def loaded(self) -> bool:
+        """Whether the base model is in memory now."""
+        return self._base.loaded
+
     def use_base(self, base: str) -> StableDiffusion:
         """Make `base` the base model. The current one is freed first, so only one base is ever in memory;
-        ControlNets, VAEs and the IP-Adapter stay (SD1.5 ones fit every SD1.5 base), LoRAs are matched again and the
-        embeddings folder is read again. If `base` cannot be loaded, the previous base is loaded back and the error
-        is raised: the server keeps a working model."""
+        ControlNets, VAEs and the IP-Adapter stay while the family stays (SD1.5 ones fit every SD1.5 base) and are
+        dropped when it changes (an SDXL base after an SD1.5 one); LoRAs are matched again and the embeddings folder
+        is read again. If `base` cannot be loaded, the previous base is loaded back and the error is raised: the
+        server keeps a working model."""
         with self.lock:
-            return self._base.switch(str(base), unload=self._loras.clear)  # LoRAs are matched to the base's layers
+            before = self._base.family
+            sd = self._base.switch(str(base), unload=self._unload)
+            if before is not None and sd.family.name != before:
+                self._drop_family_bound(before, sd.family.name)
+            return sd
+
+    def _unload(self) -> None:
+        """Before a base switch: LoRAs go (they are matched to the base's layers), the ControlNets on the device go
+        back to the CPU cache, so the device holds nothing of the old base while the new one loads."""
+        self._loras.clear()
+        for key in list(self._on_device):
+            self._controlnets.put(key, self._on_device.pop(key).to("cpu"), evict=False)
+
+    def _drop_family_bound(self, old: str, new: str) -> None:
+        """The models made for the old family cannot drive the new one: ControlNets, IP-Adapter, image encoder and
+        VAE leave memory."""
+        n = len(self._controlnets)
+        for cache in (self._controlnets, self._ip_adapters, self._image_encoders, self._vaes):
+            cache.clear()
+        log.info("base family %s -> %s: %d cached ControlNets and the adapters of %s dropped", old, new, n, old)
 
     def _load_base(self, path: str) -> StableDiffusion:
         t = time.perf_counter()
@@ -144,7 +169,7 @@ class ModelManager:
             if why is not None:
                 raise CheckpointError(
                     f"{_name(path)} does not fit the base model {_name(sd.source)}: {why}. "
-                    "Use a ControlNet made for this base (SD1.5 ControlNets for SD1.5 models)."
+                    f"Use a ControlNet made for {sd.family.name} models."
                 )
             self.controlnet_loads += 1
             self._fast(cn)
@@ -307,7 +332,7 @@ class ModelManager:
         ip, off, seconds = request.image_prompt, self.offloader, self.offloader.seconds
         cns = [u.model for u in request.units]  # they run with the UNet at every step: one group
         vae = sd.vae if request.vae is None else request.vae
-        with off.running(text=[sd.text], image=[ip and ip.encoder], unet=[sd.unet, *cns, ip and ip.adapter], vae=[vae]):
+        with off.running(text=sd.texts, image=[ip and ip.encoder], unet=[sd.unet, *cns, ip and ip.adapter], vae=[vae]):
             result = generate(off.view(sd), request, *args)
         result.timings["offload"] = off.seconds - seconds  # the copies between the CPU and the device
         return result
