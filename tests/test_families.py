@@ -50,7 +50,11 @@ def sdxl_dirs(tmp_path_factory):
 def sdxl(sdxl_dirs):
     pipe, cn, mid = sdxl_dirs
     sd = checkpoints.load_sd(pipe)
-    return sd, checkpoints.load_controlnet(cn, base=sd.config.unet), checkpoints.load_controlnet(mid, base=sd.config.unet)
+    return (
+        sd,
+        checkpoints.load_controlnet(cn, base=sd.config.unet),
+        checkpoints.load_controlnet(mid, base=sd.config.unet),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +149,18 @@ def test_sdxl_img2img_and_inpaint_match_diffusers(sdxl, sdxl_ref):
     i2i = StableDiffusionXLControlNetImg2ImgPipeline(**pipe.components)
     i2i.set_progress_bar_config(disable=True)
     i2i._first_scheduler_config = dict(pipe.scheduler.config)
-    ref = _ref(i2i, "ddim", prompt="a cat", image=Image.fromarray(init), control_image=Image.fromarray(_hint()),
-               strength=0.6, num_inference_steps=10, guidance_scale=5.0, seed=5,
-               controlnet_conditioning_scale=1.0)  # fmt: skip (the img2img pipeline's default is 0.8)
+    ref = _ref(
+        i2i,
+        "ddim",
+        prompt="a cat",
+        image=Image.fromarray(init),
+        control_image=Image.fromarray(_hint()),
+        strength=0.6,
+        num_inference_steps=10,
+        guidance_scale=5.0,
+        seed=5,
+        controlnet_conditioning_scale=1.0,
+    )  # fmt: skip (the img2img pipeline's default is 0.8)
     out = generate(sd, GenerationRequest("a cat", "", (ControlUnit(cn, _hint()),), steps=10, cfg_scale=5.0, seed=5,
                                          width=SIZE, height=SIZE, init_image=init, strength=0.6, sampler="ddim"))  # fmt: skip
     assert _diff(out.images[0], ref[0]) <= PIXEL_TOL
