@@ -192,7 +192,7 @@ def picture_prompt_tab(studio: Studio, base: BasePanel) -> None:
 def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | None = (3600, 86400)) -> gr.Blocks:
     """The whole UI. Gradio's copies of uploads and results are deleted once a day old (checked hourly)."""
     with gr.Blocks(title="ControlNet studio", delete_cache=delete_cache) as demo:
-        gr.Markdown("# ControlNet studio\nStable Diffusion 1.5 + ControlNet 1.1. " + banner)
+        gr.Markdown("# ControlNet studio\nStable Diffusion 1.5, 2.x and XL + ControlNet. " + banner)
         # every Generate names its base: a switch loads it (freeing the other) and the ControlNets stay
         with gr.Row():
             base = BasePanel(gr.Dropdown(list(studio.bases), value=next(iter(studio.bases)), label="Base model",
@@ -212,7 +212,25 @@ def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | 
             with gr.Tab("PNG info", id="png_info"):
                 png_info_tab(studio, receivers, tabs)
         refresh_lists(studio, demo, base, refresh)
+        sizes_follow_base(studio, base, receivers)
     return demo
+
+
+def sizes_follow_base(studio: Studio, base: BasePanel, receivers: list[Receivers]) -> None:
+    """Picking a base of another family sets every tab's width and height to the new base's native size (SD1.5 512,
+    SD2 768-v 768, SDXL 1024), as A1111 users reset them by hand; sizes are left alone while the family stays."""
+    sliders = [r.settings.widgets[k] for r in receivers for k in ("width", "height")]
+    last = {"size": studio.native_size(None)}
+
+    def on_base(name):
+        size = studio.native_size(name)
+        if size == last["size"]:
+            return [gr.update()] * len(sliders)
+        last["size"] = size
+        gr.Info(f"{name}: {studio.family_of(studio.base_for(name))} base, pictures of {size} x {size} px")
+        return [gr.update(value=size)] * len(sliders)
+
+    base.choice.change(friendly(studio)(on_base), base.choice, sliders, api_name=False)
 
 
 def refresh_lists(studio: Studio, demo: gr.Blocks, base: BasePanel, button: gr.Button) -> None:

@@ -208,6 +208,14 @@ class Studio:
         return fitted_hint(unit.preprocessor, img, *size, unit.resize_mode, resolution, self.models_dir,
                            **unit.params)  # fmt: skip
 
+    def native_size(self, name: str | None) -> int:
+        """The picture side of a base the page offers (by its name in `bases`): the model card's for the demo
+        model, else its family's native size."""
+        path = self.base_for(name)
+        if self.card is not None and path == next(iter(self.bases.values())):
+            return self.card.size
+        return checkpoints.native_size(locate.locate_base(path))
+
     def family_of(self, base_path: str | None = None) -> str:
         """The model family of a base (default: the one loaded now), told from its weights without loading them."""
         path = base_path or self.manager.base_path

@@ -59,6 +59,8 @@ def test_switch_to_sdxl_and_back(family_app, tmp_path):
     client = Client(url, verbose=False)
     hint = handle_file(_circle(tmp_path / "circle.png"))
     assert "tiny-sdxl" in studio.bases
+    # picking the SDXL base in the page's list sets the tabs' sizes to its native size (the family's, from its files)
+    assert studio.native_size("tiny-sdxl") == 1024 and studio.native_size(None) == 512
 
     def run(base):
         _, status, files = client.predict(*_unit(hint, "canny", (100, 200)), *SETTINGS.values(),

@@ -139,6 +139,23 @@ def test_sdxl_two_controlnets_match_diffusers(sdxl, sdxl_ref):
     assert _diff(out.images[0], ref[0]) <= PIXEL_TOL
 
 
+def test_sdxl_guess_mode_matches_diffusers_and_soft_injection_follows_a1111(sdxl, sdxl_ref):
+    from cldm.models.controlnet import guess_mode_scales
+
+    sd, cn, _ = sdxl
+    pipe, cns = sdxl_ref
+    pipe.controlnet = cns[0]
+    ref = _ref(pipe, "euler_a", prompt="a red circle", image=Image.fromarray(_hint()), num_inference_steps=5,
+               guidance_scale=5.0, seed=9, guess_mode=True)  # fmt: skip
+    out = generate(sd, GenerationRequest("a red circle", "", (ControlUnit(cn, _hint()),), steps=5, cfg_scale=5.0,
+                                         seed=9, width=SIZE, height=SIZE, sampler="euler_a", guess_mode=True,
+                                         guess_style="diffusers"))  # fmt: skip
+    assert _diff(out.images[0], ref[0]) <= PIXEL_TOL
+    # SDXL's 10 residuals: diffusers spaces 10 scales to 1 at the middle; A1111 keeps the first 10 of its 13
+    assert guess_mode_scales(1.0, 10, "diffusers")[-1] == 1.0
+    assert guess_mode_scales(1.0, 10) == guess_mode_scales(1.0, 13)[:10] and guess_mode_scales(1.0, 10)[-1] < 0.57
+
+
 def test_sdxl_img2img_and_inpaint_match_diffusers(sdxl, sdxl_ref):
     from diffusers import StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLControlNetInpaintPipeline
 
@@ -181,6 +198,28 @@ def test_sdxl_img2img_and_inpaint_match_diffusers(sdxl, sdxl_ref):
     inside = mask > 0  # outside the mask we put the init picture's own pixels back; diffusers decodes them
     assert _diff(out.images[0][inside], ref[0][inside]) <= PIXEL_TOL
     assert (out.images[0][~inside] == init[~inside]).all()
+
+
+def test_sdxl_from_the_command_line_matches_diffusers(sdxl_dirs, sdxl_ref, tmp_path, capsys):
+    from cldm.__main__ import main
+
+    pipe_dir, cn_dir, _ = sdxl_dirs
+    pipe, cns = sdxl_ref
+    pipe.controlnet = cns[0]
+    Image.fromarray(_hint()).save(tmp_path / "hint.png")
+    args = ["generate", "--dtype", "fp32", "--device", "cpu", "--base", str(pipe_dir), "--controlnet", str(cn_dir),
+            "--hint", str(tmp_path / "hint.png"), "--prompt", "a red circle", "--steps", "6", "--cfg", "5",
+            "--seed", "3", "--sampler", "dpmpp_2m_karras", "--width", str(SIZE), "--height", str(SIZE),
+            "--out", str(tmp_path / "out.png")]  # fmt: skip
+    assert main(args) == 0
+    ref = _ref(pipe, "dpmpp_2m_karras", prompt="a red circle", image=Image.fromarray(_hint()), num_inference_steps=6,
+               guidance_scale=5.0, seed=3)  # fmt: skip
+    png = Image.open(tmp_path / "out.png")
+    assert _diff(np.asarray(png), ref[0]) <= PIXEL_TOL and "Sampler: DPM++ 2M Karras" in png.text["parameters"]
+    # without --width/--height the picture takes the family's native size (read from the folder, not loaded)
+    from cldm.cli import native_size
+
+    assert native_size(str(pipe_dir)) == 1024
 
 
 def test_sdxl_single_file_equals_the_folder(sdxl_dirs, sdxl, tmp_path):

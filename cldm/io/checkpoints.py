@@ -260,6 +260,14 @@ def peek_family(path: str | os.PathLike) -> tuple[str, str]:
     return fam, pred
 
 
+def native_size(path: str | os.PathLike) -> int:
+    """The picture side a base was trained at, from its family and what it predicts (SD1.5 and SD2-base 512, SD2
+    768-v 768, SDXL 1024), without loading it."""
+    name, prediction = peek_family(path)
+    fam = family(name)
+    return fam.alternate_size if prediction not in (fam.prediction, "?") else fam.native_size
+
+
 class _Shape:
     """A tensor's shape from a file header, standing in for the tensor where only `ndim` / `shape` are read."""
 

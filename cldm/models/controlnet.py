@@ -11,6 +11,7 @@ from cldm.models.unet import build_encoder, build_label_emb, build_time_embed, e
 # Guess mode ("no prompt") in the original ControlNet: deeper residuals count more, shallow ones fade,
 # scale_i = strength * 0.825 ** (12 - i) for the 13 outputs (i = 12 is the middle block).
 GUESS_MODE_DECAY = 0.825
+SD15_RESIDUALS = 13  # 12 input blocks and the middle block
 
 
 def build_hint_block(cfg: UNetConfig) -> nn.Sequential:
@@ -45,10 +46,14 @@ def guess_mode_scales(strength: float, n: int = 13, style: str = "original") -> 
 
     "original": strength * 0.825 ** (12 - i), as lllyasviel's code and A1111; "diffusers": strength * 10 ** (i/12 - 1),
     diffusers' logspace(-1, 0, 13). They agree at the middle block and differ by under 1% elsewhere.
+
+    With fewer residuals (SDXL's 10) each rule keeps its own form: diffusers spaces its n scales from 0.1 to 1;
+    A1111's extension takes the first n of its 13 SD1.5 scales (hook.py: `control_scales[:10]`), so SDXL's middle
+    block gets 0.825 ** 3, not 1.
     """
     if style == "diffusers":
         return [strength * 10 ** (-1 + i / (n - 1)) for i in range(n)]
-    return [strength * GUESS_MODE_DECAY ** (n - 1 - i) for i in range(n)]
+    return [strength * GUESS_MODE_DECAY ** (SD15_RESIDUALS - 1 - i) for i in range(n)]
 
 
 class ControlNet(nn.Module):
