@@ -222,6 +222,26 @@ def test_sdxl_from_the_command_line_matches_diffusers(sdxl_dirs, sdxl_ref, tmp_p
     assert native_size(str(pipe_dir)) == 1024
 
 
+def test_sdxl_batch_row_takes_the_family_s_controlnet(sdxl_dirs, tmp_path, capsys):
+    """A batch row naming the condition (`canny`) on an SDXL base runs the SDXL canny ControlNet of the models
+    folder, and gives the generate command's picture."""
+    from cldm.__main__ import main
+
+    pipe_dir, cn_dir, _ = sdxl_dirs
+    models = tmp_path / "models"
+    shutil.copytree(cn_dir, models / "controlnet-canny-sdxl-1.0")
+    Image.fromarray(_hint()).save(tmp_path / "hint.png")
+    (tmp_path / "jobs.csv").write_text(f"hint,prompt,seed,width,height\nhint.png,a red circle,5,{SIZE},{SIZE}\n")
+    common = ["--dtype", "fp32", "--device", "cpu", "--base", str(pipe_dir), "--steps", "4", "--cfg", "5"]
+    assert main(["batch", *common, "--jobs", str(tmp_path / "jobs.csv"), "--out", str(tmp_path / "out"),
+                 "--controlnet", "canny", "--models-dir", str(models)]) == 0  # fmt: skip
+    assert main(["generate", *common, "--controlnet", str(models / "controlnet-canny-sdxl-1.0"), "--hint",
+                 str(tmp_path / "hint.png"), "--prompt", "a red circle", "--seed", "5", "--width", str(SIZE),
+                 "--height", str(SIZE), "--out", str(tmp_path / "cli.png")]) == 0  # fmt: skip
+    row, cli = Image.open(tmp_path / "out" / "00000.png"), Image.open(tmp_path / "cli.png")
+    assert np.array_equal(np.asarray(row), np.asarray(cli)) and "controlnet-canny-sdxl-1.0" in row.info["parameters"]
+
+
 def test_sdxl_single_file_equals_the_folder(sdxl_dirs, sdxl, tmp_path):
     pipe_dir, cn_dir, _ = sdxl_dirs
     sd, cn, _ = sdxl

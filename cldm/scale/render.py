@@ -19,7 +19,7 @@ from PIL import Image
 from cldm.errors import InputError
 from cldm.hints.conditions import BY_KEY
 from cldm.hints.fitted import fitted_hint, pixel_perfect
-from cldm.io import locate
+from cldm.io import checkpoints, locate
 from cldm.io.images import encode_png, load_rgb
 from cldm.io.model_card import ModelCard, card_for
 from cldm.models.family import SD15
@@ -29,7 +29,6 @@ from cldm.runtime.manager import ModelManager
 from cldm.scale.jobs import Job
 
 JOB_CHUNK = "cldm-job"  # the PNG text chunk holding the row's fingerprint: a rerun knows the file is this row's
-DEFAULT_SIZE = SD15.native_size  # for a base without a model card
 
 
 @dataclass(frozen=True)
@@ -45,6 +44,13 @@ class Setup:
     @cached_property
     def card(self) -> ModelCard | None:
         return card_for(self.base)  # read once per worker, not once per row
+
+    @cached_property
+    def family(self) -> tuple[str, int]:
+        """(the base's family, its native picture side), told from its files without loading it (once per
+        worker)."""
+        found = locate.locate_base(self.base)
+        return checkpoints.peek_family(found)[0], checkpoints.native_size(found)
 
     def manager(self) -> ModelManager:
         """The model replica. Packed CPU convolutions are off: their sums depend on the thread count, and a batch's
@@ -86,7 +92,11 @@ def _controlnet(job: Job, setup: Setup, card: ModelCard | None) -> tuple[str, in
         return job.controlnet, 1, False
     if card is not None and cond.key not in card.conditions:
         raise InputError(f"the {card.name} model has no {cond.key} ControlNet (it has {', '.join(card.conditions)})")
-    path = locate.locate_controlnet(cond.stem, cond.diffusers_repo, setup.models_dir)
+    family = SD15.name if card is not None else setup.family[0]
+    weights = cond.weights(family)
+    if weights is None:
+        raise InputError(f"no {family} ControlNet is known for {cond.key}: name a file or folder instead")
+    path = locate.locate_controlnet(weights.stem, weights.repo, setup.models_dir, weights.file)
     return str(path), cond.clip_skip, cond.global_average_pooling
 
 
@@ -99,7 +109,7 @@ def prepare(job: Job, setup: Setup) -> Prepared:
     preprocessor = job.preprocessor or (cond.preprocessors[0] if cond else "none")
     resize_mode = ResizeMode.parse(job.resize_mode)  # a Job from `make_job` holds members already
     img = load_rgb(job.image)
-    native = card.size if card else DEFAULT_SIZE
+    native = card.size if card else setup.family[1]
     width, height = job.width or native, job.height or native
     prompt, negative = job.prompt, job.negative_prompt
     if card is not None and card.words:  # words the demo model never saw would reach it as letters
