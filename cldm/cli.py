@@ -11,7 +11,7 @@ from cldm.errors import InputError
 from cldm.io import checkpoints, locate, writers
 from cldm.io.images import load_rgb, save_png
 from cldm.io.model_card import ModelCard, card_for
-from cldm.models.family import SD15, family
+from cldm.models.family import SD15
 from cldm.pipeline.request import (
     ControlUnit,
     GenerationRequest,
@@ -110,12 +110,7 @@ def _per_control(values: list[float], n: int, default: float, name: str) -> list
 def native_size(base: str) -> int:
     """The picture side a base was trained at, from its family (SDXL 1024, SD2 768-v 768, SD1.5 and SD2-base 512),
     told from its weights without loading them; DEFAULT_SIZE for a hub id not downloaded yet."""
-    path = Path(base)
-    if not path.exists():
-        return DEFAULT_SIZE
-    name, prediction = checkpoints.peek_family(path)
-    fam = family(name)
-    return fam.alternate_size if prediction not in (fam.prediction, "?") else fam.native_size
+    return checkpoints.native_size(base) if Path(base).exists() else DEFAULT_SIZE
 
 
 def request_from_args(a: argparse.Namespace, card: ModelCard | None = None) -> GenerationRequest:
@@ -201,10 +196,20 @@ def add_convert_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("dst")
     c.add_argument("--to", choices=["original", "diffusers", "bare"], default="original")
     c.add_argument("--kind", choices=["auto", "sd", "controlnet"], default="auto")
+    c.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="the written weights' type (fp16: half the size; SDXL's published files are fp16)")  # fmt: skip
+    c.add_argument("--prediction", choices=["auto", "epsilon", "v"], default="auto",
+                   help="what a base model's UNet predicts, over what the source says (e.g. an SD2 768-v file with no "
+                   ".yaml beside it); auto: the source's word, else a probe of an SD2 UNet. Written into the output")  # fmt: skip
 
 
 def cmd_convert(a: argparse.Namespace) -> None:
+    """Any family (SD1.5, SD2.x, SDXL) and its ControlNets: single file <-> diffusers folder (writers.py)."""
+    from cldm.runtime.devices import DTYPES
+
     src = Path(a.src)
+    dtype = DTYPES[a.dtype]
+    prediction = None if a.prediction == "auto" else a.prediction
     kind = a.kind
     if kind == "auto":
         if src.is_dir():
@@ -215,7 +220,9 @@ def cmd_convert(a: argparse.Namespace) -> None:
     if kind == "sd":
         if a.to == "bare":
             raise InputError("--to bare is for ControlNets; a base model converts to original or diffusers")
-        writers.save_sd(checkpoints.load_sd(src), a.dst, fmt=a.to)
+        sd = checkpoints.load_sd(src, dtype, prediction=prediction)
+        writers.save_sd(sd, a.dst, fmt=a.to)
+        kind = f"{sd.config.family} {kind}, {sd.config.prediction} prediction"
     else:
-        writers.save_controlnet(checkpoints.load_controlnet(src), a.dst, fmt=a.to)
+        writers.save_controlnet(checkpoints.load_controlnet(src, dtype), a.dst, fmt=a.to)
     print(f"wrote {a.dst} ({kind}, {a.to} format)")

@@ -140,7 +140,7 @@ def test_sdxl_two_controlnets_match_diffusers(sdxl, sdxl_ref):
 
 
 def test_sdxl_guess_mode_matches_diffusers_and_soft_injection_follows_a1111(sdxl, sdxl_ref):
-    from cldm.models.controlnet import guess_mode_scales
+    from cldm.models.controlnet import guess_mode_scales, soft_injection_scales
 
     sd, cn, _ = sdxl
     pipe, cns = sdxl_ref
@@ -153,7 +153,9 @@ def test_sdxl_guess_mode_matches_diffusers_and_soft_injection_follows_a1111(sdxl
     assert _diff(out.images[0], ref[0]) <= PIXEL_TOL
     # SDXL's 10 residuals: diffusers spaces 10 scales to 1 at the middle; A1111 keeps the first 10 of its 13
     assert guess_mode_scales(1.0, 10, "diffusers")[-1] == 1.0
-    assert guess_mode_scales(1.0, 10) == guess_mode_scales(1.0, 13)[:10] and guess_mode_scales(1.0, 10)[-1] < 0.57
+    soft = soft_injection_scales(1.0, 10, sdxl=True)
+    assert soft == guess_mode_scales(1.0, 13)[:10] and soft[-1] < 0.57
+    assert soft_injection_scales(1.0, 13, sdxl=False) == guess_mode_scales(1.0, 13)  # SD1.5: the 13 scales
 
 
 def test_sdxl_img2img_and_inpaint_match_diffusers(sdxl, sdxl_ref):

@@ -289,7 +289,7 @@ class _Ones:
     """A stand-in ControlNet whose 13 residuals are all ones: the scales and halves applied to them show."""
 
     def __init__(self, pooled=False):
-        self.cfg = type("Cfg", (), {"global_average_pooling": pooled})()
+        self.cfg = type("Cfg", (), {"global_average_pooling": pooled, "adm_in_channels": 0})()
         self.zero_convs = [None] * 12
 
     def __call__(self, x, t, ctx, emb, y=None):

@@ -47,13 +47,21 @@ def guess_mode_scales(strength: float, n: int = 13, style: str = "original") -> 
     "original": strength * 0.825 ** (12 - i), as lllyasviel's code and A1111; "diffusers": strength * 10 ** (i/12 - 1),
     diffusers' logspace(-1, 0, 13). They agree at the middle block and differ by under 1% elsewhere.
 
-    With fewer residuals (SDXL's 10) each rule keeps its own form: diffusers spaces its n scales from 0.1 to 1;
-    A1111's extension takes the first n of its 13 SD1.5 scales (hook.py: `control_scales[:10]`), so SDXL's middle
-    block gets 0.825 ** 3, not 1.
+    With n residuals each rule spaces its n scales up to the middle block's (diffusers: 0.1 to 1); A1111's rule for
+    SDXL is `soft_injection_scales`.
     """
     if style == "diffusers":
         return [strength * 10 ** (-1 + i / (n - 1)) for i in range(n)]
-    return [strength * GUESS_MODE_DECAY ** (SD15_RESIDUALS - 1 - i) for i in range(n)]
+    return [strength * GUESS_MODE_DECAY ** (n - 1 - i) for i in range(n)]
+
+
+def soft_injection_scales(strength: float, n: int, sdxl: bool) -> list[float]:
+    """A1111's soft injection ("My prompt is more important", "ControlNet is more important") for a ControlNet with
+    n residuals: for SDXL's 10 the extension takes the first 10 of its 13 SD1.5 scales (hook.py:
+    `control_scales[:10]`), so SDXL's middle block gets 0.825 ** 3, not 1; otherwise `guess_mode_scales`."""
+    if sdxl:
+        return guess_mode_scales(strength, SD15_RESIDUALS)[:n]
+    return guess_mode_scales(strength, n)
 
 
 class ControlNet(nn.Module):

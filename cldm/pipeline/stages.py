@@ -18,7 +18,7 @@ from cldm.adapters import lora
 from cldm.adapters.ip_adapter import image_prompt_problem, prompt_tokens
 from cldm.errors import InputError
 from cldm.io.images import image_to_tensor, mask_to_tensor, resize_rgb, soft_mask
-from cldm.models.controlnet import ControlNet, fit_problem, guess_mode_scales
+from cldm.models.controlnet import ControlNet, fit_problem, guess_mode_scales, soft_injection_scales
 from cldm.models.sd import StableDiffusion
 from cldm.models.unet import timestep_embedding
 from cldm.models.vae import AutoencoderKL
@@ -241,10 +241,12 @@ def control_residuals(
         cn: ControlNet = u.model
         pooled = cn.cfg.global_average_pooling
         n_res = len(cn.zero_convs) + 1  # 13 for SD1.5
+        sdxl = bool(cn.cfg.adm_in_channels)
         if r.guess_mode and not pooled:
-            scales = guess_mode_scales(u.scale, n_res, style=r.guess_style)
+            scales = (guess_mode_scales(u.scale, n_res, style=r.guess_style) if r.guess_style == "diffusers"
+                      else soft_injection_scales(u.scale, n_res, sdxl))  # fmt: skip
         elif u.mode in (ControlMode.PROMPT, ControlMode.CONTROL):  # A1111's soft injection, on every ControlNet
-            scales = guess_mode_scales(u.scale, n_res)
+            scales = soft_injection_scales(u.scale, n_res, sdxl)
         else:
             scales = [u.scale] * n_res
         if r.use_cfg and (r.guess_mode or pooled or u.mode is ControlMode.CONTROL):
