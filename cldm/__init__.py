@@ -7,7 +7,7 @@ seeds, timings). A request's parts:
 - `ControlUnit`: one ControlNet (weight file or folder, hint picture, weight, start/end, control and resize mode);
 - `ImagePrompt` (IP-Adapter), `ReferenceUnit` (reference-only), `LoraUnit` (a LoRA for this request), `HiresFix`;
 - the choices, as enums whose values are A1111's labels: `ControlMode`, `ResizeMode`, `InpaintMode`, `Upscaler`,
-  `Sampler`. `ModelFamily` says what a family of models (SD1.5, ...) is made of; `SD15` is the one this runs.
+  `Sampler`. `ModelFamily` says what a family of models is made of: `SD15`, `SD2` and `SDXL` are the ones this runs.
 
 Hints: `fitted_hint(preprocessor, picture, width, height)` runs a preprocessor (canny, depth, scribble, ...) and
 fits its hint to the picture size, as the app does. Pictures: `load_rgb` reads a file, bytes or an array as HxWx3 uint8; `save_png` writes one with its parameters
@@ -30,7 +30,7 @@ from cldm.errors import CheckpointError, CldmError, InputError, MissingWeightsEr
 if TYPE_CHECKING:
     from cldm.hints.fitted import fitted_hint
     from cldm.io.images import load_rgb, read_parameters, save_png
-    from cldm.models.family import SD15, ModelFamily
+    from cldm.models.family import SD2, SD15, SDXL, ModelFamily
     from cldm.pipeline.extras import HiresFix, ImagePrompt, LoraUnit, ReferenceUnit
     from cldm.pipeline.request import ControlUnit, GenerationRequest
     from cldm.pipeline.stages import Result
@@ -54,6 +54,8 @@ _HOMES = {
     "Sampler": "cldm.pipeline.vocabulary",
     "ModelFamily": "cldm.models.family",
     "SD15": "cldm.models.family",
+    "SD2": "cldm.models.family",
+    "SDXL": "cldm.models.family",
     "fitted_hint": "cldm.hints.fitted",
     "load_rgb": "cldm.io.images",
     "save_png": "cldm.io.images",
@@ -76,6 +78,8 @@ __all__ = [
     "Sampler",
     "ModelFamily",
     "SD15",
+    "SD2",
+    "SDXL",
     "fitted_hint",
     "load_rgb",
     "save_png",
