@@ -244,6 +244,22 @@ def test_sdxl_batch_row_takes_the_family_s_controlnet(sdxl_dirs, tmp_path, capsy
     assert np.array_equal(np.asarray(row), np.asarray(cli)) and "controlnet-canny-sdxl-1.0" in row.info["parameters"]
 
 
+def test_sdxl_hires_pass_conditions_on_its_own_size(sdxl, monkeypatch):
+    """The hires pass runs on SDXL (ControlNet hint fitted again) and its size embeddings are the new size's, as
+    A1111 conditions its second pass."""
+    from cldm.pipeline import stages
+    from cldm.pipeline.extras import HiresFix
+
+    sd, cn, _ = sdxl
+    sizes = []
+    real = stages.size_embedding
+    monkeypatch.setattr(stages, "size_embedding", lambda w, h, *a: sizes.append((w, h)) or real(w, h, *a))
+    out = generate(sd, GenerationRequest("a red circle", "", (ControlUnit(cn, _hint()),), steps=3, seed=2, width=SIZE,
+                                         height=SIZE, hires=HiresFix(2.0, 2, 0.6, "lanczos")))  # fmt: skip
+    assert out.images.shape == (1, 2 * SIZE, 2 * SIZE, 3) and sizes == [(SIZE, SIZE), (2 * SIZE, 2 * SIZE)]
+    assert "Hires upscale: 2" in out.parameters
+
+
 def test_sdxl_single_file_equals_the_folder(sdxl_dirs, sdxl, tmp_path):
     pipe_dir, cn_dir, _ = sdxl_dirs
     sd, cn, _ = sdxl
