@@ -225,10 +225,10 @@ def sizes_follow_base(studio: Studio, base: BasePanel, receivers: list[Receivers
     def on_base(name):
         size = studio.native_size(name)
         if size == last["size"]:
-            return [gr.update()] * len(sliders)
+            return [gr.update() for _ in sliders]
         last["size"] = size
         gr.Info(f"{name}: {studio.family_of(studio.base_for(name))} base, pictures of {size} x {size} px")
-        return [gr.update(value=size)] * len(sliders)
+        return [gr.update(value=size) for _ in sliders]  # one update each: Gradio consumes what it is given
 
     base.choice.change(friendly(studio)(on_base), base.choice, sliders, api_name=False)
 
@@ -242,7 +242,7 @@ def refresh_lists(studio: Studio, demo: gr.Blocks, base: BasePanel, button: gr.B
     def do_refresh():
         lists = studio.refresh_models()
         gr.Info(f"Found {lists.summary}.")
-        return (gr.update(choices=lists.bases), *[gr.update(choices=lists.loras, visible=bool(lists.loras))] * len(loras),
-                *[gr.update(choices=[VAE_FROM_CHECKPOINT, *lists.vaes])] * len(vaes))  # fmt: skip
+        return (gr.update(choices=lists.bases), *[gr.update(choices=lists.loras, visible=bool(lists.loras)) for _ in loras],
+                *[gr.update(choices=[VAE_FROM_CHECKPOINT, *lists.vaes]) for _ in vaes])  # fmt: skip
 
     button.click(friendly(studio)(do_refresh), None, [base.choice, *loras, *vaes], api_name="refresh_models")

@@ -76,3 +76,37 @@ def test_switch_to_sdxl_and_back(family_app, tmp_path):
     assert manager.base_loads == 2
     status, again, _ = run(None)  # back to the demo base: the same picture as before, byte for byte
     assert manager.sd.family.name == "SD1.5" and np.array_equal(again, demo_picture)
+
+
+def test_picking_an_sdxl_base_in_the_page_sets_its_size(family_app):
+    """In a real browser: choosing the SDXL base in the list at the top sets the tabs' width and height to 1024 (and
+    a toast says which family it is); choosing the first base again puts 512 back."""
+    from playwright.sync_api import expect
+
+    from tests.test_browser import CHROMIUM, FLAGS
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url = family_app[0]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        page.get_by_text("ControlNet studio").first.wait_for()
+        width = page.locator("#canny-width input[type=number]")
+        page.locator("#canny-settings").get_by_text("Settings").first.click()
+        expect(width).to_have_value("512")
+
+        def pick(name: str) -> None:
+            page.locator("#base-model input").click()
+            page.get_by_role("option", name=name).click()
+
+        pick("tiny-sdxl")
+        expect(width).to_have_value("1024", timeout=60_000)  # the handler waits its turn in a busy server's queue
+        expect(page.locator("#canny-height input[type=number]")).to_have_value("1024")
+        expect(page.get_by_text("SDXL base, pictures of 1024 x 1024 px").first).to_be_visible()
+        pick("shapes_sd.safetensors")
+        expect(width).to_have_value("512", timeout=60_000)
+        browser.close()
