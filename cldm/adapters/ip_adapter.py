@@ -6,6 +6,12 @@ perceiver Resampler, 16 tokens); every cross-attention layer of the UNet adds `s
 to_v_ip(tokens))` to its text attention (an attention processor, `attached` for one request). The text path and the
 ControlNets are unchanged. Module names follow the published files (`image_proj.*`, `ip_adapter.N.to_k_ip/to_v_ip`
 with N the odd numbers of diffusers' attention-processor order), so a file loads with a prefix strip only.
+
+Every size is read off the file's shapes, so one code serves the families: SD1.5's adapters have 16 layers and
+768-wide tokens, SDXL's 70 layers (down 2*2 + 2*10, up 3*2 + 3*10, mid 10) and 2048-wide tokens; `ip-adapter_sdxl`
+reads ViT-bigG/14's 1280-wide embeds, the `_vit-h` ones ViT-H/14's 1024-wide embeds (plain) or 1280-wide hidden
+states (plus: a Resampler 1280 wide with 20 heads of 64). An adapter for another family, or an image encoder whose
+features the adapter does not take, is refused before sampling with both named (`image_prompt_problem`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
 
 import torch
@@ -24,7 +31,9 @@ from cldm.errors import CheckpointError, InputError
 from cldm.io import checkpoints
 from cldm.io.assemble import build
 from cldm.models.attention import processors_set
-from cldm.models.image_encoder import ImageEncoder
+from cldm.models.config import UNetConfig, family_of_config
+from cldm.models.family import FAMILIES, family, family_name_for_context
+from cldm.models.image_encoder import ImageEncoder, encoder_for
 
 
 @dataclass(frozen=True)
@@ -174,50 +183,102 @@ def attached(unet, adapter: IPAdapter, tokens: torch.Tensor, scales: Sequence[fl
 
 
 # ------------------------------------------------------------------------------------------------- scales
-BLOCK_LAYERS_SD15 = {"down": {"block_0": 2, "block_1": 2, "block_2": 2}, "up": {"block_1": 3, "block_2": 3, "block_3": 3},
-                     "mid": 1}  # fmt: skip
+# Where each cross-attention layer sits, in `UNet.cross_attentions()` order: (part, block, attention) with part
+# "down" / "up" / "mid", block the index among diffusers' down_blocks / up_blocks (blocks without attention count
+# too: SDXL's down block_0, SD1.5's up block_0) and attention the index of the block's transformer (each holds one
+# layer in SD1.5, 2 or 10 in SDXL: diffusers' per-block scales give one number per transformer).
+Layout = tuple[tuple[str, int, int], ...]
 
 
-def layer_scales(scale: float | dict, n_layers: int = 16) -> list[float]:
-    """One scale per cross-attention layer, in `UNet.cross_attentions()` order, from a number or from diffusers'
-    `set_ip_adapter_scale` dictionary: {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": 1.0}, "mid": 0.5}.
-    Blocks and layers not named get 0, as diffusers does; a block's number may stand for all its layers."""
+def scale_layout(cfg: UNetConfig) -> Layout:
+    """The (part, block, attention) of each cross-attention layer of a UNet built from `cfg`."""
+    levels = len(cfg.channel_mult)
+    out: list[tuple[str, int, int]] = []
+    for level in range(levels):
+        if level in cfg.attention_levels:
+            out += [("down", level, j) for j in range(cfg.num_res_blocks) for _ in range(cfg.depth(level))]
+    for block, level in enumerate(reversed(range(levels))):
+        if level in cfg.attention_levels:
+            out += [("up", block, j) for j in range(cfg.num_res_blocks + 1) for _ in range(cfg.depth(level))]
+    return tuple(out + [("mid", 0, 0)] * cfg.depth(levels))
+
+
+SD15_LAYOUT = scale_layout(UNetConfig())  # 16 layers: down blocks 0-2 and up blocks 1-3, two / three each, one mid
+
+
+def _number(x, where: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, Real) or not math.isfinite(x):
+        raise InputError(f"IP-Adapter scale {where}: {x!r} is not a finite number")
+    return float(x)
+
+
+def scale_numbers(scale: float | dict) -> list[float]:
+    """Every number a scale gives, its form checked (parts down/mid/up, blocks `block_N`, numbers or lists of
+    numbers) but not against a UNet: what a request can check before its base model is known."""
     if not isinstance(scale, dict):
-        return [float(scale)] * n_layers
-    if n_layers != 16:
-        raise InputError(
-            "per-block IP-Adapter scales are defined for the SD1.5 UNet layout (16 cross-attention layers)"
-        )
+        return [_number(scale, "")]
     unknown = set(scale) - {"down", "mid", "up"}
     if unknown:
-        raise InputError(f"IP-Adapter scale: unknown part(s) {', '.join(sorted(unknown))}; use down, mid, up")
+        raise InputError(f"IP-Adapter scale: unknown part(s) {', '.join(sorted(map(str, unknown)))}; use down, mid, up")
     out: list[float] = []
-    for part in ("down", "up", "mid"):
-        given = scale.get(part, 0.0)
-        if part == "mid":
-            out.append(float(given if not isinstance(given, (list, dict)) else given[0]))
-            continue
-        blocks = BLOCK_LAYERS_SD15[part]
-        if not isinstance(given, dict):
-            given = {b: given for b in blocks}
-        bad = set(given) - set(blocks)
-        if bad:
-            raise InputError(f"IP-Adapter scale: {part} has no cross-attention in {', '.join(sorted(bad))} "
-                             f"(SD1.5: {', '.join(blocks)})")  # fmt: skip
-        for block, n in blocks.items():
-            v = given.get(block, 0.0)
-            values = list(v) if isinstance(v, (list, tuple)) else [v] * n
-            if len(values) != n:
-                raise InputError(f"IP-Adapter scale: {part}.{block} has {n} layers, got {len(values)} scales")
-            out += [float(x) for x in values]
-    if any(not math.isfinite(x) for x in out):
-        raise InputError("IP-Adapter scales must be finite numbers")
+    for part, given in scale.items():
+        blocks = given if isinstance(given, dict) and part != "mid" else {"": given}
+        for block, v in blocks.items():
+            if block and not (isinstance(block, str) and block.startswith("block_") and block[6:].isdigit()):
+                raise InputError(f"IP-Adapter scale: {part} has no block {block!r} (blocks are named block_0, ...)")
+            values = list(v) if isinstance(v, (list, tuple)) else [v]
+            out += [_number(x, f"{part}.{block}".rstrip(".")) for x in values]
     return out
 
 
+def layer_scales(scale: float | dict, layout: Layout | None = None) -> list[float]:
+    """One scale per cross-attention layer, in `UNet.cross_attentions()` order (`layout`: `scale_layout` of the
+    base's UNet config; SD1.5's by default), from a number or from diffusers' `set_ip_adapter_scale` dictionary:
+    {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": 1.0}, "mid": 0.5}. As diffusers reads it: a list gives one
+    number per transformer of the block (a one-number list, or a plain number, stands for all of them); parts and
+    blocks not named get 0; naming a block without cross-attention is an error."""
+    layout = SD15_LAYOUT if layout is None else layout
+    scale_numbers(scale)  # the form
+    if not isinstance(scale, dict):
+        return [float(scale)] * len(layout)
+    attentions: dict[tuple[str, int], int] = {}  # (part, block) -> transformers in it
+    for part, block, j in layout:
+        attentions[(part, block)] = max(attentions.get((part, block), 0), j + 1)
+    mid = scale.get("mid", 0.0)
+    if isinstance(mid, dict) or (isinstance(mid, (list, tuple)) and len(mid) != 1):
+        raise InputError("IP-Adapter scale: mid takes one number")
+    mid = mid[0] if isinstance(mid, (list, tuple)) else mid
+    values: dict[tuple[str, int, int], float] = {("mid", 0, 0): float(mid)}
+    for part in ("down", "up"):
+        blocks = sorted(b for p, b in attentions if p == part)
+        given = scale.get(part, 0.0)
+        if not isinstance(given, dict):
+            given = {f"block_{b}": given for b in blocks}
+        bad = sorted(set(given) - {f"block_{b}" for b in blocks})
+        if bad:
+            raise InputError(f"IP-Adapter scale: {part} has no cross-attention in {', '.join(bad)} (this base model: "
+                             f"{', '.join(f'block_{b}' for b in blocks)})")  # fmt: skip
+        for b in blocks:
+            n = attentions[(part, b)]
+            v = given.get(f"block_{b}", 0.0)
+            v = list(v) if isinstance(v, (list, tuple)) else [v]
+            if len(v) == 1:
+                v = v * n
+            if len(v) != n:
+                raise InputError(f"IP-Adapter scale: {part}.block_{b} has {n} attention blocks, got {len(v)} scales")
+            values |= {(part, b, j): float(x) for j, x in enumerate(v)}
+    return [values[where] for where in layout]
+
+
 # ------------------------------------------------------------------------------------------------ loading
+def _published() -> str:
+    return "; ".join(f"{f.name}: {', '.join(f.ip_adapters)}" for f in FAMILIES.values() if f.ip_adapters)
+
+
 def config_from_state(state: dict[str, torch.Tensor], what: str) -> IPAdapterConfig:
-    """The adapter's shape, read off its weights (published files carry no config)."""
+    """The adapter's shape, read off its weights (published files carry no config): the layer count and widths,
+    the text-context width (SD1.5 768, SDXL 2048), the token count and, for the Resampler, its width, depth,
+    heads (64-wide, as the original and diffusers take them) and feed-forward ratio."""
     try:
         layers = sorted(
             (int(k.split(".")[1]), v.shape[0])
@@ -230,23 +291,28 @@ def config_from_state(state: dict[str, torch.Tensor], what: str) -> IPAdapterCon
         dims = tuple(d for _, d in layers)
         if "image_proj.proj.weight" in state:  # plain: Linear(image_dim, tokens * context) + LayerNorm(context)
             w = state["image_proj.proj.weight"]
+            if w.shape[0] % context_dim:
+                raise ValueError(f"image_proj.proj.weight: {w.shape[0]} rows are no whole number of tokens")
             return IPAdapterConfig("plain", w.shape[1], context_dim, w.shape[0] // context_dim, dims)
         latents = state["image_proj.latents"]  # plus: the Resampler
         depth = len({k.split(".")[2] for k in state if k.startswith("image_proj.layers.")})
         hidden, inner = latents.shape[2], state["image_proj.layers.0.1.1.weight"].shape[0]
+        q_rows = state["image_proj.layers.0.0.to_q.weight"].shape[0]
+        if q_rows % 64:
+            raise ValueError(f"image_proj.layers.0.0.to_q.weight: {q_rows} rows are no whole number of 64-wide heads")
         return IPAdapterConfig(
             "plus", state["image_proj.proj_in.weight"].shape[1], context_dim, latents.shape[1], dims, hidden_dim=hidden,
-            depth=depth, heads=state["image_proj.layers.0.0.to_q.weight"].shape[0] // 64, ff_mult=inner // hidden,
+            depth=depth, heads=q_rows // 64, ff_mult=inner // hidden,
         )  # fmt: skip
     except (KeyError, IndexError, ValueError) as e:
         raise CheckpointError(
-            f"{what} is not an IP-Adapter this program reads (missing or odd {e}): use ip-adapter_sd15, "
-            "ip-adapter-plus_sd15 or ip-adapter-plus-face_sd15 (.bin or .safetensors)."
+            f"{what} is not an IP-Adapter this program reads (missing or odd {e}): use a published one "
+            f"({_published()}; .bin or .safetensors)."
         ) from e
 
 
 def load_ip_adapter(path, dtype: torch.dtype = torch.float32) -> IPAdapter:
-    """An IP-Adapter file (`ip-adapter_sd15.bin`, `ip-adapter-plus_sd15.safetensors`, ...), read through
+    """An IP-Adapter file (`ip-adapter_sd15.bin`, `ip-adapter-plus_sdxl_vit-h.safetensors`, ...), read through
     `checkpoints` (pickles never run code), built strictly."""
     name = Path(path).name
     state = checkpoints.read_file(path)
@@ -255,38 +321,78 @@ def load_ip_adapter(path, dtype: torch.dtype = torch.float32) -> IPAdapter:
     return build(IPAdapter, config_from_state(state, name), state, "IP-Adapter", dtype)
 
 
+def adapter_family(cfg: IPAdapterConfig) -> str:
+    """The family an adapter was made for: by its text-context width (SD1.5 768, SD2.x 1024, SDXL 2048); at a width
+    no family has (small test models), by its layout: SDXL stacks several transformer layers in the middle block, the
+    others one (the middle block's layers come last and are wider than the up blocks' last ones)."""
+    name = family_name_for_context(cfg.context_dim)
+    if name in FAMILIES:
+        return name
+    dims, mid = cfg.layer_dims, 1
+    while mid < len(dims) and dims[-mid - 1] == dims[-1]:
+        mid += 1
+    return "SDXL" if mid > 1 else "SD1.5"
+
+
+def _shape(n_layers: int, context: int) -> str:
+    return f"{n_layers} cross-attention layers, {context}-wide text context"
+
+
 def fit_problem(adapter: IPAdapter, unet) -> str | None:
-    """Why this adapter cannot work with this UNet (layer count, widths, text-context width), or None."""
+    """Why this adapter cannot work with this UNet (layer count, widths, text-context width), or None; both
+    families named."""
     layers = unet.cross_attentions()
     widths = tuple(a.to_q.out_features for a in layers)
     context = layers[0].to_k.in_features if layers else 0
-    if adapter.cfg.layer_dims == widths and adapter.cfg.context_dim == context:
+    cfg = adapter.cfg
+    if cfg.layer_dims == widths and cfg.context_dim == context:
         return None
     return (
-        f"the IP-Adapter has {len(adapter.cfg.layer_dims)} attention layers of widths {sorted(set(adapter.cfg.layer_dims))} "
-        f"for a {adapter.cfg.context_dim}-wide text context; the base model has {len(widths)} of widths "
-        f"{sorted(set(widths))} for {context}"
+        f"the IP-Adapter is made for {adapter_family(cfg)} ({_shape(len(cfg.layer_dims), cfg.context_dim)}) and the "
+        f"base model is {family_of_config(unet.cfg)} ({_shape(len(widths), context)})"
     )
 
 
 # ------------------------------------------------------------------------------------------- in a request
+def _encoder_problem(prompt) -> str | None:
+    """Why the request's image encoder cannot feed its adapter (the features' width), or None."""
+    adapter, encoder = prompt.adapter, prompt.encoder
+    hidden, need = adapter.uses_hidden_states, adapter.cfg.image_dim
+    width = encoder.width(hidden)
+    if width == need:
+        return None
+    what = "hidden states" if hidden else "image embeds"
+    wanted = encoder_for(need, hidden)
+    use = (
+        f"{wanted.name}, `{wanted.hub_folder}` of h94/IP-Adapter"
+        if wanted is not None
+        else "the encoder published with the adapter"
+    )
+    this = "the image encoder" + (f" ({encoder.kind.name})" if encoder.kind is not None else "")
+    return f"{this} gives {width}-wide {what} but the IP-Adapter {prompt.label} takes {need}-wide ones: use {use}"
+
+
 def image_prompt_problem(prompt, unet) -> str | None:
-    """Why a request's ImagePrompt cannot run on this UNet (not loaded, or another family), or None."""
+    """Why a request's ImagePrompt cannot run on this UNet (not loaded, another family, an image encoder that does
+    not fit the adapter, per-block scales for another layout), or None."""
     if not isinstance(prompt.adapter, IPAdapter) or not isinstance(prompt.encoder, ImageEncoder):
         return f"the image prompt's adapter and encoder ({prompt.label}) are not loaded (the model manager loads files)"
     why = fit_problem(prompt.adapter, unet)
     if why is not None:
-        return f"the IP-Adapter {prompt.label} does not fit this base model: {why}. Use an SD1.5 IP-Adapter."
-    width = (
-        prompt.encoder.clip.config.hidden_size
-        if prompt.adapter.uses_hidden_states
-        else prompt.encoder.clip.config.projection_dim
-    )
-    if width != prompt.adapter.cfg.image_dim:
-        return (
-            f"the image encoder gives {width}-wide features but the IP-Adapter {prompt.label} takes "
-            f"{prompt.adapter.cfg.image_dim}: use the encoder published with it (ViT-H/14 for the SD1.5 adapters)"
+        base = family(family_of_config(unet.cfg))
+        use = (
+            f"Use an IP-Adapter made for {base.name} ({', '.join(base.ip_adapters)})"
+            if base.ip_adapters
+            else f"No IP-Adapter is published for {base.name}"
         )
+        return f"the IP-Adapter {prompt.label} does not fit this base model: {why}. {use}."
+    why = _encoder_problem(prompt)
+    if why is not None:
+        return why
+    try:
+        layer_scales(prompt.scale, scale_layout(unet.cfg))
+    except InputError as e:
+        return str(e)
     return None
 
 

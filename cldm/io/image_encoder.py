@@ -1,5 +1,6 @@
-"""Reading IP-Adapter's CLIP image encoder: the published folder (config.json + model.safetensors, the
-`models/image_encoder` folder of h94/IP-Adapter) into `cldm.models.image_encoder.ImageEncoder`."""
+"""Reading IP-Adapter's CLIP image encoder: the published folder (config.json + model.safetensors: the
+`models/image_encoder` folder of h94/IP-Adapter, ViT-H/14, or its `sdxl_models/image_encoder`, ViT-bigG/14) into
+`cldm.models.image_encoder.ImageEncoder`."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ def load_image_encoder(folder: str | os.PathLike, dtype: torch.dtype = torch.flo
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise CheckpointError(
-            f"{folder.name}/ is not an image-encoder folder (no config.json): use the `models/image_encoder` folder "
-            "of h94/IP-Adapter (CLIP ViT-H/14 for the SD1.5 adapters)."
+            f"{folder.name}/ is not an image-encoder folder (no config.json): use an image_encoder folder of "
+            "h94/IP-Adapter: `models/image_encoder` (ViT-H/14, for the SD1.5 adapters and the SDXL _vit-h ones) or "
+            "`sdxl_models/image_encoder` (ViT-bigG/14, for ip-adapter_sdxl)."
         )
     try:
         data = json.loads((folder / "config.json").read_text(encoding="utf-8"))

@@ -1,9 +1,16 @@
-"""The CLIP image encoder of IP-Adapter (`transformers.CLIPVisionModelWithProjection`; ViT-H/14 for the SD1.5
-adapters) and its input preprocessing, done exactly as transformers' `CLIPImageProcessor` does it: the short side
-resized to 224 (8-bit bicubic with antialiasing), the centre 224x224 cut out, then
-(x - 255 * mean) / (255 * std) with CLIP's mean and std. `cldm.io.image_encoder` reads the published folder into it."""
+"""The CLIP image encoder of IP-Adapter (`transformers.CLIPVisionModelWithProjection`) and its input preprocessing,
+done exactly as transformers' `CLIPImageProcessor` does it: the short side resized to 224 (8-bit bicubic with
+antialiasing), the centre 224x224 cut out, then (x - 255 * mean) / (255 * std) with CLIP's mean and std.
+`cldm.io.image_encoder` reads the published folder into it.
+
+h94/IP-Adapter publishes two encoders (`KNOWN_ENCODERS`): OpenCLIP ViT-H/14 in `models/image_encoder` (the SD1.5
+adapters and the SDXL `_vit-h` ones) and OpenCLIP ViT-bigG/14 in `sdxl_models/image_encoder` (`ip-adapter_sdxl`).
+An adapter reads either the projected embedding (plain) or the penultimate hidden states (plus), so the width it
+takes names the encoder it was trained with."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,6 +40,35 @@ def preprocess(images: list[np.ndarray], size: int = 224) -> torch.Tensor:
     return torch.stack(out)
 
 
+@dataclass(frozen=True)
+class EncoderKind:
+    """A published IP-Adapter image encoder: its widths and where h94/IP-Adapter keeps it."""
+
+    name: str
+    hidden_size: int  # width of its hidden states (plus adapters read the penultimate layer's)
+    projection_dim: int  # width of its projected image embedding (plain adapters)
+    hub_folder: str  # the folder in h94/IP-Adapter
+
+    def width(self, hidden: bool) -> int:
+        return self.hidden_size if hidden else self.projection_dim
+
+
+VIT_H = EncoderKind("OpenCLIP ViT-H/14", 1280, 1024, "models/image_encoder")
+VIT_BIGG = EncoderKind("OpenCLIP ViT-bigG/14", 1664, 1280, "sdxl_models/image_encoder")
+KNOWN_ENCODERS = (VIT_H, VIT_BIGG)
+
+
+def encoder_for(width: int, hidden: bool) -> EncoderKind | None:
+    """The published encoder whose hidden states (`hidden`) or image embeds are `width` wide, or None."""
+    return next((e for e in KNOWN_ENCODERS if e.width(hidden) == width), None)
+
+
+def known_encoder(config) -> EncoderKind | None:
+    """The published encoder a CLIPVisionConfig has the widths of, or None."""
+    widths = (config.hidden_size, config.projection_dim)
+    return next((e for e in KNOWN_ENCODERS if widths == (e.hidden_size, e.projection_dim)), None)
+
+
 class ImageEncoder(nn.Module):
     """CLIPVisionModelWithProjection: the projected image embedding (plain adapters) or the penultimate layer's
     hidden states (plus adapters)."""
@@ -46,6 +82,15 @@ class ImageEncoder(nn.Module):
     @property
     def image_size(self) -> int:
         return self.clip.config.image_size
+
+    @property
+    def kind(self) -> EncoderKind | None:
+        """Which published encoder this is (by its widths), or None."""
+        return known_encoder(self.clip.config)
+
+    def width(self, hidden: bool) -> int:
+        """The width of its penultimate hidden states (`hidden`) or of its projected image embedding."""
+        return self.clip.config.hidden_size if hidden else self.clip.config.projection_dim
 
     def pixels(self, images: list[np.ndarray]) -> torch.Tensor:
         p = self.clip.visual_projection.weight

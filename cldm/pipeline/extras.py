@@ -10,7 +10,7 @@ from numbers import Real
 
 import numpy as np
 
-from cldm.adapters.ip_adapter import layer_scales
+from cldm.adapters.ip_adapter import scale_numbers
 from cldm.adapters.reference import MODES as REFERENCE_MODES
 from cldm.errors import InputError
 from cldm.pipeline.vocabulary import Upscaler
@@ -55,7 +55,7 @@ class ImagePrompt:
         if self.encoder is None:
             out.append("image_prompt.encoder is missing: give the image-encoder folder (models/image_encoder)")
         try:
-            scales = layer_scales(self.scale)
+            scales = scale_numbers(self.scale)  # its form; the layout is checked against the base
             if any(not 0 <= x <= MAX_IP_SCALE for x in scales):
                 out.append(f"image_prompt.scale must be 0..{MAX_IP_SCALE:g} (got {self.scale})")
         except (InputError, TypeError, ValueError) as e:
@@ -176,6 +176,11 @@ def number_problems(obj, names: tuple[str, ...]) -> list[str]:
 
 
 def stem(path: str | os.PathLike) -> str:
-    """A weight file's or folder's name without its extension (what users call the model)."""
+    """A weight file's or folder's name without its extension (what users call the model); a folder's name, or a
+    name whose dot is no weight extension ("controlnet-canny-sdxl-1.0"), is kept whole."""
     name = str(path).rstrip("/").split("/")[-1]
-    return name.rsplit(".", 1)[0] if "." in name else name
+    base, dot, ext = name.rpartition(".")
+    return base if dot and ext.lower() in WEIGHT_EXTENSIONS else name
+
+
+WEIGHT_EXTENSIONS = ("safetensors", "ckpt", "pth", "pt", "bin")

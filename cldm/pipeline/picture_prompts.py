@@ -25,7 +25,7 @@ def attached(
     with contextlib.ExitStack() as stack:
         if image_tokens is not None:
             ip = r.image_prompt
-            scales = ip_adapter.layer_scales(ip.scale, len(model.unet.cross_attentions()))
+            scales = ip_adapter.layer_scales(ip.scale, ip_adapter.scale_layout(model.unet.cfg))
             stack.enter_context(ip_adapter.attached(model.unet, ip.adapter, image_tokens, scales))
         u, uncond = r.reference, r.batch if r.use_cfg else 0  # rows of the unconditional half
         if u is None:
