@@ -80,8 +80,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hires-upscaler", choices=Upscaler.keys(), default=Upscaler.LATENT.key)
     p.add_argument("--seed-per-picture", action="store_true",
                    help="a batch's picture i gets seed + i (A1111; each reproducible alone)")  # fmt: skip
-    p.add_argument("--ip-adapter", help="IP-Adapter file (ip-adapter_sd15.bin/.safetensors, ip-adapter-plus_sd15, ...)")
-    p.add_argument("--image-encoder", help="its CLIP image-encoder folder (models/image_encoder of h94/IP-Adapter)")
+    p.add_argument("--ip-adapter", help="IP-Adapter file (ip-adapter_sd15.bin/.safetensors, ip-adapter-plus_sd15, "
+                   "ip-adapter_sdxl, ip-adapter-plus_sdxl_vit-h, ...)")  # fmt: skip
+    p.add_argument("--image-encoder", help="its CLIP image-encoder folder (models/image_encoder of h94/IP-Adapter: "
+                   "ViT-H; sdxl_models/image_encoder: bigG, for ip-adapter_sdxl)")  # fmt: skip
     p.add_argument("--ip-image", action="append", default=[], help="image prompt (repeatable: embeddings averaged)")
     p.add_argument("--ip-scale", type=float, default=1.0, help="image-prompt strength (A1111's weight; 0 = off)")
     p.add_argument("--reference", help="reference-only: a picture whose style/content the UNet attends to")

@@ -74,6 +74,14 @@ def test_switch_to_sdxl_and_back(family_app, tmp_path):
     assert manager.sd.family.name == "SDXL" and "controlnet-canny-sdxl-1.0" in status
     assert sdxl_picture.shape == (SIZE, SIZE, 3) and "Model: tiny-sdxl" in text
     assert manager.base_loads == 2
+    # an image prompt with an SD1.5 IP-Adapter on the SDXL base: refused before anything loads, both families named
+    from gradio_client.exceptions import AppError
+
+    rest = _rest()
+    rest[-4] = hint  # the image prompt's picture; rest[-3] is the adapter ("ip-adapter_sd15")
+    with pytest.raises(AppError, match="ip-adapter_sd15 is an IP-Adapter for SD1.5 and the base model is SDXL"):
+        client.predict(*_unit(hint, "canny", (100, 200)), *SETTINGS.values(), *rest[:-1], "tiny-sdxl",
+                       api_name="/canny_generate")  # fmt: skip
     status, again, _ = run(None)  # back to the demo base: the same picture as before, byte for byte
     assert manager.sd.family.name == "SD1.5" and np.array_equal(again, demo_picture)
 

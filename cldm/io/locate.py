@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from cldm.errors import InputError, MissingWeightsError
-from cldm.models.family import SD15
+from cldm.models.family import SD15, SDXL
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,7 @@ def _download(repo: str, patterns: list[str], what: str, where_to_put: str) -> P
         ) from e
 
 
-def locate_controlnet(
-    stem: str, diffusers_repo: str, models_dir: str | os.PathLike | None, file: str = ""
-) -> Path:
+def locate_controlnet(stem: str, diffusers_repo: str, models_dir: str | os.PathLike | None, file: str = "") -> Path:
     """`models_dir/<stem>.{safetensors,pth,...}` or `models_dir/<stem>/` (diffusers), else the hub: the diffusers
     repo, or one original-layout `file` of it (SD2.1's)."""
     if models_dir:
@@ -107,29 +105,46 @@ def base_available(base: str, timeout: float = 5.0) -> bool:
         return False
 
 
-IP_ADAPTER_REPO = SD15.ip_adapter_repo  # models/ip-adapter*_sd15.* and models/image_encoder/ (CLIP ViT-H/14)
-IP_ADAPTERS = SD15.ip_adapters
+IP_ADAPTER_REPO = SD15.ip_adapter_repo  # h94/IP-Adapter: models/ (SD1.5) and sdxl_models/ (SDXL)
+IP_ADAPTERS = (*SD15.ip_adapters, *SDXL.ip_adapters)  # every family's published IP-Adapters, by stem
 IMAGE_ENCODER = "image_encoder"
+VIT_H_FOLDER = "models/image_encoder"  # OpenCLIP ViT-H/14: every SD1.5 adapter and SDXL's "_vit-h" ones
+VIT_BIGG_FOLDER = "sdxl_models/image_encoder"  # OpenCLIP ViT-bigG/14: ip-adapter_sdxl
+
+
+def ip_adapter_family(stem: str) -> str | None:
+    """The family a published IP-Adapter (by stem) is made for, None for another name."""
+    return next((f.name for f in (SD15, SDXL) if stem in f.ip_adapters), None)
+
+
+def image_encoder_folder(stem: str) -> str:
+    """The h94/IP-Adapter folder of the image encoder a published IP-Adapter reads (its file names say it: the SDXL
+    adapters marked "_vit-h" and all SD1.5 ones read ViT-H, plain ip-adapter_sdxl reads bigG)."""
+    return VIT_BIGG_FOLDER if stem in SDXL.ip_adapters and not stem.endswith("_vit-h") else VIT_H_FOLDER
 
 
 def locate_ip_adapter(stem: str, models_dir: str | os.PathLike | None) -> Path:
-    """`models_dir/<stem>.{safetensors,bin}`, else `models/<stem>.safetensors` of h94/IP-Adapter from the hub."""
+    """`models_dir/<stem>.{safetensors,bin}`, else `<folder>/<stem>.safetensors` of h94/IP-Adapter from the hub
+    (`models/` for SD1.5, `sdxl_models/` for SDXL)."""
     if models_dir:
         for suffix in (".safetensors", ".bin"):
             if (Path(models_dir) / f"{stem}{suffix}").is_file():
                 return Path(models_dir) / f"{stem}{suffix}"
-    where = f"{Path(models_dir or 'models') / (stem + '.safetensors')} (from {IP_ADAPTER_REPO}, folder models/)"
-    folder = _download(IP_ADAPTER_REPO, [f"models/{stem}.safetensors"], f"IP-Adapter {stem}", where)
-    return folder / "models" / f"{stem}.safetensors"
+    hub = "sdxl_models" if stem in SDXL.ip_adapters else "models"
+    where = f"{Path(models_dir or 'models') / (stem + '.safetensors')} (from {IP_ADAPTER_REPO}, folder {hub}/)"
+    folder = _download(IP_ADAPTER_REPO, [f"{hub}/{stem}.safetensors"], f"IP-Adapter {stem}", where)
+    return folder / hub / f"{stem}.safetensors"
 
 
-def locate_image_encoder(models_dir: str | os.PathLike | None) -> Path:
-    """`models_dir/image_encoder/` (config.json + weights), else `models/image_encoder` of h94/IP-Adapter."""
-    if models_dir and (Path(models_dir) / IMAGE_ENCODER / "config.json").is_file():
-        return Path(models_dir) / IMAGE_ENCODER
-    where = f"{Path(models_dir or 'models') / IMAGE_ENCODER}/ (models/image_encoder of {IP_ADAPTER_REPO})"
-    patterns = [f"models/{IMAGE_ENCODER}/config.json", f"models/{IMAGE_ENCODER}/model.safetensors"]
-    return _download(IP_ADAPTER_REPO, patterns, "IP-Adapter image encoder", where) / "models" / IMAGE_ENCODER
+def locate_image_encoder(models_dir: str | os.PathLike | None, hub_folder: str = VIT_H_FOLDER) -> Path:
+    """The image encoder in `hub_folder` of h94/IP-Adapter: locally `models_dir/image_encoder/` for ViT-H and
+    `models_dir/sdxl_models/image_encoder/` for bigG (config.json + weights), else from the hub."""
+    local = IMAGE_ENCODER if hub_folder == VIT_H_FOLDER else hub_folder
+    if models_dir and (Path(models_dir) / local / "config.json").is_file():
+        return Path(models_dir) / local
+    where = f"{Path(models_dir or 'models') / local}/ ({hub_folder} of {IP_ADAPTER_REPO})"
+    patterns = [f"{hub_folder}/config.json", f"{hub_folder}/model.safetensors"]
+    return _download(IP_ADAPTER_REPO, patterns, "IP-Adapter image encoder", where) / hub_folder
 
 
 LORA_FOLDERS = ("loras", "Lora")  # models_dir/loras (ours), models_dir/Lora (A1111's models/Lora)
