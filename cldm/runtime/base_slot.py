@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from cldm.adapters.embeddings import from_state as embedding_from
+from cldm.adapters.embeddings import install as install_embedding
 from cldm.errors import CheckpointError, InputError
 from cldm.io import checkpoints, hashes, locate
 from cldm.models.sd import StableDiffusion
@@ -46,8 +46,8 @@ class BaseSlot:
             sd = self._load(self.path)
             self._sd = sd
             self.loads += 1
-            if self.embeddings_dir is not None:  # the textual inversions belong to the text encoder
-                read_embeddings(sd.text, self.embeddings_dir)
+            if self.embeddings_dir is not None:  # the textual inversions belong to the text encoder(s)
+                read_embeddings(sd, self.embeddings_dir)
         return self._sd
 
     def switch(self, path: str, unload: Callable[[], None]) -> StableDiffusion:
@@ -76,29 +76,30 @@ class BaseSlot:
 
     def load_embeddings(self, folder: Path) -> dict[str, str]:
         """Every textual-inversion file in `folder` added to the text encoder; the refused ones with why."""
-        text = self.model.text
+        sd = self.model
         self.embeddings_dir = folder
-        return read_embeddings(text, folder)
+        return read_embeddings(sd, folder)
 
     def reload_embeddings(self) -> dict[str, str]:
         """The embeddings folder read again from scratch (files added, changed or removed since)."""
         if self.embeddings_dir is None:
             return {}
-        text = self.model.text
-        text.embeddings.clear()
-        return read_embeddings(text, self.embeddings_dir)
+        sd = self.model
+        for text in sd.texts:
+            text.embeddings.clear()
+        return read_embeddings(sd, self.embeddings_dir)
 
 
-def read_embeddings(text, folder: Path) -> dict[str, str]:
-    """Each embedding file in `folder` into `text.embeddings` by its file name; the refused ones with why."""
+def read_embeddings(sd, folder: Path) -> dict[str, str]:
+    """Each embedding file in `folder` into the text encoders' `embeddings` by its file name (SDXL: clip_l to
+    `sd.text`, clip_g to `sd.text_2`); the refused ones with why (another family's are skipped, as A1111 does)."""
     refused = {}
     for path in sorted(folder.glob("*")) if folder.is_dir() else []:
         if path.suffix not in EMBEDDING_SUFFIXES or not path.is_file():
             continue
         try:
             state = checkpoints.read_file(path)
-            text.embeddings[path.stem] = embedding_from(state, path.stem, text.cfg.hidden_size)
-            text.embeddings[path.stem].hash = hashes.file_sha256(path)[:12]  # A1111's "TI hashes"
+            install_embedding(sd, state, path.stem, hashes.file_sha256(path)[:12])  # A1111's "TI hashes"
         except (InputError, CheckpointError) as e:
             refused[path.stem] = str(e)
             log.warning("embedding %s refused: %s", path.name, e)
