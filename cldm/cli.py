@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cldm.adapters.lora import prompt_tags
 from cldm.errors import InputError
-from cldm.io import checkpoints, locate, writers
+from cldm.io import checkpoints, files, identify, locate, writers
 from cldm.io.images import load_rgb, save_png
 from cldm.io.model_card import ModelCard, card_for
 from cldm.models.family import SD15
@@ -217,8 +217,8 @@ def cmd_convert(a: argparse.Namespace) -> None:
         if src.is_dir():
             kind = "sd" if (src / "model_index.json").is_file() else "controlnet"
         else:
-            found = checkpoints.weight_kind(checkpoints.read_file(src))
-            kind = "sd" if found is checkpoints.WeightKind.SD_BASE else "controlnet"
+            found = identify.weight_kind(files.read_file(src))
+            kind = "sd" if found is identify.WeightKind.SD_BASE else "controlnet"
     if kind == "sd":
         if a.to == "bare":
             raise InputError("--to bare is for ControlNets; a base model converts to original or diffusers")

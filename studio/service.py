@@ -28,10 +28,11 @@ from cldm.hints.fitted import fitted_hint
 from cldm.io import checkpoints, locate
 from cldm.io.images import save_png
 from cldm.io.model_card import ModelCard, card_for
-from cldm.pipeline.request import ControlUnit, GenerationRequest, ImagePrompt, LoraUnit, ReferenceUnit
+from cldm.pipeline.request import ControlUnit, GenerationRequest, LoraUnit
 from cldm.runtime.manager import ModelManager
 from cldm.sampling.samplers import SAMPLERS, sampler_class
 from studio.canvas import editor_image, inpaint_hint
+from studio.picture_prompts import image_prompt, reference
 from studio.settings import (  # noqa: F401 (the records app.py and forms.py read through here)
     CONTROL_MODES,
     INPAINT_MODES,
@@ -267,34 +268,6 @@ class Studio:
         return control, shown, init, mask, strength
 
     # --------------------------------------------------------------------------------------------- generate
-    def image_prompt(self, ip: ImagePromptSettings | None, family: str | None = None) -> ImagePrompt | None:
-        """The accordion's image prompt (None when no picture was given), with the adapter and encoder located."""
-        img = None if ip is None else editor_image(ip.image)
-        if img is None:
-            return None
-        if ip.adapter not in locate.IP_ADAPTERS:
-            raise InputError(f"Unknown IP-Adapter {ip.adapter!r}; choose one of {', '.join(locate.IP_ADAPTERS)}.")
-        made_for = locate.ip_adapter_family(ip.adapter)
-        if family is not None and made_for != family:
-            own = [a for a in locate.IP_ADAPTERS if locate.ip_adapter_family(a) == family]
-            raise InputError(f"{ip.adapter} is an IP-Adapter for {made_for} and the base model is {family}: "
-                             f"choose {', '.join(own) if own else 'none (no IP-Adapter is published for it)'}.")  # fmt: skip
-        adapter = locate.locate_ip_adapter(ip.adapter, self.models_dir)
-        encoder = locate.locate_image_encoder(self.models_dir, locate.image_encoder_folder(ip.adapter))
-        return ImagePrompt(str(adapter), (img,), str(encoder), float(ip.scale))
-
-    @staticmethod
-    def reference(ref: ReferenceSettings | None) -> ReferenceUnit | None:
-        img = None if ref is None else editor_image(ref.image)
-        if img is None:
-            return None
-        if ref.preprocessor not in REFERENCE_PREPROCESSORS:
-            raise InputError(
-                f"{ref.preprocessor!r} is not a reference preprocessor; choose {', '.join(REFERENCE_PREPROCESSORS)}."
-            )
-        mode = REFERENCE_PREPROCESSORS[ref.preprocessor]
-        return ReferenceUnit(img, mode, float(ref.style_fidelity), float(ref.weight))
-
     def request(self, units: list[UnitSettings], s: Settings, seed: int, progress: Progress,
                 ip: ImagePromptSettings | None = None, ref: ReferenceSettings | None = None,
                 extras: PassSettings | None = None, family: str | None = None):  # fmt: skip
@@ -325,7 +298,7 @@ class Studio:
             seed=seed, width=int(s.width), height=int(s.height), batch=int(s.batch),
             clip_skip=(int(extras.clip_skip) if extras is not None and extras.clip_skip else None)
             or max([1, *(u.cond.clip_skip for u in units)]), init_image=init, strength=strength, mask=mask,
-            image_prompt=self.image_prompt(ip, family), reference=self.reference(ref), resize_mode=resize, loras=loras,
+            image_prompt=image_prompt(ip, self.models_dir, family), reference=reference(ref), resize_mode=resize, loras=loras,
             vae=None if extras is None or extras.vae in ("", locate.VAE_FROM_CHECKPOINT) else str(
                 locate.locate_vae(extras.vae, self.models_dir)),
             **({} if extras is None else dict(

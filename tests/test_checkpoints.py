@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cldm.errors import CheckpointError, MissingWeightsError
-from cldm.io import checkpoints, writers
-from cldm.io.checkpoints import CONTROL_PREFIX
+from cldm.io import checkpoints, files, writers
+from cldm.io.identify import CONTROL_PREFIX
 from cldm.pipeline import prompts
 
 
@@ -43,7 +43,7 @@ def test_original_single_files_load_identically(ours, reference, tmp_path):
     sd2 = checkpoints.load_sd(tmp_path / "sd.safetensors", tokenizer=sd.text.tokenizer)
     assert _same(_probe(sd2, checkpoints.load_controlnet(tmp_path / "cn11.safetensors")), reference)
     assert _same(_probe(sd2, checkpoints.load_controlnet(tmp_path / "bare.safetensors")), reference)
-    keys = checkpoints.read_file(tmp_path / "sd.safetensors")
+    keys = files.read_file(tmp_path / "sd.safetensors")
     assert any(k.startswith("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k") for k in keys)
     assert "first_stage_model.decoder.up.1.upsample.conv.weight" in keys
     assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in keys
@@ -209,7 +209,7 @@ def test_loaded_weights_own_aligned_storage(ours, tmp_path):
     the same weights from two formats gave different last bits until every tensor was copied to its own storage."""
     _, cn = ours
     writers.save_controlnet(cn, tmp_path / "bare.safetensors", fmt="bare")
-    raw = checkpoints.read_file(tmp_path / "bare.safetensors")
+    raw = files.read_file(tmp_path / "bare.safetensors")
     assert any(v.data_ptr() % 64 for v in raw.values())  # what the reader gives (why the copy is needed)
     loaded = checkpoints.load_controlnet(tmp_path / "bare.safetensors")
     tensors = list(loaded.state_dict().values())

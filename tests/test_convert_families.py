@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from cldm.__main__ import main
-from cldm.io import checkpoints, writers
+from cldm.io import checkpoints, files, writers
 from cldm.io.model_configs import CONFIG_METADATA_KEY
 
 IGNORED_CONFIG = {"_name_or_path", "_diffusers_version", "_use_default_values", "sample_size"}
@@ -87,7 +87,7 @@ def _beside(pipe, path, names=("tokenizer", "tokenizer_2")) -> None:
 
 
 def _meta(path) -> dict:
-    return json.loads(checkpoints.read_metadata(path)[CONFIG_METADATA_KEY])
+    return json.loads(files.read_metadata(path)[CONFIG_METADATA_KEY])
 
 
 def _config_diff(got, want) -> dict:
@@ -111,7 +111,7 @@ def test_sdxl_single_file_round_trip(sdxl_dirs, sdxl, tmp_path):
     pipe, _ = sdxl_dirs
     path = tmp_path / "sdxl.safetensors"
     writers.save_sd(sdxl, path)
-    state = checkpoints.read_file(path)
+    state = files.read_file(path)
     assert _prefixes(state) == {"model.diffusion_model.", "first_stage_model.",
                                 "conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model."}  # fmt: skip
     g = "conditioner.embedders.1.model."
@@ -241,7 +241,7 @@ def test_sd2_single_file_and_folder_round_trips(sd2_dirs, tmp_path):
     assert sd.config.family == "SD2.x" and v == (pipe.name == "sd2-v")
     path = tmp_path / "sd2.safetensors"
     writers.save_sd(sd, path)
-    state = checkpoints.read_file(path)
+    state = files.read_file(path)
     assert _prefixes(state) == {"model.diffusion_model.", "first_stage_model.", "cond_stage_model.model."}
     p = "cond_stage_model.model."
     blocks = {int(m.group(1)) for k in state if (m := re.match(re.escape(p) + r"transformer\.resblocks\.(\d+)\.", k))}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cldm.adapters import lora
-from cldm.io import checkpoints
+from cldm.io import checkpoints, files
 from cldm.pipeline.request import GenerationRequest, LoraUnit
 
 DEMO = Path(__file__).parent.parent / "assets" / "demo"
@@ -27,7 +27,7 @@ def test_training_pictures_are_the_shapes_painted_red():
 
 def test_shipped_lora_is_a_kohya_file_for_the_demo_model():
     sd = checkpoints.load_sd(DEMO / "shapes_sd.safetensors")
-    state = checkpoints.read_file(DEMO / "loras" / "red.safetensors")
+    state = files.read_file(DEMO / "loras" / "red.safetensors")
     assert all(k.startswith("lora_unet_") for k in state)
     red = lora.parse(state, sd, "red")
     n_attn = sum(1 for name, _ in sd.unet.named_modules() if name.endswith(("attn1", "attn2")))

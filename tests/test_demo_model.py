@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cldm.io import files
+
 DEMO = Path(__file__).parents[1] / "assets" / "demo"
 N = 12  # a quick version of `python -m cldm demo-eval` (the README reports the full one)
 
@@ -117,6 +119,6 @@ def test_the_shipped_files_configs_are_read():
     from cldm.io.model_configs import CONFIG_METADATA_KEY
 
     assert CONFIG_METADATA_KEY == "cldm.config"
-    assert CONFIG_METADATA_KEY in checkpoints.read_metadata(DEMO / "shapes_sd.safetensors")
+    assert CONFIG_METADATA_KEY in files.read_metadata(DEMO / "shapes_sd.safetensors")
     sd = checkpoints.load_sd(str(DEMO / "shapes_sd.safetensors"))
     assert abs(sd.vae.cfg.scale_factor - 0.5603) < 1e-3 and sd.vae.cfg.norm_groups == 8

@@ -10,7 +10,7 @@ import torch
 
 from cldm.adapters.embeddings import from_state
 from cldm.errors import InputError
-from cldm.io import checkpoints
+from cldm.io import checkpoints, files
 from cldm.pipeline import prompts
 from cldm.pipeline.request import GenerationRequest
 
@@ -33,7 +33,7 @@ def test_a1111_embedding_matches_diffusers(fresh, tmp_path):
     width = sd.text.cfg.hidden_size
     vectors = torch.randn(3, width, generator=torch.Generator().manual_seed(0))
     _a1111_pt(tmp_path / "inkstyle.pt", vectors)
-    state = checkpoints.read_file(tmp_path / "inkstyle.pt")
+    state = files.read_file(tmp_path / "inkstyle.pt")
     sd.text.embeddings["inkstyle"] = from_state(state, "inkstyle", width)
     prompt = "a inkstyle house"
     pipe.load_textual_inversion(str(tmp_path / "inkstyle.pt"), token="inkstyle")

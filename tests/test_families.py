@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 
 from cldm.errors import CheckpointError, InputError
-from cldm.io import checkpoints
+from cldm.io import checkpoints, files, identify
+from cldm.pipeline.conditioning import encode_prompts
 from cldm.pipeline.request import ControlUnit, GenerationRequest
-from cldm.pipeline.stages import encode_prompts, generate
+from cldm.pipeline.stages import generate
 from tests import tiny_families as tf
 from tests.test_pipeline import _ref
 
@@ -247,13 +248,13 @@ def test_sdxl_batch_row_takes_the_family_s_controlnet(sdxl_dirs, tmp_path, capsy
 def test_sdxl_hires_pass_conditions_on_its_own_size(sdxl, monkeypatch):
     """The hires pass runs on SDXL (ControlNet hint fitted again) and its size embeddings are the new size's, as
     A1111 conditions its second pass."""
-    from cldm.pipeline import stages
+    from cldm.pipeline import conditioning
     from cldm.pipeline.extras import HiresFix
 
     sd, cn, _ = sdxl
     sizes = []
-    real = stages.size_embedding
-    monkeypatch.setattr(stages, "size_embedding", lambda w, h, *a: sizes.append((w, h)) or real(w, h, *a))
+    real = conditioning.size_embedding
+    monkeypatch.setattr(conditioning, "size_embedding", lambda w, h, *a: sizes.append((w, h)) or real(w, h, *a))
     out = generate(sd, GenerationRequest("a red circle", "", (ControlUnit(cn, _hint()),), steps=3, seed=2, width=SIZE,
                                          height=SIZE, hires=HiresFix(2.0, 2, 0.6, "lanczos")))  # fmt: skip
     assert out.images.shape == (1, 2 * SIZE, 2 * SIZE, 3) and sizes == [(SIZE, SIZE), (2 * SIZE, 2 * SIZE)]
@@ -267,7 +268,7 @@ def test_sdxl_single_file_equals_the_folder(sdxl_dirs, sdxl, tmp_path):
     tf.sdxl_single_file(pipe_dir, path)
     for tok in ("tokenizer", "tokenizer_2"):  # a tiny vocabulary: its tokenizers beside the file, as the demo's
         shutil.copytree(pipe_dir / tok, tmp_path / tok)
-    assert checkpoints.single_file_family(checkpoints.read_file(path)) == "SDXL"
+    assert identify.single_file_family(files.read_file(path)) == "SDXL"
     one = checkpoints.load_sd(path, config=sd.config)  # shapes cannot tell head counts: the folder's config says
     for ours, theirs in zip(sd.modules(), one.modules()):
         a, b = ours.state_dict(), theirs.state_dict()
@@ -303,8 +304,8 @@ def test_sd2_single_file_and_its_prediction(sd2, tmp_path):
     path = tmp_path / "sd2.safetensors"
     tf.sd2_single_file(pipe_dir, path)
     shutil.copytree(pipe_dir / "tokenizer", tmp_path / "tokenizer")
-    state = checkpoints.read_file(path)
-    assert checkpoints.single_file_family(state) == "SD2.x"
+    state = files.read_file(path)
+    assert identify.single_file_family(state) == "SD2.x"
     one = checkpoints.load_sd(path, config=ours.config)
     # OpenCLIP's last layer is dropped: the penultimate layer + final norm is the folder's last layer + final norm
     for a_mod, b_mod in zip(ours.modules(), one.modules()):
@@ -339,9 +340,9 @@ def test_probe_tells_v_from_epsilon():
         def forward(self, x, t, ctx):
             return -2 * torch.ones_like(x) if self.v else x
 
-    assert checkpoints.probe_v_prediction(Stub(True)) and not checkpoints.probe_v_prediction(Stub(False))
+    assert identify.probe_v_prediction(Stub(True)) and not identify.probe_v_prediction(Stub(False))
 
 
 def test_bad_prediction_name_is_refused():
     with pytest.raises(CheckpointError, match="prediction"):
-        checkpoints._pred("x0")
+        identify.prediction_name("x0")

@@ -6,8 +6,7 @@ import dataclasses
 
 import pytest
 
-from cldm.models.config import LATENT_SCALE, UNetConfig, VAEConfig
-from cldm.models.config import family_of_config
+from cldm.models.config import LATENT_SCALE, UNetConfig, VAEConfig, family_of_config
 from cldm.models.family import FAMILIES, SD2, SD15, SDXL, family, family_name_for_context
 
 
@@ -34,7 +33,7 @@ def test_the_family_records_say_what_differs():
 
 
 def test_the_configs_and_defaults_follow_the_family():
-    from cldm.io.checkpoints import CONTROL_PREFIX, UNET_PREFIX
+    from cldm.io.identify import CONTROL_PREFIX, UNET_PREFIX
     from cldm.io.locate import DEFAULT_BASE_REPO, IP_ADAPTERS
 
     assert LATENT_SCALE == SD15.latent_scale == 0.18215 and VAEConfig().scale_factor == SD15.latent_scale

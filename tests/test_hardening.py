@@ -99,7 +99,7 @@ def test_16_bit_pictures_are_16_bit_whatever_their_values():
 def test_a_pickle_named_safetensors_says_what_it_is(tmp_path):
     import pickle
 
-    from cldm.io.checkpoints import read_file
+    from cldm.io.files import read_file
 
     path = tmp_path / "model.safetensors"
     path.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=2))
@@ -112,7 +112,7 @@ def test_a_pickle_named_safetensors_says_what_it_is(tmp_path):
 def test_a_shard_index_may_not_name_files_outside_its_folder(tmp_path):
     import json
 
-    from cldm.io.checkpoints import read_folder
+    from cldm.io.files import read_folder
     from cldm.io.writers import save_file
 
     outside = tmp_path / "secret.safetensors"

@@ -25,6 +25,7 @@ from cldm.adapters import emphasis, lora
 from cldm.adapters.emphasis import MAX_PROMPT_CHARS
 from cldm.adapters.lora import MAX_REQUEST_LORAS
 from cldm.errors import InputError
+from cldm.io import files
 from cldm.pipeline import infotext, key_values, prompts
 from cldm.pipeline.request import GenerationRequest, LoraUnit
 
@@ -206,11 +207,9 @@ def _read_back(state: dict, tmp_path, name: str) -> dict:
     """The state dict written as a .safetensors file and read as the manager reads one."""
     from safetensors.torch import save_file
 
-    from cldm.io import checkpoints
-
     path = tmp_path / f"{name}.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return checkpoints.read_file(path)
+    return files.read_file(path)
 
 
 def test_a_rank_0_lora_is_named_as_damaged(ours, tmp_path):

@@ -218,7 +218,7 @@ def test_adapters_attach_for_one_request_and_leave_the_unet_plain(adapter_file, 
 
 
 def test_per_block_scales_follow_diffusers_layout():
-    from cldm.adapters.ip_adapter import layer_scales
+    from cldm.adapters.ip_scales import layer_scales
 
     s = layer_scales({"down": {"block_2": [0.0, 1.0]}, "up": {"block_1": [0.0, 1.0, 0.0]}})
     assert s == [0, 0, 0, 0, 0, 1.0] + [0, 1.0, 0] + [0] * 6 + [0]

@@ -263,7 +263,7 @@ def test_an_image_encoder_that_does_not_fit_the_adapter_is_refused(sdxl, hub):
 
 
 def test_per_block_scales_follow_the_base_layout(sdxl, hub):
-    from cldm.adapters.ip_adapter import layer_scales, scale_layout
+    from cldm.adapters.ip_scales import layer_scales, scale_layout
 
     sd, _ = sdxl
     layout = scale_layout(sd.unet.cfg)
@@ -314,7 +314,8 @@ def _published_shapes(unet, kind: str, image_dim: int) -> dict[str, tuple[int, .
 def test_real_sizes_are_read_and_the_families_and_encoders_named():
     from transformers import CLIPVisionConfig
 
-    from cldm.adapters.ip_adapter import IPAdapter, config_from_state, image_prompt_problem, layer_scales, scale_layout
+    from cldm.adapters.ip_adapter import IPAdapter, config_from_state, image_prompt_problem
+    from cldm.adapters.ip_scales import layer_scales, scale_layout
     from cldm.models.config import UNetConfig
     from cldm.models.image_encoder import ImageEncoder
     from cldm.models.unet import UNet

@@ -11,7 +11,7 @@ import torch
 
 from cldm.adapters import lora
 from cldm.errors import InputError
-from cldm.io import checkpoints
+from cldm.io import checkpoints, files
 from cldm.pipeline.request import GenerationRequest, LoraUnit
 
 RANK, ALPHA = 4, 2.0
@@ -86,7 +86,7 @@ def test_kohya_lora_matches_diffusers_and_restores_the_base(pair, tmp_path):
     assert torch.allclose(ref_before[1], ours_before[1], atol=1e-5)  # the same model to start with
     pipe.load_lora_weights(state)
     pipe.fuse_lora(lora_scale=0.7)
-    parsed = lora.parse(checkpoints.read_file(tmp_path / "style.safetensors"), sd, "style")
+    parsed = lora.parse(files.read_file(tmp_path / "style.safetensors"), sd, "style")
     n_conv = sum(layer.down.ndim == 4 for layer in parsed.layers)
     assert len(parsed.layers) == len(state) // 3 and n_conv > 0  # every layer, the LoCon convolutions included
     originals = lora.apply(sd, [(parsed, 0.7)])
@@ -113,10 +113,10 @@ def test_peft_lora_matches_diffusers(pair, tmp_path):
                                               unet_lora_adapter_metadata=config)  # fmt: skip
     StableDiffusionPipeline.save_lora_weights(tmp_path / "bare", unet_lora_layers=get_peft_model_state_dict(pipe.unet))
     file = next((tmp_path / "with").glob("*.safetensors"))
-    state = checkpoints.read_file(file)
+    state = files.read_file(file)
     assert any(k.startswith("unet.") and k.endswith("lora_A.weight") for k in state)
     # alpha comes from the PEFT config diffusers saves in the file's metadata (lora_alpha 8 at rank 4: scale 2)
-    parsed = lora.parse(state, sd, "peft", checkpoints.read_metadata(file))
+    parsed = lora.parse(state, sd, "peft", files.read_metadata(file))
     assert {layer.scale for layer in parsed.layers} == {8 / RANK}
     originals = lora.apply(sd, [(parsed, 1.0)])
     ref, got = _outputs(pipe, False), _outputs(sd, True)
@@ -124,9 +124,7 @@ def test_peft_lora_matches_diffusers(pair, tmp_path):
     lora.restore(sd, originals)
     # without the metadata, alpha = rank (scale 1), as diffusers reads such a file
     bare = next((tmp_path / "bare").glob("*.safetensors"))
-    assert {
-        x.scale for x in lora.parse(checkpoints.read_file(bare), sd, "b", checkpoints.read_metadata(bare)).layers
-    } == {1.0}
+    assert {x.scale for x in lora.parse(files.read_file(bare), sd, "b", files.read_metadata(bare)).layers} == {1.0}
 
 
 def test_other_families_and_damaged_loras_are_refused(ours):

@@ -23,10 +23,11 @@ from safetensors.torch import save_file
 
 from cldm.adapters import embeddings, lora
 from cldm.errors import InputError
-from cldm.io import checkpoints, keymaps
+from cldm.io import checkpoints, files, keymaps
+from cldm.pipeline.conditioning import encode_prompts
 from cldm.pipeline.extras import LoraUnit
 from cldm.pipeline.request import GenerationRequest
-from cldm.pipeline.stages import encode_prompts, generate
+from cldm.pipeline.stages import generate
 from cldm.runtime.base_slot import read_embeddings
 from tests import tiny_families as tf
 from tests.test_pipeline import _ref
@@ -176,7 +177,7 @@ def xl_lora(xl, xl_dir, tmp_path_factory):
 # ------------------------------------------------------------------------------------------------- (a) kohya SDXL
 def test_kohya_sdxl_lora_matches_diffusers_and_restores_the_base(xl, xl_lora):
     kohya, _, pipe = xl_lora
-    state = checkpoints.read_file(kohya)
+    state = files.read_file(kohya)
     assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.") for k in state)
     assert any(k.startswith("lora_unet_middle_block_1_") for k in state)
     assert any(k.startswith("lora_unet_output_blocks_") for k in state)
@@ -206,7 +207,7 @@ def test_kohya_sdxl_lora_matches_diffusers_and_restores_the_base(xl, xl_lora):
 def test_diffusers_named_kohya_sdxl_lora_is_the_same(xl, xl_lora):
     """kohya names from diffusers' modules (lora_unet_down_blocks_1_attentions_0_...) give the same layers."""
     kohya, _, pipe = xl_lora
-    state = checkpoints.read_file(kohya)
+    state = files.read_file(kohya)
     renamed = _diffusers_names(state, xl)
     assert any(k.startswith("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q") for k in renamed)
     assert not any(k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks")) for k in renamed)
@@ -231,11 +232,11 @@ def test_per_layer_alpha_is_kept(xl):
 # -------------------------------------------------------------------------------------------- (b) diffusers / PEFT
 def test_peft_sdxl_lora_matches_diffusers(xl, xl_lora, xl_dir):
     kohya, peft, pipe = xl_lora
-    state = checkpoints.read_file(peft)
+    state = files.read_file(peft)
     assert any(k.startswith("unet.down_blocks.") and k.endswith(".lora_A.weight") for k in state)
     assert any(k.startswith("text_encoder.") for k in state) and any(k.startswith("text_encoder_2.") for k in state)
-    parsed = lora.parse(state, xl, "xl_peft", checkpoints.read_metadata(peft))
-    reference = lora.parse(checkpoints.read_file(kohya), xl, "xl_style")
+    parsed = lora.parse(state, xl, "xl_peft", files.read_metadata(peft))
+    reference = lora.parse(files.read_file(kohya), xl, "xl_style")
     assert len(parsed.layers) == len(reference.layers) and parsed.skipped == 0
     # alpha from the PEFT configs diffusers saved beside the weights: one per part
     assert {(x.part, x.scale) for x in parsed.layers} == {
@@ -262,7 +263,7 @@ def test_sdxl_embedding_matches_diffusers(xl, xl_dir, tmp_path):
     path = tf.sdxl_embedding_file(folder / "inkstyle.safetensors", n_vectors=2, seed=4)
     assert read_embeddings(xl, folder) == {}  # the reader puts clip_l into sd.text, clip_g into sd.text_2
     try:
-        state = checkpoints.read_file(path)
+        state = files.read_file(path)
         assert torch.equal(xl.text.embeddings["inkstyle"].vectors, state["clip_l"])
         assert torch.equal(xl.text_2.embeddings["inkstyle"].vectors, state["clip_g"])
         assert xl.text.embeddings["inkstyle"].hash == xl.text_2.embeddings["inkstyle"].hash != ""
@@ -311,7 +312,7 @@ def test_embeddings_of_another_family_are_skipped_or_refused(xl, ours, tmp_path)
         with pytest.raises(InputError, match=r"is for SD1\.5 \(.*this base is SDXL"):
             embeddings.install(xl, {"emb_params": torch.randn(2, 768)}, "real15")
         with pytest.raises(InputError, match=r"is for SDXL.*this base is SD1\.5"):
-            embeddings.install(sd15, checkpoints.read_file(folder / "xlstyle.safetensors"), "xl")
+            embeddings.install(sd15, files.read_file(folder / "xlstyle.safetensors"), "xl")
         with pytest.raises(InputError, match="no clip_g"):
             embeddings.install(xl, {"clip_l": torch.randn(2, 32)}, "half")
         with pytest.raises(InputError, match="2 clip_l vectors and 3 clip_g"):
@@ -390,7 +391,7 @@ def test_sd2_kohya_lora_matches_diffusers(tmp_path, xl):
                 state[f"{key}.alpha"] = torch.tensor(2.0)
     path = tmp_path / "sd2_style.safetensors"
     save_file(state, str(path))
-    parsed = lora.parse(checkpoints.read_file(path), sd2, "sd2_style")
+    parsed = lora.parse(files.read_file(path), sd2, "sd2_style")
     assert len(parsed.layers) == len(state) // 3 and parsed.skipped == 0
     pipe.load_lora_weights(str(path))
     pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=WEIGHT)

@@ -301,7 +301,8 @@ def test_control_modes_follow_a1111(mode):
     """The extension's rules (soft_injection = mode != Balanced, cfg_injection = mode == ControlNet is more important):
     Balanced: the scale on both halves. My prompt is more important: 0.825 ** (12 - i) on both halves. ControlNet is
     more important: the same decay, on the conditional half only (the CFG scale then multiplies its effect)."""
-    from cldm.pipeline.stages import Conditioning, control_residuals
+    from cldm.pipeline.conditioning import Conditioning
+    from cldm.pipeline.stages import control_residuals
 
     x = torch.zeros(1, 4, 2, 2)
     ctx = Conditioning(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cldm.io import checkpoints
+from cldm.io import checkpoints, files
 from cldm.io.model_card import card_for
 from cldm.models.config import SDConfig
 from cldm.pipeline import prompts
@@ -213,7 +213,7 @@ def test_stages_write_logs_samples_and_loadable_weights(trained, tmp_path):
     card = card_for(files[0])  # the card names the ControlNets that were exported, and the demo settings
     assert card == demo_card(("canny",)) and card.conditions == ("canny",) and card.folder == tmp_path / "demo"
     assert card_for(tmp_path / "demo" / "control_v11p_sd15_canny.safetensors") is None  # a card is for its base only
-    half = checkpoints.read_file(files[0])
+    half = files.read_file(files[0])
     assert all(v.dtype == torch.float16 for v in half.values() if v.is_floating_point())
     sd16 = checkpoints.load_sd(files[0], tokenizer=shapes_tokenizer())  # fp16 on disk, cast back on load
     assert sd16.dtype == torch.float32
@@ -242,11 +242,11 @@ def test_controlnets_share_one_encoded_pool(trained):
 def test_resume_continues_from_the_saved_step(trained):
     from dataclasses import replace
 
-    before = checkpoints.read_file(trained.run / "controlnet_canny" / CONTROLNET_FILE)
+    before = files.read_file(trained.run / "controlnet_canny" / CONTROLNET_FILE)
     train_controlnet(replace(trained, steps=6), "canny")
     entries = _log(trained.run / "controlnet_canny")
     assert [e["step"] for e in entries] == [1, 2, 3, 4, 5, 6]
-    after = checkpoints.read_file(trained.run / "controlnet_canny" / CONTROLNET_FILE)
+    after = files.read_file(trained.run / "controlnet_canny" / CONTROLNET_FILE)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     state = torch.load(trained.run / "controlnet_canny" / "optimizer.pt", weights_only=True)
     assert state["step"] == 6
@@ -282,7 +282,7 @@ def test_demo_ip_adapter_trains_and_is_found_where_the_app_looks(tmp_path):
     adapter_path, encoder_dir = train_ip_adapter(demo, tmp_path, steps=2, batch=4, pool=8)
     assert locate.locate_ip_adapter("ip-adapter_sd15", tmp_path) == adapter_path
     assert locate.locate_image_encoder(tmp_path) == encoder_dir
-    keys = checkpoints.read_file(adapter_path)
+    keys = files.read_file(adapter_path)
     assert "image_proj.proj.weight" in keys and "ip_adapter.1.to_k_ip.weight" in keys
     sd = checkpoints.load_sd(demo / "shapes_sd.safetensors")
     prompt = ImagePrompt(load_ip_adapter(adapter_path), (make_sample(1, 64).image,), load_image_encoder(encoder_dir))

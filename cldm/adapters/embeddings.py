@@ -1,6 +1,6 @@
 """Textual-inversion embeddings: a word of the prompt that stands for learned token vectors.
 
-Files (the tensors; `checkpoints.read_file` opens them): A1111's `.pt` (`string_to_param["*"]`, n x 768), its
+Files (the tensors; `files.read_file` opens them): A1111's `.pt` (`string_to_param["*"]`, n x 768), its
 `.safetensors` (`emb_params`), and diffusers' `learned_embeds` (one key, the token, a 768-vector). The embedding is
 used by its file name: where the prompt's tokens spell that name, they are replaced by the embedding's n vectors,
 which take n of the chunk's 75 token places (an embedding is never split between chunks unless it is longer than

@@ -1,6 +1,6 @@
 """LoRA: low-rank changes to the UNet's and the text encoder's weights, merged for one request and taken out after.
 
-Formats read (from a state dict; `checkpoints.read_file` opens the files):
+Formats read (from a state dict; `files.read_file` opens the files):
 - kohya / A1111 (`lora_unet_<diffusers module, dots as underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`;
   `lora_te_text_model_...` for the text encoder), LoCon convolutions (resnet and sampler convs) included. SD2.x
   LoRAs have the same names. SDXL's kohya LoRAs name the UNet by the original (SGM) blocks, which are our module

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from cldm.errors import CheckpointError
-from cldm.io import checkpoints
+from cldm.io import files
 from cldm.io.assemble import build
 from cldm.models.image_encoder import ImageEncoder
 
@@ -32,7 +32,7 @@ def load_image_encoder(folder: str | os.PathLike, dtype: torch.dtype = torch.flo
         config = CLIPVisionConfig.from_dict(data.get("vision_config", data) if "vision_config" in data else data)
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{folder.name}/config.json is not a CLIP vision config ({e}).") from e
-    state = {f"clip.{k}": v for k, v in checkpoints.read_folder(folder).items() if "position_ids" not in k}
+    state = {f"clip.{k}": v for k, v in files.read_folder(folder).items() if "position_ids" not in k}
     encoder = build(ImageEncoder, config, state, "image encoder", dtype)
     encoder.reset_buffers()
     return encoder

@@ -19,14 +19,14 @@ from torch import nn
 
 from cldm.io import keymaps
 from cldm.io import model_configs as mc
-from cldm.io.checkpoints import (
+from cldm.io.identify import (
     CONTROL_PREFIX,
     OPEN_CLIP_PREFIX,
     SDXL_TEXT_PREFIXES,
     TEXT_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
-)
+)  # fmt: skip
 from cldm.io.model_configs import CONFIG_METADATA_KEY
 from cldm.models.config import SDConfig
 from cldm.models.controlnet import ControlNet

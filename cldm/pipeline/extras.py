@@ -10,7 +10,7 @@ from numbers import Real
 
 import numpy as np
 
-from cldm.adapters.ip_adapter import scale_numbers
+from cldm.adapters.ip_scales import scale_numbers
 from cldm.adapters.reference import MODES as REFERENCE_MODES
 from cldm.errors import InputError
 from cldm.pipeline.vocabulary import Upscaler

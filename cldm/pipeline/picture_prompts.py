@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
-from cldm.adapters import ip_adapter, reference
+from cldm.adapters import ip_adapter, ip_scales, reference
 from cldm.io.images import image_to_tensor, resize_rgb
 from cldm.models.sd import StableDiffusion
 from cldm.pipeline.request import GenerationRequest
@@ -25,7 +25,7 @@ def attached(
     with contextlib.ExitStack() as stack:
         if image_tokens is not None:
             ip = r.image_prompt
-            scales = ip_adapter.layer_scales(ip.scale, ip_adapter.scale_layout(model.unet.cfg))
+            scales = ip_scales.layer_scales(ip.scale, ip_scales.scale_layout(model.unet.cfg))
             stack.enter_context(ip_adapter.attached(model.unet, ip.adapter, image_tokens, scales))
         u, uncond = r.reference, r.batch if r.use_cfg else 0  # rows of the unconditional half
         if u is None:

@@ -12,7 +12,7 @@ import torch
 
 from cldm.adapters.embeddings import install as install_embedding
 from cldm.errors import CheckpointError, InputError
-from cldm.io import checkpoints, hashes, locate
+from cldm.io import files, hashes, locate
 from cldm.models.sd import StableDiffusion
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def read_embeddings(sd, folder: Path) -> dict[str, str]:
         if path.suffix not in EMBEDDING_SUFFIXES or not path.is_file():
             continue
         try:
-            state = checkpoints.read_file(path)
+            state = files.read_file(path)
             install_embedding(sd, state, path.stem, hashes.file_sha256(path)[:12])  # A1111's "TI hashes"
         except (InputError, CheckpointError) as e:
             refused[path.stem] = str(e)

@@ -21,7 +21,7 @@ from cldm.adapters.ip_adapter import fit_problem as ip_fit_problem
 from cldm.adapters.lora import Lora
 from cldm.adapters.lora import parse as lora_parse
 from cldm.errors import CheckpointError
-from cldm.io import checkpoints, hashes, locate
+from cldm.io import checkpoints, files, hashes, locate
 from cldm.io.image_encoder import load_image_encoder
 from cldm.models.controlnet import ControlNet, fit_problem
 from cldm.models.image_encoder import ImageEncoder
@@ -201,7 +201,7 @@ class ModelManager:
             key = (str(p), p.stat().st_mtime_ns if p.is_file() else 0)
             if (cached := self._loras.get(key)) is not None:
                 return cached
-            state, meta = checkpoints.read_file(p), checkpoints.read_metadata(p)
+            state, meta = files.read_file(p), files.read_metadata(p)
             found = lora_parse(state, self.sd, _name(path).rsplit(".", 1)[0], meta)
             found.hash = hashes.lora_hash(p, meta)
             self._loras.put(key, found)

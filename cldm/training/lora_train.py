@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from cldm.adapters import lora
-from cldm.io import checkpoints, writers
+from cldm.io import checkpoints, files, writers
 from cldm.pipeline.prompts import token_chunks
 from cldm.pipeline.request import GenerationRequest, LoraUnit
 from cldm.pipeline.stages import generate
@@ -159,7 +159,7 @@ def evaluate(demo: str | Path, n: int = 24, weight: float = 1.0) -> LoraReport:
     """The caption of an unseen one-shape picture as the prompt, the same seeds with and without the LoRA."""
     demo = Path(demo)
     sd = checkpoints.load_sd(demo / DEMO_BASE).freeze()
-    red = lora.parse(checkpoints.read_file(demo / LORA_FILE), sd, "red")
+    red = lora.parse(files.read_file(demo / LORA_FILE), sd, "red")
     kw = dict(steps=STEPS, cfg_scale=CFG, sampler=SAMPLER, width=64, height=64)
     counts = np.zeros((2, 2))
     for i, s in enumerate(_unseen(n)):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cldm.io import checkpoints, writers
+from cldm.io import checkpoints, files, writers
 from cldm.io.assemble import build
 from cldm.io.model_configs import CONFIG_METADATA_KEY
 from cldm.models.config import SDConfig, TextConfig, UNetConfig, VAEConfig
@@ -163,9 +163,9 @@ def _start(run: Run, opt: torch.optim.Optimizer, resume: bool) -> int:
 # ------------------------------------------------------------------------------------------------------ VAE
 def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     """A VAE written by the VAE stage (its config, latent scale included, is in the file's metadata)."""
-    data = json.loads(checkpoints.read_metadata(Path(path))[CONFIG_METADATA_KEY])["vae"]
+    data = json.loads(files.read_metadata(Path(path))[CONFIG_METADATA_KEY])["vae"]
     cfg = VAEConfig(**{f.name: tuple(v) if isinstance(v := data[f.name], list) else v for f in fields(VAEConfig)})
-    return build(AutoencoderKL, cfg, checkpoints.read_file(path), "VAE", dtype)
+    return build(AutoencoderKL, cfg, files.read_file(path), "VAE", dtype)
 
 
 @torch.no_grad()
