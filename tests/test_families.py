@@ -20,7 +20,7 @@ from cldm.pipeline.conditioning import encode_prompts
 from cldm.pipeline.request import ControlUnit, GenerationRequest
 from cldm.pipeline.stages import generate
 from tests import tiny_families as tf
-from tests.test_pipeline import _ref
+from tests.test_pipeline import MORE_SAMPLERS, _ref
 
 SIZE = 64
 PIXEL_TOL = 2
@@ -292,6 +292,19 @@ def test_sdxl_controlnet_does_not_fit_an_sd15_base(sdxl, ours):
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_sd2_controlnet_matches_diffusers(sd2, sampler):
     ours, cn, ref_pipe, _, _ = sd2
+    ref = _ref(ref_pipe, sampler, prompt="a blue square", image=Image.fromarray(_hint(2)), num_inference_steps=6,
+               guidance_scale=6.0, seed=8)  # fmt: skip
+    out = generate(ours, GenerationRequest("a blue square", "", (ControlUnit(cn, _hint(2)),), steps=6, cfg_scale=6.0,
+                                           seed=8, width=SIZE, height=SIZE, sampler=sampler))  # fmt: skip
+    assert _diff(out.images[0], ref[0]) <= PIXEL_TOL
+
+
+@pytest.mark.parametrize("sampler", MORE_SAMPLERS)
+def test_every_sampler_handles_v_prediction(sd2, sampler):
+    """Every sampler and schedule on the v model (the epsilon run of this fixture is the SD1.5 samplers' own test)."""
+    ours, cn, ref_pipe, _, _ = sd2
+    if ours.config.prediction != "v":
+        pytest.skip("the v-prediction model's test")
     ref = _ref(ref_pipe, sampler, prompt="a blue square", image=Image.fromarray(_hint(2)), num_inference_steps=6,
                guidance_scale=6.0, seed=8)  # fmt: skip
     out = generate(ours, GenerationRequest("a blue square", "", (ControlUnit(cn, _hint(2)),), steps=6, cfg_scale=6.0,
