@@ -359,3 +359,26 @@ def test_probe_tells_v_from_epsilon():
 def test_bad_prediction_name_is_refused():
     with pytest.raises(CheckpointError, match="prediction"):
         identify.prediction_name("x0")
+
+
+def test_sdxl_low_vram_moves_both_text_encoders_and_gives_the_same_picture(sdxl_dirs, monkeypatch):
+    """Low VRAM covers SDXL's modules: both text encoders are one group, the UNet and its ControlNet another, the VAE
+    the last (the compute device is the CPU here: every move goes through `_move`, which is recorded)."""
+    from cldm.runtime.manager import ModelManager
+    from cldm.runtime.offload import Offloader
+
+    pipe_dir, cn_dir, _ = sdxl_dirs
+    seen = []
+    original = Offloader._move
+    monkeypatch.setattr(Offloader, "_move", lambda self, g, onto: (seen.append((g.name, onto, [type(m).__name__ for m
+                                                                                                 in g.modules])),
+                                                                   original(self, g, onto))[1])  # fmt: skip
+    request = GenerationRequest("a red circle", units=(ControlUnit(str(cn_dir), _hint()),), steps=2, width=SIZE,
+                                height=SIZE, seed=1)  # fmt: skip
+    plain = ModelManager(str(pipe_dir), device="cpu", dtype="fp32").run(request).images
+    low = ModelManager(str(pipe_dir), device="cpu", dtype="fp32")
+    low.offloader = Offloader("cpu")
+    assert np.array_equal(low.run(request).images, plain)
+    assert [(n, onto) for n, onto, _ in seen] == [("text", True), ("text", False), ("unet", True), ("unet", False),
+                                                  ("vae", True), ("vae", False)]  # fmt: skip
+    assert seen[0][2] == ["TextEncoder", "TextEncoder"] and seen[2][2] == ["UNet", "ControlNet"]
