@@ -92,6 +92,10 @@ def test_sdxl_is_told_from_its_weights(sdxl):
     assert sd.family.name == "SDXL" and sd.text_2 is not None and sd.config.vae.scale_factor == 0.13025
     assert sd.config.unet.adm_in_channels == 88 and sd.config.unet.size_embed_dim == 8
     assert cn.cfg.adm_in_channels == 88 and mid.cfg.depth(2) == 1
+    # a request that leaves the size out gets the family's native size, as diffusers' pipelines do
+    from cldm.pipeline.infotext import parameters
+
+    assert sd.native_size == 1024 and "Size: 1024x1024" in parameters(sd, GenerationRequest("a cat"))
 
 
 def test_sdxl_text_context_and_pooled_match_diffusers(sdxl, sdxl_ref):

@@ -128,7 +128,7 @@ def test_the_longest_parameters_this_app_writes_are_read_back():
                         for _ in range(2))  # fmt: skip
     prompt, negative = "x" + prompt[2:] + "x", "y" + negative[2:] + "y"  # nothing stripped at the ends
     request = GenerationRequest(prompt, negative, units=(), emphasis=False)
-    model = SimpleNamespace(source="models/sd15.safetensors")  # all `parameters` reads of a model here
+    model = SimpleNamespace(source="models/sd15.safetensors", native_size=512)  # all `parameters` reads of a model here
     with deadline():
         info = infotext.parse_parameters(parameters(model, request))
     assert (info.prompt, info.negative_prompt, info.steps, info.seed) == (prompt, negative, 20, request.seed)

@@ -13,7 +13,9 @@ from cldm.pipeline.request import ControlUnit, GenerationRequest
 from cldm.pipeline.stages import parameters
 from cldm.pipeline.vocabulary import ControlMode, ResizeMode
 
-MODEL = SimpleNamespace(source="models/stable-diffusion-v1-5/", latent_factor=8)  # all parameters() reads of a model
+MODEL = SimpleNamespace(
+    source="models/stable-diffusion-v1-5/", latent_factor=8, native_size=512
+)  # all parameters() reads of a model
 HINT = np.zeros((8, 8, 3), np.uint8)
 CANNY = "models/controlnet/control_v11p_sd15_canny.safetensors"
 DEPTH = "models/controlnet/control_v11f1p_sd15_depth.safetensors"

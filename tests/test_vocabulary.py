@@ -86,7 +86,7 @@ def test_the_parameters_text_writes_the_labels():
     unit = ControlUnit("canny.safetensors", hint, mode="control", resize_mode="just")
     r = GenerationRequest("a cat", units=(unit,), sampler="dpmpp_2m_karras", init_image=hint, mask=hint[..., 0],
                           resize_mode="fill", inpaint_mode="global", hires=HiresFix(upscaler="lanczos"))  # fmt: skip
-    text = parameters(SimpleNamespace(source="base.safetensors", hash=""), r)
+    text = parameters(SimpleNamespace(source="base.safetensors", hash="", native_size=512), r)
     assert "Sampler: DPM++ 2M Karras," in text and "Resize mode: Resize and Fill," in text
     assert "Inpaint mode: global," in text and "Hires upscaler: Lanczos" in text
     assert "Resize Mode: Just Resize" in text and "Control Mode: ControlNet is more important" in text

@@ -250,7 +250,8 @@ __all__ = ["NO_PARAMETERS", "Infotext", "UnitInfo", "parse_parameters"]
 
 # ------------------------------------------------------------------------------------------------ writing
 def parameters(model, r: GenerationRequest) -> str:
-    """The A1111 'parameters' text (its PNG Info tab reads it)."""
+    """The A1111 'parameters' text (its PNG Info tab reads it); a size left at None is the model's native size."""
+    r = r.sized(model.native_size)
     # the LoRAs as A1111 keeps them: as tags in the prompt (its PNG Info and ours read them back)
     lines = [" ".join([r.prompt, *(_lora_tag(u) for u in r.loras)])]
     if r.negative_prompt:

@@ -7,7 +7,7 @@ request or a ControlNet in it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -96,7 +96,8 @@ class GenerationRequest:
     mode runs ControlNets on the conditional half only, with the residual scales of `guess_style`. `init_image`
     (HxWx3 uint8) with `strength` < 1 is img2img; adding `mask` (HxW, 1 or 255 = repaint) inpaints and, with
     `inpaint_mode` "only", keeps the unmasked pixels. A batch shares one noise generator (diffusers) unless
-    `seed_per_picture` gives picture i the seed `seed + i` (A1111).
+    `seed_per_picture` gives picture i the seed `seed + i` (A1111). `width` / `height` left at None take the base's
+    native size (`StableDiffusion.native_size`: 512 for SD1.5, 1024 for SDXL), as diffusers' pipelines do.
     """
 
     prompt: str
@@ -107,8 +108,8 @@ class GenerationRequest:
     sampler: str = "ddim"  # our key ("dpmpp_2m_karras"); a Sampler member or A1111's label is turned into it
     eta: float = 0.0
     seed: int = 0
-    width: int = 512
-    height: int = 512
+    width: int | None = None  # None: the base's native size
+    height: int | None = None
     batch: int = 1
     guess_mode: bool = False
     guess_style: str = "original"
@@ -148,11 +149,18 @@ class GenerationRequest:
     def use_cfg(self) -> bool:
         return self.cfg_scale > 1.0
 
+    def sized(self, native: int) -> GenerationRequest:
+        """This request with a width / height left at None set to `native` (the base's native size)."""
+        if self.width is not None and self.height is not None:
+            return self
+        return replace(self, width=native if self.width is None else self.width,
+                       height=native if self.height is None else self.height)  # fmt: skip
+
     def validate(self, latent_factor: int = 8) -> GenerationRequest:
         """Raise InputError naming every field that is wrong (and what is allowed); return self when all is well."""
+        sizes = tuple(n for n in ("width", "height") if getattr(self, n) is not None)  # None: the base's native size
         problems = _text_problems(self) + number_problems(
-            self,
-            ("steps", "cfg_scale", "eta", "seed", "width", "height", "batch", "clip_skip", "strength", "mask_blur"),
+            self, ("steps", "cfg_scale", "eta", "seed", *sizes, "batch", "clip_skip", "strength", "mask_blur")
         )
         if not problems:
             problems += self._range_problems(latent_factor)
@@ -178,7 +186,7 @@ class GenerationRequest:
         if self.hires is not None:
             if not isinstance(self.hires, HiresFix):
                 problems.append(f"hires must be a HiresFix (got {type(self.hires).__name__})")
-            elif not any(p.startswith(("width", "height")) for p in problems):
+            elif len(sizes) == 2 and not any(p.startswith(("width", "height")) for p in problems):
                 problems += self.hires.problems(self.width, self.height, latent_factor, int(self.steps))
                 if self.mask is not None:
                     problems.append("hires: the hires fix does not combine with inpainting; leave one out")
@@ -188,7 +196,8 @@ class GenerationRequest:
 
     def _range_problems(self, f: int) -> list[str]:
         out = []
-        for name in ("steps", "seed", "width", "height", "batch", "clip_skip"):
+        sizes = tuple(n for n in ("width", "height") if getattr(self, n) is not None)  # None: the base's native size
+        for name in ("steps", "seed", *sizes, "batch", "clip_skip"):
             if getattr(self, name) != int(getattr(self, name)):
                 out.append(f"{name} must be a whole number (got {getattr(self, name)})")
         for name in ("prompt", "negative_prompt"):
@@ -203,9 +212,10 @@ class GenerationRequest:
             out.append(f"steps must be 1..{MAX_STEPS} (got {self.steps})")
         if not 0 <= self.cfg_scale <= MAX_CFG:
             out.append(f"cfg_scale (guidance scale) must be 0..{MAX_CFG:g} (got {self.cfg_scale})")
-        if not (MIN_SIZE <= self.width <= MAX_SIZE and MIN_SIZE <= self.height <= MAX_SIZE):
+        given = [getattr(self, n) for n in sizes]
+        if not all(MIN_SIZE <= v <= MAX_SIZE for v in given):
             out.append(f"width and height must be {MIN_SIZE}..{MAX_SIZE} px (got {self.width}x{self.height})")
-        elif self.width % f or self.height % f:
+        elif any(v % f for v in given):
             out.append(f"width and height must be multiples of {f} (got {self.width}x{self.height})")
         if not 1 <= self.batch <= MAX_BATCH:
             out.append(f"batch must be 1..{MAX_BATCH} (got {self.batch})")

@@ -314,6 +314,7 @@ def generate(
     checked first, so nothing runs for a bad one. `callback(done, total)` is called after every step (of both passes
     with a hires fix); `preview(pictures)` every `preview_every` steps with A1111's "Approx cheap" preview.
     """
+    request = request.sized(model.native_size)  # a width / height left at None: the base's native size
     check(model, request)
     if request.vae is not None:  # this request's VAE in place of the checkpoint's (the model itself is not changed)
         model = replace(model, vae=request.vae)
