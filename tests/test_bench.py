@@ -123,3 +123,115 @@ def test_paired_timing_alternates_and_takes_the_median_ratio(monkeypatch):
     assert calls == ["ours", "theirs"] * 4  # a warm-up pair, then three timed pairs, alternating
     assert (mine.median, mine.low, mine.high) == (1, 1, 10) and (theirs.median, theirs.low, theirs.high) == (4, 4, 40)
     assert ratio == 0.25
+
+
+# ------------------------------------------------------------------------------------------------ SDXL and SD2.x
+def _family_bench(tmp_path, family: str, *extra) -> dict:
+    args = ["bench", "--family", family, "--tiny", "--runs", "1", "--device", "cpu", "--out", str(tmp_path / "out"),
+            *extra]  # fmt: skip
+    assert main(args) == 0
+    assert not (tmp_path / "out" / "bench.json").exists()  # the SD1.5 figures are left alone
+    return json.loads((tmp_path / "out" / f"bench-{family}.json").read_text())
+
+
+def test_bench_sdxl_family_beside_diffusers(tmp_path):
+    """`--family sdxl` on a tiny model of SDXL's layout: random weights made in memory, diffusers on the same
+    tensors checked equal to ours, one step and one decode timed in pairs at the family's size (64 px when tiny)."""
+    out = _family_bench(tmp_path, "sdxl", "--dtypes", "fp32", "--parts", "peak", "step", "vae")
+    r = out["results"]
+    assert out["family"] == "sdxl" and out["runs"] == 1 and len(out["machine"]["load_average"]) == 3
+    assert r["build"][0]["params"]["unet"] > 0 and r["build"][0]["params"]["text"] > 0
+    check = r["check"][0]
+    assert check["dtype"] == "fp32" and check["step"]["mean_rel"] < 1e-4 and check["vae"]["mean_rel"] < 1e-4
+    assert check["step"]["ref_std"] > 0  # the ControlNet and UNet give something to compare
+    (step,) = r["step"]
+    assert (step["size"], step["dtype"]) == (64, "fp32") and step["flops"] > 1e6
+    assert step["ours"]["median_s"] > 0 and step["diffusers"]["median_s"] > 0 and step["ratio"] > 0
+    (vae,) = r["vae"]
+    assert vae["size"] == 64 and not vae["tiled"] and vae["ratio"] > 0
+    table = (tmp_path / "out" / "bench-sdxl.md").read_text()
+    assert "weights: tiny" in table and "| 64 px fp32 |" in table and "Same function" in table
+    assert "VAE decode" in table and "Load average" in table
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd2"])
+def test_family_models_are_the_same_function_in_both(family):
+    """Ours and diffusers' modules share the tensors; the step (with SDXL's y against its added_cond_kwargs) and the
+    decode agree in fp32, and within the bench's tolerance in bf16; the meta-device FLOP count is torch's count."""
+    from cldm.bench import command, measure
+
+    cfg = measure.family_config(family, tiny=True)
+    sd, cn = measure.random_family(cfg, torch.float32)
+    theirs = measure.as_diffusers(sd, cn)
+    assert theirs["unet"].conv_in.weight.data_ptr() == sd.unet.input_blocks[0][0].weight.data_ptr()  # one copy
+    row = command.check_row(sd, cn, theirs, 64, "fp32")
+    assert row["step"]["max_rel"] < 1e-4 and row["vae"]["max_rel"] < 1e-4
+    ours, _ = measure.family_steps(sd, cn, None, 64)
+    assert measure.meta_step_flops(cfg, 64) == measure.step_flops(ours) > 0
+    sd, cn = measure.random_family(cfg, torch.bfloat16)
+    assert sd.unet.out[2].weight.dtype == cn.zero_convs[0][0].weight.dtype == torch.bfloat16
+    command.check_row(sd, cn, measure.as_diffusers(sd, cn), 64, "bf16")  # raises beyond the tolerance
+
+
+def test_family_check_refuses_different_functions():
+    """The check before timing fails loudly when diffusers' modules do not compute what ours do."""
+    from cldm.bench import command, measure
+
+    sd, cn = measure.random_family(measure.family_config("sdxl", tiny=True), torch.float32)
+    theirs = measure.as_diffusers(sd, cn)
+    # the tensors are shared (changing one in place changes ours too): diffusers' gets a shifted copy
+    theirs["unet"].conv_out.bias = torch.nn.Parameter(theirs["unet"].conv_out.bias.detach() + 1.0)
+    with pytest.raises(RuntimeError, match="differ in step"):
+        command.check_row(sd, cn, theirs, 64, "fp32")
+
+
+@pytest.mark.parametrize("impl", ["ours", "diffusers"])
+def test_family_memory_child_generates_once(impl, capsys):
+    """The memory part's child (here in-process): one whole generation with a ControlNet, both text encoders, in
+    our pipeline or diffusers' SDXL ControlNet pipeline on the same tensors; its JSON line."""
+    import argparse
+
+    from cldm.bench import command
+
+    a = argparse.Namespace(family="sdxl", tiny=True, device="cpu", sizes=None, runs=None,
+                           memory_child=[impl, "fp32", "1"])  # fmt: skip
+    command._defaults(a)
+    row = command.family_memory_child(a)
+    assert row["impl"] == impl and row["size"] == 64 and row["peak_bytes"] > 50 * 1024**2
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row
+    phases = row["phases"]  # each phase's own peak, and the models' footprint once built
+    assert set(phases) == {"held_after_build", "build", "encode_and_step", "decode"}
+    assert all(v > 0 for v in phases.values()) and row["peak_bytes"] == max(phases["build"], phases["decode"],
+                                                                            phases["encode_and_step"])  # fmt: skip
+    if impl == "ours":
+        assert row["timings"]["sampling"] > 0 and row["timings"]["decode"] > 0
+
+
+@pytest.mark.slow
+def test_family_bench_memory_in_fresh_processes(tmp_path):
+    out = _family_bench(tmp_path, "sdxl", "--dtypes", "bf16", "--parts", "memory")
+    impls = {row["impl"] for row in out["results"]["memory"]}
+    from cldm.runtime import prepack
+
+    assert impls == {"ours", "diffusers"} | ({"ours-no-prepack"} if prepack.available() else set())
+    table = (tmp_path / "out" / "bench-sdxl.md").read_text()
+    assert (
+        "base (with its text encoders) + 1 ControlNet, a 64 px generation" in table
+        and "| bf16, 1 ControlNet |" in table
+    )
+
+
+def test_sd2_bench_times_ours_without_the_upcast_too(tmp_path):
+    """SD2.1-768-v upcasts its attention; diffusers' processor does not, so in bf16 the bench also times ours
+    without it (and puts the upcast back)."""
+    out = _family_bench(tmp_path, "sd2", "--dtypes", "bf16", "--parts", "step")
+    (step,) = out["results"]["step"]
+    assert step["ours_no_upcast"]["median_s"] > 0 and step["no_upcast_ratio"] > 0
+    assert "SD2.1's attention upcast" in (tmp_path / "out" / "bench-sd2.md").read_text()
+    from cldm.bench import measure
+
+    sd, cn = measure.random_family(measure.family_config("sd2", tiny=True), torch.float32)
+    assert (
+        measure.set_upcast([sd.unet, cn], False) > 0
+        and not sd.unet.input_blocks[1][1].transformer_blocks[0].attn1.upcast
+    )

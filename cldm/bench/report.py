@@ -16,6 +16,13 @@ def _pair_ratio(stored: float | None, a: float | None = None, b: float | None = 
     return f"{stored:.2f}x" if stored is not None else _ratio(a, b)
 
 
+FAMILY_LABELS = {"sd15": "SD1.5", "sdxl": "SDXL", "sd2": "SD2.1-768"}
+
+
+def _loads(v: list[float] | None) -> str:
+    return "-" if not v else ", ".join(f"{x:.1f}" for x in v)
+
+
 def _gib(b: float) -> str:
     return f"{b / 1024**3:.2f} GiB"
 
@@ -27,10 +34,24 @@ def _table(head: list[str], cells: list[list[str]]) -> list[str]:
 
 def markdown(out: dict) -> str:
     m, r = out["machine"], out["results"]
+    size = FAMILY_LABELS.get(out.get("family", "sd15"), "SD1.5")
     lines = [f"Machine: {m['cpu']} ({m['threads']} threads), {m.get('gpu') or m['device']}; torch {m['torch']}, "
-             f"diffusers {m.get('diffusers') or 'absent'}; weights: {'tiny' if out['config'] == 'tiny' else 'SD1.5 size'}, "
+             f"diffusers {m.get('diffusers') or 'absent'}; weights: {'tiny' if out['config'] == 'tiny' else size + ' size'}, "
              f"random; medians of {out['runs']} runs after a warm-up (ours and diffusers alternate; a ratio beside them is "
              f"the median of the pairs' ratios). `--dtype auto` here: {out['dtype_auto']}.", ""]  # fmt: skip
+    if "load_average" in m:
+        lines += [f"Load average (1, 5, 15 min) at the start: {_loads(m['load_average'])}; at the end: "
+                  f"{_loads(m.get('load_average_end'))} (the machine is shared; 2 cores).", ""]  # fmt: skip
+    for row in r.get("build", []):
+        p = row["params"]
+        lines += [f"Random weights ({row['dtype']}), made in {row['seconds']:.0f} s: UNet {p['unet'] / 1e9:.2f} B, "
+                  f"ControlNet {p['controlnet'] / 1e9:.2f} B, VAE {p['vae'] / 1e6:.0f} M, text encoders "
+                  f"{p['text'] / 1e9:.2f} B parameters; diffusers' modules hold the same tensors.", ""]  # fmt: skip
+    for row in r.get("check", []):
+        st, va = row["step"], row["vae"]
+        lines += [f"Same function (checked before timing, {row['size']} px, {row['dtype']}): diffusers' step differs "
+                  f"from ours by {100 * st['mean_rel']:.2f}% of the output's spread on average ({100 * st['max_rel']:.1f}% "
+                  f"at most), its VAE decode by {100 * va['mean_rel']:.2f}% ({100 * va['max_rel']:.1f}% at most).", ""]  # fmt: skip
     peak = r.get("peak_flops", {})
     if peak:
         lines += ["Peak matmul rate (the best seen in the run): " + ", ".join(
@@ -52,6 +73,13 @@ def markdown(out: dict) -> str:
                 f"{row['size']} px {_s(row['ours']['median_s'])} s / {_s(row['ours_unpacked']['median_s'])} s "
                 f"({_pair_ratio(row.get('packed_ratio'), row['ours']['median_s'], row['ours_unpacked']['median_s'])})"
                 for row in packed) + "."]  # fmt: skip
+        plain = [row for row in r["step"] if "ours_no_upcast" in row]
+        if plain:
+            lines += ["", "SD2.1's attention upcast (ours computes the attention scores in fp32 for a bf16/fp16 model, as "
+                      "`upcast_attention` says; diffusers' SDPA attention processor leaves it out): ours without it, "
+                      "timed in pairs with diffusers again: " + ", ".join(
+                f"{row['size']} px {row['dtype']} {_s(row['ours_no_upcast']['median_s'])} s "
+                f"({_pair_ratio(row.get('no_upcast_ratio'))} diffusers)" for row in plain) + "."]  # fmt: skip
         lines += ["", *targets(out), ""]
     q = r.get("quality")
     if q:
@@ -82,7 +110,11 @@ def markdown(out: dict) -> str:
                   f"from the cache {1000 * row['warm_s']:.1f} ms.", ""]  # fmt: skip
     if r.get("memory"):
         kind = r["memory"][0]["kind"]
-        lines += [f"| peak {'VRAM' if kind == 'vram' else 'resident memory'}, base + N ControlNets, one step each | "
+        what = "base + N ControlNets, one step each"
+        if out.get("family", "sd15") != "sd15":
+            what = (f"base (with its text encoders) + 1 ControlNet, a {r['memory'][0]['size']} px generation (1 step with "
+                    "guidance, decode), each in a fresh process")  # fmt: skip
+        lines += [f"| peak {'VRAM' if kind == 'vram' else 'resident memory'}, {what} | "
                   "ours | ours, --no-prepack | diffusers |", "|---|---|---|---|"]  # fmt: skip
         cells: dict[tuple, dict] = {}
         for row in r["memory"]:
@@ -93,6 +125,13 @@ def markdown(out: dict) -> str:
                 f"| {d}, {n} ControlNet{'s' if n > 1 else ''} | {_gib(v.get('ours', 0))} | {plain} | {theirs} |"
             )
         lines.append("")
+        phased = [row for row in r["memory"] if "phases" in row]
+        if phased:
+            lines += ["Each phase's own peak (the peak counter restarted between them): " + "; ".join(
+                f"{row['impl']} {row['dtype']}: {_gib(row['phases']['held_after_build'])} held after building, "
+                f"building {_gib(row['phases']['build'])}, text encoders + hint + step "
+                f"{_gib(row['phases']['encode_and_step'])}, decode {_gib(row['phases']['decode'])}"
+                for row in phased if "encode_and_step" in row["phases"]) + ".", ""]  # fmt: skip
     return "\n".join(lines)
 
 
