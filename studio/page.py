@@ -220,10 +220,14 @@ def sizes_follow_base(studio: Studio, base: BasePanel, receivers: list[Receivers
     """Picking a base of another family sets every tab's width and height to the new base's native size (SD1.5 512,
     SD2 768-v 768, SDXL 1024), as A1111 users reset them by hand; sizes are left alone while the family stays."""
     sliders = [r.settings.widgets[k] for r in receivers for k in ("width", "height")]
-    last = {"size": studio.native_size(None)}
+    last = {"size": studio.size}  # what the sliders start at
 
     def on_base(name):
-        size = studio.native_size(name)
+        try:
+            size = studio.native_size(name)
+        except CldmError as e:  # a hub id not downloaded yet: its size is known once it is loaded
+            log.info("no native size for %s yet (%s)", name, e)
+            return [gr.update() for _ in sliders]
         if size == last["size"]:
             return [gr.update() for _ in sliders]
         last["size"] = size

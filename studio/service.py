@@ -220,7 +220,8 @@ class Studio:
     def family_of(self, base_path: str | None = None) -> str:
         """The model family of a base (default: the one loaded now), told from its weights without loading them."""
         path = base_path or self.manager.base_path
-        if path == self.manager.base_path and self.manager.loaded:
+        # the loaded base answers at once; a manager elsewhere (Ray Serve's replicas) is asked nothing
+        if path == self.manager.base_path and getattr(self.manager, "loaded", False):
             return self.manager.sd.family.name
         return checkpoints.peek_family(locate.locate_base(path))[0]
 

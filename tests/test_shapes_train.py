@@ -207,15 +207,15 @@ def test_stages_write_logs_samples_and_loadable_weights(trained, tmp_path):
     request = GenerationRequest("a red circle on a blue background", units=[ControlUnit(cn, hint)], steps=2, width=64,
                                 height=64)  # fmt: skip
     assert generate(sd, request).images.shape == (1, 64, 64, 3)
-    files = export(run, tmp_path / "demo", hints=("canny",))
+    exported = export(run, tmp_path / "demo", hints=("canny",))
     names = ["shapes_sd.safetensors", "control_v11p_sd15_canny.safetensors", "model_card.json"]
-    assert [f.name for f in files] == names
-    card = card_for(files[0])  # the card names the ControlNets that were exported, and the demo settings
+    assert [f.name for f in exported] == names
+    card = card_for(exported[0])  # the card names the ControlNets that were exported, and the demo settings
     assert card == demo_card(("canny",)) and card.conditions == ("canny",) and card.folder == tmp_path / "demo"
     assert card_for(tmp_path / "demo" / "control_v11p_sd15_canny.safetensors") is None  # a card is for its base only
-    half = files.read_file(files[0])
+    half = files.read_file(exported[0])
     assert all(v.dtype == torch.float16 for v in half.values() if v.is_floating_point())
-    sd16 = checkpoints.load_sd(files[0], tokenizer=shapes_tokenizer())  # fp16 on disk, cast back on load
+    sd16 = checkpoints.load_sd(exported[0], tokenizer=shapes_tokenizer())  # fp16 on disk, cast back on load
     assert sd16.dtype == torch.float32
     assert (tmp_path / "demo" / "tokenizer").is_dir()
     curves = sorted(f.name for f in (tmp_path / "demo" / "report").iterdir())
