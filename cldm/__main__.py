@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_convert_args(
         sub.add_parser("convert", help="rewrite weights: .ckpt/.pth -> .safetensors, diffusers <-> original")
     )
-    bench = sub.add_parser("bench", help="time our model beside diffusers on the same random weights (SD1.5, or --family sdxl|sd2)")
+    bench = sub.add_parser(
+        "bench", help="time our model beside diffusers on the same random weights (SD1.5, or --family sdxl|sd2)"
+    )
     _bench().add_bench_args(bench)
     words = sys.argv[1:] if argv is None else argv
     batch = sub.add_parser("batch", help="many pictures from a jobs file (.csv/.jsonl); --ray to run it on Ray")
