@@ -303,12 +303,12 @@ def test_sd2_controlnet_matches_diffusers(sd2, sampler):
     assert _diff(out.images[0], ref[0]) <= PIXEL_TOL
 
 
+@pytest.mark.parametrize("sd2", ["v_prediction"], indirect=True)  # epsilon: the SD1.5 samplers' own sweep
 @pytest.mark.parametrize("sampler", MORE_SAMPLERS)
 def test_every_sampler_handles_v_prediction(sd2, sampler):
-    """Every sampler and schedule on the v model (the epsilon run of this fixture is the SD1.5 samplers' own test)."""
+    """Every sampler and schedule on the v model."""
     ours, cn, ref_pipe, _, _ = sd2
-    if ours.config.prediction != "v":
-        pytest.skip("the v-prediction model's test")
+    assert ours.config.prediction == "v"
     ref = _ref(ref_pipe, sampler, prompt="a blue square", image=Image.fromarray(_hint(2)), num_inference_steps=6,
                guidance_scale=6.0, seed=8)  # fmt: skip
     out = generate(ours, GenerationRequest("a blue square", "", (ControlUnit(cn, _hint(2)),), steps=6, cfg_scale=6.0,

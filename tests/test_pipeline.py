@@ -108,7 +108,8 @@ MORE_SAMPLERS = [
 
 
 @pytest.mark.parametrize("sampler", MORE_SAMPLERS)
-@pytest.mark.parametrize("steps", [6, 20])
+# the 20-step sweep (about 85 s) runs in the integration tier (.ci/run), the 6-step one in the fast tier
+@pytest.mark.parametrize("steps", [6, pytest.param(20, marks=pytest.mark.integration)])
 def test_more_samplers_match_diffusers(ours, ref_pipe, sampler, steps):
     """Every sampler and schedule A1111 names against diffusers' scheduler of the same name: whole pictures with a
     ControlNet, CFG and a batch of 2 (DPM++ 2M SDE draws fresh noise each step from the generator, DPM++ SDE from a
