@@ -158,27 +158,27 @@ def test_bench_sdxl_family_beside_diffusers(tmp_path):
 def test_family_models_are_the_same_function_in_both(family):
     """Ours and diffusers' modules share the tensors; the step (with SDXL's y against its added_cond_kwargs) and the
     decode agree in fp32, and within the bench's tolerance in bf16; the meta-device FLOP count is torch's count."""
-    from cldm.bench import command, measure
+    from cldm.bench import command, family_models, measure
 
-    cfg = measure.family_config(family, tiny=True)
-    sd, cn = measure.random_family(cfg, torch.float32)
-    theirs = measure.as_diffusers(sd, cn)
+    cfg = family_models.family_config(family, tiny=True)
+    sd, cn = family_models.random_family(cfg, torch.float32)
+    theirs = family_models.as_diffusers(sd, cn)
     assert theirs["unet"].conv_in.weight.data_ptr() == sd.unet.input_blocks[0][0].weight.data_ptr()  # one copy
     row = command.check_row(sd, cn, theirs, 64, "fp32")
     assert row["step"]["max_rel"] < 1e-4 and row["vae"]["max_rel"] < 1e-4
-    ours, _ = measure.family_steps(sd, cn, None, 64)
-    assert measure.meta_step_flops(cfg, 64) == measure.step_flops(ours) > 0
-    sd, cn = measure.random_family(cfg, torch.bfloat16)
+    ours, _ = family_models.family_steps(sd, cn, None, 64)
+    assert family_models.meta_step_flops(cfg, 64) == measure.step_flops(ours) > 0
+    sd, cn = family_models.random_family(cfg, torch.bfloat16)
     assert sd.unet.out[2].weight.dtype == cn.zero_convs[0][0].weight.dtype == torch.bfloat16
-    command.check_row(sd, cn, measure.as_diffusers(sd, cn), 64, "bf16")  # raises beyond the tolerance
+    command.check_row(sd, cn, family_models.as_diffusers(sd, cn), 64, "bf16")  # raises beyond the tolerance
 
 
 def test_family_check_refuses_different_functions():
     """The check before timing fails loudly when diffusers' modules do not compute what ours do."""
-    from cldm.bench import command, measure
+    from cldm.bench import command, family_models
 
-    sd, cn = measure.random_family(measure.family_config("sdxl", tiny=True), torch.float32)
-    theirs = measure.as_diffusers(sd, cn)
+    sd, cn = family_models.random_family(family_models.family_config("sdxl", tiny=True), torch.float32)
+    theirs = family_models.as_diffusers(sd, cn)
     # the tensors are shared (changing one in place changes ours too): diffusers' gets a shifted copy
     theirs["unet"].conv_out.bias = torch.nn.Parameter(theirs["unet"].conv_out.bias.detach() + 1.0)
     with pytest.raises(RuntimeError, match="differ in step"):
@@ -228,10 +228,10 @@ def test_sd2_bench_times_ours_without_the_upcast_too(tmp_path):
     (step,) = out["results"]["step"]
     assert step["ours_no_upcast"]["median_s"] > 0 and step["no_upcast_ratio"] > 0
     assert "SD2.1's attention upcast" in (tmp_path / "out" / "bench-sd2.md").read_text()
-    from cldm.bench import measure
+    from cldm.bench import family_models
 
-    sd, cn = measure.random_family(measure.family_config("sd2", tiny=True), torch.float32)
+    sd, cn = family_models.random_family(family_models.family_config("sd2", tiny=True), torch.float32)
     assert (
-        measure.set_upcast([sd.unet, cn], False) > 0
+        family_models.set_upcast([sd.unet, cn], False) > 0
         and not sd.unet.input_blocks[1][1].transformer_blocks[0].attn1.upcast
     )

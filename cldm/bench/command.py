@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from cldm.bench import measure
+from cldm.bench import family_models, measure
 from cldm.io import checkpoints
 from cldm.runtime import allocator, prepack
 from cldm.runtime.devices import DTYPES, cpu_has_bf16, resolve_device, resolve_dtype
@@ -44,7 +44,7 @@ PARTS = ("peak", "step", "quality", "vae", "generate", "load", "switch", "memory
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--family", choices=measure.FAMILY_NAMES, default="sd15",
+        "--family", choices=family_models.FAMILY_NAMES, default="sd15",
         help="the model family's full-size shapes: sd15 (every part), sdxl or sd2 (peak, step, vae, memory; written "
         "to bench-<family>.json/.md)",
     )  # fmt: skip
@@ -430,9 +430,9 @@ def check_row(sd, cn, theirs: dict, size: int, d: str) -> dict:
     (mean and largest, relative to the output's spread). Raises when the step or the decode differ beyond what the
     dtype's rounding explains: the timings would not compare like with like."""
     row = {"size": size, "dtype": d}
-    for what, (ours, their) in (("step", measure.family_steps(sd, cn, theirs, size)),
-                                ("vae", measure.family_decodes(sd, theirs, size))):  # fmt: skip
-        row[what] = measure.difference(ours(), their())
+    for what, (ours, their) in (("step", family_models.family_steps(sd, cn, theirs, size)),
+                                ("vae", family_models.family_decodes(sd, theirs, size))):  # fmt: skip
+        row[what] = family_models.difference(ours(), their())
     bad = [w for w in ("step", "vae") if not row[w]["mean_rel"] <= CHECK_MEAN_REL[d]]
     if bad:
         raise RuntimeError(f"ours and diffusers differ in {', '.join(bad)} on the same weights: {json.dumps(row)}")
@@ -443,7 +443,7 @@ def run_family(a: argparse.Namespace) -> dict:
     """`--family sdxl|sd2`: random full-size weights made in memory, ours and diffusers on the same tensors."""
     device = resolve_device(a.device)
     dtypes = a.dtypes or family_dtypes(device)
-    cfg = measure.family_config(a.family, a.tiny)
+    cfg = family_models.family_config(a.family, a.tiny)
     out = {"machine": machine(device) | {"load_average": list(os.getloadavg())}, "family": a.family,
            "config": "tiny" if a.tiny else a.family, "runs": a.runs,
            "dtype_auto": str(resolve_dtype("auto", device)).removeprefix("torch."), "results": {}}  # fmt: skip
@@ -468,12 +468,12 @@ def run_family(a: argparse.Namespace) -> dict:
 def family_timings(a: argparse.Namespace, cfg, d: str, device: torch.device, parts: list[str], res: dict) -> None:
     """Build ours and diffusers' modules in dtype `d`, check they agree, time the step and the decode in pairs."""
     t = time.perf_counter()
-    sd, cn = measure.random_family(cfg, DTYPES[d])
+    sd, cn = family_models.random_family(cfg, DTYPES[d])
     sd.to(device), cn.to(device)
     theirs = None
     if not a.no_diffusers:
         try:
-            theirs = measure.as_diffusers(sd, cn)
+            theirs = family_models.as_diffusers(sd, cn)
         except ImportError:
             pass
     res.setdefault("build", []).append(
@@ -494,8 +494,8 @@ def family_timings(a: argparse.Namespace, cfg, d: str, device: torch.device, par
         print("check", json.dumps(res["check"][-1]), flush=True)
     if "step" in parts:
         for size in a.sizes:
-            ours, their = measure.family_steps(sd, cn, theirs, size)
-            row = {"size": size, "dtype": d, "flops": measure.meta_step_flops(cfg, size)}
+            ours, their = family_models.family_steps(sd, cn, theirs, size)
+            row = {"size": size, "dtype": d, "flops": family_models.meta_step_flops(cfg, size)}
             if their is None:
                 row["ours"] = measure.timed(ours, device, a.runs).as_dict()
             else:
@@ -503,17 +503,17 @@ def family_timings(a: argparse.Namespace, cfg, d: str, device: torch.device, par
                 row.update(ours=mine.as_dict(), diffusers=other.as_dict(), ratio=ratio)
             if cfg.unet.upcast_attention and d != "fp32" and their is not None:
                 # SD2.1's upcast, which diffusers' attention processor leaves out: ours without it, in pairs again
-                measure.set_upcast([sd.unet, cn], False)
+                family_models.set_upcast([sd.unet, cn], False)
                 try:
                     plain, _, ratio = measure.timed_pair(ours, their, device, a.runs)
                 finally:
-                    measure.set_upcast([sd.unet, cn], True)
+                    family_models.set_upcast([sd.unet, cn], True)
                 row.update(ours_no_upcast=plain.as_dict(), no_upcast_ratio=ratio)
             res.setdefault("step", []).append(row)
             print("step", json.dumps(row), flush=True)
     if "vae" in parts:
         size = max(a.sizes)
-        ours, their = measure.family_decodes(sd, theirs, size)
+        ours, their = family_models.family_decodes(sd, theirs, size)
         f = sd.latent_factor
         row = {"size": size, "dtype": d, "tiled": sd.vae.wants_tiles((size // f, size // f))}
         if their is None:
@@ -552,11 +552,11 @@ def family_memory_child(a: argparse.Namespace) -> dict:
 
     impl, d = a.memory_child[0], a.memory_child[1]
     device, dtype = resolve_device(a.device), DTYPES[d]
-    cfg = measure.family_config(a.family, a.tiny)
+    cfg = family_models.family_config(a.family, a.tiny)
     size = max(a.sizes)
     hint = (np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8)
     t = time.perf_counter()
-    sd, cn = measure.random_family(cfg, dtype, prepack_cpu=impl == "ours")
+    sd, cn = family_models.random_family(cfg, dtype, prepack_cpu=impl == "ours")
     sd.to(device), cn.to(device)
     built = time.perf_counter() - t
     cuda = device.type == "cuda"
@@ -578,7 +578,7 @@ def family_memory_child(a: argparse.Namespace) -> dict:
                               seed=1)  # fmt: skip
         timings = generate(sd, r, callback=lambda k, n: phase("encode_and_step")).timings
     else:
-        pipe = measure.their_pipeline(sd, cn)
+        pipe = family_models.their_pipeline(sd, cn)
         del sd, cn  # the pipeline holds the same tensors
         gc.collect()
         from PIL import Image
@@ -603,7 +603,7 @@ def _defaults(a: argparse.Namespace) -> None:
     if a.runs is None:
         a.runs = 1 if getattr(a, "quick", False) else 3 if a.family == "sd15" else 2
     if a.sizes is None:
-        a.sizes = [256, 512] if a.family == "sd15" else [measure.native_size(a.family, a.tiny)]
+        a.sizes = [256, 512] if a.family == "sd15" else [family_models.native_size(a.family, a.tiny)]
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
