@@ -158,31 +158,31 @@ def test_bench_sdxl_family_beside_diffusers(tmp_path):
 def test_family_models_are_the_same_function_in_both(family):
     """Ours and diffusers' modules share the tensors; the step (with SDXL's y against its added_cond_kwargs) and the
     decode agree in fp32, and within the bench's tolerance in bf16; the meta-device FLOP count is torch's count."""
-    from cldm.bench import command, family_models, measure
+    from cldm.bench import family_models, family_run, measure
 
     cfg = family_models.family_config(family, tiny=True)
     sd, cn = family_models.random_family(cfg, torch.float32)
     theirs = family_models.as_diffusers(sd, cn)
     assert theirs["unet"].conv_in.weight.data_ptr() == sd.unet.input_blocks[0][0].weight.data_ptr()  # one copy
-    row = command.check_row(sd, cn, theirs, 64, "fp32")
+    row = family_run.check_row(sd, cn, theirs, 64, "fp32")
     assert row["step"]["max_rel"] < 1e-4 and row["vae"]["max_rel"] < 1e-4
     ours, _ = family_models.family_steps(sd, cn, None, 64)
     assert family_models.meta_step_flops(cfg, 64) == measure.step_flops(ours) > 0
     sd, cn = family_models.random_family(cfg, torch.bfloat16)
     assert sd.unet.out[2].weight.dtype == cn.zero_convs[0][0].weight.dtype == torch.bfloat16
-    command.check_row(sd, cn, family_models.as_diffusers(sd, cn), 64, "bf16")  # raises beyond the tolerance
+    family_run.check_row(sd, cn, family_models.as_diffusers(sd, cn), 64, "bf16")  # raises beyond the tolerance
 
 
 def test_family_check_refuses_different_functions():
     """The check before timing fails loudly when diffusers' modules do not compute what ours do."""
-    from cldm.bench import command, family_models
+    from cldm.bench import family_models, family_run
 
     sd, cn = family_models.random_family(family_models.family_config("sdxl", tiny=True), torch.float32)
     theirs = family_models.as_diffusers(sd, cn)
     # the tensors are shared (changing one in place changes ours too): diffusers' gets a shifted copy
     theirs["unet"].conv_out.bias = torch.nn.Parameter(theirs["unet"].conv_out.bias.detach() + 1.0)
     with pytest.raises(RuntimeError, match="differ in step"):
-        command.check_row(sd, cn, theirs, 64, "fp32")
+        family_run.check_row(sd, cn, theirs, 64, "fp32")
 
 
 @pytest.mark.parametrize("impl", ["ours", "diffusers"])
@@ -191,12 +191,12 @@ def test_family_memory_child_generates_once(impl, capsys):
     our pipeline or diffusers' SDXL ControlNet pipeline on the same tensors; its JSON line."""
     import argparse
 
-    from cldm.bench import command
+    from cldm.bench import command, family_run
 
     a = argparse.Namespace(family="sdxl", tiny=True, device="cpu", sizes=None, runs=None,
                            memory_child=[impl, "fp32", "1"])  # fmt: skip
     command._defaults(a)
-    row = command.family_memory_child(a)
+    row = family_run.family_memory_child(a)
     assert row["impl"] == impl and row["size"] == 64 and row["peak_bytes"] > 50 * 1024**2
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row
     phases = row["phases"]  # each phase's own peak, and the models' footprint once built

@@ -11,12 +11,8 @@ Parts (all by default; `--parts` picks some):
 - memory: peak resident memory (peak VRAM on CUDA) with the base and 1 or 3 ControlNets, each in a fresh process.
 Writes `<out>/bench.json` and `<out>/bench.md` (the README's table).
 
-`--family sdxl` / `--family sd2`: the family's full-size shapes (SDXL base 1.0, SD2.1-768-v) with random weights made
-in memory (diffusers' modules given the same tensors, checked to compute what ours do before anything is timed);
-parts peak, step and vae at the family's native size (1024 / 768 px; bf16 on a CPU with it) and memory (a whole
-1-step generation with a ControlNet and both text encoders, each implementation in a fresh process). Writes
-`<out>/bench-<family>.json` and `.md`. One warm-up and 2 timed pairs by default (an SDXL step takes tens of seconds on
-2 cores).
+`--family sdxl` / `--family sd2`: the family's full-size shapes with random weights, parts peak, step, vae and memory
+at its native size (`family_run.py`); writes `<out>/bench-<family>.json` and `.md`.
 """
 
 from __future__ import annotations
@@ -24,8 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -34,9 +28,8 @@ from pathlib import Path
 
 import torch
 
-from cldm.bench import family_models, measure
+from cldm.bench import family_models, family_run, measure
 from cldm.io import checkpoints
-from cldm.runtime import allocator, prepack
 from cldm.runtime.devices import DTYPES, cpu_has_bf16, resolve_device, resolve_dtype
 
 PARTS = ("peak", "step", "quality", "vae", "generate", "load", "switch", "memory")
@@ -78,37 +71,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-child", nargs=3, metavar=("IMPL", "DTYPE", "N"), help=argparse.SUPPRESS)
 
 
-def packs(d: str, device: torch.device) -> bool:
-    """Whether the manager packs the convolutions for this dtype on this device (bf16 on the CPU)."""
-    return d == "bf16" and device.type == "cpu" and prepack.available()
-
-
 def default_dtypes(device: torch.device) -> list[str]:
     if device.type == "cuda":
         return ["fp16", "bf16"] if torch.cuda.is_bf16_supported() else ["fp16"]
     return ["fp32", "bf16"] if cpu_has_bf16() else ["fp32"]
-
-
-def machine(device: torch.device) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
-            "cpu_bf16": cpu_has_bf16(), "python": platform.python_version()}  # fmt: skip
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        import diffusers
-
-        info["diffusers"] = diffusers.__version__
-    except ImportError:
-        info["diffusers"] = None
-    return info
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -119,7 +85,7 @@ def run(a: argparse.Namespace) -> dict:
     paths = measure.write_models(folder, a.tiny)
     print(f"random {'tiny' if a.tiny else 'SD1.5'} weights in {folder} ({time.perf_counter() - t:.0f}s)", flush=True)
     cfg = measure.bench_config(a.tiny)
-    out = {"machine": machine(device), "config": "tiny" if a.tiny else "sd15", "runs": a.runs, "dtype_auto": str(
+    out = {"machine": measure.machine(device), "config": "tiny" if a.tiny else "sd15", "runs": a.runs, "dtype_auto": str(
         resolve_dtype("auto", device)).removeprefix("torch."), "results": {}}  # fmt: skip
     res = out["results"]
     if "peak" in a.parts:
@@ -134,7 +100,9 @@ def run(a: argparse.Namespace) -> dict:
         pipe = None if a.no_diffusers else measure.theirs(paths, device, dtype)
         # What the packing gives: a second manager without it (the app's --no-prepack), stepping in turn with ours.
         plain = (
-            measure.ours(paths, device, dtype, prepack_cpu=False) if "step" in a.parts and packs(d, device) else None
+            measure.ours(paths, device, dtype, prepack_cpu=False)
+            if "step" in a.parts and measure.packs(d, device)
+            else None
         )
         if "step" in a.parts:
             for size in a.sizes:
@@ -360,7 +328,7 @@ def memory_rows(folder: Path, a: argparse.Namespace, dtypes: list[str]) -> list[
     """Each configuration in a fresh process (peak memory is per process)."""
     rows = []
     for d in dtypes:
-        plain = ["ours-no-prepack"] if packs(d, resolve_device(a.device)) else []
+        plain = ["ours-no-prepack"] if measure.packs(d, resolve_device(a.device)) else []
         impls = ["ours", *plain] + ([] if a.no_diffusers else ["diffusers"])
         for n in (1, 3):
             for impl in impls:
@@ -406,199 +374,6 @@ def memory_child(a: argparse.Namespace) -> None:
                       "kind": "vram" if device.type == "cuda" else "rss"}))  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------------ SDXL and SD2.x
-FAMILY_PARTS = ("peak", "step", "vae", "memory")
-# The same function before it is timed (diffusers' step on our tensors against ours, at CHECK_PX): in fp32 to
-# rounding; in bf16 the two orders of arithmetic differ by about 1% of the output's spread on average
-CHECK_PX = 256
-CHECK_MEAN_REL = {"fp32": 1e-4, "bf16": 0.05, "fp16": 0.05}
-
-
-def family_dtypes(device: torch.device) -> list[str]:
-    """One dtype: an SDXL step in fp32 on the CPU takes minutes and 15 GB; the app's default elsewhere."""
-    if device.type == "cuda":
-        return ["fp16"]
-    return ["bf16"] if cpu_has_bf16() else ["fp32"]
-
-
-def _params(*modules: torch.nn.Module) -> int:
-    return sum(p.numel() for m in modules for p in m.parameters())
-
-
-def check_row(sd, cn, theirs: dict, size: int, d: str) -> dict:
-    """Ours and diffusers on the same tensors and inputs, one step and one decode at `size` px: their differences
-    (mean and largest, relative to the output's spread). Raises when the step or the decode differ beyond what the
-    dtype's rounding explains: the timings would not compare like with like."""
-    row = {"size": size, "dtype": d}
-    for what, (ours, their) in (("step", family_models.family_steps(sd, cn, theirs, size)),
-                                ("vae", family_models.family_decodes(sd, theirs, size))):  # fmt: skip
-        row[what] = family_models.difference(ours(), their())
-    bad = [w for w in ("step", "vae") if not row[w]["mean_rel"] <= CHECK_MEAN_REL[d]]
-    if bad:
-        raise RuntimeError(f"ours and diffusers differ in {', '.join(bad)} on the same weights: {json.dumps(row)}")
-    return row
-
-
-def run_family(a: argparse.Namespace) -> dict:
-    """`--family sdxl|sd2`: random full-size weights made in memory, ours and diffusers on the same tensors."""
-    device = resolve_device(a.device)
-    dtypes = a.dtypes or family_dtypes(device)
-    cfg = family_models.family_config(a.family, a.tiny)
-    out = {"machine": machine(device) | {"load_average": list(os.getloadavg())}, "family": a.family,
-           "config": "tiny" if a.tiny else a.family, "runs": a.runs,
-           "dtype_auto": str(resolve_dtype("auto", device)).removeprefix("torch."), "results": {}}  # fmt: skip
-    res = out["results"]
-    parts = [p for p in a.parts if p in FAMILY_PARTS]
-    if a.parts != list(PARTS) and set(a.parts) - set(parts):  # asked for by name, not by default
-        print(f"--family {a.family} runs {', '.join(FAMILY_PARTS)} only; left out: "
-              f"{', '.join(p for p in a.parts if p not in parts)}", flush=True)  # fmt: skip
-    if "peak" in parts:
-        res["peak_flops"] = {d: measure.peak_matmul(device, DTYPES[d], n=256 if a.tiny else 2048) for d in dtypes}
-        print("peak matmul:", {d: f"{v / 1e9:.0f} GFLOP/s" for d, v in res["peak_flops"].items()}, flush=True)
-    if "memory" in parts:  # first, while this process holds no model (the machine holds one SDXL at a time)
-        res["memory"] = family_memory_rows(a, dtypes)
-    for d in dtypes if {"step", "vae"} & set(parts) else []:
-        family_timings(a, cfg, d, device, parts, res)
-        gc.collect()  # the models and the closures holding them are gone with the call
-        allocator.trim()
-    out["machine"]["load_average_end"] = list(os.getloadavg())
-    return out
-
-
-def family_timings(a: argparse.Namespace, cfg, d: str, device: torch.device, parts: list[str], res: dict) -> None:
-    """Build ours and diffusers' modules in dtype `d`, check they agree, time the step and the decode in pairs."""
-    t = time.perf_counter()
-    sd, cn = family_models.random_family(cfg, DTYPES[d])
-    sd.to(device), cn.to(device)
-    theirs = None
-    if not a.no_diffusers:
-        try:
-            theirs = family_models.as_diffusers(sd, cn)
-        except ImportError:
-            pass
-    res.setdefault("build", []).append(
-        {
-            "dtype": d,
-            "seconds": time.perf_counter() - t,
-            "params": {
-                "unet": _params(sd.unet),
-                "controlnet": _params(cn),
-                "vae": _params(sd.vae),
-                "text": _params(*sd.texts),
-            },
-        }
-    )
-    print("build", json.dumps(res["build"][-1]), flush=True)
-    if theirs is not None:
-        res.setdefault("check", []).append(check_row(sd, cn, theirs, 64 if a.tiny else CHECK_PX, d))
-        print("check", json.dumps(res["check"][-1]), flush=True)
-    if "step" in parts:
-        for size in a.sizes:
-            ours, their = family_models.family_steps(sd, cn, theirs, size)
-            row = {"size": size, "dtype": d, "flops": family_models.meta_step_flops(cfg, size)}
-            if their is None:
-                row["ours"] = measure.timed(ours, device, a.runs).as_dict()
-            else:
-                mine, other, ratio = measure.timed_pair(ours, their, device, a.runs)
-                row.update(ours=mine.as_dict(), diffusers=other.as_dict(), ratio=ratio)
-            if cfg.unet.upcast_attention and d != "fp32" and their is not None:
-                # SD2.1's upcast, which diffusers' attention processor leaves out: ours without it, in pairs again
-                family_models.set_upcast([sd.unet, cn], False)
-                try:
-                    plain, _, ratio = measure.timed_pair(ours, their, device, a.runs)
-                finally:
-                    family_models.set_upcast([sd.unet, cn], True)
-                row.update(ours_no_upcast=plain.as_dict(), no_upcast_ratio=ratio)
-            res.setdefault("step", []).append(row)
-            print("step", json.dumps(row), flush=True)
-    if "vae" in parts:
-        size = max(a.sizes)
-        ours, their = family_models.family_decodes(sd, theirs, size)
-        f = sd.latent_factor
-        row = {"size": size, "dtype": d, "tiled": sd.vae.wants_tiles((size // f, size // f))}
-        if their is None:
-            row["ours"] = measure.timed(ours, device, a.runs).as_dict()
-        else:
-            mine, other, ratio = measure.timed_pair(ours, their, device, a.runs)
-            row.update(ours=mine.as_dict(), diffusers=other.as_dict(), ratio=ratio)
-        res.setdefault("vae", []).append(row)
-        print("vae", json.dumps(row), flush=True)
-
-
-def family_memory_rows(a: argparse.Namespace, dtypes: list[str]) -> list[dict]:
-    """Each implementation in a fresh process, one after the other (peak memory is per process)."""
-    rows = []
-    for d in dtypes:
-        plain = ["ours-no-prepack"] if packs(d, resolve_device(a.device)) else []
-        impls = ["ours"] if getattr(a, "quick", False) else ["ours", *plain] + ([] if a.no_diffusers else ["diffusers"])
-        for impl in impls:
-            cmd = [sys.executable, "-m", "cldm", "bench", "--family", a.family, "--device", a.device,
-                   "--sizes", str(max(a.sizes)), "--memory-child", impl, d, "1"] + (["--tiny"] if a.tiny else [])  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-            if done.returncode != 0 or not lines:
-                print(f"memory {impl} {d}: failed: {done.stderr[-500:]}", flush=True)
-                continue
-            rows.append(json.loads(lines[-1]))
-            print("memory", lines[-1], flush=True)
-    return rows
-
-
-def family_memory_child(a: argparse.Namespace) -> dict:
-    """One whole generation at the largest size (1 step with guidance, one ControlNet, the VAE decode), the base
-    with both full-size text encoders, as the app runs it (ours) or as diffusers' ControlNet pipeline runs it on
-    the same tensors; prints and returns the process's peak memory as JSON."""
-    import numpy as np
-
-    impl, d = a.memory_child[0], a.memory_child[1]
-    device, dtype = resolve_device(a.device), DTYPES[d]
-    cfg = family_models.family_config(a.family, a.tiny)
-    size = max(a.sizes)
-    hint = (np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8)
-    t = time.perf_counter()
-    sd, cn = family_models.random_family(cfg, dtype, prepack_cpu=impl == "ours")
-    sd.to(device), cn.to(device)
-    built = time.perf_counter() - t
-    cuda = device.type == "cuda"
-    # each phase's own peak: building, then the text encoders + hint + the step, then the decode (the VAE alone)
-    phases = {"held_after_build": torch.cuda.memory_allocated(device) if cuda else measure.rss_now()}
-
-    def phase(name: str) -> None:
-        measure.sync(device)
-        phases[name] = torch.cuda.max_memory_allocated(device) if cuda else measure.rss_peak()
-        torch.cuda.reset_peak_memory_stats(device) if cuda else measure.reset_rss_peak()
-
-    phase("build")
-    t = time.perf_counter()
-    if impl.startswith("ours"):
-        from cldm.pipeline.request import ControlUnit, GenerationRequest
-        from cldm.pipeline.stages import generate
-
-        r = GenerationRequest("a photo of a cat", units=(ControlUnit(cn, hint),), steps=1, width=size, height=size,
-                              seed=1)  # fmt: skip
-        timings = generate(sd, r, callback=lambda k, n: phase("encode_and_step")).timings
-    else:
-        pipe = family_models.their_pipeline(sd, cn)
-        del sd, cn  # the pipeline holds the same tensors
-        gc.collect()
-        from PIL import Image
-
-        def step_end(pipeline, i, t, kwargs):
-            phase("encode_and_step")
-            return kwargs
-
-        pipe(prompt="a photo of a cat", image=Image.fromarray(hint), width=size, height=size, num_inference_steps=1,
-             output_type="np", generator=torch.Generator().manual_seed(1), callback_on_step_end=step_end)  # fmt: skip
-        timings = {}
-    phase("decode")
-    peak = max(v for k, v in phases.items() if k != "held_after_build")
-    row = {"impl": impl, "dtype": d, "controlnets": 1, "size": size, "peak_bytes": peak, "phases": phases,
-           "build_s": built, "generate_s": time.perf_counter() - t, "timings": timings,
-           "kind": "vram" if cuda else "rss"}  # fmt: skip
-    print(json.dumps(row), flush=True)
-    return row
-
-
 def _defaults(a: argparse.Namespace) -> None:
     if a.runs is None:
         a.runs = 1 if getattr(a, "quick", False) else 3 if a.family == "sd15" else 2
@@ -609,11 +384,11 @@ def _defaults(a: argparse.Namespace) -> None:
 def cmd_bench(a: argparse.Namespace) -> None:
     _defaults(a)
     if a.memory_child:
-        memory_child(a) if a.family == "sd15" else family_memory_child(a)
+        memory_child(a) if a.family == "sd15" else family_run.family_memory_child(a)
         return
     from cldm.bench.report import markdown
 
-    out = run(a) if a.family == "sd15" else run_family(a)
+    out = run(a) if a.family == "sd15" else family_run.run_family(a, PARTS)
     folder = Path(a.out)
     folder.mkdir(parents=True, exist_ok=True)
     name = "bench" if a.family == "sd15" else f"bench-{a.family}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from cldm.io import writers
 from cldm.models.config import SDConfig, TextConfig, UNetConfig, VAEConfig
 from cldm.models.controlnet import ControlNet
 from cldm.models.sd import StableDiffusion, random_sd
+from cldm.runtime import prepack
+from cldm.runtime.devices import cpu_has_bf16
 
 
 @dataclass(frozen=True)
@@ -272,3 +275,31 @@ def drop_file_cache(path: Path) -> bool:
         finally:
             os.close(fd)
     return True
+
+
+# ------------------------------------------------------------------------------------------- the machine
+def packs(d: str, device: torch.device) -> bool:
+    """Whether the manager packs the convolutions for this dtype on this device (bf16 on the CPU)."""
+    return d == "bf16" and device.type == "cpu" and prepack.available()
+
+
+def machine(device: torch.device) -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
+            "cpu_bf16": cpu_has_bf16(), "python": platform.python_version()}  # fmt: skip
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import diffusers
+
+        info["diffusers"] = diffusers.__version__
+    except ImportError:
+        info["diffusers"] = None
+    return info
