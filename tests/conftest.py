@@ -159,3 +159,13 @@ def demo_app(tmp_path_factory):
     launch.serve(blocks, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", manager
     blocks.close()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test of tiny models: too small to share out, they run 50-100x slower on two threads
+    of a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

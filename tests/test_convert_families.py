@@ -25,13 +25,7 @@ from cldm.io.model_configs import CONFIG_METADATA_KEY
 IGNORED_CONFIG = {"_name_or_path", "_diffusers_version", "_use_default_values", "sample_size"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one torch thread (on a busy 2-core machine two threads run many times slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

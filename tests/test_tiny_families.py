@@ -15,14 +15,7 @@ import tiny_families as tf
 import torch
 from safetensors.torch import load_file
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are too small to share out: on a busy 2-core machine two torch threads run 50-100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

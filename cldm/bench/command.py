@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -334,13 +333,8 @@ def memory_rows(folder: Path, a: argparse.Namespace, dtypes: list[str]) -> list[
             for impl in impls:
                 cmd = [sys.executable, "-m", "cldm", "bench", "--models", str(folder), "--device", a.device,
                        "--memory-child", impl, d, str(n)] + (["--tiny"] if a.tiny else [])  # fmt: skip
-                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-                if done.returncode != 0 or not lines:
-                    print(f"memory {impl} {d} {n}: failed: {done.stderr[-500:]}", flush=True)
-                    continue
-                rows.append(json.loads(lines[-1]))
-                print("memory", lines[-1], flush=True)
+                if (row := measure.child_row(cmd, f"{impl} {d} {n}")) is not None:
+                    rows.append(row)
     return rows
 
 

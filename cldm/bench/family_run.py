@@ -7,7 +7,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -144,13 +143,8 @@ def family_memory_rows(a: argparse.Namespace, dtypes: list[str]) -> list[dict]:
         for impl in impls:
             cmd = [sys.executable, "-m", "cldm", "bench", "--family", a.family, "--device", a.device,
                    "--sizes", str(max(a.sizes)), "--memory-child", impl, d, "1"] + (["--tiny"] if a.tiny else [])  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-            if done.returncode != 0 or not lines:
-                print(f"memory {impl} {d}: failed: {done.stderr[-500:]}", flush=True)
-                continue
-            rows.append(json.loads(lines[-1]))
-            print("memory", lines[-1], flush=True)
+            if (row := measure.child_row(cmd, f"{impl} {d}")) is not None:
+                rows.append(row)
     return rows
 
 

@@ -303,3 +303,18 @@ def machine(device: torch.device) -> dict:
     except ImportError:
         info["diffusers"] = None
     return info
+
+
+def child_row(cmd: list[str], label: str) -> dict | None:
+    """Run one memory child (`python -m cldm bench ... --memory-child ...`) in a fresh process: its last JSON line,
+    or None (with the reason printed) when it failed."""
+    import json
+    import subprocess
+
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        print(f"memory {label}: failed: {done.stderr[-500:]}", flush=True)
+        return None
+    print("memory", lines[-1], flush=True)
+    return json.loads(lines[-1])
