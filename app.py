@@ -7,11 +7,12 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from cldm.io.locate import DEFAULT_BASE_REPO
+from cldm.io.locate import DEFAULT_BASE_REPO, detect_offline
 from cldm.runtime.manager import ModelManager
+from studio.availability import choose_base
 from studio.launch import quiet_dependencies, read_auth, serve
 from studio.page import build_app
-from studio.service import Limits, Studio, choose_base
+from studio.service import Limits, Studio
 
 log = logging.getLogger("app")
 
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     auth = read_auth(a.auth, a.auth_file)
     if a.share and not auth:
         log.warning("--share without --auth: anyone with the link can use every endpoint of this server")
+    # once, before any weight is looked up: offline, every later lookup of this process stays on this machine
+    offline = detect_offline()
     base, card, banner = choose_base(a.base, a.demo)
     # textual inversions in <models>/embeddings, used by file name in any prompt (as A1111's embeddings folder)
     embeddings_dir = Path(str(card.folder) if card else a.models_dir) / "embeddings"
@@ -71,9 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     limits = Limits.for_device(manager.device.type)
     limits = replace(limits, keep_outputs=a.keep_outputs, **({} if a.max_work is None else {"max_work": a.max_work}))
     # a model with a card (the demo model) ships its ControlNets beside it
-    studio = Studio(manager, str(card.folder) if card else a.models_dir, a.out_dir, card=card, limits=limits)
+    studio = Studio(manager, str(card.folder) if card else a.models_dir, a.out_dir, card=card, limits=limits,
+                    offline=offline)  # fmt: skip
     where = f"{a.serve_replicas} Ray Serve replicas on {manager.device}" if a.serve_replicas else manager.device
-    demo = build_app(studio, banner=f"{banner} Device: {where}.")
+    offline_note = " Offline: only weights on this machine are used." if offline else ""
+    demo = build_app(studio, banner=f"{banner} Device: {where}.{offline_note}")
     demo.queue(max_size=a.queue_size, default_concurrency_limit=max(1, a.serve_replicas))  # one per replica
     serve(demo, server_name=a.host, server_port=a.port, share=a.share, allowed_paths=[str(studio.out_dir)],
           auth=auth or None)  # fmt: skip

@@ -3,6 +3,24 @@
 Wraps controlnet-aux (and transformers for segmentation). Never imports cldm or gradio.
 """
 
-from annotators.registry import ANNOTATORS, Annotator, AnnotatorError, MissingAnnotatorWeights, Param, run
+from annotators.registry import (
+    ANNOTATORS,
+    Annotator,
+    AnnotatorError,
+    MissingAnnotatorWeights,
+    Param,
+    missing_weights,
+    run,
+)
+from annotators.weights import WeightFile
 
-__all__ = ["ANNOTATORS", "Annotator", "AnnotatorError", "MissingAnnotatorWeights", "Param", "run"]
+__all__ = [
+    "ANNOTATORS",
+    "Annotator",
+    "AnnotatorError",
+    "MissingAnnotatorWeights",
+    "Param",
+    "WeightFile",
+    "missing_weights",
+    "run",
+]

@@ -13,8 +13,9 @@ import numpy as np
 from annotators import detectors, segmentation, sketch
 from annotators.errors import AnnotatorError, MissingAnnotatorWeights
 from annotators.images import as_rgb, check_resolution, to_size
+from annotators.weights import WeightFile, on_disk
 
-__all__ = ["ANNOTATORS", "Annotator", "AnnotatorError", "MissingAnnotatorWeights", "Param", "run"]
+__all__ = ["ANNOTATORS", "Annotator", "AnnotatorError", "MissingAnnotatorWeights", "Param", "missing_weights", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +37,19 @@ class Param:
 
 @dataclass(frozen=True)
 class Annotator:
-    """A registry entry: name, UI label, sliders, whether it downloads weights, and the function that runs it."""
+    """A registry entry: name, UI label, sliders, the weight files it needs, and the function that runs it."""
 
     name: str
     label: str
     params: tuple[Param, ...] = ()
-    needs_weights: bool = False
+    weights: tuple[WeightFile, ...] = ()  # for a transformers model: its config (it finds its own weights)
     _fn: DetectFn | None = field(default=None, repr=False, compare=False)
     # Label maps (segmentation) must keep their exact palette colours when resized back to the input size.
     _nearest: bool = field(default=False, repr=False, compare=False)
+
+    @property
+    def needs_weights(self) -> bool:
+        return bool(self.weights)
 
 
 _CANNY_PARAMS = (
@@ -62,32 +67,35 @@ _LERES_PARAMS = (
 
 
 def _entries() -> tuple[Annotator, ...]:
-    d = detectors
+    d, seg = detectors, segmentation
+    body, hand, face = d.OPENPOSE_BODY_FILE, d.OPENPOSE_HAND_FILE, d.OPENPOSE_FACE_FILE
     return (
         Annotator("none", "None (use the image as the hint)", _fn=sketch.identity),
         Annotator("invert", "Invert (black-on-white drawing)", _fn=sketch.invert),
         Annotator("scribble_sketch", "Sketch (your drawing)", _fn=sketch.scribble_sketch, _nearest=True),
         Annotator("canny", "Canny edges", _CANNY_PARAMS, _fn=d.canny),
         Annotator("shuffle", "Content shuffle", (Param("seed", "Shuffle seed", 0, 2**31 - 1, 0, 1),), _fn=d.shuffle),
-        Annotator("mlsd", "M-LSD straight lines", _MLSD_PARAMS, True, _fn=d.mlsd),
-        Annotator("depth_midas", "Depth (MiDaS)", (), True, _fn=d.depth_midas),
-        Annotator("depth_zoe", "Depth (ZoeDepth)", (), True, _fn=d.depth_zoe),
-        Annotator("depth_leres", "Depth (LeReS)", _LERES_PARAMS, True, _fn=d.depth_leres),
-        Annotator("normal_bae", "Normal map (BAE)", (), True, _fn=d.normal_bae),
-        Annotator("seg_ade20k", "Segmentation (ADE20K, UperNet)", (), True, _fn=segmentation.seg_ade20k, _nearest=True),
-        Annotator("openpose", "OpenPose (body)", (), True, _fn=d.openpose),
-        Annotator("openpose_hand", "OpenPose (body + hands)", (), True, _fn=d.openpose_hand),
-        Annotator("openpose_face", "OpenPose (body + face)", (), True, _fn=d.openpose_face),
-        Annotator("openpose_full", "OpenPose (body + hands + face)", (), True, _fn=d.openpose_full),
-        Annotator("scribble_hed", "Scribble from HED", (), True, _fn=d.scribble_hed),
-        Annotator("scribble_pidinet", "Scribble from PiDiNet", (), True, _fn=d.scribble_pidinet),
-        Annotator("softedge_hed", "Soft edges (HED)", (), True, _fn=d.softedge_hed),
-        Annotator("softedge_hedsafe", "Soft edges (HED, safe)", (), True, _fn=d.softedge_hedsafe),
-        Annotator("softedge_pidinet", "Soft edges (PiDiNet)", (), True, _fn=d.softedge_pidinet),
-        Annotator("softedge_pidisafe", "Soft edges (PiDiNet, safe)", (), True, _fn=d.softedge_pidisafe),
-        Annotator("lineart", "Line art (fine)", (), True, _fn=d.lineart),
-        Annotator("lineart_coarse", "Line art (coarse)", (), True, _fn=d.lineart_coarse),
-        Annotator("lineart_anime", "Line art (anime)", (), True, _fn=d.lineart_anime),
+        Annotator("mlsd", "M-LSD straight lines", _MLSD_PARAMS, (d.MLSD_FILE,), _fn=d.mlsd),
+        Annotator("depth_midas", "Depth (MiDaS)", (), (d.MIDAS_FILE,), _fn=d.depth_midas),
+        Annotator("depth_zoe", "Depth (ZoeDepth)", (), (d.ZOE_FILE,), _fn=d.depth_zoe),
+        Annotator("depth_leres", "Depth (LeReS)", _LERES_PARAMS, (d.LERES_FILE,), _fn=d.depth_leres),
+        Annotator("normal_bae", "Normal map (BAE)", (), (d.NORMAL_BAE_FILE,), _fn=d.normal_bae),
+        Annotator(
+            "seg_ade20k", "Segmentation (ADE20K, UperNet)", (), (seg.SEG_CONFIG,), _fn=seg.seg_ade20k, _nearest=True
+        ),
+        Annotator("openpose", "OpenPose (body)", (), (body,), _fn=d.openpose),
+        Annotator("openpose_hand", "OpenPose (body + hands)", (), (body, hand), _fn=d.openpose_hand),
+        Annotator("openpose_face", "OpenPose (body + face)", (), (body, face), _fn=d.openpose_face),
+        Annotator("openpose_full", "OpenPose (body + hands + face)", (), (body, hand, face), _fn=d.openpose_full),
+        Annotator("scribble_hed", "Scribble from HED", (), (d.HED_FILE,), _fn=d.scribble_hed),
+        Annotator("scribble_pidinet", "Scribble from PiDiNet", (), (d.PIDINET_FILE,), _fn=d.scribble_pidinet),
+        Annotator("softedge_hed", "Soft edges (HED)", (), (d.HED_FILE,), _fn=d.softedge_hed),
+        Annotator("softedge_hedsafe", "Soft edges (HED, safe)", (), (d.HED_FILE,), _fn=d.softedge_hedsafe),
+        Annotator("softedge_pidinet", "Soft edges (PiDiNet)", (), (d.PIDINET_FILE,), _fn=d.softedge_pidinet),
+        Annotator("softedge_pidisafe", "Soft edges (PiDiNet, safe)", (), (d.PIDINET_FILE,), _fn=d.softedge_pidisafe),
+        Annotator("lineart", "Line art (fine)", (), (d.LINEART_FILE,), _fn=d.lineart),
+        Annotator("lineart_coarse", "Line art (coarse)", (), (d.LINEART_COARSE_FILE,), _fn=d.lineart_coarse),
+        Annotator("lineart_anime", "Line art (anime)", (), (d.LINEART_ANIME_FILE,), _fn=d.lineart_anime),
     )
 
 
@@ -113,6 +121,15 @@ def _check_params(annotator: Annotator, given: Mapping[str, object]) -> dict[str
             )
         values[name] = value
     return values
+
+
+def missing_weights(name: str, models_dir: str | os.PathLike[str] | None) -> tuple[WeightFile, ...]:
+    """The weight files the preprocessor `name` needs that are neither in the local folder nor in the Hugging Face
+    cache: what it would have to download (nothing is looked up on the network)."""
+    annotator = ANNOTATORS.get(name)
+    if annotator is None:
+        raise AnnotatorError(f"Unknown preprocessor '{name}'. Known: {', '.join(sorted(ANNOTATORS))}.")
+    return tuple(item for item in annotator.weights if not on_disk(item, models_dir))
 
 
 def run(

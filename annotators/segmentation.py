@@ -19,12 +19,14 @@ import torch
 
 from annotators.cache import cached_load
 from annotators.errors import MissingAnnotatorWeights
-from annotators.weights import hub_is_offline, local_folder, where_to_put
+from annotators.weights import WeightFile, hub_is_offline, local_folder, on_disk, where_to_put
 
 log = logging.getLogger(__name__)
 
 SEG_REPO = "openmmlab/upernet-convnext-small"
 SEG_LOCAL_NAME = "upernet-convnext-small"  # <models_dir>/annotators/upernet-convnext-small/config.json, weights
+# there when the model is (transformers finds its weights beside it)
+SEG_CONFIG = WeightFile(SEG_REPO, "config.json", SEG_LOCAL_NAME)
 # Normalisation of the mmsegmentation ADE20K configs (ImageNet statistics on 0..255 pixels).
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -198,17 +200,18 @@ def colorize(labels: np.ndarray) -> np.ndarray:
 def _build_model(source: str) -> Any:
     from transformers import AutoModelForSemanticSegmentation
 
-    model = AutoModelForSemanticSegmentation.from_pretrained(source)
+    # offline, transformers is told so itself: it reads HF_HUB_OFFLINE only when it is imported
+    model = AutoModelForSemanticSegmentation.from_pretrained(source, local_files_only=hub_is_offline())
     return model.eval()
 
 
-def _missing_model_message(models_dir: str | os.PathLike[str] | None, exc: Exception) -> str:
-    hub = "HF_HUB_OFFLINE is set, so nothing is downloaded automatically. " if hub_is_offline() else ""
+def _missing_model_message(models_dir: str | os.PathLike[str] | None, why: str) -> str:
+    hub = "This app works offline (HF_HUB_OFFLINE), so nothing is downloaded. " if hub_is_offline() else ""
     return (
         f"The 'seg_ade20k' preprocessor needs the transformers model '{SEG_REPO}' "
         f"(https://huggingface.co/{SEG_REPO}: config.json and model.safetensors or pytorch_model.bin). "
         f"Put those files in {where_to_put(models_dir, SEG_LOCAL_NAME)}/ or into the Hugging Face cache "
-        f"(huggingface-cli download {SEG_REPO}). {hub}(transformers: {str(exc).splitlines()[0]})"
+        f"(huggingface-cli download {SEG_REPO}). {hub}({why})"
     )
 
 
@@ -218,6 +221,9 @@ def _load(models_dir: str | os.PathLike[str] | None) -> Any:
     local = folder / SEG_LOCAL_NAME if folder is not None else None
     if local is not None and (local / "config.json").is_file():
         source = str(local)
+    elif hub_is_offline() and not on_disk(SEG_CONFIG, models_dir):
+        # said at once, before transformers is even imported
+        raise MissingAnnotatorWeights(_missing_model_message(models_dir, "not in the Hugging Face cache"))
     else:
         source = SEG_REPO
 
@@ -226,7 +232,8 @@ def _load(models_dir: str | os.PathLike[str] | None) -> Any:
             return _build_model(source)
         except OSError as exc:
             # transformers reports "not cached and offline" / "no such repo" / "no weights file" as OSError.
-            raise MissingAnnotatorWeights(_missing_model_message(models_dir, exc)) from exc
+            why = f"transformers: {str(exc).splitlines()[0]}"
+            raise MissingAnnotatorWeights(_missing_model_message(models_dir, why)) from exc
 
     # No per-file resolution here: transformers finds its own files, so the file list for the cache is empty.
     return cached_load(f"seg:{source}", (), build, models_dir, "seg_ade20k")

@@ -27,7 +27,9 @@ from cldm.scale.jobs import RowError, make_job
 from cldm.scale.render import Setup
 from studio.forms import BasePanel, FieldsPanel, Form
 from studio.handlers import Call, tab_endpoints
+from studio.panels import MAX_UI_SIZE, results_panel
 from studio.service import MAX_SEED_INPUT, Studio
+from studio.settings import MAX_UI_STEPS
 
 MAX_PICTURES = 500  # one batch on a shared server
 KEEP_BATCHES = 20  # batch folders (inputs, PNGs, zip) kept in the output folder; none older than the limits say
@@ -216,21 +218,17 @@ def batch_tab(studio: Studio, base: BasePanel) -> None:
             with gr.Row():
                 seed = gr.Number(12345, label="Seed of the first picture (then +1 each)", precision=0, minimum=0,
                                  maximum=MAX_SEED_INPUT)  # fmt: skip
-                steps = gr.Slider(1, 150, d.steps, step=1, label="Steps")
+                steps = gr.Slider(1, MAX_UI_STEPS, d.steps, step=1, label="Steps")
                 cfg = gr.Slider(1, 30, d.cfg, step=0.5, label="Guidance")
             with gr.Row():
                 sampler = gr.Dropdown([(SAMPLER_LABELS[k], k) for k in SAMPLERS], value=d.sampler, label="Sampler")
-                width = gr.Slider(64, 1024, d.size, step=8, label="Width")
-                height = gr.Slider(64, 1024, d.size, step=8, label="Height")
+                width = gr.Slider(64, MAX_UI_SIZE, d.size, step=8, label="Width")
+                height = gr.Slider(64, MAX_UI_SIZE, d.size, step=8, label="Height")
             with gr.Row():
                 scale = gr.Slider(0, 2, 1.0, step=0.05, label="Control strength")
                 strength = gr.Slider(0, 1, 0.75, step=0.05, label="Denoising (tile: img2img from each picture)")
-            with gr.Row():
-                run = gr.Button("Run the batch", variant="primary", elem_id="batch-run")
-                stop = gr.Button("Stop", variant="stop", elem_id="batch-stop")
         with gr.Column():
-            gallery = gr.Gallery(label="Results", columns=4, format="png", elem_id="batch-gallery")
-            status = gr.Markdown(elem_id="batch-status")
+            run, stop, status, gallery = results_panel("batch", run_label="Run the batch", columns=4)
             archive = gr.Files(label="Download all (zip: PNGs with parameters + manifest.jsonl)")
     preprocessors_of = {c.key: c.preprocessors for c in conds}  # condition -> its preprocessors, the default first
     cond.change(

@@ -14,6 +14,7 @@ import gradio as gr
 
 from cldm.errors import InputError
 from cldm.hints.conditions import Condition
+from studio.availability import TabState
 from studio.service import (
     CONTROL_MODES,
     INPAINT_MODES,
@@ -62,7 +63,11 @@ def _pass_none(widget) -> None:
             return original(payload)
         except gr.Error as e:
             name = getattr(widget, "label", None) or type(widget).__name__
-            raise gr.Error(html.escape(f"{name}: {e.message}", quote=False), print_exception=False) from e
+            lo, hi = getattr(widget, "minimum", None), getattr(widget, "maximum", None)
+            why = e.message  # a number out of range is refused with the range, never clamped into it
+            if lo is not None and hi is not None and isinstance(payload, (int, float)):
+                why = f"{payload:g} is out of range; give a value from {lo:g} to {hi:g}."
+            raise gr.Error(html.escape(f"{name}: {why}", quote=False), print_exception=False) from e
 
     widget.preprocess = preprocess
     widget._passes_none = True
@@ -314,3 +319,19 @@ class FieldsPanel:
 
     def read(self, it: Iterator) -> dict:
         return _take(it, list(self.widgets), self.optional)
+
+
+NOTE_CLASS = "cldm-tab-note"  # launch.PAGE_CSS sets it off from the tab's widgets
+
+
+def tab_note(state: TabState, key: str) -> bool:
+    """The one line at the top of a condition tab that misses a file here (which file to get, where to put it),
+    nothing for a tab that has them all; True when the tab can run (else its Generate and Preview hint are off)."""
+    if state.note:
+        gr.Markdown(state.note, elem_id=f"{key}-note", elem_classes=[NOTE_CLASS])
+    return state.ready
+
+
+def tab_id(state: TabState, key: str) -> str:
+    """The condition tab's element id; one that cannot run ends in "-off", which greys its name in the tab bar."""
+    return f"{key}-tab" + ("" if state.ready else "-off")

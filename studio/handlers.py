@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import annotators
-from cldm.errors import CldmError
+from cldm.errors import CldmError, Stopped
 from studio.forms import Form
 from studio.gate import arrived
 from studio.service import Studio
@@ -90,8 +90,9 @@ def preview_picture(p: np.ndarray) -> np.ndarray:
 
 def streamed(studio: Studio, work: Callable, progress, who: str | None) -> Iterator:
     """Run `work(progress, preview)` (a `studio.generate` call) in a worker thread; yield the live previews to the
-    gallery while it samples, then its result. Gradio's progress bar is driven from the handler's own thread. A
-    browser that goes away stops the generation at its next step (nobody would see the pictures)."""
+    gallery while it samples, then its result. Gradio's progress bar is driven from the handler's own thread. A Stop
+    is no error: the status line says where it stopped, the gallery keeps this run's last preview and no file is
+    offered. A browser that goes away stops the generation at its next step (nobody would see the pictures)."""
     events: queue.Queue = queue.Queue()
     box: dict = {}
 
@@ -107,15 +108,21 @@ def streamed(studio: Studio, work: Callable, progress, who: str | None) -> Itera
 
     worker = threading.Thread(target=target, daemon=True, name="generate")
     worker.start()
+    previewed = False
     try:
         while (event := events.get()) is not None:
             if event[0] == "progress":
                 progress(event[1], desc=event[2])
             else:
-                yield [(preview_picture(p), "preview") for p in event[1]], "Sampling (live preview)...", gr.skip()
+                previewed = True
+                yield [(preview_picture(p), "preview") for p in event[1]], gr.skip(), gr.skip()
     finally:
         if worker.is_alive():  # the generator was closed: the client left
             studio.stops.stop(who)
+    if isinstance(box.get("err"), Stopped):
+        log.info("stopped: %s", box["err"])
+        yield gr.skip() if previewed else [], studio.public(str(box["err"])), None
+        return
     if "err" in box:
         raise box["err"]
     yield box["out"]
@@ -153,8 +160,10 @@ def tab_endpoints(studio: Studio, key: str, form: Form, job: Callable[[tuple, Ca
         records, who, sent = form.read(values), session(request), arrived(request)
         yield from streamed(studio, lambda prog, show: job(records, Call(who, sent, prog, show)), progress, who)
 
+    # `outputs` are (gallery, status line, files): Gradio's progress bar covers the status line only, so that the
+    # live previews in the gallery stay in sight
     run.click(generate, None, outputs, inputs_kwargs=form.named, api_name=api_name or f"{key}_generate",
-              api_description=about)  # fmt: skip
+              api_description=about, show_progress="full", show_progress_on=outputs[1])  # fmt: skip
     if hint is not None:
 
         @friendly(studio)

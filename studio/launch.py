@@ -40,13 +40,21 @@ def quiet_dependencies() -> None:
 
 
 MAX_FILE_SIZE = "20mb"  # the largest upload Gradio takes
+# A condition tab that cannot run here (`forms.tab_id`: its id ends in "-off"; Gradio gives its tab-bar button that id
+# + "-button"): its name and its widgets greyed, its note (`forms.tab_note`) set off in the accent colour.
+PAGE_CSS = """
+button[role="tab"][id$="-tab-off-button"] { opacity: 0.45; }
+[id$="-tab-off"] .block:not(.cldm-tab-note), [id$="-tab-off"] button { filter: grayscale(1); opacity: 0.7; }
+.block.cldm-tab-note { border-left: 4px solid var(--color-accent); padding-left: 10px; }
+"""
 
 
 def serve(demo: gr.Blocks, **options):
-    """`demo.launch(**options)` with the gate (`gate.py`) in front of every route and the upload size cap.
+    """`demo.launch(**options)` with the gate (`gate.py`) in front of every route, the upload size cap and the
+    page's CSS.
 
     Errors Gradio raises itself before a handler runs are not shown (they name server paths, e.g. "Cannot move
     /srv/app/file:/etc/passwd ..."); every handler's own error is a gr.Error, which Gradio always shows."""
     return demo.launch(
-        app_kwargs={"middleware": middleware()}, max_file_size=MAX_FILE_SIZE, show_error=False, **options
+        app_kwargs={"middleware": middleware()}, max_file_size=MAX_FILE_SIZE, show_error=False, css=PAGE_CSS, **options
     )

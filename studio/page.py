@@ -15,9 +15,10 @@ from cldm.errors import CldmError, InputError
 from cldm.hints.conditions import CONDITIONS, EXAMPLES_DIR, Condition
 from cldm.io.locate import VAE_FROM_CHECKPOINT
 from cldm.pipeline.fit import picture_size
+from studio.availability import ready_first
 from studio.batch_tab import batch_tab
 from studio.canvas import editor_image
-from studio.forms import BasePanel, Form, SizePanel, UnitOptionsPanel
+from studio.forms import BasePanel, Form, SizePanel, UnitOptionsPanel, tab_id, tab_note
 from studio.handlers import Call, Hint, friendly, tab_endpoints
 from studio.panels import (
     LORA_LIST,
@@ -26,22 +27,17 @@ from studio.panels import (
     image_prompt_panel,
     pass_panel,
     reference_panel,
+    results_panel,
     settings_panel,
     unit_panel,
 )
-from studio.png_info import Receivers, png_info_tab
+from studio.png_info import Receivers, TabBars, png_info_tab
 from studio.service import Studio, condition
 
 log = logging.getLogger("app")
 MAX_UNITS = 3  # ControlNets in the Multi tab
 MULTI_DEFAULTS = ("canny", "depth", "openpose")  # the Multi tab's first conditions (a model card names its own)
-
-
-def _example(studio: Studio, cond: Condition) -> tuple[str, str, str]:
-    if studio.card is not None and cond.key in studio.card.examples:
-        e = studio.card.examples[cond.key]
-        return e["image"], e["preprocessor"], e["prompt"]
-    return cond.example
+CONTROLNET_TAB = "controlnet"  # the tab that holds one tab per condition
 
 
 def size_button(button: gr.Button, image, settings) -> None:
@@ -69,28 +65,31 @@ def friendly_size(fn):
 
 
 def condition_tab(studio: Studio, cond: Condition, base: BasePanel) -> Receivers:
-    """One tab, for any row of the condition table."""
+    """One tab, for any row of the condition table: the prompt, the picture and its options on the left; Generate,
+    Stop, the progress, the results and the hint on the right."""
+    state = studio.tabs[cond.key]  # what runs here, decided at start-up (availability.py)
+    live = tab_note(state, cond.key)
     with gr.Row():
         with gr.Column():
-            unit = unit_panel(studio, [cond], elem_id=f"{cond.key}-image")
-            use_size = gr.Button("Use the picture's size", size="sm", elem_id=f"{cond.key}-size")
             settings = settings_panel(studio, cond)
-            extras = pass_panel(cond, cond.key, studio.models_dir)
-            ip = image_prompt_panel(studio, cond.key)
+            unit = unit_panel(studio, [cond], elem_id=f"{cond.key}-image")
+            if cond.img2img or cond.inpaint:  # the tab's own picture is the init picture
+                settings.widgets["denoise"].render()
             with gr.Row():
-                preview = gr.Button("Preview hint", elem_id=f"{cond.key}-preview")
-                run = gr.Button("Generate", variant="primary", elem_id=f"{cond.key}-run")
-                stop = gr.Button("Stop", variant="stop", elem_id=f"{cond.key}-stop")
+                preview = gr.Button("Preview hint", size="sm", interactive=live, elem_id=f"{cond.key}-preview")
+                use_size = gr.Button("Use the picture's size", size="sm", elem_id=f"{cond.key}-size")
+            extras = pass_panel(cond, cond.key, settings, studio.models_dir)
+            ip = image_prompt_panel(studio, cond.key)
         with gr.Column():
+            run, stop, status, gallery = results_panel(cond.key, interactive=live)
             hint_view = gr.Image(
                 label="Hint", type="numpy", interactive=False, format="png", elem_id=f"{cond.key}-hint"
             )
-            gallery = gr.Gallery(label="Results", columns=2, format="png", elem_id=f"{cond.key}-gallery")
-            status = gr.Markdown(elem_id=f"{cond.key}-status")
             files = gr.Files(label="Download PNGs (with parameters)")
-    picture, preprocessor, prompt = _example(studio, cond)
-    gr.Examples([[str(EXAMPLES_DIR / picture), preprocessor, prompt]], [unit.image, unit.preprocessor, settings.widgets["prompt"]],
-                label="Example")  # fmt: skip
+    if state.example is not None:  # none when no example runs here
+        picture, preprocessor, prompt = state.example
+        gr.Examples([[str(EXAMPLES_DIR / picture), preprocessor, prompt]], [unit.image, unit.preprocessor, settings.widgets["prompt"]],
+                    label="Example")  # fmt: skip
     size_button(use_size, unit.image, settings)
     size = SizePanel(settings.widgets["width"], settings.widgets["height"])
 
@@ -108,7 +107,7 @@ def condition_tab(studio: Studio, cond: Condition, base: BasePanel) -> Receivers
                   "hint of the picture (the unit, the settings, its control options, img2img / hires fix / preview, "
                   "the image prompt, the base).",
                   hint=Hint(preview, Form(unit, size, UnitOptionsPanel([unit])), hint, hint_view))  # fmt: skip
-    return Receivers(cond.key, settings, [unit])
+    return Receivers(cond.key, cond.label, settings, [unit])
 
 
 def generated(studio: Studio, call: Call, units: list, s, more, base_name: str | None, image_prompt=None,
@@ -121,33 +120,28 @@ def generated(studio: Studio, call: Call, units: list, s, more, base_name: str |
 def multi_tab(studio: Studio, base: BasePanel) -> Receivers:
     """Up to three ControlNets at once, each with the same panel as a condition tab (preprocessor sliders included)."""
     choices = [c for c in CONDITIONS if not c.inpaint]
-    defaults = studio.card.conditions if studio.card else MULTI_DEFAULTS
+    defaults = ready_first(studio.tabs, studio.card.conditions if studio.card else MULTI_DEFAULTS, choices)
     units = []
     with gr.Row():
         with gr.Column():
+            settings = settings_panel(studio, None)
             for i in range(MAX_UNITS):
                 first = condition(defaults[i % len(defaults)])
                 with gr.Group():
                     enabled = gr.Checkbox(value=i < 2, label=f"ControlNet {i + 1}")
-                    choice = gr.Dropdown(
-                        [c.key for c in choices], value=first.key, label="Condition", allow_custom_value=True
-                    )
+                    choice = gr.Dropdown([(c.label, c.key) for c in choices], value=first.key, label="Condition",
+                                         allow_custom_value=True)  # fmt: skip
                     panel = unit_panel(studio, choices, first, label="Picture")
                     # the preprocessors follow the condition in the browser; the panel holds every one's sliders
                     choice.change(lambda k: gr.update(choices=list(condition(k).preprocessors),
-                                                      value=condition(k).preprocessors[0]), choice, panel.preprocessor,
+                                                      value=studio.tabs[k].preprocessor), choice, panel.preprocessor,
                                   api_name=False)  # fmt: skip
                 panel.enabled, panel.choice, panel.tag = enabled, choice, f"_{i + 1}"
                 units.append(panel)
-            settings = settings_panel(studio, None)
-            extras = pass_panel(None, "multi", studio.models_dir)
+            extras = pass_panel(None, "multi", settings, studio.models_dir)
             ip = image_prompt_panel(studio, "multi")
-            with gr.Row():
-                run = gr.Button("Generate", variant="primary")
-                stop = gr.Button("Stop", variant="stop")
         with gr.Column():
-            gallery = gr.Gallery(label="Hints and results", columns=2, format="png")
-            status = gr.Markdown()
+            run, stop, status, gallery = results_panel("multi", "Hints and results")
             files = gr.Files(label="Download PNGs (with parameters)")
 
     def job(records, call: Call):
@@ -160,24 +154,20 @@ def multi_tab(studio: Studio, base: BasePanel) -> Receivers:
     tab_endpoints(studio, "multi", Form(*units, settings, UnitOptionsPanel(units), extras, ip, base), job,
                   [gallery, status, files], run, stop, "Multi: pictures controlled by up to three ControlNets at once "
                   "(each unit's parameters end with _1, _2, _3; a unit switched off may leave its values null).")  # fmt: skip
-    return Receivers("multi", settings, units)
+    return Receivers("multi", "Multi", settings, units)
 
 
 def picture_prompt_tab(studio: Studio, base: BasePanel) -> None:
     """Pictures from a prompt and a picture, no ControlNet: an IP-Adapter image prompt, a reference, or both."""
     with gr.Row():
         with gr.Column():
+            settings = settings_panel(studio, None, key="image_prompt")
             ip = image_prompt_panel(studio, "image_prompt", open_=True)
             with gr.Accordion("Reference (reference_only, no weights needed)", open=True):
                 ref = reference_panel("image_prompt")
-            settings = settings_panel(studio, None, key="image_prompt")
-            extras = pass_panel(None, "image_prompt", studio.models_dir)
-            with gr.Row():
-                run = gr.Button("Generate", variant="primary", elem_id="image_prompt-run")
-                stop = gr.Button("Stop", variant="stop", elem_id="image_prompt-stop")
+            extras = pass_panel(None, "image_prompt", settings, studio.models_dir)
         with gr.Column():
-            gallery = gr.Gallery(label="Results", columns=2, format="png", elem_id="image_prompt-gallery")
-            status = gr.Markdown(elem_id="image_prompt-status")
+            run, stop, status, gallery = results_panel("image_prompt")
             files = gr.Files(label="Download PNGs (with parameters)")
 
     def job(records, call: Call):
@@ -198,11 +188,14 @@ def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | 
             base = BasePanel(gr.Dropdown(list(studio.bases), value=next(iter(studio.bases)), label="Base model",
                                          allow_custom_value=True, elem_id="base-model", scale=4))  # fmt: skip
             refresh = gr.Button("↻ Refresh model lists", elem_id="refresh-models", scale=1)
-        with gr.Tabs() as tabs:
+        # every tab in sight: the conditions' tabs inside one ControlNet tab, both tab bars wrap rather than hide
+        with gr.Tabs(overflow_behavior="wrap", elem_id="tabs") as tabs:
             receivers = []
-            for cond in CONDITIONS:
-                with gr.Tab(cond.label, id=cond.key):
-                    receivers.append(condition_tab(studio, cond, base))
+            with gr.Tab("ControlNet", id=CONTROLNET_TAB):
+                with gr.Tabs(overflow_behavior="wrap", elem_id="condition-tabs") as condition_tabs:
+                    for cond in CONDITIONS:
+                        with gr.Tab(cond.label, id=cond.key, elem_id=tab_id(studio.tabs[cond.key], cond.key)):
+                            receivers.append(condition_tab(studio, cond, base))
             with gr.Tab("Multi", id="multi"):
                 receivers.append(multi_tab(studio, base))
             with gr.Tab("Image prompt", id="image_prompt"):
@@ -210,7 +203,7 @@ def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | 
             with gr.Tab("Batch", id="batch"):
                 batch_tab(studio, base)
             with gr.Tab("PNG info", id="png_info"):
-                png_info_tab(studio, receivers, tabs)
+                png_info_tab(studio, receivers, TabBars(tabs, CONTROLNET_TAB, condition_tabs))
         refresh_lists(studio, demo, base, refresh)
         sizes_follow_base(studio, base, receivers)
     return demo

@@ -20,6 +20,7 @@ from studio.service import (
     UPSCALERS,
     Studio,
 )  # fmt: skip
+from studio.settings import MAX_UI_STEPS
 
 MAX_UI_SIZE = 1024  # the width/height sliders' top (a hires pass may double it)
 
@@ -58,7 +59,7 @@ def settings_panel(studio: Studio, cond: Condition | None, key: str = "") -> Set
             c["width"] = gr.Slider(64, MAX_UI_SIZE, value=d.size, step=8, label="Width", elem_id=f"{key}-width")
             c["height"] = gr.Slider(64, MAX_UI_SIZE, value=d.size, step=8, label="Height", elem_id=f"{key}-height")
         with gr.Row():
-            c["steps"] = gr.Slider(1, 100, value=d.steps, step=1, label="Steps", elem_id=f"{key}-steps")
+            c["steps"] = gr.Slider(1, MAX_UI_STEPS, value=d.steps, step=1, label="Steps", elem_id=f"{key}-steps")
             c["cfg"] = gr.Slider(0.1, 30.0, value=d.cfg, step=0.1, label="Guidance scale")
             c["sampler"] = gr.Dropdown(
                 [(SAMPLER_LABELS[k], k) for k in SAMPLERS], value=d.sampler, label="Sampler", allow_custom_value=True
@@ -66,9 +67,25 @@ def settings_panel(studio: Studio, cond: Condition | None, key: str = "") -> Set
         with gr.Row():
             c["seed"] = gr.Number(value=12345, precision=0, minimum=0, maximum=MAX_SEED_INPUT, label="Seed")
             c["randomize"] = gr.Checkbox(value=True, label="Randomize seed")
-        c["denoise"] = gr.Slider(0.05, 1.0, value=1.0 if cond and cond.inpaint else 0.75, step=0.05,
-                                 label="Denoising strength (img2img, inpaint)", elem_id=f"{key}-denoise")  # fmt: skip
+    # rendered beside the picture it applies to (the init picture, or a tile / inpaint tab's own), not in Settings
+    own = "the picture" if cond and (cond.img2img or cond.inpaint) else "the init picture"
+    c["denoise"] = gr.Slider(0.05, 1.0, value=1.0 if cond and cond.inpaint else 0.75, step=0.05, render=False,
+                             label="Denoising strength", info=f"How far the result may move away from {own}",
+                             elem_id=f"{key}-denoise")  # fmt: skip
     return SettingsPanel(c)
+
+
+def results_panel(key: str, label: str = "Results", run_label: str = "Generate", columns: int = 2,
+                  interactive: bool = True):  # fmt: skip
+    """The top of a tab's right column, where A1111 has them: Generate and Stop, the status line (the progress while
+    a job runs), then the gallery (the live previews, then the results). (run, stop, status, gallery); Generate is
+    off (`interactive` False) on a tab that cannot run here."""
+    with gr.Row():
+        run = gr.Button(run_label, variant="primary", scale=3, interactive=interactive, elem_id=f"{key}-run")
+        stop = gr.Button("Stop", variant="stop", scale=1, elem_id=f"{key}-stop")
+    status = gr.Markdown(elem_id=f"{key}-status", min_height=48)
+    gallery = gr.Gallery(label=label, columns=columns, format="png", elem_id=f"{key}-gallery")
+    return run, stop, status, gallery
 
 
 def _blank_canvas() -> dict:
@@ -103,14 +120,17 @@ def unit_panel(
     image = _picture(first if len(conds) == 1 else None, studio.size, label, elem_id)
     # a Multi panel's choices follow its condition in the browser; API callers may name any preprocessor of it
     # the handler checks the name (and says so, escaped) rather than Gradio's unescaped "not in the list of choices"
-    preprocessor = gr.Dropdown(list(first.preprocessors), value=first.preprocessors[0], label="Preprocessor",
+    start = studio.tabs[first.key].preprocessor  # one that runs here (availability.py)
+    preprocessor = gr.Dropdown(list(first.preprocessors), value=start, label="Preprocessor",
                             allow_custom_value=True)  # fmt: skip
     # detection at the picture size by default (512 for SD1.5; the demo model's canny edges were found at 64 px)
-    resolution = gr.Slider(64, 1024, value=studio.size, step=64, label="Preprocessor resolution")
+    # pixel perfect (on by default) sets the resolution from the picture: the slider is greyed out while it is on
+    resolution = gr.Slider(64, 1024, value=studio.size, step=64, label="Preprocessor resolution", interactive=False,
+                           info="Set from the picture while pixel perfect is on")  # fmt: skip
     names = list(dict.fromkeys(a for c in conds for a in c.preprocessors))  # every preprocessor the panel may show
     params = {
         (name, p.name): gr.Slider(p.minimum, p.maximum, value=p.default, step=p.step, label=p.label,
-                                  visible=name == first.preprocessors[0])
+                                  visible=name == start)
         for name in names for p in annotators.ANNOTATORS[name].params
     }  # fmt: skip
     with gr.Row():
@@ -121,6 +141,7 @@ def unit_panel(
     with gr.Row():
         resize = gr.Radio(list(RESIZE_MODES), value="Crop and Resize", label="Resize mode")
         perfect = gr.Checkbox(value=True, label="Pixel perfect (preprocessor resolution from the picture and size)")
+    perfect.change(lambda on: gr.update(interactive=not on), perfect, resolution, queue=False, api_name=False)
     keys = list(params)
     preprocessor.change(lambda a: [gr.update(visible=k[0] == a) for k in keys], preprocessor, [params[k] for k in keys],
                      api_name=False)  # fmt: skip
@@ -128,14 +149,16 @@ def unit_panel(
                      mode=mode, resize=resize, pixel_perfect=perfect)  # fmt: skip
 
 
-def pass_panel(cond: Condition | None, key: str, models_dir: str | None = None) -> PassPanel:
-    """img2img (an optional init picture on tabs whose picture is not already one), the inpaint options, the hires
-    fix, one seed per picture and the live preview."""
+def pass_panel(cond: Condition | None, key: str, settings: SettingsPanel, models_dir: str | None = None) -> PassPanel:
+    """img2img (an optional init picture, with the settings' denoising strength beside it, on tabs whose picture is
+    not already one), the inpaint options, the hires fix, one seed per picture and the live preview."""
     c = {}
     own_init = bool(cond and (cond.img2img or cond.inpaint))
     with gr.Accordion("img2img, hires fix, clip skip, preview", open=False, elem_id=f"{key}-pass"):
         c["init_image"] = upload_image(label="Init picture (img2img: the result starts from it; optional)",
                                        sources=["upload", "clipboard"], visible=not own_init, elem_id=f"{key}-init")  # fmt: skip
+        if not own_init:  # a tile or inpaint tab's own picture is the init picture: the slider is under that
+            settings.widgets["denoise"].render()
         inpaint = bool(cond and cond.inpaint)
         with gr.Row(visible=inpaint):
             c["mask_blur"] = gr.Slider(0, 64, value=5 if inpaint else 0, step=0.5, label="Mask blur (px)")
@@ -145,7 +168,7 @@ def pass_panel(cond: Condition | None, key: str, models_dir: str | None = None) 
             c["hires_scale"] = gr.Slider(1.0, 4.0, value=2.0, step=0.05, label="Upscale by")
             c["hires_upscaler"] = gr.Dropdown(list(UPSCALERS), value="Latent", label="Upscaler")
         with gr.Row():
-            c["hires_steps"] = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0: as the first pass)")
+            c["hires_steps"] = gr.Slider(0, MAX_UI_STEPS, value=0, step=1, label="Hires steps (0: as the first pass)")
             c["hires_strength"] = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="Hires denoising strength")
         with gr.Row():
             c["seed_per_picture"] = gr.Checkbox(value=True, label="One seed per picture (seed + i, as A1111)")

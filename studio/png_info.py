@@ -26,6 +26,7 @@ class Receivers:
     """A tab's widgets that "send to" fills: its settings and its units (a Multi tab's with on/off and condition)."""
 
     key: str
+    label: str  # the tab's name, as "Send to" lists it
     settings: SettingsPanel
     units: list[UnitPanel]
 
@@ -50,14 +51,30 @@ def match_condition(model: str) -> Condition | None:
     return None
 
 
-def _clamp(widget, value):
-    lo, hi = getattr(widget, "minimum", None), getattr(widget, "maximum", None)
+@dataclass
+class TabBars:
+    """The page's tab bars, for "Send to" to open the tab it fills: the top one, and the conditions' tabs inside its
+    ControlNet tab."""
+
+    top: gr.Tabs
+    conditions_tab: str  # the top bar's tab that holds the conditions' tabs
+    conditions: gr.Tabs
+
+    def select(self, key: str) -> list:
+        """Updates for (top, conditions) that open tab `key` (a condition's, or Multi)."""
+        if any(c.key == key for c in CONDITIONS):
+            return [gr.Tabs(selected=self.conditions_tab), gr.Tabs(selected=key)]
+        return [gr.Tabs(selected=key), gr.skip()]
+
+
+def _checked(widget, value, what: str):
+    """`value` for `widget` (gr.skip() where the PNG says nothing), refused by name when it is outside the widget's
+    range: a value the tab cannot hold is not quietly changed into one the picture was not made with."""
     if value is None:
         return gr.skip()
-    if lo is not None and value < lo:
-        return type(value)(lo)
-    if hi is not None and value > hi:
-        return type(value)(hi)
+    lo, hi = getattr(widget, "minimum", None), getattr(widget, "maximum", None)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise InputError(f"The PNG's {what} is {value:g}; the tab takes {lo:g} to {hi:g}. Nothing was sent.")
     return value
 
 
@@ -73,19 +90,23 @@ def _unit_values(panel: UnitPanel, u: UnitInfo | None, cond: Condition | None) -
     if panel.choice is not None and module is gr.skip() and cond is not None:
         module = cond.preprocessors[0]
     return head + [
-        module, _clamp(panel.resolution, u.processor_res), _clamp(panel.scale, u.scale), _clamp(panel.start, u.start),
-        _clamp(panel.end, u.end), u.control_mode.value, u.resize_mode.value,
+        module, _checked(panel.resolution, u.processor_res, f"ControlNet {u.index} processor resolution"),
+        _checked(panel.scale, u.scale, f"ControlNet {u.index} weight"),
+        _checked(panel.start, u.start, f"ControlNet {u.index} guidance start"),
+        _checked(panel.end, u.end, f"ControlNet {u.index} guidance end"), u.control_mode.value, u.resize_mode.value,
         u.pixel_perfect,
     ]  # fmt: skip
 
 
 def send_values(info: Infotext, r: Receivers) -> list:
-    """The values for `r.outputs` (gr.skip() where the picture says nothing), clamped to the widgets' ranges."""
+    """The values for `r.outputs` (gr.skip() where the picture says nothing); InputError naming the first value
+    outside its widget's range."""
     w = r.settings.widgets
-    values = [info.prompt, info.negative_prompt, info.sampler or gr.skip(), _clamp(w["steps"], info.steps),
-              _clamp(w["cfg"], info.cfg_scale), _clamp(w["seed"], info.seed), False if info.seed is not None else gr.skip(),
-              _clamp(w["width"], info.width), _clamp(w["height"], info.height),
-              _clamp(w["denoise"], info.denoising_strength)]  # fmt: skip
+    values = [info.prompt, info.negative_prompt, info.sampler or gr.skip(), _checked(w["steps"], info.steps, "Steps"),
+              _checked(w["cfg"], info.cfg_scale, "CFG scale"), _checked(w["seed"], info.seed, "Seed"),
+              False if info.seed is not None else gr.skip(), _checked(w["width"], info.width, "width"),
+              _checked(w["height"], info.height, "height"),
+              _checked(w["denoise"], info.denoising_strength, "Denoising strength")]  # fmt: skip
     for i, panel in enumerate(r.units):
         u = info.units[i] if i < len(info.units) else None
         cond = (match_condition(u.model) if u is not None else None) if panel.cond is None else panel.cond
@@ -111,13 +132,14 @@ def summary(info: Infotext) -> dict:
     return out
 
 
-def png_info_tab(studio: Studio, receivers: list[Receivers], tabs: gr.Tabs) -> None:
+def png_info_tab(studio: Studio, receivers: list[Receivers], tabs: TabBars) -> None:
     by_key = {r.key: r for r in receivers}
     with gr.Row():
         with gr.Column():
             png = gr.File(label="A PNG made by this app or by A1111", file_types=[".png"], type="filepath",
                           elem_id="png_info-file")  # fmt: skip
-            target = gr.Dropdown(list(by_key), value=receivers[0].key, label="Send to", elem_id="png_info-target")
+            target = gr.Dropdown([(r.label, r.key) for r in receivers], value=receivers[0].key, label="Send to",
+                                 elem_id="png_info-target")  # fmt: skip
             send = gr.Button("Send to tab", variant="primary", elem_id="png_info-send")
         with gr.Column():
             fields = gr.JSON(label="Parameters")
@@ -145,7 +167,8 @@ def png_info_tab(studio: Studio, receivers: list[Receivers], tabs: gr.Tabs) -> N
         values = []
         for r in receivers:
             values += send_values(info, r) if r.key == key else [gr.skip()] * len(r.outputs)
-        return [*values, gr.Tabs(selected=key)]
+        return [*values, *tabs.select(key)]
 
     png.change(do_read, png, [fields, raw, target], api_name="png_info_read")
-    send.click(do_send, [png, target], [o for r in receivers for o in r.outputs] + [tabs], api_name="png_info_send")
+    send.click(do_send, [png, target], [o for r in receivers for o in r.outputs] + [tabs.top, tabs.conditions],
+               api_name="png_info_send")  # fmt: skip

@@ -22,15 +22,16 @@ import annotators
 import annotators.cache
 from cldm.adapters.emphasis import MAX_PROMPT_CHARS
 from cldm.adapters.lora import prompt_tags
-from cldm.errors import InputError, Stopped
+from cldm.errors import CldmError, InputError, Stopped
 from cldm.hints.conditions import BY_KEY, PREPROCESSOR_NONE, Condition
 from cldm.hints.fitted import fitted_hint
 from cldm.io import checkpoints, locate
 from cldm.io.images import save_png
-from cldm.io.model_card import ModelCard, card_for
+from cldm.io.model_card import ModelCard
 from cldm.pipeline.request import ControlUnit, GenerationRequest, LoraUnit
 from cldm.runtime.manager import ModelManager
 from cldm.sampling.samplers import SAMPLERS, sampler_class
+from studio.availability import choose_base, controlnet_problem, tab_states  # noqa: F401 (choose_base: read here too)
 from studio.canvas import editor_image, inpaint_hint
 from studio.picture_prompts import image_prompt, reference
 from studio.settings import (  # noqa: F401 (the records app.py and forms.py read through here)
@@ -52,8 +53,6 @@ from studio.settings import (  # noqa: F401 (the records app.py and forms.py rea
 from studio.stops import Stops
 
 log = logging.getLogger("studio")
-DEMO_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo"
-DEMO_BASE = "shapes_sd.safetensors"
 Progress = Callable[..., None]  # progress(fraction, desc=...), as gr.Progress takes it
 SHOWN_DIR = "shown"  # hints shown in the page, one file per request (pruned like the results)
 
@@ -77,12 +76,13 @@ class Limits:
 
 
 class Studio:
-    """What the handlers share: the model manager, the models folder, the base's model card, the output folder and
-    the per-request limits."""
+    """What the handlers share: the model manager, the models folder, the base's model card, the output folder,
+    the per-request limits, and what this machine can run (offline or not, each condition tab's state), decided once
+    at start-up: `offline` as `locate.detect_offline` found it (None: as HF_HUB_OFFLINE says, nothing probed)."""
 
     def __init__(
         self, manager: ModelManager, models_dir: str | None, out_dir: str | None = None, card: ModelCard | None = None,
-        limits: Limits | None = None,
+        limits: Limits | None = None, offline: bool | None = None,
     ):  # fmt: skip
         self.manager = manager
         # the hint extractors run where the model runs (in the front end when the model is served by Ray)
@@ -98,6 +98,15 @@ class Studio:
         self.limits = limits or Limits.for_device(manager.device.type)
         self.bases = self._find_bases(manager.base_path)
         self.stops = Stops()  # each browser session's Stop button
+        self.offline = locate.offline() if offline is None else offline
+        self.tabs = tab_states(card, models_dir, self.offline, self._first_family())
+
+    def _first_family(self) -> str:
+        """The start-up base's family, told without downloading anything: SD1.5 while a hub base is not here yet."""
+        try:
+            return self.family_of() if self.offline or Path(self.manager.base_path).exists() else "SD1.5"
+        except CldmError:  # not readable here: the first request says why
+            return "SD1.5"
 
     def _find_bases(self, first: str) -> dict[str, str]:
         """The bases a request may name: the one the server started with, then the models folder's (not in demo
@@ -195,6 +204,7 @@ class Studio:
         return self.defaults.size
 
     def available(self, cond: Condition) -> bool:
+        """Whether the base's model card (if any) has a ControlNet for `cond`."""
         return self.card is None or cond.key in self.card.conditions
 
     # ------------------------------------------------------------------------------------------------ hints
@@ -230,22 +240,16 @@ class Studio:
         """(ControlUnit, the hint to show, init picture, mask, strength) for one unit, with the condition's
         ControlNet for a base of `family`."""
         cond = unit.cond
-        weights = cond.weights(family)
-        if weights is None:
-            raise InputError(
-                f"No {family} ControlNet is known for {cond.label}. Put one in the models folder (a .safetensors "
-                f"file or a diffusers folder named {cond.key}-{family.lower().replace('.', '')}), or pick an SD1.5 base."
-            )
-        if not self.available(cond):
-            raise InputError(
-                f"The {self.card.name} model only has ControlNets for {', '.join(self.card.conditions)}. For "
-                f"{cond.label}, start the app with SD1.5 weights (python app.py --base <file or folder>) and put "
-                f"{cond.model_file} in the models folder (it is downloaded from {cond.diffusers_repo} when the hub "
-                "can be reached)."
-            )
+        problem = controlnet_problem(cond, self.card, family)
+        if problem:
+            raise InputError(problem)
         img = editor_image(unit.image)
         if img is None:
             raise InputError(f"{cond.label}: upload an image (or draw on the canvas) first.")
+        # the ControlNet before the hint: a missing one is said at once (offline: without the network), before a
+        # preprocessor spends any time
+        weights = cond.weights(family)
+        path = locate.locate_controlnet(weights.stem, weights.repo, self.models_dir, weights.file)
         progress(0, desc=f"{cond.label}: preparing the hint")
         init, mask, strength = None, None, None
         w, h = int(s.width), int(s.height)
@@ -259,7 +263,6 @@ class Studio:
             elif extras is not None and (picture := editor_image(extras.init_image)) is not None:
                 init, strength = picture, float(s.denoise)  # img2img on any tab
         shown = hint if isinstance(hint, np.ndarray) else (hint[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy()
-        path = locate.locate_controlnet(weights.stem, weights.repo, self.models_dir, weights.file)
         res = None if cond.inpaint or unit.preprocessor == PREPROCESSOR_NONE else unit.detection_resolution(img, (w, h))
         control = ControlUnit(
             str(path), hint, unit.scale, unit.start, unit.end, cond.global_average_pooling or None, mode=unit.mode,
@@ -327,17 +330,17 @@ class Studio:
 
         def step(i: int, n: int) -> None:
             if flag.is_set():
-                raise Stopped(f"Stopped after {i} of {n} steps; nothing was saved.")
+                raise Stopped(f"Stopped at step {i} of {n}; nothing saved.")
             progress(i / n, desc=f"sampling {i}/{n}")
 
         try:
             seed = random.randint(0, MAX_SEED) if s.randomize else int(s.seed)
             if flag.is_set():
-                raise Stopped("Stopped before it started; nothing was saved.")
+                raise Stopped("Stopped before it started; nothing saved.")
             request, shown, note = self.request(units, s, seed, progress, ip, ref, extras, self.family_of(base_path))
             request = replace(request, base=base_path)
             if flag.is_set():
-                raise Stopped("Stopped before sampling; nothing was saved.")
+                raise Stopped("Stopped before sampling; nothing saved.")
             t0 = time.perf_counter()
             every = 0 if extras is None or preview is None else int(extras.preview_every)
             result = self.manager.run(request, callback=step, preview=preview, preview_every=every)
@@ -371,23 +374,6 @@ class Studio:
 
 # an absolute path (after a space, quote, bracket or the start): shown as its file name only
 _ABSOLUTE_PATH = re.compile(r"""(^|[\s'"(\[=])(/(?:[^\s'"():,;\]]+/)+[^\s'"():,;\]]*)""")
-
-
-def choose_base(base: str, demo: bool) -> tuple[str, ModelCard | None, str]:
-    """(base, its model card, banner): the demo model when asked for, or when the SD1.5 weights cannot be had."""
-    if not demo and locate.base_available(base):
-        card = card_for(base)
-        return base, card, f"Base model: `{base}`." + (f" {card.description}" if card else "")
-    if not (DEMO_DIR / DEMO_BASE).is_file():
-        return base, None, f"Base model: `{base}` (not available here, and the demo model is missing too)."
-    card = card_for(DEMO_DIR / DEMO_BASE)
-    why = "as asked (--demo)" if demo else f"because `{base}` is not on this machine and the hub cannot be reached"
-    banner = (
-        f"**Demo model** ({why}): {card.description} The {', '.join(card.conditions)} tabs run on it, e.g. "
-        '"a green triangle on a white background" with a sketched triangle. The other tabs need SD1.5 weights: '
-        "`python app.py --base FILE`."
-    )
-    return str(DEMO_DIR / DEMO_BASE), card, banner
 
 
 def condition(key: str) -> Condition:

@@ -20,6 +20,7 @@ from cldm.pipeline.vocabulary import ControlMode, InpaintMode, ResizeMode, Upsca
 MAX_SEED = 2**31 - 1  # random seeds are drawn below this
 MAX_SEED_INPUT = 2**32 + 63  # a seed typed or sent from a PNG: A1111's 32-bit seeds, plus a batch's seed + i
 SD15_SIZE = SD15.native_size
+MAX_UI_STEPS = 150  # the steps sliders' top, the same in every tab and the Batch tab (A1111's)
 
 
 @dataclass(frozen=True)

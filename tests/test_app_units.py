@@ -3,6 +3,7 @@ outpainting, the hires fix, one seed per picture, the live preview stream, and P
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +202,22 @@ def test_png_info_round_trip(client, running_app, tmp_path):
     with pytest.raises(Exception, match="no generation parameters"):
         Image.fromarray(img).save(tmp_path / "plain.png")
         client.predict(handle_file(str(tmp_path / "plain.png")), "canny", api_name="/png_info_send")
+
+
+@pytest.mark.parametrize(("parameters", "message"), [
+    ("Steps: 1000, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512", "The PNG's Steps is 1000; the tab takes 1 to 150"),
+    ("Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 5000x512", "The PNG's width is 5000; the tab takes 64 to 1024"),
+])  # fmt: skip
+def test_png_info_refuses_values_the_tab_cannot_hold(client, tmp_path, parameters, message):
+    """Issue 27: "Send to" refuses a value outside the tab's range, by name, rather than sending the nearest one
+    (a picture made with 1000 steps is not remade with 100)."""
+    from gradio_client import handle_file
+
+    from cldm.io.images import save_png
+
+    save_png(np.zeros((SIZE, SIZE, 3), np.uint8), tmp_path / "big.png", f"a castle\n{parameters}")
+    with pytest.raises(Exception, match=re.escape(message)):
+        client.predict(handle_file(str(tmp_path / "big.png")), "canny", api_name="/png_info_send")
 
 
 def test_lora_tag_in_the_prompt(client, tmp_path):

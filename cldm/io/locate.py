@@ -6,8 +6,13 @@ Only locates files; reading them is `checkpoints.py`'s job.
 from __future__ import annotations
 
 import glob
+import http.client
 import logging
 import os
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from cldm.errors import InputError, MissingWeightsError
@@ -34,25 +39,74 @@ CONTROLNET_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
 LOCAL_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".bin")
 
 
+# One look at the hub at start-up: long enough for a slow link to answer, short enough that nobody waits for it.
+HUB_PROBE_SECONDS = 2.5
+
+
 def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    """Whether weights are looked up on this machine only: HF_HUB_OFFLINE, set by the user or by `detect_offline`
+    at start-up. huggingface_hub reads that variable once, when it is imported, so every lookup here also passes
+    `local_files_only` itself."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the hub (HF_ENDPOINT, for a mirror) answers one HEAD request within `timeout` seconds, name lookup
+    included: the request runs in a thread that is not waited for longer (a broken DNS can block far longer than
+    the socket's own time-out)."""
+    url = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    answer: dict[str, bool] = {}
+
+    def look() -> None:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as r:
+                answer["up"] = r.status < 500
+        except urllib.error.HTTPError as e:  # it answered: a redirect or a refusal still means it is there
+            answer["up"] = e.code < 500
+        except (OSError, http.client.HTTPException, ValueError) as e:  # no name, no route, refused, TLS, time-out
+            log.info("the hub at %s did not answer: %s", url, e)
+
+    probe = threading.Thread(target=look, daemon=True, name="hub-probe")
+    probe.start()
+    probe.join(timeout)
+    return answer.get("up", False)
+
+
+def detect_offline(probe: Callable[[], bool] = hub_reachable) -> bool:
+    """Decide once, at start-up, whether this process works offline: HF_HUB_OFFLINE is set (then nothing is
+    probed), or the hub does not answer one quick `probe`. Offline, HF_HUB_OFFLINE is set for the rest of the
+    process and the processes it starts, so every later weight lookup stays on this machine and a missing file is
+    said at once instead of after the network's time-outs."""
+    if offline():
+        return True
+    if probe():
+        return False
+    log.warning("the Hugging Face hub cannot be reached: working offline (only weights on this machine are used)")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from huggingface_hub import constants
+
+    # huggingface_hub read the variable when it was imported (gradio imports it first): its own requests (its
+    # user-agent registry, transformers' lookups) ask this constant, the one switch it has after import
+    constants.HF_HUB_OFFLINE = True
+    return True
 
 
 def _download(repo: str, patterns: list[str], what: str, where_to_put: str) -> Path:
     from huggingface_hub import snapshot_download
 
+    local_only = offline()
     try:
-        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=offline()))
+        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=local_only))
     except Exception as e:  # offline, no such repo, network error: all mean "not here"
+        how = "this app works offline, so nothing is downloaded" if local_only else "connect to the internet and retry"
         raise MissingWeightsError(
             f"The {what} weights are not on this machine and could not be downloaded from the Hugging Face hub "
-            f"({repo}: {type(e).__name__}). Put them in {where_to_put}, or connect to the internet and retry."
+            f"({repo}: {type(e).__name__}). Put them in {where_to_put}, or {how}."
         ) from e
 
 
-def locate_controlnet(stem: str, diffusers_repo: str, models_dir: str | os.PathLike | None, file: str = "") -> Path:
-    """`models_dir/<stem>.{safetensors,pth,...}` or `models_dir/<stem>/` (diffusers), else the hub: the diffusers
-    repo, or one original-layout `file` of it (SD2.1's)."""
+def _local_controlnet(stem: str, models_dir: str | os.PathLike | None) -> Path | None:
+    """`models_dir/<stem>.{safetensors,pth,...}` or the diffusers folder `models_dir/<stem>/`, if there."""
     if models_dir:
         base = Path(models_dir)
         for suffix in LOCAL_SUFFIXES:
@@ -60,6 +114,26 @@ def locate_controlnet(stem: str, diffusers_repo: str, models_dir: str | os.PathL
                 return base / f"{stem}{suffix}"
         if (base / stem / "config.json").is_file():
             return base / stem
+    return None
+
+
+def controlnet_on_disk(stem: str, diffusers_repo: str, models_dir: str | os.PathLike | None, file: str = "") -> bool:
+    """Whether `locate_controlnet` finds this ControlNet without the network: in the models folder or in the hub
+    cache (every file it would download)."""
+    if _local_controlnet(stem, models_dir) is not None:
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    names = [file] if file else CONTROLNET_PATTERNS
+    return all(isinstance(try_to_load_from_cache(diffusers_repo, name), str) for name in names)
+
+
+def locate_controlnet(stem: str, diffusers_repo: str, models_dir: str | os.PathLike | None, file: str = "") -> Path:
+    """`models_dir/<stem>.{safetensors,pth,...}` or `models_dir/<stem>/` (diffusers), else the hub: the diffusers
+    repo, or one original-layout `file` of it (SD2.1's)."""
+    local = _local_controlnet(stem, models_dir)
+    if local is not None:
+        return local
     if file:
         where = f"{Path(models_dir or 'models') / file} (from {diffusers_repo})"
         return _download(diffusers_repo, [file], f"ControlNet {stem}", where) / file

@@ -64,7 +64,7 @@ class Replica:
 
         def step(i: int, n: int) -> None:
             if stop.is_set():
-                raise Stopped(f"Stopped after {i} of {n} steps; nothing was saved.")
+                raise Stopped(f"Stopped at step {i} of {n}; nothing saved.")
             events.put(("step", i, n))
 
         def work() -> None:
