@@ -2,7 +2,7 @@
 
 generate and convert live in `cldm.cli`; the wings are imported only when their command runs: bench in
 `cldm.bench.command`, batch in `cldm.scale.batch`, train and demo-eval in `cldm.training.cli` (inference never
-loads the training code, diffusers or the preprocessors).
+loads the training code or diffusers, and a preprocessor's model only when `--preprocessor` names it).
 """
 
 from __future__ import annotations

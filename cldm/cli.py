@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
+from tqdm import tqdm
+
+import annotators
 from cldm.adapters.lora import prompt_tags
-from cldm.errors import InputError
+from cldm.errors import InputError, MissingWeightsError
+from cldm.hints.conditions import PREPROCESSOR_NONE
+from cldm.hints.fitted import fitted_hint, pixel_perfect
 from cldm.io import checkpoints, files, identify, locate, writers
 from cldm.io.images import load_rgb, save_png
 from cldm.io.model_card import ModelCard, card_for
@@ -25,12 +32,22 @@ from cldm.runtime.manager import ModelManager
 from cldm.sampling.samplers import SAMPLERS
 
 DEFAULT_SIZE = SD15.native_size  # for a base without a model card
+T = TypeVar("T")
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="SD1.5 single file (.safetensors/.ckpt) or diffusers pipeline folder")
     p.add_argument("--controlnet", action="append", default=[], help="ControlNet file or folder (repeatable)")
-    p.add_argument("--hint", action="append", default=[], help="hint image for each --controlnet, used as is")
+    p.add_argument("--hint", action="append", default=[],
+                   help="picture for each --controlnet: the hint itself, or what its --preprocessor reads")  # fmt: skip
+    p.add_argument("--preprocessor", action="append", default=[], metavar="NAME",
+                   help="per ControlNet (once: for all): the app's preprocessor that makes the hint from --hint "
+                   "(canny, scribble_sketch, depth_midas, ...; default none: the picture is the hint)")  # fmt: skip
+    p.add_argument("--processor-res", action="append", type=int, default=[], metavar="PX",
+                   help="per ControlNet: the preprocessor's resolution (default: pixel perfect, from the picture "
+                   "and the output size)")  # fmt: skip
+    p.add_argument("--models-dir", default="models",
+                   help="where the preprocessors' weights are: DIR/annotators/ (else the Hugging Face cache)")  # fmt: skip
     p.add_argument("--control-scale", action="append", type=float, default=[], help="strength per ControlNet (1.0)")
     p.add_argument("--control-start", action="append", type=float, default=[], help="start fraction per ControlNet (0)")
     p.add_argument("--control-end", action="append", type=float, default=[], help="end fraction per ControlNet (1)")
@@ -99,7 +116,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out.png", help="output PNG (a batch writes out-0.png, out-1.png, ...)")
 
 
-def _per_control(values: list[float], n: int, default: float, name: str) -> list[float]:
+def _per_control(values: list[T], n: int, default: T, name: str) -> list[T]:
     if not values:
         return [default] * n
     if len(values) == 1:
@@ -132,10 +149,19 @@ def request_from_args(a: argparse.Namespace, card: ModelCard | None = None) -> G
     resizes = resizes * n if len(resizes) == 1 else resizes
     if len(resizes) != n and n:
         raise InputError(f"give --resize-mode once, or once per --controlnet ({n}); got {len(a.resize_mode)}")
+    preprocessors = _per_control(a.preprocessor, n, PREPROCESSOR_NONE, "--preprocessor")
+    unknown = sorted(set(preprocessors) - set(annotators.ANNOTATORS))
+    if unknown:
+        raise InputError(f"unknown --preprocessor {', '.join(unknown)}; the preprocessors are: "
+                         f"{', '.join(sorted(annotators.ANNOTATORS))}")  # fmt: skip
+    resolutions = _per_control(a.processor_res, n, None, "--processor-res")
+    resolutions = [None if pre == PREPROCESSOR_NONE else res for pre, res in zip(preprocessors, resolutions)]
     units = [
-        ControlUnit(p, load_rgb(h), s, st, e, mode=m, resize_mode=rm)
-        for p, h, s, st, e, m, rm in zip(a.controlnet, a.hint, scales, starts, ends, modes, resizes)
-    ]
+        ControlUnit(p, load_rgb(h), s, st, e, mode=m, resize_mode=rm, processor_res=res,
+                    preprocessor="" if pre == PREPROCESSOR_NONE else pre)  # "": the picture is the hint (`with_hints`)
+        for p, h, s, st, e, m, rm, pre, res in
+        zip(a.controlnet, a.hint, scales, starts, ends, modes, resizes, preprocessors, resolutions)
+    ]  # fmt: skip
     image_prompt = None
     if a.ip_adapter or a.ip_image:
         if not (a.ip_adapter and a.ip_image and a.image_encoder):
@@ -167,9 +193,46 @@ def request_from_args(a: argparse.Namespace, card: ModelCard | None = None) -> G
     )  # fmt: skip
 
 
+def with_hints(request: GenerationRequest, models_dir: str | None) -> GenerationRequest:
+    """Each unit that names a preprocessor gets the hint it makes from the unit's picture, fitted to the picture
+    size as the app fits it; the others keep their picture as the hint."""
+    units = []
+    for i, unit in enumerate(request.units):
+        if unit.preprocessor:
+            size = request.width, request.height
+            res = unit.processor_res or pixel_perfect(unit.hint, *size, unit.resize_mode)
+            try:
+                hint = fitted_hint(unit.preprocessor, unit.hint, *size, unit.resize_mode, res, models_dir)
+            except annotators.MissingAnnotatorWeights as e:
+                raise MissingWeightsError(f"--preprocessor {unit.preprocessor}: {e}") from e
+            except annotators.AnnotatorError as e:
+                raise InputError(f"--preprocessor {unit.preprocessor} (ControlNet {i + 1}): {e}") from e
+            unit = replace(unit, hint=hint, processor_res=res, pixel_perfect=not unit.processor_res)
+        units.append(unit)
+    return replace(request, units=tuple(units))
+
+
+class StepBar:
+    """`ModelManager.run`'s step callback as a tqdm bar on stderr; on no terminal, no bar (a log gets no frames)."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:  # the total (steps of both hires passes, or fewer for img2img) comes with the first step
+            self.bar = tqdm(total=total, desc="generate", unit="step", file=sys.stderr, dynamic_ncols=True,
+                            disable=None)  # fmt: skip
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def cmd_generate(a: argparse.Namespace) -> None:
     card = card_for(a.base)
     request = request_from_args(a, card).validate()  # before the base model is loaded
+    request = with_hints(request, a.models_dir)  # before it too: a preprocessor's missing weights show at once
     if card and (a.width is None or a.height is None):
         print(f"{card.name} model: its native size is {card.size} px (model card); "
               f"making {request.width}x{request.height}", file=sys.stderr)  # fmt: skip
@@ -180,10 +243,11 @@ def cmd_generate(a: argparse.Namespace) -> None:
     if a.embeddings:
         for name, why in manager.load_embeddings(a.embeddings).items():
             print(f"embedding {name} left out: {why}", file=sys.stderr)
-    result = manager.run(
-        request, callback=lambda i, total: print(f"\rstep {i}/{total}", end="", file=sys.stderr, flush=True)
-    )
-    print(file=sys.stderr)
+    bar = StepBar()
+    try:
+        result = manager.run(request, callback=bar)
+    finally:
+        bar.close()
     out = Path(a.out)
     paths = [out] if a.batch == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(a.batch)]
     for i, (img, path) in enumerate(zip(result.images, paths)):

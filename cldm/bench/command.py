@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from cldm.bench import family_models, family_run, measure
+from cldm.bench.progress import PartsBar, show
 from cldm.io import checkpoints
 from cldm.runtime.devices import DTYPES, cpu_has_bf16, resolve_device, resolve_dtype
 
@@ -86,10 +87,12 @@ def run(a: argparse.Namespace) -> dict:
     cfg = measure.bench_config(a.tiny)
     out = {"machine": measure.machine(device), "config": "tiny" if a.tiny else "sd15", "runs": a.runs, "dtype_auto": str(
         resolve_dtype("auto", device)).removeprefix("torch."), "results": {}}  # fmt: skip
-    res = out["results"]
+    res, bar = out["results"], PartsBar(a.parts)
     if "peak" in a.parts:
+        bar.running("peak")
         res["peak_flops"] = {d: measure.peak_matmul(device, DTYPES[d], n=256 if a.tiny else 2048) for d in dtypes}
-        print("peak matmul:", {d: f"{v / 1e9:.0f} GFLOP/s" for d, v in res["peak_flops"].items()}, flush=True)
+        show("peak matmul:", {d: f"{v / 1e9:.0f} GFLOP/s" for d, v in res["peak_flops"].items()})
+    bar.running(*(p for p in ("step", "vae") if p in a.parts))
     for d in dtypes:
         dtype = DTYPES[d]
         need_models = any(p in a.parts for p in ("step", "vae"))
@@ -122,22 +125,23 @@ def run(a: argparse.Namespace) -> dict:
                     again = measure.peak_matmul(device, dtype, n=256 if a.tiny else 2048)
                     res["peak_flops"][d] = max(res["peak_flops"].get(d, 0), again)
                 res.setdefault("step", []).append(row)
-                print("step", json.dumps(row), flush=True)
+                show("step", row)
         if "vae" in a.parts:
             res.setdefault("vae", []).append(vae_row(sd, pipe, max(a.sizes), d, device, a.runs))
-            print("vae", json.dumps(res["vae"][-1]), flush=True)
+            show("vae", res["vae"][-1])
         del sd, cn, pipe, plain
         gc.collect()
-    if "quality" in a.parts:
-        res["quality"] = quality_row(paths, device, 64 if a.tiny else 256)
-    if "generate" in a.parts:
-        res["generate"] = generate_rows(paths, device, max(a.sizes), a.steps, a.no_diffusers, a.runs)
-    if "load" in a.parts:
-        res["load"] = load_rows(paths, device, a.no_diffusers, a.runs)
-    if "switch" in a.parts:
-        res["switch"] = switch_rows(paths, device)
-    if "memory" in a.parts:
-        res["memory"] = memory_rows(folder, a, dtypes)
+    later = {
+        "quality": lambda: quality_row(paths, device, 64 if a.tiny else 256),
+        "generate": lambda: generate_rows(paths, device, max(a.sizes), a.steps, a.no_diffusers, a.runs),
+        "load": lambda: load_rows(paths, device, a.no_diffusers, a.runs),
+        "switch": lambda: switch_rows(paths, device),
+        "memory": lambda: memory_rows(folder, a, dtypes),
+    }  # the parts after the models' timings, in this order
+    for part in [p for p in later if p in a.parts]:
+        bar.running(part)
+        res[part] = later[part]()
+    bar.close()
     return out
 
 
@@ -179,7 +183,7 @@ def quality_row(paths: dict, device: torch.device, size: int) -> dict:
     diff = np.abs(pictures["fp32"] - pictures["auto"])
     row = {"size": size, "auto": name, "mean_abs": float(diff.mean()), "p99_abs": float(np.percentile(diff, 99)),
            "max_abs": float(diff.max()), "fp32_std": float(pictures["fp32"].std())}  # fmt: skip
-    print("quality", json.dumps(row), flush=True)
+    show("quality", row)
     return row
 
 
@@ -237,14 +241,14 @@ def generate_rows(
     hint = (np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8)
     rows = _generation_pairs(paths, device, hint, size, steps, no_diffusers, runs)
     for row in rows:
-        print("generate", json.dumps(row), flush=True)
+        show("generate", row)
     gc.collect()
     if rows[0]["dtype"] != "float32" and not no_diffusers:
         fp32 = _their_generation(paths, device, "float32", hint, size, steps)
         if fp32 is not None:
             t = measure.timed(fp32, device, 1, warmup=0)
             rows.append({"impl": "diffusers", "dtype": "float32", "size": size, "steps": steps, "seconds": t.median})
-            print("generate", json.dumps(rows[-1]), flush=True)
+            show("generate", rows[-1])
     return rows
 
 
@@ -274,7 +278,7 @@ def load_rows(paths: dict, device: torch.device, no_diffusers: bool, runs: int) 
         warm = measure.timed(lambda load=load: load(0), device, runs)
         rows.append({"what": "controlnet", "impl": name, "dtype": d, "cold_s": sorted(cold)[len(cold) // 2],
                      "cold_dropped_cache": dropped, "warm": warm.as_dict()})  # fmt: skip
-        print("load", json.dumps(rows[-1]), flush=True)
+        show("load", rows[-1])
 
     def ours_base():
         return checkpoints.load_sd(paths["base_file"], dtype=dtype).to(device)
@@ -300,7 +304,7 @@ def load_rows(paths: dict, device: torch.device, no_diffusers: bool, runs: int) 
                      "warm_s": time.perf_counter() - t})  # fmt: skip
         del model
         gc.collect()
-        print("load", json.dumps(rows[-1]), flush=True)
+        show("load", rows[-1])
     gc.collect()
     return rows
 
@@ -319,7 +323,7 @@ def switch_rows(paths: dict, device: torch.device) -> list[dict]:
         r = GenerationRequest("x", units=(ControlUnit(str(paths[f"cn{i}_file"]), hint),), steps=1, width=64, height=64)
         swaps[label] = manager.run(r).timings["swap"]
     row = {"cold_s": swaps["cold"], "warm_s": min(swaps["warm"], swaps["warm again"]), "dtype": str(manager.dtype)}
-    print("switch", json.dumps(row), flush=True)
+    show("switch", row)
     return [row]
 
 

@@ -13,6 +13,7 @@ import time
 import torch
 
 from cldm.bench import family_models, measure
+from cldm.bench.progress import PartsBar, show
 from cldm.runtime import allocator
 from cldm.runtime.devices import DTYPES, cpu_has_bf16, resolve_device, resolve_dtype
 
@@ -61,15 +62,20 @@ def run_family(a: argparse.Namespace, default_parts: tuple[str, ...]) -> dict:
     if a.parts != list(default_parts) and set(a.parts) - set(parts):  # asked for by name, not by default
         print(f"--family {a.family} runs {', '.join(FAMILY_PARTS)} only; left out: "
               f"{', '.join(p for p in a.parts if p not in parts)}", flush=True)  # fmt: skip
+    bar = PartsBar(parts)
     if "peak" in parts:
+        bar.running("peak")
         res["peak_flops"] = {d: measure.peak_matmul(device, DTYPES[d], n=256 if a.tiny else 2048) for d in dtypes}
-        print("peak matmul:", {d: f"{v / 1e9:.0f} GFLOP/s" for d, v in res["peak_flops"].items()}, flush=True)
+        show("peak matmul:", {d: f"{v / 1e9:.0f} GFLOP/s" for d, v in res["peak_flops"].items()})
     if "memory" in parts:  # first, while this process holds no model (the machine holds one SDXL at a time)
+        bar.running("memory")
         res["memory"] = family_memory_rows(a, dtypes)
+    bar.running(*(p for p in ("step", "vae") if p in parts))
     for d in dtypes if {"step", "vae"} & set(parts) else []:
         family_timings(a, cfg, d, device, parts, res)
         gc.collect()  # the models and the closures holding them are gone with the call
         allocator.trim()
+    bar.close()
     out["machine"]["load_average_end"] = list(os.getloadavg())
     return out
 
@@ -97,10 +103,10 @@ def family_timings(a: argparse.Namespace, cfg, d: str, device: torch.device, par
             },
         }
     )
-    print("build", json.dumps(res["build"][-1]), flush=True)
+    show("build", res["build"][-1])
     if theirs is not None:
         res.setdefault("check", []).append(check_row(sd, cn, theirs, 64 if a.tiny else CHECK_PX, d))
-        print("check", json.dumps(res["check"][-1]), flush=True)
+        show("check", res["check"][-1])
     if "step" in parts:
         for size in a.sizes:
             ours, their = family_models.family_steps(sd, cn, theirs, size)
@@ -119,7 +125,7 @@ def family_timings(a: argparse.Namespace, cfg, d: str, device: torch.device, par
                     family_models.set_upcast([sd.unet, cn], True)
                 row.update(ours_no_upcast=plain.as_dict(), no_upcast_ratio=ratio)
             res.setdefault("step", []).append(row)
-            print("step", json.dumps(row), flush=True)
+            show("step", row)
     if "vae" in parts:
         size = max(a.sizes)
         ours, their = family_models.family_decodes(sd, theirs, size)
@@ -131,7 +137,7 @@ def family_timings(a: argparse.Namespace, cfg, d: str, device: torch.device, par
             mine, other, ratio = measure.timed_pair(ours, their, device, a.runs)
             row.update(ours=mine.as_dict(), diffusers=other.as_dict(), ratio=ratio)
         res.setdefault("vae", []).append(row)
-        print("vae", json.dumps(row), flush=True)
+        show("vae", row)
 
 
 def family_memory_rows(a: argparse.Namespace, dtypes: list[str]) -> list[dict]:

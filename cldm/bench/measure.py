@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from cldm.bench.progress import show
 from cldm.io import writers
 from cldm.models.config import SDConfig, TextConfig, UNetConfig, VAEConfig
 from cldm.models.controlnet import ControlNet
@@ -314,7 +315,7 @@ def child_row(cmd: list[str], label: str) -> dict | None:
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
-        print(f"memory {label}: failed: {done.stderr[-500:]}", flush=True)
+        show(f"memory {label}:", f"failed: {done.stderr[-500:]}")
         return None
-    print("memory", lines[-1], flush=True)
+    show("memory", lines[-1])
     return json.loads(lines[-1])

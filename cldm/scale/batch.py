@@ -87,8 +87,11 @@ class Summary:
         return self.done + self.skipped + self.failed
 
     def line(self) -> str:
-        return (f"{self.done} rows done ({self.pictures} pictures, {self.per_minute:.1f}/min), {self.skipped} skipped "
-                f"(already there), {self.failed} failed, {self.seconds:.1f}s")  # fmt: skip
+        """The summary in one line; a count of none (rows skipped, rows failed) is left out."""
+        parts = [f"{self.done} rows done ({self.pictures} pictures, {self.per_minute:.1f}/min)"]
+        parts += [f"{self.skipped} skipped (already there)"] * bool(self.skipped)
+        parts += [f"{self.failed} failed"] * bool(self.failed)
+        return ", ".join([*parts, f"{self.seconds:.1f}s"])
 
 
 class Batch:
@@ -197,6 +200,8 @@ def add_batch_args(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("defaults for the rows (a row's own column wins; any setting can be a column)")
     d.add_argument("--controlnet", help="file, folder or condition (canny, depth, scribble, ...)")
     d.add_argument("--preprocessor", help="preprocessor for `image` columns (default: the condition's first)")
+    d.add_argument("--processor-res", dest="resolution", type=int, metavar="PX",
+                   help="the preprocessor's resolution (default: pixel perfect)")  # fmt: skip
     d.add_argument("--prompt", help="prompt template: {column}, {stem} (picture name), {id} are filled in")
     d.add_argument("--negative-prompt")
     d.add_argument("--steps", type=int)
@@ -228,9 +233,10 @@ def defaults_from_args(a: argparse.Namespace) -> dict[str, object]:
 
 
 def _bar(total_rows: int | None):
+    """The rows as a bar on stderr; on no terminal, no bar (a log gets the summary, not the bar's frames)."""
     from tqdm import tqdm
 
-    return tqdm(total=total_rows, unit="row", desc="batch")
+    return tqdm(total=total_rows, unit="row", desc="batch", file=sys.stderr, dynamic_ncols=True, disable=None)
 
 
 def cmd_batch(a: argparse.Namespace) -> int:

@@ -15,11 +15,12 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from cldm.training.charts import line_chart, smooth
 
@@ -125,11 +126,13 @@ def run_loop(
     desc: str,
     metrics: tuple[str, ...] = (),
 ) -> None:
-    """Steps start..total-1 with a progress bar; evaluate and save every few steps and at the end."""
+    """Steps start..total-1 with a progress bar on stderr (on no terminal, a line per checkpoint instead: a log gets
+    no bar frames); evaluate and save every few steps and at the end."""
     if start >= total:
         log.info("%s: already at step %d of %d", desc, start, total)
         return
-    bar = tqdm(range(start, total), desc=desc, initial=start, total=total, dynamic_ncols=True)
+    bar = tqdm(range(start, total), desc=desc, initial=start, total=total, unit="step", file=sys.stderr,
+               dynamic_ncols=True, disable=None)  # fmt: skip
     for step in bar:
         values = train_step(step)
         done = step + 1
@@ -140,3 +143,5 @@ def run_loop(
         if done % ckpt_every == 0 or done == total:
             save(done)
             run.plot(metrics)
+            if bar.disable:
+                print(f"{desc}: step {done} of {total}, loss {values['loss']:.4f}", file=sys.stderr, flush=True)
