@@ -71,20 +71,49 @@ def pose() -> Image.Image:
     return img
 
 
-# The demo model's examples (app.py --demo): a shapes picture and its segmentation map, drawn by the same generator
-# the model was trained on (at 256 px: the app brings them down to 64), and a triangle sketched as in the browser.
-SHAPES_SEED = 14  # "a blue circle and a yellow star on a pink background"
+# The demo model's examples (app.py --demo), drawn by the generator the model was trained on, at 256 px (the app
+# brings them down to 64): "a blue circle and a yellow star on a pink background" with its segmentation map; the same
+# picture with the circle painted over (inpaint); a blurry "a purple ring and an orange square on a white background"
+# (tile: the ring overlaps the square); a triangle sketched as in the browser.
 SHAPES_SIZE = 256
+SHAPES_SCENE = (
+    ("circle", "blue", (134.51343382929838, 163.32770389137949), 60.66127300981242, 0.0),
+    ("star", "yellow", (152.93819889621864, 58.4744991670267), 53.90739681625999, -10.386107463422611),
+), ("pink",)  # fmt: skip
+TILE_SCENE = (("square", "orange", (25.0, 38.0), 15.5, 8.0), ("ring", "purple", (41.0, 25.0), 14.5, 0.0)), ("white",)
+TILE_FACTOR = 4  # the tile example: its scene drawn at 64 px (coordinates above), shrunk to 16 px, blown up
+MASK_GROW = 12  # px at 256: the inpaint example's mask covers the circle and a little around it
 
 
-def shapes() -> tuple[Image.Image, Image.Image]:
+def _scene(scene, size: int = SHAPES_SIZE):
     import sys
 
     sys.path.insert(0, str(Path(__file__).parents[1]))
-    from cldm.training.shapes import make_sample
+    from cldm.training.shapes import Shape, make_scene
 
-    s = make_sample(SHAPES_SEED, SHAPES_SIZE)
+    shapes, background = scene
+    return make_scene([Shape(*s) for s in shapes], background, size)
+
+
+def shapes() -> tuple[Image.Image, Image.Image]:
+    s = _scene(SHAPES_SCENE)
     return Image.fromarray(s.image), Image.fromarray(s.seg)
+
+
+def circle_mask() -> Image.Image:
+    """The inpaint example's painted layer: the circle of shapes.png and a margin, white and opaque on transparent."""
+    s = _scene(SHAPES_SCENE)
+    circle = (s.labels == 1).astype(np.uint8)  # class 1 is the circle
+    grown = Image.fromarray(circle * 255).filter(ImageFilter.MaxFilter(2 * MASK_GROW + 1))
+    layer = Image.new("RGBA", grown.size, (255, 255, 255, 0))
+    layer.putalpha(grown)
+    return layer
+
+
+def blurry_shapes() -> Image.Image:
+    small = _scene(TILE_SCENE, 64).image
+    tiny = Image.fromarray(small).resize((64 // TILE_FACTOR,) * 2, Image.Resampling.BOX)
+    return tiny.resize((SHAPES_SIZE, SHAPES_SIZE), Image.Resampling.BICUBIC)
 
 
 def triangle_sketch() -> Image.Image:
@@ -103,6 +132,8 @@ def main() -> None:
     picture, seg = shapes()
     picture.save(OUT / "shapes.png", optimize=True)
     seg.save(OUT / "shapes_seg.png", optimize=True)
+    circle_mask().save(OUT / "shapes_circle_mask.png", optimize=True)
+    blurry_shapes().save(OUT / "shapes_blurry.png", optimize=True)
     triangle_sketch().save(OUT / "triangle_sketch.png", optimize=True)
     np.asarray(house())  # the examples must stay plain RGB
     print("wrote", sorted(p.name for p in OUT.iterdir()))

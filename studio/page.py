@@ -64,6 +64,16 @@ def friendly_size(fn):
     return wrapped
 
 
+def example_picture(studio: Studio, cond: Condition, picture: str):
+    """An example's picture as its widget takes it: the file, or for a model card's inpaint example the picture with
+    its painted layer (the mask), as the editor holds a painted picture."""
+    example = studio.card.examples.get(cond.key, {}) if studio.card is not None else {}
+    if not cond.inpaint or "mask" not in example or example["image"] != picture:
+        return str(EXAMPLES_DIR / picture)
+    return {"background": str(EXAMPLES_DIR / picture), "layers": [str(EXAMPLES_DIR / example["mask"])],
+            "composite": str(EXAMPLES_DIR / picture)}  # fmt: skip
+
+
 def condition_tab(studio: Studio, cond: Condition, base: BasePanel) -> Receivers:
     """One tab, for any row of the condition table: the prompt, the picture and its options on the left; Generate,
     Stop, the progress, the results and the hint on the right."""
@@ -88,8 +98,8 @@ def condition_tab(studio: Studio, cond: Condition, base: BasePanel) -> Receivers
             files = gr.Files(label="Download PNGs (with parameters)")
     if state.example is not None:  # none when no example runs here
         picture, preprocessor, prompt = state.example
-        gr.Examples([[str(EXAMPLES_DIR / picture), preprocessor, prompt]], [unit.image, unit.preprocessor, settings.widgets["prompt"]],
-                    label="Example")  # fmt: skip
+        gr.Examples([[example_picture(studio, cond, picture), preprocessor, prompt]],
+                    [unit.image, unit.preprocessor, settings.widgets["prompt"]], label="Example")  # fmt: skip
     size_button(use_size, unit.image, settings)
     size = SizePanel(settings.widgets["width"], settings.widgets["height"])
 

@@ -19,7 +19,21 @@ from cldm.sampling.schedules import TRAIN_STEPS, alphas_cumprod
 from cldm.training.charts import line_chart
 from cldm.training.export import demo_card, export
 from cldm.training.metrics import canny_edges, edge_f1
-from cldm.training.shapes import CAPTION_WORDS, CLASS_NAMES, COLORS, SEG_PALETTE, SHAPES, make_sample
+from cldm.training.shapes import (
+    CAPTION_WORDS,
+    CLASS_NAMES,
+    COLORS,
+    MAX_OVERLAP,
+    OVERLAPPING,
+    SEG_PALETTE,
+    SHAPES,
+    SUPERSAMPLE,
+    TILE_FACTORS,
+    make_sample,
+    make_scene,
+    shape_mask,
+    tile_hint,
+)
 from cldm.training.train import (
     CONTROLNET_FILE,
     MIN_SNR_GAMMA,
@@ -44,7 +58,7 @@ def test_generator_is_deterministic_at_every_size():
     for size in (32, 64, 256):
         a, b = make_sample(7, size), make_sample(7, size)
         assert a.caption == b.caption
-        for name in ("image", "canny", "scribble", "seg", "labels"):
+        for name in ("image", "canny", "scribble", "seg", "labels", "tile", "inpaint", "shuffle"):
             assert np.array_equal(getattr(a, name), getattr(b, name))
     assert make_sample(1).caption != make_sample(2).caption or not np.array_equal(
         make_sample(1).image, make_sample(2).image
@@ -136,10 +150,50 @@ def test_edge_f1_and_chart(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
-def test_half_the_pictures_hold_one_shape():
-    counts = np.bincount([len(make_sample(seed, 32).shapes) for seed in range(400)], minlength=4)
+def test_two_shape_scenes_are_the_most_common_and_shapes_overlap_in_some():
+    samples = [make_sample(seed, 32, hints=False) for seed in range(400)]
+    counts = np.bincount([len(s.shapes) for s in samples], minlength=4)
     assert counts[0] == 0 and counts[3] > 0
-    assert 0.4 < counts[1] / 400 < 0.6 and counts[2] > counts[3]
+    assert counts[2] > counts[1] > 0.2 * 400 and counts[2] > counts[3]
+    # one shape per kind, so "a blue circle and a yellow star" says which colour goes where
+    assert all(len({sh.kind for sh in s.shapes}) == len(s.shapes) for s in samples)
+    overlapping = 0
+    for s in samples[:120]:
+        masks = [shape_mask(sh, 32 * SUPERSAMPLE) for sh in s.shapes]
+        shared = [
+            int((a & b).sum()) / min(int(a.sum()), int(b.sum())) for i, a in enumerate(masks) for b in masks[i + 1 :]
+        ]
+        assert all(f <= OVERLAPPING + 1e-9 for f in shared)
+        overlapping += any(f > MAX_OVERLAP for f in shared)
+    assert overlapping >= 10
+
+
+def test_scenes_as_asked_and_drawn_from_named_shapes():
+    for seed in range(20):
+        s = make_sample(seed, 64, count=2, two_tone=False)
+        assert len(s.background) == 1 and len(s.shapes) <= 2
+    again = make_scene(s.shapes, s.background, 64)
+    assert np.array_equal(again.image, s.image) and np.array_equal(again.labels, s.labels)
+    assert again.caption == s.caption
+
+
+def test_tile_inpaint_and_shuffle_hints():
+    for seed in range(8):
+        s = make_sample(seed, 64)
+        assert s.tile.shape == s.shuffle.shape == (64, 64, 3) and s.tile.dtype == s.shuffle.dtype == np.uint8
+        # the tile hint is the picture, shrunk and blown up again: close in colour
+        assert np.abs(s.tile.astype(int) - s.image).mean() < 40
+        assert any(np.array_equal(s.tile, tile_hint(s.image, f)) for f in TILE_FACTORS)
+        # inpaint: -1 in the hole, the picture in [0, 1] elsewhere, holes of a usable size
+        assert s.inpaint.dtype == np.float32 and 0.03 < s.hole.mean() < 0.7
+        assert (s.inpaint[s.hole] == -1).all()
+        assert np.allclose(s.inpaint[~s.hole], s.image[~s.hole] / 255.0)
+        # shuffle: the picture's own colours, moved around
+        assert not np.array_equal(s.shuffle, s.image)
+        palette = np.array([COLORS[c] for c in (*s.background, *(sh.color for sh in s.shapes))])
+        nearest = np.abs(s.shuffle.reshape(-1, 1, 3).astype(int) - palette[None]).max(axis=2).min(axis=1)
+        assert (nearest <= 30).mean() > 0.8
+    assert np.array_equal(tile_hint(s.image, 1), s.image)
 
 
 def test_demo_text_context_is_32_tokens_with_30_token_chunks():

@@ -39,11 +39,11 @@ MAY_IMPORT: dict[str, set[str]] = {
     HINTS: {MODELS, IO, SAMPLING, ADAPTERS, PIPELINE, "annotators"},  # the one core package over the annotators
     RUNTIME: {MODELS, IO, SAMPLING, ADAPTERS, PIPELINE, HINTS},
     "cldm": {*CORE},
-    "cldm.cli": {*CORE},  # `python -m cldm generate`: the core only
+    "cldm.cli": {*CORE, "annotators"},  # `python -m cldm generate`: the core; --preprocessor names and errors
     "cldm.__main__": {*CORE, "cldm.cli", *WINGS},  # the command line dispatches to the wings
     "cldm.scale": {*CORE, "annotators"},  # a row's preprocessor failure is reported per row
     "cldm.bench": {*CORE},
-    "cldm.training": {*CORE},
+    "cldm.training": {*CORE, "annotators"},  # the shuffle hints it trains on are the app's own preprocessor's
     "studio": {*CORE, "annotators", "cldm.scale"},  # the Batch tab runs the batch
     "app": {*CORE, "studio", "cldm.scale"},  # --serve starts the Ray Serve deployment
     "annotators": set(),

@@ -30,7 +30,7 @@ class ModelCard:
     conditions: tuple[str, ...]  # condition keys with a ControlNet beside the base (`control_v11p_sd15_<key>...`)
     examples: dict[str, dict[str, str]] = field(
         default_factory=dict
-    )  # key -> image (in assets/examples), preprocessor, prompt
+    )  # key -> image (in assets/examples), preprocessor, prompt; "mask": the painted layer of an inpaint example
     words: tuple[str, ...] = ()  # the only words the text encoder knows; empty: any prompt
     description: str = ""
     folder: Path | None = field(default=None, compare=False)  # where the card was read from (not written)

@@ -27,7 +27,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hint", action="append", choices=HINTS, help="ControlNet(s) to train/export (default: all)")
     p.add_argument("--steps", type=int, help="steps of this stage (vae/base/controlnet)")
     for stage, steps in DEMO_SCHEDULE.items():
-        what = f"the {stage.split('_')[1]} ControlNet" if "_" in stage else f"the {stage} stage (each ControlNet)"
+        what = f"the {stage.split('_')[1]} ControlNet" if "_" in stage else f"the {stage} stage"
+        what += " (each ControlNet without its own option)" if stage == "controlnet" else ""
         p.add_argument(
             f"--{stage.replace('_', '-')}-steps", type=int, default=steps, help=f"steps of {what} with 'all'"
         )
@@ -36,7 +37,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help=f"peak learning rate (default per stage: {per_stage(DEFAULT_LR)})")
     p.add_argument("--warmup", type=int, help=f"warm-up steps (default per stage: {per_stage(DEFAULT_WARMUP)})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pool", type=int, default=8192, help="distinct training pictures for base and ControlNets")
+    p.add_argument("--pool", type=int, default=16384, help="distinct training pictures for base and ControlNets")
     p.add_argument("--vae-crop", type=int, default=32, help="VAE trained on random crops of this size (0: whole)")
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=200)
@@ -119,9 +120,18 @@ def cmd_demo_eval(a: argparse.Namespace) -> None:
     settings = {k: v for k, v in (("steps", a.steps), ("cfg", a.cfg)) if v is not None}  # else demo_eval's own
     report = demo_eval.evaluate(model, cns, n=a.n, grid=a.grid, **settings)
     demo_eval.write(report, a.out)
+    for hint, f in report.two_objects.items():
+        print(f"two objects, {hint:9s} edge F1 {f['f1_on']:.3f} (without ControlNet {f['f1_off']:.3f}), "
+              f"colour binding {f['binding']:.0%}")  # fmt: skip
     for hint, f in report.control.items():
-        print(f"{hint:9s} edge F1 with ControlNet {f['f1_on']:.3f}, without {f['f1_off']:.3f}")
-    print(f"prompt colour {report.colour_rate:.0%}, hinted shape {report.shape_rate:.0%}, both {report.both_rate:.0%}")
+        print(f"one object,  {hint:9s} edge F1 {f['f1_on']:.3f} (without ControlNet {f['f1_off']:.3f})")
+    print(f"one object, canny: prompt colour {report.colour_rate:.0%}, hinted shape {report.shape_rate:.0%}, both "
+          f"{report.both_rate:.0%}; sketched triangle {report.sketch_rate:.0%}")  # fmt: skip
+    if report.inpaint_rate or "inpaint" in cns:
+        print(f"inpaint: hidden shape redrawn in its colour {report.inpaint_rate:.0%}")
+    if report.shuffle_rate:
+        print(f"shuffle: background colour taken {report.shuffle_rate['with']:.0%} "
+              f"(without {report.shuffle_rate['without']:.0%})")  # fmt: skip
 
 
 def add_demo_eval_args(e: argparse.ArgumentParser) -> None:

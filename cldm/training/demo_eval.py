@@ -1,12 +1,16 @@
 """How well the shipped demo model follows hints and prompts, measured on shapes pictures it never saw.
 
-- Control adherence: F1 (2 px tolerance) between the canny edges of a generated picture and those of the picture
-  the hint was made from, with the ControlNet on and off, for every demo condition.
-- Prompt adherence: one-shape pictures, prompt "a <colour> <shape> on a <colour> background", the canny
-  ControlNet drawing the shape: does the hinted region come out in the named colour (nearest named colour of its
-  median pixel), and does the shape follow the hint (edge F1 >= SHAPE_F1)?
+- Two-object scenes (plain background, two shapes of different kinds that may overlap, "a blue circle and a yellow
+  star on a pink background"), for every ControlNet that draws a layout (canny, scribble, seg, tile): edge F1 (2 px)
+  between the canny edges of the result and those of the picture the hint came from, with the ControlNet on and
+  off, and colour binding: does each shape come out in its own named colour (nearest named colour of the median
+  pixel of its visible region), both shapes of the scene right?
+- One-object pictures: the same edge F1; with the canny ControlNet, is the shape the named colour, does it follow the
+  hint (edge F1 >= SHAPE_F1), both.
 - The app's promise: a triangle outline sketched as in the browser, the scribble ControlNet, "a <colour> triangle on
   a <colour> background" for random colour pairs: are the inside and the outside of the outline the named colours?
+- Inpaint: one shape of a two-object scene hidden under a hole, the full caption: is it redrawn in its colour?
+- Shuffle: the content-shuffled picture and an empty prompt: does the result take the picture's background colour?
 """
 
 from __future__ import annotations
@@ -18,18 +22,22 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from cldm.hints.conditions import BY_KEY
 from cldm.models.controlnet import ControlNet
 from cldm.models.sd import StableDiffusion
 from cldm.pipeline.request import ControlUnit, GenerationRequest
 from cldm.pipeline.stages import generate
 from cldm.training.charts import image_grid
+from cldm.training.evaluation import shown_hint, unit_hint
 from cldm.training.metrics import canny_edges, edge_f1
-from cldm.training.shapes import COLORS, HINTS, SHAPES, Shape, caption, make_sample
+from cldm.training.shapes import COLORS, HINTS, SHAPES, Sample, Shape, caption, make_sample, tile_hint
 
 # Training draws seeds from 0 up and the periodic evaluations from 1e9 up: these were never seen.
 UNSEEN_SEED = 2_000_000_000
 SHAPE_F1 = 0.5  # edge F1 above which the generated shape counts as the hinted one
-DEMO_BASE, DEMO_CONTROLNET = "shapes_sd.safetensors", "control_v11p_sd15_{}.safetensors"
+LAYOUT_HINTS = ("canny", "scribble", "seg", "tile")  # the ControlNets that draw where the shapes are
+EVAL_TILE_FACTOR = 4  # the tile hint of the evaluation: the picture at 16 px, blown up to 64
+DEMO_BASE = "shapes_sd.safetensors"
 # The sampling settings measured here, which the app's demo mode also starts with.
 STEPS, CFG, SAMPLER = 20, 5.0, "ddim"
 
@@ -41,26 +49,51 @@ class Report:
     n: int
     steps: int
     cfg: float
-    control: dict[str, dict[str, float]] = field(default_factory=dict)  # hint -> f1_on, f1_off
+    two_objects: dict[str, dict[str, float]] = field(default_factory=dict)  # hint -> f1_on, f1_off, binding
+    control: dict[str, dict[str, float]] = field(default_factory=dict)  # one object: hint -> f1_on, f1_off
     colour_rate: float = 0.0
     shape_rate: float = 0.0
     both_rate: float = 0.0
     sketch_rate: float = 0.0  # sketched triangle: shape and background both the named colours
+    inpaint_rate: float = 0.0  # the hidden shape redrawn in its named colour
+    shuffle_rate: dict[str, float] = field(default_factory=dict)  # background colour taken: with / without
 
 
 def load_demo(folder: str | Path, dtype: str = "fp32") -> tuple[StableDiffusion, dict[str, ControlNet]]:
-    """The demo model as the app serves it, on the CPU in `dtype` (bf16: with the manager's packed convolutions)."""
+    """The demo model as the app serves it, on the CPU in `dtype`, with every demo ControlNet the folder has."""
     from cldm.runtime.manager import ModelManager
 
     folder = Path(folder)
     manager = ModelManager(str(folder / DEMO_BASE), device="cpu", dtype=dtype)
-    return manager.sd, {h: manager.controlnet(str(folder / DEMO_CONTROLNET.format(h))) for h in HINTS}
+    paths = {h: folder / controlnet_file(h) for h in HINTS}
+    return manager.sd, {h: manager.controlnet(str(p)) for h, p in paths.items() if p.is_file()}
+
+
+def controlnet_file(hint: str) -> str:
+    """A demo ControlNet's file name: its condition's ControlNet 1.1 name, so the app's models-folder lookup finds it."""
+    return f"{BY_KEY[hint].stem}.safetensors"
 
 
 def nearest_colour(rgb: np.ndarray) -> str:
     names = list(COLORS)
     dist = [float(np.sum((np.asarray(COLORS[n], float) - rgb) ** 2)) for n in names]
     return names[int(np.argmin(dist))]
+
+
+def shape_colour(picture: np.ndarray, sample: Sample, shape: Shape) -> str:
+    """The named colour of `shape`'s visible region in `picture` (its median pixel, a pixel away from the border)."""
+    region = sample.labels == 1 + SHAPES.index(shape.kind)
+    inner = cv2.erode(region.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    return nearest_colour(np.median(picture[inner if inner.sum() >= 4 else region], axis=0))
+
+
+def bound(picture: np.ndarray, sample: Sample) -> bool:
+    """Every shape of the scene in its own named colour."""
+    return all(shape_colour(picture, sample, s) == s.color for s in sample.shapes)
+
+
+def scene_f1(picture: np.ndarray, sample: Sample) -> float:
+    return edge_f1(canny_edges(picture), canny_edges(sample.image))
 
 
 def sketched_triangle(size: int = 64) -> np.ndarray:
@@ -80,50 +113,101 @@ def closed_outline_regions(hint: np.ndarray, margin: int = 2) -> tuple[np.ndarra
     return (flood == 0) & ~near, (flood == 2) & ~near
 
 
-def _one_shape_samples(n: int, size: int) -> list:
-    out, seed = [], UNSEEN_SEED
+def scenes(n: int, count: int, size: int = 64, offset: int = 0) -> list[Sample]:
+    """`n` unseen scenes of exactly `count` shapes on a plain background whose colours differ from it."""
+    out, seed = [], UNSEEN_SEED + offset
     while len(out) < n:
-        s = make_sample(seed, size)
+        s = make_sample(seed, size, count=count, two_tone=False)
         seed += 1
-        if len(s.shapes) == 1 and s.shapes[0].color not in s.background:
+        if len(s.shapes) == count:
             out.append(s)
     return out
 
 
+class _Runner:
+    def __init__(self, model: StableDiffusion, steps: int, cfg: float, size: int):
+        self.model, self.kw = model, dict(steps=steps, cfg_scale=cfg, width=size, height=size, sampler=SAMPLER)
+
+    def __call__(self, prompt: str, seed: int, units=(), **more) -> np.ndarray:
+        request = GenerationRequest(prompt, units=list(units), seed=seed, **self.kw, **more)
+        return generate(self.model, request).images[0]
+
+    def control(self, cn: ControlNet, hint, name: str, prompt: str, seed: int, **more) -> np.ndarray:
+        return self(prompt, seed, [ControlUnit(cn, hint, name=name)], **more)
+
+
 def evaluate(model: StableDiffusion, cns: dict[str, ControlNet], n: int = 24, steps: int = STEPS, cfg: float = CFG,
              size: int = 64, grid: str | Path | None = None) -> Report:  # fmt: skip
-    """Run both measurements on `n` unseen pictures per condition; optionally write a sample grid."""
-    report = Report(n=n, steps=steps, cfg=cfg)
-    kw = dict(steps=steps, cfg_scale=cfg, width=size, height=size, sampler=SAMPLER)
+    """Every measurement on `n` unseen pictures each, for the ControlNets in `cns`; optionally a sample grid."""
+    report, run = Report(n=n, steps=steps, cfg=cfg), _Runner(model, steps, cfg, size)
     rows: list[list[np.ndarray]] = []
-    samples = [make_sample(UNSEEN_SEED + 10_000 + i, size) for i in range(n)]
-    off = [generate(model, GenerationRequest(s.caption, seed=i, **kw)).images[0] for i, s in enumerate(samples)]
-    f1_off = float(np.mean([edge_f1(canny_edges(o), canny_edges(s.image)) for o, s in zip(off, samples)]))
-    for hint in HINTS:
-        on = [
-            generate(
-                model,
-                GenerationRequest(s.caption, units=[ControlUnit(cns[hint], s.hint(hint), name=hint)], seed=i, **kw),
-            ).images[0]
-            for i, s in enumerate(samples)
-        ]
-        f1_on = float(np.mean([edge_f1(canny_edges(o), canny_edges(s.image)) for o, s in zip(on, samples)]))
-        report.control[hint] = {"f1_on": f1_on, "f1_off": f1_off}
-        rows += [[s.hint(hint) for s in samples[:8]], on[:8]]
+    for count, table in ((2, report.two_objects), (1, report.control)):
+        samples = scenes(n, count, size, offset=10_000 * count)
+        off = [run(s.caption, i) for i, s in enumerate(samples)]
+        f1_off = float(np.mean([scene_f1(o, s) for o, s in zip(off, samples)]))
+        if count == 2:
+            rows += [[s.image for s in samples[:8]], off[:8]]
+        for hint in (h for h in LAYOUT_HINTS if h in cns):
+            hints = [tile_hint(s.image, EVAL_TILE_FACTOR) if hint == "tile" else s.hint(hint) for s in samples]
+            on = [run.control(cns[hint], h, hint, s.caption, i) for i, (s, h) in enumerate(zip(samples, hints))]
+            f1 = [scene_f1(o, s) for o, s in zip(on, samples)]
+            table[hint] = {"f1_on": float(np.mean(f1)), "f1_off": f1_off}
+            if count == 2:
+                table[hint]["binding"] = float(np.mean([bound(o, s) for o, s in zip(on, samples)]))
+                rows += [hints[:8], on[:8]]
+            elif hint == "canny":
+                colour = [shape_colour(o, s, s.shapes[0]) == s.shapes[0].color for o, s in zip(on, samples)]
+                shape = [f >= SHAPE_F1 for f in f1]
+                report.colour_rate, report.shape_rate = float(np.mean(colour)), float(np.mean(shape))
+                report.both_rate = float(np.mean([c and f for c, f in zip(colour, shape)]))
+    if "scribble" in cns:
+        report.sketch_rate = _sketch_rate(run, cns["scribble"], n, size)
+    if "inpaint" in cns:
+        samples = scenes(n, 2, size, offset=30_000)
+        hits, shown, made = 0, [], []
+        for i, s in enumerate(samples):
+            hidden = s.shapes[0]
+            hole = _grown(s, hidden)
+            hint = np.where(hole[..., None], -1.0, s.image / 255.0).astype(np.float32)
+            sample_hint = Sample(s.image, s.caption, s.shapes, s.background, s.labels, inpaint=hint)
+            pic = run.control(cns["inpaint"], unit_hint(sample_hint, "inpaint"), "inpaint", s.caption, i,
+                              init_image=s.image, mask=hole.astype(np.uint8) * 255)  # fmt: skip
+            hits += shape_colour(pic, s, hidden) == hidden.color
+            shown.append(shown_hint(sample_hint, "inpaint"))
+            made.append(pic)
+        report.inpaint_rate = hits / n
+        rows += [shown[:8], made[:8]]
+    if "shuffle" in cns:
+        samples = scenes(n, 2, size, offset=40_000)
+        with_, without, made = [], [], []
+        for i, s in enumerate(samples):
+            on = run.control(cns["shuffle"], s.hint("shuffle"), "shuffle", "", i)
+            made.append(on)
+            with_.append(background_colour(on) == s.background[0])
+            without.append(background_colour(run("", i)) == s.background[0])
+        report.shuffle_rate = {"with": float(np.mean(with_)), "without": float(np.mean(without))}
+        rows += [[s.hint("shuffle") for s in samples[:8]], made[:8]]
     if grid is not None:
-        image_grid([[s.image for s in samples[:8]], off[:8], *rows], Path(grid))
+        image_grid(rows, Path(grid))
+    return report
 
-    colour = shape = both = 0
-    for i, s in enumerate(_one_shape_samples(n, size)):
-        unit = ControlUnit(cns["canny"], s.canny, name="canny")
-        pic = generate(model, GenerationRequest(s.caption, units=[unit], seed=i, **kw)).images[0]
-        region = s.labels == 1 + SHAPES.index(s.shapes[0].kind)
-        inner = cv2.erode(region.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0  # away from the blurry border
-        ok_colour = nearest_colour(np.median(pic[inner if inner.any() else region], axis=0)) == s.shapes[0].color
-        ok_shape = edge_f1(canny_edges(pic), canny_edges(s.image)) >= SHAPE_F1
-        colour, shape, both = colour + ok_colour, shape + ok_shape, both + (ok_colour and ok_shape)
-    report.colour_rate, report.shape_rate, report.both_rate = colour / n, shape / n, both / n
 
+def _grown(s: Sample, shape: Shape, grow: int = 2) -> np.ndarray:
+    from cldm.training.shapes import SUPERSAMPLE, shape_mask
+
+    big = shape_mask(shape, s.image.shape[0] * SUPERSAMPLE).astype(np.float32)
+    small = cv2.resize(big, s.image.shape[:2][::-1], interpolation=cv2.INTER_AREA) > 0.2
+    return cv2.dilate(small.astype(np.uint8), np.ones((2 * grow + 1, 2 * grow + 1), np.uint8)) > 0
+
+
+def background_colour(picture: np.ndarray, border: int = 3) -> str:
+    """The named colour of the picture's border (its median pixel)."""
+    edge = np.concatenate([picture[:border].reshape(-1, 3), picture[-border:].reshape(-1, 3),
+                           picture[:, :border].reshape(-1, 3), picture[:, -border:].reshape(-1, 3)])  # fmt: skip
+    return nearest_colour(np.median(edge, axis=0))
+
+
+def _sketch_rate(run: _Runner, cn: ControlNet, n: int, size: int) -> float:
     hint = sketched_triangle(size)
     inside, outside = closed_outline_regions(hint)
     rng = np.random.default_rng(UNSEEN_SEED)
@@ -131,12 +215,10 @@ def evaluate(model: StableDiffusion, cns: dict[str, ControlNet], n: int = 24, st
     for i in range(n):
         fill, ground = (list(COLORS)[int(k)] for k in rng.choice(len(COLORS), size=2, replace=False))
         prompt = caption([Shape("triangle", fill, (0, 0), 0, 0)], (ground,))  # "a green triangle on a white ..."
-        unit = ControlUnit(cns["scribble"], hint, name="scribble")
-        pic = generate(model, GenerationRequest(prompt, units=[unit], seed=i, **kw))
-        got = [nearest_colour(np.median(pic.images[0][m], axis=0)) for m in (inside, outside)]
+        pic = run.control(cn, hint, "scribble", prompt, i)
+        got = [nearest_colour(np.median(pic[m], axis=0)) for m in (inside, outside)]
         hits += got == [fill, ground]
-    report.sketch_rate = hits / n
-    return report
+    return hits / n
 
 
 def write(report: Report, path: str | Path) -> None:

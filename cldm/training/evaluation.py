@@ -14,11 +14,23 @@ from cldm.models.vae import AutoencoderKL
 from cldm.pipeline.request import ControlUnit, GenerationRequest
 from cldm.pipeline.stages import generate
 from cldm.training.charts import image_grid
-from cldm.training.latent_pool import images_to_tensor
+from cldm.training.latent_pool import hint_tensor, images_to_tensor
 from cldm.training.metrics import canny_edges, edge_f1
-from cldm.training.shapes import make_batch
+from cldm.training.shapes import Sample, make_batch
 
 MIN_GENERATE_SIZE = 64  # pipeline.generate's smallest size; the models are convolutional, so smaller ones sample at 64
+
+
+def unit_hint(sample: Sample, hint: str) -> np.ndarray | torch.Tensor:
+    """The hint as a ControlUnit takes it: a picture, or for inpaint a (1, 3, H, W) float tensor with -1 holes."""
+    h = sample.hint(hint)
+    return h if h.dtype == np.uint8 else hint_tensor(h)[None]
+
+
+def shown_hint(sample: Sample, hint: str) -> np.ndarray:
+    """The hint as a picture for the grids (an inpaint hole in black)."""
+    h = sample.hint(hint)
+    return h if h.dtype == np.uint8 else (h.clip(0, 1) * 255).round().astype(np.uint8)
 
 
 def _to_uint8(x: torch.Tensor) -> list[np.ndarray]:
@@ -35,7 +47,7 @@ def vae_eval(vae: AutoencoderKL, size: int, seeds: Sequence[int], folder: Path, 
     """Reconstruct fixed pictures (posterior mode); grid = originals over reconstructions; returns the PSNR in dB."""
     was_training = vae.training
     vae.eval()
-    x = images_to_tensor([s.image for s in make_batch(seeds, size)]) * 2 - 1
+    x = images_to_tensor([s.image for s in make_batch(seeds, size, hints=False)]) * 2 - 1
     rec = vae.decode(vae.encode(x, sample=False)).clamp(-1, 1)
     vae.train(was_training)
     mse = float(((rec - x) / 2).pow(2).mean())  # in [0, 1] units
@@ -59,7 +71,7 @@ def sample_base(
 ) -> dict[str, float]:
     """Generate from the captions of fixed pictures; grid = the pictures over what the model made of their captions."""
     gen = max(size, MIN_GENERATE_SIZE)
-    samples = make_batch(seeds, gen)
+    samples = make_batch(seeds, gen, hints=False)
     made = [
         generate(
             model, GenerationRequest(s.caption, steps=sample_steps, cfg_scale=cfg_scale, seed=i, width=gen, height=gen)
@@ -92,7 +104,7 @@ class ControlEval:
         was_training = cn.training
         cn.eval()
         on = [
-            self._generate(s.caption, i, [ControlUnit(cn, s.hint(self.hint), name=self.hint)])
+            self._generate(s.caption, i, [ControlUnit(cn, unit_hint(s, self.hint), name=self.hint)])
             for i, s in enumerate(self.samples)
         ]
         cn.train(was_training)
@@ -100,7 +112,7 @@ class ControlEval:
             self._off = [self._generate(s.caption, i, []) for i, s in enumerate(self.samples)]
         f1_on = [edge_f1(canny_edges(p), r) for p, r in zip(on, self.refs)]
         f1_off = [edge_f1(canny_edges(p), r) for p, r in zip(self._off, self.refs)]
-        rows = [[s.hint(self.hint) for s in self.samples], on, self._off, [s.image for s in self.samples]]
+        rows = [[shown_hint(s, self.hint) for s in self.samples], on, self._off, [s.image for s in self.samples]]
         image_grid(rows, _grid_path(folder, step))
         _write_captions(folder, step, [s.caption for s in self.samples])
         return {"f1_on": float(np.mean(f1_on)), "f1_off": float(np.mean(f1_off))}

@@ -15,15 +15,16 @@ import torch
 
 from cldm.io import checkpoints, writers
 from cldm.io.model_card import ModelCard
-from cldm.training.demo_eval import CFG, DEMO_BASE, DEMO_CONTROLNET, SAMPLER, STEPS
+from cldm.training.demo_eval import CFG, DEMO_BASE, SAMPLER, STEPS, controlnet_file
 from cldm.training.shapes import CAPTION_WORDS, HINTS
 from cldm.training.train import CONTROLNET_FILE, SD_FILE, family
 from cldm.training.vocab import shapes_tokenizer
 
 log = logging.getLogger(__name__)
 
-# Exported names: the ControlNets take the ControlNet 1.1 file names, so the app's models-folder lookup finds them.
-EXPORT_BASE, EXPORT_CONTROLNET, EXPORT_TOKENIZER = DEMO_BASE, DEMO_CONTROLNET, "tokenizer"
+# Exported names: the ControlNets take the ControlNet 1.1 file names (demo_eval.controlnet_file), so the app's
+# models-folder lookup finds them.
+EXPORT_BASE, EXPORT_TOKENIZER = DEMO_BASE, "tokenizer"
 DEMO_CAPTION = "a blue circle and a yellow star on a pink background"  # what assets/examples/shapes.png shows
 # What the app's demo tabs offer as examples (pictures drawn by assets/make_examples.py).
 DEMO_EXAMPLES = {
@@ -34,7 +35,20 @@ DEMO_EXAMPLES = {
         "prompt": "a green triangle on a white background",
     },  # fmt: skip
     "seg": {"image": "shapes_seg.png", "preprocessor": "none", "prompt": DEMO_CAPTION},  # the shapes palette
-}
+    "tile": {
+        "image": "shapes_blurry.png",
+        "preprocessor": "none",
+        "prompt": "a purple ring and an orange square on a white background",
+    },
+    # the circle painted over (the mask is the example's painted layer), and asked for in another colour
+    "inpaint": {
+        "image": "shapes.png",
+        "mask": "shapes_circle_mask.png",
+        "preprocessor": "none",
+        "prompt": "a green circle and a yellow star on a pink background",
+    },
+    "shuffle": {"image": "shapes.png", "preprocessor": "shuffle", "prompt": ""},  # the picture's colours, no words
+}  # fmt: skip
 
 
 def demo_card(hints=HINTS) -> ModelCard:
@@ -43,8 +57,8 @@ def demo_card(hints=HINTS) -> ModelCard:
     return ModelCard(
         name="demo", base=EXPORT_BASE, size=size, steps=STEPS, cfg=CFG, sampler=SAMPLER, conditions=tuple(hints),
         examples={h: DEMO_EXAMPLES[h] for h in hints if h in DEMO_EXAMPLES}, words=CAPTION_WORDS,
-        description=f"a small model trained by this project on pictures of coloured shapes, {size} px (an early "
-        "model: shapes follow the hint loosely).",
+        description=f"a small model trained by this project on pictures of one to three coloured shapes, {size} px "
+        "(demo model v2).",
     )  # fmt: skip
 
 
@@ -63,7 +77,7 @@ def export(run: str | os.PathLike, dest: str | os.PathLike, hints=HINTS, dtype=t
         if not src.is_file():
             log.warning("no %s ControlNet in %s: not exported", hint, run)
             continue
-        out.append(dest / EXPORT_CONTROLNET.format(hint))
+        out.append(dest / controlnet_file(hint))
         writers.save_controlnet(checkpoints.load_controlnet(src).to(dtype), out[-1])
         exported.append(hint)
     out.append(demo_card(tuple(exported)).write(dest))

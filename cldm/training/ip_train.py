@@ -79,7 +79,7 @@ def train_ip_adapter(demo: str | Path, out: str | Path, steps: int = 1200, batch
         idx = torch.randint(0, pool, (batch,), generator=g).tolist()
         missing = [i for i in dict.fromkeys(idx) if i not in pixels]
         if missing:
-            for i, px in zip(missing, encoder.pixels([s.image for s in make_batch(missing, 64)])):
+            for i, px in zip(missing, encoder.pixels([s.image for s in make_batch(missing, 64, hints=False)])):
                 pixels[i] = px
         mean, std, captions, _ = latents.get(idx)
         x_t, t, eps = _noisy(mean, std, g)

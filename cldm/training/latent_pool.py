@@ -22,10 +22,16 @@ def images_to_tensor(pictures: Sequence[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 255.0
 
 
+def hint_tensor(hint: np.ndarray) -> torch.Tensor:
+    """A hint as the ControlNet reads it, (3, H, W) float: HxWx3 uint8 -> [0, 1]; float (inpaint) as it is."""
+    t = torch.from_numpy(np.ascontiguousarray(hint)).permute(2, 0, 1).contiguous()
+    return t.float() / 255.0 if hint.dtype == np.uint8 else t.float()
+
+
 class LatentPool:
     """Pictures `offset .. offset + n - 1` of the generator: captions, some hints, and the posterior of their latent.
 
-    Each is made and encoded the first time it is asked for, then kept (a few KB per picture in memory, plus 12 KB
+    Each is made and encoded the first time it is asked for, then kept (a few KB per picture in memory, plus 24 KB
     per hint). One pool can serve several ControlNet stages: they train on the same pictures, encoded once.
     """
 
@@ -51,7 +57,7 @@ class LatentPool:
                 self._mean[k], self._std[k] = mean[j].float() * scale, std[j].float() * scale
                 self._caption[k] = s.caption
                 for h in self.hints:
-                    self._hint[h][k] = torch.from_numpy(s.hint(h)).permute(2, 0, 1).contiguous()  # uint8 (3, H, W)
+                    self._hint[h][k] = hint_tensor(s.hint(h)).half()  # 2 bytes a value: 24 KB per 64 px hint
 
     def get(
         self, indices: Sequence[int], hint: str | None = None
@@ -67,5 +73,5 @@ class LatentPool:
         mean = torch.stack([self._mean[i] for i in indices])
         std = torch.stack([self._std[i] for i in indices])
         captions = [self._caption[i] for i in indices]
-        hints = torch.stack([self._hint[hint][i] for i in indices]).float() / 255.0 if hint is not None else None
+        hints = torch.stack([self._hint[hint][i] for i in indices]).float() if hint is not None else None
         return mean, std, captions, hints
