@@ -185,7 +185,7 @@ def image_prompt_panel(studio: Studio, key: str, open_: bool = False) -> ImagePr
         image = upload_image(label="Image prompt", sources=["upload", "clipboard"], elem_id=f"{key}-ip-image")
         with gr.Row():
             adapter = gr.Dropdown(list(IP_ADAPTERS), value=IP_ADAPTERS[0], label="IP-Adapter", allow_custom_value=True)
-            scale = gr.Slider(0.0, 2.0, value=0.6, step=0.05, label="Image prompt strength")
+            scale = gr.Slider(0.0, 2.0, value=0.6, step=0.05, label="Image prompt strength", elem_id=f"{key}-ip-scale")
     return ImagePromptPanel(image, adapter, scale)
 
 

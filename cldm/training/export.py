@@ -45,7 +45,7 @@ DEMO_EXAMPLES = {
         "image": "shapes.png",
         "mask": "shapes_circle_mask.png",
         "preprocessor": "none",
-        "prompt": "a green circle and a yellow star on a pink background",
+        "prompt": "a white circle and a yellow star on a pink background",
     },
     "shuffle": {"image": "shapes.png", "preprocessor": "shuffle", "prompt": ""},  # the picture's colours, no words
 }  # fmt: skip
