@@ -342,3 +342,15 @@ def test_demo_ip_adapter_trains_and_is_found_where_the_app_looks(tmp_path):
     prompt = ImagePrompt(load_ip_adapter(adapter_path), (make_sample(1, 64).image,), load_image_encoder(encoder_dir))
     out = generate(sd, GenerationRequest("", steps=2, width=64, height=64, image_prompt=prompt))
     assert out.images.shape == (1, 64, 64, 3)
+
+
+def test_inpaint_and_shuffle_controlnets_train_on_their_own_hints(trained):
+    """Inpaint trains on float hints (-1 in the hole), shuffle with its residuals averaged over the picture, written
+    into its file so the app applies the same pooling."""
+    from dataclasses import replace
+
+    o = replace(trained, steps=2, eval_every=2)
+    for hint in ("inpaint", "shuffle"):
+        cn = checkpoints.load_controlnet(train_controlnet(o, hint))
+        assert cn.cfg.global_average_pooling == (hint == "shuffle")
+        assert all(np.isfinite(e["loss"]) for e in _log(trained.run / f"controlnet_{hint}"))
