@@ -28,14 +28,27 @@ from cldm.models.sd import StableDiffusion
 from cldm.pipeline.request import ControlUnit, GenerationRequest
 from cldm.pipeline.stages import generate
 from cldm.training.charts import image_grid
-from cldm.training.evaluation import shown_hint, unit_hint
+from cldm.training.latent_pool import hint_tensor
 from cldm.training.metrics import canny_edges, edge_f1
-from cldm.training.shapes import COLORS, HINTS, SHAPES, Sample, Shape, caption, make_sample, tile_hint
+from cldm.training.shapes import (
+    COLORS,
+    HINTS,
+    SHAPES,
+    SUPERSAMPLE,
+    Sample,
+    Shape,
+    caption,
+    grown,
+    make_sample,
+    shape_mask,
+    tile_hint,
+)
 
 # Training draws seeds from 0 up and the periodic evaluations from 1e9 up: these were never seen.
 UNSEEN_SEED = 2_000_000_000
 SHAPE_F1 = 0.5  # edge F1 above which the generated shape counts as the hinted one
 LAYOUT_HINTS = ("canny", "scribble", "seg", "tile")  # the ControlNets that draw where the shapes are
+HIDDEN_GROW = 2  # px: the inpaint evaluation's hole is the hidden shape and this much around it
 EVAL_TILE_FACTOR = 4  # the tile hint of the evaluation: the picture at 16 px, blown up to 64
 DEMO_BASE = "shapes_sd.safetensors"
 # The sampling settings measured here, which the app's demo mode also starts with.
@@ -167,13 +180,12 @@ def evaluate(model: StableDiffusion, cns: dict[str, ControlNet], n: int = 24, st
         hits, shown, made = 0, [], []
         for i, s in enumerate(samples):
             hidden = s.shapes[0]
-            hole = _grown(s, hidden)
-            hint = np.where(hole[..., None], -1.0, s.image / 255.0).astype(np.float32)
-            sample_hint = Sample(s.image, s.caption, s.shapes, s.background, s.labels, inpaint=hint)
-            pic = run.control(cns["inpaint"], unit_hint(sample_hint, "inpaint"), "inpaint", s.caption, i,
-                              init_image=s.image, mask=hole.astype(np.uint8) * 255)  # fmt: skip
+            hole = grown(shape_mask(hidden, size * SUPERSAMPLE), size, HIDDEN_GROW)
+            hint = np.where(hole[..., None], -1.0, s.image / 255.0).astype(np.float32)  # -1: to be painted
+            pic = run.control(cns["inpaint"], hint_tensor(hint)[None], "inpaint", s.caption, i, init_image=s.image,
+                              mask=hole.astype(np.uint8) * 255)  # fmt: skip
             hits += shape_colour(pic, s, hidden) == hidden.color
-            shown.append(shown_hint(sample_hint, "inpaint"))
+            shown.append(np.where(hole[..., None], 0, s.image).astype(np.uint8))  # the hole in black
             made.append(pic)
         report.inpaint_rate = hits / n
         rows += [shown[:8], made[:8]]
@@ -190,14 +202,6 @@ def evaluate(model: StableDiffusion, cns: dict[str, ControlNet], n: int = 24, st
     if grid is not None:
         image_grid(rows, Path(grid))
     return report
-
-
-def _grown(s: Sample, shape: Shape, grow: int = 2) -> np.ndarray:
-    from cldm.training.shapes import SUPERSAMPLE, shape_mask
-
-    big = shape_mask(shape, s.image.shape[0] * SUPERSAMPLE).astype(np.float32)
-    small = cv2.resize(big, s.image.shape[:2][::-1], interpolation=cv2.INTER_AREA) > 0.2
-    return cv2.dilate(small.astype(np.uint8), np.ones((2 * grow + 1, 2 * grow + 1), np.uint8)) > 0
 
 
 def background_colour(picture: np.ndarray, border: int = 3) -> str:

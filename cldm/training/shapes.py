@@ -233,13 +233,17 @@ def tile_hint(image: np.ndarray, factor: int) -> np.ndarray:
     return cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
+def grown(mask: np.ndarray, size: int, px: int) -> np.ndarray:
+    """A supersampled shape mask brought down to `size` px (every pixel it touches) and grown by `px` pixels."""
+    small = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA) > 0.2
+    return cv2.dilate(small.astype(np.uint8), np.ones((2 * px + 1, 2 * px + 1), np.uint8)) > 0
+
+
 def _hole(rng: np.random.Generator, masks: list[np.ndarray], size: int) -> np.ndarray:
     """The inpaint hole: one shape grown by a few pixels, or a random ellipse or box of 10-40% of the picture."""
     if masks and rng.random() < INPAINT_OBJECT_P:
         k = int(rng.integers(len(masks)))
-        small = cv2.resize(masks[k].astype(np.float32), (size, size), interpolation=cv2.INTER_AREA) > 0.2
-        grow = 2 * max(1, round(size * INPAINT_GROW)) + 1
-        return cv2.dilate(small.astype(np.uint8), np.ones((grow, grow), np.uint8)) > 0
+        return grown(masks[k], size, max(1, round(size * INPAINT_GROW)))
     hole = np.zeros((size, size), np.uint8)
     w, h = (float(v) * size for v in rng.uniform(0.3, 0.65, size=2))
     cx, cy = (float(v) * size for v in rng.uniform(0.25, 0.75, size=2))
