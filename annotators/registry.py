@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from annotators import detectors, segmentation, sketch
+from annotators import depth_anything, detectors, dwpose, segmentation, sketch, teed
 from annotators.errors import AnnotatorError, MissingAnnotatorWeights
 from annotators.images import as_rgb, check_resolution, to_size
 from annotators.weights import WeightFile, on_disk
@@ -64,10 +64,12 @@ _LERES_PARAMS = (
     Param("remove_near", "Remove near %", 0, 100, 0, 1),
     Param("remove_background", "Remove background %", 0, 100, 0, 1),
 )
+# The A1111 extension's "Safe Steps" slider of TEED and AnyLine: how many levels the edges are quantised to (0: none).
+_SAFE_STEPS = (Param("safe_steps", "Safe steps", 0, 10, teed.DEFAULT_SAFE_STEPS, 1),)
 
 
 def _entries() -> tuple[Annotator, ...]:
-    d, seg = detectors, segmentation
+    d, seg, da, dw, pose = detectors, segmentation, depth_anything, dwpose, dwpose.DWPOSE_FILES
     body, hand, face = d.OPENPOSE_BODY_FILE, d.OPENPOSE_HAND_FILE, d.OPENPOSE_FACE_FILE
     return (
         Annotator("none", "None (use the image as the hint)", _fn=sketch.identity),
@@ -96,7 +98,20 @@ def _entries() -> tuple[Annotator, ...]:
         Annotator("lineart", "Line art (fine)", (), (d.LINEART_FILE,), _fn=d.lineart),
         Annotator("lineart_coarse", "Line art (coarse)", (), (d.LINEART_COARSE_FILE,), _fn=d.lineart_coarse),
         Annotator("lineart_anime", "Line art (anime)", (), (d.LINEART_ANIME_FILE,), _fn=d.lineart_anime),
-    )
+        Annotator("depth_anything_v2", "Depth (Depth Anything v2, small)", (),
+                  (da.DEPTH_ANYTHING_V2["Small"].config,), _fn=da.depth_anything_v2),
+        Annotator("depth_anything_v2_base", "Depth (Depth Anything v2, base)", (),
+                  (da.DEPTH_ANYTHING_V2["Base"].config,), _fn=da.depth_anything_v2_base),
+        Annotator("depth_anything_v2_large", "Depth (Depth Anything v2, large)", (),
+                  (da.DEPTH_ANYTHING_V2["Large"].config,), _fn=da.depth_anything_v2_large),
+        Annotator("softedge_teed", "Soft edges (TEED)", _SAFE_STEPS, (teed.TEED_FILE,), _fn=teed.softedge_teed),
+        Annotator("softedge_anyline", "AnyLine (line art for MistoLine)", _SAFE_STEPS, (teed.MTEED_FILE,),
+                  _fn=teed.softedge_anyline),
+        Annotator("dw_openpose", "DWPose (body)", (), pose, _fn=dw.dw_openpose),
+        Annotator("dw_openpose_hand", "DWPose (body + hands)", (), pose, _fn=dw.dw_openpose_hand),
+        Annotator("dw_openpose_face", "DWPose (body + face)", (), pose, _fn=dw.dw_openpose_face),
+        Annotator("dw_openpose_full", "DWPose (body + hands + face)", (), pose, _fn=dw.dw_openpose_full),
+    )  # fmt: skip
 
 
 ANNOTATORS: dict[str, Annotator] = {a.name: a for a in _entries()}

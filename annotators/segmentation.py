@@ -8,25 +8,16 @@ model the diffusers ControlNet seg example uses.
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from annotators.cache import cached_load
-from annotators.errors import MissingAnnotatorWeights
-from annotators.weights import WeightFile, hub_is_offline, local_folder, on_disk, where_to_put
+from annotators.hub_models import HubModel, load_pretrained
 
-log = logging.getLogger(__name__)
-
-SEG_REPO = "openmmlab/upernet-convnext-small"
-SEG_LOCAL_NAME = "upernet-convnext-small"  # <models_dir>/annotators/upernet-convnext-small/config.json, weights
-# there when the model is (transformers finds its weights beside it)
-SEG_CONFIG = WeightFile(SEG_REPO, "config.json", SEG_LOCAL_NAME)
+# <models_dir>/annotators/upernet-convnext-small/config.json, the weights beside it
+SEG_MODEL = HubModel("openmmlab/upernet-convnext-small", "upernet-convnext-small")
+SEG_CONFIG = SEG_MODEL.config
 # Normalisation of the mmsegmentation ADE20K configs (ImageNet statistics on 0..255 pixels).
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -197,48 +188,6 @@ def colorize(labels: np.ndarray) -> np.ndarray:
     return palette[np.asarray(labels, dtype=np.int64) % len(palette)]
 
 
-def _build_model(source: str) -> Any:
-    from transformers import AutoModelForSemanticSegmentation
-
-    # offline, transformers is told so itself: it reads HF_HUB_OFFLINE only when it is imported
-    model = AutoModelForSemanticSegmentation.from_pretrained(source, local_files_only=hub_is_offline())
-    return model.eval()
-
-
-def _missing_model_message(models_dir: str | os.PathLike[str] | None, why: str) -> str:
-    hub = "This app works offline (HF_HUB_OFFLINE), so nothing is downloaded. " if hub_is_offline() else ""
-    return (
-        f"The 'seg_ade20k' preprocessor needs the transformers model '{SEG_REPO}' "
-        f"(https://huggingface.co/{SEG_REPO}: config.json and model.safetensors or pytorch_model.bin). "
-        f"Put those files in {where_to_put(models_dir, SEG_LOCAL_NAME)}/ or into the Hugging Face cache "
-        f"(huggingface-cli download {SEG_REPO}). {hub}({why})"
-    )
-
-
-def _load(models_dir: str | os.PathLike[str] | None) -> Any:
-    """UperNet from <models_dir>/annotators/upernet-convnext-small/ if present, else from the HF cache / hub."""
-    folder = local_folder(models_dir)
-    local = folder / SEG_LOCAL_NAME if folder is not None else None
-    if local is not None and (local / "config.json").is_file():
-        source = str(local)
-    elif hub_is_offline() and not on_disk(SEG_CONFIG, models_dir):
-        # said at once, before transformers is even imported
-        raise MissingAnnotatorWeights(_missing_model_message(models_dir, "not in the Hugging Face cache"))
-    else:
-        source = SEG_REPO
-
-    def build(_: list[Path]) -> Any:
-        try:
-            return _build_model(source)
-        except OSError as exc:
-            # transformers reports "not cached and offline" / "no such repo" / "no weights file" as OSError.
-            why = f"transformers: {str(exc).splitlines()[0]}"
-            raise MissingAnnotatorWeights(_missing_model_message(models_dir, why)) from exc
-
-    # No per-file resolution here: transformers finds its own files, so the file list for the cache is empty.
-    return cached_load(f"seg:{source}", (), build, models_dir, "seg_ade20k")
-
-
 def _prepare(image: np.ndarray, resolution: int) -> torch.Tensor:
     """RGB uint8 -> normalised 1x3xhxw float tensor at `resolution` on the short side (multiples of 64)."""
     from controlnet_aux.util import resize_image
@@ -251,7 +200,7 @@ def _prepare(image: np.ndarray, resolution: int) -> torch.Tensor:
 
 def seg_ade20k(image: np.ndarray, resolution: int, models_dir: str | None, params: Mapping[str, float]) -> np.ndarray:
     """Registry callable: ADE20K labels painted with the ControlNet seg palette, at the detection size."""
-    model = _load(models_dir)
+    model = load_pretrained(SEG_MODEL, "AutoModelForSemanticSegmentation", "seg_ade20k", models_dir)
     pixels = _prepare(image, resolution)
     weight = next(model.parameters())
     with torch.inference_mode():

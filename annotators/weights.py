@@ -32,10 +32,16 @@ class WeightFile:
     repo: str
     filename: str
     folder: str = ""  # a transformers model's own sub-folder of the local annotators folder
+    subfolder: str = ""  # the file's folder inside the hub repo (locally it sits in the annotators folder itself)
 
     @property
     def local_name(self) -> str:
         return f"{self.folder}/{self.filename}" if self.folder else self.filename
+
+    @property
+    def hub_name(self) -> str:
+        """The file's path inside its hub repo."""
+        return f"{self.subfolder}/{self.filename}" if self.subfolder else self.filename
 
 
 def local_folder(models_dir: str | os.PathLike[str] | None) -> Path | None:
@@ -58,7 +64,7 @@ def on_disk(item: WeightFile, models_dir: str | os.PathLike[str] | None) -> bool
     folder = local_folder(models_dir)
     if folder is not None and (folder / item.local_name).is_file():
         return True
-    return isinstance(try_to_load_from_cache(item.repo, item.filename), str)
+    return isinstance(try_to_load_from_cache(item.repo, item.hub_name), str)
 
 
 def where_to_put(models_dir: str | os.PathLike[str] | None, name: str) -> str:
@@ -75,9 +81,9 @@ def _from_hub(item: WeightFile) -> tuple[Path | None, str]:
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id=item.repo, filename=item.filename, local_files_only=hub_is_offline())), ""
+        return Path(hf_hub_download(repo_id=item.repo, filename=item.hub_name, local_files_only=hub_is_offline())), ""
     except Exception as exc:  # offline, 404, auth, network: all mean "not available here"
-        log.info("hub lookup of %s/%s failed: %s", item.repo, item.filename, exc)
+        log.info("hub lookup of %s/%s failed: %s", item.repo, item.hub_name, exc)
         return None, f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
@@ -111,9 +117,9 @@ def missing_message(
     for item, reason in missing:
         lines.append(
             f"- '{item.filename}' from the Hugging Face repo '{item.repo}' "
-            f"(https://huggingface.co/{item.repo}/blob/main/{item.filename}): "
+            f"(https://huggingface.co/{item.repo}/blob/main/{item.hub_name}): "
             f"put it at {where_to_put(models_dir, item.local_name)}"
-            f" or into the Hugging Face cache (huggingface-cli download {item.repo} {item.filename})."
+            f" or into the Hugging Face cache (huggingface-cli download {item.repo} {item.hub_name})."
         )
         if reason and not offline:  # offline, the cache was the only place looked in: the last line says so
             lines.append(f"  (hub lookup: {reason})")

@@ -89,7 +89,8 @@ CONDITIONS: tuple[Condition, ...] = (
     ),
     Condition(
         "depth", "Depth", "control_v11f1p_sd15_depth.pth", "lllyasviel/control_v11f1p_sd15_depth",
-        ("depth_midas", "depth_zoe", "depth_leres", "none"), example=("house.png", "depth_midas", "a stone house in a garden"),
+        ("depth_midas", "depth_zoe", "depth_leres", "depth_anything_v2", "depth_anything_v2_base", "depth_anything_v2_large",
+         "none"), example=("house.png", "depth_midas", "a stone house in a garden"),
     ),
     Condition(
         "normalbae", "Normal (BAE)", "control_v11p_sd15_normalbae.pth", "lllyasviel/control_v11p_sd15_normalbae",
@@ -101,7 +102,8 @@ CONDITIONS: tuple[Condition, ...] = (
     ),
     Condition(
         "openpose", "OpenPose", "control_v11p_sd15_openpose.pth", "lllyasviel/control_v11p_sd15_openpose",
-        ("openpose", "openpose_hand", "openpose_face", "openpose_full", "none"),
+        ("openpose", "openpose_hand", "openpose_face", "openpose_full", "dw_openpose_full", "dw_openpose", "dw_openpose_hand",
+         "dw_openpose_face", "none"),
         example=("pose.png", "none", "a dancer on a stage, spotlight"),
     ),
     Condition(
@@ -111,12 +113,13 @@ CONDITIONS: tuple[Condition, ...] = (
     ),
     Condition(
         "softedge", "Soft edge", "control_v11p_sd15_softedge.pth", "lllyasviel/control_v11p_sd15_softedge",
-        ("softedge_pidinet", "softedge_pidisafe", "softedge_hed", "softedge_hedsafe", "none"),
+        ("softedge_pidinet", "softedge_pidisafe", "softedge_hed", "softedge_hedsafe", "softedge_teed", "softedge_anyline",
+         "none"),
         example=("house.png", "softedge_pidinet", "a cottage in autumn"),
     ),
     Condition(
         "lineart", "Lineart", "control_v11p_sd15_lineart.pth", "lllyasviel/control_v11p_sd15_lineart",
-        ("lineart", "lineart_coarse", "none", "invert"),
+        ("lineart", "lineart_coarse", "softedge_anyline", "none", "invert"),
         example=("house_sketch.png", "invert", "a house, detailed ink illustration"),
     ),
     Condition(
