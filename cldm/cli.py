@@ -27,6 +27,7 @@ from cldm.pipeline.request import (
     LoraUnit,
     ReferenceUnit,
 )
+from cldm.pipeline.union import ControlType
 from cldm.pipeline.vocabulary import ControlMode, InpaintMode, ResizeMode, Upscaler
 from cldm.runtime.manager import ModelManager
 from cldm.sampling.samplers import SAMPLERS
@@ -43,6 +44,13 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preprocessor", action="append", default=[], metavar="NAME",
                    help="per ControlNet (once: for all): the app's preprocessor that makes the hint from --hint "
                    "(canny, scribble_sketch, depth_midas, ...; default none: the picture is the hint)")  # fmt: skip
+    p.add_argument("--control-type", action="append", default=[], metavar="TYPE",
+                   help="per ControlNet Union (once: for all): its control type, one of "
+                   f"{', '.join(ControlType.keys())} (tile, repaint: ProMax only); default: the one --preprocessor "
+                   "names (canny, lineart, mlsd: canny; softedge, scribble: softedge; depth_*: depth ...)")  # fmt: skip
+    p.add_argument("--controlnet-mask", action="append", default=[], metavar="FILE",
+                   help="per ControlNet (once: for all): its effective region, a picture white where it acts and "
+                   "black where it does not (stretched to the picture); none: everywhere (the default)")  # fmt: skip
     p.add_argument("--processor-res", action="append", type=int, default=[], metavar="PX",
                    help="per ControlNet: the preprocessor's resolution (default: pixel perfect, from the picture "
                    "and the output size)")  # fmt: skip
@@ -97,12 +105,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hires-upscaler", choices=Upscaler.keys(), default=Upscaler.LATENT.key)
     p.add_argument("--seed-per-picture", action="store_true",
                    help="a batch's picture i gets seed + i (A1111; each reproducible alone)")  # fmt: skip
-    p.add_argument("--ip-adapter", help="IP-Adapter file (ip-adapter_sd15.bin/.safetensors, ip-adapter-plus_sd15, "
-                   "ip-adapter_sdxl, ip-adapter-plus_sdxl_vit-h, ...)")  # fmt: skip
-    p.add_argument("--image-encoder", help="its CLIP image-encoder folder (models/image_encoder of h94/IP-Adapter: "
-                   "ViT-H; sdxl_models/image_encoder: bigG, for ip-adapter_sdxl)")  # fmt: skip
-    p.add_argument("--ip-image", action="append", default=[], help="image prompt (repeatable: embeddings averaged)")
-    p.add_argument("--ip-scale", type=float, default=1.0, help="image-prompt strength (A1111's weight; 0 = off)")
+    add_image_prompt_args(p)  # --ip-adapter FILE --ip-image PIC [--ip-scale S] [--ip-mask M], per IP-Adapter
     p.add_argument("--reference", help="reference-only: a picture whose style/content the UNet attends to")
     p.add_argument("--reference-mode", choices=["only", "adain", "adain+attn"], default="only")
     p.add_argument("--style-fidelity", type=float, default=0.5, help="0..1: how much the reference wins over CFG")
@@ -114,6 +117,71 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prepack", action="store_true",
                    help="bf16 on the CPU without the prepacked convolutions (less memory, slower steps)")  # fmt: skip
     p.add_argument("--out", default="out.png", help="output PNG (a batch writes out-0.png, out-1.png, ...)")
+
+
+# ------------------------------------------------------------------------------------------- image prompts
+# `--ip-adapter FILE` opens a group; the `--ip-image`, `--ip-scale`, `--ip-mask` and `--image-encoder` after it
+# belong to it (those before the first `--ip-adapter` to the first group). A group without its own `--image-encoder`
+# takes the one of the group before it (the first group: the first one given).
+GROUP_FIELDS = {"--ip-adapter": "adapter", "--image-encoder": "encoder", "--ip-scale": "scale", "--ip-mask": "mask"}
+
+
+class _GroupOption(argparse.Action):
+    """Puts an option's value into the image-prompt group it belongs to (`ns.ip_groups`, a list of dicts)."""
+
+    def __call__(self, parser, ns, value, option_string=None):
+        groups = getattr(ns, self.dest) or []
+        setattr(ns, self.dest, groups)
+        opens = option_string == "--ip-adapter" and (not groups or groups[-1]["adapter"] is not None)
+        if opens or not groups:
+            groups.append({"adapter": None, "encoder": None, "scale": None, "mask": None, "images": []})
+        group = groups[-1]
+        if option_string == "--ip-image":
+            group["images"].append(value)
+            return
+        field = GROUP_FIELDS[option_string]
+        if group[field] is not None:
+            raise argparse.ArgumentError(self, f"given twice for IP-Adapter {len(groups)}: give one per --ip-adapter")
+        group[field] = value
+
+
+def add_image_prompt_args(p: argparse.ArgumentParser) -> None:
+    """The options, repeatable as groups: --ip-adapter FILE --ip-image PIC [--ip-image PIC] [--ip-scale S]
+    [--ip-mask M] [--image-encoder DIR], once per IP-Adapter."""
+    kw = dict(dest="ip_groups", action=_GroupOption, default=None)
+    p.add_argument("--ip-adapter", **kw, metavar="FILE",
+                   help="IP-Adapter file (ip-adapter_sd15.bin/.safetensors, ip-adapter-plus_sd15, "
+                   "ip-adapter_sdxl, ip-adapter-plus_sdxl_vit-h, ...); repeat for several, each with its "
+                   "--ip-* options after it")  # fmt: skip
+    p.add_argument("--image-encoder", **kw, metavar="DIR",
+                   help="its CLIP image-encoder folder (models/image_encoder of h94/IP-Adapter: ViT-H; "
+                   "sdxl_models/image_encoder: bigG, for ip-adapter_sdxl); later adapters take the one "
+                   "before")  # fmt: skip
+    p.add_argument("--ip-image", **kw, metavar="PIC",
+                   help="image prompt of the --ip-adapter before it (repeatable: features averaged)")  # fmt: skip
+    p.add_argument("--ip-scale", **kw, type=float, metavar="S", help="its strength (A1111's weight; default 1; 0 = off)")
+    p.add_argument("--ip-mask", **kw, metavar="PIC",
+                   help="its region: a picture, white where it acts (resized to the output size)")  # fmt: skip
+
+
+def image_prompts_from_args(a: argparse.Namespace) -> tuple[ImagePrompt, ...]:
+    """Each option group as an ImagePrompt (pictures and masks read), in the order given."""
+    groups = a.ip_groups or []
+    encoders = [g["encoder"] for g in groups if g["encoder"] is not None]
+    encoder = encoders[0] if encoders else None
+    out = []
+    for i, g in enumerate(groups):
+        encoder = g["encoder"] or encoder
+        if g["adapter"] is None and not g["images"] and g["mask"] is None:
+            continue  # an encoder or a scale alone asks for no image prompt
+        if g["adapter"] is None or not g["images"] or encoder is None:
+            which = f"image prompt {i + 1}" + (f" ({g['adapter']})" if g["adapter"] else "")
+            raise InputError(f"{which}: an image prompt needs --ip-adapter FILE, --image-encoder FOLDER and "
+                             "--ip-image FILE (--ip-image, --ip-scale, --ip-mask after their --ip-adapter)")  # fmt: skip
+        mask = None if g["mask"] is None else load_rgb(g["mask"])[..., 0]  # a grey picture: one channel
+        scale = 1.0 if g["scale"] is None else g["scale"]
+        out.append(ImagePrompt(g["adapter"], tuple(load_rgb(f) for f in g["images"]), encoder, scale, mask=mask))
+    return tuple(out)
 
 
 def _per_control(values: list[T], n: int, default: T, name: str) -> list[T]:
@@ -155,19 +223,17 @@ def request_from_args(a: argparse.Namespace, card: ModelCard | None = None) -> G
         raise InputError(f"unknown --preprocessor {', '.join(unknown)}; the preprocessors are: "
                          f"{', '.join(sorted(annotators.ANNOTATORS))}")  # fmt: skip
     resolutions = _per_control(a.processor_res, n, None, "--processor-res")
+    types = [None if t is None else ControlType.parse(t) for t in _per_control(a.control_type, n, None, "--control-type")]
     resolutions = [None if pre == PREPROCESSOR_NONE else res for pre, res in zip(preprocessors, resolutions)]
+    masks = [None if m in (None, "none") else load_rgb(m)[..., 0]  # a grey picture: one channel
+             for m in _per_control(a.controlnet_mask, n, None, "--controlnet-mask")]  # fmt: skip
     units = [
-        ControlUnit(p, load_rgb(h), s, st, e, mode=m, resize_mode=rm, processor_res=res,
+        ControlUnit(p, load_rgb(h), s, st, e, mode=m, resize_mode=rm, processor_res=res, control_type=ct, mask=mk,
                     preprocessor="" if pre == PREPROCESSOR_NONE else pre)  # "": the picture is the hint (`with_hints`)
-        for p, h, s, st, e, m, rm, pre, res in
-        zip(a.controlnet, a.hint, scales, starts, ends, modes, resizes, preprocessors, resolutions)
+        for p, h, s, st, e, m, rm, pre, res, ct, mk in
+        zip(a.controlnet, a.hint, scales, starts, ends, modes, resizes, preprocessors, resolutions, types, masks)
     ]  # fmt: skip
-    image_prompt = None
-    if a.ip_adapter or a.ip_image:
-        if not (a.ip_adapter and a.ip_image and a.image_encoder):
-            raise InputError("an image prompt needs --ip-adapter FILE, --image-encoder FOLDER and --ip-image FILE")
-        images = tuple(load_rgb(f) for f in a.ip_image)
-        image_prompt = ImagePrompt(a.ip_adapter, images, a.image_encoder, a.ip_scale)
+    prompts = image_prompts_from_args(a)  # the first goes in as `image_prompt`, the others after it
     reference = None
     if a.reference:
         reference = ReferenceUnit(load_rgb(a.reference), a.reference_mode, a.style_fidelity, a.reference_weight)
@@ -185,7 +251,8 @@ def request_from_args(a: argparse.Namespace, card: ModelCard | None = None) -> G
         prompt, a.negative_prompt, tuple(units), steps=a.steps, cfg_scale=a.cfg, sampler=a.sampler, eta=a.eta,
         seed=a.seed, width=width, height=height, batch=a.batch, guess_mode=a.guess_mode,
         clip_skip=a.clip_skip, init_image=load_rgb(a.init_image) if a.init_image else None, strength=a.strength,
-        mask=load_rgb(a.mask)[..., 0] if a.mask else None, image_prompt=image_prompt, reference=reference,
+        mask=load_rgb(a.mask)[..., 0] if a.mask else None, image_prompt=prompts[0] if prompts else None,
+        image_prompts=prompts[1:], reference=reference,
         resize_mode=init_resize, mask_blur=a.mask_blur, inpaint_mode=InpaintMode.parse(a.inpaint_mode),
         seed_per_picture=a.seed_per_picture, emphasis=not a.no_emphasis, loras=tuple(loras), vae=a.vae,
         hires=None if a.hires_scale is None else HiresFix(a.hires_scale, a.hires_steps, a.hires_strength,

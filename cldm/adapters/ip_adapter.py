@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cldm.adapters.ip_masks import mask_for_queries
 from cldm.adapters.ip_scales import layer_scales, scale_layout
 from cldm.errors import CheckpointError, InputError
 from cldm.io import files, identify
@@ -156,29 +157,62 @@ class IPAdapter(nn.Module):
         return self.image_proj(features.to(next(self.image_proj.parameters()).dtype))
 
 
-class ImagePromptAttention:
-    """A cross-attention processor: the text attention plus `scale * softmax(q k_ip^T) v_ip` over the image-prompt
-    tokens (batch, tokens, context width; the UNet's guidance batch), before the output projection."""
+@dataclass(frozen=True)
+class Attachment:
+    """One IP-Adapter as a request runs it: its tokens for the UNet's batch, one scale per cross-attention layer
+    (`layer_scales`) and an optional region mask (1, H, W) of 0 / 1 at the picture size (`ip_masks.fitted_mask`)."""
 
-    def __init__(self, layer: IPLayer, tokens: torch.Tensor, scale: float):
-        self.layer, self.tokens, self.scale = layer, tokens, scale
+    adapter: IPAdapter
+    tokens: torch.Tensor
+    scales: Sequence[float]
+    mask: torch.Tensor | None = None
+
+
+class ImagePromptAttention:
+    """A cross-attention processor: the text attention plus, for each adapter, `scale * softmax(q k_ip^T) v_ip` over
+    its image-prompt tokens (batch, tokens, context width; the UNet's guidance batch), times its region mask where
+    it has one, summed in the adapters' order before the output projection (diffusers' IPAdapterAttnProcessor2_0)."""
+
+    def __init__(self, paths: Sequence[tuple[IPLayer, torch.Tensor, float, torch.Tensor | None]]):
+        self.paths = paths  # (layer, tokens, scale, mask) per adapter
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}  # (adapter, queries) -> its mask on those queries
+
+    def _mask(self, i: int, mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        queries = out.shape[2]
+        if (i, queries) not in self._masks:
+            self._masks[i, queries] = mask_for_queries(mask, queries).to(out.device, out.dtype)  # (n, 1)
+        return self._masks[i, queries]
 
     def __call__(self, attn: nn.Module, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         q, out = attn.attend(x, context)
-        if self.scale != 0:
-            b = x.shape[0]
-            k, v = (attn.split_heads(f(self.tokens), b) for f in (self.layer.to_k_ip, self.layer.to_v_ip))
-            out = out + self.scale * F.scaled_dot_product_attention(q, k, v).to(q.dtype)
+        b = x.shape[0]
+        for i, (layer, tokens, scale, mask) in enumerate(self.paths):
+            if scale == 0:
+                continue
+            k, v = (attn.split_heads(f(tokens), b) for f in (layer.to_k_ip, layer.to_v_ip))
+            ip = F.scaled_dot_product_attention(q, k, v).to(q.dtype)  # (b, heads, n, d)
+            if mask is not None:
+                ip = ip * self._mask(i, mask, ip)
+            out = out + scale * ip
         return attn.project_out(out)
 
 
 @contextlib.contextmanager
-def attached(unet, adapter: IPAdapter, tokens: torch.Tensor, scales: Sequence[float]) -> Iterator[None]:
-    """The adapter's processors on the UNet's cross-attention layers (one scale each, `layer_scales`), for the
-    block's duration; the layers' own processors come back after."""
-    processors = [ImagePromptAttention(layer, tokens, s) for layer, s in zip(adapter.layers, scales, strict=True)]
+def attached_all(unet, attachments: Sequence[Attachment]) -> Iterator[None]:
+    """The adapters' processors on the UNet's cross-attention layers, for the block's duration; the layers' own
+    processors come back after."""
+    per_layer = zip(*[zip(a.adapter.layers, a.scales, strict=True) for a in attachments], strict=True)
+    processors = [
+        ImagePromptAttention([(layer, a.tokens, s, a.mask) for a, (layer, s) in zip(attachments, paths)])
+        for paths in per_layer
+    ]
     with processors_set(unet.cross_attentions(), processors):
         yield
+
+
+def attached(unet, adapter: IPAdapter, tokens: torch.Tensor, scales: Sequence[float]):
+    """One adapter's processors on the UNet for the block's duration (`attached_all` of one)."""
+    return attached_all(unet, [Attachment(adapter, tokens, scales)])
 
 
 # ------------------------------------------------------------------------------------------------- scales

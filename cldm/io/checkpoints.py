@@ -21,6 +21,8 @@ from cldm.errors import CheckpointError, MissingWeightsError
 from cldm.io import keymaps
 from cldm.io import model_configs as mc
 from cldm.io.assemble import POSITION_IDS, build, build_text, our_keys, text_from_diffusers
+from cldm.io.control_lora import build_control_lora
+from cldm.io.controlnet_union import union_from_folder, union_from_state
 from cldm.io.files import read_file, read_folder, read_metadata, read_shapes
 from cldm.io.identify import (
     CONTROL_PREFIX,
@@ -253,8 +255,11 @@ def load_controlnet(
     dtype: torch.dtype = torch.float32,
     base: UNetConfig | None = None,
     global_average_pooling: bool | None = None,
+    unet: UNet | None = None,
 ) -> ControlNet:
-    """Load a ControlNet: 1.0 full file, 1.1 control-only file, bare extract, or diffusers folder / file.
+    """Load a ControlNet: 1.0 full file, 1.1 control-only file, bare extract, or diffusers folder / file; a
+    ControlNet Union / ProMax file or folder gives a `ControlNetUnion` (told from its keys); a Control-LoRA is built
+    on `unet`, the base model's UNet (`control_lora.py`).
 
     `base` (the UNet config of the SD model it will drive) supplies what shapes cannot tell (head count, groups);
     `global_average_pooling` overrides the file (the original shuffle model needs it and its .pth cannot say so).
@@ -262,11 +267,21 @@ def load_controlnet(
     path = Path(path)
     if path.is_dir():
         cfg = mc.config_file(mc.unet_config_from_diffusers, path / "config.json")
-        state = keymaps.from_diffusers(read_folder(path), keymaps.controlnet_modules(cfg), our_keys(ControlNet, cfg))
+        state = read_folder(path)
+        if weight_kind(state) is WeightKind.CONTROLNET_UNION:
+            return union_from_folder(path, state, dtype)
+        state = keymaps.from_diffusers(state, keymaps.controlnet_modules(cfg), our_keys(ControlNet, cfg))
     else:
         state = read_file(path)
         meta = read_metadata(path)
         kind = weight_kind(state)
+        if kind is WeightKind.CONTROLNET_UNION:  # xinsir's Union / ProMax: diffusers keys, no config in the file
+            return union_from_state(state, dtype, base=base)
+        if kind is WeightKind.CONTROL_LORA:
+            if unet is None:
+                raise CheckpointError(f"{path.name} is a Control-LoRA: it is built from the base model's own UNet. "
+                                      "Load it through ModelManager, or pass the base's UNet as unet=.")  # fmt: skip
+            return build_control_lora(state, unet, dtype, path.name)
         if any(k.startswith(CONTROL_PREFIX) for k in state):
             state = _strip(state, CONTROL_PREFIX)
         elif kind is WeightKind.DIFFUSERS_CONTROLNET:  # diffusers keys in one file (SDXL ControlNets mostly)

@@ -161,10 +161,17 @@ class Shape:
 
 
 def read_shapes(path: str | os.PathLike) -> dict:
-    """Key -> Shape of a safetensors file from its header alone (no tensor is read); other formats are read whole
-    (their tensors stand in for the shapes)."""
+    """Key -> Shape of a safetensors file from its header alone (no tensor is read); a PyTorch zip checkpoint is
+    memory-mapped (its tensors stand in for the shapes and are read only where touched); other formats are read
+    whole."""
     path = Path(path)
-    if _sniff(path) != "safetensors":
+    kind = _sniff(path)
+    if kind == "zip":
+        try:
+            return _unwrap(torch.load(str(path), map_location="cpu", weights_only=True, mmap=True), path)
+        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError):
+            return read_file(path)  # which says what is wrong with the file
+    if kind != "safetensors":
         return read_file(path)
     from safetensors import safe_open
 

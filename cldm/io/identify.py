@@ -10,6 +10,7 @@ import torch
 
 from cldm.errors import CheckpointError
 from cldm.io import keymaps
+from cldm.io.t2i_adapters import is_t2i_adapter_state
 from cldm.models.family import SD2, SD15, SDXL
 from cldm.models.unet import UNet
 
@@ -29,6 +30,7 @@ def _strip(state: StateDict, prefix: str) -> StateDict:
 # transformers layout, OpenCLIP ViT-bigG in OpenCLIP's.
 SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.", "conditioner.embedders.1.model.")
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD2's OpenCLIP ViT-H
+CONTROL_LORA_MARKER = "lora_controlnet"  # the empty tensor every Control-LoRA file carries
 V_PRED_KEY = "v_pred"  # a marker some tools (ComfyUI) write into v-prediction files
 
 
@@ -89,8 +91,11 @@ class WeightKind(enum.Enum):
     """What a state dict holds, told from its keys; the value is how messages name it."""
 
     IP_ADAPTER = "an IP-Adapter"
+    T2I_ADAPTER = "a T2I-Adapter"  # TencentARC's files (full, light, style) and diffusers' T2IAdapter layout
+    CONTROL_LORA = "a Control-LoRA"  # Stability's: a ControlNet as changes to its base's weights (control_lora.py)
     CONTROLNET = "a ControlNet"  # original layout: a 1.0 full file, a 1.1 control-only file or a bare extract
     DIFFUSERS_CONTROLNET = "a diffusers ControlNet"
+    CONTROLNET_UNION = "a ControlNet Union"  # xinsir's controlnet-union-sdxl-1.0 and ProMax (diffusers layout)
     SD_BASE = "an SD base model"
     LORA = "a LoRA"
     DIFFUSERS_UNET = "a diffusers UNet"
@@ -102,8 +107,14 @@ def weight_kind(state: StateDict) -> WeightKind:
     keys = list(state)
     if any(k.startswith(("image_proj.", "ip_adapter.")) for k in keys):
         return WeightKind.IP_ADAPTER
+    if is_t2i_adapter_state(state):
+        return WeightKind.T2I_ADAPTER
+    if CONTROL_LORA_MARKER in state:
+        return WeightKind.CONTROL_LORA
     if any(k.startswith(CONTROL_PREFIX) for k in keys) or "input_hint_block.0.weight" in state:
         return WeightKind.CONTROLNET
+    if "task_embedding" in state and "control_add_embedding.linear_1.weight" in state:
+        return WeightKind.CONTROLNET_UNION
     if "controlnet_cond_embedding.conv_in.weight" in state:
         return WeightKind.DIFFUSERS_CONTROLNET
     if any(k.startswith(UNET_PREFIX) for k in keys):

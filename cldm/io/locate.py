@@ -143,6 +143,40 @@ def locate_controlnet(stem: str, diffusers_repo: str, models_dir: str | os.PathL
     return _download(diffusers_repo, CONTROLNET_PATTERNS, f"ControlNet {stem}", where)
 
 
+CONTROL_FOLDERS = ("", "ControlNet")  # the models folder itself (ours), and A1111's models/ControlNet
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # a model folder's
+
+
+def list_control_models(models_dir: str | os.PathLike | None) -> list[str]:
+    """The control model files a unit may name (ControlNets, T2I-Adapters, Unions, Control-LoRAs), by file name:
+    weight files and diffusers model folders in the models folder and its `ControlNet/`, sorted. Told by name only
+    (the kind is read from the content when the file is used), leaving out the published IP-Adapters' names."""
+    names = set()
+    for folder in CONTROL_FOLDERS:
+        d = Path(models_dir or "models") / folder
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            weights = p.is_file() and p.suffix in LOCAL_SUFFIXES and p.stem not in IP_ADAPTERS
+            if weights or (p.is_dir() and any((p / w).is_file() for w in DIFFUSERS_WEIGHTS)):
+                names.add(p.name)
+    return sorted(names)
+
+
+def locate_control_model(name: str, models_dir: str | os.PathLike | None) -> Path:
+    """A control model chosen by its name in `list_control_models` (the models folder's first, then `ControlNet/`).
+    These are the user's own files: there is nothing to download."""
+    _plain_name(name, "Control model")
+    for folder in CONTROL_FOLDERS:
+        path = Path(models_dir or "models") / folder / name
+        if path.is_file() or (path / "config.json").is_file():
+            return path
+    raise MissingWeightsError(
+        f"Control model {name!r} is not in the models folder: put it in {Path(models_dir or 'models')}/ and press "
+        "Refresh, or choose another."
+    )
+
+
 def locate_base(base: str) -> Path:
     """A local file or folder as given, else a hub repo id (downloaded once into the hub cache)."""
     path = Path(base)
@@ -219,6 +253,26 @@ def locate_image_encoder(models_dir: str | os.PathLike | None, hub_folder: str =
     where = f"{Path(models_dir or 'models') / local}/ ({hub_folder} of {IP_ADAPTER_REPO})"
     patterns = [f"{hub_folder}/config.json", f"{hub_folder}/model.safetensors"]
     return _download(IP_ADAPTER_REPO, patterns, "IP-Adapter image encoder", where) / hub_folder
+
+
+STYLE_ENCODER_REPO = "openai/clip-vit-large-patch14"  # the CLIP vision model the T2I style adapter was trained on
+STYLE_ENCODER_FOLDER = "clip-vit-large-patch14"
+A1111_STYLE_ENCODER = "clip_vision/clip_vitl.pth"  # the A1111 extension's copy of the same weights
+
+
+def locate_style_encoder(models_dir: str | os.PathLike | None) -> Path:
+    """CLIP ViT-L/14 for the T2I style adapter: `models_dir/clip-vit-large-patch14/` (the hub repo's config.json and
+    weights), or the A1111 extension's `models_dir/clip_vision/clip_vitl.pth`, else the hub repo."""
+    if models_dir:
+        folder, file = Path(models_dir) / STYLE_ENCODER_FOLDER, Path(models_dir) / A1111_STYLE_ENCODER
+        if (folder / "config.json").is_file():
+            return folder
+        if file.is_file():
+            return file
+    where = (f"{Path(models_dir or 'models') / STYLE_ENCODER_FOLDER}/ (config.json and model.safetensors of "
+             f"{STYLE_ENCODER_REPO})")  # fmt: skip
+    patterns = ["config.json", "model.safetensors"]
+    return _download(STYLE_ENCODER_REPO, patterns, "CLIP ViT-L/14 (T2I style adapter)", where)
 
 
 LORA_FOLDERS = ("loras", "Lora")  # models_dir/loras (ours), models_dir/Lora (A1111's models/Lora)

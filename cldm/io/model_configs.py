@@ -18,6 +18,15 @@ StateDict = dict
 HEAD_CHANNELS = 64
 
 
+def hint_fields(state: StateDict) -> dict:
+    """A ControlNet's hint-block config fields from its `input_hint_block.*` convolutions (every other one widens);
+    empty when there is no hint block."""
+    hint = [state[f"input_hint_block.{i}.weight"] for i in range(0, 64, 2) if f"input_hint_block.{i}.weight" in state]
+    if not hint:
+        return {}
+    return dict(hint_channels=hint[0].shape[1], hint_block_channels=tuple(h.shape[0] for h in hint[:-1:2]))
+
+
 def infer_unet_config(state: StateDict, base: UNetConfig | None = None) -> UNetConfig:
     """Channels, levels, blocks, attention (levels and depth per level), context width, projection style and vector
     conditioning of an original-format UNet/ControlNet from its shapes.
@@ -56,10 +65,7 @@ def infer_unet_config(state: StateDict, base: UNetConfig | None = None) -> UNetC
     depth: int | tuple[int, ...] = middle if same else per_level
     if not same and per_level[-1] != middle:  # the middle block follows the deepest level's count (SGM's rule)
         depth = (*per_level[:-1], middle) if per_level[-1] == 0 else per_level
-    hint = [state[f"input_hint_block.{i}.weight"] for i in range(0, 64, 2) if f"input_hint_block.{i}.weight" in state]
-    extra = {}
-    if hint:
-        extra = dict(hint_channels=hint[0].shape[1], hint_block_channels=tuple(h.shape[0] for h in hint[:-1:2]))
+    extra = hint_fields(state)
     out = state.get("out.2.weight")
     label = state.get("label_emb.0.0.weight")
     heads = base if base is not None and base.use_linear_in_transformer == linear else None

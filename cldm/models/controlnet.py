@@ -100,19 +100,27 @@ class ControlNet(nn.Module):
         """Hint image (b, 3, H, W) in [0, 1] -> features at latent size. Independent of the timestep: call once."""
         return self.input_hint_block(hint.to(self.input_hint_block[0].weight.dtype))
 
+    def time_embedding(self, t: torch.Tensor, batch: int, y: torch.Tensor | None, hint_emb) -> torch.Tensor:
+        """The timestep (+ vector conditioning) embedding; a ControlNet Union adds its control types here."""
+        return embed_time(self, t, batch, y)
+
+    def add_hint(self, h: torch.Tensor, hint_emb) -> torch.Tensor:
+        """The first block's output with the hint added (a ControlNet Union fuses its conditions here)."""
+        return h + hint_emb
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, hint_emb: torch.Tensor,
         y: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:  # fmt: skip
         """Noisy latent + hint embedding (+ SDXL's vector conditioning y) -> one residual per input block (12 for
         SD1.5, 9 for SDXL), then the middle block's."""
-        emb = embed_time(self, t, x.shape[0], y)
+        emb = self.time_embedding(t, x.shape[0], y, hint_emb)
         outs = []
         h = x
         for i, (block, zc) in enumerate(zip(self.input_blocks, self.zero_convs)):
             h = block(h, emb, context)
             if i == 0:
-                h = h + hint_emb
+                h = self.add_hint(h, hint_emb)
             outs.append(zc(h))
         h = self.middle_block(h, emb, context)
         outs.append(self.middle_block_out(h))

@@ -102,6 +102,10 @@ class ImageEncoder(nn.Module):
     def hidden(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.clip(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
 
+    def last_hidden(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The last layer's hidden states, before the final norm (what the T2I style adapter reads)."""
+        return self.clip(pixel_values=pixels).last_hidden_state
+
     def reset_buffers(self) -> None:
         """Rebuild the non-persistent position ids (left empty when the module was built on the meta device)."""
         emb = self.clip.vision_model.embeddings

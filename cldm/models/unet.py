@@ -209,16 +209,25 @@ class UNet(nn.Module):
         context: torch.Tensor,
         control: list[torch.Tensor] | None = None,
         y: torch.Tensor | None = None,
+        adapter: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Noisy latent x at timestep t, text context (b, n, context_dim), optional ControlNet residuals and, for
-        SDXL, the vector conditioning y (b, adm_in_channels) -> the UNet's prediction (noise or v)."""
+        SDXL, the vector conditioning y (b, adm_in_channels) -> the UNet's prediction (noise or v).
+
+        `adapter` maps an input block's index (`len(input_blocks)`: the middle block) to T2I-Adapter features added to
+        that block's output, which its skip connection carries too."""
         emb = self.time_emb(t, x.shape[0], y)
+        adapter = adapter or {}
         hs = []
         h = x
-        for block in self.input_blocks:
+        for i, block in enumerate(self.input_blocks):
             h = block(h, emb, context)
+            if i in adapter:
+                h = h + adapter[i]
             hs.append(h)
         h = self.middle_block(h, emb, context)
+        if len(self.input_blocks) in adapter:
+            h = h + adapter[len(self.input_blocks)]
         control = list(control) if control is not None else None
         if control is not None:
             h = h + control.pop()

@@ -23,14 +23,14 @@ class Conditioning:
     uncond: torch.Tensor
     cond: torch.Tensor
     full: torch.Tensor  # [uncond, cond] with guidance, cond alone without (what the UNet and ControlNets read)
-    image_tokens: torch.Tensor | None = None  # the IP-Adapter's tokens for the UNet's batch, with an image prompt
+    image_tokens: tuple[torch.Tensor, ...] = ()  # each image prompt's IP-Adapter tokens for the UNet's batch
     pooled: torch.Tensor | None = None  # (2, width): the negative and positive prompts' pooled text (SDXL)
     y: torch.Tensor | None = None  # the vector conditioning for `full`'s rows
     y_cond: torch.Tensor | None = None  # ... for `cond`'s rows
 
 
 def encode_prompts(model: StableDiffusion, r: GenerationRequest) -> Conditioning:
-    """The text context through the family's encoders, and with an image prompt the IP-Adapter's tokens beside it
+    """The text context through the family's encoders, and with image prompts their IP-Adapters' tokens beside it
     (for the UNet only). SDXL: an empty negative prompt is zeros, context and pooled text (its config's
     force_zeros_for_empty_prompt), and the size embeddings are added by `sized`."""
     fam = model.family
@@ -44,7 +44,7 @@ def encode_prompts(model: StableDiffusion, r: GenerationRequest) -> Conditioning
             pooled[0] = 0
     uncond, cond = (c.expand(r.batch, -1, -1) for c in ctx.chunk(2))
     full = torch.cat([uncond, cond]) if r.use_cfg else cond
-    image = None if r.image_prompt is None else prompt_tokens(r.image_prompt, r.batch, r.use_cfg).to(full.dtype)
+    image = tuple(prompt_tokens(p, r.batch, r.use_cfg).to(full.dtype) for p in r.all_image_prompts)
     out = Conditioning(uncond, cond, full, image, pooled)
     return sized(model, out, r)
 

@@ -10,6 +10,7 @@ from numbers import Real
 
 import numpy as np
 
+from cldm.adapters.ip_masks import mask_problem
 from cldm.adapters.ip_scales import scale_numbers
 from cldm.adapters.reference import MODES as REFERENCE_MODES
 from cldm.errors import InputError
@@ -18,14 +19,16 @@ from cldm.pipeline.vocabulary import Upscaler
 # SD's schedule has 1000 noise levels; with its "leading" spacing and offset 1, 1000 steps would ask for level 1000.
 MAX_STEPS = 999
 MAX_IP_SCALE = 5.0
+MAX_IMAGE_PROMPTS = 8  # IP-Adapters in one request: each adds a key/value path to every cross-attention
 MAX_HIRES_SIZE = 2048  # the hires pass's largest side
 MAX_LORA_WEIGHT = 10.0
 
 
 @dataclass(frozen=True)
 class ImagePrompt:
-    """An IP-Adapter image prompt: the adapter, its CLIP image encoder, one or more pictures (their embeddings are
-    averaged) and a scale: a number, or diffusers' per-block dictionary ({"down": {"block_2": [0.0, 1.0]}, ...}).
+    """An IP-Adapter image prompt: the adapter, its CLIP image encoder, one or more pictures (their encoder features
+    are averaged), a scale: a number, or diffusers' per-block dictionary ({"down": {"block_2": [0.0, 1.0]}, ...}),
+    and an optional region `mask` (HxW uint8 or bool, white = where it acts; `ip_masks` gives the rule).
 
     `adapter` and `encoder` are files/folders (the model manager loads them) or loaded modules."""
 
@@ -34,6 +37,7 @@ class ImagePrompt:
     encoder: object = None  # str | os.PathLike | image_encoder.ImageEncoder
     scale: float | dict = 1.0
     name: str = ""
+    mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         images = self.images if isinstance(self.images, (list, tuple)) else (self.images,)
@@ -45,21 +49,24 @@ class ImagePrompt:
             return self.name
         return stem(self.adapter) if isinstance(self.adapter, (str, os.PathLike)) else "ip-adapter"
 
-    def problems(self) -> list[str]:
+    def problems(self, where: str = "image_prompt") -> list[str]:
+        """What is wrong with this image prompt (`where` names it in messages); empty when it is fine."""
         out = []
         if not self.images:
-            out.append("image_prompt: give at least one picture")
+            out.append(f"{where}: give at least one picture")
         for i, img in enumerate(self.images):
             if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-                out.append(f"image_prompt.images[{i}] must be an HxWx3 uint8 picture")
+                out.append(f"{where}.images[{i}] must be an HxWx3 uint8 picture")
         if self.encoder is None:
-            out.append("image_prompt.encoder is missing: give the image-encoder folder (models/image_encoder)")
+            out.append(f"{where}.encoder is missing: give the image-encoder folder (models/image_encoder)")
         try:
             scales = scale_numbers(self.scale)  # its form; the layout is checked against the base
             if any(not 0 <= x <= MAX_IP_SCALE for x in scales):
-                out.append(f"image_prompt.scale must be 0..{MAX_IP_SCALE:g} (got {self.scale})")
+                out.append(f"{where}.scale must be 0..{MAX_IP_SCALE:g} (got {self.scale})")
         except (InputError, TypeError, ValueError) as e:
-            out.append(f"image_prompt.scale: {e}")
+            out.append(f"{where}.scale: {e}")
+        if self.mask is not None and (why := mask_problem(self.mask)) is not None:
+            out.append(f"{where}.mask {why}")
         return out
 
 

@@ -286,11 +286,9 @@ def parameters(model, r: GenerationRequest) -> str:
         u = r.reference
         fields_.append(f'Reference: "Mode: {u.mode}, Weight: {u.weight}, Style fidelity: {u.style_fidelity}, '
                        f'Guidance Start: {u.start}, Guidance End: {u.end}"')  # fmt: skip
-    if r.image_prompt is not None:
-        scale = r.image_prompt.scale if not isinstance(r.image_prompt.scale, dict) else "per block"
-        fields_.append(
-            f'IP-Adapter: "Model: {r.image_prompt.label}, Weight: {scale}, Images: {len(r.image_prompt.images)}"'
-        )
+    prompts = r.all_image_prompts  # one is "IP-Adapter"; several are numbered from 0, as the ControlNets are
+    for i, p in enumerate(prompts):
+        fields_.append(f'IP-Adapter{"" if len(prompts) == 1 else f" {i}"}: "{_image_prompt_text(p)}"')
     fields_ += _hashes(model, r)
     for i, u in enumerate(r.units):
         fields_.append(f"ControlNet {i}: {json.dumps(_unit_text(u), ensure_ascii=False)}")  # quoted as A1111 does
@@ -317,6 +315,13 @@ def _lora_tag(u) -> str:
     if u.text_weight is None or u.text_weight == u.weight:
         return f"<lora:{u.label}:{u.weight:g}>"
     return f"<lora:{u.label}:{u.text_weight:g}:{u.weight:g}>"  # A1111's order: text encoder, then UNet
+
+
+def _image_prompt_text(p) -> str:
+    """One image prompt: its adapter, weight (or "per block"), picture count and, with a region mask, "Mask: True"."""
+    scale = p.scale if not isinstance(p.scale, dict) else "per block"
+    mask = ", Mask: True" if p.mask is not None else ""
+    return f"Model: {p.label}, Weight: {scale}, Images: {len(p.images)}{mask}"
 
 
 def _unit_text(u: ControlUnit) -> str:

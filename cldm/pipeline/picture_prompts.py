@@ -5,11 +5,11 @@ where the reference acts, its noised latent runs through the UNet first ("write"
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from cldm.adapters import ip_adapter, ip_scales, reference
+from cldm.adapters import ip_adapter, ip_masks, ip_scales, reference
 from cldm.io.images import image_to_tensor, resize_rgb
 from cldm.models.sd import StableDiffusion
 from cldm.pipeline.request import GenerationRequest
@@ -18,15 +18,19 @@ from cldm.sampling.schedules import alphas_cumprod
 
 @contextlib.contextmanager
 def attached(
-    model: StableDiffusion, r: GenerationRequest, image_tokens: torch.Tensor | None
+    model: StableDiffusion, r: GenerationRequest, image_tokens: Sequence[torch.Tensor]
 ) -> Iterator[reference.Reference | None]:
-    """The request's IP-Adapter (with its `image_tokens`) and reference unit on the UNet; yields the reference's
-    hooks (None without a reference)."""
+    """The request's IP-Adapters (each with its `image_tokens`, scales and region mask at the picture size) and
+    reference unit on the UNet; yields the reference's hooks (None without a reference)."""
     with contextlib.ExitStack() as stack:
-        if image_tokens is not None:
-            ip = r.image_prompt
-            scales = ip_scales.layer_scales(ip.scale, ip_scales.scale_layout(model.unet.cfg))
-            stack.enter_context(ip_adapter.attached(model.unet, ip.adapter, image_tokens, scales))
+        layout = ip_scales.scale_layout(model.unet.cfg)
+        attachments = [
+            ip_adapter.Attachment(p.adapter, tokens, ip_scales.layer_scales(p.scale, layout),
+                                  None if p.mask is None else ip_masks.fitted_mask(p.mask, r.width, r.height))
+            for p, tokens in zip(r.all_image_prompts, image_tokens, strict=True)
+        ]  # fmt: skip
+        if attachments:
+            stack.enter_context(ip_adapter.attached_all(model.unet, attachments))
         u, uncond = r.reference, r.batch if r.use_cfg else 0  # rows of the unconditional half
         if u is None:
             yield None

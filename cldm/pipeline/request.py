@@ -16,7 +16,19 @@ from cldm.adapters import emphasis
 from cldm.adapters.lora import MAX_REQUEST_LORAS
 from cldm.errors import InputError
 from cldm.models.controlnet import ControlNet
-from cldm.pipeline.extras import MAX_STEPS, HiresFix, ImagePrompt, LoraUnit, ReferenceUnit, number_problems, stem
+from cldm.models.t2i_adapter import T2I_ADAPTERS
+from cldm.pipeline.extras import (
+    MAX_IMAGE_PROMPTS,
+    MAX_STEPS,
+    HiresFix,
+    ImagePrompt,
+    LoraUnit,
+    ReferenceUnit,
+    number_problems,
+    stem,
+)
+from cldm.pipeline.regions import mask_problems
+from cldm.pipeline.union import ControlType
 from cldm.pipeline.vocabulary import Choice, ControlMode, InpaintMode, ResizeMode, Sampler
 from cldm.sampling.samplers import SAMPLERS
 
@@ -33,10 +45,11 @@ MAX_MASK_BLUR = 64.0
 class ControlUnit:
     """One ControlNet in a request: which weights, which hint, how strongly and when.
 
-    `model` is a weight file or folder (the model manager loads it) or an already loaded ControlNet.
+    `model` is a weight file or folder (the model manager loads it) or an already loaded ControlNet or T2I-Adapter.
+    A T2I-Adapter acts on the steps from `start` to `end` (diffusers' adapter_conditioning_factor is `end`).
     """
 
-    model: str | os.PathLike | ControlNet
+    model: str | os.PathLike | torch.nn.Module
     hint: np.ndarray | torch.Tensor  # HxWx3 uint8, or (1, 3, H, W) float in [0, 1] (-1 marks inpaint holes)
     scale: float = 1.0
     start: float = 0.0  # fraction of the steps before which this ControlNet is off
@@ -50,16 +63,26 @@ class ControlUnit:
     preprocessor: str = ""
     processor_res: int | None = None
     pixel_perfect: bool = False
+    # the effective region (`cldm.pipeline.regions`): white where the unit acts, black where it does not; an HxW or
+    # HxWx3 picture of any size (stretched to each residual), or a (1, 1, H, W) tensor in [0, 1]. None: everywhere
+    mask: np.ndarray | torch.Tensor | None = None
+    # a ControlNet Union's control type (`cldm.pipeline.union`): a ControlType, its name or number; None: the one the
+    # preprocessor names (A1111's rule). Other ControlNets ignore it
+    control_type: ControlType | str | int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", ControlMode.coerce(self.mode))
         object.__setattr__(self, "resize_mode", ResizeMode.coerce(self.resize_mode))
+        if self.control_type is not None:
+            object.__setattr__(self, "control_type", ControlType.coerce(self.control_type))
 
     @property
     def label(self) -> str:
         if self.name:
             return self.name
-        return "controlnet" if isinstance(self.model, ControlNet) else stem(self.model)
+        if isinstance(self.model, torch.nn.Module):
+            return "controlnet" if isinstance(self.model, ControlNet) else "t2i-adapter"
+        return stem(self.model)
 
     def problems(self, i: int) -> list[str]:
         """What is wrong with this unit (`i` numbers it in messages); empty when it is fine."""
@@ -72,9 +95,12 @@ class ControlUnit:
         if not 0 <= self.start < self.end <= 1:
             out.append(f"{who}: need 0 <= start < end <= 1 (got start {self.start}, end {self.end})")
         out += [f"{who}: {p}" for p in _choice_problems(self, {"mode": ControlMode, "resize_mode": ResizeMode})]
-        if not isinstance(self.model, (ControlNet, str, os.PathLike)):
+        if self.control_type is not None and not isinstance(self.control_type, ControlType):
+            out.append(f"{who}: control_type must be one of {', '.join(ControlType.keys())} (got {self.control_type!r})")
+        if not isinstance(self.model, (ControlNet, *T2I_ADAPTERS, str, os.PathLike)):
             out.append(
-                f"{who}: model must be a weight file, a folder or a ControlNet (got {type(self.model).__name__})"
+                f"{who}: model must be a weight file, a folder, a ControlNet or a T2I-Adapter (got "
+                f"{type(self.model).__name__})"
             )
         hint = self.hint
         if isinstance(hint, np.ndarray):
@@ -85,6 +111,7 @@ class ControlUnit:
                 out.append(f"{who}: hint tensor must be (1, 3, H, W) (got {tuple(hint.shape)})")
         else:
             out.append(f"{who}: hint is missing: give a picture (got {type(hint).__name__})")
+        out += [f"{who}: {p}" for p in mask_problems(self.mask)]
         return out
 
 
@@ -117,7 +144,8 @@ class GenerationRequest:
     init_image: np.ndarray | None = None
     strength: float = 1.0
     mask: np.ndarray | None = None
-    image_prompt: ImagePrompt | None = None
+    image_prompt: ImagePrompt | None = None  # one IP-Adapter image prompt
+    image_prompts: tuple[ImagePrompt, ...] = ()  # several, each its own adapter, pictures, scale and mask
     reference: ReferenceUnit | None = None
     resize_mode: ResizeMode = ResizeMode.CROP  # how the init picture and the mask become the picture size
     mask_blur: float = 0.0  # Gaussian sigma in px for the mask's edge (the 1.1 inpaint app's default is 5)
@@ -139,11 +167,18 @@ class GenerationRequest:
     def __post_init__(self) -> None:
         object.__setattr__(self, "units", tuple(self.units))  # a list given by a caller stays immutable here
         object.__setattr__(self, "loras", tuple(self.loras))
+        object.__setattr__(self, "image_prompts", tuple(self.image_prompts))
         object.__setattr__(self, "resize_mode", ResizeMode.coerce(self.resize_mode))
         object.__setattr__(self, "inpaint_mode", InpaintMode.coerce(self.inpaint_mode))
         sampler = Sampler.coerce(self.sampler)  # a Sampler, A1111's label or our key: kept as our key
         if isinstance(sampler, Sampler):
             object.__setattr__(self, "sampler", sampler.key)
+
+    @property
+    def all_image_prompts(self) -> tuple[ImagePrompt, ...]:
+        """Every image prompt of the request, `image_prompt` first: the adapters act in this order, their outputs
+        summed."""
+        return self.image_prompts if self.image_prompt is None else (self.image_prompt, *self.image_prompts)
 
     @property
     def use_cfg(self) -> bool:
@@ -174,6 +209,12 @@ class GenerationRequest:
                 problems += self.image_prompt.problems()
             else:
                 problems.append(f"image_prompt must be an ImagePrompt (got {type(self.image_prompt).__name__})")
+        if len(self.all_image_prompts) > MAX_IMAGE_PROMPTS:
+            problems.append(f"at most {MAX_IMAGE_PROMPTS} image prompts per request (got "
+                            f"{len(self.all_image_prompts)}); leave some out")  # fmt: skip
+        for i, p in enumerate(self.image_prompts[:MAX_IMAGE_PROMPTS]):
+            where = f"image_prompts[{i}]"
+            problems += p.problems(where) if isinstance(p, ImagePrompt) else [f"{where} must be an ImagePrompt"]
         if self.reference is not None:
             if isinstance(self.reference, ReferenceUnit):
                 problems += self.reference.problems()
@@ -259,7 +300,7 @@ class GenerationRequest:
             elif isinstance(v, Choice):
                 v = v.key
             elif f.name == "units":
-                v = [{"model": u.label, "scale": u.scale, "start": u.start, "end": u.end} for u in v]
+                v = [_unit_summary(u) for u in v]
             elif f.name == "reference" and v is not None:
                 v = {"mode": v.mode, "style_fidelity": v.style_fidelity, "weight": v.weight}
             elif f.name == "hires" and v is not None:
@@ -270,9 +311,21 @@ class GenerationRequest:
                     "upscaler": getattr(v.upscaler, "key", v.upscaler),
                 }
             elif f.name == "image_prompt" and v is not None:
-                v = {"adapter": v.label, "images": len(v.images), "scale": v.scale}
+                v = _prompt_summary(v)
+            elif f.name == "image_prompts":
+                v = [_prompt_summary(p) for p in v]
             out[f.name] = v
         return out
+
+
+def _unit_summary(u: ControlUnit) -> dict:
+    out = {"model": u.label, "scale": u.scale, "start": u.start, "end": u.end}
+    return out if u.mask is None else out | {"mask": f"array{tuple(u.mask.shape)}"}
+
+
+def _prompt_summary(p: ImagePrompt) -> dict:
+    out = {"adapter": p.label, "images": len(p.images), "scale": p.scale}
+    return out if p.mask is None else out | {"mask": f"array{p.mask.shape}"}
 
 
 def _text_problems(r: GenerationRequest) -> list[str]:

@@ -25,7 +25,11 @@ from cldm.pipeline.conditioning import Conditioning, encode_prompts, sized
 from cldm.pipeline.fit import fit_mask, fit_rgb, fit_tensor
 from cldm.pipeline.infotext import parameters
 from cldm.pipeline.picture_prompts import attached, reference_latent, reference_pass
+from cldm.pipeline.regions import apply_region_mask, with_region_masks
 from cldm.pipeline.request import ControlUnit, GenerationRequest
+from cldm.pipeline.t2i import encoder_additions, hint_features, is_adapter, unit_problems
+from cldm.pipeline.t2i_style import is_style, style_tokens, with_style
+from cldm.pipeline.union import merged, union_problems
 from cldm.pipeline.vocabulary import ControlMode, InpaintMode, Upscaler
 from cldm.sampling.preview import approx_rgb, predicted_x0
 from cldm.sampling.sampler import Sampler, noise_like
@@ -76,18 +80,23 @@ def check(model: StableDiffusion, request: GenerationRequest) -> None:
     if request.clip_skip > model.config.text.num_layers:
         problems.append(f"clip_skip must be 1..{model.config.text.num_layers} for this text encoder")
     for i, u in enumerate(request.units):
-        if not isinstance(u.model, ControlNet):
+        if is_adapter(u.model):
+            problems += unit_problems(model, request, i, u)
+        elif not isinstance(u.model, ControlNet):
             problems.append(f"ControlNet {i + 1} ({u.label}) is not loaded (the model manager loads files)")
         elif (why := fit_problem(u.model, model.config.unet, model.latent_factor)) is not None:
             problems.append(f"ControlNet {i + 1} ({u.label}) does not fit this base model: {why}. "
                             f"Use a ControlNet made for {model.family.name} models.")  # fmt: skip
+    problems += union_problems(request.units, lambda i, u: f"ControlNet {i + 1} ({u.label})")
     if request.vae is not None and not isinstance(request.vae, AutoencoderKL):
         problems.append("the VAE is not loaded (the model manager loads files)")
     for i, u in enumerate(request.loras):
         if not isinstance(u.model, lora.Lora):
             problems.append(f"LoRA {i + 1} ({u.label}) is not loaded (the model manager loads files)")
-    if request.image_prompt is not None and (why := image_prompt_problem(request.image_prompt, model.unet)):
-        problems.append(why)
+    several = len(request.all_image_prompts) > 1
+    for i, p in enumerate(request.all_image_prompts):
+        if (why := image_prompt_problem(p, model.unet)) is not None:
+            problems.append(f"image prompt {i + 1}: {why}" if several else why)
     if problems:
         raise InputError("; ".join(problems))
 
@@ -111,8 +120,16 @@ def _hint_tensor(u: ControlUnit, width: int, height: int, device, dtype) -> torc
 
 
 def embed_hints(model: StableDiffusion, r: GenerationRequest) -> list[torch.Tensor]:
-    """Each unit's hint at the picture size through its hint block: once per generation, not per step."""
-    return [u.model.embed_hint(_hint_tensor(u, r.width, r.height, model.device, model.dtype)) for u in r.units]
+    """Each unit's hint at the picture size through its hint block (a T2I-Adapter: the whole adapter; a style
+    adapter: its tokens of the picture): once per generation, not per step."""
+    return [_embed_hint(model, r, u) for u in r.units]
+
+
+def _embed_hint(model: StableDiffusion, r: GenerationRequest, u: ControlUnit) -> torch.Tensor:
+    if is_style(u.model):  # the picture as it is: CLIP takes its own 224 px crop
+        return style_tokens(u.model, u.hint)
+    h = _hint_tensor(u, r.width, r.height, model.device, model.dtype)
+    return hint_features(u.model, h) if is_adapter(u.model) else u.model.embed_hint(h)
 
 
 def generators(r: GenerationRequest) -> Generators:
@@ -181,7 +198,9 @@ def control_residuals(
     ControlNet's name for "control", with diffusers' log-spaced scales when `guess_style` is "diffusers".
     """
     total = None
-    for u, emb in zip(r.units, hints):
+    for u, emb in merged(r.units, hints, lambda u: active(k, n, u.start, u.end)):  # a Union's units: one entry
+        if is_adapter(u.model):  # T2I-Adapters add to the UNet's encoder: `encoder_additions`
+            continue
         if not active(k, n, u.start, u.end) or u.scale == 0:  # a unit that adds nothing is not run
             continue
         cn: ControlNet = u.model
@@ -200,12 +219,13 @@ def control_residuals(
             res = [torch.cat([torch.zeros_like(a), a]) for a in res]
         else:
             res = _residuals(cn, emb, x_full, t, ctx.full, scales, ctx.y)
+        res = apply_region_mask(res, u.mask)
         total = res if total is None else [a + b for a, b in zip(total, res)]
     return total
 
 
 def _residuals(cn: ControlNet, emb: torch.Tensor, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, scales, y):
-    outs = cn(x, t, ctx, emb.expand(x.shape[0], -1, -1, -1), y)
+    outs = cn(x, t, ctx, emb, y)  # a hint embedding of batch 1 broadcasts over the batch
     return [o * s for o, s in zip(outs, scales)]
 
 
@@ -224,11 +244,14 @@ def denoise(
             t = s.timesteps[i].to(model.device)
             x_in = s.scale_input(x, i)
             x_full = torch.cat([x_in, x_in]) if r.use_cfg else x_in  # the guidance batch: [uncond, cond]
-            control = control_residuals(r, hints, x_in, x_full, t, ctx, k, n)
+            on = [is_adapter(u.model) and active(k, n, u.start, u.end) for u in r.units]
+            step = with_style(ctx, r, hints, on)  # the context with the acting style adapters' tokens
+            control = control_residuals(r, hints, x_in, x_full, t, step, k, n)
             if ref is not None:
-                on = active(k, n, r.reference.start, r.reference.end)
-                reference_pass(model, ref, hooks, x_full, t, ctx.full, on, ctx.y)
-            out = model.unet(x_full, t, ctx.full, control=control, y=ctx.y)
+                ref_on = active(k, n, r.reference.start, r.reference.end)
+                reference_pass(model, ref, hooks, x_full, t, step.full, ref_on, ctx.y)
+            adapter = encoder_additions(model, r, hints, on, x_full.shape[0])
+            out = model.unet(x_full, t, step.full, control=control, y=ctx.y, adapter=adapter)
             if r.use_cfg:
                 o_u, o_c = out.chunk(2)
                 out = o_u + r.cfg_scale * (o_c - o_u)
@@ -320,7 +343,8 @@ def generate(
         model = replace(model, vae=request.vae)
     originals = lora.apply(model, [(u.model, u.weight, u.text_weight) for u in request.loras])  # all or nothing
     try:
-        return _generate(model, fit_pictures(request), callback, preview, preview_every)
+        request = with_region_masks(fit_pictures(request), model.device)
+        return _generate(model, request, callback, preview, preview_every)
     finally:
         lora.restore(model, originals)  # the base is the base again, bit for bit
 

@@ -21,12 +21,15 @@ from cldm.adapters.ip_adapter import fit_problem as ip_fit_problem
 from cldm.adapters.lora import Lora
 from cldm.adapters.lora import parse as lora_parse
 from cldm.errors import CheckpointError
-from cldm.io import checkpoints, files, hashes, locate
+from cldm.io import checkpoints, clip_vision, files, hashes, locate, t2i_adapters
 from cldm.io.image_encoder import load_image_encoder
 from cldm.models.controlnet import ControlNet, fit_problem
 from cldm.models.image_encoder import ImageEncoder
 from cldm.models.sd import StableDiffusion
+from cldm.models.t2i_adapter import StyleAdapter
+from cldm.models.t2i_adapter import fit_problem as t2i_fit_problem
 from cldm.models.vae import AutoencoderKL
+from cldm.pipeline.extras import MAX_IMAGE_PROMPTS
 from cldm.pipeline.request import ControlUnit, GenerationRequest, ImagePrompt
 from cldm.pipeline.stages import PreviewCallback, Result, StepCallback, generate
 from cldm.runtime import allocator, offload, prepack
@@ -82,9 +85,10 @@ class ModelManager:
         )
         self._on_device: dict[tuple, ControlNet] = {}
         self._loras: LRUCache[tuple, Lora] = LRUCache("LoRA", max_items=MAX_LORAS)  # parsed, by (path, mtime)
-        # one of each, on the device (with low VRAM, in CPU memory): another one replaces it
-        self._ip_adapters: LRUCache[str, IPAdapter] = LRUCache("IP-Adapter", max_items=1)
-        self._image_encoders: LRUCache[str, ImageEncoder] = LRUCache("image encoder", max_items=1)
+        # on the device (with low VRAM, in CPU memory): the last request's image prompts (`_loaded_prompts` drops
+        # the others before a request loads its own) and one VAE (another one replaces it)
+        self._ip_adapters: LRUCache[str, IPAdapter] = LRUCache("IP-Adapter", max_items=MAX_IMAGE_PROMPTS)
+        self._image_encoders: LRUCache[str, ImageEncoder] = LRUCache("image encoder", max_items=MAX_IMAGE_PROMPTS)
         self._vaes: LRUCache[str, AutoencoderKL] = LRUCache("VAE", max_items=1)
         self.controlnet_loads = 0
         self.ip_loads = 0
@@ -129,10 +133,15 @@ class ModelManager:
 
     def _unload(self) -> None:
         """Before a base switch: LoRAs go (they are matched to the base's layers), the ControlNets on the device go
-        back to the CPU cache, so the device holds nothing of the old base while the new one loads."""
+        back to the CPU cache, so the device holds nothing of the old base while the new one loads. Control-LoRAs
+        go altogether: they were built from the old base's weights (the next request builds them on the new one)."""
         self._loras.clear()
         for key in list(self._on_device):
-            self._controlnets.put(key, self._on_device.pop(key).to("cpu"), evict=False)
+            cn = self._on_device.pop(key)
+            if not getattr(cn, "built_on_base", False):
+                self._controlnets.put(key, cn.to("cpu"), evict=False)
+        for key in [k for k in self._controlnets.keys() if getattr(self._controlnets.get(k), "built_on_base", False)]:
+            self._controlnets.pop(key)
 
     def _drop_family_bound(self, old: str, new: str) -> None:
         """The models made for the old family cannot drive the new one: ControlNets, IP-Adapter, image encoder and
@@ -162,23 +171,29 @@ class ModelManager:
             if (cached := self._controlnets.get(key)) is not None:
                 return cached
             sd = self.sd
-            cn = checkpoints.load_controlnet(
-                path, dtype=self.dtype, base=sd.config.unet, global_average_pooling=global_average_pooling
-            )
-            why = fit_problem(cn, sd.config.unet, sd.latent_factor)
+            if t2i_adapters.is_t2i_adapter(path):  # told from the content; cached and swapped like a ControlNet
+                cn = t2i_adapters.load_t2i_adapter(path, dtype=self.dtype)
+                kind, why = "T2I-Adapter", t2i_fit_problem(cn, sd.config.unet, sd.family.name, sd.latent_factor)
+            else:
+                cn = checkpoints.load_controlnet(path, dtype=self.dtype, base=sd.config.unet,
+                                                 global_average_pooling=global_average_pooling, unet=sd.unet)  # fmt: skip
+                kind, why = "ControlNet", fit_problem(cn, sd.config.unet, sd.latent_factor)
             if why is not None:
                 raise CheckpointError(
                     f"{_name(path)} does not fit the base model {_name(sd.source)}: {why}. "
-                    f"Use a ControlNet made for {sd.family.name} models."
+                    f"Use a {kind} made for {sd.family.name} models."
                 )
+            if isinstance(cn, StyleAdapter):  # with its CLIP ViT-L/14: beside the file, else from the hub
+                cn = clip_vision.style_control(cn, Path(path).parent, self.dtype)
             self.controlnet_loads += 1
             self._fast(cn)
             self._controlnets.put(key, cn)
             return cn
 
     def ip_adapter(self, path: str) -> IPAdapter:
-        """The IP-Adapter at `path` on the device (one at a time: another one replaces it). One that does not fit the
-        base is refused and not kept; the base model is never touched (the adapter only adds tokens)."""
+        """The IP-Adapter at `path` on the device (kept with the others of the last request that had image prompts).
+        One that does not fit the base is refused and not kept; the base model is never touched (the adapter only
+        adds tokens)."""
         with self.lock:
             if (cached := self._ip_adapters.get(str(path))) is not None:
                 return cached
@@ -187,7 +202,6 @@ class ModelManager:
             why = ip_fit_problem(adapter, sd.unet)
             if why is not None:
                 raise CheckpointError(f"{_name(path)} does not fit the base model {_name(sd.source)}: {why}.")
-            self._ip_adapters.clear()  # the old one goes before the new one is on the device
             adapter = adapter.to(self._rest)
             self._ip_adapters.put(str(path), adapter)
             self.ip_loads += 1
@@ -236,12 +250,12 @@ class ModelManager:
             return self._base.reload_embeddings()
 
     def image_encoder(self, path: str) -> ImageEncoder:
-        """The CLIP image encoder folder at `path` on the device (one at a time)."""
+        """The CLIP image encoder folder at `path` on the device (kept with the others of the last request that had
+        image prompts)."""
         with self.lock:
             if (cached := self._image_encoders.get(str(path))) is not None:
                 return cached
             encoder = load_image_encoder(path, dtype=self.dtype)
-            self._image_encoders.clear()  # the old one goes before the new one is on the device
             encoder = encoder.to(self._rest)
             self._image_encoders.put(str(path), encoder)
             return encoder
@@ -251,6 +265,16 @@ class ModelManager:
         with self.lock:
             self._ip_adapters.clear()
             self._image_encoders.clear()
+
+    def _loaded_prompts(self, prompts: tuple[ImagePrompt, ...]) -> tuple[ImagePrompt, ...]:
+        """The request's image prompts with their adapters and encoders loaded; the cached ones this request does
+        not name leave the device first, so device memory never holds two requests' sets."""
+        if prompts:
+            for cache, named in ((self._ip_adapters, {str(p.adapter) for p in prompts}),
+                                 (self._image_encoders, {str(p.encoder) for p in prompts})):  # fmt: skip
+                for key in [k for k in cache.keys() if k not in named]:
+                    cache.pop(key)
+        return tuple(self._loaded_prompt(p) for p in prompts)
 
     def _loaded_prompt(self, ip: ImagePrompt | None) -> ImagePrompt | None:
         if ip is None:
@@ -306,7 +330,9 @@ class ModelManager:
                 u if k is None else replace(u, model=self._on_device[k], name=u.label)
                 for u, k in zip(request.units, keys)
             )
-            image_prompt = self._loaded_prompt(request.image_prompt)
+            loaded = self._loaded_prompts(request.all_image_prompts)
+            first = int(request.image_prompt is not None)  # `image_prompt` is the first of them, when given
+            image_prompt, image_prompts = (loaded[0] if first else None), loaded[first:]
             loras = tuple(u if isinstance(u.model, Lora) else replace(u, model=self.lora(str(u.model)))
                           for u in request.loras)  # fmt: skip
             swap = time.perf_counter() - t0
@@ -315,7 +341,8 @@ class ModelManager:
                 if request.vae is None or isinstance(request.vae, AutoencoderKL)
                 else self.vae(str(request.vae))
             )
-            request = replace(request, units=units, image_prompt=image_prompt, loras=loras, vae=vae)
+            request = replace(request, units=units, image_prompt=image_prompt, image_prompts=image_prompts,
+                              loras=loras, vae=vae)  # fmt: skip
             try:
                 run = generate if self.offloader is None else self._offloaded
                 result = run(sd, request, callback, preview, preview_every)
@@ -329,10 +356,11 @@ class ModelManager:
 
     def _offloaded(self, sd: StableDiffusion, request: GenerationRequest, *args) -> Result:
         """generate() with only the running stage's modules on the device, all back on the CPU after."""
-        ip, off, seconds = request.image_prompt, self.offloader, self.offloader.seconds
+        ips, off, seconds = request.all_image_prompts, self.offloader, self.offloader.seconds
         cns = [u.model for u in request.units]  # they run with the UNet at every step: one group
         vae = sd.vae if request.vae is None else request.vae
-        with off.running(text=sd.texts, image=[ip and ip.encoder], unet=[sd.unet, *cns, ip and ip.adapter], vae=[vae]):
+        image, adapters = [p.encoder for p in ips], [p.adapter for p in ips]
+        with off.running(text=sd.texts, image=image, unet=[sd.unet, *cns, *adapters], vae=[vae]):
             result = generate(off.view(sd), request, *args)
         result.timings["offload"] = off.seconds - seconds  # the copies between the CPU and the device
         return result
@@ -340,7 +368,7 @@ class ModelManager:
 
 def _key(u: ControlUnit) -> tuple | None:
     """The cache key of a unit's ControlNet file (None for a unit that brings a loaded ControlNet)."""
-    return None if isinstance(u.model, ControlNet) else (str(u.model), u.global_average_pooling)
+    return None if isinstance(u.model, torch.nn.Module) else (str(u.model), u.global_average_pooling)
 
 
 def _name(path: str) -> str:
