@@ -49,7 +49,8 @@ def build(cls, cfg, state: StateDict, what: str, dtype: torch.dtype, *args) -> n
         raise CheckpointError(
             f"These weights do not fit the {what}: {len(missing)} missing keys (e.g. {missing[:5]}) and "
             f"{len(unexpected)} unexpected keys (e.g. {unexpected[:5]}). The file is probably another kind of model "
-            "(SDXL, SD2, a LoRA...) or another ControlNet family; this app takes SD1.5 and its ControlNets."
+            "(a LoRA, an adapter...) or a damaged or unfinished download; pick a file of that kind (docs/formats.md "
+            "lists the layouts read)."
         )
     # Every tensor gets its own storage from torch's allocator (64-byte aligned), in the asked dtype. Readers hand out
     # tensors at whatever offset their buffer had (safetensors: 16 bytes past a 64-byte boundary), and on AVX-512 CPUs

@@ -22,7 +22,7 @@ from cldm.io import keymaps
 from cldm.io import model_configs as mc
 from cldm.io.assemble import POSITION_IDS, build, build_text, our_keys, text_from_diffusers
 from cldm.io.control_lora import build_control_lora
-from cldm.io.controlnet_union import union_from_folder, union_from_state
+from cldm.io.controlnet_union import renamed_by_module, union_from_folder, union_from_state
 from cldm.io.files import read_file, read_folder, read_metadata, read_shapes
 from cldm.io.identify import (
     CONTROL_PREFIX,
@@ -285,8 +285,9 @@ def load_controlnet(
         if any(k.startswith(CONTROL_PREFIX) for k in state):
             state = _strip(state, CONTROL_PREFIX)
         elif kind is WeightKind.DIFFUSERS_CONTROLNET:  # diffusers keys in one file (SDXL ControlNets mostly)
+            # module by module: a config read from the keys alone knows the modules, not the transformer depths
             cfg = mc.config_from_metadata(meta, UNetConfig, "controlnet") or mc.diffusers_key_config(state)
-            state = keymaps.from_diffusers(state, keymaps.controlnet_modules(cfg), our_keys(ControlNet, cfg))
+            state = renamed_by_module(state, keymaps.controlnet_modules(cfg))
         elif kind is not WeightKind.CONTROLNET:
             raise CheckpointError(
                 f"{path} is {describe(state)}, not a ControlNet. Pick a ControlNet file (e.g. control_v11p_sd15_canny)."

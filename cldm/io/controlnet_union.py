@@ -52,13 +52,13 @@ def union_from_state(
     """A Union from its published state dict. `cfg` comes from the folder's config.json when there is one (`said`,
     the same file's raw fields); otherwise the shapes tell it, and `base` (the UNet it will drive) the head counts."""
     union = union_config(state, said)
-    ours = _renamed(state, keymaps.controlnet_modules(mc.diffusers_key_config(state) if cfg is None else cfg))
+    ours = renamed_by_module(state, keymaps.controlnet_modules(mc.diffusers_key_config(state) if cfg is None else cfg))
     if cfg is None:
         cfg = mc.infer_unet_config(ours, base)
     return build(ControlNetUnion, cfg, ours, "ControlNet Union", dtype, union)
 
 
-def _renamed(state: StateDict, modules: dict[str, tuple[str, dict[str, str]]]) -> StateDict:
+def renamed_by_module(state: StateDict, modules: dict[str, tuple[str, dict[str, str]]]) -> StateDict:
     """Diffusers keys -> ours, module by module (the longest diffusers module prefix that matches, then its inner
     names), so that a config read from the keys alone (which knows the modules, not the widths or the transformer
     depths) renames every key; keys outside the table (the Union parts) keep their names."""
