@@ -15,6 +15,7 @@ import gradio as gr
 from cldm.errors import InputError
 from cldm.hints.conditions import Condition
 from studio.availability import TabState
+from studio.control_models import chosen_model
 from studio.service import (
     CONTROL_MODES,
     INPAINT_MODES,
@@ -31,10 +32,13 @@ from studio.service import (
 
 class Form:
     """Panels whose widgets a handler takes as inputs, by name (Gradio's `inputs_kwargs`: the names are the API's
-    parameter names, in the panels' order); `read` gives the values back as one record per panel."""
+    parameter names, in the panels' order); `read` gives the values back as one record per panel. `optional` names
+    the parameters an API call may leave out (a panel's `optional`): put last, they keep older positional calls
+    working."""
 
     def __init__(self, *panels):
         self.panels = panels
+        self.optional = tuple(name for p in panels for name in getattr(p, "optional", ()))
         self.named: dict[str, gr.components.Component] = {}
         for p in panels:
             for name, widget in p.named.items():
@@ -163,6 +167,9 @@ class UnitPanel:
     enabled: gr.Checkbox | None = None  # Multi
     choice: gr.Dropdown | None = None  # Multi: the condition
     tag: str = ""  # Multi: "_1", "_2", ... after each parameter name
+    # the control model and the effective region (read through a ControlModelPanel, last in the form)
+    model: gr.Dropdown | None = None
+    region: gr.components.Component | None = None
 
     @property
     def named(self) -> dict:
@@ -221,6 +228,31 @@ class UnitOptionsPanel:
         return out
 
 
+@dataclass
+class ControlModelPanel:
+    """Each unit's control model (the Model list) and effective region, taken last in a tab's form, every unit's in
+    turn, so that the endpoints' earlier parameters keep their places: both may be left out (the condition's own
+    ControlNet, acting everywhere). A dict of UnitSettings fields per unit."""
+
+    units: list[UnitPanel]
+
+    @property
+    def named(self) -> dict:
+        return {name + u.tag: w for u in self.units for name, w in (("control_model", u.model), ("region", u.region))}
+
+    @property
+    def optional(self) -> tuple[str, ...]:
+        """The parameters an API call may leave out (None)."""
+        return tuple(self.named)
+
+    def read(self, it: Iterator) -> list[dict]:
+        out = []
+        for u in self.units:
+            v = _take(it, ["control_model", "region"], ("control_model", "region"), u.tag)
+            out.append({"model": chosen_model(v["control_model"]), "region": v["region"]})
+        return out
+
+
 PASS_FIELDS = ("init_image", "mask_blur", "inpaint_mode", "hires", "hires_scale", "hires_steps", "hires_strength",
                "hires_upscaler", "seed_per_picture", "preview_every", "clip_skip", "vae")  # fmt: skip
 
@@ -261,24 +293,32 @@ class BasePanel:
 
 @dataclass
 class ImagePromptPanel:
-    """The Image prompt accordion: picture (optional), adapter, scale."""
+    """One image-prompt slot: picture (optional), adapter, scale and, where the page has one, a region mask; `tag`
+    ends the names of the slots after the first ("_2")."""
 
     image: gr.components.Component
     adapter: gr.Dropdown
     scale: gr.Slider
+    mask: gr.components.Component | None = None
+    tag: str = ""
+
+    @property
+    def _names(self) -> list[str]:
+        return ["image_prompt", "ip_adapter", "ip_scale", *(["ip_mask"] if self.mask is not None else [])]
 
     @property
     def named(self) -> dict:
-        return {"image_prompt": self.image, "ip_adapter": self.adapter, "ip_scale": self.scale}
+        widgets = [self.image, self.adapter, self.scale, self.mask]
+        return {name + self.tag: w for name, w in zip(self._names, widgets)}
 
     def read(self, it: Iterator) -> ImagePromptSettings | None:
-        v = _take(it, ["image_prompt", "ip_adapter", "ip_scale"], optional=("image_prompt", "ip_adapter", "ip_scale"))
+        v = _take(it, self._names, optional=tuple(self._names), tag=self.tag)
         if v["image_prompt"] is None:
             return None
-        missing = [k for k in ("ip_adapter", "ip_scale") if v[k] is None]
+        missing = [k + self.tag for k in ("ip_adapter", "ip_scale") if v[k] is None]
         if missing:
             raise missing_value(missing)
-        return ImagePromptSettings(v["image_prompt"], v["ip_adapter"], v["ip_scale"])
+        return ImagePromptSettings(v["image_prompt"], v["ip_adapter"], v["ip_scale"], v.get("ip_mask"))
 
 
 @dataclass

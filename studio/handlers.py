@@ -148,6 +148,16 @@ class Hint:
     output: gr.components.Component
 
 
+def optional_parameters(fn: Callable, names: tuple[str, ...]) -> inspect.Signature:
+    """`fn`'s signature with `names` as keyword parameters that default to None, before its **values: Gradio's API
+    then lets a client leave them out (a positional call that stops before them still works), and passes them in
+    **values like the others."""
+    sig = inspect.signature(fn)
+    *head, rest = sig.parameters.values()
+    added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in names]
+    return sig.replace(parameters=[*head, *added, rest])
+
+
 def tab_endpoints(studio: Studio, key: str, form: Form, job: Callable[[tuple, Call], object], outputs: list,
                   run: gr.Button, stop: gr.Button, about: str, hint: Hint | None = None,
                   api_name: str | None = None) -> None:  # fmt: skip
@@ -159,6 +169,8 @@ def tab_endpoints(studio: Studio, key: str, form: Form, job: Callable[[tuple, Ca
     def generate(request: gr.Request, progress=gr.Progress(), **values):  # noqa: B008 (Gradio's progress bar)
         records, who, sent = form.read(values), session(request), arrived(request)
         yield from streamed(studio, lambda prog, show: job(records, Call(who, sent, prog, show)), progress, who)
+
+    generate.__signature__ = optional_parameters(generate, form.optional)
 
     # `outputs` are (gallery, status line, files): Gradio's progress bar covers the status line only, so that the
     # live previews in the gallery stay in sight

@@ -18,13 +18,16 @@ from cldm.pipeline.fit import picture_size
 from studio.availability import ready_first
 from studio.batch_tab import batch_tab
 from studio.canvas import editor_image
-from studio.forms import BasePanel, Form, SizePanel, UnitOptionsPanel, tab_id, tab_note
+from studio.control_models import OWN_MODEL
+from studio.forms import BasePanel, ControlModelPanel, Form, SizePanel, UnitOptionsPanel, tab_id, tab_note
 from studio.handlers import Call, Hint, friendly, tab_endpoints
 from studio.panels import (
+    CONTROL_LIST,
     LORA_LIST,
     MAX_UI_SIZE,
     VAE_LIST,
     image_prompt_panel,
+    image_prompt_slots,
     pass_panel,
     reference_panel,
     results_panel,
@@ -36,6 +39,7 @@ from studio.service import Studio, condition
 
 log = logging.getLogger("app")
 MAX_UNITS = 3  # ControlNets in the Multi tab
+IMAGE_PROMPT_SLOTS = 2  # IP-Adapters in the Image prompt tab, each with its picture, strength and region
 MULTI_DEFAULTS = ("canny", "depth", "openpose")  # the Multi tab's first conditions (a model card names its own)
 CONTROLNET_TAB = "controlnet"  # the tab that holds one tab per condition
 
@@ -101,6 +105,10 @@ def condition_tab(studio: Studio, cond: Condition, base: BasePanel) -> Receivers
         gr.Examples([[example_picture(studio, cond, picture), preprocessor, prompt]],
                     [unit.image, unit.preprocessor, settings.widgets["prompt"]], label="Example")  # fmt: skip
     size_button(use_size, unit.image, settings)
+    if not live:  # a greyed tab runs with a file picked in its Model list (missing preprocessor weights are said
+        # at Generate)
+        unit.model.change(lambda m: [gr.update(interactive=m != OWN_MODEL)] * 2, unit.model, [run, preview],
+                          queue=False, api_name=False)  # fmt: skip
     size = SizePanel(settings.widgets["width"], settings.widgets["height"])
 
     def hint(records) -> str:
@@ -108,14 +116,15 @@ def condition_tab(studio: Studio, cond: Condition, base: BasePanel) -> Receivers
         return studio.shown(studio.hint(replace(u, **options), size))
 
     def job(records, call: Call):
-        u, s, (options,), more, image_prompt, base_name = records
-        return generated(studio, call, [replace(u, **options)], s, more, base_name, image_prompt)
+        u, s, (options,), more, image_prompt, base_name, (model,) = records
+        return generated(studio, call, [replace(u, **options, **model)], s, more, base_name, image_prompt)
 
     # each button sends everything the tab shows, by name
-    tab_endpoints(studio, cond.key, Form(unit, settings, UnitOptionsPanel([unit]), extras, ip, base), job,
-                  [gallery, status, files], run, stop, f"{cond.label}: pictures from the prompt, controlled by the "
-                  "hint of the picture (the unit, the settings, its control options, img2img / hires fix / preview, "
-                  "the image prompt, the base).",
+    form = Form(unit, settings, UnitOptionsPanel([unit]), extras, ip, base, ControlModelPanel([unit]))
+    tab_endpoints(studio, cond.key, form, job, [gallery, status, files], run, stop, f"{cond.label}: pictures from the "
+                  "prompt, controlled by the hint of the picture (the unit, the settings, its control options, "
+                  "img2img / hires fix / preview, the image prompt, the base; then, optional, the control model file "
+                  "(null: the condition's own ControlNet) and the effective region).",
                   hint=Hint(preview, Form(unit, size, UnitOptionsPanel([unit])), hint, hint_view))  # fmt: skip
     return Receivers(cond.key, cond.label, settings, [unit])
 
@@ -155,15 +164,17 @@ def multi_tab(studio: Studio, base: BasePanel) -> Receivers:
             files = gr.Files(label="Download PNGs (with parameters)")
 
     def job(records, call: Call):
-        s, options, more, image_prompt, base_name = records[len(units) :]
-        chosen = [replace(u, **o) for u, o in zip(records[: len(units)], options) if u is not None]
+        s, options, more, image_prompt, base_name, models = records[len(units) :]
+        chosen = [replace(u, **o, **m) for u, o, m in zip(records[: len(units)], options, models) if u is not None]
         if not chosen:
             raise InputError("Enable at least one ControlNet.")
         return generated(studio, call, chosen, s, more, base_name, image_prompt)
 
-    tab_endpoints(studio, "multi", Form(*units, settings, UnitOptionsPanel(units), extras, ip, base), job,
+    tab_endpoints(studio, "multi", Form(*units, settings, UnitOptionsPanel(units), extras, ip, base,
+                                        ControlModelPanel(units)), job,
                   [gallery, status, files], run, stop, "Multi: pictures controlled by up to three ControlNets at once "
-                  "(each unit's parameters end with _1, _2, _3; a unit switched off may leave its values null).")  # fmt: skip
+                  "(each unit's parameters end with _1, _2, _3; a unit switched off may leave its values null; each "
+                  "unit's control model file and effective region come last and may be left out).")  # fmt: skip
     return Receivers("multi", "Multi", settings, units)
 
 
@@ -172,7 +183,7 @@ def picture_prompt_tab(studio: Studio, base: BasePanel) -> None:
     with gr.Row():
         with gr.Column():
             settings = settings_panel(studio, None, key="image_prompt")
-            ip = image_prompt_panel(studio, "image_prompt", open_=True)
+            ips = image_prompt_slots(studio, "image_prompt", IMAGE_PROMPT_SLOTS)
             with gr.Accordion("Reference (reference_only, no weights needed)", open=True):
                 ref = reference_panel("image_prompt")
             extras = pass_panel(None, "image_prompt", settings, studio.models_dir)
@@ -181,12 +192,14 @@ def picture_prompt_tab(studio: Studio, base: BasePanel) -> None:
             files = gr.Files(label="Download PNGs (with parameters)")
 
     def job(records, call: Call):
-        image_prompt, reference, s, more, base_name = records
-        return generated(studio, call, [], s, more, base_name, image_prompt, reference)
+        *prompts, reference, s, more, base_name = records
+        given = [p for p in prompts if p is not None]
+        return generated(studio, call, [], s, more, base_name, given, reference)
 
-    tab_endpoints(studio, "image_prompt", Form(ip, ref, settings, extras, base), job, [gallery, status, files], run,
-                  stop, "Image prompt: pictures from the prompt and a picture, no ControlNet (an IP-Adapter image "
-                  "prompt, a reference, or both).")  # fmt: skip
+    tab_endpoints(studio, "image_prompt", Form(*ips, ref, settings, extras, base), job, [gallery, status, files], run,
+                  stop, "Image prompt: pictures from the prompt and pictures, no ControlNet (IP-Adapter image "
+                  "prompts, each with an optional region mask; the second slot's parameters end with _2; a "
+                  "reference; or both).")  # fmt: skip
 
 
 def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | None = (3600, 86400)) -> gr.Blocks:
@@ -241,15 +254,16 @@ def sizes_follow_base(studio: Studio, base: BasePanel, receivers: list[Receivers
 
 
 def refresh_lists(studio: Studio, demo: gr.Blocks, base: BasePanel, button: gr.Button) -> None:
-    """The Refresh button: the models folder read again (bases, LoRAs, VAEs, embeddings) into every list on the page,
-    without a restart; the choices made stay where they still exist."""
+    """The Refresh button: the models folder read again (bases, control models, LoRAs, VAEs, embeddings) into every
+    list on the page, without a restart; the choices made stay where they still exist."""
     tagged = lambda cls: [b for b in demo.blocks.values() if cls in (getattr(b, "elem_classes", None) or [])]  # noqa: E731
-    loras, vaes = tagged(LORA_LIST), tagged(VAE_LIST)
+    loras, vaes, controls = tagged(LORA_LIST), tagged(VAE_LIST), tagged(CONTROL_LIST)
 
     def do_refresh():
         lists = studio.refresh_models()
         gr.Info(f"Found {lists.summary}.")
         return (gr.update(choices=lists.bases), *[gr.update(choices=lists.loras, visible=bool(lists.loras)) for _ in loras],
-                *[gr.update(choices=[VAE_FROM_CHECKPOINT, *lists.vaes]) for _ in vaes])  # fmt: skip
+                *[gr.update(choices=[VAE_FROM_CHECKPOINT, *lists.vaes]) for _ in vaes],
+                *[gr.update(choices=[OWN_MODEL, *lists.control_models]) for _ in controls])  # fmt: skip
 
-    button.click(friendly(studio)(do_refresh), None, [base.choice, *loras, *vaes], api_name="refresh_models")
+    button.click(friendly(studio)(do_refresh), None, [base.choice, *loras, *vaes, *controls], api_name="refresh_models")

@@ -10,6 +10,7 @@ import annotators
 from cldm.hints.conditions import ADDED_PROMPT, NEGATIVE_PROMPT, Condition
 from cldm.io.locate import IP_ADAPTERS, VAE_FROM_CHECKPOINT, list_loras, list_vaes
 from cldm.sampling.samplers import SAMPLER_LABELS, SAMPLERS
+from studio.control_models import OWN_MODEL
 from studio.forms import ImagePromptPanel, PassPanel, ReferencePanel, SettingsPanel, UnitPanel
 from studio.service import (
     CONTROL_MODES,
@@ -25,7 +26,7 @@ from studio.settings import MAX_UI_STEPS
 MAX_UI_SIZE = 1024  # the width/height sliders' top (a hires pass may double it)
 
 # The model lists the Refresh button fills again (found in the built page by these classes).
-LORA_LIST, VAE_LIST = "cldm-lora-list", "cldm-vae-list"
+LORA_LIST, VAE_LIST, CONTROL_LIST = "cldm-lora-list", "cldm-vae-list", "cldm-control-list"
 
 
 def upload_image(**kwargs) -> gr.Image:
@@ -121,8 +122,13 @@ def unit_panel(
     # a Multi panel's choices follow its condition in the browser; API callers may name any preprocessor of it
     # the handler checks the name (and says so, escaped) rather than Gradio's unescaped "not in the list of choices"
     start = studio.tabs[first.key].preprocessor  # one that runs here (availability.py)
-    preprocessor = gr.Dropdown(list(first.preprocessors), value=start, label="Preprocessor",
-                            allow_custom_value=True)  # fmt: skip
+    with gr.Row():
+        preprocessor = gr.Dropdown(list(first.preprocessors), value=start, label="Preprocessor",
+                                   allow_custom_value=True)  # fmt: skip
+        # the A1111 extension's Model list: the condition's own ControlNet, or any control model file of the models
+        # folder (the Refresh button reads it again; the handler checks the name)
+        model = gr.Dropdown([OWN_MODEL, *studio.control_models()], value=OWN_MODEL, label="Model",
+                            allow_custom_value=True, elem_classes=[CONTROL_LIST])  # fmt: skip
     # detection at the picture size by default (512 for SD1.5; the demo model's canny edges were found at 64 px)
     # pixel perfect (on by default) sets the resolution from the picture: the slider is greyed out while it is on
     resolution = gr.Slider(64, 1024, value=studio.size, step=64, label="Preprocessor resolution", interactive=False,
@@ -141,12 +147,15 @@ def unit_panel(
     with gr.Row():
         resize = gr.Radio(list(RESIZE_MODES), value="Crop and Resize", label="Resize mode")
         perfect = gr.Checkbox(value=True, label="Pixel perfect (preprocessor resolution from the picture and size)")
+    with gr.Accordion("Effective region (optional)", open=False):
+        region = upload_image(label="Region: white where this unit acts, black where it does not",
+                              sources=["upload", "clipboard"])  # fmt: skip
     perfect.change(lambda on: gr.update(interactive=not on), perfect, resolution, queue=False, api_name=False)
     keys = list(params)
     preprocessor.change(lambda a: [gr.update(visible=k[0] == a) for k in keys], preprocessor, [params[k] for k in keys],
                      api_name=False)  # fmt: skip
     return UnitPanel(image, preprocessor, resolution, scale, start, end, params, cond=first if len(conds) == 1 else None,
-                     mode=mode, resize=resize, pixel_perfect=perfect)  # fmt: skip
+                     mode=mode, resize=resize, pixel_perfect=perfect, model=model, region=region)  # fmt: skip
 
 
 def pass_panel(cond: Condition | None, key: str, settings: SettingsPanel, models_dir: str | None = None) -> PassPanel:
@@ -187,6 +196,28 @@ def image_prompt_panel(studio: Studio, key: str, open_: bool = False) -> ImagePr
             adapter = gr.Dropdown(list(IP_ADAPTERS), value=IP_ADAPTERS[0], label="IP-Adapter", allow_custom_value=True)
             scale = gr.Slider(0.0, 2.0, value=0.6, step=0.05, label="Image prompt strength", elem_id=f"{key}-ip-scale")
     return ImagePromptPanel(image, adapter, scale)
+
+
+def image_prompt_slots(studio: Studio, key: str, slots: int) -> list[ImagePromptPanel]:
+    """Several image prompts (IP-Adapters), each with its picture, adapter, strength and region mask; the first
+    slot's names and element ids are those of `image_prompt_panel`, the others' end with _2, _3 (-2, -3)."""
+    panels = []
+    for i in range(slots):
+        tag, el = ("", "") if i == 0 else (f"_{i + 1}", f"-{i + 1}")
+        with gr.Accordion(f"Image prompt {i + 1} (IP-Adapter)", open=i == 0, elem_id=f"{key}-ip{el}"):
+            with gr.Row():
+                image = upload_image(
+                    label="Image prompt", sources=["upload", "clipboard"], elem_id=f"{key}-ip-image{el}"
+                )
+                mask = upload_image(label="Region (optional): white where it acts", sources=["upload", "clipboard"],
+                                    elem_id=f"{key}-ip-mask{el}")  # fmt: skip
+            with gr.Row():
+                adapter = gr.Dropdown(list(IP_ADAPTERS), value=IP_ADAPTERS[0], label="IP-Adapter",
+                                      allow_custom_value=True)  # fmt: skip
+                scale = gr.Slider(0.0, 2.0, value=0.6, step=0.05, label="Image prompt strength",
+                                  elem_id=f"{key}-ip-scale{el}")  # fmt: skip
+        panels.append(ImagePromptPanel(image, adapter, scale, mask, tag))
+    return panels
 
 
 def reference_panel(key: str) -> ReferencePanel:

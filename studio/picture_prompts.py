@@ -3,6 +3,11 @@ reference."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
 from cldm.errors import InputError
 from cldm.io import locate
 from cldm.pipeline.request import ImagePrompt, ReferenceUnit
@@ -27,7 +32,16 @@ def image_prompt(
                          f"choose {', '.join(own) if own else 'none (no IP-Adapter is published for it)'}.")  # fmt: skip
     adapter = locate.locate_ip_adapter(ip.adapter, models_dir)
     encoder = locate.locate_image_encoder(models_dir, locate.image_encoder_folder(ip.adapter))
-    return ImagePrompt(str(adapter), (img,), str(encoder), float(ip.scale))
+    region = editor_image(ip.mask)  # grey as diffusers' mask processor reads a colour picture
+    mask = None if region is None else np.asarray(Image.fromarray(region).convert("L"))
+    return ImagePrompt(str(adapter), (img,), str(encoder), float(ip.scale), mask=mask)
+
+
+def image_prompts(
+    ips: Sequence[ImagePromptSettings], models_dir: str | None, family: str | None = None
+) -> tuple[ImagePrompt, ...]:
+    """The slots' image prompts, in order; slots without a picture are left out."""
+    return tuple(p for p in (image_prompt(ip, models_dir, family) for ip in ips) if p is not None)
 
 
 def reference(ref: ReferenceSettings | None) -> ReferenceUnit | None:

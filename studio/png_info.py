@@ -1,5 +1,5 @@
 """The PNG info tab: drop a PNG made by this app or by A1111, see its parameters, and send them to a tab (prompt,
-negative prompt, sampler, steps, CFG, seed, size and each ControlNet unit)."""
+negative prompt, sampler, steps, CFG, seed, size and each ControlNet unit with its control model)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import gradio as gr
 from cldm.errors import InputError
 from cldm.hints.conditions import CONDITIONS, Condition
 from cldm.io.images import read_parameters
+from cldm.models.family import FAMILIES
 from cldm.pipeline.infotext import Infotext, UnitInfo, parse_parameters
 from cldm.pipeline.request import stem
+from studio.control_models import OWN_MODEL
 from studio.forms import SettingsPanel, UnitPanel
 from studio.handlers import friendly
 from studio.service import Studio
@@ -32,10 +34,11 @@ class Receivers:
 
     @property
     def outputs(self) -> list:
+        """The settings, each unit's fields, then each unit's Model list (last, as the tab's form takes it)."""
         out = [self.settings.widgets[k] for k in SETTINGS_SENT]
         for u in self.units:
             out += ([u.enabled, u.choice] if u.choice is not None else []) + [getattr(u, k) for k in UNIT_SENT]
-        return out
+        return out + [u.model for u in self.units]
 
 
 def match_condition(model: str) -> Condition | None:
@@ -98,20 +101,33 @@ def _unit_values(panel: UnitPanel, u: UnitInfo | None, cond: Condition | None) -
     ]  # fmt: skip
 
 
-def send_values(info: Infotext, r: Receivers) -> list:
-    """The values for `r.outputs` (gr.skip() where the picture says nothing); InputError naming the first value
-    outside its widget's range."""
+def model_choice(u: UnitInfo | None, cond: Condition | None, names: list[str]):
+    """The Model list's value for a unit of the PNG: the listed file it names (by stem, as A1111 writes it), else
+    the condition's own ControlNet (also when the file is not here); gr.skip() when the PNG has no such unit."""
+    if u is None:
+        return gr.skip()
+    own = {w.stem for f in FAMILIES if cond is not None and (w := cond.weights(f)) is not None}
+    if u.model in own:
+        return OWN_MODEL
+    return next((n for n in names if stem(n) == u.model), OWN_MODEL)
+
+
+def send_values(info: Infotext, r: Receivers, names: list[str]) -> list:
+    """The values for `r.outputs` (gr.skip() where the picture says nothing), the units' models found among the
+    Model list's `names`; InputError naming the first value outside its widget's range."""
     w = r.settings.widgets
     values = [info.prompt, info.negative_prompt, info.sampler or gr.skip(), _checked(w["steps"], info.steps, "Steps"),
               _checked(w["cfg"], info.cfg_scale, "CFG scale"), _checked(w["seed"], info.seed, "Seed"),
               False if info.seed is not None else gr.skip(), _checked(w["width"], info.width, "width"),
               _checked(w["height"], info.height, "height"),
               _checked(w["denoise"], info.denoising_strength, "Denoising strength")]  # fmt: skip
+    models = []
     for i, panel in enumerate(r.units):
         u = info.units[i] if i < len(info.units) else None
         cond = (match_condition(u.model) if u is not None else None) if panel.cond is None else panel.cond
         values += _unit_values(panel, u, cond)
-    return values
+        models.append(model_choice(u, cond, names))
+    return values + models
 
 
 def suggested_tab(info: Infotext) -> str:
@@ -166,7 +182,7 @@ def png_info_tab(studio: Studio, receivers: list[Receivers], tabs: TabBars) -> N
         _, info = infotext(path)
         values = []
         for r in receivers:
-            values += send_values(info, r) if r.key == key else [gr.skip()] * len(r.outputs)
+            values += send_values(info, r, studio.control_models()) if r.key == key else [gr.skip()] * len(r.outputs)
         return [*values, *tabs.select(key)]
 
     png.change(do_read, png, [fields, raw, target], api_name="png_info_read")

@@ -12,7 +12,7 @@ import re
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,7 +33,8 @@ from cldm.runtime.manager import ModelManager
 from cldm.sampling.samplers import SAMPLERS, sampler_class
 from studio.availability import choose_base, controlnet_problem, tab_states  # noqa: F401 (choose_base: read here too)
 from studio.canvas import editor_image, inpaint_hint
-from studio.picture_prompts import image_prompt, reference
+from studio.control_models import control_model_names, control_type, model_path, region_mask
+from studio.picture_prompts import image_prompts, reference
 from studio.settings import (  # noqa: F401 (the records app.py and forms.py read through here)
     CONTROL_MODES,
     INPAINT_MODES,
@@ -125,14 +126,18 @@ class Studio:
         return self.bases[name]
 
     def refresh_models(self) -> ModelLists:
-        """The models folder read again, as A1111's refresh buttons do: new or removed bases, LoRAs and VAEs show in
-        the lists, and the embeddings folder is read again. Nothing loaded is dropped."""
+        """The models folder read again, as A1111's refresh buttons do: new or removed bases, control models, LoRAs
+        and VAEs show in the lists, and the embeddings folder is read again. Nothing loaded is dropped."""
         self.bases = self._find_bases(next(iter(self.bases.values())))
         refused = self.manager.reload_embeddings()
         lists = ModelLists(list(self.bases), locate.list_loras(self.models_dir), locate.list_vaes(self.models_dir),
-                           self.manager.embedding_count, refused)  # fmt: skip
+                           self.manager.embedding_count, refused, self.control_models())  # fmt: skip
         log.info("model lists refreshed: %s", lists.summary)
         return lists
+
+    def control_models(self) -> list[str]:
+        """The files a unit's Model list offers besides the condition's own ControlNet (by name, never read here)."""
+        return control_model_names(self.models_dir, self.bases.values())
 
     # ------------------------------------------------------------------------------------------------ messages
     def public(self, message: str) -> str:
@@ -237,19 +242,17 @@ class Studio:
 
     def _control(self, unit: UnitSettings, s: Settings, progress: Progress, extras: PassSettings | None = None,
                  family: str = "SD1.5"):  # fmt: skip
-        """(ControlUnit, the hint to show, init picture, mask, strength) for one unit, with the condition's
-        ControlNet for a base of `family`."""
+        """(ControlUnit, the hint to show, init picture, mask, strength) for one unit, with its picked control model
+        or else the condition's ControlNet for a base of `family`."""
         cond = unit.cond
-        problem = controlnet_problem(cond, self.card, family)
-        if problem:
+        if unit.model is None and (problem := controlnet_problem(cond, self.card, family)):
             raise InputError(problem)
         img = editor_image(unit.image)
         if img is None:
             raise InputError(f"{cond.label}: upload an image (or draw on the canvas) first.")
-        # the ControlNet before the hint: a missing one is said at once (offline: without the network), before a
+        # the model before the hint: a missing one is said at once (offline: without the network), before a
         # preprocessor spends any time
-        weights = cond.weights(family)
-        path = locate.locate_controlnet(weights.stem, weights.repo, self.models_dir, weights.file)
+        path = model_path(unit, family, self.models_dir)
         progress(0, desc=f"{cond.label}: preparing the hint")
         init, mask, strength = None, None, None
         w, h = int(s.width), int(s.height)
@@ -264,17 +267,19 @@ class Studio:
                 init, strength = picture, float(s.denoise)  # img2img on any tab
         shown = hint if isinstance(hint, np.ndarray) else (hint[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy()
         res = None if cond.inpaint or unit.preprocessor == PREPROCESSOR_NONE else unit.detection_resolution(img, (w, h))
+        preprocessor = "" if cond.inpaint else unit.preprocessor
         control = ControlUnit(
             str(path), hint, unit.scale, unit.start, unit.end, cond.global_average_pooling or None, mode=unit.mode,
-            resize_mode=unit.resize_mode, preprocessor="" if cond.inpaint else unit.preprocessor, processor_res=res,
-            pixel_perfect=unit.pixel_perfect,
+            resize_mode=unit.resize_mode, preprocessor=preprocessor, processor_res=res,
+            pixel_perfect=unit.pixel_perfect, mask=region_mask(unit), control_type=control_type(unit, preprocessor),
         )  # fmt: skip
         return control, shown, init, mask, strength
 
     # --------------------------------------------------------------------------------------------- generate
     def request(self, units: list[UnitSettings], s: Settings, seed: int, progress: Progress,
-                ip: ImagePromptSettings | None = None, ref: ReferenceSettings | None = None,
-                extras: PassSettings | None = None, family: str | None = None):  # fmt: skip
+                ip: ImagePromptSettings | Sequence[ImagePromptSettings] | None = None,
+                ref: ReferenceSettings | None = None, extras: PassSettings | None = None,
+                family: str | None = None):  # fmt: skip
         """(GenerationRequest, hints to show, a note for the status line) for these units and settings, with the
         ControlNets of the base's `family` (default: the loaded base's)."""
         controls, shown, init, mask, strength, resize = [], [], None, None, 1.0, "crop"
@@ -302,20 +307,21 @@ class Studio:
             seed=seed, width=int(s.width), height=int(s.height), batch=int(s.batch),
             clip_skip=(int(extras.clip_skip) if extras is not None and extras.clip_skip else None)
             or max([1, *(u.cond.clip_skip for u in units)]), init_image=init, strength=strength, mask=mask,
-            image_prompt=image_prompt(ip, self.models_dir, family), reference=reference(ref), resize_mode=resize, loras=loras,
+            image_prompts=image_prompts([ip] if isinstance(ip, ImagePromptSettings) else ip or [], self.models_dir,
+                                        family), reference=reference(ref), resize_mode=resize, loras=loras,
             vae=None if extras is None or extras.vae in ("", locate.VAE_FROM_CHECKPOINT) else str(
                 locate.locate_vae(extras.vae, self.models_dir)),
             **({} if extras is None else dict(
                 mask_blur=float(extras.mask_blur), inpaint_mode=extras.inpaint_mode, hires=extras.hires_fix,
                 seed_per_picture=bool(extras.seed_per_picture))),
         )  # fmt: skip
-        if not units and request.image_prompt is None and request.reference is None:
+        if not units and not request.all_image_prompts and request.reference is None:
             raise InputError("Give a picture: an image prompt or a reference.")
         return request, shown, note
 
     def generate(self, units: list[UnitSettings], s: Settings, progress: Progress,
-                 ip: ImagePromptSettings | None = None, ref: ReferenceSettings | None = None,
-                 session: str | None = None, extras: PassSettings | None = None,
+                 ip: ImagePromptSettings | Sequence[ImagePromptSettings] | None = None,
+                 ref: ReferenceSettings | None = None, session: str | None = None, extras: PassSettings | None = None,
                  preview: Callable[[np.ndarray], None] | None = None, base: str | None = None,
                  sent_at: float | None = None):  # fmt: skip
         """Run one request: (gallery items: hints then pictures, status line, PNG files with their parameters).
@@ -354,8 +360,8 @@ class Studio:
         self._prune_outputs()
         t = result.timings
         names = ", ".join(str(u.model).rstrip("/").split("/")[-1] for u in request.units) or "none"
-        if request.image_prompt is not None:
-            names += f" | IP-Adapter: {request.image_prompt.label} ({request.image_prompt.scale:g})"
+        for p in request.all_image_prompts:
+            names += f" | IP-Adapter: {p.label} ({p.scale:g})" + (" in its region" if p.mask is not None else "")
         if request.reference is not None:
             names += f" | reference: {request.reference.mode}"
         if request.vae is not None:

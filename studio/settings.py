@@ -38,6 +38,8 @@ class UnitSettings:
     mode: ControlMode = ControlMode.BALANCED
     resize_mode: ResizeMode = ResizeMode.CROP  # how the picture becomes the picture size (`cldm.pipeline.fit`)
     pixel_perfect: bool = False  # the preprocessor resolution from the picture and the target size
+    model: str | None = None  # a control model file of the models folder by name; None: the condition's own
+    region: object = None  # the effective region: a picture, white where the unit acts; None: everywhere
 
     def detection_resolution(self, img: np.ndarray, size: tuple[int, int]) -> int:
         """The slider's resolution, or with pixel perfect the extension's for a picture of `size` (width, height),
@@ -81,11 +83,13 @@ class PassSettings:
 
 @dataclass(frozen=True)
 class ImagePromptSettings:
-    """The Image prompt accordion: a picture, which IP-Adapter (a `weights.IP_ADAPTERS` name) and its strength."""
+    """One image-prompt slot: a picture, which IP-Adapter (a `weights.IP_ADAPTERS` name), its strength and its
+    region mask."""
 
     image: object  # a file path or an array; None: no image prompt
     adapter: str = SD15.ip_adapters[0]
     scale: float = 0.6
+    mask: object = None  # a picture, white where the image prompt acts; None: everywhere
 
 
 @dataclass(frozen=True)
@@ -145,10 +149,11 @@ class ModelLists:
     vaes: list[str]
     embeddings: int  # loaded
     refused_embeddings: dict[str, str]
+    control_models: list[str] = field(default_factory=list)
 
     @property
     def summary(self) -> str:
-        parts = [f"{len(self.bases)} base models", f"{len(self.loras)} LoRAs", f"{len(self.vaes)} VAEs",
-                 f"{self.embeddings} embeddings"]  # fmt: skip
+        parts = [f"{len(self.bases)} base models", f"{len(self.control_models)} control models",
+                 f"{len(self.loras)} LoRAs", f"{len(self.vaes)} VAEs", f"{self.embeddings} embeddings"]  # fmt: skip
         refused = "; ".join(f"{n}: {why}" for n, why in self.refused_embeddings.items())
         return ", ".join(parts) + (f" (left out: {refused})" if refused else "")

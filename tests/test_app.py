@@ -29,6 +29,7 @@ def square(tmp_path):
     return str(path)
 
 
+NO_SLOT_2 = [None, None, "ip-adapter_sd15", 0.6, None]  # the Image prompt tab: slot 1 unmasked, slot 2 empty
 PASS = dict(init_image=None, mask_blur=0.0, inpaint_mode="Only the painted area (inpaint_only)", hires=False,
             hires_scale=2.0, hires_steps=0, hires_strength=0.7, hires_upscaler="Latent", seed_per_picture=True,
             preview_every=0, clip_skip=0, vae="From the checkpoint")  # fmt: skip
@@ -361,17 +362,17 @@ def test_image_prompt_accordion_and_tab(client, square, tmp_path):
     assert 'IP-Adapter: "Model: ip-adapter_sd15, Weight: 1.0' in Image.open(with_ip[2][0]).text["parameters"]
     settings = list(SETTINGS.values())
     # the Image prompt tab: IP-Adapter only, reference only, both; no ControlNet
-    ip_only = client.predict(style, "ip-adapter_sd15", 0.8, None, "reference_only", 0.5, 1.0, *settings,
+    ip_only = client.predict(style, "ip-adapter_sd15", 0.8, *NO_SLOT_2, None, "reference_only", 0.5, 1.0, *settings,
                              *PASS.values(), None, api_name="/image_prompt_generate")  # fmt: skip
     assert "ControlNet: none | IP-Adapter" in ip_only[1] and len(ip_only[2]) == 1
-    ref_only = client.predict(None, "ip-adapter_sd15", 0.8, style, "reference_adain+attn", 0.5, 1.0, *settings,
+    ref_only = client.predict(None, "ip-adapter_sd15", 0.8, *NO_SLOT_2, style, "reference_adain+attn", 0.5, 1.0, *settings,
                               *PASS.values(), None, api_name="/image_prompt_generate")  # fmt: skip
     assert "reference: adain+attn" in ref_only[1]
-    both = client.predict(style, "ip-adapter_sd15", 0.8, style, "reference_only", 1.0, 1.0, *settings,
+    both = client.predict(style, "ip-adapter_sd15", 0.8, *NO_SLOT_2, style, "reference_only", 1.0, 1.0, *settings,
                           *PASS.values(), None, api_name="/image_prompt_generate")  # fmt: skip
     assert "IP-Adapter" in both[1] and "reference: only" in both[1]
     with pytest.raises(Exception, match="Give a picture"):
-        client.predict(None, "ip-adapter_sd15", 0.8, None, "reference_only", 0.5, 1.0, *settings,
+        client.predict(None, "ip-adapter_sd15", 0.8, *NO_SLOT_2, None, "reference_only", 0.5, 1.0, *settings,
                        *PASS.values(), None, api_name="/image_prompt_generate")  # fmt: skip
     with pytest.raises(
         Exception, match=r"ip-adapter-plus_sd15.*not on this machine.*ip-adapter-plus_sd15\.safetensors"
@@ -382,6 +383,7 @@ def test_image_prompt_accordion_and_tab(client, square, tmp_path):
             None,
             "ip-adapter_sd15",
             0.8,
+            *NO_SLOT_2,
             style,
             "<i>x</i>",
             0.5,
@@ -505,7 +507,7 @@ def test_each_tab_has_one_labelled_endpoint_set(client):
         assert "guess_mode" not in names, name
     canny = [p["parameter_name"] for p in api["/canny_generate"]["parameters"]]
     assert canny[:8] == ["image", "preprocessor", "resolution", "scale", "start", "end", "canny_low_threshold",
-                         "canny_high_threshold"] and canny[-1] == "base"  # fmt: skip
+                         "canny_high_threshold"] and canny[-3:] == ["base", "control_model", "region"]  # fmt: skip
     hint = [p["parameter_name"] for p in api["/canny_hint"]["parameters"]]
     assert hint[-5:] == ["width", "height", "control_mode", "resize_mode", "pixel_perfect"]
     multi = [p["parameter_name"] for p in api["/multi_generate"]["parameters"]]

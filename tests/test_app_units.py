@@ -315,7 +315,9 @@ def test_refresh_model_lists_without_a_restart(client, running_app, tmp_path):
         assert [c[0] for c in bases["choices"]] == [start, "late.safetensors", "other.safetensors"]
         lora_lists = [u for u in lists if ["late_ink", "late_ink"] in u["choices"]]
         vae_lists = [u for u in lists if ["late_vae.safetensors", "late_vae.safetensors"] in u["choices"]]
-        assert min(len(lora_lists), len(vae_lists)) >= 10 and len(lists) == len(lora_lists) + len(vae_lists)  # all tabs
+        control_lists = [u for u in lists if u["choices"][0][0] == "The condition's own"]  # each unit's Model list
+        assert min(len(lora_lists), len(vae_lists)) >= 10  # all tabs
+        assert len(lists) == len(lora_lists) + len(vae_lists) + len(control_lists)
         assert all(u["visible"] for u in lora_lists)
         _, status, pics = client.predict(*args, "late.safetensors", api_name="/canny_generate")
         assert "Base: late.safetensors" in status
@@ -352,20 +354,20 @@ def test_refresh_lists_what_the_folder_holds(tiny_dirs, tmp_path):
     lists = studio.refresh_models()
     assert lists.loras == ["a"] and lists.vaes == ["v.safetensors"] and lists.bases == [Path(str(tiny_dirs[0])).name]
     assert lists.embeddings == 0 and "bad" in lists.refused_embeddings
-    assert "1 base models, 1 LoRAs, 1 VAEs, 0 embeddings (left out: bad:" in lists.summary
+    assert "1 base models, 0 control models, 1 LoRAs, 1 VAEs, 0 embeddings (left out: bad:" in lists.summary
 
 
 def test_image_prompt_tab_names_its_base_and_takes_img2img(client, running_app, tmp_path):
     """The Image prompt tab's Generate sends what every tab sends: the img2img / hires panel and the base model."""
     from gradio_client import handle_file
-    from test_app import PASS
+    from test_app import NO_SLOT_2, PASS
 
     rng = np.random.default_rng(3)
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "style.png")
     style = handle_file(str(tmp_path / "style.png"))
     settings = list(SETTINGS.values())
     start = Path(running_app[1].base_path).name
-    head = [style, "ip-adapter_sd15", 0.8, None, "reference_only", 0.5, 1.0, *settings]
+    head = [style, "ip-adapter_sd15", 0.8, *NO_SLOT_2, None, "reference_only", 0.5, 1.0, *settings]
     try:
         _, status, pics = client.predict(*head, *dict(PASS, init_image=style).values(), "other.safetensors",
                                          api_name="/image_prompt_generate")  # fmt: skip

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from cldm.errors import InputError
 from cldm.pipeline.request import MAX_BATCH
+from cldm.pipeline.union import ControlType
 from cldm.pipeline.vocabulary import Choice, ControlMode, ResizeMode
 from cldm.scale.rows import iter_rows
 
@@ -52,14 +53,17 @@ SETTINGS: dict[str, tuple[type, object]] = {
     "pictures": (int, 1),  # pictures per row: seed, seed + 1, ... (one seed per picture)
     "init_image": (str, ""),
     "strength": (float, 1.0),
+    "control_type": (ControlType, None),  # a ControlNet Union's; None = the one the preprocessor names
+    "mask": (str, ""),  # the unit's effective region: a picture, white where it acts; "" = everywhere
 }
 ALIASES = {
     "negative": "negative_prompt", "control_scale": "scale", "control_start": "start", "control_end": "end",
     "cfg_scale": "cfg", "guidance": "cfg", "processor_res": "resolution", "preprocessor_resolution": "resolution",
     "denoising_strength": "strength", "denoise": "strength", "batch": "pictures", "picture": "image",
-    "module": "preprocessor", "model": "controlnet",
+    "module": "preprocessor", "model": "controlnet", "controlnet_mask": "mask", "region": "mask",
 }  # fmt: skip
-PATHS = ("hint", "image", "init_image")
+PATHS = ("hint", "image", "init_image", "mask")
+OPTIONAL = {"control_type": None, "mask": ""}  # left out of a row's fingerprint at these values (older rows' stay)
 # File names: `<id>.png` or `<id>-<i>.png`, and write_atomic's `.<name>.<pid>.<thread id>.part` beside it. 255
 # bytes is the name limit of common file systems; MAX_ID leaves room for `~<row>`, `-<i>.png` and those 35 bytes.
 MAX_ID = 120
@@ -99,6 +103,8 @@ class Job:
     pictures: int
     init_image: str
     strength: float
+    control_type: ControlType | None = None
+    mask: str = ""
     words: tuple[tuple[str, str], ...] = ()
 
     def fingerprint(self, base: str = "") -> str:
@@ -106,6 +112,9 @@ class Job:
         whose fingerprint changed."""
         d = {k: v.key if isinstance(v, Choice) else v for k, v in asdict(self).items()}  # the keys: stable names
         d.pop("row")
+        for name, unset in OPTIONAL.items():
+            if d[name] == unset:
+                d.pop(name)
         d["base"] = base
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

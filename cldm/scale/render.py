@@ -117,7 +117,8 @@ def prepare(job: Job, setup: Setup) -> Prepared:
     resolution = job.resolution or pixel_perfect(img, width, height, resize_mode)
     unit = ControlUnit(path, img, job.scale, job.start, job.end, pooling or None, mode=job.control_mode,
                        resize_mode=resize_mode, preprocessor=preprocessor, processor_res=resolution,
-                       pixel_perfect=not job.resolution)  # fmt: skip
+                       pixel_perfect=not job.resolution, mask=load_rgb(job.mask) if job.mask else None,
+                       control_type=job.control_type)  # fmt: skip
     request = GenerationRequest(
         prompt, negative, (unit,), steps=job.steps, cfg_scale=job.cfg, sampler=job.sampler, seed=job.seed,
         width=width, height=height, batch=job.pictures, clip_skip=job.clip_skip or clip_skip,
