@@ -159,7 +159,9 @@ def add_image_prompt_args(p: argparse.ArgumentParser) -> None:
                    "before")  # fmt: skip
     p.add_argument("--ip-image", **kw, metavar="PIC",
                    help="image prompt of the --ip-adapter before it (repeatable: features averaged)")  # fmt: skip
-    p.add_argument("--ip-scale", **kw, type=float, metavar="S", help="its strength (A1111's weight; default 1; 0 = off)")
+    p.add_argument(
+        "--ip-scale", **kw, type=float, metavar="S", help="its strength (A1111's weight; default 1; 0 = off)"
+    )
     p.add_argument("--ip-mask", **kw, metavar="PIC",
                    help="its region: a picture, white where it acts (resized to the output size)")  # fmt: skip
 
@@ -223,7 +225,9 @@ def request_from_args(a: argparse.Namespace, card: ModelCard | None = None) -> G
         raise InputError(f"unknown --preprocessor {', '.join(unknown)}; the preprocessors are: "
                          f"{', '.join(sorted(annotators.ANNOTATORS))}")  # fmt: skip
     resolutions = _per_control(a.processor_res, n, None, "--processor-res")
-    types = [None if t is None else ControlType.parse(t) for t in _per_control(a.control_type, n, None, "--control-type")]
+    types = [
+        None if t is None else ControlType.parse(t) for t in _per_control(a.control_type, n, None, "--control-type")
+    ]
     resolutions = [None if pre == PREPROCESSOR_NONE else res for pre, res in zip(preprocessors, resolutions)]
     masks = [None if m in (None, "none") else load_rgb(m)[..., 0]  # a grey picture: one channel
              for m in _per_control(a.controlnet_mask, n, None, "--controlnet-mask")]  # fmt: skip

@@ -96,7 +96,9 @@ class ControlUnit:
             out.append(f"{who}: need 0 <= start < end <= 1 (got start {self.start}, end {self.end})")
         out += [f"{who}: {p}" for p in _choice_problems(self, {"mode": ControlMode, "resize_mode": ResizeMode})]
         if self.control_type is not None and not isinstance(self.control_type, ControlType):
-            out.append(f"{who}: control_type must be one of {', '.join(ControlType.keys())} (got {self.control_type!r})")
+            out.append(
+                f"{who}: control_type must be one of {', '.join(ControlType.keys())} (got {self.control_type!r})"
+            )
         if not isinstance(self.model, (ControlNet, *T2I_ADAPTERS, str, os.PathLike)):
             out.append(
                 f"{who}: model must be a weight file, a folder, a ControlNet or a T2I-Adapter (got "
