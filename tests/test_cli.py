@@ -134,7 +134,7 @@ def test_an_unknown_preprocessor_is_refused_with_the_names(tmp_path, drawing, ca
     code = main(["generate", *_argv_tail(tmp_path, drawing), "--preprocessor", "cany"])
     err = capsys.readouterr().err
     assert code == 2 and "unknown --preprocessor cany" in err
-    assert "canny, depth_leres, depth_midas" in err and "scribble_sketch" in err  # the list to choose from
+    assert "canny, depth_anything_v2, " in err and "scribble_sketch" in err and "dw_openpose_full" in err  # the list
     assert not (tmp_path / "out.png").exists()
 
 
