@@ -18,6 +18,7 @@ def _bench(tmp_path, *extra) -> dict:
     return json.loads((tmp_path / "out" / "bench.json").read_text())
 
 
+@pytest.mark.integration  # the whole bench beside diffusers: ~11 s, kept out of the fast tier's 5 minutes
 def test_bench_runs_every_part_beside_diffusers(tmp_path):
     out = _bench(
         tmp_path, "--dtypes", "fp32", "bf16", "--parts", "peak", "step", "quality", "vae", "generate", "load", "switch"

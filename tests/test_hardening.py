@@ -149,6 +149,7 @@ def test_a_tiny_cache_never_drops_what_the_request_just_loaded(tiny_dirs, ours, 
     assert m.run(request).images.shape == (1, SIZE, SIZE, 3)  # and again, all three on the device
 
 
+@pytest.mark.integration  # 1000 sampler steps: ~10 s, kept out of the fast tier's 5 minutes
 def test_1000_steps_is_a_clear_message_not_an_index_error(ours):
     from cldm.pipeline.request import GenerationRequest
     from cldm.pipeline.stages import generate
