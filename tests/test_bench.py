@@ -53,6 +53,11 @@ def test_bench_runs_every_part_beside_diffusers(tmp_path):
     )
     if prepack.available():
         assert "a second manager with --no-prepack, the two stepping in turn" in table
+    from cldm.bench import openvino_step
+
+    if openvino_step.available():  # the second comparison, in pairs with ours
+        assert all(row["openvino"]["median_s"] > 0 and row["openvino_ratio"] > 0 for row in r["step"])
+        assert "| one step, OpenVINO" in table
 
 
 def test_the_same_weights_give_the_same_step(tmp_path):
@@ -97,6 +102,35 @@ def test_bench_memory_in_fresh_processes(tmp_path):
     assert all(row["peak_bytes"] > 50 * 1024**2 for row in rows)
     table = (tmp_path / "out" / "bench.md").read_text()
     assert "| ours | ours, --no-prepack | diffusers |" in table and "| fp32, 3 ControlNets |" in table
+
+
+@pytest.mark.integration  # OpenVINO's conversion takes ~10-30 s even for the tiny model
+def test_openvino_step_is_our_step(tmp_path):
+    """The OpenVINO row times the same function: its fp32 output equals our fp32 step's."""
+    from cldm.bench import measure, openvino_step
+
+    if not openvino_step.available():
+        pytest.skip("openvino is not installed (an optional dependency of the bench)")
+    paths = measure.write_models(tmp_path, tiny=True, controlnets=1)
+    sd, cn = measure.ours(paths, torch.device("cpu"), torch.float32, prepack_cpu=False)
+    ours = measure.our_step(sd, cn, 64)()
+    theirs = torch.from_numpy(next(iter(openvino_step.openvino_step(sd, cn, 64, torch.float32)().values())))
+    assert theirs.shape == ours.shape
+    assert (theirs - ours).abs().max() < 1e-3 * ours.abs().max()
+
+
+def test_padded_attention_counts_its_true_width():
+    """Narrow heads padded with zeros for the CPU kernel (bf16) compute the same attention, and the bench's count
+    is the unpadded one."""
+    import torch.nn.functional as F
+
+    from cldm.bench import measure
+    from cldm.models.attention import sdpa
+
+    q, k, v = (torch.randn(2, 8, 1024, 40).bfloat16() for _ in range(3))
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert (sdpa(q, k, v).float() - ref).abs().max() < 0.02  # bf16's own rounding
+    assert measure.step_flops(lambda: sdpa(q, k, v)) == measure.step_flops(lambda: F.scaled_dot_product_attention(q, k, v))
 
 
 def test_step_flops_count_the_cpu_attention_kernel():

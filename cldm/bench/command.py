@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from cldm.bench import family_models, family_run, measure
+from cldm.bench import family_models, family_run, measure, openvino_step
 from cldm.bench.progress import PartsBar, show
 from cldm.io import checkpoints
 from cldm.runtime.devices import DTYPES, cpu_has_bf16, resolve_device, resolve_dtype
@@ -62,6 +62,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         "--models", default=None, help="folder for the random weights (kept between runs); default: a temp folder"
     )
     p.add_argument("--no-diffusers", action="store_true", help="ours only")
+    p.add_argument("--no-openvino", action="store_true",
+                   help="leave out the OpenVINO step (measured on a CPU when the openvino package is installed)")  # fmt: skip
     p.add_argument(
         "--quick", action="store_true",
         help="one timed run (pair) after the warm-up unless --runs says otherwise; sdxl/sd2: the memory part for ours "
@@ -106,6 +108,11 @@ def run(a: argparse.Namespace) -> dict:
             if "step" in a.parts and measure.packs(d, device)
             else None
         )
+        # OpenVINO compiles our fp32 modules (unpacked) with the dtype's precision hint
+        fp32 = None
+        if "step" in a.parts and not a.no_openvino and device.type == "cpu" and openvino_step.available():
+            fp32 = (sd, cn) if dtype == torch.float32 and plain is None and not measure.packs(d, device) else (
+                measure.ours(paths, device, torch.float32, prepack_cpu=False))  # fmt: skip
         if "step" in a.parts:
             for size in a.sizes:
                 step = measure.our_step(sd, cn, size)
@@ -121,6 +128,10 @@ def run(a: argparse.Namespace) -> dict:
                 if plain_step is not None:
                     _, unpacked, ratio = measure.timed_pair(step, plain_step, device, a.runs)
                     row.update(ours_unpacked=unpacked.as_dict(), packed_ratio=ratio)
+                if fp32 is not None and (ov := openvino_step.openvino_step(*fp32, size, dtype)) is not None:
+                    _, theirs, ratio = measure.timed_pair(step, ov, device, a.runs)
+                    row.update(openvino=theirs.as_dict(), openvino_ratio=ratio)
+                    del ov
                 if "peak" in a.parts:  # this VM's speed drifts: the peak is the best seen, measured again here
                     again = measure.peak_matmul(device, dtype, n=256 if a.tiny else 2048)
                     res["peak_flops"][d] = max(res["peak_flops"].get(d, 0), again)
@@ -129,7 +140,7 @@ def run(a: argparse.Namespace) -> dict:
         if "vae" in a.parts:
             res.setdefault("vae", []).append(vae_row(sd, pipe, max(a.sizes), d, device, a.runs))
             show("vae", res["vae"][-1])
-        del sd, cn, pipe, plain
+        del sd, cn, pipe, plain, fp32
         gc.collect()
     later = {
         "quality": lambda: quality_row(paths, device, 64 if a.tiny else 256),

@@ -66,6 +66,15 @@ def markdown(out: dict) -> str:
             ratio = _pair_ratio(row.get("ratio"), ours, theirs)
             lines.append(f"| {row['size']} px {row['dtype']} | {_s(ours)} s | {_s(theirs)} s | {ratio} "
                          f"| {row['flops'] / 1e9:.0f} | {frac[0]} | {frac[1]} |")  # fmt: skip
+        compiled = [row for row in r["step"] if "openvino" in row]
+        if compiled:
+            lines += ["", "| one step, OpenVINO (our fp32 modules converted, its precision hint) | ours | OpenVINO "
+                      "| ours / OpenVINO | OpenVINO, % of peak |", "|---|---|---|---|---|"]  # fmt: skip
+            for row in compiled:
+                ours, theirs, p = row["ours"]["median_s"], row["openvino"]["median_s"], peak.get(row["dtype"])
+                frac = "-" if not p else f"{100 * row['flops'] / theirs / p:.0f}%"
+                lines.append(f"| {row['size']} px {row['dtype']} | {_s(ours)} s | {_s(theirs)} s "
+                             f"| {_pair_ratio(row.get('openvino_ratio'), ours, theirs)} | {frac} |")  # fmt: skip
         packed = [row for row in r["step"] if "ours_unpacked" in row]
         if packed:
             lines += ["", "Prepacked bf16 convolutions (cldm/prepack.py), ours with / without them (a second manager "
