@@ -5,7 +5,8 @@ A `ModelManager` holds the base model and loads ControlNets, LoRAs, IP-Adapters 
 seeds, timings). A request's parts:
 
 - `ControlUnit`: one ControlNet (weight file or folder, hint picture, weight, start/end, control and resize mode);
-- `ImagePrompt` (IP-Adapter), `ReferenceUnit` (reference-only), `LoraUnit` (a LoRA for this request), `HiresFix`;
+- `ImagePrompt` (IP-Adapter), `ReferenceUnit` (reference-only), `LoraUnit` (a LoRA for this request), `HiresFix`,
+  `FreeU` (its factors; each family's published ones are `ModelFamily.freeu`);
 - the choices, as enums whose values are A1111's labels: `ControlMode`, `ResizeMode`, `InpaintMode`, `Upscaler`,
   `Sampler`. `ModelFamily` says what a family of models is made of: `SD15`, `SD2` and `SDXL` are the ones this runs.
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from cldm.hints.fitted import fitted_hint
     from cldm.io.images import load_rgb, read_parameters, save_png
     from cldm.models.family import SD2, SD15, SDXL, ModelFamily
+    from cldm.models.freeu import FreeU
     from cldm.pipeline.extras import HiresFix, ImagePrompt, LoraUnit, ReferenceUnit
     from cldm.pipeline.request import ControlUnit, GenerationRequest
     from cldm.pipeline.stages import Result
@@ -46,6 +48,7 @@ _HOMES = {
     "ReferenceUnit": "cldm.pipeline.extras",
     "LoraUnit": "cldm.pipeline.extras",
     "HiresFix": "cldm.pipeline.extras",
+    "FreeU": "cldm.models.freeu",
     "Result": "cldm.pipeline.stages",
     "ControlMode": "cldm.pipeline.vocabulary",
     "ResizeMode": "cldm.pipeline.vocabulary",
@@ -70,6 +73,7 @@ __all__ = [
     "ReferenceUnit",
     "LoraUnit",
     "HiresFix",
+    "FreeU",
     "Result",
     "ControlMode",
     "ResizeMode",

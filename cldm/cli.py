@@ -11,6 +11,7 @@ from typing import TypeVar
 from tqdm import tqdm
 
 import annotators
+from cldm.adapters import few_step
 from cldm.adapters.lora import prompt_tags
 from cldm.errors import InputError, MissingWeightsError
 from cldm.hints.conditions import PREPROCESSOR_NONE
@@ -19,6 +20,7 @@ from cldm.io import checkpoints, files, identify, locate, writers
 from cldm.io.images import load_rgb, save_png
 from cldm.io.model_card import ModelCard, card_for
 from cldm.models.family import SD15
+from cldm.pipeline.guidance_options import add_guidance_args, guidance_from_args
 from cldm.pipeline.request import (
     ControlUnit,
     GenerationRequest,
@@ -75,7 +77,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         default="models",
         help="where <lora:name:weight> tags in --prompt are found (DIR/loras/name.safetensors)",
     )
-    p.add_argument("--vae", help="another VAE file or folder (e.g. vae-ft-mse-840000-ema-pruned.safetensors)")
+    p.add_argument("--vae", help="another VAE file or folder (e.g. vae-ft-mse-840000-ema-pruned.safetensors), or a "
+                   "TAESD for fast decoding (taesd_decoder.pth with its encoder beside it, or an AutoencoderTiny folder)")
     p.add_argument(
         "--embeddings",
         metavar="DIR",
@@ -83,11 +86,13 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-emphasis", action="store_true",
                    help="take the prompts literally (no A1111 (word:1.2) / [word] / BREAK syntax), as diffusers does")  # fmt: skip
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    few = " (default %s; a few-step LoRA's card's when one is given: LCM, TCD, Hyper-SD, Lightning)"
+    p.add_argument("--steps", type=int, default=None, help="sampling steps" + few % 20)
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale" + few % 7.5)
+    add_guidance_args(p)  # --cfg-rescale, --freeu, --pag-scale, --pag-layers
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="sampler" + few % "ddim")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic); TCD's gamma" + few % 0)
     p.add_argument("--clip-skip", type=int, default=1, help="1 = last CLIP layer; 2 = penultimate (anime models)")
     size_help = "picture {} in px (default: the model card's size, else the base's native size: 512 SD1.5, 1024 SDXL)"
     p.add_argument("--width", type=int, help=size_help.format("width"))
@@ -251,8 +256,9 @@ def request_from_args(a: argparse.Namespace, card: ModelCard | None = None) -> G
             loras.append(LoraUnit(spec))  # a path with a colon in it, no weight
     native = card.size if card else native_size(a.base)
     width, height = (native if v is None else v for v in (a.width, a.height))
+    steps, cfg, sampler, eta = sampling_settings(a, loras)
     return GenerationRequest(
-        prompt, a.negative_prompt, tuple(units), steps=a.steps, cfg_scale=a.cfg, sampler=a.sampler, eta=a.eta,
+        prompt, a.negative_prompt, tuple(units), steps=steps, cfg_scale=cfg, sampler=sampler, eta=eta,
         seed=a.seed, width=width, height=height, batch=a.batch, guess_mode=a.guess_mode,
         clip_skip=a.clip_skip, init_image=load_rgb(a.init_image) if a.init_image else None, strength=a.strength,
         mask=load_rgb(a.mask)[..., 0] if a.mask else None, image_prompt=prompts[0] if prompts else None,
@@ -261,7 +267,24 @@ def request_from_args(a: argparse.Namespace, card: ModelCard | None = None) -> G
         seed_per_picture=a.seed_per_picture, emphasis=not a.no_emphasis, loras=tuple(loras), vae=a.vae,
         hires=None if a.hires_scale is None else HiresFix(a.hires_scale, a.hires_steps, a.hires_strength,
                                                           Upscaler.parse(a.hires_upscaler)),
+        **guidance_from_args(a),
     )  # fmt: skip
+
+
+def sampling_settings(a: argparse.Namespace, loras: list[LoraUnit]) -> tuple[int, float, str, float]:
+    """Steps, guidance, sampler and eta: the ones given, else a few-step LoRA's card's (said on stderr), else the
+    defaults (20 steps of DDIM at guidance 7.5)."""
+    given = {"steps": a.steps, "cfg": a.cfg, "sampler": a.sampler, "eta": a.eta}
+    found = next(((u, p) for u in loras if (p := few_step.proposal_for(u.model)) is not None), None)
+    if found is not None and None in given.values():
+        unit, proposal = found
+        taken = {"steps": proposal.steps, "cfg": proposal.cfg_scale, "sampler": proposal.sampler, "eta": proposal.eta}
+        print(f"{proposal.text(Path(unit.model).name)}; using "
+              + ", ".join(f"--{k} {taken[k]}" for k, v in given.items() if v is None)
+              + " (give them to choose others)", file=sys.stderr)  # fmt: skip
+        given = {k: taken[k] if v is None else v for k, v in given.items()}
+    defaults = {"steps": 20, "cfg": 7.5, "sampler": "ddim", "eta": 0.0}
+    return tuple(defaults[k] if v is None else v for k, v in given.items())  # type: ignore[return-value]
 
 
 def with_hints(request: GenerationRequest, models_dir: str | None) -> GenerationRequest:

@@ -28,6 +28,7 @@ from studio.service import (
     UnitSettings,
     condition,
 )  # fmt: skip
+from studio.settings import GuidanceSettings
 
 
 class Form:
@@ -113,6 +114,7 @@ class SettingsPanel:
     """The shared generation settings: one widget per field of `studio.Settings`."""
 
     widgets: dict[str, gr.components.Component]
+    guidance: GuidancePanel | None = None  # rendered in the Settings accordion, taken last in the tab's form
 
     @property
     def named(self) -> dict:
@@ -359,6 +361,18 @@ class FieldsPanel:
 
     def read(self, it: Iterator) -> dict:
         return _take(it, list(self.widgets), self.optional)
+
+
+@dataclass
+class GuidancePanel(FieldsPanel):
+    """The sampling extras (eta / gamma, CFG rescale, FreeU, PAG), taken last in a tab's form so that the earlier
+    parameters keep their places: an API call may leave each out (then it is off)."""
+
+    def read(self, it: Iterator) -> GuidanceSettings:
+        given = {k: x for k, x in _take(it, list(self.widgets), tuple(self.widgets)).items() if x is not None}
+        _numbers(given, tuple(k for k in ("eta", "cfg_rescale", "pag_scale") if k in given))
+        _flags(given, tuple(k for k in ("freeu",) if k in given))
+        return GuidanceSettings(**given)
 
 
 NOTE_CLASS = "cldm-tab-note"  # launch.PAGE_CSS sets it off from the tab's widgets

@@ -116,24 +116,28 @@ def condition_tab(studio: Studio, cond: Condition, base: BasePanel) -> Receivers
         return studio.shown(studio.hint(replace(u, **options), size))
 
     def job(records, call: Call):
-        u, s, (options,), more, image_prompt, base_name, (model,) = records
-        return generated(studio, call, [replace(u, **options, **model)], s, more, base_name, image_prompt)
+        u, s, (options,), more, image_prompt, base_name, (model,), guidance = records
+        return generated(studio, call, [replace(u, **options, **model)], s, more, base_name, image_prompt,
+                         guidance=guidance)  # fmt: skip
 
     # each button sends everything the tab shows, by name
-    form = Form(unit, settings, UnitOptionsPanel([unit]), extras, ip, base, ControlModelPanel([unit]))
+    form = Form(
+        unit, settings, UnitOptionsPanel([unit]), extras, ip, base, ControlModelPanel([unit]), settings.guidance
+    )
     tab_endpoints(studio, cond.key, form, job, [gallery, status, files], run, stop, f"{cond.label}: pictures from the "
                   "prompt, controlled by the hint of the picture (the unit, the settings, its control options, "
                   "img2img / hires fix / preview, the image prompt, the base; then, optional, the control model file "
-                  "(null: the condition's own ControlNet) and the effective region).",
+                  "(null: the condition's own ControlNet), the effective region and the guidance extras (eta, cfg_rescale, "
+                  "freeu, pag_scale, pag_layers).",
                   hint=Hint(preview, Form(unit, size, UnitOptionsPanel([unit])), hint, hint_view))  # fmt: skip
     return Receivers(cond.key, cond.label, settings, [unit])
 
 
 def generated(studio: Studio, call: Call, units: list, s, more, base_name: str | None, image_prompt=None,
-              reference=None):  # fmt: skip
+              reference=None, guidance=None):  # fmt: skip
     """What a tab's Generate runs: `studio.generate` with the call's session, arrival, progress and previews."""
     return studio.generate(units, s, call.progress, image_prompt, reference, session=call.session, extras=more,
-                           preview=call.preview, base=base_name, sent_at=call.sent_at)  # fmt: skip
+                           preview=call.preview, base=base_name, sent_at=call.sent_at, guidance=guidance)  # fmt: skip
 
 
 def multi_tab(studio: Studio, base: BasePanel) -> Receivers:
@@ -164,17 +168,17 @@ def multi_tab(studio: Studio, base: BasePanel) -> Receivers:
             files = gr.Files(label="Download PNGs (with parameters)")
 
     def job(records, call: Call):
-        s, options, more, image_prompt, base_name, models = records[len(units) :]
+        s, options, more, image_prompt, base_name, models, guidance = records[len(units) :]
         chosen = [replace(u, **o, **m) for u, o, m in zip(records[: len(units)], options, models) if u is not None]
         if not chosen:
             raise InputError("Enable at least one ControlNet.")
-        return generated(studio, call, chosen, s, more, base_name, image_prompt)
+        return generated(studio, call, chosen, s, more, base_name, image_prompt, guidance=guidance)
 
     tab_endpoints(studio, "multi", Form(*units, settings, UnitOptionsPanel(units), extras, ip, base,
-                                        ControlModelPanel(units)), job,
+                                        ControlModelPanel(units), settings.guidance), job,
                   [gallery, status, files], run, stop, "Multi: pictures controlled by up to three ControlNets at once "
                   "(each unit's parameters end with _1, _2, _3; a unit switched off may leave its values null; each "
-                  "unit's control model file and effective region come last and may be left out).")  # fmt: skip
+                  "unit's control model file and effective region, then the guidance extras, come last and may be left out).")  # fmt: skip
     return Receivers("multi", "Multi", settings, units)
 
 
@@ -192,14 +196,15 @@ def picture_prompt_tab(studio: Studio, base: BasePanel) -> None:
             files = gr.Files(label="Download PNGs (with parameters)")
 
     def job(records, call: Call):
-        *prompts, reference, s, more, base_name = records
+        *prompts, reference, s, more, base_name, guidance = records
         given = [p for p in prompts if p is not None]
-        return generated(studio, call, [], s, more, base_name, given, reference)
+        return generated(studio, call, [], s, more, base_name, given, reference, guidance=guidance)
 
-    tab_endpoints(studio, "image_prompt", Form(*ips, ref, settings, extras, base), job, [gallery, status, files], run,
+    tab_endpoints(studio, "image_prompt", Form(*ips, ref, settings, extras, base, settings.guidance), job,
+                  [gallery, status, files], run,
                   stop, "Image prompt: pictures from the prompt and pictures, no ControlNet (IP-Adapter image "
                   "prompts, each with an optional region mask; the second slot's parameters end with _2; a "
-                  "reference; or both).")  # fmt: skip
+                  "reference; or both; the guidance extras last, optional).")  # fmt: skip
 
 
 def build_app(studio: Studio, banner: str = "", delete_cache: tuple[int, int] | None = (3600, 86400)) -> gr.Blocks:

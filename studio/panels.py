@@ -3,15 +3,19 @@ the handlers get the values back by name."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import gradio as gr
 import numpy as np
 
 import annotators
+from cldm.adapters import few_step
+from cldm.errors import InputError, MissingWeightsError
 from cldm.hints.conditions import ADDED_PROMPT, NEGATIVE_PROMPT, Condition
-from cldm.io.locate import IP_ADAPTERS, VAE_FROM_CHECKPOINT, list_loras, list_vaes
+from cldm.io.locate import IP_ADAPTERS, VAE_FROM_CHECKPOINT, list_loras, list_vaes, locate_lora
 from cldm.sampling.samplers import SAMPLER_LABELS, SAMPLERS
 from studio.control_models import OWN_MODEL
-from studio.forms import ImagePromptPanel, PassPanel, ReferencePanel, SettingsPanel, UnitPanel
+from studio.forms import GuidancePanel, ImagePromptPanel, PassPanel, ReferencePanel, SettingsPanel, UnitPanel
 from studio.service import (
     CONTROL_MODES,
     INPAINT_MODES,
@@ -50,8 +54,8 @@ def settings_panel(studio: Studio, cond: Condition | None, key: str = "") -> Set
     # the picker writes A1111's tag into the prompt (the models folder's loras/; the Refresh button reads it again)
     pick = gr.Dropdown(loras, value=None, label="Add a LoRA (<lora:name:weight> in the prompt)", visible=bool(loras),
                        elem_classes=[LORA_LIST])  # fmt: skip
-    pick.input(lambda name, text: f"{text.rstrip()} <lora:{name}:1>".strip() if name else text,
-               [pick, c["prompt"]], c["prompt"], queue=False, api_name=False)  # fmt: skip
+    # a few-step LoRA (LCM, TCD, Hyper-SD, Lightning) sets the sampler, steps and guidance its card asks for
+    note = gr.Markdown(visible=False, elem_id=f"{key}-lora-note")
     with gr.Accordion("Settings", open=False, elem_id=f"{key}-settings"):
         c["added_prompt"] = gr.Textbox(label="Added prompt", value=ADDED_PROMPT if d.quality_words else "")
         c["negative_prompt"] = gr.Textbox(label="Negative prompt", value=NEGATIVE_PROMPT if d.quality_words else "")
@@ -68,12 +72,43 @@ def settings_panel(studio: Studio, cond: Condition | None, key: str = "") -> Set
         with gr.Row():
             c["seed"] = gr.Number(value=12345, precision=0, minimum=0, maximum=MAX_SEED_INPUT, label="Seed")
             c["randomize"] = gr.Checkbox(value=True, label="Randomize seed")
+        g = {}  # optional in the API (GuidancePanel): last in the tab's form
+        with gr.Accordion("Guidance extras", open=False, elem_id=f"{key}-guidance"):
+            with gr.Row():
+                g["eta"] = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Eta (DDIM) / gamma (TCD)",
+                                     info="Fresh noise kept at each step; TCD's cards use 0.3")  # fmt: skip
+                g["cfg_rescale"] = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="CFG rescale (phi)",
+                                             info="Pulls strong guidance back toward the prompt's own spread")  # fmt: skip
+            with gr.Row():
+                g["freeu"] = gr.Checkbox(False, label="FreeU (the base family's published factors)")
+                g["pag_scale"] = gr.Slider(0.0, 10.0, value=0.0, step=0.1, label="PAG scale",
+                                           info="Perturbed-attention guidance; 0: off (one more UNet pass per step)")  # fmt: skip
+                g["pag_layers"] = gr.Textbox("mid", label="PAG layers", info="diffusers' names, comma separated")
+    pick.input(partial(_add_lora, studio.models_dir), [pick, c["prompt"], c["steps"], c["cfg"], c["sampler"], g["eta"]],
+               [c["prompt"], c["steps"], c["cfg"], c["sampler"], g["eta"], note], queue=False, api_name=False)  # fmt: skip
     # rendered beside the picture it applies to (the init picture, or a tile / inpaint tab's own), not in Settings
     own = "the picture" if cond and (cond.img2img or cond.inpaint) else "the init picture"
     c["denoise"] = gr.Slider(0.05, 1.0, value=1.0 if cond and cond.inpaint else 0.75, step=0.05, render=False,
                              label="Denoising strength", info=f"How far the result may move away from {own}",
                              elem_id=f"{key}-denoise")  # fmt: skip
-    return SettingsPanel(c)
+    return SettingsPanel(c, GuidancePanel(g, optional=tuple(g)))
+
+
+def _add_lora(models_dir: str | None, name: str | None, text: str, steps, cfg, sampler, eta):
+    """The LoRA picker: A1111's tag into the prompt; a few-step LoRA's card's sampler, steps, guidance (and TCD's
+    gamma) into the settings, and a line saying so (the user may change them back)."""
+    if not name:
+        return text, steps, cfg, sampler, eta, gr.update(visible=False)
+    prompt = f"{text.rstrip()} <lora:{name}:1>".strip()
+    try:
+        proposal = few_step.proposal_for(locate_lora(name, models_dir))
+    except (InputError, MissingWeightsError):  # a name that is no file here: Generate says so
+        proposal = None
+    if proposal is None:
+        return prompt, steps, cfg, sampler, eta, gr.update(visible=False)
+    line = f"{proposal.text(name)}: set in Settings (change them if you like)"
+    p = proposal
+    return prompt, p.steps, p.cfg_scale, p.sampler, p.eta, gr.update(value=line, visible=True)
 
 
 def results_panel(key: str, label: str = "Results", run_label: str = "Generate", columns: int = 2,

@@ -14,6 +14,7 @@ from cldm.hints.conditions import Condition
 from cldm.hints.fitted import pixel_perfect
 from cldm.io.model_card import ModelCard
 from cldm.models.family import SD15
+from cldm.models.family import family as family_named
 from cldm.pipeline.request import HiresFix
 from cldm.pipeline.vocabulary import ControlMode, InpaintMode, ResizeMode, Upscaler
 
@@ -121,6 +122,23 @@ class Settings:
     seed: int = 12345
     randomize: bool = True
     denoise: float = 1.0
+
+
+@dataclass(frozen=True)
+class GuidanceSettings:
+    """The sampling extras under a tab's Settings; an API call may leave each out (then it is off)."""
+
+    eta: float = 0.0  # DDIM's eta, TCD's gamma
+    cfg_rescale: float = 0.0
+    freeu: bool = False  # with the base family's published factors
+    pag_scale: float = 0.0
+    pag_layers: str = "mid"  # diffusers' layer names, comma separated
+
+    def request_fields(self, family: str) -> dict:
+        """The GenerationRequest fields for a base of `family` (its name)."""
+        layers = tuple(name.strip() for name in str(self.pag_layers or "").split(",") if name.strip())
+        return dict(eta=float(self.eta), cfg_rescale=float(self.cfg_rescale), pag_scale=float(self.pag_scale),
+                    freeu=family_named(family).freeu if self.freeu else None, pag_layers=layers or ("mid",))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -66,11 +66,21 @@ def test_new_parameters_come_last_and_may_be_left_out(page):
     info = page[0].get_api_info()["named_endpoints"]
     params = info["/canny_generate"]["parameters"]
     names = [p["parameter_name"] for p in params]
-    assert names[-3:] == ["base", "control_model", "region"]
-    assert [(p["parameter_has_default"], p["parameter_default"]) for p in params[-2:]] == [(True, OWN_MODEL),
-                                                                                          (True, None)]  # fmt: skip
+    extras = ["eta", "cfg_rescale", "freeu", "pag_scale", "pag_layers"]  # the guidance extras (issue 29), last
+    assert names[-8:] == ["base", "control_model", "region", *extras]
+    assert [(p["parameter_has_default"], p["parameter_default"]) for p in params[-7:-5]] == [(True, OWN_MODEL),
+                                                                                            (True, None)]  # fmt: skip
+    assert [(p["parameter_has_default"], p["parameter_default"]) for p in params[-5:]] == [
+        (True, 0.0),
+        (True, 0.0),
+        (True, False),
+        (True, 0.0),
+        (True, "mid"),
+    ]  # each off unless given
     multi = [p["parameter_name"] for p in info["/multi_generate"]["parameters"]]
-    assert multi[-7:] == ["base", *(f"{k}_{i}" for i in (1, 2, 3) for k in ("control_model", "region"))]
+    assert multi[-12:] == ["base", *(f"{k}_{i}" for i in (1, 2, 3) for k in ("control_model", "region")), *extras]
+    image_prompt = [p["parameter_name"] for p in info["/image_prompt_generate"]["parameters"]]
+    assert image_prompt[-6:] == ["base", *extras]
 
 
 def test_a_union_takes_its_type_from_the_preprocessor_else_the_condition():

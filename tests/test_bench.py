@@ -21,8 +21,9 @@ def _bench(tmp_path, *extra) -> dict:
 @pytest.mark.integration  # the whole bench beside diffusers: ~11 s, kept out of the fast tier's 5 minutes
 def test_bench_runs_every_part_beside_diffusers(tmp_path):
     out = _bench(
-        tmp_path, "--dtypes", "fp32", "bf16", "--parts", "peak", "step", "quality", "vae", "generate", "load", "switch"
-    )
+        tmp_path, "--dtypes", "fp32", "bf16", "--parts", "peak", "step", "quality", "vae", "generate", "few-step", "load",
+        "switch",
+    )  # fmt: skip
     r = out["results"]
     assert set(r["peak_flops"]) == {"fp32", "bf16"} and all(v > 1e8 for v in r["peak_flops"].values())
     assert [(row["size"], row["dtype"]) for row in r["step"]] == [(64, "fp32"), (64, "bf16")]
@@ -40,6 +41,9 @@ def test_bench_runs_every_part_beside_diffusers(tmp_path):
     assert ours["min_s"] <= ours["seconds"] <= ours["max_s"] and ours["timings"]["sampling"] > 0
     if ours["dtype"] != "float32":  # and diffusers' own default once more
         assert [(row["impl"], row["dtype"]) for row in r["generate"][2:]] == [("diffusers", "float32")]
+    few, their_few = r["few-step"]  # the few-step whole picture, ours and diffusers' LCM pipeline in turn
+    assert (few["sampler"], few["steps"], few["cfg"]) == ("lcm", 4, 1.0) and their_few["ours_ratio"] > 0
+    assert few["timings"]["sampling"] > 0 and 0 <= few["vs_diffusers"]["mean_abs"] < 3  # same weights, seed, dtype
     assert 0 <= r["quality"]["mean_abs"] <= r["quality"]["max_abs"] <= 255
     assert {(row["what"], row["impl"]) for row in r["load"]} >= {("controlnet", "ours"), ("controlnet", "diffusers")}
     assert r["switch"][0]["warm_s"] < r["switch"][0]["cold_s"]  # from the cache, not from the file
@@ -50,6 +54,7 @@ def test_bench_runs_every_part_beside_diffusers(tmp_path):
         and "VAE decode" in table
         and "Switching ControlNets" in table
         and "| ours / it (pairs) |" in table
+        and "| ours, 64 px, lcm 4 steps, guidance 1 |" in table
     )
     if prepack.available():
         assert "a second manager with --no-prepack, the two stepping in turn" in table

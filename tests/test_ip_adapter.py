@@ -211,7 +211,7 @@ def test_adapters_attach_for_one_request_and_leave_the_unet_plain(adapter_file, 
     generate(sd, r)
     assert seen and all(names == {"ImagePromptAttention"} for names in seen)
     assert _plain_unet(sd.unet)
-    monkeypatch.setattr(stages, "approx_rgb", lambda *a: 1 / 0)  # the preview fails after the first step
+    monkeypatch.setattr(stages, "preview_rgb", lambda *a: 1 / 0)  # the preview fails after the first step
     with pytest.raises(ZeroDivisionError):
         generate(sd, r, preview=lambda p: None, preview_every=1)
     assert _plain_unet(sd.unet)

@@ -2,10 +2,12 @@
 
 Parts (all by default; `--parts` picks some):
 - peak: the machine's matmul rate per dtype (the physical limit the step's FLOPs are measured against);
-- step: one sampling step (ControlNet + UNet, guidance batch 2) per size and dtype, with its FLOPs;
+- step: one sampling step (ControlNet + UNet, guidance batch 2) per size and dtype, with its FLOPs, beside
+  diffusers and, on a CPU with the openvino package, OpenVINO (openvino_step.py);
 - quality: the same picture (256 px, 20 steps, a ControlNet) in fp32 and in `--dtype auto`, pixel differences;
 - vae: the VAE decode of one 512 px (or the largest size's) picture;
 - generate: a whole generation (20 steps + decode) at the largest size, in our default mode and diffusers' fp32;
+- few-step: the whole few-step picture (LCM, 4 steps, guidance 1) beside diffusers' LCM pipeline (pictures.py);
 - load: a ControlNet from .safetensors, cold and warm, against diffusers' `from_pretrained`; the base;
 - switch: changing ControlNets in a running model manager (warm: from its cache);
 - memory: peak resident memory (peak VRAM on CUDA) with the base and 1 or 3 ControlNets, each in a fresh process.
@@ -27,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from cldm.bench import family_models, family_run, measure, openvino_step
+from cldm.bench import family_models, family_run, measure, openvino_step, pictures
 from cldm.bench.progress import PartsBar, show
 from cldm.io import checkpoints
 from cldm.runtime.devices import DTYPES, cpu_has_bf16, resolve_device, resolve_dtype
 
-PARTS = ("peak", "step", "quality", "vae", "generate", "load", "switch", "memory")
+PARTS = ("peak", "step", "quality", "vae", "generate", "few-step", "load", "switch", "memory")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -144,7 +146,8 @@ def run(a: argparse.Namespace) -> dict:
         gc.collect()
     later = {
         "quality": lambda: quality_row(paths, device, 64 if a.tiny else 256),
-        "generate": lambda: generate_rows(paths, device, max(a.sizes), a.steps, a.no_diffusers, a.runs),
+        "generate": lambda: pictures.generate_rows(paths, device, max(a.sizes), a.steps, a.no_diffusers, a.runs),
+        "few-step": lambda: pictures.few_step_rows(paths, device, max(a.sizes), a.no_diffusers, a.runs),
         "load": lambda: load_rows(paths, device, a.no_diffusers, a.runs),
         "switch": lambda: switch_rows(paths, device),
         "memory": lambda: memory_rows(folder, a, dtypes),
@@ -196,71 +199,6 @@ def quality_row(paths: dict, device: torch.device, size: int) -> dict:
            "max_abs": float(diff.max()), "fp32_std": float(pictures["fp32"].std())}  # fmt: skip
     show("quality", row)
     return row
-
-
-def _their_generation(paths: dict, device: torch.device, dtype: str, hint, size: int, steps: int):
-    """diffusers' whole generation (DPM++ 2M Karras, as ours), warmed up; None without diffusers."""
-    from PIL import Image
-
-    pipe = measure.theirs(paths, device, getattr(torch, dtype))
-    if pipe is None:
-        return None
-    from diffusers import DPMSolverMultistepScheduler
-
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
-    kw = dict(prompt="a photo of a cat", image=Image.fromarray(hint), width=size, height=size, output_type="np")
-    pipe(**kw, num_inference_steps=1)  # warm-up
-    return lambda: pipe(**kw, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(1))
-
-
-def _generation_pairs(paths: dict, device: torch.device, hint, size: int, steps: int, no_diffusers: bool, runs: int):
-    """Ours in its default dtype and diffusers in the same dtype, generating in turn."""
-    from cldm.pipeline.request import ControlUnit, GenerationRequest
-    from cldm.runtime.manager import ModelManager
-
-    manager = ModelManager(str(paths["base_folder"]), device=str(device), dtype="auto")
-    d = str(manager.dtype).removeprefix("torch.")
-    request = GenerationRequest("a photo of a cat", units=(ControlUnit(str(paths["cn0_file"]), hint),), steps=steps,
-                                width=size, height=size, sampler="dpmpp_2m_karras", seed=1)  # fmt: skip
-    manager.run(GenerationRequest("warm", steps=1, width=size, height=size, units=request.units))  # packs at size
-    timings = {}
-
-    def ours():
-        timings.update(manager.run(request).timings)
-
-    same = None if no_diffusers else _their_generation(paths, device, d, hint, size, steps)
-    if same is None:
-        mine, pair = measure.timed(ours, device, runs, warmup=0), None
-    else:
-        mine, pair, ratio = measure.timed_pair(ours, same, device, runs, warmup=0)
-    rows = [{"impl": "ours", "dtype": d, "size": size, "steps": steps, "seconds": mine.median, "min_s": mine.low,
-             "max_s": mine.high, "timings": timings}]  # fmt: skip
-    if pair is not None:
-        rows.append({"impl": "diffusers", "dtype": d, "size": size, "steps": steps, "seconds": pair.median,
-                     "min_s": pair.low, "max_s": pair.high, "ours_ratio": ratio})  # fmt: skip
-    return rows
-
-
-def generate_rows(
-    paths: dict, device: torch.device, size: int, steps: int, no_diffusers: bool, runs: int = 3
-) -> list[dict]:
-    """Whole generations: ours in its default dtype and diffusers in the same dtype, in turn (`runs` pairs; the
-    ratio is the median of the pairs': this VM's speed drifts), then diffusers in its own default (fp32) once, where
-    that differs."""
-    import numpy as np
-
-    hint = (np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8)
-    rows = _generation_pairs(paths, device, hint, size, steps, no_diffusers, runs)
-    for row in rows:
-        show("generate", row)
-    gc.collect()
-    if rows[0]["dtype"] != "float32" and not no_diffusers:
-        fp32 = _their_generation(paths, device, "float32", hint, size, steps)
-        if fp32 is not None:
-            t = measure.timed(fp32, device, 1, warmup=0)
-            rows.append({"impl": "diffusers", "dtype": "float32", "size": size, "steps": steps, "seconds": t.median})
-            show("generate", rows[-1])
-    return rows
 
 
 def load_rows(paths: dict, device: torch.device, no_diffusers: bool, runs: int) -> list[dict]:

@@ -107,6 +107,19 @@ def markdown(out: dict) -> str:
                   _pair_ratio(row.get("ours_ratio"))]
                  for row in r["generate"]]  # fmt: skip
         lines += _table(["whole generation (steps + decode)", "dtype", "seconds", "ours / it (pairs)"], cells)
+    if r.get("few-step"):
+        cells = [[f"{row['impl']}, {row['size']} px, {row['sampler']} {row['steps']} steps, guidance {row['cfg']:g}",
+                  row["dtype"], _s(row["seconds"]), _pair_ratio(row.get("ours_ratio"))]
+                 for row in r["few-step"]]  # fmt: skip
+        lines += _table(["few-step whole picture (prompt, hint, steps, decode)", "dtype", "seconds",
+                         "ours / it (pairs)"], cells)  # fmt: skip
+        ours = r["few-step"][0]
+        if "vs_diffusers" in ours:
+            v, t = ours["vs_diffusers"], ours["timings"]
+            lines += [f"Ours' parts: text {_s(t.get('encode'))} s, steps {_s(t.get('sampling'))} s, decode "
+                      f"{_s(t.get('decode'))} s. The two pictures differ by {v['mean_abs']:.2f} / 255 per pixel "
+                      f"on average, {v['max_abs']} at most (the picture's own spread: {v['picture_std']:.0f}).",
+                      ""]  # fmt: skip
     if r.get("load"):
         lines += ["| loading | dtype | cold | warm |", "|---|---|---|---|"]
         for row in r["load"]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cldm.errors import CheckpointError, MissingWeightsError
-from cldm.io import keymaps
+from cldm.io import keymaps, taesd
 from cldm.io import model_configs as mc
 from cldm.io.assemble import POSITION_IDS, build, build_text, our_keys, text_from_diffusers
 from cldm.io.control_lora import build_control_lora
@@ -43,6 +43,7 @@ from cldm.models.config import SDConfig, TextConfig, UNetConfig, VAEConfig, fami
 from cldm.models.controlnet import ControlNet
 from cldm.models.family import SD2, family
 from cldm.models.sd import StableDiffusion
+from cldm.models.taesd import TinyAutoencoder
 from cldm.models.unet import UNet
 from cldm.models.vae import AutoencoderKL
 
@@ -195,11 +196,16 @@ def load_sd(
     )  # fmt: skip
 
 
-def load_vae(path: str | os.PathLike, cfg: VAEConfig, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+def load_vae(
+    path: str | os.PathLike, cfg: VAEConfig, dtype: torch.dtype = torch.float32
+) -> AutoencoderKL | TinyAutoencoder:
     """A VAE file or folder (vae-ft-mse-840000-ema-pruned.safetensors and the like: original keys, with or without
-    `first_stage_model.`, or diffusers keys / a diffusers `vae` folder) for a base whose VAE config is `cfg`."""
+    `first_stage_model.`, or diffusers keys / a diffusers `vae` folder) for a base whose VAE config is `cfg`; a TAESD
+    (madebyollin's halves or diffusers' AutoencoderTiny) comes back as a TinyAutoencoder with the same contract."""
     path = Path(path)
     state = read_folder(path) if path.is_dir() else read_file(path)
+    if taesd.taesd_layout(state) is not None:
+        return taesd.load_taesd(path, state, cfg.z_channels, cfg.downsample_factor, dtype)
     if any(k.startswith(VAE_PREFIX) for k in state):
         state = _strip(state, VAE_PREFIX)
     state = {k: v for k, v in state.items() if not k.startswith(("loss.", "model_ema."))}

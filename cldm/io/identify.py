@@ -11,6 +11,7 @@ import torch
 from cldm.errors import CheckpointError
 from cldm.io import keymaps
 from cldm.io.t2i_adapters import is_t2i_adapter_state
+from cldm.io.taesd import taesd_layout
 from cldm.models.family import SD2, SD15, SDXL
 from cldm.models.unet import UNet
 
@@ -99,6 +100,7 @@ class WeightKind(enum.Enum):
     SD_BASE = "an SD base model"
     LORA = "a LoRA"
     DIFFUSERS_UNET = "a diffusers UNet"
+    TAESD = "a TAESD (tiny autoencoder: a VAE)"  # madebyollin's halves and diffusers' AutoencoderTiny (taesd.py)
     UNKNOWN = "an unknown model"
 
 
@@ -123,6 +125,8 @@ def weight_kind(state: StateDict) -> WeightKind:
         return WeightKind.LORA
     if "conv_in.weight" in state and any(k.startswith("down_blocks.") for k in keys):
         return WeightKind.DIFFUSERS_UNET
+    if taesd_layout(state) is not None:
+        return WeightKind.TAESD
     return WeightKind.UNKNOWN
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cldm.errors import InputError, MissingWeightsError
-from cldm.models.family import SD15, SDXL
+from cldm.models.family import SD2, SD15, SDXL
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +338,21 @@ def locate_vae(name: str, models_dir: str | os.PathLike | None) -> Path:
         if path.is_file():
             return path
     raise MissingWeightsError(f"VAE {name!r} not found: put it in {Path(models_dir or 'models') / VAE_FOLDER}/.")
+
+
+TAESD_FOLDER = "VAE-taesd"  # A1111's models/VAE-taesd, with madebyollin's file names
+TAESD_DECODERS = {SD15.name: "taesd_decoder", SD2.name: "taesd_decoder", SDXL.name: "taesdxl_decoder"}
+
+
+def locate_taesd(family: str, models_dir: str | os.PathLike | None) -> Path | None:
+    """The family's TAESD decoder in `models_dir/VAE-taesd/` (.pth or .safetensors; its encoder beside it is taken
+    too), or None: the live previews then use the cheap approximation."""
+    stem = TAESD_DECODERS.get(family)
+    for suffix in (".pth", ".safetensors"):
+        path = Path(models_dir or "models") / TAESD_FOLDER / f"{stem}{suffix}"
+        if stem is not None and path.is_file():
+            return path
+    return None
 
 
 BASE_FOLDERS = ("checkpoints", "Stable-diffusion")  # models_dir/checkpoints (ours), A1111's models/Stable-diffusion

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cldm.models.freeu import FreeU
+
 
 @dataclass(frozen=True)
 class ModelFamily:
@@ -37,6 +39,7 @@ class ModelFamily:
     controlnet_repo: str  # the original ControlNet weights (.pth), or the family's reference ControlNets
     ip_adapter_repo: str
     ip_adapters: tuple[str, ...]  # the IP-Adapter files (stems) published there for this family
+    freeu: FreeU  # the FreeU factors its authors published for the family (ChenyangSi/FreeU README)
 
 
 SD15 = ModelFamily(
@@ -62,6 +65,7 @@ SD15 = ModelFamily(
     controlnet_repo="lllyasviel/ControlNet-v1-1",
     ip_adapter_repo="h94/IP-Adapter",
     ip_adapters=("ip-adapter_sd15", "ip-adapter-plus_sd15", "ip-adapter-plus-face_sd15", "ip-adapter_sd15_light"),
+    freeu=FreeU(b1=1.5, b2=1.6, s1=0.9, s2=0.2),
 )
 # SD2.0/2.1: OpenCLIP ViT-H/14 read at its penultimate layer (diffusers' folders keep 23 of its 24 layers and read
 # the last), 64-wide heads, linear projections; the 768-v models predict v, the 512-base models the noise.
@@ -88,6 +92,7 @@ SD2 = ModelFamily(
     controlnet_repo="thibaud/controlnet-sd21",
     ip_adapter_repo="",
     ip_adapters=(),
+    freeu=FreeU(b1=1.4, b2=1.6, s1=0.9, s2=0.2),
 )
 # SDXL 1.0: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14, both read at their penultimate layer without the final norm and
 # joined to 2048; bigG's pooled, projected output and the size embeddings enter through `label_emb`.
@@ -115,6 +120,7 @@ SDXL = ModelFamily(
     ip_adapter_repo="h94/IP-Adapter",
     ip_adapters=("ip-adapter_sdxl", "ip-adapter_sdxl_vit-h", "ip-adapter-plus_sdxl_vit-h",
                  "ip-adapter-plus-face_sdxl_vit-h"),
+    freeu=FreeU(b1=1.3, b2=1.4, s1=0.9, s2=0.2),
 )  # fmt: skip
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD15, SD2, SDXL)}
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from cldm.models.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
 from cldm.models.config import UNetConfig
+from cldm.models.freeu import FreeU
 
 MAX_PERIOD = 10000  # sinusoidal timestep embedding, as in "Attention is all you need"
 
@@ -210,12 +211,14 @@ class UNet(nn.Module):
         control: list[torch.Tensor] | None = None,
         y: torch.Tensor | None = None,
         adapter: dict[int, torch.Tensor] | None = None,
+        freeu: FreeU | None = None,
     ) -> torch.Tensor:
         """Noisy latent x at timestep t, text context (b, n, context_dim), optional ControlNet residuals and, for
         SDXL, the vector conditioning y (b, adm_in_channels) -> the UNet's prediction (noise or v).
 
         `adapter` maps an input block's index (`len(input_blocks)`: the middle block) to T2I-Adapter features added to
-        that block's output, which its skip connection carries too."""
+        that block's output, which its skip connection carries too. `freeu` reweighs the backbone and the skips of
+        the two deepest decoder stages (`cldm.models.freeu`)."""
         emb = self.time_emb(t, x.shape[0], y)
         adapter = adapter or {}
         hs = []
@@ -231,10 +234,12 @@ class UNet(nn.Module):
         control = list(control) if control is not None else None
         if control is not None:
             h = h + control.pop()
-        for block in self.output_blocks:
+        for i, block in enumerate(self.output_blocks):
             skip = hs.pop()
             if control is not None:
                 skip = skip + control.pop()
+            if freeu is not None:  # a decoder stage is one level's output blocks (num_res_blocks + 1 of them)
+                h, skip = freeu.apply(i // (self.cfg.num_res_blocks + 1), h, skip)
             h = torch.cat([h, skip], dim=1)
             # The next skip's size tells an Upsample where to land (odd latent sizes).
             h = block(h, emb, context, upsample_size=hs[-1].shape[-2:] if hs else None)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from cldm.adapters.emphasis import MAX_PROMPT_CHARS
 from cldm.errors import InputError
 from cldm.pipeline import key_values
+from cldm.pipeline.guidance_parameters import guidance_fields, read_guidance
 from cldm.pipeline.prompts import embeddings_used
 from cldm.pipeline.request import ControlUnit, GenerationRequest, stem
 from cldm.pipeline.vocabulary import Choice, ControlMode, InpaintMode, ResizeMode, Sampler
@@ -121,6 +122,11 @@ class Infotext:
     def resize_mode(self) -> ResizeMode:
         """How img2img's picture was fitted; CROP when the text does not say."""
         return _choice(ResizeMode, self.fields.get("Resize mode"), ResizeMode.CROP)
+
+    @property
+    def guidance(self) -> dict:
+        """CFG rescale, FreeU and PAG as GenerationRequest fields (off where the text does not say)."""
+        return read_guidance(self.fields)
 
 
 def parse_parameters(text: str) -> Infotext:
@@ -278,6 +284,7 @@ def parameters(model, r: GenerationRequest) -> str:
         key = "Denoising strength" if r.init_image is None else "Hires denoising strength"
         fields_.append(f"{key}: {h.strength}, Hires upscale: {h.scale:g}, Hires steps: {h.steps}, "
                        f"Hires upscaler: {h.upscaler.value}")  # fmt: skip
+    fields_ += guidance_fields(r)
     if r.clip_skip > 1:
         fields_.append(f"Clip skip: {r.clip_skip}")
     if r.guess_mode:

@@ -16,6 +16,7 @@ from cldm.adapters import emphasis
 from cldm.adapters.lora import MAX_REQUEST_LORAS
 from cldm.errors import InputError
 from cldm.models.controlnet import ControlNet
+from cldm.models.freeu import FreeU
 from cldm.models.t2i_adapter import T2I_ADAPTERS
 from cldm.pipeline.extras import (
     MAX_IMAGE_PROMPTS,
@@ -27,6 +28,7 @@ from cldm.pipeline.extras import (
     number_problems,
     stem,
 )
+from cldm.pipeline.guidance import PAG_DEFAULT_LAYERS, guidance_problems
 from cldm.pipeline.regions import mask_problems
 from cldm.pipeline.union import ControlType
 from cldm.pipeline.vocabulary import Choice, ControlMode, InpaintMode, ResizeMode, Sampler
@@ -157,7 +159,18 @@ class GenerationRequest:
     emphasis: bool = True  # A1111's (word:1.2) / [word] / BREAK syntax; False: the prompt is taken literally
     loras: tuple[LoraUnit, ...] = ()  # merged into the UNet and text encoder for this request only
     vae: object = None  # another VAE (file, folder or loaded module) for this request; None: the checkpoint's
+    # the live previews' decoder (a TAESD file or loaded module: A1111's "TAESD" method, full-size previews); None:
+    # the request's VAE when it is a TAESD, else "Approx cheap" (latent-sized)
+    preview_vae: object = None
     base: str | None = None  # the base model this request asks for (the model manager switches); None: the current
+    # guidance extras (`cldm.pipeline.guidance`), each as diffusers computes it: CFG rescale's phi (0..1, diffusers'
+    # guidance_rescale); FreeU's factors (None: off; `model.family.freeu` holds the published ones); perturbed-
+    # attention guidance's scale (0: off), layers (diffusers' names) and adaptive scale
+    cfg_rescale: float = 0.0
+    freeu: FreeU | None = None
+    pag_scale: float = 0.0
+    pag_layers: tuple[str, ...] = PAG_DEFAULT_LAYERS
+    pag_adaptive_scale: float = 0.0
 
     @property
     def vae_label(self) -> str | None:
@@ -170,6 +183,9 @@ class GenerationRequest:
         object.__setattr__(self, "units", tuple(self.units))  # a list given by a caller stays immutable here
         object.__setattr__(self, "loras", tuple(self.loras))
         object.__setattr__(self, "image_prompts", tuple(self.image_prompts))
+        if isinstance(self.pag_layers, str | list):  # one name, as diffusers takes it, or a list
+            object.__setattr__(self, "pag_layers", (self.pag_layers,) if isinstance(self.pag_layers, str) else
+                               tuple(self.pag_layers))  # fmt: skip
         object.__setattr__(self, "resize_mode", ResizeMode.coerce(self.resize_mode))
         object.__setattr__(self, "inpaint_mode", InpaintMode.coerce(self.inpaint_mode))
         sampler = Sampler.coerce(self.sampler)  # a Sampler, A1111's label or our key: kept as our key
@@ -197,8 +213,9 @@ class GenerationRequest:
         """Raise InputError naming every field that is wrong (and what is allowed); return self when all is well."""
         sizes = tuple(n for n in ("width", "height") if getattr(self, n) is not None)  # None: the base's native size
         problems = _text_problems(self) + number_problems(
-            self, ("steps", "cfg_scale", "eta", "seed", *sizes, "batch", "clip_skip", "strength", "mask_blur")
-        )
+            self, ("steps", "cfg_scale", "eta", "seed", *sizes, "batch", "clip_skip", "strength", "mask_blur",
+                   "cfg_rescale", "pag_scale", "pag_adaptive_scale")
+        )  # fmt: skip
         if not problems:
             problems += self._range_problems(latent_factor)
         for i, unit in enumerate(self.units):
@@ -226,6 +243,7 @@ class GenerationRequest:
             problems.append(f"at most {MAX_REQUEST_LORAS} LoRAs per request (got {len(self.loras)}); leave some out")
         for i, u in enumerate(self.loras[:MAX_REQUEST_LORAS]):
             problems += u.problems(i) if isinstance(u, LoraUnit) else [f"loras[{i}] must be a LoraUnit"]
+        problems += guidance_problems(self)
         if self.hires is not None:
             if not isinstance(self.hires, HiresFix):
                 problems.append(f"hires must be a HiresFix (got {type(self.hires).__name__})")
@@ -270,6 +288,8 @@ class GenerationRequest:
             out.append(f"seed + picture number must fit in 64 bits with seed_per_picture (got {self.seed})")
         if self.eta < 0:
             out.append(f"eta must be 0 or more (got {self.eta})")
+        elif self.sampler == "tcd" and self.eta > 1:
+            out.append(f"eta is TCD's gamma and must be 0..1 (got {self.eta}; TCD's model cards use 0.3)")
         if self.clip_skip < 1:
             out.append(f"clip_skip must be 1 or more (1 = the last CLIP layer; got {self.clip_skip})")
         if self.sampler not in SAMPLERS:
@@ -316,6 +336,8 @@ class GenerationRequest:
                 v = _prompt_summary(v)
             elif f.name == "image_prompts":
                 v = [_prompt_summary(p) for p in v]
+            elif f.name == "freeu" and isinstance(v, FreeU):
+                v = {"b1": v.b1, "b2": v.b2, "s1": v.s1, "s2": v.s2}
             out[f.name] = v
         return out
 

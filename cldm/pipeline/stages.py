@@ -20,9 +20,9 @@ from cldm.errors import InputError
 from cldm.io.images import image_to_tensor, mask_to_tensor, resize_rgb, soft_mask
 from cldm.models.controlnet import ControlNet, fit_problem, guess_mode_scales, soft_injection_scales
 from cldm.models.sd import StableDiffusion
-from cldm.models.vae import AutoencoderKL
 from cldm.pipeline.conditioning import Conditioning, encode_prompts, sized
 from cldm.pipeline.fit import fit_mask, fit_rgb, fit_tensor
+from cldm.pipeline.guidance import guided, pag_problems, perturbed_attention, with_perturbed_rows
 from cldm.pipeline.infotext import parameters
 from cldm.pipeline.picture_prompts import attached, reference_latent, reference_pass
 from cldm.pipeline.regions import apply_region_mask, with_region_masks
@@ -30,13 +30,14 @@ from cldm.pipeline.request import ControlUnit, GenerationRequest
 from cldm.pipeline.t2i import encoder_additions, hint_features, is_adapter, unit_problems
 from cldm.pipeline.t2i_style import is_style, style_tokens, with_style
 from cldm.pipeline.union import merged, union_problems
+from cldm.pipeline.vae_choice import preview_decoder, vae_problems
 from cldm.pipeline.vocabulary import ControlMode, InpaintMode, Upscaler
-from cldm.sampling.preview import approx_rgb, predicted_x0
+from cldm.sampling.preview import predicted_x0, preview_rgb
 from cldm.sampling.sampler import Sampler, noise_like
 from cldm.sampling.samplers import make_sampler, sampler_class
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
-PreviewCallback = Callable[[np.ndarray], None]  # (b, h, w, 3) uint8 at the latent size: A1111's "Approx cheap"
+PreviewCallback = Callable[[np.ndarray], None]  # (b, h, w, 3) uint8: latent-sized (Approx cheap) or full (TAESD)
 Generators = torch.Generator | list[torch.Generator]  # one for the batch (diffusers), or one per picture (A1111)
 
 
@@ -88,8 +89,8 @@ def check(model: StableDiffusion, request: GenerationRequest) -> None:
             problems.append(f"ControlNet {i + 1} ({u.label}) does not fit this base model: {why}. "
                             f"Use a ControlNet made for {model.family.name} models.")  # fmt: skip
     problems += union_problems(request.units, lambda i, u: f"ControlNet {i + 1} ({u.label})")
-    if request.vae is not None and not isinstance(request.vae, AutoencoderKL):
-        problems.append("the VAE is not loaded (the model manager loads files)")
+    problems += pag_problems(model.unet, request)
+    problems += vae_problems(request)
     for i, u in enumerate(request.loras):
         if not isinstance(u.model, lora.Lora):
             problems.append(f"LoRA {i + 1} ({u.label}) is not loaded (the model manager loads files)")
@@ -239,7 +240,8 @@ def denoise(
     first, end = s.index(lat.start), len(s.timesteps)  # loop entries: one per model call
     x, n = lat.x, end - first
     ref = reference_latent(model, r)
-    with attached(model, r, ctx.image_tokens) as hooks:
+    tokens = with_perturbed_rows(r, ctx.image_tokens)  # PAG: the perturbed rows read the conditional rows' inputs
+    with attached(model, r, tokens) as hooks, perturbed_attention(model.unet, r):
         for k, i in enumerate(range(first, end)):
             t = s.timesteps[i].to(model.device)
             x_in = s.scale_input(x, i)
@@ -250,14 +252,12 @@ def denoise(
             if ref is not None:
                 ref_on = active(k, n, r.reference.start, r.reference.end)
                 reference_pass(model, ref, hooks, x_full, t, step.full, ref_on, ctx.y)
-            adapter = encoder_additions(model, r, hints, on, x_full.shape[0])
-            out = model.unet(x_full, t, step.full, control=control, y=ctx.y, adapter=adapter)
-            if r.use_cfg:
-                o_u, o_c = out.chunk(2)
-                out = o_u + r.cfg_scale * (o_c - o_u)
+            x_g, context, control, y = with_perturbed_rows(r, (x_full, step.full, control, ctx.y))
+            adapter = encoder_additions(model, r, hints, on, x_g.shape[0])
+            out = guided(r, model.unet(x_g, t, context, control=control, y=y, adapter=adapter, freeu=r.freeu), t)
             eps = s.noise_estimate(out, x_in, i, model.config.prediction)
             if preview is not None and preview_every and (k + 1) % preview_every == 0 and k + 1 < n:
-                preview(approx_rgb(predicted_x0(x_in, eps, t)))
+                preview(preview_rgb(predicted_x0(x_in, eps, t), preview_decoder(r)))
             x = s.step(x, eps, i, generator)
             if lat.mask is not None:  # inpainting: the known area, noised to the next step, goes back in
                 known = s.add_noise(lat.x0, lat.noise, i + 1) if i + 1 < end else lat.x0
@@ -335,7 +335,8 @@ def generate(
 
     Every unit's `model` must be a loaded ControlNet that fits `model` (the ModelManager loads files); the request is
     checked first, so nothing runs for a bad one. `callback(done, total)` is called after every step (of both passes
-    with a hires fix); `preview(pictures)` every `preview_every` steps with A1111's "Approx cheap" preview.
+    with a hires fix); `preview(pictures)` every `preview_every` steps with A1111's "Approx cheap" preview
+    (full-size pictures from a TAESD instead: `request.preview_vae`, or `request.vae` when it is one).
     """
     request = request.sized(model.native_size)  # a width / height left at None: the base's native size
     check(model, request)

@@ -28,10 +28,12 @@ from cldm.models.image_encoder import ImageEncoder
 from cldm.models.sd import StableDiffusion
 from cldm.models.t2i_adapter import StyleAdapter
 from cldm.models.t2i_adapter import fit_problem as t2i_fit_problem
+from cldm.models.taesd import TinyAutoencoder
 from cldm.models.vae import AutoencoderKL
 from cldm.pipeline.extras import MAX_IMAGE_PROMPTS
 from cldm.pipeline.request import ControlUnit, GenerationRequest, ImagePrompt
 from cldm.pipeline.stages import PreviewCallback, Result, StepCallback, generate
+from cldm.pipeline.vae_choice import LOADED_VAES, preview_decoder
 from cldm.runtime import allocator, offload, prepack
 from cldm.runtime.base_slot import BaseSlot
 from cldm.runtime.cache import LRUCache
@@ -89,7 +91,8 @@ class ModelManager:
         # the others before a request loads its own) and one VAE (another one replaces it)
         self._ip_adapters: LRUCache[str, IPAdapter] = LRUCache("IP-Adapter", max_items=MAX_IMAGE_PROMPTS)
         self._image_encoders: LRUCache[str, ImageEncoder] = LRUCache("image encoder", max_items=MAX_IMAGE_PROMPTS)
-        self._vaes: LRUCache[str, AutoencoderKL] = LRUCache("VAE", max_items=1)
+        self._vaes: LRUCache[str, AutoencoderKL | TinyAutoencoder] = LRUCache("VAE", max_items=1)
+        self._preview_vaes: LRUCache[str, AutoencoderKL | TinyAutoencoder] = LRUCache("preview VAE", max_items=1)
         self.controlnet_loads = 0
         self.ip_loads = 0
 
@@ -147,7 +150,7 @@ class ModelManager:
         """The models made for the old family cannot drive the new one: ControlNets, IP-Adapter, image encoder and
         VAE leave memory."""
         n = len(self._controlnets)
-        for cache in (self._controlnets, self._ip_adapters, self._image_encoders, self._vaes):
+        for cache in (self._controlnets, self._ip_adapters, self._image_encoders, self._vaes, self._preview_vaes):
             cache.clear()
         log.info("base family %s -> %s: %d cached ControlNets and the adapters of %s dropped", old, new, n, old)
 
@@ -221,16 +224,18 @@ class ModelManager:
             self._loras.put(key, found)
             return found
 
-    def vae(self, path: str) -> AutoencoderKL:
-        """The VAE file or folder at `path` on the device (one kept: another one replaces it)."""
+    def vae(self, path: str, preview: bool = False) -> AutoencoderKL | TinyAutoencoder:
+        """The VAE file or folder at `path` on the device, a TAESD too (one kept for the pictures and one for the
+        live previews: another one replaces it). One for another latent space is refused before it is kept."""
+        cache = self._preview_vaes if preview else self._vaes
         with self.lock:
-            if (cached := self._vaes.get(str(path))) is not None:
+            if (cached := cache.get(str(path))) is not None:
                 return cached
             vae = checkpoints.load_vae(path, self.sd.config.vae, dtype=self.dtype)
             vae.hash = hashes.short_hash(path)  # A1111's "VAE hash"
-            self._vaes.clear()  # the old one goes before the new one is on the device
+            cache.clear()  # the old one goes before the new one is on the device
             vae = vae.to(self._rest)
-            self._vaes.put(str(path), vae)
+            cache.put(str(path), vae)
             self._fast(vae)
             return vae
 
@@ -336,13 +341,10 @@ class ModelManager:
             loras = tuple(u if isinstance(u.model, Lora) else replace(u, model=self.lora(str(u.model)))
                           for u in request.loras)  # fmt: skip
             swap = time.perf_counter() - t0
-            vae = (
-                request.vae
-                if request.vae is None or isinstance(request.vae, AutoencoderKL)
-                else self.vae(str(request.vae))
-            )
+            vae, preview_vae = (v if v is None or isinstance(v, LOADED_VAES) else self.vae(str(v), preview=i == 1)
+                                for i, v in enumerate((request.vae, request.preview_vae)))  # fmt: skip
             request = replace(request, units=units, image_prompt=image_prompt, image_prompts=image_prompts,
-                              loras=loras, vae=vae)  # fmt: skip
+                              loras=loras, vae=vae, preview_vae=preview_vae)  # fmt: skip
             try:
                 run = generate if self.offloader is None else self._offloaded
                 result = run(sd, request, callback, preview, preview_every)
@@ -360,7 +362,8 @@ class ModelManager:
         cns = [u.model for u in request.units]  # they run with the UNet at every step: one group
         vae = sd.vae if request.vae is None else request.vae
         image, adapters = [p.encoder for p in ips], [p.adapter for p in ips]
-        with off.running(text=sd.texts, image=image, unet=[sd.unet, *cns, *adapters], vae=[vae]):
+        unet = [sd.unet, *cns, *adapters, preview_decoder(request)]  # a preview TAESD decodes between the steps
+        with off.running(text=sd.texts, image=image, unet=unet, vae=[vae]):
             result = generate(off.view(sd), request, *args)
         result.timings["offload"] = off.seconds - seconds  # the copies between the CPU and the device
         return result

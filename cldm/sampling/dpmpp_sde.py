@@ -75,7 +75,7 @@ class DPMPPSDE(SigmaSampler):
         self.noise: _BrownianNoise | None = None
 
     def init_noise(self, noise):
-        return noise * (self.sigmas.max() ** 2 + 1) ** 0.5
+        return noise * schedules.noise_scale(self.sigmas, self.schedule)
 
     def input_sigma(self, i):
         return self.sigmas[i] if self.first_x is None else self.mid_sigma

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import torch
-
 from cldm.sampling import schedules
 from cldm.sampling.sampler import SigmaSampler, noise_like
 
 
 class EulerAncestral(SigmaSampler):
-    """Euler ancestral (k-diffusion / diffusers), leading spacing: x lives in the "variance exploding" scale."""
+    """Euler ancestral (k-diffusion / diffusers): x lives in the "variance exploding" scale."""
 
     name = "euler_a"
 
-    def __init__(self, steps: int):
-        super().__init__(steps)
-        sig = self.train_sigmas[self.timesteps]
-        self.sigmas = torch.cat([sig, sig.new_zeros(1)])
+    def __init__(self, steps: int, schedule: str = ""):
+        super().__init__(steps, schedule)
+        self.sigmas, timesteps = schedules.spaced(steps, schedule)
+        if schedule:  # fractional timesteps on a ramp or spacing of its own
+            self.timesteps = timesteps
 
     def init_noise(self, noise):
-        return noise * (self.sigmas[0] ** 2 + 1) ** 0.5  # leading spacing: sqrt(sigma_max^2 + 1)
+        return noise * schedules.noise_scale(self.sigmas, self.schedule)
 
     def scale_input(self, x, i):
         return x / (self.sigmas[i] ** 2 + 1) ** 0.5
@@ -42,15 +41,6 @@ class Euler(EulerAncestral):
     """Euler (k-diffusion's sample_euler, diffusers' EulerDiscreteScheduler without churn): the ODE step alone."""
 
     name = "euler"
-
-    def __init__(self, steps: int, schedule: str = ""):
-        SigmaSampler.__init__(self, steps, schedule)
-        self.sigmas, timesteps = schedules.spaced(steps, schedule)
-        if schedule:  # fractional timesteps on a Karras / exponential ramp
-            self.timesteps = timesteps
-
-    def init_noise(self, noise):
-        return noise * (self.sigmas.max() ** 2 + 1) ** 0.5
 
     def step(self, x, eps, i, generator):
         s_from, s_to = self.sigmas[i], self.sigmas[i + 1]

@@ -24,7 +24,7 @@ class LMS(SigmaSampler):
         self.derivatives: list[torch.Tensor] = []
 
     def init_noise(self, noise):
-        return noise * (self.sigmas.max() ** 2 + 1) ** 0.5
+        return noise * schedules.noise_scale(self.sigmas, self.schedule)
 
     def scale_input(self, x, i):
         return x / (self.sigmas[i] ** 2 + 1) ** 0.5

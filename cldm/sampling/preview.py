@@ -2,13 +2,15 @@
 
 The UNet's noise estimate gives the predicted clean latent, x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), and a fixed
 4 -> 3 linear map turns latents into colours (A1111's "Approx cheap" preview for SD1.x latents). The picture is at
-the latent size (1/8 of the picture's side); it costs a few element-wise operations per preview.
+the latent size (1/8 of the picture's side); it costs a few element-wise operations per preview. With a decoder
+(a TAESD: A1111's "TAESD" method) the predicted latent is decoded instead, at the picture's size.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
 from cldm.sampling.schedules import alphas_cumprod
 
@@ -39,3 +41,15 @@ def approx_rgb(latents: torch.Tensor) -> np.ndarray:
     else:
         rgb = x.mean(dim=1)[..., None].expand(-1, -1, -1, 3)
     return ((rgb + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).numpy()  # truncated, as A1111 does
+
+
+def decoded_rgb(decoder: nn.Module, latents: torch.Tensor) -> np.ndarray:
+    """(b, C, h, w) scaled latents -> (b, H, W, 3) uint8 through a decoder with the VAE's contract (a TAESD),
+    truncated as A1111 does."""
+    image = decoder.decode(latents).float()
+    return ((image + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def preview_rgb(latents: torch.Tensor, decoder: nn.Module | None = None) -> np.ndarray:
+    """The live preview of predicted latents: decoded by `decoder` when there is one, else `approx_rgb`."""
+    return approx_rgb(latents) if decoder is None else decoded_rgb(decoder, latents)

@@ -1,5 +1,6 @@
-"""The samplers by name: DDIM, Euler (a), LMS, DPM++ 2M (SDE), DPM++ SDE and UniPC (one module per family), each
-on its diffusers scheduler's sigma schedules (`schedules.py`: uniform, Karras, exponential).
+"""The samplers by name: DDIM, Euler (a), LMS, DPM++ 2M (SDE), DPM++ SDE, UniPC, and LCM and TCD for
+consistency-distilled models (one module per family), each on its diffusers scheduler's sigma schedules
+(`schedules.py`: uniform, Karras, exponential, and the trailing and SGM Uniform spacings of few-step models).
 
 Every sampler works on an epsilon-predicting model and keeps to the same small interface, so the loop in
 `cldm/pipeline/stages.py` does not care which one runs:
@@ -14,6 +15,7 @@ from __future__ import annotations
 from functools import partial
 
 from cldm.sampling import schedules
+from cldm.sampling.consistency import LCM, TCD
 from cldm.sampling.ddim import DDIM
 from cldm.sampling.dpmpp_2m import DPMPP2M, DPMPP2MSDE
 from cldm.sampling.dpmpp_sde import DPMPPSDE
@@ -23,17 +25,20 @@ from cldm.sampling.sampler import Sampler
 from cldm.sampling.schedules import SCHEDULE_LABELS
 from cldm.sampling.unipc import UniPC
 
-# Each sampler with the schedules its diffusers scheduler offers; the key is the name plus "_karras" or
-# "_exponential", the label A1111's ("DPM++ 2M" + " Karras").
+# Each sampler with the schedules its diffusers scheduler offers; the key is the name plus "_" and the schedule
+# ("_karras", "_sgm_uniform"), the label A1111's ("DPM++ 2M" + " Karras").
+_SPACED = ("", *schedules.SPACINGS)  # diffusers' Euler a has no Karras or exponential sigmas
 _KINDS = {
     "ddim": (DDIM, "DDIM", ("",)),
-    "euler_a": (EulerAncestral, "Euler a", ("",)),
+    "euler_a": (EulerAncestral, "Euler a", _SPACED),
     "euler": (Euler, "Euler", schedules.SCHEDULES),
     "lms": (LMS, "LMS", schedules.SCHEDULES),
     "dpmpp_2m": (DPMPP2M, "DPM++ 2M", schedules.SCHEDULES),
     "dpmpp_sde": (DPMPPSDE, "DPM++ SDE", schedules.SCHEDULES),
     "dpmpp_2m_sde": (DPMPP2MSDE, "DPM++ 2M SDE", schedules.SCHEDULES),
     "unipc": (UniPC, "UniPC", ("",)),
+    "lcm": (LCM, "LCM", ("",)),
+    "tcd": (TCD, "TCD", ("",)),
 }
 SAMPLERS: dict[str, type[Sampler] | partial] = {}
 # The names A1111 writes in its "parameters" text (and shows in its sampler list).
@@ -57,9 +62,10 @@ def sampler_class(name: str) -> type[Sampler]:
 
 
 def make_sampler(name: str, steps: int, eta: float = 0.0) -> Sampler:
-    """Sampler by name (`SAMPLERS`, e.g. ddim (uses eta), euler_a, dpmpp_2m_karras, dpmpp_sde_karras, unipc)."""
+    """Sampler by name (`SAMPLERS`, e.g. ddim, euler_a, dpmpp_2m_karras, euler_trailing, lcm, tcd). `eta` is DDIM's
+    eta and TCD's gamma, as diffusers' pipelines pass it to both (0 by default there too; TCD's cards use 0.3)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    s = DDIM(steps, eta) if name == "ddim" else SAMPLERS[name](steps)
+    s = SAMPLERS[name](steps, eta) if name in ("ddim", "tcd") else SAMPLERS[name](steps)
     s.name = name
     return s
