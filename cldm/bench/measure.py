@@ -218,13 +218,8 @@ def step_flops(step: Callable[[], object]) -> int:
     which is given its formula here: without it a 512 px step missed its 0.3 TFLOP of attention."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-    def attention(q, k, v, *args, out_shape=None, scale=None, **kwargs) -> int:  # the counter's own formula
-        if scale is None:
-            return sdpa_flop_count(q, k, v)
-        # narrow heads padded with zeros for the CPU kernel (cldm.models.attention.sdpa) carry their true width in
-        # the scale 1/sqrt(d): the padding's multiplications by zero are not the model's work
-        d = round(scale**-2)
-        return sdpa_flop_count(*((*shape[:-1], d) for shape in (q, k, v)))  # the shapes, the true width last
+    def attention(q, k, v, *args, out_shape=None, **kwargs) -> int:  # given shapes, as the counter's own formulas
+        return sdpa_flop_count(q, k, v)
 
     extra = {}
     cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

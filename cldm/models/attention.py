@@ -15,23 +15,6 @@ from torch import nn
 AttentionProcessor = Callable[["CrossAttention", torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-# torch's CPU flash-attention kernel tiles the head width for AMX in blocks of 32: SD1.5's 40-wide heads at the
-# first level (4096 tokens at 512 px, a quarter of a step's attention time) run about 1.5x faster padded with zeros
-# to 64 (zeros add nothing to q.k and give zero outputs, cut off after). Wider heads and short keys gain nothing.
-PADDED_HEAD_WIDTH = 64
-PAD_MIN_KEYS = 1024
-
-
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v of (b, h, n, d) tensors; on a CPU in half precision, narrow heads padded."""
-    d = q.shape[-1]
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and d < PADDED_HEAD_WIDTH and k.shape[-2] >= PAD_MIN_KEYS:
-        pad = (0, PADDED_HEAD_WIDTH - d)
-        out = F.scaled_dot_product_attention(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), scale=d**-0.5)
-        return out[..., :d]
-    return F.scaled_dot_product_attention(q, k, v)
-
-
 def sdpa_attention(attn: CrossAttention, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
     """The plain processor: softmax(q k^T / sqrt(d)) v through torch's SDPA."""
     _, out = attn.attend(x, context)
@@ -68,7 +51,7 @@ class CrossAttention(nn.Module):
         k, v = self.split_heads(self.to_k(context), b), self.split_heads(self.to_v(context), b)
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16) and q.device.type not in ("cuda", "cpu"):
             return q, F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
-        return q, sdpa(q, k, v)
+        return q, F.scaled_dot_product_attention(q, k, v)
 
     def project_out(self, out: torch.Tensor) -> torch.Tensor:
         b, _, n, _ = out.shape
