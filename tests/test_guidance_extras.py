@@ -113,8 +113,10 @@ def _pag_pipe(ref_pipe, layers):
     [
         (("mid",), ["mid"], {"pag_scale": 25.0}),  # the tiny middle block moves the picture little: a large scale
         (("down.block_1", "up_blocks.1.attentions.0"), ["down_blocks.1", "up_blocks.1.attentions.0"], {}),
-        (("up",), ["up"], {"cfg_scale": 1.0}),  # without guidance: cond + pag * (cond - perturbed)
-        (("down",), ["down"], {"pag_adaptive_scale": 0.004}),  # the scale falls to 0 over the later steps
+        # these two run in the integration tier (the fast tier's 5 minutes): without guidance (cond + pag * (cond -
+        # perturbed)), and the adaptive scale (it falls to 0 over the later steps)
+        pytest.param(("up",), ["up"], {"cfg_scale": 1.0}, marks=pytest.mark.integration),
+        pytest.param(("down",), ["down"], {"pag_adaptive_scale": 0.004}, marks=pytest.mark.integration),
     ],
 )
 def test_pag_matches_diffusers_controlnet_pag_pipeline(ours, ref_pipe, ours_layers, theirs, extra, one_thread):

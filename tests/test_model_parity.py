@@ -106,6 +106,7 @@ def test_long_prompts_are_chunked_not_cut(ours):
     assert (other[0, 77:] - ctx[0, 77:]).abs().max() > 1e-4
 
 
+@pytest.mark.integration  # real-size weights: ~27 s, kept out of the fast tier's 5 minutes
 @torch.no_grad()
 def test_real_sd15_unet_and_controlnet_match_at_small_latent():
     """The full SD1.5 UNet and ControlNet config (860M + 361M random parameters) at an 8x8 latent."""

@@ -37,6 +37,7 @@ def _distance(demo, reference, **ref) -> float:
     return float(np.mean([np.abs(p.astype(float) - reference).mean() for p in pics]))
 
 
+@pytest.mark.integration  # ~9 s of demo-model pictures, kept out of the fast tier's 5 minutes
 def test_reference_only_pulls_toward_the_reference_more_with_fidelity(demo, reference):
     """Measured on the demo model (4 seeds, 12 DDIM steps): distance 70 without, about 60 at fidelity 0 and
     about 42 at fidelity 1. The bounds hold a margin."""
