@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cldm.io.locate import DEFAULT_BASE_REPO, detect_offline
 from cldm.runtime.manager import ModelManager
+from studio.a1111.server import api_app
 from studio.availability import choose_base
 from studio.launch import quiet_dependencies, read_auth, serve
 from studio.page import build_app
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD", help="require a login (repeatable)")
     p.add_argument("--auth-file", help="a file of USER:PASSWORD lines (keeps passwords out of the process list)")
     p.add_argument("--queue-size", type=int, default=16)
+    p.add_argument("--no-api", action="store_true", help="leave out the A1111 API (/sdapi/v1/*, /controlnet/*, "
+                   "/docs); it is on by default, behind the same --auth")  # fmt: skip
     p.add_argument("--max-work", type=float, help="megapixel-steps one request may take (default: 32 on the CPU, "
                    "400 on CUDA; 512x512 x 20 steps x 1 picture is 5.2)")  # fmt: skip
     p.add_argument("--keep-outputs", type=int, default=500, help="result PNGs kept on the server (oldest go first)")
@@ -80,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     offline_note = " Offline: only weights on this machine are used." if offline else ""
     demo = build_app(studio, banner=f"{banner} Device: {where}.{offline_note}")
     demo.queue(max_size=a.queue_size, default_concurrency_limit=max(1, a.serve_replicas))  # one per replica
-    serve(demo, server_name=a.host, server_port=a.port, share=a.share, allowed_paths=[str(studio.out_dir)],
+    api = None if a.no_api else api_app(studio, a.queue_size)
+    serve(demo, api, server_name=a.host, server_port=a.port, share=a.share, allowed_paths=[str(studio.out_dir)],
           auth=auth or None)  # fmt: skip
 
 

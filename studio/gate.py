@@ -2,15 +2,20 @@
 
 - With logins (`--auth`), a request without a valid login cookie reaches nothing but a small login page and Gradio's
   `/login`: Gradio itself leaves its page config (every endpoint, the model lists, the upload folder), `/cancel`
-  (anyone could stop anyone's job with its session hash and event id) and the heartbeat open.
+  (anyone could stop anyone's job with its session hash and event id) and the heartbeat open. The A1111 API's
+  paths (`studio/a1111`) also take HTTP Basic credentials of the same logins, as A1111's --api-auth does; without
+  either they answer 401 with `WWW-Authenticate: Basic`.
 - Every request is stamped with the time it arrived, so a handler knows when its Generate was sent: a Stop pressed
   after that and before the handler ran (while the job waited in the queue) still stops it.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import html
 import json
+import secrets
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -66,20 +71,44 @@ def logged_in(app: Any, cookies: dict[str, str]) -> bool:
     return False
 
 
-def _cookies(scope: Scope) -> dict[str, str]:
+def basic_login(auth: Any, authorization: str) -> bool:
+    """Whether an `Authorization: Basic ...` header names a login of the server's (Gradio's `app.auth`: a dict of
+    user -> password, or a function)."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, sep, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    if not sep:
+        return False
+    if callable(auth):
+        return bool(auth(user, password))
+    expected = auth.get(user) if isinstance(auth, dict) else None
+    return expected is not None and secrets.compare_digest(password.encode(), str(expected).encode())
+
+
+def _header(scope: Scope, wanted: bytes) -> str:
     for name, value in scope.get("headers", []):
-        if name == b"cookie":
-            return cookie_parser(value.decode("latin-1"))
-    return {}
+        if name == wanted:
+            return value.decode("latin-1")
+    return ""
+
+
+def _cookies(scope: Scope) -> dict[str, str]:
+    cookie = _header(scope, b"cookie")
+    return cookie_parser(cookie) if cookie else {}
 
 
 class Gate:
     """ASGI middleware: stamps each request's arrival; with logins, refuses anonymous requests to every route but the
     login page (401 JSON for API calls; the login page for a browser's GET of the root)."""
 
-    def __init__(self, app: Callable, title: str = "ControlNet studio"):
+    def __init__(self, app: Callable, title: str = "ControlNet studio", basic: Callable[[str], bool] | None = None):
         self.app = app
         self.page = LOGIN_PAGE.format(title=html.escape(title)).encode()
+        self.basic = basic  # which paths also take HTTP Basic credentials (the A1111 API's, as its clients send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -90,8 +119,15 @@ class Gate:
         if getattr(server, "auth", None) is None or logged_in(server, _cookies(scope)):
             await self.app(scope, receive, send)
             return
-        path = _route(scope)
-        if path == "/" and scope["type"] == "http" and scope.get("method") in ("GET", "HEAD"):
+        path = route_path(scope)
+        if self.basic is not None and scope["type"] == "http" and self.basic(path):
+            if basic_login(server.auth, _header(scope, b"authorization")):
+                await self.app(scope, receive, send)
+            else:  # a browser asks for the login; a client (webuiapi's set_auth) sends it
+                body = json.dumps({"detail": "Not authenticated: send HTTP Basic credentials (a user:password "
+                                   "of the server's --auth)."}).encode()  # fmt: skip
+                await _respond(send, 401, "application/json", body, [(b"www-authenticate", b"Basic")])
+        elif path == "/" and scope["type"] == "http" and scope.get("method") in ("GET", "HEAD"):
             await _respond(send, 200, "text/html; charset=utf-8", self.page)
         elif path in OPEN_PATHS and path != "/":
             await self.app(scope, receive, send)
@@ -102,7 +138,7 @@ class Gate:
             await _respond(send, 401, "application/json", body)
 
 
-def _route(scope: Scope) -> str:
+def route_path(scope: Scope) -> str:
     """The request's path below the app's root path (a reverse proxy may mount the app under a prefix)."""
     path, root = scope.get("path", "/"), scope.get("root_path", "").rstrip("/")
     if root and path.startswith(root):
@@ -110,15 +146,16 @@ def _route(scope: Scope) -> str:
     return "/" + path.lstrip("/")
 
 
-async def _respond(send: Send, status: int, kind: str, body: bytes) -> None:
-    headers = [(b"content-type", kind.encode()), (b"content-length", str(len(body)).encode())]
+async def _respond(send: Send, status: int, kind: str, body: bytes, extra: list | None = None) -> None:
+    headers = [(b"content-type", kind.encode()), (b"content-length", str(len(body)).encode()), *(extra or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-def middleware() -> list[Middleware]:
-    """What `Blocks.launch(app_kwargs={"middleware": ...})` takes: the gate in front of every route."""
-    return [Middleware(Gate)]
+def middleware(basic: Callable[[str], bool] | None = None) -> list[Middleware]:
+    """What `Blocks.launch(app_kwargs={"middleware": ...})` takes: the gate in front of every route; the paths
+    `basic` picks also take HTTP Basic credentials."""
+    return [Middleware(Gate, basic=basic)]
 
 
 def arrived(request: Any) -> float | None:

@@ -280,7 +280,7 @@ class Studio:
     def request(self, units: list[UnitSettings], s: Settings, seed: int, progress: Progress,
                 ip: ImagePromptSettings | Sequence[ImagePromptSettings] | None = None,
                 ref: ReferenceSettings | None = None, extras: PassSettings | None = None,
-                family: str | None = None, guidance: GuidanceSettings | None = None):  # fmt: skip
+                family: str | None = None, guidance: GuidanceSettings | None = None, plain: bool = False):  # fmt: skip
         """(GenerationRequest, hints to show, a note for the status line) for these units and settings, with the
         ControlNets of the base's `family` (default: the loaded base's)."""
         controls, shown, init, mask, strength, resize = [], [], None, None, 1.0, "crop"
@@ -319,15 +319,16 @@ class Studio:
             # live previews through the family's TAESD when A1111's models/VAE-taesd holds one (else Approx cheap)
             preview_vae=locate.locate_taesd(family, self.models_dir) if extras and int(extras.preview_every) else None,
         )  # fmt: skip
-        if not units and not request.all_image_prompts and request.reference is None:
-            raise InputError("Give a picture: an image prompt or a reference.")
+        if not plain and not units and not request.all_image_prompts and request.reference is None:
+            raise InputError("Give a picture: an image prompt or a reference.")  # `plain`: the A1111 API's txt2img
         return request, shown, note
 
     def generate(self, units: list[UnitSettings], s: Settings, progress: Progress,
                  ip: ImagePromptSettings | Sequence[ImagePromptSettings] | None = None,
                  ref: ReferenceSettings | None = None, session: str | None = None, extras: PassSettings | None = None,
                  preview: Callable[[np.ndarray], None] | None = None, base: str | None = None,
-                 sent_at: float | None = None, guidance: GuidanceSettings | None = None):  # fmt: skip
+                 sent_at: float | None = None, guidance: GuidanceSettings | None = None,
+                 plain: bool = False):  # fmt: skip
         """Run one request: (gallery items: hints then pictures, status line, PNG files with their parameters).
 
         `base` names one of `self.bases` (None: the first, the one the page shows until the user picks another):
@@ -348,7 +349,7 @@ class Studio:
             if flag.is_set():
                 raise Stopped("Stopped before it started; nothing saved.")
             request, shown, note = self.request(units, s, seed, progress, ip, ref, extras, self.family_of(base_path),
-                                                guidance)  # fmt: skip
+                                                guidance, plain)  # fmt: skip
             request = replace(request, base=base_path)
             if flag.is_set():
                 raise Stopped("Stopped before sampling; nothing saved.")
