@@ -506,12 +506,13 @@ def test_each_tab_has_one_labelled_endpoint_set(client):
             assert p["label"] and not p["parameter_name"].startswith("param_"), (name, p)
         assert "guess_mode" not in names, name
     canny = [p["parameter_name"] for p in api["/canny_generate"]["parameters"]]
+    extras = ["eta", "cfg_rescale", "freeu", "pag_scale", "pag_layers"]  # the guidance extras, optional, last
     assert canny[:8] == ["image", "preprocessor", "resolution", "scale", "start", "end", "canny_low_threshold",
-                         "canny_high_threshold"] and canny[-3:] == ["base", "control_model", "region"]  # fmt: skip
+                         "canny_high_threshold"] and canny[-8:] == ["base", "control_model", "region", *extras]  # fmt: skip
     hint = [p["parameter_name"] for p in api["/canny_hint"]["parameters"]]
     assert hint[-5:] == ["width", "height", "control_mode", "resize_mode", "pixel_perfect"]
     multi = [p["parameter_name"] for p in api["/multi_generate"]["parameters"]]
     assert {"enabled_1", "image_2", "control_mode_3", "prompt", "base"} <= set(multi)
-    assert [p["parameter_name"] for p in api["/image_prompt_generate"]["parameters"]][-1] == "base"
+    assert [p["parameter_name"] for p in api["/image_prompt_generate"]["parameters"]][-6:] == ["base", *extras]
     assert [p["parameter_name"] for p in api["/batch_run"]["parameters"]][-1] == "base"
     assert all(api[f"/{c.key}_generate"]["description"] for c in CONDITIONS)
