@@ -45,6 +45,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the sample grids")
     p.add_argument("--cfg", type=float, default=5.0, help="guidance scale of the sample grids")
     p.add_argument("--fresh", action="store_true", help="start the stage over instead of resuming")
+    p.add_argument("--cooldown", type=int, default=0, help="controlnet: its last N steps at a tenth of the learning "
+                   "rate ('all' on the demo preset: canny 400, scribble 800)")  # fmt: skip
     p.add_argument("--export", help="folder for the shipped fp16 files (with 'all' or 'export')")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
@@ -63,7 +65,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     o = train.TrainOptions(
         run=Path(a.run), preset=a.preset, steps=a.steps or 0, batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed,
         pool=a.pool, vae_crop=a.vae_crop or None, ckpt_every=a.ckpt_every, eval_every=a.eval_every,
-        eval_samples=a.eval_samples, sample_steps=a.sample_steps, cfg_scale=a.cfg, fresh=a.fresh,
+        eval_samples=a.eval_samples, sample_steps=a.sample_steps, cfg_scale=a.cfg, fresh=a.fresh, cooldown=a.cooldown,
     )  # fmt: skip
     if a.stage == "lora":
         from cldm.training import lora_train
@@ -101,7 +103,7 @@ def cmd_train(a: argparse.Namespace) -> None:
             print(train.train_controlnet(o, hint))
     elif a.stage == "all":
         schedule = {stage: getattr(a, f"{stage}_steps") for stage in train.DEMO_SCHEDULE}
-        train.train_all(o, schedule, hints)
+        train.train_all(o, schedule, hints, train.DEMO_COOLDOWN if a.preset == "demo" else None)
     if a.stage == "card":
         if not a.export:
             raise InputError("give --export FOLDER")
