@@ -77,8 +77,11 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         default="models",
         help="where <lora:name:weight> tags in --prompt are found (DIR/loras/name.safetensors)",
     )
-    p.add_argument("--vae", help="another VAE file or folder (e.g. vae-ft-mse-840000-ema-pruned.safetensors), or a "
-                   "TAESD for fast decoding (taesd_decoder.pth with its encoder beside it, or an AutoencoderTiny folder)")
+    p.add_argument(
+        "--vae",
+        help="another VAE file or folder (e.g. vae-ft-mse-840000-ema-pruned.safetensors), or a "
+        "TAESD for fast decoding (taesd_decoder.pth with its encoder beside it, or an AutoencoderTiny folder)",
+    )
     p.add_argument(
         "--embeddings",
         metavar="DIR",

@@ -53,7 +53,8 @@ def test_other_loras_propose_nothing(name):
 
 def test_renamed_files_are_known_by_metadata_or_hub_folder(tmp_path):
     # the hub's cache: every LCM-LoRA downloads as pytorch_lora_weights.safetensors under its repo's folder
-    cached = tmp_path / "models--latent-consistency--lcm-lora-sdv1-5" / "snapshots" / "0abc" / "pytorch_lora_weights.safetensors"  # noqa: E501
+    repo = tmp_path / "models--latent-consistency--lcm-lora-sdv1-5"
+    cached = repo / "snapshots" / "0abc" / "pytorch_lora_weights.safetensors"
     assert proposal_for(_lora_file(cached)).sampler == "lcm"
     # a trainer's name in the metadata wins over a renamed file's stem
     renamed = _lora_file(tmp_path / "loras" / "fast.safetensors", {"ss_output_name": "Hyper-SD15-4steps-lora"})
@@ -121,4 +122,6 @@ def test_app_picker_sets_the_settings_and_says_so(tmp_path):
 
 def test_proposal_text_names_everything():
     text = few_step.Proposal("TCD-LoRA", "tcd", 4, 1.0, 0.3).text("TCD-SD15-LoRA.safetensors")
-    assert text == "TCD-SD15-LoRA.safetensors is a TCD-LoRA: its card asks for sampler tcd, gamma 0.3, 4 steps, guidance 1"
+    assert (
+        text == "TCD-SD15-LoRA.safetensors is a TCD-LoRA: its card asks for sampler tcd, gamma 0.3, 4 steps, guidance 1"
+    )
