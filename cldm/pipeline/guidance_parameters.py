@@ -6,11 +6,11 @@ that are off are left out."""
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 from cldm.models.freeu import FreeU
 from cldm.pipeline.guidance import PAG_DEFAULT_LAYERS, uses_pag
+from cldm.pipeline.key_values import finite_number
 
 if TYPE_CHECKING:
     from cldm.pipeline.request import GenerationRequest
@@ -42,23 +42,15 @@ def read_guidance(fields: dict[str, str]) -> dict:
     or cannot be read."""
     freeu = None
     if fields.get("freeu_enabled", "").lower() == "true":
-        values = [_number(fields.get(f"freeu_{k}")) for k in FREEU_KEYS]
+        values = [finite_number(fields.get(f"freeu_{k}")) for k in FREEU_KEYS]
         freeu = FreeU(*values) if None not in values else None
     pag_on = fields.get("pag_enabled", "true").lower() == "true"
     layers = tuple(n.strip() for n in fields.get("pag_layers", "").split(LAYER_SEPARATOR) if n.strip())
     return {
-        "eta": _number(fields.get("Eta DDIM", fields.get("Eta"))) or 0.0,
-        "cfg_rescale": _number(fields.get("Rescale CFG")) or 0.0,
+        "eta": finite_number(fields.get("Eta DDIM", fields.get("Eta"))) or 0.0,
+        "cfg_rescale": finite_number(fields.get("Rescale CFG")) or 0.0,
         "freeu": freeu,
-        "pag_scale": (_number(fields.get("pag_scale")) or 0.0) if pag_on else 0.0,
+        "pag_scale": (finite_number(fields.get("pag_scale")) or 0.0) if pag_on else 0.0,
         "pag_layers": layers or PAG_DEFAULT_LAYERS,
-        "pag_adaptive_scale": _number(fields.get("pag_adaptive_scale")) or 0.0,
+        "pag_adaptive_scale": finite_number(fields.get("pag_adaptive_scale")) or 0.0,
     }
-
-
-def _number(value: str | None) -> float | None:
-    try:
-        x = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None

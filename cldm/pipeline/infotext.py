@@ -14,7 +14,6 @@ in each unit's `raw`; only a text without the key-value line at all is an InputE
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -22,6 +21,7 @@ from cldm.adapters.emphasis import MAX_PROMPT_CHARS
 from cldm.errors import InputError
 from cldm.pipeline import key_values
 from cldm.pipeline.guidance_parameters import guidance_fields, read_guidance
+from cldm.pipeline.key_values import finite_number
 from cldm.pipeline.prompts import embeddings_used
 from cldm.pipeline.request import ControlUnit, GenerationRequest, stem
 from cldm.pipeline.vocabulary import Choice, ControlMode, InpaintMode, ResizeMode, Sampler
@@ -91,7 +91,7 @@ class Infotext:
 
     @property
     def cfg_scale(self) -> float | None:
-        return _float(self.fields.get("CFG scale"))
+        return finite_number(self.fields.get("CFG scale"))
 
     @property
     def seed(self) -> int | None:
@@ -107,7 +107,7 @@ class Infotext:
 
     @property
     def denoising_strength(self) -> float | None:
-        return _float(self.fields.get("Denoising strength"))
+        return finite_number(self.fields.get("Denoising strength"))
 
     @property
     def clip_skip(self) -> int | None:
@@ -180,15 +180,15 @@ def _parse_unit(index: int, text: str) -> UnitInfo | None:
         index=index,
         module=_first(low.get("module"), low.get("preprocessor"), ""),
         model=_HASH.sub("", low.get("model", "")),
-        scale=_first(_float(low.get("weight")), 1.0),
-        start=_first(_float(low.get("guidance start")), _float(_at(span, 0)), 0.0),
-        end=_first(_float(low.get("guidance end")), _float(_at(span, 1)), 1.0),
+        scale=_first(finite_number(low.get("weight")), 1.0),
+        start=_first(finite_number(low.get("guidance start")), finite_number(_at(span, 0)), 0.0),
+        end=_first(finite_number(low.get("guidance end")), finite_number(_at(span, 1)), 1.0),
         resize_mode=_choice(ResizeMode, low.get("resize mode"), ResizeMode.CROP),
         pixel_perfect=low.get("pixel perfect", "").lower() == "true",
         control_mode=_choice(ControlMode, low.get("control mode"), ControlMode.BALANCED),
         processor_res=_unset(_first(_int(low.get("processor res")), _int(_at(params, 0)))),
-        threshold_a=_unset(_first(_float(low.get("threshold a")), _float(_at(params, 1)))),
-        threshold_b=_unset(_first(_float(low.get("threshold b")), _float(_at(params, 2)))),
+        threshold_a=_unset(_first(finite_number(low.get("threshold a")), finite_number(_at(params, 1)))),
+        threshold_b=_unset(_first(finite_number(low.get("threshold b")), finite_number(_at(params, 2)))),
         raw=raw,
     )
 
@@ -212,19 +212,11 @@ def _unquote(value: str) -> str:
         return value[1:-1].replace('\\"', '"')
 
 
-def _float(value: str | None) -> float | None:
-    try:
-        x = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
 def _int(value: str | None) -> int | None:
     try:
         return int(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        x = _float(value)
+        x = finite_number(value)
         return int(x) if x is not None and x.is_integer() else None
 
 

@@ -7,6 +7,7 @@ length, so that a hostile PNG of a few KB cannot hold the server for minutes.
 
 from __future__ import annotations
 
+import math
 import re
 
 # A1111's patterns. A value is a JSON-quoted string (it may hold commas), a tuple such as "starting/ending: (0, 1)"
@@ -82,3 +83,12 @@ def unit_pairs(text: str) -> list[tuple[str, str]]:
         out.append((key, value))
         i = end
     return out
+
+
+def finite_number(value: str | None) -> float | None:
+    """A value of the text as a finite number; None when it is missing, not a number, NaN or infinite."""
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
