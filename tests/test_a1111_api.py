@@ -184,20 +184,9 @@ def test_bad_payloads_are_refused_naming_the_field(api):
 def test_the_app_serves_the_api_unless_no_api(monkeypatch):
     import app
     from studio.a1111.server import ApiDispatch
+    from tests.test_hardening import app_without_a_server
 
-    launched = {}
-
-    class FakeBlocks:
-        def queue(self, **kw):
-            return self
-
-        def launch(self, **kw):
-            launched.update(kw)
-
-    monkeypatch.setattr(app, "build_app", lambda studio, banner: FakeBlocks())
-    fake = {"device": torch.device("cpu"), "dtype": torch.float32, "prepack_cpu": False, "base_path": "sd",
-            "load_embeddings": lambda self, folder: {}}  # fmt: skip
-    monkeypatch.setattr(app, "ModelManager", lambda *a, **kw: type("M", (), fake)())
+    launched = app_without_a_server(monkeypatch)
     for flags, served in (([], True), (["--no-api"], False)):
         app.main(["--demo", *flags])
         layers = [m.cls for m in launched["app_kwargs"]["middleware"]]

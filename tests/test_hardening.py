@@ -470,7 +470,9 @@ def test_a_server_with_auth_refuses_anonymous_clients(ours, tmp_path):
         blocks.close()
 
 
-def test_sharing_without_auth_warns(monkeypatch, caplog):
+def app_without_a_server(monkeypatch) -> dict:
+    """`app.main` with stand-ins for the page and the model: what it would launch the server with lands in the
+    returned dict (launch's keyword arguments), and nothing is loaded or served."""
     import app
 
     launched = {}
@@ -486,6 +488,13 @@ def test_sharing_without_auth_warns(monkeypatch, caplog):
     fake = {"device": torch.device("cpu"), "dtype": torch.float32, "prepack_cpu": False, "base_path": "sd",
             "load_embeddings": lambda self, folder: {}}  # fmt: skip
     monkeypatch.setattr(app, "ModelManager", lambda *a, **kw: type("M", (), fake)())
+    return launched
+
+
+def test_sharing_without_auth_warns(monkeypatch, caplog):
+    import app
+
+    launched = app_without_a_server(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="app"):
         app.main(["--demo", "--share"])
     assert launched["share"] and launched["auth"] is None
