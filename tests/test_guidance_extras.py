@@ -184,17 +184,8 @@ def test_pag_with_an_image_prompt_matches_diffusers(ours, ref_pipe, tmp_path, on
 # ------------------------------------------------------------------------------------------------------ SDXL
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    from diffusers import ControlNetModel, StableDiffusionXLControlNetPAGPipeline
-
     root = tmp_path_factory.mktemp("sdxl")
-    pipe_dir = tf.make_sdxl_pipeline(root)
-    cn_dir = tf.make_sdxl_controlnet(root, pipe_dir, seed=1)
-    sd = checkpoints.load_sd(pipe_dir)
-    ref = StableDiffusionXLControlNetPAGPipeline.from_pretrained(
-        pipe_dir, controlnet=ControlNetModel.from_pretrained(cn_dir), pag_applied_layers=["mid"]
-    )
-    ref.set_progress_bar_config(disable=True)
-    return sd, checkpoints.load_controlnet(cn_dir, base=sd.config.unet), ref
+    return tf.sdxl_with_reference(root, "StableDiffusionXLControlNetPAGPipeline", pag_applied_layers=["mid"])
 
 
 def test_sdxl_freeu_and_pag_match_diffusers(sdxl, one_thread):

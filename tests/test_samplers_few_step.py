@@ -269,17 +269,7 @@ def sd2_v(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
-
-    root = tmp_path_factory.mktemp("sdxl")
-    pipe_dir = tf.make_sdxl_pipeline(root)
-    cn_dir = tf.make_sdxl_controlnet(root, pipe_dir, seed=1)
-    sd = checkpoints.load_sd(pipe_dir)
-    ref = StableDiffusionXLControlNetPipeline.from_pretrained(
-        pipe_dir, controlnet=ControlNetModel.from_pretrained(cn_dir)
-    )
-    ref.set_progress_bar_config(disable=True)
-    return sd, checkpoints.load_controlnet(cn_dir, base=sd.config.unet), ref
+    return tf.sdxl_with_reference(tmp_path_factory.mktemp("sdxl"), "StableDiffusionXLControlNetPipeline")
 
 
 @pytest.mark.parametrize(("sampler", "eta"), [("lcm", 0.0), ("tcd", 0.3)])

@@ -254,6 +254,21 @@ def make_sdxl_controlnet(
     return folder / name
 
 
+def sdxl_with_reference(folder: Path, pipeline: str, **options):
+    """(our tiny SDXL base, our ControlNet, diffusers' `pipeline` class on the same files) for SDXL parity tests."""
+    import diffusers
+
+    from cldm.io import checkpoints
+
+    pipe_dir = make_sdxl_pipeline(folder)
+    cn_dir = make_sdxl_controlnet(folder, pipe_dir, seed=1)
+    sd = checkpoints.load_sd(pipe_dir)
+    cn = diffusers.ControlNetModel.from_pretrained(cn_dir)
+    ref = getattr(diffusers, pipeline).from_pretrained(pipe_dir, controlnet=cn, **options)
+    ref.set_progress_bar_config(disable=True)
+    return sd, checkpoints.load_controlnet(cn_dir, base=sd.config.unet), ref
+
+
 def sdxl_embedding_file(out_path: Path, n_vectors: int = 2, seed: int = 0) -> Path:
     """An SDXL textual inversion in the published layout: safetensors {"clip_l": (n, 32), "clip_g": (n, 48)}."""
     from safetensors.torch import save_file
