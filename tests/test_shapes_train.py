@@ -19,6 +19,7 @@ from cldm.sampling.schedules import TRAIN_STEPS, alphas_cumprod
 from cldm.training.charts import line_chart
 from cldm.training.export import demo_card, export
 from cldm.training.metrics import canny_edges, edge_f1
+from cldm.training.recipe import COOLDOWN_FACTOR, DEMO_PHASES, DEMO_SCHEDULE, PLAIN, Phase, cooldown_phases, phase_at
 from cldm.training.shapes import (
     CAPTION_WORDS,
     CLASS_NAMES,
@@ -304,6 +305,49 @@ def test_resume_continues_from_the_saved_step(trained):
     assert any(not torch.equal(before[k], after[k]) for k in before)
     state = torch.load(trained.run / "controlnet_canny" / "optimizer.pt", weights_only=True)
     assert state["step"] == 6
+
+
+def test_controlnet_phases_set_learning_rate_and_empty_captions_by_step(trained, monkeypatch, one_thread):
+    """A phased ControlNet run: each step's learning rate and share of dropped captions come from its phase, steps
+    past the last phase keep its settings, and a run resumed mid-way goes on as an uninterrupted one, bit for bit
+    on one thread (on two, oneDNN may split a reduction differently in the resumed process)."""
+    from dataclasses import replace
+
+    from cldm.training import train as train_module
+
+    shares, drop = [], train_module._drop_captions
+    monkeypatch.setattr(train_module, "_drop_captions", lambda c, p, g: shares.append(p) or drop(c, p, g))
+    phases = (Phase(2), Phase(4, COOLDOWN_FACTOR, 0.05), Phase(5, 1.0, 0.0))
+    once = replace(trained, run=trained.run / "once", steps=6, phases=phases, eval_every=100)
+    for stage in ("vae", "base"):
+        (once.run / stage).mkdir(parents=True, exist_ok=True)
+        for f in (trained.run / stage).glob("*.safetensors"):
+            (once.run / stage / f.name).write_bytes(f.read_bytes())
+    path = train_controlnet(once, "seg")
+    assert [e["lr"] for e in _log(path.parent)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-3, 1e-3])
+    assert shares == [0.3, 0.3, 0.05, 0.05, 0.0, 0.0]
+    twice = replace(once, run=trained.run / "twice")
+    for stage in ("vae", "base"):
+        (twice.run / stage).mkdir(parents=True, exist_ok=True)
+        for f in (once.run / stage).glob("*.safetensors"):
+            (twice.run / stage / f.name).write_bytes(f.read_bytes())
+    train_controlnet(replace(twice, steps=3), "seg")  # interrupted inside the cool-down, then resumed
+    resumed = train_controlnet(twice, "seg")
+    a, b = files.read_file(path), files.read_file(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_demo_recipe_phases_and_cooldown_phases():
+    assert phase_at((), 123) == PLAIN and PLAIN.empty_captions == 0.3 and PLAIN.lr_factor == 1.0
+    assert cooldown_phases(10, 4) == (Phase(6), Phase(10, COOLDOWN_FACTOR))
+    assert [phase_at(cooldown_phases(10, 4, 0.05), s) for s in (5, 6, 12)] == [
+        Phase(6, 1.0, 0.05), Phase(10, COOLDOWN_FACTOR, 0.05), Phase(10, COOLDOWN_FACTOR, 0.05)
+    ]  # fmt: skip
+    for hint, phases in DEMO_PHASES.items():
+        ends = [p.until for p in phases]
+        assert ends == sorted(set(ends)) and DEMO_SCHEDULE[f"controlnet_{hint}"] == ends[-1]
+        assert all(0 <= p.empty_captions <= 1 and 0 < p.lr_factor <= 1 for p in phases)
+        assert phases[-1].empty_captions < PLAIN.empty_captions or hint == "canny"  # binding phases end the recipe
 
 
 @pytest.mark.integration  # a training run

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from cldm.errors import InputError
@@ -14,7 +15,8 @@ from cldm.training.shapes import HINTS
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    from cldm.training.train import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_WARMUP, DEMO_SCHEDULE
+    from cldm.training.recipe import DEMO_SCHEDULE
+    from cldm.training.train import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_WARMUP
 
     p.add_argument(
         "stage",
@@ -46,7 +48,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", type=float, default=5.0, help="guidance scale of the sample grids")
     p.add_argument("--fresh", action="store_true", help="start the stage over instead of resuming")
     p.add_argument("--cooldown", type=int, default=0, help="controlnet: its last N steps at a tenth of the learning "
-                   "rate ('all' on the demo preset: canny 400, scribble 800)")  # fmt: skip
+                   "rate ('all' on the demo preset follows DEMO_PHASES instead)")  # fmt: skip
+    p.add_argument("--empty-captions", type=float, help="controlnet: the share of captions dropped (default 0.3; 'all' "
+                   "on the demo preset follows DEMO_PHASES)")  # fmt: skip
     p.add_argument("--export", help="folder for the shipped fp16 files (with 'all' or 'export')")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
@@ -54,7 +58,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(a: argparse.Namespace) -> None:
     import torch
 
-    from cldm.training import export, train
+    from cldm.training import export, recipe, train
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -65,7 +69,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     o = train.TrainOptions(
         run=Path(a.run), preset=a.preset, steps=a.steps or 0, batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed,
         pool=a.pool, vae_crop=a.vae_crop or None, ckpt_every=a.ckpt_every, eval_every=a.eval_every,
-        eval_samples=a.eval_samples, sample_steps=a.sample_steps, cfg_scale=a.cfg, fresh=a.fresh, cooldown=a.cooldown,
+        eval_samples=a.eval_samples, sample_steps=a.sample_steps, cfg_scale=a.cfg, fresh=a.fresh,
     )  # fmt: skip
     if a.stage == "lora":
         from cldm.training import lora_train
@@ -99,11 +103,15 @@ def cmd_train(a: argparse.Namespace) -> None:
     elif a.stage == "base":
         print(train.train_base(o))
     elif a.stage == "controlnet":
+        empty = recipe.PLAIN.empty_captions if a.empty_captions is None else a.empty_captions
+        if not 0 <= empty <= 1 or not 0 <= a.cooldown <= a.steps:
+            raise InputError("--empty-captions is a share from 0 to 1 and --cooldown a number of steps up to --steps")
+        o = replace(o, phases=recipe.cooldown_phases(a.steps, a.cooldown, empty))
         for hint in hints:
             print(train.train_controlnet(o, hint))
     elif a.stage == "all":
-        schedule = {stage: getattr(a, f"{stage}_steps") for stage in train.DEMO_SCHEDULE}
-        train.train_all(o, schedule, hints, train.DEMO_COOLDOWN if a.preset == "demo" else None)
+        schedule = {stage: getattr(a, f"{stage}_steps") for stage in recipe.DEMO_SCHEDULE}
+        train.train_all(o, schedule, hints, recipe.DEMO_PHASES if a.preset == "demo" else None)
     if a.stage == "card":
         if not a.export:
             raise InputError("give --export FOLDER")

@@ -28,6 +28,7 @@ from cldm.pipeline.prompts import token_chunks
 from cldm.sampling.schedules import TRAIN_STEPS, alphas_cumprod
 from cldm.training.evaluation import ControlEval, sample_base, vae_eval
 from cldm.training.latent_pool import LatentPool, images_to_tensor
+from cldm.training.recipe import Phase, phase_at
 from cldm.training.shapes import HINTS, make_batch
 from cldm.training.trainer import GRAD_CLIP, Run, lr_at, make_optimizer, run_loop, step_generator
 from cldm.training.vocab import MAX_LENGTH, shapes_tokenizer, vocab_size
@@ -39,8 +40,7 @@ POOLED_HINTS = ("shuffle",)
 EVAL_OFFSET = 1_000_000_000  # evaluation pictures come from far past any training index
 SCALE_SAMPLES = 64  # pictures used to fit the latent scale (1 / std of the latents, what 0.18215 is for SD)
 KL_WEIGHT = 1e-5  # per latent element; just enough to keep the posterior from collapsing to a point
-EMPTY_CAPTION_P = {"base": 0.1, "controlnet": 0.3}  # CFG needs "" seen; the ControlNet paper drops half, but
-# colour binding ("a blue circle and a yellow star") is learnt from the words: v2 keeps 70% of them
+EMPTY_CAPTION_P_BASE = 0.1  # CFG needs "" seen (a ControlNet's share is its Phase's, recipe.py)
 DEFAULT_LR = {"vae": 1e-3, "base": 5e-4, "controlnet": 1e-3}
 DEFAULT_WARMUP = {"vae": 100, "base": 100, "controlnet": 50}
 DEFAULT_BATCH = {"vae": 32, "base": 64, "controlnet": 16}  # a 2-core CPU does ~2x the pictures/s at 64 than at 16
@@ -125,7 +125,7 @@ class TrainOptions:
     sample_steps: int = 20
     cfg_scale: float = 5.0
     fresh: bool = False  # ignore an existing checkpoint and start over
-    cooldown: int = 0  # a ControlNet's last steps at COOLDOWN_FACTOR of its learning rate
+    phases: tuple[Phase, ...] = ()  # a ControlNet's learning rate and empty captions by step (none: PLAIN throughout)
 
 
 def _lr_batch(o: TrainOptions, stage: str) -> tuple[float, int]:
@@ -289,7 +289,7 @@ def train_base(o: TrainOptions) -> Path:
         g = step_generator(o.seed, step)
         mean, std, captions, _ = pool.get(_batch_indices(batch, pool, g))
         x_t, t, eps = _noisy(mean, std, g)
-        ids = token_chunks(model.text, _drop_captions(captions, EMPTY_CAPTION_P["base"], g))[:, 0]
+        ids = token_chunks(model.text, _drop_captions(captions, EMPTY_CAPTION_P_BASE, g))[:, 0]
         loss = eps_loss(model.unet(x_t, t, model.text(ids)), eps, t)
         cur = _lr(o, "base", step, lr)
         _optimizer_step(opt, loss, params, cur)
@@ -343,11 +343,12 @@ def train_controlnet(o: TrainOptions, hint: str, pool: LatentPool | None = None)
         g = step_generator(o.seed, step)
         mean, std, captions, hints = pool.get(_batch_indices(batch, pool, g), hint)
         x_t, t, eps = _noisy(mean, std, g, cubic=True)
+        phase = phase_at(o.phases, step)
         with torch.no_grad():
-            ctx = base.text(token_chunks(base.text, _drop_captions(captions, EMPTY_CAPTION_P["controlnet"], g))[:, 0])
+            ctx = base.text(token_chunks(base.text, _drop_captions(captions, phase.empty_captions, g))[:, 0])
         control = cn(x_t, t, ctx, cn.embed_hint(hints))
         loss = eps_loss(base.unet(x_t, t, ctx, control=control), eps, t)
-        cur = _lr(o, "controlnet", step, lr) * (COOLDOWN_FACTOR if step >= o.steps - o.cooldown else 1.0)
+        cur = _lr(o, "controlnet", step, lr) * phase.lr_factor
         _optimizer_step(opt, loss, cn.parameters(), cur)
         return {"loss": loss.item(), "lr": cur}
 
@@ -363,28 +364,14 @@ def train_controlnet(o: TrainOptions, hint: str, pool: LatentPool | None = None)
     return path
 
 
-# Steps per stage of `train all` for the demo family (figures in docs/demo-model.md): VAE on 32 px crops, then the
-# base, then one ControlNet per hint. Seg sits at the no-ControlNet level for 600 steps before it takes off; shuffle,
-# pooled to one vector per level, had learnt nothing usable at 400. Colour binding on two-object scenes keeps
-# rising long after the edges are learnt (canny: 60% at 1200 steps, 71% at 2400, 81% at 4000 on 48 scenes; scribble
-# 46% at 1400, 60% at 5000; seg flat at 52-56% from 1600 to 3200 while its F1 rose 0.84 -> 0.90).
-DEMO_SCHEDULE = {
-    "vae": 1000, "base": 2500, "controlnet": 800, "controlnet_canny": 4400, "controlnet_scribble": 5800,
-    "controlnet_seg": 3200, "controlnet_shuffle": 1400,
-}  # fmt: skip
-# The constant learning rate, then a cool-down: a ControlNet's last steps at a tenth of it. Binding rose with it
-# where more steps at the full rate had stopped helping (24 scenes: canny 79% -> 88% in its last 400 steps, scribble
-# 60% -> 67% in 800); seg's did not move (58%), so it has none.
-COOLDOWN_FACTOR = 0.1
-DEMO_COOLDOWN = {"canny": 400, "scribble": 800}
-
-
-def train_all(o: TrainOptions, schedule: dict[str, int], hints=HINTS, cooldown: dict[str, int] | None = None) -> None:
+def train_all(
+    o: TrainOptions, schedule: dict[str, int], hints=HINTS, phases: dict[str, tuple[Phase, ...]] | None = None
+) -> None:
     """Every stage in order with its step count from `schedule` (`controlnet_<hint>` overrides `controlnet` for one
-    hint) and each ControlNet's cool-down steps from `cooldown` (by hint); each stage resumes if it was interrupted."""
+    hint) and each ControlNet's phases from `phases` (by hint); each stage resumes if it was interrupted."""
     train_vae(replace(o, steps=schedule["vae"]))
     train_base(replace(o, steps=schedule["base"]))
     pool = controlnet_pool(o, hints)  # the same pictures for every ControlNet: encoded once, not once per hint
     for hint in hints:
         steps = schedule.get(f"controlnet_{hint}") or schedule["controlnet"]
-        train_controlnet(replace(o, steps=steps, cooldown=(cooldown or {}).get(hint, 0)), hint, pool)
+        train_controlnet(replace(o, steps=steps, phases=(phases or {}).get(hint, ())), hint, pool)
