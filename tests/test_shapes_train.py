@@ -19,11 +19,21 @@ from cldm.sampling.schedules import TRAIN_STEPS, alphas_cumprod
 from cldm.training.charts import line_chart
 from cldm.training.export import demo_card, export
 from cldm.training.metrics import canny_edges, edge_f1
-from cldm.training.recipe import COOLDOWN_FACTOR, DEMO_PHASES, DEMO_SCHEDULE, PLAIN, Phase, cooldown_phases, phase_at
+from cldm.training.recipe import (
+    COOLDOWN_FACTOR,
+    DEMO_PHASES,
+    DEMO_SCHEDULE,
+    DEMO_STARTS,
+    PLAIN,
+    Phase,
+    cooldown_phases,
+    phase_at,
+)
 from cldm.training.shapes import (
     CAPTION_WORDS,
     CLASS_NAMES,
     COLORS,
+    HINTS,
     MAX_OVERLAP,
     OVERLAPPING,
     SEG_PALETTE,
@@ -337,6 +347,32 @@ def test_controlnet_phases_set_learning_rate_and_empty_captions_by_step(trained,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_controlnet_starts_from_another_hints_controlnet(trained, one_thread, tmp_path):
+    """`init`: a ControlNet begins as another hint's (one Adam step away from it after one step, where a new one
+    would begin with its zero convolutions at zero); a ControlNet of another shape is refused, and `train_all`
+    names the ControlNet to train first when its start is missing."""
+    from dataclasses import replace
+
+    from cldm.training.train import train_all
+
+    canny_path = trained.run / "controlnet_canny" / CONTROLNET_FILE
+    canny = files.read_file(canny_path)
+    zero_convs = [k for k in canny if "zero_convs" in k or "middle_block_out" in k]
+    assert zero_convs and any(canny[k].abs().max() > 2e-3 for k in zero_convs)
+    o = replace(trained, run=tmp_path / "run", steps=1, eval_every=100, init=canny_path)
+    for stage in ("vae", "base"):
+        (o.run / stage).mkdir(parents=True)
+        for f in (trained.run / stage).glob("*.safetensors"):
+            (o.run / stage / f.name).write_bytes(f.read_bytes())
+    tile = files.read_file(train_controlnet(o, "tile"))
+    assert tile.keys() == canny.keys()
+    assert max((tile[k] - canny[k]).abs().max().item() for k in canny) <= 1.5e-3  # one step at lr 1e-3
+    with pytest.raises(ValueError, match="not a ControlNet of this base for the shuffle hint"):
+        train_controlnet(o, "shuffle")  # shuffle's ControlNet pools its residuals: another shape of ControlNet
+    with pytest.raises(ValueError, match="starts from the scribble one: train that first"):
+        train_all(replace(o, init=None), {"vae": 4, "base": 4, "controlnet": 1}, ("seg",), starts={"seg": "scribble"})
+
+
 def test_demo_recipe_phases_and_cooldown_phases():
     assert phase_at((), 123) == PLAIN and PLAIN.empty_captions == 0.3 and PLAIN.lr_factor == 1.0
     assert cooldown_phases(10, 4) == (Phase(6), Phase(10, COOLDOWN_FACTOR))
@@ -348,6 +384,8 @@ def test_demo_recipe_phases_and_cooldown_phases():
         assert ends == sorted(set(ends)) and DEMO_SCHEDULE[f"controlnet_{hint}"] == ends[-1]
         assert all(0 <= p.empty_captions <= 1 and 0 < p.lr_factor <= 1 for p in phases)
         assert phases[-1].empty_captions < PLAIN.empty_captions or hint == "canny"  # binding phases end the recipe
+    for hint, start in DEMO_STARTS.items():
+        assert HINTS.index(start) < HINTS.index(hint)  # `train all` trains the start first
 
 
 @pytest.mark.integration  # a training run

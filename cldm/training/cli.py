@@ -51,6 +51,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    "rate ('all' on the demo preset follows DEMO_PHASES instead)")  # fmt: skip
     p.add_argument("--empty-captions", type=float, help="controlnet: the share of captions dropped (default 0.3; 'all' "
                    "on the demo preset follows DEMO_PHASES)")  # fmt: skip
+    p.add_argument("--init", help="controlnet: start from this ControlNet file (another hint's) instead of a copy of "
+                   "the base's encoder ('all' on the demo preset follows DEMO_STARTS)")  # fmt: skip
     p.add_argument("--export", help="folder for the shipped fp16 files (with 'all' or 'export')")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
@@ -106,12 +108,13 @@ def cmd_train(a: argparse.Namespace) -> None:
         empty = recipe.PLAIN.empty_captions if a.empty_captions is None else a.empty_captions
         if not 0 <= empty <= 1 or not 0 <= a.cooldown <= a.steps:
             raise InputError("--empty-captions is a share from 0 to 1 and --cooldown a number of steps up to --steps")
-        o = replace(o, phases=recipe.cooldown_phases(a.steps, a.cooldown, empty))
+        o = replace(o, phases=recipe.cooldown_phases(a.steps, a.cooldown, empty), init=Path(a.init) if a.init else None)
         for hint in hints:
             print(train.train_controlnet(o, hint))
     elif a.stage == "all":
         schedule = {stage: getattr(a, f"{stage}_steps") for stage in recipe.DEMO_SCHEDULE}
-        train.train_all(o, schedule, hints, recipe.DEMO_PHASES if a.preset == "demo" else None)
+        demo = a.preset == "demo"
+        train.train_all(o, schedule, hints, recipe.DEMO_PHASES if demo else None, recipe.DEMO_STARTS if demo else None)
     if a.stage == "card":
         if not a.export:
             raise InputError("give --export FOLDER")

@@ -43,8 +43,11 @@ DEMO_PHASES = {
     "scribble": (
         Phase(5000), Phase(5800, COOLDOWN_FACTOR), Phase(6600, 1.0, 0.05), Phase(7000, COOLDOWN_FACTOR, 0.05),
     ),
-    "seg": (Phase(3200), Phase(5200, 1.0, 0.05), Phase(5600, COOLDOWN_FACTOR, 0.05)),
+    "seg": (Phase(1600, 1.0, 0.05), Phase(2000, COOLDOWN_FACTOR, 0.05)),
 }  # fmt: skip
+# ControlNets that start from another hint's (trained before them by `train all`) instead of a copy of the base's
+# encoder: {SEGSTART}
+DEMO_STARTS = {"seg": "canny"}
 # Steps per stage of `train all` for the demo family: VAE on 32 px crops, then the base, then one ControlNet per
 # hint (a phased one to its last phase's end). Seg sits at the no-ControlNet level for 600 steps before it takes off;
 # shuffle, pooled to one vector per level, had learnt nothing usable at 400.

@@ -126,6 +126,7 @@ class TrainOptions:
     cfg_scale: float = 5.0
     fresh: bool = False  # ignore an existing checkpoint and start over
     phases: tuple[Phase, ...] = ()  # a ControlNet's learning rate and empty captions by step (none: PLAIN throughout)
+    init: Path | None = None  # a ControlNet to start from (none: a copy of the base's encoder)
 
 
 def _lr_batch(o: TrainOptions, stage: str) -> tuple[float, int]:
@@ -327,7 +328,14 @@ def train_controlnet(o: TrainOptions, hint: str, pool: LatentPool | None = None)
     # Shuffle carries the picture's colours and style, not its layout: its residuals are averaged over the picture
     # (ControlNet 1.1's global average pooling), in training as in use.
     cfg = replace(base.config.unet, global_average_pooling=hint in POOLED_HINTS)
-    cn = checkpoints.load_controlnet(path) if resume else ControlNet.from_unet(base.unet, cfg)
+    if resume:
+        cn = checkpoints.load_controlnet(path)
+    elif o.init:  # another hint's ControlNet: what it learnt of the words is kept, its hint encoder learns anew
+        cn = checkpoints.load_controlnet(o.init)
+        if cn.cfg != cfg:
+            raise ValueError(f"{o.init} is not a ControlNet of this base for the {hint} hint")
+    else:
+        cn = ControlNet.from_unet(base.unet, cfg)
     cn.requires_grad_(True).train().to(memory_format=torch.channels_last)
     base.unet.to(memory_format=torch.channels_last)
     lr, batch = _lr_batch(o, "controlnet")
@@ -365,13 +373,23 @@ def train_controlnet(o: TrainOptions, hint: str, pool: LatentPool | None = None)
 
 
 def train_all(
-    o: TrainOptions, schedule: dict[str, int], hints=HINTS, phases: dict[str, tuple[Phase, ...]] | None = None
+    o: TrainOptions,
+    schedule: dict[str, int],
+    hints=HINTS,
+    phases: dict[str, tuple[Phase, ...]] | None = None,
+    starts: dict[str, str] | None = None,
 ) -> None:
     """Every stage in order with its step count from `schedule` (`controlnet_<hint>` overrides `controlnet` for one
-    hint) and each ControlNet's phases from `phases` (by hint); each stage resumes if it was interrupted."""
+    hint), each ControlNet's phases from `phases` and, for a hint in `starts`, the ControlNet of the hint named there
+    (trained before it) as its start; each stage resumes if it was interrupted."""
     train_vae(replace(o, steps=schedule["vae"]))
     train_base(replace(o, steps=schedule["base"]))
     pool = controlnet_pool(o, hints)  # the same pictures for every ControlNet: encoded once, not once per hint
     for hint in hints:
         steps = schedule.get(f"controlnet_{hint}") or schedule["controlnet"]
-        train_controlnet(replace(o, steps=steps, phases=(phases or {}).get(hint, ())), hint, pool)
+        init = None
+        if hint in (starts or {}):
+            init = o.run / f"controlnet_{starts[hint]}" / CONTROLNET_FILE
+            if not init.is_file():
+                raise ValueError(f"the {hint} ControlNet starts from the {starts[hint]} one: train that first ({init})")
+        train_controlnet(replace(o, steps=steps, phases=(phases or {}).get(hint, ()), init=init), hint, pool)
