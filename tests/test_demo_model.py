@@ -24,16 +24,17 @@ def demo():
 
 @pytest.mark.integration  # the training wing's evaluation of the shipped model: ~170 generations, about 2 min
 def test_demo_model_follows_hints_and_prompts(demo):
-    """demo_eval's measures at N=12, held about two pictures below what demo model v2.2 measured at N=24 (two objects:
-    canny F1 0.98, scribble 0.91, seg 0.89, tile 0.92; binding 88 / 67 / 62 / 92%; one object: colour 100%, shape
-    96%; sketched triangle 100%). v1 bound the colours of two objects in 8-12% of scenes: it fails here."""
+    """demo_eval's measures at N=12, held about two pictures below what demo model v2.3 measured at N=24 (two objects:
+    canny F1 0.98, scribble 0.94, seg 0.96, tile 0.92; binding 88 / 83 / 83 / 92%; one object: colour 100%, shape
+    96%; sketched triangle 100%). v1 bound the colours of two objects in 8-12% of scenes, v2.2 scribble and seg in
+    67 / 62%: they fail here."""
     from cldm.training import demo_eval
 
     report = demo_eval.evaluate(*demo, n=N)  # the demo settings (demo_eval.STEPS, CFG)
-    for hint, least in (("canny", 0.9), ("scribble", 0.8), ("seg", 0.8), ("tile", 0.8)):
+    for hint, least in (("canny", 0.9), ("scribble", 0.85), ("seg", 0.85), ("tile", 0.8)):
         f = report.two_objects[hint]
         assert f["f1_on"] >= least and f["f1_on"] > f["f1_off"] + 0.3, (hint, f)
-    for hint, least in (("canny", 8 / 12), ("scribble", 6 / 12), ("seg", 5 / 12), ("tile", 9 / 12)):
+    for hint, least in (("canny", 8 / 12), ("scribble", 8 / 12), ("seg", 8 / 12), ("tile", 9 / 12)):
         assert report.two_objects[hint]["binding"] >= least, (hint, report.two_objects[hint])
     assert report.colour_rate >= 10 / 12, report
     assert report.shape_rate >= 10 / 12, report
@@ -101,11 +102,11 @@ def test_swapping_controlnets_in_the_running_demo_app(demo_app, tmp_path):
 
 @pytest.mark.slow
 def test_full_demo_eval_gives_the_readme_figures(demo):
-    """`python -m cldm demo-eval --n 24`, docs/demo-model.md's v2.2 column: within about one picture of each figure."""
+    """`python -m cldm demo-eval --n 24`, docs/demo-model.md's v2.3 column: within about one picture of each figure."""
     from cldm.training import demo_eval
 
     report = demo_eval.evaluate(*demo, n=24)
-    table = {"canny": (0.98, 0.88), "scribble": (0.91, 0.67), "seg": (0.89, 0.62), "tile": (0.92, 0.92)}
+    table = {"canny": (0.98, 0.88), "scribble": (0.94, 0.83), "seg": (0.96, 0.83), "tile": (0.92, 0.92)}
     for hint, (f1, binding) in table.items():
         assert abs(report.two_objects[hint]["f1_on"] - f1) < 0.04, (hint, report.two_objects[hint])
         assert abs(report.two_objects[hint]["binding"] - binding) <= 1.5 / 24, (hint, report.two_objects[hint])
