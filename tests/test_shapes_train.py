@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from cldm.errors import InputError
 from cldm.io import checkpoints, files
 from cldm.io.model_card import card_for
 from cldm.models.config import SDConfig
@@ -367,9 +368,9 @@ def test_controlnet_starts_from_another_hints_controlnet(trained, one_thread, tm
     tile = files.read_file(train_controlnet(o, "tile"))
     assert tile.keys() == canny.keys()
     assert max((tile[k] - canny[k]).abs().max().item() for k in canny) <= 1.5e-3  # one step at lr 1e-3
-    with pytest.raises(ValueError, match="not a ControlNet of this base for the shuffle hint"):
+    with pytest.raises(InputError, match="not a ControlNet of this base for the shuffle hint"):
         train_controlnet(o, "shuffle")  # shuffle's ControlNet pools its residuals: another shape of ControlNet
-    with pytest.raises(ValueError, match="starts from the scribble one: train that first"):
+    with pytest.raises(InputError, match="starts from the scribble one: train that first"):
         train_all(replace(o, init=None), {"vae": 4, "base": 4, "controlnet": 1}, ("seg",), starts={"seg": "scribble"})
 
 

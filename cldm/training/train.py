@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from cldm.errors import InputError
 from cldm.io import checkpoints, files, writers
 from cldm.io.assemble import build
 from cldm.io.model_configs import CONFIG_METADATA_KEY
@@ -333,7 +334,9 @@ def train_controlnet(o: TrainOptions, hint: str, pool: LatentPool | None = None)
     elif o.init:  # another hint's ControlNet: what it learnt of the words is kept, its hint encoder learns anew
         cn = checkpoints.load_controlnet(o.init)
         if cn.cfg != cfg:
-            raise ValueError(f"{o.init} is not a ControlNet of this base for the {hint} hint")
+            raise InputError(
+                f"{o.init} is not a ControlNet of this base for the {hint} hint (another base, or pooled: shuffle)"
+            )
     else:
         cn = ControlNet.from_unet(base.unet, cfg)
     cn.requires_grad_(True).train().to(memory_format=torch.channels_last)
@@ -391,5 +394,5 @@ def train_all(
         if hint in (starts or {}):
             init = o.run / f"controlnet_{starts[hint]}" / CONTROLNET_FILE
             if not init.is_file():
-                raise ValueError(f"the {hint} ControlNet starts from the {starts[hint]} one: train that first ({init})")
+                raise InputError(f"the {hint} ControlNet starts from the {starts[hint]} one: train that first ({init})")
         train_controlnet(replace(o, steps=steps, phases=(phases or {}).get(hint, ()), init=init), hint, pool)
