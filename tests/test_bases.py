@@ -56,6 +56,7 @@ def test_switching_bases_one_in_memory(tiny_dirs, second_base, tmp_path):
     assert manager.base_path == first and np.array_equal(manager.run(_req(None)).images, a.images)
 
 
+@pytest.mark.integration  # two clients, two bases: 6 s (keeps the fast tier under 5 minutes)
 def test_two_clients_on_two_bases(tiny_dirs, second_base):
     """Requests for different bases from two threads, interleaved: each gets exactly the pictures it gets alone."""
     from cldm.runtime.manager import ModelManager

@@ -144,6 +144,7 @@ def test_a_million_row_file_gives_its_first_picture_before_it_is_read(tmp_path):
     writer.join(timeout=60)
 
 
+@pytest.mark.integration  # a long batch: 4 s (keeps the fast tier under 5 minutes)
 def test_streaming_keeps_memory_flat(tmp_path):
     """Reading 10,000 rows holds one row at a time: after the first thousand, the memory held grows no more."""
     import pathlib

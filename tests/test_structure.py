@@ -209,6 +209,7 @@ def _loaded_after(imports: str, prefix: str, setup: str = "") -> str:
     return out.stdout.strip()
 
 
+@pytest.mark.integration  # subprocesses: 5 s (keeps the fast tier under 5 minutes)
 def test_the_app_and_the_batch_command_run_without_ray():
     # with ray made unimportable, importing these must succeed (check=True) and load nothing of it
     assert (
@@ -219,6 +220,7 @@ def test_the_app_and_the_batch_command_run_without_ray():
     )
 
 
+@pytest.mark.integration  # a subprocess: 4 s (keeps the fast tier under 5 minutes)
 def test_importing_the_app_and_the_cli_loads_no_training_code():
     assert _loaded_after("app, cldm.__main__, cldm.cli", "cldm.training") == "[]"
 

@@ -336,6 +336,7 @@ def _hint(seed=0) -> np.ndarray:
     return np.clip(img.astype(int) + rng.randint(0, 60, img.shape), 0, 255).astype(np.uint8)
 
 
+@pytest.mark.integration  # two full generations, the second at twice the size: 8 s (keeps the fast tier under 5 minutes)
 def test_hires_fix_doubles_the_size_and_runs_exactly_its_steps(ours):
     # copies of the ControlNet and the VAE, whose methods are wrapped to record what they are given
     cn, sd = copy.deepcopy(ours[1]), replace(ours[0], vae=copy.deepcopy(ours[0].vae))
