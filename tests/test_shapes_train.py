@@ -318,6 +318,14 @@ def test_resume_continues_from_the_saved_step(trained):
     assert state["step"] == 6
 
 
+def _copy_base(src: Path, dst: Path) -> None:
+    """The trained VAE and base of run `src` into run `dst` (weights only: a ControlNet stage reads nothing else)."""
+    for stage in ("vae", "base"):
+        (dst / stage).mkdir(parents=True, exist_ok=True)
+        for f in (src / stage).glob("*.safetensors"):
+            (dst / stage / f.name).write_bytes(f.read_bytes())
+
+
 def test_controlnet_phases_set_learning_rate_and_empty_captions_by_step(trained, monkeypatch, one_thread):
     """A phased ControlNet run: each step's learning rate and share of dropped captions come from its phase, steps
     past the last phase keep its settings, and a run resumed mid-way goes on as an uninterrupted one, bit for bit
@@ -330,18 +338,12 @@ def test_controlnet_phases_set_learning_rate_and_empty_captions_by_step(trained,
     monkeypatch.setattr(train_module, "_drop_captions", lambda c, p, g: shares.append(p) or drop(c, p, g))
     phases = (Phase(2), Phase(4, COOLDOWN_FACTOR, 0.05), Phase(5, 1.0, 0.0))
     once = replace(trained, run=trained.run / "once", steps=6, phases=phases, eval_every=100)
-    for stage in ("vae", "base"):
-        (once.run / stage).mkdir(parents=True, exist_ok=True)
-        for f in (trained.run / stage).glob("*.safetensors"):
-            (once.run / stage / f.name).write_bytes(f.read_bytes())
+    _copy_base(trained.run, once.run)
     path = train_controlnet(once, "seg")
     assert [e["lr"] for e in _log(path.parent)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-3, 1e-3])
     assert shares == [0.3, 0.3, 0.05, 0.05, 0.0, 0.0]
     twice = replace(once, run=trained.run / "twice")
-    for stage in ("vae", "base"):
-        (twice.run / stage).mkdir(parents=True, exist_ok=True)
-        for f in (once.run / stage).glob("*.safetensors"):
-            (twice.run / stage / f.name).write_bytes(f.read_bytes())
+    _copy_base(once.run, twice.run)
     train_controlnet(replace(twice, steps=3), "seg")  # interrupted inside the cool-down, then resumed
     resumed = train_controlnet(twice, "seg")
     a, b = files.read_file(path), files.read_file(resumed)
@@ -351,7 +353,7 @@ def test_controlnet_phases_set_learning_rate_and_empty_captions_by_step(trained,
 def test_controlnet_starts_from_another_hints_controlnet(trained, one_thread, tmp_path):
     """`init`: a ControlNet begins as another hint's (one Adam step away from it after one step, where a new one
     would begin with its zero convolutions at zero); a ControlNet of another shape is refused, and `train_all`
-    names the ControlNet to train first when its start is missing."""
+    names the ControlNet to train first when its start is missing, before training anything."""
     from dataclasses import replace
 
     from cldm.training.train import train_all
@@ -361,22 +363,23 @@ def test_controlnet_starts_from_another_hints_controlnet(trained, one_thread, tm
     zero_convs = [k for k in canny if "zero_convs" in k or "middle_block_out" in k]
     assert zero_convs and any(canny[k].abs().max() > 2e-3 for k in zero_convs)
     o = replace(trained, run=tmp_path / "run", steps=1, eval_every=100, init=canny_path)
-    for stage in ("vae", "base"):
-        (o.run / stage).mkdir(parents=True)
-        for f in (trained.run / stage).glob("*.safetensors"):
-            (o.run / stage / f.name).write_bytes(f.read_bytes())
+    _copy_base(trained.run, o.run)
     tile = files.read_file(train_controlnet(o, "tile"))
     assert tile.keys() == canny.keys()
     assert max((tile[k] - canny[k]).abs().max().item() for k in canny) <= 1.5e-3  # one step at lr 1e-3
     with pytest.raises(InputError, match="not a ControlNet of this base for the shuffle hint"):
         train_controlnet(o, "shuffle")  # shuffle's ControlNet pools its residuals: another shape of ControlNet
-    with pytest.raises(InputError, match="starts from the scribble one: train that first"):
-        train_all(replace(o, init=None), {"vae": 4, "base": 4, "controlnet": 1}, ("seg",), starts={"seg": "scribble"})
+    fresh = replace(o, run=tmp_path / "fresh", init=None)
+    for hints in (("seg",), ("seg", "scribble")):  # scribble not trained, or trained after seg
+        with pytest.raises(InputError, match="starts from the scribble one: train that first"):
+            train_all(fresh, {"vae": 4, "base": 4, "controlnet": 1}, hints, starts={"seg": "scribble"})
+    assert not fresh.run.exists()  # refused before any training
 
 
 def test_demo_recipe_phases_and_cooldown_phases():
     assert phase_at((), 123) == PLAIN and PLAIN.empty_captions == 0.3 and PLAIN.lr_factor == 1.0
     assert cooldown_phases(10, 4) == (Phase(6), Phase(10, COOLDOWN_FACTOR))
+    assert cooldown_phases(10, 0) == (Phase(10),)
     assert [phase_at(cooldown_phases(10, 4, 0.05), s) for s in (5, 6, 12)] == [
         Phase(6, 1.0, 0.05), Phase(10, COOLDOWN_FACTOR, 0.05), Phase(10, COOLDOWN_FACTOR, 0.05)
     ]  # fmt: skip

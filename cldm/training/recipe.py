@@ -28,7 +28,8 @@ def phase_at(phases: tuple[Phase, ...], step: int) -> Phase:
 
 def cooldown_phases(steps: int, cooldown: int, empty_captions: float = PLAIN.empty_captions) -> tuple[Phase, ...]:
     """`steps` steps at the full learning rate but the last `cooldown` at COOLDOWN_FACTOR of it."""
-    return Phase(steps - cooldown, 1.0, empty_captions), Phase(steps, COOLDOWN_FACTOR, empty_captions)
+    full = Phase(steps - cooldown, 1.0, empty_captions)
+    return (full, Phase(steps, COOLDOWN_FACTOR, empty_captions)) if cooldown else (full,)
 
 
 # The demo family's ControlNets by phase (figures in docs/demo-model.md). The constant learning rate with 30% empty

@@ -385,14 +385,15 @@ def train_all(
     """Every stage in order with its step count from `schedule` (`controlnet_<hint>` overrides `controlnet` for one
     hint), each ControlNet's phases from `phases` and, for a hint in `starts`, the ControlNet of the hint named there
     (trained before it) as its start; each stage resumes if it was interrupted."""
+    hints = tuple(hints)
+    inits = {h: o.run / f"controlnet_{start}" / CONTROLNET_FILE for h, start in (starts or {}).items() if h in hints}
+    for hint, init in inits.items():  # checked before hours of training, not after them
+        if starts[hint] not in hints[: hints.index(hint)] and not init.is_file():
+            raise InputError(f"the {hint} ControlNet starts from the {starts[hint]} one: train that first ({init})")
     train_vae(replace(o, steps=schedule["vae"]))
     train_base(replace(o, steps=schedule["base"]))
     pool = controlnet_pool(o, hints)  # the same pictures for every ControlNet: encoded once, not once per hint
     for hint in hints:
         steps = schedule.get(f"controlnet_{hint}") or schedule["controlnet"]
-        init = None
-        if hint in (starts or {}):
-            init = o.run / f"controlnet_{starts[hint]}" / CONTROLNET_FILE
-            if not init.is_file():
-                raise InputError(f"the {hint} ControlNet starts from the {starts[hint]} one: train that first ({init})")
-        train_controlnet(replace(o, steps=steps, phases=(phases or {}).get(hint, ()), init=init), hint, pool)
+        o_hint = replace(o, steps=steps, phases=(phases or {}).get(hint, ()), init=inits.get(hint))
+        train_controlnet(o_hint, hint, pool)
