@@ -50,13 +50,18 @@ button[role="tab"][id$="-tab-off-button"] { opacity: 0.45; }
 """
 
 
+def layers(api: ASGIApp | None = None) -> list:
+    """The middleware in front of every route: the gate, then (with an `api`) the A1111 API's dispatch, so the API
+    paths pass the same logins (HTTP Basic besides the page's cookie) before they reach it."""
+    return middleware() if api is None else [*middleware(basic=is_api_path), dispatch(api)]
+
+
 def serve(demo: gr.Blocks, api: ASGIApp | None = None, **options):
     """`demo.launch(**options)` with the gate (`gate.py`) in front of every route, the A1111 API (`api`, from
     `a1111.server.api_app`; None: none) beside the page, the upload size cap and the page's CSS.
 
     Errors Gradio raises itself before a handler runs are not shown (they name server paths, e.g. "Cannot move
     /srv/app/file:/etc/passwd ..."); every handler's own error is a gr.Error, which Gradio always shows."""
-    layers = middleware() if api is None else [*middleware(basic=is_api_path), dispatch(api)]
     return demo.launch(
-        app_kwargs={"middleware": layers}, max_file_size=MAX_FILE_SIZE, show_error=False, css=PAGE_CSS, **options
+        app_kwargs={"middleware": layers(api)}, max_file_size=MAX_FILE_SIZE, show_error=False, css=PAGE_CSS, **options
     )

@@ -13,13 +13,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may touch the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # every gr.Blocks would ask api.gradio.app for its version
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 import tiny  # noqa: E402
 
 # Fixtures that start something outside the test's own process or run for long: a server (the app), a browser, a
 # Ray cluster, a training run. Every test that uses one, directly or through another fixture, is an integration test.
-INTEGRATION_FIXTURES = {"running_app", "demo_app", "browser", "cluster", "trained", "family_app"}
+INTEGRATION_FIXTURES = {"running_app", "demo_app", "browser", "cluster", "trained", "family_app", "api_servers"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark

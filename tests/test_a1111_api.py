@@ -36,19 +36,19 @@ def _fake_studio(tmp_path, limits: Limits | None = None) -> Studio:
     return Studio(manager, str(models), str(tmp_path / "out"), limits=limits)
 
 
-def _server(studio: Studio, auth: dict | None = None, queue_size: int = 4):
-    """The page's server as `launch.serve` builds it, Gradio left out: the gate, then the API's dispatch, then a
-    stand-in page."""
+def _server(studio: Studio | None, auth: dict | None = None, queue_size: int = 4):
+    """The page's server with `launch.serve`'s own middleware (`launch.layers`), Gradio left out: a stand-in page
+    behind the gate and, unless `studio` is None (`--no-api`), the API's dispatch."""
     from starlette.applications import Starlette
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
-    from studio.a1111.server import api_app, dispatch, is_api_path
-    from studio.gate import middleware
+    from studio.a1111.server import api_app
+    from studio.launch import layers
 
     page = Route("/gradio_api/info", lambda request: PlainTextResponse("the page's own API"))
-    outer = Starlette(routes=[page], middleware=[*middleware(basic=is_api_path), dispatch(api_app(studio,
-                                                                                                  queue_size))])  # fmt: skip
+    api = None if studio is None else api_app(studio, queue_size)
+    outer = Starlette(routes=[page], middleware=layers(api))
     outer.auth, outer.cookie_id, outer.tokens = auth, "id", {}  # what the gate reads of Gradio's app
     return outer
 
@@ -144,15 +144,13 @@ def test_auth_takes_basic_credentials_on_the_api_and_keeps_the_page_gated(tmp_pa
 
 
 def test_without_the_api_nothing_answers_on_its_paths(tmp_path):
-    from starlette.applications import Starlette
+    """`launch.layers` without an API (`--no-api`): the page still answers, the API's paths are not there."""
     from starlette.testclient import TestClient
 
-    from studio.gate import middleware
-
-    outer = Starlette(middleware=middleware())
-    outer.auth = None
-    with TestClient(outer) as client:
-        assert client.get("/sdapi/v1/sd-models").status_code == 404 and client.get("/docs").status_code == 404
+    with TestClient(_server(None)) as client:
+        assert client.get("/gradio_api/info").text == "the page's own API"
+        for path in ("/sdapi/v1/sd-models", "/docs", "/controlnet/version"):
+            assert client.get(path).status_code == 404, path
 
 
 def test_bad_payloads_are_refused_naming_the_field(api):

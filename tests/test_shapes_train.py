@@ -367,6 +367,7 @@ def test_controlnet_starts_from_another_hints_controlnet(trained, one_thread, tm
     tile = files.read_file(train_controlnet(o, "tile"))
     assert tile.keys() == canny.keys()
     assert max((tile[k] - canny[k]).abs().max().item() for k in canny) <= 1.5e-3  # one step at lr 1e-3
+    assert any(tile[k].abs().max() > 2e-3 for k in zero_convs)  # a new one's are within one step (1e-3) of 0
     with pytest.raises(InputError, match="not a ControlNet of this base for the shuffle hint"):
         train_controlnet(o, "shuffle")  # shuffle's ControlNet pools its residuals: another shape of ControlNet
     fresh = replace(o, run=tmp_path / "fresh", init=None)
@@ -385,11 +386,28 @@ def test_demo_recipe_phases_and_cooldown_phases():
     ]  # fmt: skip
     for hint, phases in DEMO_PHASES.items():
         ends = [p.until for p in phases]
-        assert ends == sorted(set(ends)) and DEMO_SCHEDULE[f"controlnet_{hint}"] == ends[-1]
+        assert ends == sorted(set(ends))
         assert all(0 <= p.empty_captions <= 1 and 0 < p.lr_factor <= 1 for p in phases)
         assert phases[-1].empty_captions < PLAIN.empty_captions or hint == "canny"  # binding phases end the recipe
     for hint, start in DEMO_STARTS.items():
         assert HINTS.index(start) < HINTS.index(hint)  # `train all` trains the start first
+
+
+def test_train_all_on_the_demo_preset_follows_the_recipe(monkeypatch, tmp_path):
+    """`python -m cldm train all`: the demo preset hands train_all the recipe's step counts, phases and starts (a
+    step option overrides its count); the tiny preset none of the phases or starts."""
+    from cldm.__main__ import main
+    from cldm.training import train as train_module
+
+    calls = []
+    monkeypatch.setattr(train_module, "train_all", lambda o, schedule, hints, phases, starts: calls.append(
+        (schedule, hints, phases, starts)))  # fmt: skip
+    main(["train", "all", "--run", str(tmp_path), "--controlnet-steps", "900"])
+    main(["train", "all", "--run", str(tmp_path), "--preset", "tiny", "--hint", "canny"])
+    (schedule, hints, phases, starts), tiny_call = calls
+    assert schedule == {**DEMO_SCHEDULE, "controlnet": 900} and hints == HINTS
+    assert phases is DEMO_PHASES and starts is DEMO_STARTS
+    assert tiny_call[1:] == (("canny",), None, None)
 
 
 @pytest.mark.integration  # a training run
