@@ -316,6 +316,7 @@ def tiny_studio(tiny_dirs, tmp_path_factory):
 
 def test_detect_gives_the_pages_preview_hint(tiny_studio):
     img = _picture()
+    img[4:14, 4:30] = 230  # a faint box: its edges pass Canny at 50 / 120, not at the default 100 / 200
     answer = detect(tiny_studio, {"controlnet_module": "canny", "controlnet_input_images": [_b64(img)],
                                   "controlnet_threshold_a": 50, "controlnet_threshold_b": 120})  # fmt: skip
     assert answer["info"] == "Success" and len(answer["images"]) == 1
@@ -323,6 +324,8 @@ def test_detect_gives_the_pages_preview_hint(tiny_studio):
                         pixel_perfect=True)  # fmt: skip
     want = tiny_studio.hint(unit, (SIZE, SIZE))
     assert want.any() and np.array_equal(load("images[0]", answer["images"][0]), want)
+    default = tiny_studio.hint(UnitSettings(BY_KEY["canny"], img, "canny", SIZE, {}, pixel_perfect=True), (SIZE, SIZE))
+    assert not np.array_equal(default, want)  # the thresholds sent are the ones used
     # the webuiapi client's payload: the older "controlnet_images", a data: URL, processor_res 512, thresholds 64
     client = detect(tiny_studio, {"controlnet_module": "canny", "controlnet_images": [_b64(img, "data:image/png;base64,")],
                                   "controlnet_processor_res": 512, "controlnet_threshold_a": 64,
