@@ -202,8 +202,8 @@ def _slow_jobs(monkeypatch, studio: Studio, steps: int, started: threading.Event
         return Job([], Settings(prompt=payload["prompt"], steps=steps), PassSettings(), GuidanceSettings(), [], None,
                    None, dict(payload))  # fmt: skip
 
-    def run(_studio, job, progress, preview, session):
-        flag = studio.stops.start(session)
+    def run(_studio, job, progress, preview, session, sent_at=None):
+        flag = studio.stops.start(session, sent_at)
         try:
             for i in range(steps):
                 if flag.is_set():
@@ -248,6 +248,42 @@ def test_progress_and_interrupt_while_a_job_runs(api, monkeypatch):
     assert '"interrupted": true' in answer["info"] and answer["parameters"]["prompt"] == "a red square"
     after = client.get("/sdapi/v1/progress").json()
     assert after["state"]["interrupted"] and after["state"]["job_count"] == 0
+
+
+def test_an_interrupt_while_the_payload_is_read_stops_the_job(api, monkeypatch):
+    """/interrupt between admission and the job's start (its payload still being read) is not lost."""
+    from studio.a1111 import routes
+
+    client, studio = api
+    started, reading, go_on = threading.Event(), threading.Event(), threading.Event()
+    _slow_jobs(monkeypatch, studio, 100, started)
+    make = routes.txt2img_job
+    monkeypatch.setattr(routes, "txt2img_job", lambda *a: reading.set() or go_on.wait(30) and make(*a))
+    answers = []
+    worker = threading.Thread(target=lambda: answers.append(client.post("/sdapi/v1/txt2img", json={"prompt": "a"})))
+    worker.start()
+    assert reading.wait(30)
+    assert client.post("/sdapi/v1/interrupt").json() == {}
+    go_on.set()
+    worker.join(30)
+    assert not started.is_set() and answers[0].json()["images"] == []  # not one step ran
+    assert '"interrupted": true' in answers[0].json()["info"]
+
+
+def test_a_preview_is_encoded_once_however_often_progress_is_asked(monkeypatch):
+    from studio.a1111 import jobs as jobs_module
+    from studio.stops import Stops
+
+    encoded = []
+    monkeypatch.setattr(jobs_module, "png_base64", lambda a: encoded.append(a) or f"png{len(encoded)}")
+    jobs = jobs_module.Jobs(Stops(), 2)
+    with jobs.admitted("txt2img") as job:
+        jobs.progress(job, 0.5)
+        assert jobs.report()["current_image"] is None and not encoded
+        jobs.preview(job, [np.zeros((8, 8, 3), np.uint8)])
+        assert [jobs.report()["current_image"] for _ in range(3)] == ["png1"] * 3
+        jobs.preview(job, [np.ones((8, 8, 3), np.uint8)])
+        assert jobs.report()["current_image"] == "png2" and len(encoded) == 2
 
 
 def test_a_full_queue_answers_503(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import shutil
+import time
 from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cldm.errors import Stopped
 from cldm.hints.conditions import BY_KEY
 from cldm.io.images import read_parameters
 from cldm.pipeline.vocabulary import ControlMode, InpaintMode, ResizeMode, Upscaler
@@ -240,6 +242,15 @@ def test_img2img_inpaint_gives_the_inpaint_tabs_records(tmp_path):
         {"module": "inpaint_global_harmonious", "model": "control_v11p_sd15_inpaint [ebff9138]", "weight": 0.7}]}}})  # fmt: skip
     assert len(harmonious.units) == 1 and harmonious.units[0].scale == 0.7
     assert harmonious.extras.inpaint_mode is InpaintMode.GLOBAL
+    # the same unit in txt2img (its own picture and mask) says the inpaint mode too
+    unit = {
+        "module": "inpaint_global_harmonious",
+        "model": "control_v11p_sd15_inpaint [ebff9138]",
+        "image": {"image": _b64(init), "mask": _b64(np.stack([painted] * 3, axis=-1))},
+    }
+    text = txt2img_job(studio, {"prompt": "a car", "width": SIZE, "height": SIZE,
+                                "alwayson_scripts": {"controlnet": {"args": [unit]}}})  # fmt: skip
+    assert text.units[0].cond.key == "inpaint" and text.extras.inpaint_mode is InpaintMode.GLOBAL
     assert np.array_equal(harmonious.units[0].image["layers"][0], painted)
     # plain img2img beside a ControlNet: the init picture fitted by resize_mode (0: Just Resize) to the size
     plain = img2img_job(studio, {**payload, "mask": None, "resize_mode": 0, "init_images": [_b64(_picture(96))],
@@ -373,6 +384,12 @@ def test_run_job_answers_with_the_files_the_app_wrote(tiny_studio):
     same = GenerationRequest("a red square", steps=2, width=SIZE, height=SIZE, sampler="euler", cfg_scale=5.0, seed=4,
                              seed_per_picture=True)  # fmt: skip
     assert np.array_equal(picture, tiny_studio.manager.run(same).images[0])
+    # an /interrupt that came after the request was admitted but before it started (while its payload was read)
+    admitted = time.monotonic()
+    tiny_studio.stops.stop("a1111-early")
+    with pytest.raises(Stopped):
+        run_job(tiny_studio, plain, quiet, None, "a1111-early", admitted)
+    assert run_job(tiny_studio, plain, quiet, None, "a1111-early", time.monotonic())["images"]  # a later one runs
 
 
 def test_img2img_inpaint_runs_as_the_inpaint_tab(tiny_studio):

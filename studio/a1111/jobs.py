@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,6 +37,8 @@ class ApiJob:
     textinfo: str | None = None
     interrupted: bool = False
     preview: np.ndarray | None = None  # the latest live preview (H, W, 3) uint8
+    preview_png: str | None = None  # that preview as base64 PNG, made by the first /progress that shows it
+    admitted_at: float = field(default_factory=time.monotonic)  # an /interrupt from then on stops it, even unstarted
 
 
 class Jobs:
@@ -81,7 +83,8 @@ class Jobs:
     def preview(self, job: ApiJob, pictures: Sequence[np.ndarray]) -> None:
         """`studio.generate`'s live preview callback for `job`: the first picture of the batch is kept."""
         if len(pictures):
-            job.preview = np.asarray(pictures[0])
+            with self._lock:
+                job.preview, job.preview_png = np.asarray(pictures[0]), None
 
     def interrupt(self) -> bool:
         """A1111's Interrupt: the running API job ends at its next step (the one that last moved, else the first
@@ -109,6 +112,11 @@ class Jobs:
         fraction = min(1.0, max(0.0, job.fraction))
         elapsed = time.time() - job.started
         state.update(job=job.name, sampling_step=round(fraction * job.steps), sampling_steps=job.steps)
-        shown = None if skip_current_image or job.preview is None else png_base64(job.preview)
+        shown = None
+        if not skip_current_image:
+            with self._lock:  # encoded once per preview, not once per poll
+                if job.preview is not None and job.preview_png is None:
+                    job.preview_png = png_base64(job.preview)
+                shown = job.preview_png
         return {"progress": fraction, "eta_relative": elapsed * (1 - fraction) / fraction if fraction > 0 else 0.0,
                 "state": state, "current_image": shown, "textinfo": job.textinfo}  # fmt: skip

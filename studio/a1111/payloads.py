@@ -82,9 +82,11 @@ def txt2img_job(studio: Studio, payload: dict) -> Job:
     f = Fields(payload)
     base, extras = _overrides(studio, f)
     s = _settings(studio, f, denoise=1.0)  # a Tile unit's picture starts from full noise: text to image
-    extras = PassSettings(**extras, **_hires(f, s))
+    hires = _hires(f, s)
     parts = read_units(studio, f, studio.family_of(studio.base_for(base)))
-    return _job(f, s, extras, parts, base)
+    if parts.inpaint_mode:  # an inpaint unit's module (inpaint_only, inpaint_global_harmonious, ...)
+        extras["inpaint_mode"] = parts.inpaint_mode
+    return _job(f, s, PassSettings(**extras, **hires), parts, base)
 
 
 def img2img_job(studio: Studio, payload: dict) -> Job:
@@ -251,14 +253,15 @@ def _job(f: Fields, s: Settings, extras: PassSettings, parts: ControlParts, base
                echo, f.flag("send_images", True), parts.maps)  # fmt: skip
 
 
-def run_job(studio: Studio, job: Job, progress: Progress, preview, session: str) -> dict:
+def run_job(studio: Studio, job: Job, progress: Progress, preview, session: str, sent_at: float | None = None) -> dict:
     """Run `job` as a tab's Generate runs it (`studio.generate`: the work budget, the model lock, the session's
     Stop, the output folder), and answer as A1111 does: the pictures (the PNG files written, with their parameters
     text), then each unit's hint (the extension's detected maps, unless save_detected_map is false), the echo and
-    `info`, a JSON text holding each picture's parameters text (`infotexts`) and seed."""
+    `info`, a JSON text holding each picture's parameters text (`infotexts`) and seed. A Stop of `session` from
+    `sent_at` (time.monotonic()) on ends it, even one that came while the payload was still being read."""
     gallery, _, files = studio.generate(job.units, job.settings, progress, job.image_prompts, job.reference,
                                         session=session, extras=job.extras, preview=preview, base=job.base,
-                                        guidance=job.guidance, plain=True)  # fmt: skip
+                                        guidance=job.guidance, plain=True, sent_at=sent_at)  # fmt: skip
     pictures = [Path(p).read_bytes() for p in files]
     hints = [Path(item[0]) for item in gallery[: len(gallery) - len(files)]]  # one per ControlNet unit, in order
     texts = [read_parameters(data) or "" for data in pictures]

@@ -132,7 +132,7 @@ def api_routes(studio: Studio, jobs: Jobs) -> APIRouter:
         api_job.steps = max(1, int(job.settings.steps))
         try:
             return run_job(studio, job, partial(jobs.progress, api_job), partial(jobs.preview, api_job),
-                           api_job.session)  # fmt: skip
+                           api_job.session, api_job.admitted_at)  # fmt: skip
         except Stopped as e:
             log.info("API %s interrupted: %s", api_job.name, e)
             return interrupted(job, e)
