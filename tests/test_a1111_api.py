@@ -116,6 +116,8 @@ def test_png_info_reads_the_parameters_and_names_a_bad_picture(api):
     p = answer["parameters"]
     assert (p["Prompt"], p["Negative prompt"], p["Steps"], p["Seed"]) == ("a red square", "lowres", "20", "7")
     assert (p["Size-1"], p["Size-2"]) == (64, 48)
+    wrapped = "\n".join(_png(text)[i : i + 76] for i in range(0, len(_png(text)), 76))  # MIME-style lines, as txt2img
+    assert client.post("/sdapi/v1/png-info", json={"image": wrapped}).json()["info"] == text
     assert client.post("/sdapi/v1/png-info", json={"image": _png()}).json() == {"info": "", "items": {},
                                                                                 "parameters": {}}  # fmt: skip
     assert _field(client.post("/sdapi/v1/png-info", json={"image": "not base64!"})) == ["image"]

@@ -111,7 +111,7 @@ def _kind(value: object) -> str:
     return "null" if value is None else repr(value) if isinstance(value, (bool, int, float)) else type(value).__name__
 
 
-def _bytes(field: str, value: object) -> bytes:
+def picture_bytes(field: str, value: object) -> bytes:
     """The bytes of a base64 picture; http(s) addresses are refused (this server fetches nothing)."""
     if not isinstance(value, str) or not value.strip():
         raise PayloadError(field, f"must be a base64-encoded picture (got {_kind(value)})")
@@ -130,7 +130,7 @@ def _bytes(field: str, value: object) -> bytes:
 def load(field: str, value: object) -> np.ndarray:
     """A base64 picture -> HxWx3 uint8, or PayloadError naming `field` with what is wrong with it."""
     try:
-        return load_rgb(_bytes(field, value))
+        return load_rgb(picture_bytes(field, value))
     except PayloadError:
         raise
     except InputError as e:
@@ -140,7 +140,7 @@ def load(field: str, value: object) -> np.ndarray:
 def mask(field: str, value: object) -> np.ndarray:
     """A base64 mask -> HxW uint8, 255 = repaint (A1111's rule: the alpha channel when the picture has transparency,
     above 128; else the grey level, rounded as A1111 rounds its 0..1 mask)."""
-    data = _bytes(field, value)
+    data = picture_bytes(field, value)
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.width * img.height > MAX_PIXELS:

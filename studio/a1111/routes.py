@@ -5,8 +5,6 @@ a tab's Generate does, in a worker thread, so that /progress and /interrupt answ
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 from collections.abc import Callable
@@ -24,7 +22,7 @@ from cldm.io.images import read_parameters
 from cldm.pipeline.infotext import parse_parameters
 from cldm.sampling.samplers import SAMPLER_LABELS
 from cldm.sampling.schedules import SCHEDULE_LABELS
-from studio.a1111.fields import Fields, PayloadError
+from studio.a1111.fields import Fields, PayloadError, picture_bytes
 from studio.a1111.jobs import ApiJob, Jobs
 from studio.a1111.payloads import (
     MAX_CLIP_SKIP,
@@ -84,19 +82,6 @@ class Options:
         if not extras.preview_every and self.live_previews and self.preview_every > 0:
             extras = replace(extras, preview_every=self.preview_every)
         return replace(job, base=job.base or self.checkpoint, extras=extras)
-
-
-def picture_bytes(value: object, field: str) -> bytes:
-    """A base64 picture as A1111 takes one (a data URL's prefix allowed); PayloadError naming `field` otherwise."""
-    if not isinstance(value, str) or not value.strip():
-        raise PayloadError(field, "give a picture as base64 text (a PNG or JPEG)")
-    text = value.strip()
-    if text.startswith("data:"):
-        text = text.partition(",")[2]
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise PayloadError(field, "is not valid base64") from e
 
 
 def png_info(data: bytes) -> dict:
@@ -200,7 +185,7 @@ def api_routes(studio: Studio, jobs: Jobs) -> APIRouter:
     @router.post("/sdapi/v1/png-info")
     def png_info_route(body: dict[str, Any] = Body(...)) -> dict:  # noqa: B008
         """The generation parameters a PNG carries."""
-        return png_info(picture_bytes(body.get("image"), "image"))
+        return png_info(picture_bytes("image", body.get("image")))
 
     @router.get("/controlnet/version")
     def version() -> dict:
